@@ -1,0 +1,134 @@
+"""The drafter protocol and the registry behind `--drafter`.
+
+A drafter is any class registered in the entry-point group `specbench.drafters`
+(built-ins are declared in pyproject.toml exactly like a plugin's). Per
+generated sequence the decode loop calls, in order:
+
+1. `begin(prompt_tokens, prompt_hidden)` once, after the target's prefill;
+   `prompt_hidden` is the target's final hidden states over the prompt
+   ([L, H]) when the class sets `needs_hidden_states`, else None.
+2. `propose(ctx)` before each verification step: return a `DraftTree` of
+   tokens to follow the root (the last token of `ctx.tokens`). An empty tree
+   makes the step a plain decoding step.
+3. `on_verified(outcome)` after it: which nodes the target accepted, the
+   tokens emitted, and (if asked for) the target's hidden states over the
+   root and every tree node.
+
+The drafter learns what was accepted both from `on_verified` and from the
+next `ctx.tokens`, which always equal the target's output so far: a drafter
+with its own KV cache can simply roll back to the common prefix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from specbench.engine.tree import DraftTree
+from specbench.errors import UserError
+
+if TYPE_CHECKING:
+    from specbench.targets.hf import HFTarget
+
+ENTRY_POINT_GROUP = "specbench.drafters"
+
+
+@dataclass
+class DraftContext:
+    tokens: torch.Tensor  # [L] prompt + emitted tokens; the last one is the root
+    prompt_len: int
+    max_tokens: int  # emitted tokens still allowed; drafting more is wasted work
+    temperature: float  # 0 = greedy
+    generator: torch.Generator | None  # the run's RNG, for drafters that sample
+
+
+@dataclass
+class VerifyOutcome:
+    tree: DraftTree
+    accepted_nodes: list[int]  # node indices on the accepted path, root excluded
+    emitted: list[int]  # accepted draft tokens then the target's bonus token
+    hidden: torch.Tensor | None  # [1 + n, H] target final hidden states, root first
+
+
+class Drafter:
+    """Base class for drafters. Subclasses set `name`/`summary` and implement `propose`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_hidden_states: ClassVar[bool] = False
+
+    @classmethod
+    def create(cls, target: HFTarget, **options: Any) -> Drafter:
+        """Build from the target and the user's options (CLI flags or `-o key=value`)."""
+        return cls(target, **options)
+
+    def begin(self, prompt_tokens: torch.Tensor, prompt_hidden: torch.Tensor | None) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        raise NotImplementedError
+
+    def on_verified(self, outcome: VerifyOutcome) -> None:
+        pass
+
+
+class PlainDecoding(Drafter):
+    """No draft: every step verifies the root alone. The baseline."""
+
+    name = "plain"
+    summary = "no drafter; one target forward per token (the baseline)"
+
+    def __init__(self, target: HFTarget) -> None:
+        self.device = target.device
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        return DraftTree.empty(self.device)
+
+
+def installed_drafters() -> dict[str, Any]:
+    """name -> entry point, for every drafter installed in this environment."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def drafter_class(name: str) -> type[Drafter]:
+    found = installed_drafters()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise UserError(f"unknown drafter '{name}': installed drafters are {known} (see `specbench drafters`)")
+    try:
+        cls = found[name].load()
+    except Exception as exc:  # a broken plugin must not take the CLI down with a traceback
+        raise UserError(f"drafter '{name}' failed to import ({exc}); reinstall the package that provides it") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Drafter)):
+        raise UserError(f"drafter '{name}' ({found[name].value}) is not a specbench Drafter subclass")
+    return cls
+
+
+def drafter_options(cls: type[Drafter]) -> dict[str, inspect.Parameter]:
+    """The keyword options a drafter's `create` accepts (target excluded)."""
+    target = cls.create if cls.create.__func__ is not Drafter.create.__func__ else cls.__init__
+    params = inspect.signature(target).parameters.values()
+    return {
+        p.name: p
+        for p in params
+        if p.name not in ("self", "cls", "target") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def check_options(name: str, options: dict[str, Any]) -> type[Drafter]:
+    """The drafter class for `name`, after checking it takes every option given."""
+    cls = drafter_class(name)
+    accepted = drafter_options(cls)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = ", ".join(accepted) or "no options"
+        raise UserError(f"drafter '{name}' does not take option(s) {', '.join(unknown)}; it takes: {takes}")
+    return cls
+
+
+def build_drafter(name: str, target: HFTarget, options: dict[str, Any]) -> Drafter:
+    return check_options(name, options).create(target, **options)

@@ -1,0 +1,102 @@
+"""`draft-model`: an independent small causal LM that drafts a chain of k tokens.
+
+The draft keeps its own KV cache across steps. Before drafting it compares its
+cached tokens with the current sequence and rolls the cache back to their
+common prefix, so accepted tokens are never re-prefilled and rejected ones
+never linger.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from specbench.drafters.base import DraftContext, Drafter
+from specbench.engine import kv
+from specbench.engine.acceptance import sample
+from specbench.engine.tree import DraftTree
+from specbench.errors import UserError
+
+
+def check_same_vocabulary(target, draft_model, draft_tokenizer, draft_name: str) -> None:
+    target_tok = target.tokenizer
+    if target_tok is not None and draft_tokenizer is not None:
+        if target_tok.get_vocab() != draft_tokenizer.get_vocab():
+            raise UserError(
+                f"vocabulary mismatch: draft '{draft_name}' ({len(draft_tokenizer)} tokens) and target "
+                f"'{target.name}' ({len(target_tok)} tokens) use different tokenizers; pick a draft "
+                "model trained with the target's tokenizer"
+            )
+    rows = draft_model.get_output_embeddings().weight.shape[0]
+    if rows != target.vocab_size:
+        raise UserError(
+            f"vocabulary mismatch: draft '{draft_name}' predicts {rows} token ids, target "
+            f"'{target.name}' {target.vocab_size}; pick a draft model with the target's vocabulary"
+        )
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft-model"
+    summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
+
+    def __init__(self, target, model, k: int = 4, tokenizer=None, model_name: str = "") -> None:
+        if k < 1:
+            raise UserError(f"--k must be at least 1 (got {k})")
+        self.k = k
+        self.model = model
+        self.model_name = model_name or type(model).__name__
+        check_same_vocabulary(target, model, tokenizer, self.model_name)
+        self.device = next(model.parameters()).device
+        self.cache: DynamicCache | None = None
+        self.cached: list[int] = []  # the tokens whose KV is in self.cache
+
+    @classmethod
+    def create(cls, target, draft_model: str | None = None, k: int = 4) -> DraftModelDrafter:
+        if not draft_model:
+            raise UserError("drafter 'draft-model' needs --draft-model ID|ALIAS|PATH (e.g. --draft-model sheared-796m)")
+        from specbench.targets.loading import load_causal_lm
+
+        model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
+        return cls(target, model, k=k, tokenizer=tokenizer, model_name=source.model_id)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.cache = DynamicCache(config=self.model.config)
+        self.cached = []
+
+    @torch.inference_mode()
+    def _logits(self, new_tokens: list[int]) -> torch.Tensor:
+        """Feed tokens after self.cached and return the logits at the last one."""
+        ids = torch.tensor([new_tokens], device=self.device)
+        positions = torch.arange(len(self.cached), len(self.cached) + len(new_tokens), device=self.device)
+        out = self.model(input_ids=ids, position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+        self.cached.extend(new_tokens)
+        return out.logits[0, -1].float()
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        sequence = ctx.tokens.tolist()
+        common = 0
+        for a, b in zip(self.cached, sequence[:-1]):  # keep at least the root to feed
+            if a != b:
+                break
+            common += 1
+        kv.truncate(self.cache, common)
+        del self.cached[common:]
+
+        k = min(self.k, ctx.max_tokens)
+        logits = self._logits(sequence[common:])
+        drafted, probs = [], []
+        for i in range(k):
+            if ctx.temperature > 0:
+                q = torch.softmax(logits / ctx.temperature, dim=-1)
+                token = sample(q, ctx.generator)
+                probs.append(q)
+            else:
+                token = int(logits.argmax())
+            drafted.append(token)
+            if i + 1 < k:  # the last draft token's successor is never needed
+                logits = self._logits([token])
+        tokens = torch.tensor(drafted, device=ctx.tokens.device)
+        return DraftTree.chain(tokens, torch.stack(probs) if probs else None)

@@ -1,0 +1,81 @@
+"""Acceptance rules: given a draft tree and the target's logits over it, which
+path is kept and which token the target adds after it.
+
+- greedy: lossless; the output equals plain greedy decoding token for token.
+- speculative sampling (chains, temperature > 0): lossless in distribution
+  (Leviathan et al. / Chen et al.).
+Ties in argmax break to the lowest token id (torch.argmax returns the first
+maximum), the same in plain and speculative decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specbench.engine.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    accepted_nodes: list[int]  # node indices of the accepted path, in order from the root
+    bonus: int  # the target's token after the last accepted node (correction or extra)
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+    """Longest root-to-node path whose every token is the target's argmax at its
+    parent; the first such path in node order wins a tie."""
+    predicted = logits.argmax(dim=-1).tolist()  # row 0 = root, row i+1 = node i
+    tokens, parents, depths = tree.tokens.tolist(), tree.parents.tolist(), tree.depths
+    on_path = [False] * len(tokens)
+    best_node, best_depth = -1, 0
+    for i, parent in enumerate(parents):
+        if (parent < 0 or on_path[parent]) and tokens[i] == predicted[parent + 1]:
+            on_path[i] = True
+            if depths[i] > best_depth:
+                best_node, best_depth = i, depths[i]
+    path = tree.path_to(best_node) if best_node >= 0 else []
+    return Acceptance(path, predicted[best_node + 1])
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
+
+
+def accept_speculative_sampling(
+    tree: DraftTree, logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> Acceptance:
+    """Chain drafts: accept x_i with probability min(1, p(x_i) / q(x_i)); on the
+    first rejection draw the correction from normalise(max(0, p - q)); if all
+    are accepted draw the bonus from p. A drafter without draft_probs proposed
+    deterministically, so q is one-hot on its token."""
+    if not tree.is_chain:
+        raise ValueError("speculative sampling needs a chain draft")
+    target_probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    tokens = tree.tokens.tolist()
+    draft_probs = tree.draft_probs.float().cpu() if tree.draft_probs is not None else None
+    for i, token in enumerate(tokens):
+        p = target_probs[i]
+        if draft_probs is not None:
+            q = draft_probs[i]
+        else:
+            q = torch.zeros_like(p)
+            q[token] = 1.0
+        ratio = float(p[token] / q[token]) if q[token] > 0 else 0.0
+        u = float(torch.rand(1, generator=generator))
+        if u < min(1.0, ratio):
+            continue
+        residual = torch.clamp(p - q, min=0)
+        # residual mass is 0 only when p == q, where rejection has probability 0
+        correction = sample(residual if residual.sum() > 0 else p, generator)
+        return Acceptance(list(range(i)), correction)
+    return Acceptance(list(range(len(tokens))), sample(target_probs[len(tokens)], generator))
+
+
+def accept(
+    tree: DraftTree, logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> Acceptance:
+    if temperature <= 0:
+        return accept_greedy(tree, logits)
+    return accept_speculative_sampling(tree, logits, temperature, generator)

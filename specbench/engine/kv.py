@@ -1,0 +1,31 @@
+"""KV-cache surgery shared by the target and by drafters with their own cache.
+
+Caches are transformers DynamicCache objects whose layers hold
+keys/values of shape [batch, heads, seq, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def truncate(cache, length: int) -> None:
+    """Drop every cached position from `length` on (roll back to a prefix)."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def compact(cache, base: int, keep: list[int]) -> None:
+    """Keep positions base + keep[i] at base + i and drop the rest after base.
+
+    `keep` is ascending with keep[i] >= i, so gathering into place never reads
+    a slot that was already overwritten (the gather is materialised first anyway).
+    """
+    if keep != list(range(len(keep))):  # a prefix is already in place
+        index = torch.tensor(keep, device=cache.layers[0].keys.device) + base
+        for layer in cache.layers:
+            layer.keys[..., base : base + len(keep), :] = layer.keys.index_select(-2, index)
+            layer.values[..., base : base + len(keep), :] = layer.values.index_select(-2, index)
+    truncate(cache, base + len(keep))

@@ -1,0 +1,79 @@
+"""The one decode loop, for every drafter and for plain decoding.
+
+prefill -> [drafter proposes a tree -> target verifies root + tree in one
+forward -> acceptance rule picks the path -> KV keeps only that path] until
+EOS or max_new_tokens. Plain decoding is this loop with an empty draft.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specbench.drafters.base import DraftContext, Drafter, VerifyOutcome
+from specbench.engine.acceptance import accept
+from specbench.engine.tree import DraftTree
+from specbench.records import StepMeasure
+
+
+class Clock:
+    """Milliseconds since an origin; on CUDA, waits for queued kernels before reading."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.origin = self.now()
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter() * 1000
+
+
+@dataclass
+class Decoded:
+    output_ids: list[int]
+    ttft_ms: float
+    wall_ms: float
+    steps: list[StepMeasure] = field(default_factory=list)
+
+
+def decode(
+    target,
+    drafter: Drafter,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Decoded:
+    clock = Clock(target.device)
+    start = clock.now()
+    prompt_ids = prompt_ids.reshape(-1).to(target.device)
+    want_hidden = drafter.needs_hidden_states
+    logits, hidden = target.prefill(prompt_ids, want_hidden)
+    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator).bonus
+    output = [first]
+    ttft_ms = clock.now() - start
+    drafter.begin(prompt_ids, hidden)
+    sequence = torch.cat([prompt_ids, torch.tensor(output, device=target.device)])
+
+    steps: list[StepMeasure] = []
+    while len(output) < max_new_tokens and output[-1] not in target.eos_token_ids:
+        t0 = clock.now()
+        context = DraftContext(sequence, prompt_ids.numel(), max_new_tokens - len(output), temperature, generator)
+        tree = drafter.propose(context)
+        t1 = clock.now()
+        logits, hidden = target.verify(output[-1], tree, want_hidden)
+        t2 = clock.now()
+        result = accept(tree, logits, temperature, generator)
+        target.commit(result.accepted_nodes)
+        emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
+        drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))
+        for token in emitted:
+            output.append(token)
+            if len(output) >= max_new_tokens or token in target.eos_token_ids:
+                break
+        sequence = torch.cat([sequence, torch.tensor(emitted, device=target.device)])
+        t3 = clock.now()
+        steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, len(result.accepted_nodes)))
+    return Decoded(output, ttft_ms, clock.now() - start, steps)

@@ -1,0 +1,5 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input: the message names what is wrong and how to fix it."""

@@ -1,0 +1,133 @@
+"""Every metric specbench prints, computed from step and turn records in one place.
+
+Definitions follow ../shared/reference/metrics-and-logs.md:
+- τ (mean accepted length): tokens emitted per verification step, the target's
+  bonus/correction token included; plain decoding = 1.00.
+- acceptance rate: accepted draft tokens / drafted tokens (all tree nodes).
+- per-position acceptance at depth i, over steps whose draft reached depth i:
+  unconditional P(accepted >= i); conditional P(accepted >= i | accepted >= i-1).
+- c: draft ms per step / verify ms per step.
+- tokens/s: total new tokens / total decode wall time (prefill included), over
+  all prompts ("overall"); speedup = spec tokens/s / baseline tokens/s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from specbench.records import BASELINE, SPEC, StepMeasure, StepRecord, TurnRecord
+
+
+@dataclass
+class PositionRate:
+    position: int
+    steps: int  # steps whose draft reached this depth
+    unconditional: float
+    conditional: float | None  # None when no step reached the previous depth accepted
+
+
+@dataclass
+class Summary:
+    steps: int
+    tau: float
+    acceptance_rate: float | None  # None when nothing was drafted
+    per_position: list[PositionRate]
+    draft_ms_per_step: float
+    verify_ms_per_step: float
+    overhead_ms_per_step: float  # step wall - draft - verify
+    cost_coefficient: float | None  # c = draft / verify
+    new_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    ttft_ms: float
+    baseline_tokens_per_s: float | None = None
+    speedup: float | None = None
+    exact_match_rate: float | None = None
+    diverged: list[tuple[str, int, int]] = field(default_factory=list)  # (prompt, turn, first divergence)
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def tau(steps: Sequence[StepMeasure]) -> float:
+    return _mean([s.accepted + 1 for s in steps])
+
+
+def acceptance_rate(steps: Sequence[StepMeasure]) -> float | None:
+    drafted = sum(s.tree_size for s in steps)
+    return sum(s.accepted for s in steps) / drafted if drafted else None
+
+
+def per_position(steps: Sequence[StepMeasure]) -> list[PositionRate]:
+    rates = []
+    for i in range(1, max((s.tree_depth for s in steps), default=0) + 1):
+        reached = [s for s in steps if s.tree_depth >= i]
+        hits = sum(s.accepted >= i for s in reached)
+        prior = sum(s.accepted >= i - 1 for s in reached)
+        rates.append(PositionRate(i, len(reached), hits / len(reached), hits / prior if prior else None))
+    return rates
+
+
+def throughput(turns: Sequence[TurnRecord]) -> tuple[int, float, float]:
+    """(new tokens, wall seconds, tokens/s) over all turns."""
+    tokens = sum(t.new_tokens for t in turns)
+    wall_s = sum(t.wall_ms for t in turns) / 1000
+    return tokens, wall_s, (tokens / wall_s if wall_s else 0.0)
+
+
+def summarise(steps: Iterable[StepRecord], turns: Iterable[TurnRecord]) -> Summary:
+    """Summary of the spec mode, with the baseline of the same records for speedup."""
+    steps, turns = list(steps), list(turns)
+    spec_steps = [s for s in steps if s.mode == SPEC]
+    spec_turns = [t for t in turns if t.mode == SPEC]
+    base_turns = [t for t in turns if t.mode == BASELINE]
+
+    draft_ms = _mean([s.draft_ms for s in spec_steps])
+    verify_ms = _mean([s.verify_ms for s in spec_steps])
+    overhead_ms = _mean([s.step_ms - s.draft_ms - s.verify_ms for s in spec_steps])
+    tokens, wall_s, tps = throughput(spec_turns)
+    summary = Summary(
+        steps=len(spec_steps),
+        tau=tau(spec_steps),
+        acceptance_rate=acceptance_rate(spec_steps),
+        per_position=per_position(spec_steps),
+        draft_ms_per_step=draft_ms,
+        verify_ms_per_step=verify_ms,
+        overhead_ms_per_step=overhead_ms,
+        cost_coefficient=draft_ms / verify_ms if verify_ms else None,
+        new_tokens=tokens,
+        wall_s=wall_s,
+        tokens_per_s=tps,
+        ttft_ms=_mean([t.ttft_ms for t in spec_turns]),
+    )
+    if base_turns:
+        _, _, base_tps = throughput(base_turns)
+        summary.baseline_tokens_per_s = base_tps
+        summary.speedup = tps / base_tps if base_tps else None
+    compared = [t for t in spec_turns if t.exact_match is not None]
+    if compared:
+        summary.exact_match_rate = sum(t.exact_match for t in compared) / len(compared)
+        summary.diverged = [(t.prompt_id, t.turn, t.first_divergence) for t in compared if not t.exact_match]
+    return summary
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens per step for i.i.d. acceptance alpha and k drafts."""
+    return k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def expected_speedup(alpha: float, k: int, c: float) -> float:
+    """Leviathan et al.: (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))."""
+    return expected_tokens(alpha, k) / (k * c + 1)
+
+
+def memory_bound_speedup(tau_value: float, c: float, gamma: int) -> float:
+    """MBSU = τ / (c γ + 1), c = draft/target parameter-bytes ratio, γ = sequential draft passes."""
+    return tau_value / (c * gamma + 1)

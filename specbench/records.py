@@ -1,0 +1,94 @@
+"""The result schema every command writes (run, and later simulate).
+
+A run directory holds:
+- `run.json`     — one `RunInfo`: the configuration and the environment.
+- `prompts.jsonl` — one `TurnRecord` per (prompt, turn, mode).
+- `steps.jsonl`  — one `StepRecord` per verification step.
+`mode` is "baseline" (plain decoding) or "spec" (the drafter). Bump
+SCHEMA_VERSION when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+BASELINE = "baseline"
+SPEC = "spec"
+
+
+@dataclass
+class StepMeasure:
+    """What the decode loop measures in one verification step."""
+
+    draft_ms: float  # drafter.propose, synchronised
+    verify_ms: float  # the target's forward over root + tree
+    step_ms: float  # the whole step: draft + verify + acceptance + KV compaction + bookkeeping
+    tree_size: int  # drafted tokens (tree nodes)
+    tree_depth: int  # longest root-to-leaf path in the draft
+    accepted: int  # draft tokens accepted (depth of the accepted path); the step emits accepted + 1
+
+
+@dataclass
+class StepRecord(StepMeasure):
+    """A StepMeasure with the turn it belongs to, as stored in steps.jsonl."""
+
+    prompt_id: str
+    turn: int
+    mode: str
+    step: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TurnRecord:
+    prompt_id: str
+    turn: int
+    mode: str
+    category: str
+    prompt_tokens: int
+    new_tokens: int
+    steps: int  # verification steps (the prefill's first token is not a step)
+    wall_ms: float  # prefill + all steps
+    ttft_ms: float  # prefill, which yields the first new token
+    output_ids: list[int]
+    # filled for mode "spec": comparison with the baseline's output of the same turn
+    exact_match: bool | None = None
+    first_divergence: int | None = None  # index of the first differing new token, None if equal
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    command: str
+    target: str
+    target_id: str
+    drafter: str
+    drafter_options: dict[str, Any]
+    workload: str
+    workload_hash: str
+    decode: dict[str, Any]  # max_new_tokens, temperature, seed, dtype, device, ...
+    environment: dict[str, Any]  # package versions, torch/CUDA, device name, git revision, host
+    started: str
+    finished: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def first_divergence(spec: list[int], baseline: list[int]) -> int | None:
+    """Index of the first position where the outputs differ; a shorter output
+    diverges where it ends (unlike a zip() comparison, which hides that)."""
+    for i, (a, b) in enumerate(zip(spec, baseline)):
+        if a != b:
+            return i
+    return None if len(spec) == len(baseline) else min(len(spec), len(baseline))

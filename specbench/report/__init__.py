@@ -1,0 +1,1 @@
+"""Turning records into tables (and, later, CSV and plots)."""

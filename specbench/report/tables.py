@@ -1,0 +1,52 @@
+"""Rich tables of metrics.Summary, shared by `run` and `report`."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from specbench.metrics import Summary
+
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def summary_table(summary: Summary, title: str) -> Table:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("τ (mean accepted length, bonus incl.)", _fmt(summary.tau)),
+        ("acceptance rate (accepted / drafted)", _fmt(summary.acceptance_rate, ".1%")),
+        ("verification steps", str(summary.steps)),
+        ("draft ms/step", _fmt(summary.draft_ms_per_step, ".2f")),
+        ("verify ms/step", _fmt(summary.verify_ms_per_step, ".2f")),
+        ("other ms/step (accept, KV, bookkeeping)", _fmt(summary.overhead_ms_per_step, ".2f")),
+        ("c = draft / verify", _fmt(summary.cost_coefficient, ".3f")),
+        ("TTFT ms (mean)", _fmt(summary.ttft_ms, ".1f")),
+        ("tokens/s, speculative (overall)", _fmt(summary.tokens_per_s, ".1f")),
+        ("tokens/s, plain decoding (overall)", _fmt(summary.baseline_tokens_per_s, ".1f")),
+        ("speedup", _fmt(summary.speedup, ".2f", "×")),
+        ("exact match vs plain decoding", _fmt(summary.exact_match_rate, ".1%")),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def position_table(summary: Summary) -> Table:
+    table = Table(title="per-position acceptance", header_style="bold")
+    for column in ("position", "steps reaching it", "unconditional", "conditional"):
+        table.add_column(column, justify="right")
+    for rate in summary.per_position:
+        table.add_row(str(rate.position), str(rate.steps), _fmt(rate.unconditional, ".1%"), _fmt(rate.conditional, ".1%"))
+    return table
+
+
+def divergence_table(summary: Summary) -> Table:
+    table = Table(title="outputs that diverged from plain decoding", header_style="bold")
+    for column in ("prompt", "turn", "first diverging token"):
+        table.add_column(column, justify="right")
+    for prompt_id, turn, position in summary.diverged:
+        table.add_row(prompt_id, str(turn), str(position))
+    return table

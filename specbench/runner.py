@@ -1,0 +1,226 @@
+"""`specbench run`: a workload through target + drafter, and the plain baseline.
+
+For each prompt and turn the baseline (plain decoding) and the drafter run
+back to back in the same process, through the same decode loop, so the
+speedup compares like with like and drifts in machine speed hit both alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specbench.drafters.base import PlainDecoding, build_drafter, check_options
+from specbench.engine.loop import decode
+from specbench.errors import UserError
+from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, first_divergence
+from specbench.store import RunStore
+from specbench.targets.hf import HFTarget
+from specbench.targets.loading import resolve_device, resolve_dtype
+from specbench.workloads import Prompt, encode_turn, load_workload, workload_hash
+
+WARMUP_TOKENS = 16
+
+
+@dataclass
+class RunConfig:
+    target: str = "smollm2-135m"
+    drafter: str = "prompt-lookup"
+    drafter_options: dict[str, Any] = field(default_factory=dict)
+    workload: str = "builtin"
+    limit: int | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    baseline: bool = True
+    warmup: bool = True
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    def pkg(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    device_name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {
+        "specbench": pkg("specbench"),
+        "torch": torch.__version__,
+        "transformers": pkg("transformers"),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": device_name,
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "git_revision": git,
+    }
+
+
+def run_id_for(config: RunConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{config.target}-{config.drafter}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def turn_seed(seed: int, prompt_id: str, turn: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{prompt_id}/{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class Benchmark:
+    """Loads what a run needs once, then measures prompts into a RunStore."""
+
+    def __init__(self, config: RunConfig, target: HFTarget | None = None) -> None:
+        self.config = config
+        # check cheap things before loading weights
+        check_options(config.drafter, config.drafter_options)
+        if config.max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+        if config.temperature < 0:
+            raise UserError("--temperature must be >= 0")
+        prompts = load_workload(config.workload)
+        self.prompts = prompts[: config.limit] if config.limit else prompts
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.target = target or HFTarget.load(config.target, self.device, dtype)
+        if self.target.tokenizer is None:
+            raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
+        self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
+        self.plain = PlainDecoding(self.target)
+
+    def run_info(self, command: str) -> RunInfo:
+        c = self.config
+        decode_settings = {k: v for k, v in asdict(c).items() if k not in ("target", "drafter", "drafter_options", "workload")}
+        decode_settings["dtype"] = str(self.target.dtype).removeprefix("torch.")
+        return RunInfo(
+            run_id=run_id_for(c),
+            command=command,
+            target=c.target,
+            target_id=self.target.model_id,
+            drafter=c.drafter,
+            drafter_options=c.drafter_options,
+            workload=c.workload,
+            workload_hash=workload_hash(self.prompts),
+            decode=decode_settings,
+            environment=environment(self.device),
+            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra={
+                "target_parameter_bytes": self.target.parameter_bytes(),
+                "drafter_parameter_bytes": getattr(self.drafter, "parameter_bytes", lambda: None)(),
+            },
+        )
+
+    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
+        ids = encode_turn(self.target.tokenizer, prompt, turn, answers)
+        generator = None
+        if self.config.temperature > 0:
+            generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
+        result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
+        return ids, result
+
+    def warm_up(self) -> None:
+        """One short untimed decode in each mode: first-call costs (allocations, kernel selection) stay out of the numbers."""
+        saved = self.config.max_new_tokens
+        self.config.max_new_tokens = min(saved, WARMUP_TOKENS)
+        try:
+            for drafter in (self.plain, self.drafter):
+                self._decode(drafter, self.prompts[0], 0, [])
+        finally:
+            self.config.max_new_tokens = saved
+
+    def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
+        modes = [(BASELINE, self.plain)] if self.config.baseline else []
+        modes.append((SPEC, self.drafter))
+        answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
+        outputs: dict[tuple[str, int], list[int]] = {}
+        steps: list[StepRecord] = []
+        turns: list[TurnRecord] = []
+        for turn in range(len(prompt.turns)):
+            for mode, drafter in modes:
+                ids, result = self._decode(drafter, prompt, turn, answers[mode])
+                outputs[mode, turn] = result.output_ids
+                answers[mode].append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
+                steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]
+                record = TurnRecord(
+                    prompt_id=prompt.id,
+                    turn=turn,
+                    mode=mode,
+                    category=prompt.category,
+                    prompt_tokens=len(ids),
+                    new_tokens=len(result.output_ids),
+                    steps=len(result.steps),
+                    wall_ms=result.wall_ms,
+                    ttft_ms=result.ttft_ms,
+                    output_ids=result.output_ids,
+                )
+                if mode == SPEC and (BASELINE, turn) in outputs:
+                    record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn])
+                    record.exact_match = record.first_divergence is None
+                turns.append(record)
+        return steps, turns
+
+    def records_per_prompt(self) -> dict[str, int]:
+        modes = 2 if self.config.baseline else 1
+        return {p.id: modes * len(p.turns) for p in self.prompts}
+
+    def run(self, store: RunStore, on_prompt: Callable[[Prompt], None] = lambda p: None) -> None:
+        done = store.keep_complete(self.records_per_prompt())
+        todo = [p for p in self.prompts if p.id not in done]
+        if todo and self.config.warmup:
+            self.warm_up()
+        for prompt in self.prompts:
+            if prompt.id in done:
+                on_prompt(prompt)
+                continue
+            steps, turns = self.measure_prompt(prompt)
+            store.append_prompt(steps, turns)
+            on_prompt(prompt)
+        store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        store.write_info()
+
+
+def config_from_info(info: RunInfo) -> RunConfig:
+    """The configuration a stored run was started with (for --resume)."""
+    settings = {k: v for k, v in info.decode.items() if k in RunConfig.__dataclass_fields__}
+    return RunConfig(
+        target=info.target,
+        drafter=info.drafter,
+        drafter_options=info.drafter_options,
+        workload=info.workload,
+        **settings,
+    )
+
+
+def command_line() -> str:
+    return " ".join(["specbench", *sys.argv[1:]])

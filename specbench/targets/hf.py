@@ -1,0 +1,107 @@
+"""The `hf` target backend: a transformers causal LM that verifies token trees.
+
+The target owns its KV cache. `prefill` fills it with the prompt; `verify`
+runs root + all tree nodes in one forward with tree attention (each node sees
+the context, the root and its own ancestors; positions = context length +
+depth); `commit` keeps only the accepted path in the cache, compacted into
+place, so nothing is ever recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from specbench.engine import kv
+from specbench.engine.tree import DraftTree
+from specbench.errors import UserError
+
+
+class HFTarget:
+    backend = "hf"
+
+    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or model_id or type(model).__name__
+        self.model_id = model_id or self.name
+        self.backbone = model.get_decoder()  # final normed hidden states
+        self.lm_head = model.get_output_embeddings()
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self.hidden_size = self.lm_head.weight.shape[1]
+        self.eos_token_ids = self._eos_ids()
+        self.cache: DynamicCache | None = None
+        self.seq_len = 0  # tokens whose KV is in the cache
+
+    @classmethod
+    def load(cls, name: str, device: torch.device, dtype: torch.dtype) -> HFTarget:
+        from specbench.targets.loading import load_causal_lm
+
+        model, tokenizer, source = load_causal_lm(name, device, dtype)
+        return cls(model, tokenizer, name=name, model_id=source.model_id)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for cfg in (self.model.config, getattr(self.model, "generation_config", None)):
+            eos = getattr(cfg, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, want_hidden: bool):
+        out = self.backbone(
+            input_ids=ids[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state[0]
+        logits = self.lm_head(hidden).float()
+        return logits, (hidden if want_hidden else None)
+
+    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False):
+        """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H] or None)."""
+        self.cache = DynamicCache(config=self.config)
+        prompt = prompt.to(self.device)
+        positions = torch.arange(prompt.numel(), device=self.device)
+        logits, hidden = self._forward(prompt, positions, None, want_hidden)
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            raise UserError(
+                f"target '{self.name}' uses a sliding-window or hybrid KV cache, which tree "
+                "verification does not support yet; choose a full-attention model"
+            )
+        self.seq_len = prompt.numel()
+        return logits, hidden
+
+    def tree_mask(self, tree: DraftTree) -> torch.Tensor:
+        """[1, 1, 1+n, ctx+1+n] additive mask: 0 where attention is allowed."""
+        rows = len(tree) + 1
+        allowed = torch.ones(rows, self.seq_len + rows, dtype=torch.bool)
+        allowed[:, self.seq_len :] = tree.ancestor_mask()
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[None, None].to(self.device)
+
+    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False):
+        """One forward over root + tree. Returns (logits [1+n, V] fp32, hidden [1+n, H] or None):
+        row 0 predicts the root's successor, row i+1 node i's."""
+        ids = torch.cat([torch.tensor([root], device=self.device), tree.tokens.to(self.device)])
+        depths = torch.tensor([0, *tree.depths], device=self.device)
+        logits, hidden = self._forward(ids, self.seq_len + depths, self.tree_mask(tree), want_hidden)
+        return logits, hidden
+
+    def commit(self, accepted_nodes: list[int]) -> None:
+        """Keep the root and the accepted path's KV; drop the rest of the verified tree."""
+        keep = [0] + [n + 1 for n in accepted_nodes]
+        kv.compact(self.cache, self.seq_len, keep)
+        self.seq_len += len(keep)

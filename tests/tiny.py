@@ -1,0 +1,48 @@
+"""Tiny models built from a config, for fast tests (float64, so that batching
+a tree through one forward cannot move an argmax by rounding)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specbench.targets.hf import HFTarget
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int, layers: int = 2, hidden: int = 48, vocab: int = VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    # a larger init spreads the logits so greedy decoding is not near-uniform
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def tiny_target(seed: int = 0, **kw) -> HFTarget:
+    return HFTarget(tiny_llama(seed, **kw), name=f"tiny-{seed}")
+
+
+def prompts(n: int, seed: int = 123, length: tuple[int, int] = (4, 24), vocab: int = VOCAB) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(length[0], length[1], (1,), generator=g))
+        # small alphabet with repeats so prompt lookup finds n-grams
+        out.append(torch.randint(3, 3 + vocab // 4, (L,), generator=g))
+    return out

@@ -17,6 +17,7 @@ def truncate(cache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
+@torch.inference_mode()
 def compact(cache, base: int, keep: list[int]) -> None:
     """Keep positions base + keep[i] at base + i and drop the rest after base.
 

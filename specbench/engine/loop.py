@@ -38,6 +38,7 @@ class Decoded:
     steps: list[StepMeasure] = field(default_factory=list)
 
 
+@torch.inference_mode()  # caches are inference tensors; compaction writes into them
 def decode(
     target,
     drafter: Drafter,

@@ -81,7 +81,9 @@ def resolve_source(name: str, table: str = "targets") -> ModelSource:
     path = Path(name).expanduser()
     if path.exists():
         return ModelSource(name, str(path))
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"local model directory '{name}' does not exist; check the path")
+    if name.count("/") != 1:
         aliases = ", ".join(catalogue(table))
         raise UserError(f"model '{name}' is not a local directory, a hub id (owner/name) or an alias ({aliases})")
     return ModelSource(name, name)
@@ -123,12 +125,14 @@ def _load_gguf_converted(source: ModelSource) -> Path:
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: str = "targets"):
     """(model, tokenizer or None, ModelSource). The model is in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     source = resolve_source(name, table)
     location = str(_load_gguf_converted(source)) if source.gguf else source.model_id
     hf_logging.set_verbosity_error()  # keep load reports and progress bars out of the benchmark output
     hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # offline, the hub client logs every retry before giving up
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except OSError as exc:

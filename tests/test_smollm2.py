@@ -1,0 +1,33 @@
+"""End-to-end runs on the embedded default, SmolLM2-135M-Instruct (CPU, fp32)."""
+
+import json
+
+import pytest
+from test_cli import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def run_json(args, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["run", "--limit", 2, "--out", tmp_path, "--json", *args], capsys, monkeypatch)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_prompt_lookup_is_lossless(tmp_path, capsys, monkeypatch):
+    summary = run_json(["--drafter", "prompt-lookup", "--workload", "builtin", "--max-new-tokens", 64], tmp_path, capsys, monkeypatch)
+    assert summary["exact_match_rate"] == 1.0
+    assert summary["acceptance_rate"] is not None and summary["tau"] >= 1.0
+
+
+def test_self_drafting_accepts_every_token(tmp_path, capsys, monkeypatch):
+    k = 3
+    # 1 token from the prefill + 12 steps of k + 1: every step is a full draft unless EOS comes first
+    summary = run_json(
+        ["--drafter", "draft-model", "--draft-model", "smollm2-135m", "--k", k, "--max-new-tokens", 1 + 12 * (k + 1),
+         "--workload", "builtin-completion"],
+        tmp_path, capsys, monkeypatch,
+    )
+    assert summary["acceptance_rate"] == 1.0
+    assert summary["tau"] == k + 1
+    assert summary["exact_match_rate"] == 1.0

@@ -42,6 +42,8 @@ def run(
     k: Annotated[Optional[int], typer.Option(help="tokens drafted per step (chain drafters)")] = None,
     max_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: longest n-gram matched")] = None,
     min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
+    vocab_trim: Annotated[Optional[int], typer.Option(help="VocabTrim: keep only the N most frequent target tokens in the drafter's LM head")] = None,
+    vocab_trim_from: Annotated[Optional[str], typer.Option(help="VocabTrim counts tokens in: a run dir, a target log, a workload, or an id list from `vocab-trim build`")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
     workload: Annotated[str, typer.Option(help="builtin, builtin-completion, or a .jsonl file")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
@@ -66,7 +68,14 @@ def run(
         status = f"resuming {resume}"
     else:
         options = dict(parse_option(o) for o in option or [])
-        given = {"draft_model": draft_model, "k": k, "max_ngram": max_ngram, "min_ngram": min_ngram}
+        given = {
+            "draft_model": draft_model,
+            "k": k,
+            "max_ngram": max_ngram,
+            "min_ngram": min_ngram,
+            "vocab_trim": vocab_trim,
+            "vocab_trim_from": vocab_trim_from,
+        }
         options.update({name: value for name, value in given.items() if value is not None})
         config = RunConfig(
             target=target,
@@ -104,7 +113,7 @@ def run(
 
 
 def show_run(directory: Path, as_json: bool) -> None:
-    from specbench.metrics import summarise
+    from specbench.metrics import memory_model, summarise
     from specbench.report.tables import divergence_table, position_table, summary_table
     from specbench.store import RunStore
 
@@ -113,7 +122,7 @@ def show_run(directory: Path, as_json: bool) -> None:
     steps, turns = store.load(warnings)
     for warning in warnings:
         err_console.print(f"[yellow]warning:[/] {warning}")
-    summary = summarise(steps, turns)
+    summary = summarise(steps, turns, memory_model(store.info.extra))
     if as_json:
         print(json.dumps({"run": str(directory), **summary.to_json()}, indent=2))
         return
@@ -142,6 +151,32 @@ def drafters() -> None:
             f"{o.name}={o.default!r}" if o.default is not o.empty else o.name for o in drafter_options(cls).values()
         )
         console.print(f"[bold]{name}[/]  {cls.summary}  [dim]({entry.value}; options: {options or 'none'})[/]")
+
+
+vocab_trim_app = typer.Typer(help="VocabTrim id lists: the N target tokens a trimmed drafter head keeps.", no_args_is_help=True)
+app.add_typer(vocab_trim_app, name="vocab-trim")
+
+
+@vocab_trim_app.command("build")
+def vocab_trim_build(
+    source: Annotated[str, typer.Option("--from", help="a run dir, a target log (.jsonl) or a workload to count tokens in")],
+    out: Annotated[Path, typer.Option(help="where to write the id list (.json)")],
+    target: Annotated[str, typer.Option(help="the target whose tokenizer and vocabulary the list is for")] = "smollm2-135m",
+    top: Annotated[Optional[int], typer.Option(help="keep this many ids (default: all, ranked, so runs can take any top N)")] = None,
+) -> None:
+    """Count token frequencies once and save the ranked id list for `--vocab-trim-from`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specbench.drafters.vocab_trim import ranked_ids, save_ids, token_counts
+    from specbench.targets.loading import model_location
+
+    location = model_location(target)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    vocab_size = AutoConfig.from_pretrained(location).vocab_size
+    counts, counted = token_counts(source, tokenizer)
+    ids = ranked_ids(counts, vocab_size)[:top]
+    save_ids(out, ids, target, vocab_size, counted)
+    console.print(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({len(counts)} distinct tokens seen)")
 
 
 @app.command()

@@ -43,6 +43,7 @@ class Summary:
     ttft_ms: float
     baseline_tokens_per_s: float | None = None
     speedup: float | None = None
+    mbsu: float | None = None  # memory-bound speedup model, beside the measured speedup
     exact_match_rate: float | None = None
     diverged: list[tuple[str, int, int]] = field(default_factory=list)  # (prompt, turn, first divergence)
 
@@ -82,8 +83,12 @@ def throughput(turns: Sequence[TurnRecord]) -> tuple[int, float, float]:
     return tokens, wall_s, (tokens / wall_s if wall_s else 0.0)
 
 
-def summarise(steps: Iterable[StepRecord], turns: Iterable[TurnRecord]) -> Summary:
-    """Summary of the spec mode, with the baseline of the same records for speedup."""
+def summarise(
+    steps: Iterable[StepRecord], turns: Iterable[TurnRecord], memory: tuple[float, int] | None = None
+) -> Summary:
+    """Summary of the spec mode, with the baseline of the same records for speedup.
+    `memory` = (c, γ): draft/target bytes read per forward and sequential draft
+    passes per step, for MBSU (see `memory_model`)."""
     steps, turns = list(steps), list(turns)
     spec_steps = [s for s in steps if s.mode == SPEC]
     spec_turns = [t for t in turns if t.mode == SPEC]
@@ -107,6 +112,8 @@ def summarise(steps: Iterable[StepRecord], turns: Iterable[TurnRecord]) -> Summa
         tokens_per_s=tps,
         ttft_ms=_mean([t.ttft_ms for t in spec_turns]),
     )
+    if memory is not None:
+        summary.mbsu = memory_bound_speedup(summary.tau, *memory)
     if base_turns:
         _, _, base_tps = throughput(base_turns)
         summary.baseline_tokens_per_s = base_tps
@@ -116,6 +123,15 @@ def summarise(steps: Iterable[StepRecord], turns: Iterable[TurnRecord]) -> Summa
         summary.exact_match_rate = sum(t.exact_match for t in compared) / len(compared)
         summary.diverged = [(t.prompt_id, t.turn, t.first_divergence) for t in compared if not t.exact_match]
     return summary
+
+
+def memory_model(run_extra: dict) -> tuple[float, int] | None:
+    """(c, γ) from a run's recorded forward bytes, or None for runs that lack them."""
+    target_bytes = run_extra.get("target_forward_bytes")
+    draft_bytes, passes = run_extra.get("draft_forward_bytes"), run_extra.get("draft_passes_per_step")
+    if not target_bytes or draft_bytes is None or passes is None:
+        return None
+    return draft_bytes / target_bytes, passes
 
 
 def expected_tokens(alpha: float, k: int) -> float:

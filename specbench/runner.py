@@ -136,8 +136,10 @@ class Benchmark:
             environment=environment(self.device),
             started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra={
-                "target_parameter_bytes": self.target.parameter_bytes(),
-                "drafter_parameter_bytes": getattr(self.drafter, "parameter_bytes", lambda: None)(),
+                "target_forward_bytes": self.target.forward_bytes(),
+                "draft_forward_bytes": self.drafter.memory_model()[0],
+                "draft_passes_per_step": self.drafter.memory_model()[1],
+                "drafter": self.drafter.describe(),
             },
         )
 

@@ -75,6 +75,15 @@ class Drafter:
     def on_verified(self, outcome: VerifyOutcome) -> None:
         pass
 
+    def memory_model(self) -> tuple[int, int]:
+        """(bytes of weights one draft pass reads, sequential draft passes per step),
+        for the memory-bound speedup model (MBSU). Training-free drafters read none."""
+        return 0, 0
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about this drafter instance worth keeping in run.json (e.g. which files it loaded)."""
+        return {}
+
 
 class PlainDecoding(Drafter):
     """No draft: every step verifies the root alone. The baseline."""

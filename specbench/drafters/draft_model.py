@@ -12,10 +12,12 @@ import torch
 from transformers import DynamicCache
 
 from specbench.drafters.base import DraftContext, Drafter
+from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
+from specbench.targets.hf import forward_bytes
 
 
 def check_same_vocabulary(target, draft_model, draft_tokenizer, draft_name: str) -> None:
@@ -39,28 +41,43 @@ class DraftModelDrafter(Drafter):
     name = "draft-model"
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
 
-    def __init__(self, target, model, k: int = 4, tokenizer=None, model_name: str = "") -> None:
+    def __init__(self, target, model, k: int = 4, tokenizer=None, model_name: str = "", trim: TrimmedHead | None = None, trim_info: dict | None = None) -> None:
         if k < 1:
             raise UserError(f"--k must be at least 1 (got {k})")
         self.k = k
         self.model = model
         self.model_name = model_name or type(model).__name__
         check_same_vocabulary(target, model, tokenizer, self.model_name)
+        self.backbone = model.get_decoder()
+        self.trim = trim  # VocabTrim: a head over the kept ids only
+        self.head = trim if trim is not None else model.get_output_embeddings()
+        self.trim_info = trim_info or {}
         self.device = next(model.parameters()).device
         self.cache: DynamicCache | None = None
         self.cached: list[int] = []  # the tokens whose KV is in self.cache
 
     @classmethod
-    def create(cls, target, draft_model: str | None = None, k: int = 4) -> DraftModelDrafter:
+    def create(
+        cls, target, draft_model: str | None = None, k: int = 4, vocab_trim: int | None = None, vocab_trim_from: str | None = None
+    ) -> DraftModelDrafter:
         if not draft_model:
             raise UserError("drafter 'draft-model' needs --draft-model ID|ALIAS|PATH (e.g. --draft-model sheared-796m)")
+        if vocab_trim and not vocab_trim_from:
+            raise UserError("--vocab-trim needs --vocab-trim-from RUN_DIR|LOG.jsonl|WORKLOAD|IDS.json to count tokens in")
         from specbench.targets.loading import load_causal_lm
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
-        return cls(target, model, k=k, tokenizer=tokenizer, model_name=source.model_id)
+        trim, trim_info = None, None
+        if vocab_trim_from:
+            kept, trim_info = keep_ids(vocab_trim, vocab_trim_from, target.tokenizer, target.vocab_size)
+            trim = TrimmedHead(model.get_output_embeddings(), kept)
+        return cls(target, model, k=k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
 
-    def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def memory_model(self) -> tuple[int, int]:
+        return forward_bytes(self.model, self.trim), self.k  # k sequential forwards per step
+
+    def describe(self) -> dict:
+        return {"draft_model": self.model_name, **self.trim_info}
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.cache = DynamicCache(config=self.model.config)
@@ -68,12 +85,13 @@ class DraftModelDrafter(Drafter):
 
     @torch.inference_mode()
     def _logits(self, new_tokens: list[int]) -> torch.Tensor:
-        """Feed tokens after self.cached and return the logits at the last one."""
+        """Feed tokens after self.cached and return the head's logits at the last one
+        (over the kept ids when trimmed)."""
         ids = torch.tensor([new_tokens], device=self.device)
         positions = torch.arange(len(self.cached), len(self.cached) + len(new_tokens), device=self.device)
-        out = self.model(input_ids=ids, position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+        out = self.backbone(input_ids=ids, position_ids=positions[None], past_key_values=self.cache, use_cache=True)
         self.cached.extend(new_tokens)
-        return out.logits[0, -1].float()
+        return self.head(out.last_hidden_state[0, -1]).float()
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         sequence = ctx.tokens.tolist()
@@ -91,10 +109,11 @@ class DraftModelDrafter(Drafter):
         for i in range(k):
             if ctx.temperature > 0:
                 q = torch.softmax(logits / ctx.temperature, dim=-1)
-                token = sample(q, ctx.generator)
-                probs.append(q)
+                index = sample(q, ctx.generator)
+                probs.append(self.trim.to_vocab_probs(q) if self.trim is not None else q)
             else:
-                token = int(logits.argmax())
+                index = int(logits.argmax())
+            token = int(self.trim.kept[index]) if self.trim is not None else index
             drafted.append(token)
             if i + 1 < k:  # the last draft token's successor is never needed
                 logits = self._logits([token])

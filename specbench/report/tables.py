@@ -27,6 +27,7 @@ def summary_table(summary: Summary, title: str) -> Table:
         ("tokens/s, speculative (overall)", _fmt(summary.tokens_per_s, ".1f")),
         ("tokens/s, plain decoding (overall)", _fmt(summary.baseline_tokens_per_s, ".1f")),
         ("speedup", _fmt(summary.speedup, ".2f", "×")),
+        ("MBSU = τ / (c·γ + 1), c from weight bytes (model)", _fmt(summary.mbsu, ".2f", "×")),
         ("exact match vs plain decoding", _fmt(summary.exact_match_rate, ".1%")),
     ]
     for name, value in rows:

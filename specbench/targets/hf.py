@@ -18,6 +18,20 @@ from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
 
+def forward_bytes(model, head: torch.nn.Module | None = None) -> int:
+    """Bytes of weights one decode forward reads: every parameter except the input
+    embedding table (a lookup reads a row per token; a tied table is read as the
+    LM head), with `head` in place of the model's LM head when given."""
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    embed, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(nbytes(p) for p in model.parameters())  # a tied table is yielded once
+    if embed.data_ptr() != out.data_ptr():
+        total -= nbytes(embed)
+    if head is not None:
+        total += sum(nbytes(p) for p in head.parameters()) - nbytes(out)
+    return total
+
+
 class HFTarget:
     backend = "hf"
 
@@ -53,8 +67,8 @@ class HFTarget:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def forward_bytes(self) -> int:
+        return forward_bytes(self.model)
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, want_hidden: bool):

@@ -89,8 +89,19 @@ def resolve_source(name: str, table: str = "targets") -> ModelSource:
     return ModelSource(name, name)
 
 
+def quiet_transformers() -> None:
+    """Keep load reports and progress bars out of the benchmark output."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # offline, the hub client logs every retry before giving up
+
+
 def _load_gguf_converted(source: ModelSource) -> Path:
     """Dequantise the packaged GGUF once and keep it as safetensors; return that directory."""
+    quiet_transformers()
     target_dir = cache_dir() / "models" / source.name
     if (target_dir / "config.json").exists():
         return target_dir
@@ -122,17 +133,22 @@ def _load_gguf_converted(source: ModelSource) -> Path:
     return target_dir
 
 
+def model_location(name: str, table: str = "targets") -> str:
+    """The directory or hub id transformers should load for `name` (converting a packaged GGUF once)."""
+    return _location(resolve_source(name, table))
+
+
+def _location(source: ModelSource) -> str:
+    return str(_load_gguf_converted(source)) if source.gguf else source.model_id
+
+
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: str = "targets"):
     """(model, tokenizer or None, ModelSource). The model is in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as hf_logging
 
+    quiet_transformers()
     source = resolve_source(name, table)
-    location = str(_load_gguf_converted(source)) if source.gguf else source.model_id
-    hf_logging.set_verbosity_error()  # keep load reports and progress bars out of the benchmark output
-    hf_logging.disable_progress_bar()
-    hub_logging.set_verbosity_error()  # offline, the hub client logs every retry before giving up
+    location = _location(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except OSError as exc:

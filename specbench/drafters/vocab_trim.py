@@ -1,0 +1,138 @@
+"""VocabTrim (Goel et al., 2025): a drafter LM head over only the N target
+tokens generated most often.
+
+The kept ids are counted from calibration text — by preference the target's
+own generations (a run directory or a target log), else a workload's text —
+and saved as a list (most frequent first) so runs can reuse it. A trimmed head
+slices the LM-head rows (bias too) and maps its indices back to target ids.
+Verification stays over the full vocabulary, so greedy decoding stays exact: a
+target token outside the set can never be drafted and simply becomes the
+correction token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specbench.errors import UserError
+
+FORMAT = "specbench-vocab-trim/1"
+
+
+def _count_run(directory: Path) -> Counter:
+    """Output ids of a run's plain-decoding turns (the target's own generations)."""
+    from specbench.records import BASELINE
+    from specbench.store import RunStore
+
+    _, turns = RunStore.open(directory).load()
+    own = [t for t in turns if t.mode == BASELINE] or turns  # without a baseline the spec outputs are the target's too (greedy)
+    return Counter(token for t in own for token in t.output_ids)
+
+
+def _count_log(path: Path) -> Counter:
+    """A JSONL target log: every row's generated ids (rows without them, like a header, are skipped)."""
+    counts: Counter = Counter()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number}: not valid JSON; --vocab-trim-from takes a run directory, a target log, a workload or an id list") from None
+        for key in ("output_ids", "continuation_ids", "target_ids"):
+            if isinstance(row, dict) and isinstance(row.get(key), list):
+                counts.update(row[key])
+    if not counts:
+        raise UserError(f"{path}: no generated token ids found (expected 'output_ids' or 'continuation_ids' per row)")
+    return counts
+
+
+def _count_workload(name: str, tokenizer) -> Counter:
+    from specbench.workloads import load_workload
+
+    if tokenizer is None:
+        raise UserError("counting a workload's tokens needs the target's tokenizer")
+    counts: Counter = Counter()
+    for prompt in load_workload(name):
+        for turn in prompt.turns:
+            counts.update(tokenizer(turn)["input_ids"])
+    return counts
+
+
+def token_counts(source: str, tokenizer) -> tuple[Counter, str]:
+    """(counts, what was counted) from a run directory, a target log (.jsonl) or a workload."""
+    path = Path(source)
+    if path.is_dir():
+        return _count_run(path), f"run {path}"
+    if path.is_file() and path.suffix == ".jsonl":
+        try:
+            return _count_log(path), f"log {path}"
+        except UserError:
+            return _count_workload(source, tokenizer), f"workload {path}"
+    return _count_workload(source, tokenizer), f"workload {source}"
+
+
+def ranked_ids(counts: Counter, vocab_size: int) -> list[int]:
+    """Every id, most frequent first; ties and unseen ids in ascending id order."""
+    seen = sorted((i for i in counts if 0 <= i < vocab_size), key=lambda i: (-counts[i], i))
+    seen_set = set(seen)
+    return seen + [i for i in range(vocab_size) if i not in seen_set]
+
+
+def save_ids(path: Path, ids: list[int], target: str, vocab_size: int, source: str) -> None:
+    path.write_text(json.dumps({"format": FORMAT, "target": target, "vocab_size": vocab_size, "source": source, "ids": ids}) + "\n")
+
+
+def load_ids(path: Path, vocab_size: int) -> tuple[list[int], str]:
+    try:
+        data = json.loads(path.read_text())
+        ids, fmt = data["ids"], data.get("format")
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} is not a vocab-trim id list; make one with `specbench vocab-trim build`") from None
+    if fmt != FORMAT or data.get("vocab_size") != vocab_size:
+        raise UserError(f"{path} was built for a vocabulary of {data.get('vocab_size')} tokens, this target has {vocab_size}; rebuild it for this target")
+    return ids, data.get("source", str(path))
+
+
+def keep_ids(top: int | None, source: str, tokenizer, vocab_size: int) -> tuple[torch.Tensor, dict]:
+    """The kept ids (ascending) and a description for the run record."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        ranked, counted = load_ids(path, vocab_size)
+    else:
+        counts, counted = token_counts(source, tokenizer)
+        ranked = ranked_ids(counts, vocab_size)
+    top = top or len(ranked)
+    if not 1 <= top <= vocab_size:
+        raise UserError(f"--vocab-trim must be between 1 and the vocabulary size {vocab_size} (got {top})")
+    kept = sorted(ranked[:top])
+    digest = hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16]
+    return torch.tensor(kept), {"vocab_trim": top, "counted_from": counted, "ids_sha256": digest}
+
+
+class TrimmedHead(nn.Module):
+    """An LM head restricted to `kept` rows: forward() gives logits over the kept
+    ids, index i stands for target id kept[i]."""
+
+    def __init__(self, head: nn.Linear, kept: torch.Tensor) -> None:
+        super().__init__()
+        kept = kept.to(head.weight.device)
+        self.register_buffer("kept", kept)
+        self.vocab_size = head.weight.shape[0]
+        self.weight = nn.Parameter(head.weight.detach()[kept].clone(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        self.bias = nn.Parameter(bias.detach()[kept].clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight, self.bias)
+
+    def to_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities over the kept ids → the full vocabulary, 0 outside the set."""
+        full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
+        return full.index_copy_(-1, self.kept, probs)

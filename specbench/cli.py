@@ -150,7 +150,7 @@ def drafters() -> None:
         options = ", ".join(
             f"{o.name}={o.default!r}" if o.default is not o.empty else o.name for o in drafter_options(cls).values()
         )
-        console.print(f"[bold]{name}[/]  {cls.summary}  [dim]({entry.value}; options: {options or 'none'})[/]")
+        console.print(f"[bold]{name}[/]  {cls.summary}  [dim](options: {options or 'none'}; {entry.value})[/]", soft_wrap=True)
 
 
 vocab_trim_app = typer.Typer(help="VocabTrim id lists: the N target tokens a trimmed drafter head keeps.", no_args_is_help=True)

@@ -103,6 +103,8 @@ _REAL_GLOBALS = {
     ("torch", "device"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
+    ("__builtin__", "set"),  # protocol-2 pickles use the Python 2 names
+    ("__builtin__", "frozenset"),
 }
 
 
@@ -248,25 +250,32 @@ def medusa_layout(state: dict[str, torch.Tensor], what: str) -> MedusaLayout:
     heads = sorted(blocks)
     if heads != list(range(len(heads))):
         raise UserError(f"{what}: Medusa heads {heads} are not numbered 0..{len(heads) - 1}")
-    layers = blocks[0]
-    if layers != set(range(len(layers))) or any(blocks[h] != layers for h in heads):
-        raise UserError(f"{what}: Medusa heads do not all have ResBlocks 0..{len(layers) - 1}")
     own = bool(lm)
-    if own and (sorted(lm) != heads or set(lm.values()) != {len(layers)}):
-        raise UserError(f"{what}: every Medusa head needs its LM head at index {len(layers)} ('{{h}}.{len(layers)}.weight')")
-    return MedusaLayout(len(heads), len(layers), own)
+    if own and (sorted(lm) != heads or len(set(lm.values())) != 1):
+        raise UserError(f"{what}: every Medusa head needs its LM head after its ResBlocks ('{{h}}.{{L}}.weight')")
+    # the ResBlock is one module repeated L times: a deduplicating writer (safetensors)
+    # may store it under one index only, so L comes from the LM head's index
+    num_layers = next(iter(lm.values())) if own else max(blocks[0]) + 1
+    if any(not blocks[h] <= set(range(num_layers)) for h in heads):
+        raise UserError(f"{what}: Medusa ResBlock indices {sorted(blocks[0])} do not fit {num_layers} layer(s)")
+    return MedusaLayout(len(heads), num_layers, own)
 
 
 def load_medusa_state(heads_module, state: dict[str, torch.Tensor], target, what: str) -> None:
-    """Copy published Medusa keys into a MedusaHeads (shared blocks: every index must agree in shape)."""
-    H, V = target.hidden_size, target.vocab_size
+    """Copy published Medusa keys into a MedusaHeads. The shared ResBlock may be stored
+    under one index only (deduplicated): any stored index stands for all."""
+    state = dict(state)
+    for key in heads_module.heads.state_dict():
+        if key not in state and (m := MEDUSA_BLOCK.match(key)):
+            stored = sorted(k for k in state if (n := MEDUSA_BLOCK.match(k)) and n[1] == m[1] and n[3] == m[3])
+            if stored:
+                state[key] = state[stored[0]]
     mine = heads_module.heads.state_dict()
     for key, value in mine.items():
         if key not in state:
             raise UserError(f"{what}: missing key '{key}'")
         check_shape(f"{what} '{key}'", state[key], tuple(value.shape), target)
-    del H, V
-    heads_module.heads.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=True)
+    heads_module.heads.load_state_dict({k: state[k].to(target.dtype) for k in mine}, strict=True)
 
 
 def load_medusa(spec: str, target) -> tuple[HeadCheckpoint, MedusaLayout]:

@@ -72,6 +72,7 @@ class HydraDrafter(HeadDrafter):
         checkpoint, layout = load_hydra(spec, target)
         check_base_model(checkpoint, target)
         module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded)
+        module = module.to(target.device, target.dtype)
         load_hydra_state(module, {k: v for k, v in checkpoint.state.items() if k.startswith("hydra_")}, target, spec)
         table = checkpoint.state.get("input_embed_fn.weight")
         if table is not None:
@@ -81,7 +82,7 @@ class HydraDrafter(HeadDrafter):
             embed = nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach().clone())
         prefix = None
         if layout.arch == "prefix-mlp":
-            prefix = OwnDecoder(target.config, 1)
+            prefix = OwnDecoder(target.config, 1).to(target.device, target.dtype)
             prefix_state = {k.removeprefix("prefix_embeding_layer."): v.to(target.dtype) for k, v in checkpoint.state.items() if k.startswith("prefix_embeding_layer.")}
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded, "hidden_state_offset": layout.hidden_state_offset}

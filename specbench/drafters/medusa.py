@@ -131,7 +131,7 @@ class MedusaDrafter(HeadDrafter):
         checkpoint, layout = load_medusa(spec, target)
         check_base_model(checkpoint, target)
         module = MedusaHeads(layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size,
-                             None if layout.own_lm_head else target.lm_head).to(target.device)
+                             None if layout.own_lm_head else target.lm_head).to(target.device, target.dtype)
         load_medusa_state(module, checkpoint.state, target, spec)
         return cls(target, module, shape, typical, {**checkpoint.describe(), "medusa_layers": layout.num_layers, "own_lm_head": layout.own_lm_head})
 
@@ -208,10 +208,10 @@ class HydraDecoderDrafter(MedusaDrafter):
         check_base_model(checkpoint, target)
         medusa = layout.medusa
         module = MedusaHeads(medusa.num_heads, medusa.num_layers, target.hidden_size, target.vocab_size,
-                             None if medusa.own_lm_head else target.lm_head).to(target.device)
+                             None if medusa.own_lm_head else target.lm_head).to(target.device, target.dtype)
         head_state = {k.removeprefix("medusa_head."): v for k, v in checkpoint.state.items() if k.startswith("medusa_head.")}
         load_medusa_state(module, head_state, target, spec)
-        trunk = OwnDecoder(target.config, layout.num_decoder_layers)
+        trunk = OwnDecoder(target.config, layout.num_decoder_layers).to(target.device, target.dtype)
         trunk.load_layers({k: v.to(target.dtype) for k, v in checkpoint.state.items() if not k.startswith("medusa_head.")}, spec)
         return cls(target, module, trunk, shape, typical, checkpoint.describe())
 
@@ -229,7 +229,7 @@ class HydraDecoderDrafter(MedusaDrafter):
 
 def copied_trunk(target, n: int) -> OwnDecoder:
     """N decoder layers copied from the target's last N, and its final norm."""
-    trunk = OwnDecoder(target.config, n)
+    trunk = OwnDecoder(target.config, n).to(target.device, target.dtype)
     layers = target.backbone.layers
     state = {}
     for j in range(n):

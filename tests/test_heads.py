@@ -289,3 +289,70 @@ def test_fresh_heads_build_for_any_target(target, plain_outputs):
         assert decode(target, drafter, prompts(1)[0], MAX_NEW).output_ids == plain_outputs[0]
     with pytest.raises(UserError, match="--decoder-layers must be between 1 and"):
         HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=3)
+
+
+# --- the command line ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory):
+    from tiny import save_tiny_model
+
+    from specbench.targets.hf import HFTarget
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = save_tiny_model(root / "target", seed=0)
+    local = HFTarget.load(str(model_dir), torch.device("cpu"), torch.float32)
+    write_medusa_v1(root / "medusa", local, num_heads=4)
+    write_hydra(root / "hydra", local, "prefix-mlp")
+    return {"target": model_dir, "medusa": root / "medusa", "hydra": root / "hydra", "root": root}
+
+
+def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
+    import json
+
+    from test_cli import run_cli
+
+    base = ["run", "--target", cli_models["target"], "--limit", 2, "--max-new-tokens", 16, "--out", tmp_path, "--json"]
+    code, out, err = run_cli([*base, "--drafter", "medusa", "--heads", cli_models["medusa"], "--tree", "mc_sim_7b_63"], capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["exact_match_rate"] == 1.0 and summary["steps"] > 0
+    code, out, err = run_cli([*base, "--drafter", "hydra", "--heads", cli_models["hydra"], "--tree", "chain:3",
+                              "--temperature", 0.7, "--posterior-threshold", 0.09, "--posterior-alpha", 0.3], capsys, monkeypatch)
+    assert code == 0, err
+    run_dir = sorted(tmp_path.iterdir())[-1]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["drafter_options"]["posterior_alpha"] == 0.3 and info["extra"]["drafter"]["tree"] == "chain:3"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--drafter", "medusa", "--heads", "fresh", "--tree", "nope"], "unknown tree 'nope'"),
+        (["--drafter", "hydra", "--heads", "./missing/heads"], "heads './missing/heads' not found"),
+        (["--drafter", "medusa"], "no published medusa heads for target"),
+        (["--drafter", "hydra-decoder", "--heads", "fresh", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
+    ],
+)
+def test_cli_bad_head_input_is_one_line(args, message, cli_models, tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    code, out, err = run_cli(["run", "--target", cli_models["target"], *args, "--out", tmp_path], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_cli_warns_on_heads_for_another_base_model(cli_models, tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    other = cli_models["root"] / "medusa-other"
+    other.mkdir(exist_ok=True)
+    for f in cli_models["medusa"].iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "config.json").write_text('{"base_model_name_or_path": "lmsys/vicuna-7b-v1.3", "medusa_num_heads": 2, "medusa_num_layers": 1}')
+    code, out, err = run_cli(["run", "--target", cli_models["target"], "--drafter", "medusa", "--heads", other, "--tree", "chain:2",
+                              "--limit", 1, "--max-new-tokens", 8, "--out", tmp_path], capsys, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "warning:" in line]
+    assert len(lines) == 1 and "lmsys/vicuna-7b-v1.3" in lines[0] and str(cli_models["target"]) in lines[0]

@@ -335,7 +335,7 @@ def simulate(
         dev = resolve_device(device)
         with err_console.status(f"loading {target}"):
             real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    config = SimulateConfig(drafter, options, shapes, max_new_tokens, limit, method, latency_steps, bandwidth)
+    config = SimulateConfig(drafter, options, shapes, max_new_tokens, limit, method, latency_steps)
     with err_console.status(f"loading {drafter}"):
         simulator = Simulator(target_log, config, real_target, device)
     with err_console.status(f"scoring {len(shapes)} shape(s) over {len(simulator.turns)} logged turns"):

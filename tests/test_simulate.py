@@ -345,3 +345,20 @@ def test_bad_dsd_log_is_one_line(setup, tmp_path, capsys, monkeypatch, prompts, 
     assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err, err
+
+
+def test_profile_command_and_its_use(setup, tmp_path, capsys, monkeypatch):
+    profile = tmp_path / "profile.json"
+    code, out, err = run_cli(["profile", "--target", setup["root"] / "target", "--out", profile, "--context-tokens", 16,
+                              "--max-tokens", 4, "--repeats", 1, "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, err
+    ms = json.loads(profile.read_text())["ms"]
+    assert len(ms) == 4 and all(v > 0 for v in ms)
+    code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "prompt-lookup", "--k", 2, "--profile", profile,
+                              "--latency-steps", 1, "--out", tmp_path / "r", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)["results"][0]
+    assert result["verify_ms_per_step"] >= min(ms)
+    # the log records no profile here: without --profile or --bandwidth, one clear line
+    code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--k", 2], capsys, monkeypatch)
+    assert code == 2 and "no verify-latency profile" in err and len(err.strip().splitlines()) == 1

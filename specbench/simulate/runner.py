@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from specbench.drafters.base import check_options
+from specbench.drafters.base import check_options, drafter_options
 from specbench.errors import UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
 from specbench.records import BASELINE, SPEC, RunInfo, StepMeasure, StepRecord, TurnRecord
@@ -34,6 +34,10 @@ from specbench.simulate.walk import Shape, walk
 from specbench.store import RunStore
 
 TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
+
+
+class NotInLog(UserError, AttributeError):
+    """A drafter asked the stand-in target for something only the real target has."""
 
 
 class LoggedTarget:
@@ -56,9 +60,9 @@ class LoggedTarget:
         return self._bytes
 
     def __getattr__(self, name: str):
-        raise UserError(
-            f"the drafter needs the target's '{name}', which a log does not hold; pass --target so simulate can load it"
-        )
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotInLog(f"the drafter needs the target's '{name}', which a log does not hold; pass --target so simulate can load it")
 
 
 @dataclass
@@ -70,7 +74,6 @@ class SimulateConfig:
     limit: int | None = None
     method: str = "auto"  # auto | teacher-forced | replay
     latency_steps: int = 32  # proposals timed per shape
-    bandwidth_gb_s: float | None = None
 
 
 @dataclass
@@ -107,8 +110,6 @@ class Simulator:
         self.turns = log.turns[: config.limit] if config.limit else log.turns
         options = dict(config.drafter_options)
         cls = check_options(config.drafter, options)
-        from specbench.drafters.base import drafter_options
-
         if "k" in drafter_options(cls) and "k" not in options:
             options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
         self.options = options

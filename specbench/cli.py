@@ -45,8 +45,11 @@ def run(
     vocab_trim: Annotated[Optional[int], typer.Option(help="VocabTrim: keep only the N most frequent target tokens in the drafter's LM head")] = None,
     vocab_trim_from: Annotated[Optional[str], typer.Option(help="VocabTrim counts tokens in: a run dir, a target log, a workload, or an id list from `vocab-trim build`")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
-    workload: Annotated[str, typer.Option(help="builtin, builtin-completion, or a .jsonl file")] = "builtin",
+    workload: Annotated[str, typer.Option(help="a name from `specbench workloads`, or a .jsonl file (format detected)")] = "builtin",
+    workload_file: Annotated[Optional[str], typer.Option(help="the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")] = None,
+    categories: Annotated[Optional[list[str]], typer.Option("--categories", help="keep only these categories or tasks (comma-separated or repeated)")] = None,
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: measure every n-th prompt from the i-th; `report` merges the shards")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
@@ -82,7 +85,10 @@ def run(
             drafter=drafter,
             drafter_options=options,
             workload=workload,
+            workload_file=workload_file,
+            categories=[c.strip() for text in categories for c in text.split(",") if c.strip()] if categories else None,
             limit=limit,
+            shard=shard,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             seed=seed,
@@ -94,6 +100,7 @@ def run(
         status = f"loading {config.target} and {config.drafter}"
     with err_console.status(status):
         bench = Benchmark(config)
+    err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False)
     if not resume:
         info = bench.run_info(command_line())
         store = RunStore.create(out / info.run_id, info)
@@ -181,12 +188,23 @@ def vocab_trim_build(
 
 @app.command()
 def workloads() -> None:
-    """List the built-in workloads."""
-    from specbench.workloads import BUILTIN
+    """List the workloads (catalogue/workloads.toml) and where each one's data comes from."""
+    from specbench.workloads import data_dir, registry
 
-    for name, (_, description) in BUILTIN.items():
-        console.print(f"[bold]{name}[/]  {description}")
-    console.print("any .jsonl file with a 'turns' list or a 'prompt' string per line also works")
+    for name, entry in registry().items():
+        if "file" in entry:
+            where = "built in"
+        else:
+            local = data_dir() / entry["local"]
+            found = "found" if local.is_file() else "not there yet"
+            hub = f", else the hub dataset {entry['hub']}" if "hub" in entry else ""
+            where = f"{entry['source']}: --workload-file PATH, or {local} ({found}){hub}"
+        console.print(f"[bold]{name}[/]  {entry['summary']}  [dim]({where})[/]", soft_wrap=True, highlight=False)
+    console.print(
+        "any .jsonl file also works with --workload FILE: FastChat/Spec-Bench question.jsonl, HellaSwag, "
+        "DSD {\"prompt\": ...}, or rows with a 'turns' list or a 'prompt' string; the format is detected and named",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -207,6 +207,73 @@ def workloads() -> None:
     )
 
 
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="run directories, or folders holding them (default: results/)")] = None,
+    by: Annotated[str, typer.Option(help="setup, category, task or position: the breakdown shown and exported")] = "setup",
+    csv: Annotated[Optional[Path], typer.Option(help="write the --by view as CSV")] = None,
+    parquet: Annotated[Optional[Path], typer.Option(help="write the --by view as parquet")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="write one self-contained HTML page with the tables and plots")] = None,
+) -> None:
+    """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
+    from specbench.report.build import VIEWS, build, export
+    from specbench.report.tables import breakdown_table, comparison_table, position_table, summary_table
+
+    if by not in VIEWS:
+        raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
+    result = build(runs or [Path("results")])
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    from specbench.report.frames import group_summary
+
+    key = {"category": "categories", "task": "tasks"}.get(by)
+    for group in result.groups:
+        summary = group_summary(group)
+        runs_note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
+        console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({runs_note})"))
+        if by in ("setup", "position") and summary.per_position:
+            console.print(position_table(summary))
+        if key:
+            frame = result.frames[key]
+            console.print(breakdown_table(frame[frame.setup == group.label], by, f"by {by}"))
+    if len(result.groups) > 1:
+        console.print(comparison_table(result.frames["overview"]))
+    for path in export(result.view(by), csv, parquet):
+        console.print(f"wrote {path}")
+    plots = []
+    if plot or html:
+        import tempfile
+
+        from specbench.report.plots import write_plots
+
+        plots = write_plots(result.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")))
+        if plot:
+            console.print(f"wrote {len(plots)} plots to {plot}")
+    if html:
+        from specbench.report.html import write_html
+
+        console.print(f"wrote {write_html(result, plots, html)}")
+
+
+@app.command("export-answers")
+def export_answers(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out: Annotated[Path, typer.Option(help="the model_answer JSONL to write (FastChat: data/mt_bench/model_answer/MODEL.jsonl)")],
+    model_id: Annotated[Optional[str], typer.Option(help="model_id in the file (default: target+drafter)")] = None,
+    mode: Annotated[str, typer.Option(help="spec (the drafter's answers) or baseline (plain decoding)")] = "spec",
+) -> None:
+    """Write a run's answers in FastChat's model_answer format, for FastChat's judge."""
+    from specbench.answers import write_model_answers
+    from specbench.records import BASELINE, SPEC
+    from specbench.store import RunStore
+
+    if mode not in (SPEC, BASELINE):
+        raise UserError(f"--mode {mode}: use spec or baseline")
+    n = write_model_answers(RunStore.open(run_dir), out, mode, model_id)
+    console.print(f"wrote {n} answers to {out}")
+
+
 def main() -> None:
     try:
         app()

@@ -52,8 +52,11 @@ def run(
     posterior_threshold: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance threshold (default 0.09)")] = None,
     posterior_alpha: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance entropy factor (default 0.3)")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
-    workload: Annotated[str, typer.Option(help="builtin, builtin-completion, or a .jsonl file")] = "builtin",
+    workload: Annotated[str, typer.Option(help="a name from `specbench workloads`, or a .jsonl file (format detected)")] = "builtin",
+    workload_file: Annotated[Optional[str], typer.Option(help="the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")] = None,
+    categories: Annotated[Optional[list[str]], typer.Option("--categories", help="keep only these categories or tasks (comma-separated or repeated)")] = None,
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: measure every n-th prompt from the i-th; `report` merges the shards")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling (chains) or typical acceptance (head drafters, lossy)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
@@ -94,7 +97,10 @@ def run(
             drafter=drafter,
             drafter_options=options,
             workload=workload,
+            workload_file=workload_file,
+            categories=[c.strip() for text in categories for c in text.split(",") if c.strip()] if categories else None,
             limit=limit,
+            shard=shard,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             seed=seed,
@@ -106,6 +112,7 @@ def run(
         status = f"loading {config.target} and {config.drafter}"
     with err_console.status(status):
         bench = Benchmark(config)
+    err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False)
     if not resume:
         info = bench.run_info(command_line())
         store = RunStore.create(out / info.run_id, info)
@@ -386,12 +393,90 @@ def convert_log(
 
 @app.command()
 def workloads() -> None:
-    """List the built-in workloads."""
-    from specbench.workloads import BUILTIN
+    """List the workloads (catalogue/workloads.toml) and where each one's data comes from."""
+    from specbench.workloads import data_dir, registry
 
-    for name, (_, description) in BUILTIN.items():
-        console.print(f"[bold]{name}[/]  {description}")
-    console.print("any .jsonl file with a 'turns' list or a 'prompt' string per line also works")
+    for name, entry in registry().items():
+        if "file" in entry:
+            where = "built in"
+        else:
+            local = data_dir() / entry["local"]
+            found = "found" if local.is_file() else "not there yet"
+            hub = f", else the hub dataset {entry['hub']}" if "hub" in entry else ""
+            where = f"{entry['source']}: --workload-file PATH, or {local} ({found}){hub}"
+        console.print(f"[bold]{name}[/]  {entry['summary']}  [dim]({where})[/]", soft_wrap=True, highlight=False)
+    console.print(
+        "any .jsonl file also works with --workload FILE: FastChat/Spec-Bench question.jsonl, HellaSwag, "
+        "DSD {\"prompt\": ...}, or rows with a 'turns' list or a 'prompt' string; the format is detected and named",
+        highlight=False,
+    )
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="run directories, or folders holding them (default: results/)")] = None,
+    by: Annotated[str, typer.Option(help="setup, category, task or position: the breakdown shown and exported")] = "setup",
+    csv: Annotated[Optional[Path], typer.Option(help="write the --by view as CSV")] = None,
+    parquet: Annotated[Optional[Path], typer.Option(help="write the --by view as parquet")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="write one self-contained HTML page with the tables and plots")] = None,
+) -> None:
+    """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
+    from specbench.report.build import VIEWS, build, export
+    from specbench.report.tables import breakdown_table, comparison_table, position_table, summary_table
+
+    if by not in VIEWS:
+        raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
+    result = build(runs or [Path("results")])
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    from specbench.report.frames import group_summary
+
+    key = {"category": "categories", "task": "tasks"}.get(by)
+    for group in result.groups:
+        summary = group_summary(group)
+        runs_note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
+        console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({runs_note})"))
+        if by in ("setup", "position") and summary.per_position:
+            console.print(position_table(summary))
+        if key:
+            frame = result.frames[key]
+            console.print(breakdown_table(frame[frame.setup == group.label], by, f"by {by}"))
+    if len(result.groups) > 1:
+        console.print(comparison_table(result.frames["overview"]))
+    for path in export(result.view(by), csv, parquet):
+        console.print(f"wrote {path}")
+    plots = []
+    if plot or html:
+        import tempfile
+
+        from specbench.report.plots import write_plots
+
+        plots = write_plots(result.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")))
+        if plot:
+            console.print(f"wrote {len(plots)} plots to {plot}")
+    if html:
+        from specbench.report.html import write_html
+
+        console.print(f"wrote {write_html(result, plots, html)}")
+
+
+@app.command("export-answers")
+def export_answers(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out: Annotated[Path, typer.Option(help="the model_answer JSONL to write (FastChat: data/mt_bench/model_answer/MODEL.jsonl)")],
+    model_id: Annotated[Optional[str], typer.Option(help="model_id in the file (default: target+drafter)")] = None,
+    mode: Annotated[str, typer.Option(help="spec (the drafter's answers) or baseline (plain decoding)")] = "spec",
+) -> None:
+    """Write a run's answers in FastChat's model_answer format, for FastChat's judge."""
+    from specbench.answers import write_model_answers
+    from specbench.records import BASELINE, SPEC
+    from specbench.store import RunStore
+
+    if mode not in (SPEC, BASELINE):
+        raise UserError(f"--mode {mode}: use spec or baseline")
+    n = write_model_answers(RunStore.open(run_dir), out, mode, model_id)
+    console.print(f"wrote {n} answers to {out}")
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

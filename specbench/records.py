@@ -59,6 +59,8 @@ class TurnRecord:
     # filled for mode "spec": comparison with the baseline's output of the same turn
     exact_match: bool | None = None
     first_divergence: int | None = None  # index of the first differing new token, None if equal
+    task: str | None = None  # the task the category belongs to (Spec-Bench groups 13 categories into 6)
+    text: str | None = None  # the decoded answer (for FastChat model_answer export)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,7 +28,7 @@ from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, f
 from specbench.store import RunStore
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import resolve_device, resolve_dtype
-from specbench.workloads import Prompt, encode_turn, load_workload, workload_hash
+from specbench.workloads import Prompt, encode_turn, open_workload, select, workload_hash
 
 WARMUP_TOKENS = 16
 
@@ -39,7 +39,10 @@ class RunConfig:
     drafter: str = "prompt-lookup"
     drafter_options: dict[str, Any] = field(default_factory=dict)
     workload: str = "builtin"
+    workload_file: str | None = None  # the published file a named workload reads (else its default place or the hub)
+    categories: list[str] | None = None  # keep these categories (or tasks)
     limit: int | None = None
+    shard: str | None = None  # "i/n": every n-th prompt from the i-th (1-based), after categories and limit
     max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int = 0
@@ -109,8 +112,8 @@ class Benchmark:
             raise UserError("--max-new-tokens must be at least 1")
         if config.temperature < 0:
             raise UserError("--temperature must be >= 0")
-        prompts = load_workload(config.workload)
-        self.prompts = prompts[: config.limit] if config.limit else prompts
+        self.workload = open_workload(config.workload, config.workload_file)
+        self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
         self.target = target or HFTarget.load(config.target, self.device, dtype)
@@ -140,6 +143,13 @@ class Benchmark:
                 "draft_forward_bytes": self.drafter.memory_model()[0],
                 "draft_passes_per_step": self.drafter.memory_model()[1],
                 "drafter": self.drafter.describe(),
+                "workload": {
+                    "format": self.workload.format,
+                    "source": self.workload.source,
+                    "prompts": len(self.prompts),
+                    # the selection before sharding: shards of one workload share it, so `report` can merge them
+                    "selection_hash": workload_hash(select(self.workload.prompts, c.categories, c.limit)),
+                },
             },
         )
 
@@ -179,12 +189,14 @@ class Benchmark:
                     turn=turn,
                     mode=mode,
                     category=prompt.category,
+                    task=prompt.task or prompt.category,
                     prompt_tokens=len(ids),
                     new_tokens=len(result.output_ids),
                     steps=len(result.steps),
                     wall_ms=result.wall_ms,
                     ttft_ms=result.ttft_ms,
                     output_ids=result.output_ids,
+                    text=answers[mode][-1],
                 )
                 if mode == SPEC and (BASELINE, turn) in outputs:
                     record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn])

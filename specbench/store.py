@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 from specbench.errors import UserError
@@ -21,15 +22,20 @@ RUN_FILE, TURNS_FILE, STEPS_FILE = "run.json", "prompts.jsonl", "steps.jsonl"
 
 
 def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> list:
-    """Records of a JSONL file; a corrupt or truncated line is skipped and named in `warnings`."""
+    """Records of a JSONL file; a corrupt or truncated line is skipped and named in `warnings`.
+    Fields this version does not know (a newer writer's) are ignored."""
     records = []
     if not path.exists():
         return records
+    known = {f.name for f in fields(record_type)}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(record_type(**json.loads(line)))
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise TypeError("not a JSON object")
+            records.append(record_type(**{k: v for k, v in row.items() if k in known}))
         except (json.JSONDecodeError, TypeError) as exc:
             if warnings is not None:
                 warnings.append(f"{path}:{number}: skipped a corrupt record ({exc})")
@@ -56,7 +62,8 @@ class RunStore:
         if not run_file.exists():
             raise UserError(f"{directory} is not a specbench run directory (no {RUN_FILE})")
         try:
-            info = RunInfo(**json.loads(run_file.read_text()))
+            row = json.loads(run_file.read_text())
+            info = RunInfo(**{k: v for k, v in row.items() if k in {f.name for f in fields(RunInfo)}})
         except (json.JSONDecodeError, TypeError) as exc:
             raise UserError(f"{run_file} is corrupt ({exc})") from None
         return cls(directory, info)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.table import Table
 
 from specbench.metrics import Summary
@@ -68,4 +70,46 @@ def simulation_table(reports, title: str) -> Table:
             _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(s.tokens_per_s, ".1f"),
             _fmt(s.speedup, ".2f", "×"), _fmt(r.leviathan_speedup, ".2f", "×"), _fmt(s.mbsu, ".2f", "×"),
         )
+    return table
+
+
+# columns of a breakdown table: (frame column, header, format)
+BREAKDOWN = [
+    ("prompts", "prompts", "d"),
+    ("tau", "τ", ".2f"),
+    ("acceptance_rate", "acceptance", ".1%"),
+    ("draft_ms_per_step", "draft ms", ".2f"),
+    ("verify_ms_per_step", "verify ms", ".2f"),
+    ("tokens_per_s", "tok/s", ".1f"),
+    ("baseline_tokens_per_s", "plain tok/s", ".1f"),
+    ("speedup", "speedup", ".2f"),
+    ("exact_match_rate", "exact", ".0%"),
+]
+
+
+def _cell(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{int(value) if spec == 'd' else value:{spec}}"
+
+
+def breakdown_table(frame, key: str, title: str) -> Table:
+    """Rows of one setup from a `frames.by_category` frame: one line per category (or task)."""
+    table = Table(title=title, header_style="bold")
+    table.add_column(key)
+    for _, header, _ in BREAKDOWN:
+        table.add_column(header, justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(str(row[key]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
+    return table
+
+
+def comparison_table(frame, title: str = "setups compared") -> Table:
+    """One line per setup from a `frames.overview` frame."""
+    table = Table(title=title, header_style="bold")
+    table.add_column("setup")
+    for _, header, _ in BREAKDOWN:
+        table.add_column(header, justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(str(row["setup"]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
     return table

@@ -1,0 +1,122 @@
+"""Find run directories, read them, and group them by setup.
+
+A setup is what makes numbers comparable: the target, the drafter and its
+options, the hardware, the decode settings and the prompt selection. Runs of
+one setup (the shards of a workload, or repeats) are pooled; runs of different
+setups are never averaged together. Works on any store written in the result
+schema (`specbench run` or a simulation), reading fields it does not know as absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specbench.errors import UserError
+from specbench.records import RunInfo, StepRecord, TurnRecord
+from specbench.store import RUN_FILE, RunStore
+
+# decode settings that do not change what is measured (shard i of n measures a part of the same selection)
+NOT_SETUP = {"shard", "warmup"}
+
+
+@dataclass
+class Run:
+    directory: Path
+    info: RunInfo
+    steps: list[StepRecord]
+    turns: list[TurnRecord]
+
+
+@dataclass
+class Group:
+    setup: dict  # the fields that define the setup, for tables and exports
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        s = self.setup
+        options = ",".join(f"{k}={v}" for k, v in s["drafter_options"].items())
+        return f"{s['drafter']}{f' ({options})' if options else ''} → {s['target']} · {s['device']}"
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        return [s for r in self.runs for s in r.steps]
+
+    @property
+    def turns(self) -> list[TurnRecord]:
+        return [t for r in self.runs for t in r.turns]
+
+    def category_steps(self, key: str = "category") -> dict[str, tuple[list[StepRecord], list[TurnRecord]]]:
+        """Steps and turns per category (or task): a step belongs to its prompt's category in its own run."""
+        out: dict[str, tuple[list, list]] = {}
+        for run in self.runs:
+            of = {t.prompt_id: (getattr(t, key, None) or t.category) for t in run.turns}
+            for t in run.turns:
+                out.setdefault(of[t.prompt_id], ([], []))[1].append(t)
+            for s in run.steps:
+                if s.prompt_id in of:
+                    out[of[s.prompt_id]][0].append(s)
+        return dict(sorted(out.items()))
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories: each path is one, or a folder searched for them."""
+    found: list[Path] = []
+    for path in paths:
+        if (path / RUN_FILE).is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p.parent for p in path.rglob(RUN_FILE))
+        else:
+            raise UserError(f"{path} does not exist")
+    if not found:
+        raise UserError(f"no run directories (with {RUN_FILE}) under {', '.join(map(str, paths))}; run `specbench run` first")
+    return found
+
+
+def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
+    runs = []
+    for directory in find_runs(paths):
+        try:
+            store = RunStore.open(directory)
+        except UserError as exc:
+            warnings.append(f"skipped: {exc}")
+            continue
+        steps, turns = store.load(warnings)
+        if not turns:
+            warnings.append(f"{directory}: no finished prompts yet; skipped")
+            continue
+        runs.append(Run(directory, store.info, steps, turns))
+    if not runs:
+        raise UserError("no run with finished prompts to report")
+    return runs
+
+
+def setup_of(info: RunInfo) -> dict:
+    workload = info.extra.get("workload", {}) if isinstance(info.extra, dict) else {}
+    return {
+        "target": info.target_id or info.target,
+        "drafter": info.drafter,
+        "drafter_options": dict(sorted((info.drafter_options or {}).items())),
+        "device": (info.environment or {}).get("device_name") or "unknown device",
+        "workload": info.workload,
+        "selection": workload.get("selection_hash", info.workload_hash),
+        "decode": {k: v for k, v in sorted((info.decode or {}).items()) if k not in NOT_SETUP},
+    }
+
+
+def group_runs(runs: list[Run], warnings: list[str]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for run in runs:
+        setup = setup_of(run.info)
+        groups.setdefault(json.dumps(setup, sort_keys=True, default=str), Group(setup)).runs.append(run)
+    for group in groups.values():
+        owners = Counter(pid for run in group.runs for pid in {t.prompt_id for t in run.turns})
+        twice = sorted(pid for pid, n in owners.items() if n > 1)
+        if twice:
+            warnings.append(f"{group.label}: prompt(s) {', '.join(twice[:5])}{'…' if len(twice) > 5 else ''} "
+                            f"measured in more than one run of the same setup; all measurements are pooled")
+    return list(groups.values())

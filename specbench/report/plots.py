@@ -1,0 +1,123 @@
+"""PNG plots of the report frames (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from specbench.records import BASELINE, SPEC  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(label: str, width: int = 48) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def speedup_by_category(categories: pd.DataFrame, path: Path) -> Path:
+    """Bars: speedup per category, one bar per setup (drafter)."""
+    table = categories.pivot_table(index="category", columns="setup", values="speedup", aggfunc="first")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(table) * max(1, len(table.columns) / 2) + 2), 4.5))
+    table.rename(columns=_short).plot.bar(ax=ax, rot=30)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_ylabel("speedup vs plain decoding (×)")
+    ax.set_title("Speedup per category")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def tau_vs_draft_latency(overview: pd.DataFrame, path: Path) -> Path:
+    """The DSD view: τ against draft ms per step; the frontier joins setups no other beats on both."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for _, row in overview.iterrows():
+        ax.scatter(row.draft_ms_per_step, row.tau, s=40)
+        ax.annotate(_short(row.setup, 40), (row.draft_ms_per_step, row.tau), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    points = overview.sort_values(["draft_ms_per_step", "tau"], ascending=[True, False])
+    frontier, best = [], float("-inf")
+    for _, row in points.iterrows():
+        if row.tau > best:
+            frontier.append((row.draft_ms_per_step, row.tau))
+            best = row.tau
+    if len(frontier) > 1:
+        ax.plot(*zip(*frontier), color="black", linewidth=0.8, linestyle=":", label="frontier")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("draft ms per step")
+    ax.set_ylabel("τ (tokens per verification step)")
+    ax.set_title("τ vs draft latency")
+    return _save(fig, path)
+
+
+def acceptance_by_position(positions: pd.DataFrame, path: Path) -> Path:
+    """Per-position acceptance: conditional (solid) and unconditional (dashed), one colour per setup."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (setup, rows) in enumerate(positions.groupby("setup", sort=False)):
+        colour = f"C{i % 10}"
+        ax.plot(rows.position, rows.conditional, marker="o", color=colour, label=_short(setup) + " (conditional)")
+        ax.plot(rows.position, rows.unconditional, marker=".", linestyle="--", color=colour, label="unconditional")
+    ax.set_xlabel("draft position (depth)")
+    ax.set_ylabel("acceptance rate")
+    ax.set_ylim(0, 1.05)
+    if len(positions):
+        ax.set_xticks(sorted(positions.position.unique()))
+    ax.set_title("Acceptance per position")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def time_per_step(step_times: pd.DataFrame, path: Path) -> Path:
+    """Stacked bars: draft vs verify vs other ms per step, for each drafter and for plain decoding."""
+    rows = step_times.copy()
+    rows["name"] = [_short(s, 40) + (" · plain" if m == BASELINE else "") for s, m in zip(rows.setup, rows["mode"])]
+    rows = rows.drop_duplicates("name")
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(rows)))
+    left = [0.0] * len(rows)
+    for column, colour in (("draft_ms", "C1"), ("verify_ms", "C0"), ("other_ms", "C7")):
+        ax.barh(rows.name, rows[column], left=left, color=colour, label=column.removesuffix("_ms"))
+        left = [a + b for a, b in zip(left, rows[column])]
+    ax.set_xlabel("ms per verification step")
+    ax.set_title("Time per step")
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    return _save(fig, path)
+
+
+def tokens_per_s_distribution(prompts: pd.DataFrame, path: Path) -> Path:
+    """Box plots of per-prompt tokens/s, drafter and plain decoding side by side."""
+    data, names = [], []
+    for setup, rows in prompts.groupby("setup", sort=False):
+        for mode, name in ((SPEC, "drafter"), (BASELINE, "plain")):
+            values = rows[rows["mode"] == mode].tokens_per_s.dropna()
+            if len(values):
+                data.append(values)
+                names.append(f"{_short(setup, 34)}\n{name}")
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(data)), 4.5))
+    ax.boxplot(data, tick_labels=names)
+    ax.set_ylabel("tokens/s per prompt")
+    ax.tick_params(axis="x", labelsize=6)
+    ax.set_title("tokens/s over prompts")
+    return _save(fig, path)
+
+
+PLOTS = {
+    "speedup_by_category.png": ("categories", speedup_by_category),
+    "tau_vs_draft_ms.png": ("overview", tau_vs_draft_latency),
+    "acceptance_by_position.png": ("positions", acceptance_by_position),
+    "time_per_step.png": ("step_times", time_per_step),
+    "tokens_per_s.png": ("prompts", tokens_per_s_distribution),
+}
+
+
+def write_plots(frames: dict[str, pd.DataFrame], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return [plot(frames[frame], directory / name) for name, (frame, plot) in PLOTS.items()]

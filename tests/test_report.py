@@ -1,0 +1,155 @@
+"""`specbench report` on stores built from known records: every printed figure checked against a hand computation."""
+
+import json
+from dataclasses import asdict
+
+import pandas as pd
+import pytest
+from rich.console import Console
+from test_cli import run_cli
+
+import specbench.cli as cli
+from specbench.records import RunInfo, StepRecord, TurnRecord
+from specbench.store import RunStore
+
+
+def info(run_id, drafter="draft-model", device="Test CPU", shard=None, options=None, target="tiny/target"):
+    return RunInfo(
+        run_id=run_id, command="specbench run", target=target, target_id=target, drafter=drafter,
+        drafter_options=options or {"k": 3}, workload="builtin", workload_hash=f"h-{run_id}",
+        decode={"max_new_tokens": 16, "temperature": 0.0, "shard": shard},
+        environment={"device_name": device}, started="2026-01-01T00:00:00+00:00",
+        extra={"workload": {"selection_hash": "sel"}},
+    )
+
+
+def steps_for(pid, accepted, mode="spec", draft_ms=2.0, verify_ms=10.0, step_ms=13.0, depth=3):
+    return [StepRecord(draft_ms=draft_ms if mode == "spec" else 0.0, verify_ms=verify_ms, step_ms=step_ms,
+                       tree_size=depth if mode == "spec" else 0, tree_depth=depth if mode == "spec" else 0,
+                       accepted=a, prompt_id=pid, turn=0, mode=mode, step=i) for i, a in enumerate(accepted)]
+
+
+def turn(pid, category, mode, new_tokens, wall_ms, exact=None):
+    return TurnRecord(prompt_id=pid, turn=0, mode=mode, category=category, prompt_tokens=5, new_tokens=new_tokens,
+                      steps=0, wall_ms=wall_ms, ttft_ms=1.0, output_ids=[1] * new_tokens,
+                      exact_match=exact, first_divergence=None if exact else (0 if exact is False else None),
+                      task=category, text="answer")
+
+
+def make_run(root, run_id, prompts, **kw):
+    """prompts: (pid, category, spec accepted list, spec wall ms, baseline wall ms, exact)"""
+    store = RunStore.create(root / run_id, info(run_id, **kw))
+    for pid, category, accepted, spec_ms, base_ms, exact in prompts:
+        tokens = 1 + sum(a + 1 for a in accepted)
+        steps = steps_for(pid, accepted) + steps_for(pid, [0] * (tokens - 1), "baseline")
+        store.append_prompt(steps, [turn(pid, category, "baseline", tokens, base_ms), turn(pid, category, "spec", tokens, spec_ms, exact)])
+    return store.directory
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(width=250))
+
+
+# Prompt p1 (math): accepted 3, 1, 0, 2 of k=3 → 11 tokens; spec 400 ms, plain 1000 ms
+# Prompt p2 (writing): accepted 0, 0 → 3 tokens; spec 100 ms, plain 100 ms, diverged
+P1 = ("p1", "math", [3, 1, 0, 2], 400.0, 1000.0, True)
+P2 = ("p2", "writing", [0, 0], 100.0, 100.0, False)
+
+
+def test_figures_match_a_hand_computation(tmp_path, capsys, monkeypatch, wide):
+    make_run(tmp_path, "r1", [P1, P2])
+    code, out, err = run_cli(["report", tmp_path, "--csv", tmp_path / "o.csv"], capsys, monkeypatch)
+    assert code == 0, err
+    # 6 spec steps: accepted 3,1,0,2,0,0 → τ = (4+2+1+3+1+1)/6 = 2.00; acceptance = 6 / 18 = 33.3%
+    row = lambda name: next(line for line in out.splitlines() if name in line)  # noqa: E731
+    assert row("τ (mean accepted length").split("│")[2].strip() == "2.00"
+    assert row("acceptance rate").split("│")[2].strip() == "33.3%"
+    # tokens/s: spec (11+3) / 0.5 s = 28.0; plain 14 / 1.1 s = 12.7; speedup 28 / 12.727 = 2.20×
+    assert row("tokens/s, speculative").split("│")[2].strip() == "28.0"
+    assert row("tokens/s, plain").split("│")[2].strip() == "12.7"
+    assert row("speedup").split("│")[2].strip() == "2.20×"
+    assert row("exact match").split("│")[2].strip() == "50.0%"
+    assert row("draft ms/step").split("│")[2].strip() == "2.00"
+    assert row("verify ms/step").split("│")[2].strip() == "10.00"
+    # per position (all 6 steps reach depth 3): P(acc>=1)=3/6, P(acc>=2)=2/6, P(acc>=3)=1/6
+    # conditional: 3/6 = 50.0%, 2/3 = 66.7%, 1/2 = 50.0%
+    positions = [line.split("│")[1:5] for line in out.splitlines() if line.count("│") == 5 and line.split("│")[1].strip().isdigit()]
+    assert [[c.strip() for c in p] for p in positions] == [
+        ["1", "6", "50.0%", "50.0%"], ["2", "6", "33.3%", "66.7%"], ["3", "6", "16.7%", "50.0%"]]
+    frame = pd.read_csv(tmp_path / "o.csv")
+    assert frame.tau[0] == pytest.approx(2.0) and frame.speedup[0] == pytest.approx(28 / (14 / 1.1))
+    assert frame.conditional_acceptance_2[0] == pytest.approx(2 / 3)
+
+
+def test_by_category(tmp_path, capsys, monkeypatch, wide):
+    make_run(tmp_path, "r1", [P1, P2])
+    code, out, err = run_cli(["report", tmp_path / "r1", "--by", "category", "--csv", tmp_path / "c.csv"], capsys, monkeypatch)
+    assert code == 0, err
+    math = next(line for line in out.splitlines() if line.startswith("│ math"))
+    cells = [c.strip() for c in math.split("│")[1:-1]]
+    # math: τ = 10/4 = 2.50, acceptance 6/12 = 50.0%, tok/s 11/0.4 = 27.5, plain 11/1.0 = 11.0, speedup 2.50×, exact 100%
+    assert cells == ["math", "1", "2.50", "50.0%", "2.00", "10.00", "27.5", "11.0", "2.50", "100%"]
+    writing = [c.strip() for c in next(line for line in out.splitlines() if line.startswith("│ writing")).split("│")[1:-1]]
+    assert writing == ["writing", "1", "1.00", "0.0%", "2.00", "10.00", "30.0", "30.0", "1.00", "0%"]
+    frame = pd.read_csv(tmp_path / "c.csv")
+    assert list(frame.category) == ["math", "writing"]
+
+
+def test_shards_merge_and_hardware_never_averages(tmp_path, capsys, monkeypatch, wide):
+    make_run(tmp_path, "s1", [P1], shard="1/2")
+    make_run(tmp_path, "s2", [P2], shard="2/2")
+    make_run(tmp_path, "gpu", [P1, P2], device="Other GPU")
+    code, out, err = run_cli(["report", tmp_path, "--csv", tmp_path / "o.csv"], capsys, monkeypatch)
+    assert code == 0, err
+    frame = pd.read_csv(tmp_path / "o.csv")
+    assert sorted(frame.device) == ["Other GPU", "Test CPU"]
+    merged = frame[frame.device == "Test CPU"].iloc[0]
+    assert merged.runs == 2 and merged.prompts == 2 and merged.tau == pytest.approx(2.0)
+    assert "2 runs merged" in out and "setups compared" in out
+
+
+def test_plots_html_parquet(tmp_path, capsys, monkeypatch, wide):
+    make_run(tmp_path, "a", [P1, P2])
+    make_run(tmp_path, "b", [P1, P2], drafter="prompt-lookup", options={"k": 5})
+    plots = tmp_path / "plots"
+    code, out, err = run_cli(["report", tmp_path, "--plot", plots, "--html", tmp_path / "r.html",
+                              "--parquet", tmp_path / "o.parquet", "--by", "position"], capsys, monkeypatch)
+    assert code == 0, err
+    names = {"speedup_by_category.png", "tau_vs_draft_ms.png", "acceptance_by_position.png", "time_per_step.png", "tokens_per_s.png"}
+    assert {p.name for p in plots.iterdir()} == names
+    for p in plots.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and "prompt-lookup" in page and "<table" in page
+    positions = pd.read_parquet(tmp_path / "o.parquet")
+    assert len(positions) == 6 and set(positions.position) == {1, 2, 3}
+
+
+def test_corrupt_lines_are_named_and_the_rest_used(tmp_path, capsys, monkeypatch, wide):
+    run = make_run(tmp_path, "r1", [P1, P2])
+    with open(run / "steps.jsonl", "a") as f:
+        f.write('{"draft_ms": 1.0, "verify_ms"')  # a truncated last line
+    lines = (run / "prompts.jsonl").read_text().splitlines()
+    (run / "prompts.jsonl").write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
+    code, out, err = run_cli(["report", run], capsys, monkeypatch)
+    assert code == 0
+    assert f"{run / 'steps.jsonl'}:" in err and f"{run / 'prompts.jsonl'}:2:" in err
+    assert "2.00" in out
+
+
+def test_nothing_to_report_is_one_line(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no run directories" in err
+    code, out, err = run_cli(["report", tmp_path, "--by", "colour"], capsys, monkeypatch)
+    assert code == 2 and "--by colour" in err
+
+
+def test_export_answers_in_fastchat_format(tmp_path, capsys, monkeypatch):
+    run = make_run(tmp_path, "r1", [P1, P2])
+    code, out, err = run_cli(["export-answers", run, "--out", tmp_path / "m.jsonl", "--model-id", "mine"], capsys, monkeypatch)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["p1", "p2"]
+    assert set(rows[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    assert rows[0]["model_id"] == "mine" and rows[0]["choices"] == [{"index": 0, "turns": ["answer"]}]

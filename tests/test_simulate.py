@@ -362,3 +362,22 @@ def test_profile_command_and_its_use(setup, tmp_path, capsys, monkeypatch):
     # the log records no profile here: without --profile or --bandwidth, one clear line
     code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--k", 2], capsys, monkeypatch)
     assert code == 2 and "no verify-latency profile" in err and len(err.strip().splitlines()) == 1
+
+
+def test_loop_counts_accepted_tokens_only_up_to_the_cut():
+    """A self-draft accepts everything, also past an EOS the target would continue after:
+    those tokens are not emitted, so they must not count (simulate cannot see them either)."""
+    from tiny import prompts, tiny_target
+
+    from specbench.drafters.draft_model import DraftModelDrafter
+    from specbench.engine.loop import decode
+
+    target = tiny_target(0)
+    ended_on_eos = 0
+    for prompt in prompts(10):
+        result = decode(target, DraftModelDrafter(target, target.model, k=6), prompt, 40)
+        # every step emits accepted + 1 tokens, except a last one cut by EOS or max-new-tokens
+        assert sum(s.accepted + 1 for s in result.steps) <= len(result.output_ids)
+        assert sum(s.accepted + 1 for s in result.steps[:-1]) + 1 < len(result.output_ids) or not result.steps
+        ended_on_eos += result.output_ids[-1] == 2
+    assert ended_on_eos

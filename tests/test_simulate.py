@@ -412,3 +412,18 @@ def test_head_drafters_simulate_equals_online(setup, head_checkpoints, drafter, 
     # earlier layer, which only a target forward can give
     expected = "teacher-forced target forward" if drafter == "hydra-decoder" else "log side file"
     assert simulation.hidden_source.startswith(expected)
+
+
+def test_medusa_from_the_command_line_needs_only_the_log(setup, head_checkpoints, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "medusa", "--heads", head_checkpoints / "medusa",
+                              "--k", 2, "--tree", "mc_sim_7b_63", "--bandwidth", 100, "--latency-steps", 1, "--device", "cpu",
+                              "--out", tmp_path, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == "teacher-forced" and result["hidden_source"].startswith("log side file")
+    assert [r["shape"] for r in result["results"]] == ["k=2", "tree=mc_sim_7b_63"]
+    info = json.loads((Path(result["results"][1]["run"]) / "run.json").read_text())
+    assert info["drafter_options"]["tree"] == "mc_sim_7b_63" and info["extra"]["simulated"]
+    code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "medusa", "--heads", head_checkpoints / "medusa",
+                              "--k", 6, "--bandwidth", 100], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "heads" in err, err

@@ -112,6 +112,8 @@ class Simulator:
         cls = check_options(config.drafter, options)
         if "k" in drafter_options(cls) and "k" not in options:
             options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
+        if "tree" in drafter_options(cls) and "tree" not in options:  # head drafters: any shape as deep as the deepest
+            options["tree"] = max(config.shapes, key=lambda s: s.depth).spec
         self.options = options
         if target is None:
             dtype = DTYPES.get(log.header.dtype, torch.float32)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from specbench.engine.tree import TreeShape
 from specbench.metrics import tau
 from specbench.simulate.dsd import dsd_replay
 from specbench.simulate.log import read_log
@@ -134,7 +135,7 @@ def main() -> None:
     print(f"  DSD-style replay:    {slow_s:8.2f} s  τ = {tau(flat_slow):.4f} over {len(flat_slow)} steps")
     print(f"  ratio: {slow_s / fast_s:.1f}×; τ identical: {tau(flat_fast) == tau(flat_slow)}; every step identical: {same}")
 
-    shapes = [Shape.chain(k) for k in range(1, 7)] + [Shape.tree(name, paths) for name, paths in TREES.items()]
+    shapes = [Shape.chain(k) for k in range(1, 7)] + [Shape.of_tree(TreeShape(paths, name=name)) for name, paths in TREES.items()]
     many = simulator(shapes)
     t0 = time.perf_counter()
     result = many.score()

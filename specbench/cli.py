@@ -311,8 +311,9 @@ def simulate(
     log: Annotated[Path, typer.Option(help="a target log from `specbench record` (or a DSD tensor-dump log with --prompts)")],
     drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
     k: Annotated[Optional[list[str]], typer.Option(help="chain lengths to score, e.g. --k 1,2,3,4,5,6 (one pass scores all)")] = None,
-    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: JSON files of child-rank paths, e.g. --tree a.json,b.json")] = None,
+    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63), chain:K, or JSON files of child-rank paths; comma-separated")] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="draft-model: alias, hub id or local directory")] = None,
+    heads: Annotated[Optional[str], typer.Option(help="medusa/hydra/hydra-decoder: checkpoint directory, hub id or 'fresh'")] = None,
     max_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: longest n-gram matched")] = None,
     min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
@@ -335,16 +336,18 @@ def simulate(
     from specbench.simulate.log import read_profile
     from specbench.simulate.predict import LatencyModel
     from specbench.simulate.runner import SimulateConfig, Simulator, write_runs
-    from specbench.simulate.walk import Shape, load_tree
+    from specbench.simulate.walk import Shape
 
     target_log = _open_log(log, prompts, target)
     shapes = [Shape.chain(value) for value in dict.fromkeys(parse_ks(k))]
-    shapes += [load_tree(spec.strip()) for value in tree or [] for spec in value.split(",") if spec.strip()]
+    shapes += [Shape.from_spec(spec.strip()) for value in tree or [] for spec in value.split(",") if spec.strip()]
     options = dict(parse_option(o) for o in option or [])
-    given = {"draft_model": draft_model, "max_ngram": max_ngram, "min_ngram": min_ngram}
+    given = {"draft_model": draft_model, "heads": heads, "max_ngram": max_ngram, "min_ngram": min_ngram}
     options.update({name: value for name, value in given.items() if value is not None})
-    if "k" in options:
-        raise UserError("simulate scores the chain lengths given with --k; do not pass k as a drafter option")
+    if "k" in options or "tree" in options:
+        raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
+    if not shapes:
+        raise UserError("give at least one --k or --tree to score (e.g. --k 1,2,3,4)")
     latency = LatencyModel.build(read_profile(profile) if profile else target_log.profile, bandwidth, target_log.header.target_forward_bytes)
     real_target = None
     if target and prompts is None:

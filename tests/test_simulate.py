@@ -11,7 +11,7 @@ from tiny import char_tokenizer, perturbed, save_tiny_model, tiny_llama
 
 from specbench.drafters import base
 from specbench.drafters.base import Drafter
-from specbench.engine.tree import DraftTree
+from specbench.engine.tree import DraftTree, TreeShape
 from specbench.errors import UserError
 from specbench.metrics import alpha_iid, per_position, tau
 from specbench.records import StepMeasure
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     return {"root": root, "target": target, "log": read_log(log_path), "log_path": log_path}
 
 
-def online_steps(setup, drafter, options):
+def online_steps(setup, drafter, options, k=None):
     config = RunConfig(target=str(setup["root"] / "target"), drafter=drafter, drafter_options=options, workload=WORKLOAD,
                        limit=LIMIT, max_new_tokens=MAX_NEW, dtype="float64", device="cpu", baseline=False, warmup=False)
     bench = Benchmark(config, target=setup["target"])
@@ -66,12 +66,14 @@ def shape_of(steps):
     return [(s.tree_size, s.tree_depth, s.accepted) for s in steps]
 
 
-def assert_simulate_equals_online(setup, drafter, options, ks, target=None):
-    simulator = Simulator(setup["log"], SimulateConfig(drafter, options, [Shape.chain(k) for k in ks], latency_steps=2), target)
+def assert_simulate_equals_online(setup, drafter, options, ks, target=None, trees=(), tree_options=()):
+    shapes = [Shape.chain(k) for k in ks] + [Shape.from_spec(t) for t in trees]
+    simulator = Simulator(setup["log"], SimulateConfig(drafter, options, shapes, latency_steps=2), target)
     simulation = simulator.score()
     accepted_somewhere = False
     for result in simulation.results:
-        online = online_steps(setup, drafter, {**options, "k": result.shape.k})
+        shape_option = {"k": result.shape.k} if "tree" not in tree_options else {"tree": result.shape.spec}
+        online = online_steps(setup, drafter, {**options, **shape_option})
         assert [shape_of(t) for t in result.steps] == [shape_of(t) for t in online], result.shape
         flat_sim = [s for t in result.steps for s in t]
         flat_online = [s for t in online for s in t]
@@ -95,7 +97,7 @@ def test_log_holds_what_plain_decoding_produced(setup):
 
 
 def test_draft_model_simulate_equals_online(setup):
-    simulation = assert_simulate_equals_online(setup, "draft-model", {"draft_model": str(setup["root"] / "draft")}, [1, 2, 3, 4, 6])
+    simulation = assert_simulate_equals_online(setup, "draft-model", {"draft_model": str(setup["root"] / "draft")}, [1, 3, 6])
     assert simulation.method == "teacher-forced"
 
 
@@ -162,10 +164,10 @@ def head_drafters(monkeypatch):
 
 def test_hidden_state_drafter_simulate_equals_online(setup, head_drafters):
     # hook, hidden states from the log's side file
-    simulation = assert_simulate_equals_online(setup, "test-heads-hooked", {}, [1, 2, 3])
+    simulation = assert_simulate_equals_online(setup, "test-heads-hooked", {}, [2, 3])
     assert simulation.method == "teacher-forced" and simulation.hidden_source.startswith("log side file")
     # no hook: step replay, labelled so
-    simulation = assert_simulate_equals_online(setup, "test-heads", {}, [1, 2, 3])
+    simulation = assert_simulate_equals_online(setup, "test-heads", {}, [2, 3])
     assert simulation.method == "step replay"
 
 
@@ -198,13 +200,15 @@ def test_walk_chain_by_hand():
 
 def test_walk_tree_by_hand():
     N = RANK_NONE
-    tree = Shape.tree("t", [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
-    ranks = torch.tensor([[N, N, N], [1, 0, 5], [0, 1, 0], [0, 0, 0], [2, 0, 0], [0, 0, 0], [N, N, N]])
+    tree = Shape.of_tree(TreeShape([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], name="t"))
+    ranks = torch.tensor([[N, N, N], [1, 0, 5], [0, 1, 0], [0, 0, 0], [2, 0, 0], [0, 0, N], [N, N, N]])
     steps = walk(TeacherForced(ranks), 7, 7, tree)
     # m=1: (1,0) is a path, (1,0,5) is not -> 2; m=4: rank 2 at depth 1 -> 0; m=5: remaining 2 prunes (0,0,0) -> 2
+    # (out[7] is past the log: rank none)
     assert [(s.tree_size, s.tree_depth, s.accepted) for s in steps] == [(6, 3, 2), (6, 3, 0), (5, 2, 2)]
-    with pytest.raises(UserError, match="prefix-closed"):
-        Shape.tree("bad", [[0, 1]])
+    # a head drafter drafts its whole tree even near max-new-tokens (capped=False): no pruning
+    steps = walk(TeacherForced(ranks, capped=False), 7, 7, tree)
+    assert [(s.tree_size, s.tree_depth, s.accepted) for s in steps][-1] == (6, 3, 2)
 
 
 def test_true_ranks_break_ties_to_the_lower_id():
@@ -362,3 +366,64 @@ def test_profile_command_and_its_use(setup, tmp_path, capsys, monkeypatch):
     # the log records no profile here: without --profile or --bandwidth, one clear line
     code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--k", 2], capsys, monkeypatch)
     assert code == 2 and "no verify-latency profile" in err and len(err.strip().splitlines()) == 1
+
+
+def test_loop_counts_accepted_tokens_only_up_to_the_cut():
+    """A self-draft accepts everything, also past an EOS the target would continue after:
+    those tokens are not emitted, so they must not count (simulate cannot see them either)."""
+    from tiny import prompts, tiny_target
+
+    from specbench.drafters.draft_model import DraftModelDrafter
+    from specbench.engine.loop import decode
+
+    target = tiny_target(0)
+    ended_on_eos = 0
+    for prompt in prompts(10):
+        result = decode(target, DraftModelDrafter(target, target.model, k=6), prompt, 40)
+        # every step emits accepted + 1 tokens, except a last one cut by EOS or max-new-tokens
+        assert sum(s.accepted + 1 for s in result.steps) <= len(result.output_ids)
+        assert sum(s.accepted + 1 for s in result.steps[:-1]) + 1 < len(result.output_ids) or not result.steps
+        ended_on_eos += result.output_ids[-1] == 2
+    assert ended_on_eos
+
+
+# --- Medusa and Hydra (issue 4's drafters), on published-layout checkpoints written for the tiny target -----
+
+@pytest.fixture(scope="module")
+def head_checkpoints(setup):
+    from head_layouts import write_hydra, write_hydra_decoder, write_medusa_v1
+
+    root, target = setup["root"], setup["target"]
+    write_medusa_v1(root / "medusa", target, num_heads=4)
+    write_hydra(root / "hydra-prefix", target, "prefix-mlp")
+    write_hydra(root / "hydra-mlp", target, "mlp", num_layers=2)
+    write_hydra_decoder(root / "hydra-decoder", target, num_decoder_layers=1, num_heads=4)
+    return root
+
+
+@pytest.mark.parametrize("drafter, heads", [("medusa", "medusa"), ("hydra", "hydra-prefix"), ("hydra", "hydra-mlp"),
+                                            ("hydra-decoder", "hydra-decoder")])
+def test_head_drafters_simulate_equals_online(setup, head_checkpoints, drafter, heads):
+    options = {"heads": str(head_checkpoints / heads)}
+    simulation = assert_simulate_equals_online(setup, drafter, options, [3], target=setup["target"],
+                                               trees=["mc_sim_7b_63"], tree_options=("tree",))
+    assert simulation.method == "teacher-forced"
+    # final hidden states come from the log's side file; the decoder-layer variant reads an
+    # earlier layer, which only a target forward can give
+    expected = "teacher-forced target forward" if drafter == "hydra-decoder" else "log side file"
+    assert simulation.hidden_source.startswith(expected)
+
+
+def test_medusa_from_the_command_line_needs_only_the_log(setup, head_checkpoints, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "medusa", "--heads", head_checkpoints / "medusa",
+                              "--k", 2, "--tree", "mc_sim_7b_63", "--bandwidth", 100, "--latency-steps", 1, "--device", "cpu",
+                              "--out", tmp_path, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == "teacher-forced" and result["hidden_source"].startswith("log side file")
+    assert [r["shape"] for r in result["results"]] == ["k=2", "tree=mc_sim_7b_63"]
+    info = json.loads((Path(result["results"][1]["run"]) / "run.json").read_text())
+    assert info["drafter_options"]["tree"] == "mc_sim_7b_63" and info["extra"]["simulated"]
+    code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "medusa", "--heads", head_checkpoints / "medusa",
+                              "--k", 6, "--bandwidth", 100], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "heads" in err, err

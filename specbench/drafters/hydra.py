@@ -108,6 +108,22 @@ class HydraDrafter(HeadDrafter):
     def on_verified(self, outcome: VerifyOutcome) -> None:
         self.last_hidden = self._base(outcome.hidden[self.accepted_rows(outcome)])
 
+    def teacher_base(self, states):
+        if self.prefix is None:
+            return states
+        self.prefix.reset()
+        return self.prefix.feed(states)
+
+    def level_logits(self, d, base, output, m):
+        """Head d-1 on the true branch: the base state, then the embeddings of the root
+        out[m-1] and of the true tokens out[m..m+d-2] drafted before it."""
+        base = base.to(self.embed.weight.dtype)
+        if not self.heads.grounded:
+            return self.heads.head(d - 1, base)
+        branch = torch.stack([output[m - 1 + j] for j in range(d)], dim=1)  # [steps, d]
+        features = torch.cat([base, self.embed(branch).flatten(1)], dim=-1)
+        return self.heads.head(d - 1, features)
+
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         shape, heads = self.shape, self.heads

@@ -104,6 +104,37 @@ class HeadDrafter(Drafter):
     def describe(self) -> dict:
         return self.info
 
+    # --- simulation: one teacher-forced pass (specbench/simulate/proposals.py) -------------
+    def teacher_base(self, states: torch.Tensor) -> torch.Tensor:
+        """The heads' base hidden state at every position, from the target's states over
+        the whole logged sequence (drafters with a trunk or prefix layer run it once, causally)."""
+        return states
+
+    def level_logits(self, d: int, base: torch.Tensor, output: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Logits of draft level d at the steps `m` (rows of `base`), on the true branch."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def teacher_forced(self, prompt, output, depth, hidden):
+        """At the step with m tokens emitted the heads read the base state at position
+        P+m-2 (the one whose logits chose the root out[m-1]); level d's rank of the true
+        out[m+d-1] follows from one batched head pass per level over all steps."""
+        from specbench.simulate.proposals import RANK_NONE, TeacherForced, true_ranks
+
+        if depth > self.num_heads:
+            raise UserError(f"a shape {depth} deep needs {depth} heads; '{self.name}' has {self.num_heads}")
+        states, source = hidden()
+        p, n = prompt.numel(), output.numel()
+        ranks = torch.full((n, depth), RANK_NONE, dtype=torch.long)
+        base = self.teacher_base(states.to(self.device))[p - 1 : p + n - 2]  # row j: step m = j + 1
+        output = output.to(self.device)
+        for d in range(1, depth + 1):
+            m = torch.arange(1, n - d + 1, device=self.device)  # steps whose level-d true token is logged
+            if not m.numel():
+                break
+            ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), output[m + d - 1])
+        return TeacherForced(ranks, capped=False, hidden_source=source)
+
 
 class MedusaDrafter(HeadDrafter):
     name = "medusa"
@@ -159,6 +190,12 @@ class MedusaDrafter(HeadDrafter):
             best = logits.topk(shape.level_topk[d]).indices
             levels.append(best[shape.level_ranks[d].to(best.device)])
         return shape.draft_tree(levels)
+
+
+    def level_logits(self, d, base, output, m):
+        head = self.heads.heads[d - 1]
+        hidden = base.to(head[0].linear.weight.dtype)
+        return head(hidden) if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](head(hidden))
 
 
 def fresh_medusa_heads(target, num_heads: int, seed: int = 0) -> MedusaHeads:
@@ -225,6 +262,10 @@ class HydraDecoderDrafter(MedusaDrafter):
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
         self.last_hidden = self.trunk.feed(outcome.hidden[self.accepted_rows(outcome)])[-1]
+
+    def teacher_base(self, states):
+        self.trunk.reset()
+        return self.trunk.feed(states)
 
 
 def copied_trunk(target, n: int) -> OwnDecoder:

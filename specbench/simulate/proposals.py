@@ -35,6 +35,10 @@ class TeacherForced:
     # False when the drafter proposes one token per position (ranks are 0 or RANK_NONE)
     ranked: bool = True
     hidden_source: str | None = None  # where the target hidden states came from, if used
+    # True when the drafter never drafts past the tokens still allowed (it honours
+    # ctx.max_tokens, as draft-model and prompt-lookup do); False when it always drafts
+    # its whole shape (medusa, hydra): the walk must size the drafts as the loop would
+    capped: bool = True
 
     @property
     def depth(self) -> int:

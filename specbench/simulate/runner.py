@@ -112,6 +112,8 @@ class Simulator:
         cls = check_options(config.drafter, options)
         if "k" in drafter_options(cls) and "k" not in options:
             options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
+        if "tree" in drafter_options(cls) and "tree" not in options:  # head drafters: any shape as deep as the deepest
+            options["tree"] = max(config.shapes, key=lambda s: s.depth).spec
         self.options = options
         if target is None:
             dtype = DTYPES.get(log.header.dtype, torch.float32)
@@ -123,6 +125,7 @@ class Simulator:
         if config.method == TEACHER_FORCED and self.method != TEACHER_FORCED:
             raise UserError(f"drafter '{config.drafter}' has no teacher-forced hook; use --method replay (or auto)")
         self.hidden_source: str | None = None
+        self._by_shape: dict[str, Any] = {}
 
     # --- inputs per logged turn --------------------------------------------------
     def _ids(self, turn: LogTurn) -> tuple[torch.Tensor, list[int]]:
@@ -134,17 +137,19 @@ class Simulator:
     def hidden_for(self, turn: LogTurn) -> torch.Tensor:
         """The target's final hidden states over prompt + output[:-1] (log side file, else one target forward)."""
         n = len(turn.prompt_ids) + len(turn.output_ids[: self.max_new]) - 1
-        if self.log.header.hidden_file:
+        layer = getattr(self.drafter, "hidden_state_layer", None)  # None: final normed, what the side file holds
+        if self.log.header.hidden_file and layer is None:
             self.hidden_source = f"log side file {self.log.header.hidden_file}"
             return self.log.hidden(turn)[:n].to(self.drafter_device())
         if isinstance(self.target, LoggedTarget):
+            where = "record the log with --hidden, or " if layer is None else f"the log holds final hidden states, not layer {layer}'s: "
             raise UserError(
-                f"drafter '{self.config.drafter}' needs the target's hidden states: record the log with --hidden, "
-                "or pass --target so simulate runs one teacher-forced target forward per sequence"
+                f"drafter '{self.config.drafter}' needs the target's hidden states: {where}pass --target so simulate "
+                "runs one teacher-forced target forward per sequence"
             )
-        self.hidden_source = "teacher-forced target forward"
+        self.hidden_source = "teacher-forced target forward" + (f" (input of layer {layer})" if layer is not None else "")
         sequence = torch.tensor(turn.prompt_ids + turn.output_ids[: self.max_new])
-        _, hidden = self.target.prefill(sequence[:-1], want_hidden=True)
+        _, hidden = self.target.prefill(sequence[:-1], True, layer)
         return hidden
 
     def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:
@@ -163,17 +168,17 @@ class Simulator:
             for turn in self.turns:
                 prompt, output = self._ids(turn)
                 proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
-                if not proposals.ranked and any(s.paths for s in shapes):
+                if not proposals.ranked and any(s.tree is not None for s in shapes):
                     raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
                 self.hidden_source = proposals.hidden_source or self.hidden_source
                 for shape in shapes:
                     per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
             scoring_s = time.perf_counter() - t0
         else:
-            if any(s.paths for s in shapes):
+            if any(s.tree is not None for s in shapes) and "tree" not in drafter_options(self.cls):
                 raise UserError(f"step replay cannot impose a tree on drafter '{self.config.drafter}'; score trees with a drafter that has the teacher-forced hook")
             t0 = time.perf_counter()
-            per_shape = {s: [self._replay(turn, s.k) for turn in self.turns] for s in shapes}
+            per_shape = {s: [self._replay(turn, s.k, drafter=self.drafter_for(s)) for turn in self.turns] for s in shapes}
             scoring_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = []
@@ -183,28 +188,42 @@ class Simulator:
                 ms = _mean_draft(per_shape[shape])
                 results.append(ShapeResult(shape, per_shape[shape], ms, "timed over the whole step replay"))
                 continue
-            k = shape.depth
-            if k not in chain_ms:
-                chain_ms[k] = self.time_drafts(k)
-            source = f"timed over {self.config.latency_steps} replayed steps" if shape.k else f"estimated: a chain of the tree's depth {k}"
-            results.append(ShapeResult(shape, per_shape[shape], chain_ms[k], source))
+            if "tree" in drafter_options(self.cls):  # the drafter drafts this very shape
+                ms, source = self.time_drafts(shape.k, self.drafter_for(shape)), f"timed over {self.config.latency_steps} replayed steps"
+            else:
+                k = shape.depth
+                if k not in chain_ms:
+                    chain_ms[k] = self.time_drafts(k, self.drafter)
+                ms = chain_ms[k]
+                source = f"timed over {self.config.latency_steps} replayed steps" if shape.k else f"estimated: a chain of the tree's depth {k}"
+            results.append(ShapeResult(shape, per_shape[shape], ms, source))
         latency_s = time.perf_counter() - t0
         return Simulation(self.method, self.hidden_source, scoring_s, latency_s, results)
 
-    def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None) -> list[StepMeasure]:
-        prompt, output = self._ids(turn)
-        hidden = self.hidden_for(turn) if self.drafter.needs_hidden_states else None
-        return replay(self.drafter, prompt, output, self.max_new, cap, hidden, max_steps)
+    def drafter_for(self, shape: Shape):
+        """The drafter proposing `shape` online: drafters with a `tree` option (head drafters)
+        are built with it; chain drafters are capped per step through ctx.max_tokens."""
+        if "tree" not in drafter_options(self.cls):
+            return self.drafter
+        if shape.spec not in self._by_shape:
+            self._by_shape[shape.spec] = self.cls.create(self.target, **{**self.options, "tree": shape.spec})
+        return self._by_shape[shape.spec]
 
-    def time_drafts(self, k: int) -> float:
+    def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None, drafter=None) -> list[StepMeasure]:
+        drafter = drafter or self.drafter
+        prompt, output = self._ids(turn)
+        hidden = self.hidden_for(turn) if drafter.needs_hidden_states else None
+        return replay(drafter, prompt, output, self.max_new, cap, hidden, max_steps)
+
+    def time_drafts(self, k: int | None, drafter) -> float:
         """Mean ms of the drafter's propose for a chain of up to k tokens, over the first
         `latency_steps` steps of the log (one untimed warm-up step first)."""
         budget, times = self.config.latency_steps, []
         if budget < 1:
             return 0.0
-        self._replay(self.turns[0], k, max_steps=1)
+        self._replay(self.turns[0], k, max_steps=1, drafter=drafter)
         for turn in self.turns:
-            steps = self._replay(turn, k, max_steps=budget - len(times))
+            steps = self._replay(turn, k, max_steps=budget - len(times), drafter=drafter)
             times += [s.draft_ms for s in steps]
             if len(times) >= budget:
                 break
@@ -264,7 +283,7 @@ def write_runs(
             leviathan = expected_speedup(alpha, shape.k, c)
         target_name = Path(log.header.target).name or log.header.target
         run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stamp}-sim-{target_name}-{config.drafter}-{shape.name.replace('=', '')}")
-        options = {**simulator.options, **({"k": shape.k} if shape.k else {"tree": list(map(list, shape.paths))})}
+        options = {**simulator.options, **({"k": shape.k} if shape.k and "k" in simulator.options else {"tree": shape.spec})}
         info = RunInfo(
             run_id=run_id, command=command, target=log.header.target, target_id=log.header.target_id,
             drafter=config.drafter, drafter_options=options, workload=log.header.workload,

@@ -1,8 +1,9 @@
 """Walk a logged sequence the way the online decode loop would, from teacher-forced ranks.
 
-At the step with m tokens emitted the loop drafts (a chain of up to k tokens,
-never more than the max_new_tokens - m still allowed, or a tree pruned to that
-depth), accepts the longest draft path that matches the target and emits it
+At the step with m tokens emitted the loop drafts (a chain of up to k tokens
+or a tree; drafters that honour ctx.max_tokens, like draft-model and
+prompt-lookup, never draft more than the max_new_tokens - m still allowed,
+while head drafters draft their whole tree), accepts the longest draft path that matches the target and emits it
 plus the target's own next token: m advances by accepted + 1. A chain accepts
 min(run, k) where run = the number of leading draft positions whose true token
 has rank 0; a tree accepts depth d iff the true tokens' rank path (r1..rd) is
@@ -12,68 +13,52 @@ is exactly how the loop counts a step that accepts an EOS.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 
+from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
 from specbench.records import StepMeasure
 from specbench.simulate.proposals import TeacherForced
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Shape:
-    """A draft shape to score: a chain of k tokens, or a tree given as child-rank paths."""
+    """A draft shape to score: a chain of k tokens, or a tree of child ranks (engine/tree.py)."""
 
     name: str
     k: int | None = None
-    paths: tuple[tuple[int, ...], ...] | None = None
+    tree: TreeShape | None = None
+    spec: str = ""  # what `--tree` / a head drafter's `tree` option resolves to this shape
 
     @staticmethod
     def chain(k: int) -> Shape:
         if k < 1:
             raise UserError(f"--k must be at least 1 (got {k})")
-        return Shape(f"k={k}", k=k)
+        return Shape(f"k={k}", k=k, spec=f"chain:{k}")
 
     @staticmethod
-    def tree(name: str, paths) -> Shape:
-        clean = []
-        for path in paths:
-            if not (isinstance(path, (list, tuple)) and path and all(isinstance(r, int) and r >= 0 for r in path)):
-                raise UserError(f"tree '{name}': every path must be a non-empty list of child ranks >= 0 (got {path!r})")
-            clean.append(tuple(path))
-        present = set(clean)
-        for path in clean:
-            if len(path) > 1 and path[:-1] not in present:
-                raise UserError(f"tree '{name}': path {list(path)} has no parent path {list(path[:-1])}; trees must be prefix-closed")
-        if not clean:
-            raise UserError(f"tree '{name}' has no paths")
-        return Shape(f"tree={name}", paths=tuple(sorted(set(clean), key=lambda p: (len(p), p))))
+    def of_tree(tree: TreeShape, spec: str = "") -> Shape:
+        if not len(tree):
+            raise UserError(f"tree '{tree.name}' has no paths")
+        label = Path(tree.name).stem if tree.name.endswith(".json") else tree.name
+        return Shape(f"tree={label}", tree=tree, spec=spec or tree.name)
+
+    @staticmethod
+    def from_spec(spec: str) -> Shape:
+        """--tree NAME|chain:K|paths.json (see drafters/trees.py)."""
+        from specbench.drafters.trees import resolve_tree
+
+        return Shape.of_tree(resolve_tree(spec), spec)
 
     @property
     def depth(self) -> int:
-        return self.k if self.k is not None else max(len(p) for p in self.paths)
+        return self.k if self.k is not None else self.tree.depth
 
     @property
     def size(self) -> int:
-        return self.k if self.k is not None else len(self.paths)
-
-
-def load_tree(spec: str) -> Shape:
-    """A tree from a JSON file holding a list of paths (Medusa's format), named by the file stem."""
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"--tree {spec}: no such file; give a JSON file with a list of child-rank paths, e.g. [[0], [1], [0, 0]]")
-    try:
-        paths = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--tree {spec}: not valid JSON ({exc.msg})") from None
-    if isinstance(paths, dict):
-        paths = paths.get("paths")
-    if not isinstance(paths, list):
-        raise UserError(f"--tree {spec}: expected a JSON list of paths")
-    return Shape.tree(path.stem, paths)
+        return self.k if self.k is not None else len(self.tree)
 
 
 def walk(proposals: TeacherForced, n_out: int, max_new_tokens: int, shape: Shape) -> list[StepMeasure]:
@@ -86,16 +71,20 @@ def walk(proposals: TeacherForced, n_out: int, max_new_tokens: int, shape: Shape
         lengths = proposals.lengths.tolist() if proposals.lengths is not None else None
     else:
         rank_rows = ranks.tolist()
+        all_paths = [tuple(p) for p in shape.tree.paths]
+        whole = (len(all_paths), shape.tree.depth, set(all_paths))
     steps, m = [], 1
     while m < n_out:
         remaining = max_new_tokens - m
         if shape.k is not None:
-            k = min(shape.k, remaining, lengths[m] if lengths is not None else shape.k)
+            k = min(shape.k, remaining if proposals.capped else shape.k, lengths[m] if lengths is not None else shape.k)
             size, depth, accepted = k, k, min(run[m], k)
         else:
-            paths = [p for p in shape.paths if len(p) <= remaining]
-            size, depth = len(paths), max((len(p) for p in paths), default=0)
-            present = set(paths)
+            if proposals.capped and remaining < shape.tree.depth:
+                paths = [p for p in all_paths if len(p) <= remaining]
+                size, depth, present = len(paths), max((len(p) for p in paths), default=0), set(paths)
+            else:
+                size, depth, present = whole
             row, accepted = rank_rows[m], 0
             while accepted < depth and tuple(row[: accepted + 1]) in present:
                 accepted += 1

@@ -150,6 +150,7 @@ def test_hydra_proposal_is_in_node_order(target, checkpoints):
 
     tree = drafter.propose(DraftContext(tokens, prompt.numel(), 50, 0.0, None))
     shape = drafter.shape
+    assert drafter.prefix.cached == prompt.numel()
     assert tree.parents.tolist() == shape.parents
     # every node on its own: head d-1 over [base, emb(root), emb(tokens on the branch)], rank r of its top-k
     for i, path in enumerate(shape.paths):
@@ -161,19 +162,22 @@ def test_hydra_proposal_is_in_node_order(target, checkpoints):
 
 def test_prefix_layer_cache_holds_exactly_the_accepted_tokens(target, checkpoints):
     drafter = build("hydra-prefix", target, checkpoints)
-    on_verified = drafter.on_verified
+    consume = drafter.consume
     lengths = []
 
-    def check(outcome):
-        on_verified(outcome)
+    def check(rows):
+        state = consume(rows)  # rows accepted since the last draft go in at the start of the next
         lengths.append((drafter.prefix.cached, target.seq_len))
+        return state
 
-    drafter.on_verified = check
+    drafter.consume = check
     prompt = prompts(1, seed=9)[0]
     result = decode(target, drafter, prompt, MAX_NEW)
     assert lengths and all(mine == theirs for mine, theirs in lengths)
     assert any(s.accepted > 0 for s in result.steps)
     # its keys are what the layer computes over the target's states of exactly the accepted sequence
+    drafter.catch_up()  # the last step's accepted rows (fed at the next draft, which never came)
+    assert drafter.prefix.cached == target.seq_len
     kept = torch.cat([prompt, torch.tensor(result.output_ids)])[: target.seq_len]
     _, hidden = target.prefill(kept, True)
     fresh = type(drafter.prefix)(target.config, 1).double()

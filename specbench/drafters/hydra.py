@@ -9,8 +9,8 @@ level extend their parent's features with the child's embedding.
 
 Hydra++ (arch "prefix-mlp", the published checkpoints) first runs the base
 hidden states through one extra decoder layer with its own final norm and its
-own KV cache. That layer only ever sees accepted tokens: after each
-verification it is fed the rows of the root and the accepted nodes.
+own KV cache. That layer only ever sees accepted tokens: at the start of each
+draft it is fed the target's rows of the root and the nodes accepted since.
 
 Embeddings: the published files carry `input_embed_fn.weight`, a bf16 copy
 of the base embedding table that the reference writes back over the base
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specbench.drafters.base import DraftContext, VerifyOutcome
+from specbench.drafters.base import DraftContext
 from specbench.drafters.checkpoints import check_base_model, check_shape, load_hydra, load_hydra_state
 from specbench.drafters.heads import HydraHeads, OwnDecoder
 from specbench.drafters.medusa import FRESH, HeadDrafter, module_bytes, typical_rule
@@ -94,23 +94,19 @@ class HydraDrafter(HeadDrafter):
         passes = max(self.shape.depth, 1)  # one sequential head pass per level
         return total // passes, passes
 
-    def _base(self, rows: torch.Tensor) -> torch.Tensor:
-        """The heads' base hidden state at the last of `rows` (accepted rows, in order)."""
-        if self.prefix is None:
-            return rows[-1]
-        return self.prefix.feed(rows)[-1]
-
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         if self.prefix is not None:
             self.prefix.reset()
-        self.last_hidden = self._base(prompt_hidden)
+        super().begin(prompt_tokens, prompt_hidden)
 
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.last_hidden = self._base(outcome.hidden[self.accepted_rows(outcome)])
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        """The heads' base state: the last accepted row, through the prefix layer for Hydra++."""
+        return rows[-1] if self.prefix is None else self.prefix.feed(rows)[-1]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         shape, heads = self.shape, self.heads
+        self.catch_up()
         if not len(shape):
             return DraftTree.empty(self.device)
         base = self.last_hidden[None].to(self.embed.weight.dtype)

@@ -13,7 +13,7 @@ cost (the verify forward is unchanged, as in the reference).
 `hydra-decoder` puts a trunk in front of the heads: N decoder layers that
 start as copies of the target's last N, with their own norm and KV cache,
 reading the hidden state that enters target layer L-N. The trunk is fed the
-accepted tokens' rows after each verification (the reference runs it over
+accepted tokens' rows at the start of the next draft (the reference runs it over
 the whole tree with the tree mask and compacts its cache to the accepted
 path: the same keys, values and outputs, for fewer rows).
 """
@@ -83,7 +83,26 @@ class HeadDrafter(Drafter):
         self.typical_acceptance = typical
         self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
         self.device = target.device
-        self.last_hidden: torch.Tensor | None = None  # [H] at the last accepted position
+        # the target's hidden states of the tokens accepted since the last draft
+        # (the prompt at first): consumed at the start of `propose`, so feeding a
+        # trunk or prefix layer counts as drafting time, as it is drafting work
+        self.pending: torch.Tensor | None = None
+        self.last_hidden: torch.Tensor | None = None  # [H] the heads' input at the last accepted position
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.pending = prompt_hidden
+
+    def on_verified(self, outcome: VerifyOutcome) -> None:
+        self.pending = outcome.hidden[self.accepted_rows(outcome)]
+
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        """The heads' input state at the last of the newly accepted `rows`."""
+        return rows[-1]
+
+    def catch_up(self) -> None:
+        if self.pending is not None:
+            self.last_hidden = self.consume(self.pending)
+            self.pending = None
 
     @staticmethod
     def settings(drafter: str, target, heads: str | None, tree: str | None) -> tuple[str, TreeShape, dict]:
@@ -140,15 +159,10 @@ class MedusaDrafter(HeadDrafter):
         extra = self.target.lm_head if self.heads.base_lm_head[0] is not None else None
         return module_bytes(*used) + (module_bytes(extra) * self.shape.depth if extra is not None else 0), 1
 
-    def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.last_hidden = prompt_hidden[-1]
-
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.last_hidden = outcome.hidden[self.accepted_rows(outcome)[-1]]
-
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         shape = self.shape
+        self.catch_up()
         if not len(shape):
             return DraftTree.empty(self.device)
         hidden = self.last_hidden.to(self.heads.heads[0][0].linear.weight.dtype)
@@ -221,10 +235,10 @@ class HydraDecoderDrafter(MedusaDrafter):
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.trunk.reset()
-        self.last_hidden = self.trunk.feed(prompt_hidden)[-1]
+        super().begin(prompt_tokens, prompt_hidden)
 
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.last_hidden = self.trunk.feed(outcome.hidden[self.accepted_rows(outcome)])[-1]
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.trunk.feed(rows)[-1]
 
 
 def copied_trunk(target, n: int) -> OwnDecoder:

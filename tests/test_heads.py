@@ -360,3 +360,36 @@ def test_cli_warns_on_heads_for_another_base_model(cli_models, tmp_path, capsys,
     assert code == 0, err
     lines = [line for line in err.splitlines() if "warning:" in line]
     assert len(lines) == 1 and "lmsys/vicuna-7b-v1.3" in lines[0] and str(cli_models["target"]) in lines[0]
+
+
+# --- VocabTrim on head drafters ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["medusa", "hydra-prefix", "hydra-mlp", "hydra-decoder"])
+def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, checkpoints, plain_outputs, tmp_path):
+    from specbench.drafters.vocab_trim import ranked_ids, save_ids
+
+    counts = torch.bincount(torch.tensor([t for out in plain_outputs for t in out]), minlength=target.vocab_size)
+    ranked = ranked_ids({i: int(c) for i, c in enumerate(counts) if c}, target.vocab_size)
+    ids_file = tmp_path / "ids.json"
+    save_ids(ids_file, ranked[1:] + ranked[:1], "tiny", target.vocab_size, "test")  # the most frequent id ranked last
+    cls = {"medusa": MedusaDrafter, "hydra-decoder": HydraDecoderDrafter}.get(name, HydraDrafter)
+    drafter = cls.create(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=30, vocab_trim_from=str(ids_file))
+    kept = set(drafter.kept_ids.tolist())
+    assert len(kept) == 30 and ranked[0] not in kept
+    assert drafter.describe()["vocab_trim"] == 30
+    drafted, accepted = set(), 0
+    propose = drafter.propose
+
+    def spy(ctx):
+        tree = propose(ctx)
+        drafted.update(tree.tokens.tolist())
+        return tree
+
+    drafter.propose = spy
+    for prompt, expected in list(zip(prompts(PROMPTS), plain_outputs))[:8]:
+        result = decode(target, drafter, prompt, MAX_NEW)
+        assert result.output_ids == expected
+        accepted += sum(s.accepted for s in result.steps)
+    assert drafted <= kept and accepted > 0
+    with pytest.raises(UserError, match="keeps fewer tokens than tree"):
+        cls.create(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=5, vocab_trim_from=str(ids_file))

@@ -62,13 +62,15 @@ class HydraDrafter(HeadDrafter):
         num_heads: int | None = None,
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
+        vocab_trim: int | None = None,
+        vocab_trim_from: str | None = None,
     ) -> HydraDrafter:
         spec, shape, entry = cls.settings(cls.name, target, heads, tree)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4))
             embed = nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach().clone())
-            return cls(target, module, shape, embed, prefix, 0, typical, {"heads": FRESH})
+            return cls(target, module, shape, embed, prefix, 0, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_hydra(spec, target)
         check_base_model(checkpoint, target)
         module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded)
@@ -86,7 +88,12 @@ class HydraDrafter(HeadDrafter):
             prefix_state = {k.removeprefix("prefix_embeding_layer."): v.to(target.dtype) for k, v in checkpoint.state.items() if k.startswith("prefix_embeding_layer.")}
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded, "hidden_state_offset": layout.hidden_state_offset}
-        return cls(target, module, shape, embed, prefix, layout.hidden_state_offset, typical, info)
+        drafter = cls(target, module, shape, embed, prefix, layout.hidden_state_offset, typical, info)
+        return drafter.apply_vocab_trim(vocab_trim, vocab_trim_from)
+
+    def lm_head_slots(self) -> list[tuple]:
+        lm = self.heads.hydra_lm_head
+        return [(lm[h], 1) if isinstance(lm[h], nn.Sequential) else (lm, h) for h in range(len(lm))]
 
     def memory_model(self) -> tuple[int, int]:
         used = [self.heads.hydra_mlp[h] for h in range(self.shape.depth)] + [self.heads.hydra_lm_head[h] for h in range(self.shape.depth)]
@@ -115,7 +122,7 @@ class HydraDrafter(HeadDrafter):
         features = torch.cat([base, self.embed(root)], dim=-1) if heads.grounded else base
         levels = []
         for d in range(1, shape.depth + 1):
-            best = heads.head(d - 1, features if heads.grounded else base).topk(shape.level_topk[d]).indices
+            best = self.to_target_ids(heads.head(d - 1, features if heads.grounded else base).topk(shape.level_topk[d]).indices)
             parent_rows = shape.parent_rows[d].to(self.device) if heads.grounded else torch.zeros_like(shape.parent_rows[d]).to(self.device)
             tokens = best[parent_rows, shape.level_ranks[d].to(self.device)]
             levels.append(tokens)

@@ -123,6 +123,33 @@ class HeadDrafter(Drafter):
     def describe(self) -> dict:
         return self.info
 
+    # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
+
+    kept_ids: torch.Tensor | None = None  # target id of each trimmed-head index
+
+    def lm_head_slots(self) -> list[tuple[Any, int]]:
+        """(container, index) of every LM head the drafter reads, for swapping in a trimmed one."""
+        raise NotImplementedError
+
+    def apply_vocab_trim(self, top: int | None, source: str | None) -> HeadDrafter:
+        if not top and not source:
+            return self
+        if not source:
+            raise UserError("--vocab-trim needs --vocab-trim-from RUN_DIR|LOG.jsonl|WORKLOAD|IDS.json to count tokens in")
+        from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
+
+        kept, info = keep_ids(top, source, self.target.tokenizer, self.target.vocab_size)
+        if len(kept) < max(self.shape.level_topk):
+            raise UserError(f"--vocab-trim {len(kept)} keeps fewer tokens than tree '{self.shape.name}' drafts per node ({max(self.shape.level_topk)})")
+        for container, index in self.lm_head_slots():
+            container[index] = TrimmedHead(container[index], kept)
+        self.kept_ids = kept.to(self.device)
+        self.info |= info
+        return self
+
+    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.kept_ids[indices] if self.kept_ids is not None else indices
+
 
 class MedusaDrafter(HeadDrafter):
     name = "medusa"
@@ -141,22 +168,30 @@ class MedusaDrafter(HeadDrafter):
         num_heads: int | None = None,
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
+        vocab_trim: int | None = None,
+        vocab_trim_from: str | None = None,
     ) -> MedusaDrafter:
         spec, shape, entry = cls.settings(cls.name, target, heads, tree)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             module = fresh_medusa_heads(target, num_heads or entry.get("num_heads", 4))
-            return cls(target, module, shape, typical, {"heads": FRESH})
+            return cls(target, module, shape, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_medusa(spec, target)
         check_base_model(checkpoint, target)
         module = MedusaHeads(layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size,
                              None if layout.own_lm_head else target.lm_head).to(target.device, target.dtype)
         load_medusa_state(module, checkpoint.state, target, spec)
-        return cls(target, module, shape, typical, {**checkpoint.describe(), "medusa_layers": layout.num_layers, "own_lm_head": layout.own_lm_head})
+        info = {**checkpoint.describe(), "medusa_layers": layout.num_layers, "own_lm_head": layout.own_lm_head}
+        return cls(target, module, shape, typical, info).apply_vocab_trim(vocab_trim, vocab_trim_from)
+
+    def lm_head_slots(self) -> list[tuple[Any, int]]:
+        if self.heads.base_lm_head[0] is not None:
+            return [(self.heads.base_lm_head, 0)]
+        return [(head, len(head) - 1) for head in self.heads.heads]
 
     def memory_model(self) -> tuple[int, int]:
         used = list(self.heads.heads)[: self.shape.depth]
-        extra = self.target.lm_head if self.heads.base_lm_head[0] is not None else None
+        extra = self.heads.base_lm_head[0]
         return module_bytes(*used) + (module_bytes(extra) * self.shape.depth if extra is not None else 0), 1
 
     @torch.inference_mode()
@@ -170,7 +205,7 @@ class MedusaDrafter(HeadDrafter):
         for d in range(1, shape.depth + 1):
             head = self.heads.heads[d - 1]
             logits = head(hidden) if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](head(hidden))
-            best = logits.topk(shape.level_topk[d]).indices
+            best = self.to_target_ids(logits.topk(shape.level_topk[d]).indices)
             levels.append(best[shape.level_ranks[d].to(best.device)])
         return shape.draft_tree(levels)
 
@@ -207,6 +242,8 @@ class HydraDecoderDrafter(MedusaDrafter):
         decoder_layers: int | None = None,
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
+        vocab_trim: int | None = None,
+        vocab_trim_from: str | None = None,
     ) -> HydraDecoderDrafter:
         spec, shape, entry = cls.settings(cls.name, target, heads, tree)
         typical = typical_rule(posterior_threshold, posterior_alpha)
@@ -215,7 +252,7 @@ class HydraDecoderDrafter(MedusaDrafter):
             if not 1 <= n <= target.num_layers:
                 raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {n})")
             module = fresh_medusa_heads(target, num_heads or entry.get("num_heads", 4))
-            return cls(target, module, copied_trunk(target, n), shape, typical, {"heads": FRESH})
+            return cls(target, module, copied_trunk(target, n), shape, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_hydra_decoder(spec, target)
         if decoder_layers is not None and decoder_layers != layout.num_decoder_layers:
             raise UserError(f"--decoder-layers {decoder_layers} contradicts '{spec}', which has {layout.num_decoder_layers}")
@@ -227,7 +264,7 @@ class HydraDecoderDrafter(MedusaDrafter):
         load_medusa_state(module, head_state, target, spec)
         trunk = OwnDecoder(target.config, layout.num_decoder_layers).to(target.device, target.dtype)
         trunk.load_layers({k: v.to(target.dtype) for k, v in checkpoint.state.items() if not k.startswith("medusa_head.")}, spec)
-        return cls(target, module, trunk, shape, typical, checkpoint.describe())
+        return cls(target, module, trunk, shape, typical, checkpoint.describe()).apply_vocab_trim(vocab_trim, vocab_trim_from)
 
     def memory_model(self) -> tuple[int, int]:
         heads_bytes, _ = super().memory_model()

@@ -304,7 +304,7 @@ def simulate(
     log: Annotated[Path, typer.Option(help="a target log from `specbench record` (or a DSD tensor-dump log with --prompts)")],
     drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
     k: Annotated[Optional[list[str]], typer.Option(help="chain lengths to score, e.g. --k 1,2,3,4,5,6 (one pass scores all)")] = None,
-    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: JSON files of child-rank paths, e.g. --tree a.json,b.json")] = None,
+    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63, ...), chain:K or JSON files of child-rank paths, e.g. --tree mc_sim_7b_63,b.json")] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="draft-model: alias, hub id or local directory")] = None,
     max_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: longest n-gram matched")] = None,
     min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,

@@ -121,13 +121,14 @@ class HydraDrafter(HeadDrafter):
         # level 0: one row, the root; features [rows, (level + 2) * H]
         features = torch.cat([base, self.embed(root)], dim=-1) if heads.grounded else base
         levels = []
-        for d in range(1, shape.depth + 1):
+        depth = min(shape.depth, ctx.max_tokens)  # deeper nodes could not be emitted
+        for d in range(1, depth + 1):
             best = self.to_target_ids(heads.head(d - 1, features if heads.grounded else base).topk(shape.level_topk[d]).indices)
             parent_rows = shape.parent_rows[d].to(self.device) if heads.grounded else torch.zeros_like(shape.parent_rows[d]).to(self.device)
             tokens = best[parent_rows, shape.level_ranks[d].to(self.device)]
             levels.append(tokens)
             expand = shape.expand_positions[d].to(self.device)
-            if heads.grounded and d < shape.depth and expand.numel():
+            if heads.grounded and d < depth and expand.numel():
                 features = torch.cat([features[parent_rows[expand]], self.embed(tokens[expand])], dim=-1)
         return shape.draft_tree(levels)
 

@@ -202,7 +202,7 @@ class MedusaDrafter(HeadDrafter):
             return DraftTree.empty(self.device)
         hidden = self.last_hidden.to(self.heads.heads[0][0].linear.weight.dtype)
         levels = []
-        for d in range(1, shape.depth + 1):
+        for d in range(1, min(shape.depth, ctx.max_tokens) + 1):  # deeper nodes could not be emitted
             head = self.heads.heads[d - 1]
             logits = head(hidden) if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](head(hidden))
             best = self.to_target_ids(logits.topk(shape.level_topk[d]).indices)

@@ -134,17 +134,24 @@ class Simulator:
     def hidden_for(self, turn: LogTurn) -> torch.Tensor:
         """The target's final hidden states over prompt + output[:-1] (log side file, else one target forward)."""
         n = len(turn.prompt_ids) + len(turn.output_ids[: self.max_new]) - 1
-        if self.log.header.hidden_file:
+        # drafters such as hydra-decoder read the input of an inner layer, not the final states
+        layer = getattr(self.drafter, "hidden_state_layer", None)
+        if self.log.header.hidden_file and layer is None:
             self.hidden_source = f"log side file {self.log.header.hidden_file}"
             return self.log.hidden(turn)[:n].to(self.drafter_device())
         if isinstance(self.target, LoggedTarget):
+            if layer is not None:
+                raise UserError(
+                    f"drafter '{self.config.drafter}' reads the input of target layer {layer}, which a log does not hold: "
+                    "pass --target so simulate runs one teacher-forced target forward per sequence"
+                )
             raise UserError(
                 f"drafter '{self.config.drafter}' needs the target's hidden states: record the log with --hidden, "
                 "or pass --target so simulate runs one teacher-forced target forward per sequence"
             )
         self.hidden_source = "teacher-forced target forward"
         sequence = torch.tensor(turn.prompt_ids + turn.output_ids[: self.max_new])
-        _, hidden = self.target.prefill(sequence[:-1], want_hidden=True)
+        _, hidden = self.target.prefill(sequence[:-1], want_hidden=True, hidden_layer=layer)
         return hidden
 
     def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:

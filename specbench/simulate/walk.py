@@ -12,9 +12,7 @@ is exactly how the loop counts a step that accepts an EOS.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 
 from specbench.errors import UserError
@@ -61,19 +59,12 @@ class Shape:
 
 
 def load_tree(spec: str) -> Shape:
-    """A tree from a JSON file holding a list of paths (Medusa's format), named by the file stem."""
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"--tree {spec}: no such file; give a JSON file with a list of child-rank paths, e.g. [[0], [1], [0, 0]]")
-    try:
-        paths = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--tree {spec}: not valid JSON ({exc.msg})") from None
-    if isinstance(paths, dict):
-        paths = paths.get("paths")
-    if not isinstance(paths, list):
-        raise UserError(f"--tree {spec}: expected a JSON list of paths")
-    return Shape.tree(path.stem, paths)
+    """A tree for --tree: a catalogue name (e.g. mc_sim_7b_63), chain:K, or a JSON file of
+    child-rank paths named by its stem; parsed and validated in one place, drafters/trees.py."""
+    from specbench.drafters.trees import resolve_tree
+
+    shape = resolve_tree(spec)
+    return Shape.tree(shape.name, shape.paths)
 
 
 def walk(proposals: TeacherForced, n_out: int, max_new_tokens: int, shape: Shape) -> list[StepMeasure]:

@@ -288,7 +288,7 @@ def test_fresh_heads_build_for_any_target(target, plain_outputs):
     for drafter in (
         MedusaDrafter.create(target, heads="fresh", tree="chain:3"),
         HydraDrafter.create(target, heads="fresh", tree="chain:3"),
-        HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=2, tree="chain:3"),
+        HydraDecoderDrafter.create(target, decoder_layers=2, tree="chain:3"),  # any target: an untrained trunk
     ):
         assert decode(target, drafter, prompts(1)[0], MAX_NEW).output_ids == plain_outputs[0]
     with pytest.raises(UserError, match="--decoder-layers must be between 1 and"):
@@ -335,7 +335,8 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
         (["--drafter", "medusa", "--heads", "fresh", "--tree", "nope"], "unknown tree 'nope'"),
         (["--drafter", "hydra", "--heads", "./missing/heads"], "heads './missing/heads' not found"),
         (["--drafter", "medusa"], "no published medusa heads for target"),
-        (["--drafter", "hydra-decoder", "--heads", "fresh", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
+        (["--drafter", "hydra-decoder", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
+        (["--drafter", "hydra", "--heads", "fresh", "-o", "num_heads=0"], "num_heads (>= 1) only applies"),
     ],
 )
 def test_cli_bad_head_input_is_one_line(args, message, cli_models, tmp_path, capsys, monkeypatch):

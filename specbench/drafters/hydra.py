@@ -65,7 +65,7 @@ class HydraDrafter(HeadDrafter):
         vocab_trim: int | None = None,
         vocab_trim_from: str | None = None,
     ) -> HydraDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree)
+        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4))

@@ -105,7 +105,7 @@ class HeadDrafter(Drafter):
             self.pending = None
 
     @staticmethod
-    def settings(drafter: str, target, heads: str | None, tree: str | None) -> tuple[str, TreeShape, dict]:
+    def settings(drafter: str, target, heads: str | None, tree: str | None, num_heads: int | None = None) -> tuple[str, TreeShape, dict]:
         entry = catalogue_entry(drafter, target)
         spec = heads or entry.get("heads")
         if not spec:
@@ -113,6 +113,8 @@ class HeadDrafter(Drafter):
                 f"no published {drafter} heads for target '{target.name}' in the catalogue: pass --heads PATH|ID, "
                 f"or --heads fresh for heads initialised as the reference initialises them"
             )
+        if num_heads is not None and (spec != FRESH or num_heads < 1):
+            raise UserError("num_heads (>= 1) only applies to --heads fresh; with a checkpoint the tree's depth decides how many heads run")
         return spec, resolve_tree(tree or entry.get("tree") or DEFAULT_TREE), entry
 
     @staticmethod
@@ -171,7 +173,7 @@ class MedusaDrafter(HeadDrafter):
         vocab_trim: int | None = None,
         vocab_trim_from: str | None = None,
     ) -> MedusaDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree)
+        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             module = fresh_medusa_heads(target, num_heads or entry.get("num_heads", 4))
@@ -245,7 +247,9 @@ class HydraDecoderDrafter(MedusaDrafter):
         vocab_trim: int | None = None,
         vocab_trim_from: str | None = None,
     ) -> HydraDecoderDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree)
+        if heads is None and decoder_layers is not None and not catalogue_entry(cls.name, target):
+            heads = FRESH  # `--decoder-layers N` on any target: an untrained trunk copied from its last N layers
+        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             n = decoder_layers or entry.get("decoder_layers", 1)

@@ -28,11 +28,15 @@ class Prompt:
 BUILTIN = {
     "builtin": ("builtin.jsonl", "16 short chat prompts written for specbench, 2 per MT-Bench category (offline)"),
     "builtin-completion": ("builtin-completion.jsonl", "6 completion contexts written for specbench (offline)"),
+    "pool-train": ("pool-train.jsonl", "392 instructions across the 8 MT-Bench categories, composed for specbench (scripts/make_prompt_pool.py): the self-distillation pool for `specbench train-data`"),
+    "pool-heldout": ("pool-heldout.jsonl", "44 held-out instructions from the same composer, never in pool-train: for evaluating trained drafters"),
 }
 
 
 def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
-    """Rows with `turns` (list of user turns) or `prompt` (completion text); `id`/`question_id` and `category` optional."""
+    """Rows with `turns` (list of user turns), `prompt` (completion text) or `conversations`
+    (ShareGPT layout: the human turns are kept, the recorded answers dropped); `id`/`question_id`
+    and `category` optional."""
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -45,7 +49,11 @@ def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
             raise UserError(f"{source}:{number}: expected a JSON object per line")
         pid = str(row.get("id", row.get("question_id", number)))
         category = str(row.get("category", "default"))
-        if isinstance(row.get("turns"), list) and row["turns"]:
+        if isinstance(row.get("conversations"), list):
+            humans = [str(m.get("value", "")) for m in row["conversations"] if isinstance(m, dict) and m.get("from") in ("human", "user")]
+            if humans:
+                prompts.append(Prompt(pid, category, tuple(humans), chat=True))
+        elif isinstance(row.get("turns"), list) and row["turns"]:
             prompts.append(Prompt(pid, category, tuple(map(str, row["turns"])), chat=True))
         elif isinstance(row.get("prompt"), str):
             prompts.append(Prompt(pid, category, (row["prompt"],), chat=False))
@@ -61,10 +69,19 @@ def load_workload(name: str) -> list[Prompt]:
         text = files("specbench.workloads").joinpath("data", BUILTIN[name][0]).read_text()
         return parse_jsonl(text.splitlines(), name)
     path = Path(name)
-    if path.suffix == ".jsonl" or path.exists():
+    if path.suffix in (".jsonl", ".json") or path.exists():
         if not path.exists():
             raise UserError(f"workload file '{name}' does not exist")
-        return parse_jsonl(path.read_text().splitlines(), str(path))
+        text = path.read_text()
+        if path.suffix == ".json":  # a JSON list of rows (the ShareGPT dumps ship this way)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rows, list):
+                raise UserError(f"{path}: expected a JSON list of rows")
+            return parse_jsonl([json.dumps(r) for r in rows], str(path))
+        return parse_jsonl(text.splitlines(), str(path))
     known = ", ".join(BUILTIN)
     raise UserError(f"unknown workload '{name}': use one of {known} or a path to a .jsonl file")
 

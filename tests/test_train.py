@@ -1,0 +1,136 @@
+"""`specbench train-data` and `specbench train` on tiny local models: the data, the
+losses going down, the checkpoints loading through the drafters, and bad input."""
+
+import json
+import sys
+
+import pytest
+import torch
+from tiny import char_tokenizer, save_tiny_model, tiny_llama
+
+from specbench.cli import main
+from specbench.drafters.base import PlainDecoding
+from specbench.drafters.draft_model import DraftModelDrafter
+from specbench.engine.loop import decode
+from specbench.targets.hf import HFTarget
+from specbench.targets.loading import load_causal_lm
+from specbench.train.data import load_data
+from specbench.workloads import load_workload
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["specbench", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    target = save_tiny_model(root / "target", seed=0, layers=3)
+    other = tiny_llama(1, vocab=120)  # same tokenizer file, another vocabulary size
+    other.save_pretrained(root / "other")
+    char_tokenizer().save_pretrained(root / "other")
+    return {"root": root, "target": target, "other": root / "other"}
+
+
+@pytest.fixture(scope="module")
+def data(setup):
+    """Self-distillation data from the tiny target on 12 pool prompts (hidden states cached)."""
+
+    from specbench.train.data import make_data
+
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name=str(setup["target"]), model_id=source.model_id)
+    out = setup["root"] / "data"
+    make_data(target, "pool-train", out, max_new_tokens=24, batch_size=4, limit=12)
+    return out
+
+
+def test_prompt_pool_is_varied_and_heldout_is_disjoint():
+    train, heldout = load_workload("pool-train"), load_workload("pool-heldout")
+    assert len(train) >= 300 and len(heldout) >= 30
+    categories = {p.category for p in train}
+    assert categories == {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+    assert not {p.turns for p in train} & {p.turns for p in heldout}
+    assert not {p.turns[0] for p in train + heldout} & {t for p in load_workload("builtin") for t in p.turns}
+    assert len({p.category for p in train[:40]}) == 8  # --limit N takes a mix
+
+
+def test_train_data_writes_chat_answers_tokens_and_hidden(setup, data):
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["prompts"] == 12 and meta["sequences"] == 12 and meta["hidden"] == "float16"
+    rows = [json.loads(line) for line in (data / "conversations.jsonl").read_text().splitlines()]
+    assert [m["from"] for m in rows[0]["conversations"]] == ["human", "gpt"]
+    # the conversations file is itself a workload (ShareGPT layout)
+    assert [p.turns[0] for p in load_workload(str(data / "conversations.jsonl"))] == [r["conversations"][0]["value"] for r in rows]
+    loaded = load_data(data)
+    model, _, _ = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    for i in range(3):
+        ids, start = loaded.sequence(i)
+        assert 0 < start < len(ids) <= start + 24
+        # the answer is the target's own greedy continuation of the prompt
+        with torch.no_grad():
+            greedy = model(input_ids=ids[None]).logits[0, start - 1 : -1].argmax(-1)
+        assert greedy.tolist() == ids[start:].tolist()
+        # the cached hidden states are the target's final normed states (last row unused)
+        with torch.no_grad():
+            reference = model.model(input_ids=ids[None]).last_hidden_state[0]
+        torch.testing.assert_close(loaded.hidden_of(i)[:-1].double(), reference[:-1], atol=2e-2, rtol=1e-2)
+
+
+def test_train_draft_model_loss_falls_and_checkpoint_drafts_losslessly(setup, data, capsys, monkeypatch):
+    out = setup["root"] / "draft"
+    args = ["train", "--drafter", "draft-model", "--target", setup["target"], "--data", data, "--out", out,
+            "--steps", 40, "--batch-tokens", 48, "--lr", 3e-3, "--warmup", 4, "--eval-every", 20, "--layers", 1, "--dtype", "float64"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    log = json.loads((out / "specbench_train.json").read_text())
+    evals = log["evals"]
+    assert [e["step"] for e in evals] == [0, 20, 40]
+    assert evals[-1]["kl"] < evals[0]["kl"]  # held-out KL to the target falls
+    first, last = log["history"][:5], log["history"][-5:]
+    assert sum(r["kl"] for r in last) < sum(r["kl"] for r in first)
+    assert len(evals[-1]["accept_per_position"]) == 4
+    # the checkpoint is a plain model directory that draft-model loads by path
+    model, tokenizer, _ = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name="tiny")
+    drafter = DraftModelDrafter.create(target, draft_model=str(out), k=3)
+    assert drafter.model.config.num_hidden_layers == 1
+    torch.testing.assert_close(drafter.model.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    for prompt in load_workload("pool-heldout")[:3]:
+        ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
+        plain = decode(target, PlainDecoding(target), ids, 24).output_ids
+        assert decode(target, drafter, ids, 24).output_ids == plain
+
+
+def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch):
+    base = ["train", "--drafter", "draft-model", "--data", data, "--steps", 1]
+    cases = [
+        (base + ["--target", setup["other"], "--out", tmp_path / "a"], "regenerate it with `specbench train-data --target"),
+        (base + ["--target", setup["target"], "--out", setup["root"] / "data"], "exists and is not empty"),
+        (["train", "--drafter", "draft-model", "--target", setup["target"], "--data", tmp_path, "--out", tmp_path / "b"], "is not a training data directory"),
+        (["train", "--drafter", "eagle", "--target", setup["target"], "--data", data, "--out", tmp_path / "c"], "cannot train drafter 'eagle'"),
+        (base + ["--target", setup["target"], "--out", tmp_path / "d", "--layers", 3], "--layers must be between 1 and 2"),
+        (["train-data", "--target", setup["target"], "--limit", 0, "--out", tmp_path / "e"], "has no prompts"),
+        (["train-data", "--target", setup["target"], "--out", data], "exists and is not empty"),
+        (["train-data", "--target", setup["target"], "--workload", tmp_path / "none.jsonl", "--out", tmp_path / "f"], "does not exist"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 2, (args, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -44,11 +46,16 @@ def run(
     min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
     vocab_trim: Annotated[Optional[int], typer.Option(help="VocabTrim: keep only the N most frequent target tokens in the drafter's LM head")] = None,
     vocab_trim_from: Annotated[Optional[str], typer.Option(help="VocabTrim counts tokens in: a run dir, a target log, a workload, or an id list from `vocab-trim build`")] = None,
+    heads: Annotated[Optional[str], typer.Option(help="medusa/hydra/hydra-decoder: head checkpoint (directory, file or hub id), or 'fresh'; default from catalogue/heads.toml")] = None,
+    tree: Annotated[Optional[str], typer.Option(help="head drafters: a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths")] = None,
+    decoder_layers: Annotated[Optional[int], typer.Option(help="hydra-decoder with fresh heads: trunk layers copied from the target's last N")] = None,
+    posterior_threshold: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance threshold (default 0.09)")] = None,
+    posterior_alpha: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance entropy factor (default 0.3)")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
     workload: Annotated[str, typer.Option(help="builtin, builtin-completion, or a .jsonl file")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling (chains) or typical acceptance (head drafters, lossy)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -75,6 +82,11 @@ def run(
             "min_ngram": min_ngram,
             "vocab_trim": vocab_trim,
             "vocab_trim_from": vocab_trim_from,
+            "heads": heads,
+            "tree": tree,
+            "decoder_layers": decoder_layers,
+            "posterior_threshold": posterior_threshold,
+            "posterior_alpha": posterior_alpha,
         }
         options.update({name: value for name, value in given.items() if value is not None})
         config = RunConfig(
@@ -302,7 +314,18 @@ def workloads() -> None:
     console.print("any .jsonl file with a 'turns' list or a 'prompt' string per line also works")
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """specbench's own warnings as one line, like its errors; others as Python prints them."""
+    from specbench.errors import SpecbenchWarning
+
+    if issubclass(category, SpecbenchWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = show_warning
     try:
         app()
     except UserError as exc:

@@ -5,8 +5,9 @@ A drafter is any class registered in the entry-point group `specbench.drafters`
 generated sequence the decode loop calls, in order:
 
 1. `begin(prompt_tokens, prompt_hidden)` once, after the target's prefill;
-   `prompt_hidden` is the target's final hidden states over the prompt
-   ([L, H]) when the class sets `needs_hidden_states`, else None.
+   `prompt_hidden` is the target's hidden states over the prompt ([L, H])
+   when the class sets `needs_hidden_states` (final normed, or the input of
+   layer `hidden_state_layer`), else None.
 2. `propose(ctx)` before each verification step: return a `DraftTree` of
    tokens to follow the root (the last token of `ctx.tokens`). An empty tree
    makes the step a plain decoding step.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -60,6 +62,12 @@ class Drafter:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_hidden_states: ClassVar[bool] = False
+    # which hidden states `begin`/`on_verified` receive when needs_hidden_states:
+    # None = the target's final normed output; j = the input of decoder layer j
+    # (before any norm), e.g. for a trunk that replaces the last layers
+    hidden_state_layer: int | None = None
+    # the acceptance rule at temperature > 0 for tree drafters (None: speculative sampling)
+    typical_acceptance: TypicalAcceptance | None = None
 
     @classmethod
     def create(cls, target: HFTarget, **options: Any) -> Drafter:

@@ -238,14 +238,14 @@ def train_data(
 
 @app.command()
 def train(
-    drafter: Annotated[str, typer.Option(help="what to train: " + ", ".join(["draft-model"]))],
+    drafter: Annotated[str, typer.Option(help="what to train: draft-model, medusa, hydra, hydra-decoder")],
     data: Annotated[Path, typer.Option(help="a data directory from `specbench train-data` (same target)")],
     out: Annotated[Path, typer.Option(help="the checkpoint directory to write")],
     target: Annotated[str, typer.Option(help="the frozen target the drafter is trained for")] = "smollm2-135m",
     steps: Annotated[int, typer.Option(help="optimiser steps")] = 200,
     batch_tokens: Annotated[int, typer.Option(help="answer tokens per optimiser step (whole sequences, packed)")] = 2048,
     max_length: Annotated[int, typer.Option(help="cut sequences to this many tokens")] = 1024,
-    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 1e-3,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (AdamW); default 5e-4 for hydra (Hydra++), 1e-3 otherwise")] = None,
     warmup: Annotated[int, typer.Option(help="linear warmup steps, then cosine decay")] = 20,
     min_lr_ratio: Annotated[float, typer.Option(help="the cosine ends at this fraction of --lr")] = 0.33,
     eval_every: Annotated[int, typer.Option(help="teacher-forced acceptance on held-out data every N steps")] = 50,
@@ -253,6 +253,10 @@ def train(
     eval_fraction: Annotated[float, typer.Option(help="fraction of --data sequences held out when no --eval-data")] = 0.1,
     layers: Annotated[int, typer.Option(help="draft-model: how many of the target's first layers the draft keeps")] = 1,
     k: Annotated[int, typer.Option(help="draft-model: chain length the acceptance estimate assumes")] = 4,
+    heads: Annotated[int, typer.Option(help="medusa/hydra/hydra-decoder: number of heads")] = 4,
+    tie_lm_head: Annotated[bool, typer.Option(help="medusa/hydra-decoder: heads read the target's LM head (no LM head of their own: tiny checkpoints)")] = False,
+    decoder_layers: Annotated[int, typer.Option(help="hydra-decoder: trunk layers, copied from the target's last N")] = 1,
+    hydra_layers: Annotated[int, typer.Option(help="hydra: ResBlocks per head (the first grounded, the rest one shared block)")] = 4,
     seed: Annotated[int, typer.Option(help="seed for shuffling and initialisation")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 (default for training), bfloat16, float16")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -265,7 +269,11 @@ def train(
     from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.train.common import TrainConfig
 
-    recipes = {"draft-model": ("specbench.train.draft", "train_draft_model", {"layers": layers, "k": k})}
+    head_options = {"heads": heads, "tie_lm_head": tie_lm_head, "decoder_layers": decoder_layers, "hydra_layers": hydra_layers}
+    recipes = {
+        "draft-model": ("specbench.train.draft", "train_draft_model", {"layers": layers, "k": k}),
+        **{name: ("specbench.train.heads", "train_heads", head_options) for name in ("medusa", "hydra", "hydra-decoder")},
+    }
     if drafter not in recipes:
         raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(recipes)}")
     if steps < 1 or batch_tokens < 1:
@@ -275,7 +283,7 @@ def train(
     module, function, options = recipes[drafter]
     config = TrainConfig(
         drafter=drafter, target=target, data=str(data), out=str(out), steps=steps, batch_tokens=batch_tokens,
-        max_length=max_length, lr=lr, warmup=warmup, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
+        max_length=max_length, lr=lr or (5e-4 if drafter == "hydra" else 1e-3), warmup=warmup, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
         eval_data=str(eval_data) if eval_data else None, eval_fraction=eval_fraction, seed=seed, options=options,
     )
     torch.manual_seed(seed)

@@ -134,3 +134,41 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
         assert code == 2, (args, err)
         assert message in err, (args, err)
         assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "kind, extra",
+    [("medusa", []), ("medusa", ["--tie-lm-head"]), ("hydra", ["--hydra-layers", 2]), ("hydra-decoder", ["--tie-lm-head", "--decoder-layers", 1])],
+)
+def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, data, kind, extra, tmp_path, capsys, monkeypatch):
+    from specbench.drafters.base import build_drafter
+
+    out = tmp_path / kind
+    args = ["train", "--drafter", kind, "--target", setup["target"], "--data", data, "--out", out, "--steps", 20,
+            "--batch-tokens", 48, "--lr", 1e-2, "--warmup", 3, "--eval-every", 10, "--heads", 3, "--dtype", "float64", *extra]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    log = json.loads((out / "specbench_train.json").read_text())
+    first, last = log["history"][:5], log["history"][-5:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)  # training loss falls
+    assert set(log["history"][0]) >= {"head0", "head1", "head2"}
+    evals = log["evals"]
+    assert [e["step"] for e in evals] == [0, 10, 20]
+    assert sum(evals[-1]["loss_per_head"]) < sum(evals[0]["loss_per_head"])  # held-out loss falls too
+    assert len(evals[-1]["top1_per_head"]) == 3
+    # published file names; the drafter loads the checkpoint the way it loads a published one
+    files = {"medusa": "medusa_lm_head.pt", "hydra": "hydra_lm_head.pt", "hydra-decoder": "medusa_lm_head.pt"}[kind]
+    assert {p.name for p in out.iterdir()} >= {"config.json", files}
+    state = torch.load(out / files, weights_only=True)
+    if kind == "medusa":
+        assert ("2.1.weight" in state) == ("--tie-lm-head" not in extra) and "2.0.linear.weight" in state
+    if kind == "hydra":
+        assert {"hydra_mlp.2.1.linear.weight", "hydra_lm_head.2.1.bias", "prefix_embeding_layer.layers.0.self_attn.q_proj.weight", "input_embed_fn.weight"} <= set(state)
+    if kind == "hydra-decoder":
+        assert set(state) == {"medusa_head", "medusa_rms_norm", "medusa_decoder_layers"}
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name="tiny", model_id=source.model_id)
+    drafter = build_drafter(kind, target, {"heads": str(out), "tree": "chain:3"})
+    for prompt in load_workload("pool-heldout")[:2]:
+        ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
+        assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids

@@ -172,3 +172,37 @@ def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, 
     for prompt in load_workload("pool-heldout")[:2]:
         ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
         assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
+
+
+def test_bundled_draft_stores_only_trained_weights_and_rebuilds_from_the_target(setup, data, tmp_path, monkeypatch):
+    """A bundle keeps the draft's layers (fp16) and takes the vocabulary tables from the base
+    target at load: the rebuilt draft equals the trained one up to fp16 rounding."""
+    from safetensors.torch import load_file
+
+    from specbench.targets import loading
+    from specbench.train.bundle import bundle_draft
+
+    draft_dir = tmp_path / "draft"
+    code = main_quiet(["train", "--drafter", "draft-model", "--target", setup["target"], "--data", data, "--out", draft_dir,
+                       "--steps", 2, "--batch-tokens", 32, "--eval-every", 2], monkeypatch)
+    assert code == 0
+    out = bundle_draft(draft_dir, "tiny-draft", str(setup["target"]), dest=tmp_path / "bundled")
+    stored = load_file(out / "weights.safetensors")
+    assert not any("embed_tokens" in k or k.startswith("lm_head") for k in stored)
+    assert all(v.dtype == torch.float16 for v in stored.values())
+    monkeypatch.setattr(loading, "bundled_dir", lambda name: tmp_path / "bundled" / name)
+    monkeypatch.setenv("SPECBENCH_CACHE", str(tmp_path / "cache"))
+    source = loading.ModelSource("tiny-draft", "specbench/bundled/tiny-draft", bundled={"bundled": "tiny-draft"})
+    rebuilt = load_causal_lm(loading._location(source), torch.device("cpu"), torch.float32)[0]
+    trained = load_causal_lm(str(draft_dir), torch.device("cpu"), torch.float32)[0]
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value, atol=2e-3, rtol=2e-3)
+
+
+def main_quiet(args, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["specbench", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0

@@ -1,5 +1,9 @@
 """Ship a trained drafter as package data (specbench/bundled/NAME).
 
+Medusa heads trained with `--tie-lm-head` are bundled as they are written (the
+published layout: config.json + medusa_lm_head.pt), in bf16 as the published
+heads are: four ResBlocks of 576×576 are 2.7 MB.
+
 A `draft-model` checkpoint from `specbench train` keeps the target's embedding
 table (and LM head) frozen, so the bundle stores only the trained weights, in
 fp16, and names the base target whose tables complete it at load time
@@ -56,13 +60,39 @@ def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PAC
     return out
 
 
+HEAD_FILES = ("medusa_lm_head.pt", "hydra_lm_head.pt")
+
+
+def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a head checkpoint in its published layout, tensors cast to `dtype` (bf16, as published)."""
+    weights = next((checkpoint / f for f in HEAD_FILES if (checkpoint / f).is_file()), None)
+    if weights is None:
+        raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    cast = lambda obj: {k: cast(v) for k, v in obj.items()} if isinstance(obj, dict) else obj.to(dtype).contiguous()  # noqa: E731
+    out = dest / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    torch.save(cast(state), out / weights.name)
+    shutil.copy(checkpoint / "config.json", out / "config.json")
+    log = checkpoint / "specbench_train.json"
+    train = json.loads(log.read_text()) if log.exists() else {}
+    info = {"kind": train.get("kind"), "dtype": str(dtype).removeprefix("torch."),
+            "trained": {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")}}
+    (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("name")
     parser.add_argument("--base", default="smollm2-135m", help="the target whose vocabulary tables complete the draft")
     args = parser.parse_args()
-    print(bundle_draft(args.checkpoint, args.name, args.base))
+    if (args.checkpoint / "model.safetensors").exists():
+        print(bundle_draft(args.checkpoint, args.name, args.base))
+    else:
+        print(bundle_heads(args.checkpoint, args.name))
 
 
 if __name__ == "__main__":

@@ -257,6 +257,7 @@ def train(
     tie_lm_head: Annotated[bool, typer.Option(help="medusa/hydra-decoder: heads read the target's LM head (no LM head of their own: tiny checkpoints)")] = False,
     decoder_layers: Annotated[int, typer.Option(help="hydra-decoder: trunk layers, copied from the target's last N")] = 1,
     hydra_layers: Annotated[int, typer.Option(help="hydra: ResBlocks per head (the first grounded, the rest one shared block)")] = 4,
+    train_vocab: Annotated[str, typer.Option(help="all: losses over the whole vocabulary; seen: only over ids the training data contains (an order of magnitude cheaper on large vocabularies; evaluation stays full)")] = "all",
     seed: Annotated[int, typer.Option(help="seed for shuffling and initialisation")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 (default for training), bfloat16, float16")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -284,7 +285,7 @@ def train(
     config = TrainConfig(
         drafter=drafter, target=target, data=str(data), out=str(out), steps=steps, batch_tokens=batch_tokens,
         max_length=max_length, lr=lr or (5e-4 if drafter == "hydra" else 1e-3), warmup=warmup, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
-        eval_data=str(eval_data) if eval_data else None, eval_fraction=eval_fraction, seed=seed, options=options,
+        eval_data=str(eval_data) if eval_data else None, eval_fraction=eval_fraction, seed=seed, train_vocab=train_vocab, options=options,
     )
     torch.manual_seed(seed)
     dev = resolve_device(device)

@@ -95,7 +95,8 @@ def test_train_data_writes_chat_answers_tokens_and_hidden(setup, data):
 def test_train_draft_model_loss_falls_and_checkpoint_drafts_losslessly(setup, data, capsys, monkeypatch):
     out = setup["root"] / "draft"
     args = ["train", "--drafter", "draft-model", "--target", setup["target"], "--data", data, "--out", out,
-            "--steps", 40, "--batch-tokens", 48, "--lr", 3e-3, "--warmup", 4, "--eval-every", 20, "--layers", 1, "--dtype", "float64"]
+            "--steps", 40, "--batch-tokens", 48, "--lr", 3e-3, "--warmup", 4, "--eval-every", 20, "--layers", 1, "--dtype", "float64",
+            "--train-vocab", "seen"]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     log = json.loads((out / "specbench_train.json").read_text())
@@ -138,7 +139,8 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
 
 @pytest.mark.parametrize(
     "kind, extra",
-    [("medusa", []), ("medusa", ["--tie-lm-head"]), ("hydra", ["--hydra-layers", 2]), ("hydra-decoder", ["--tie-lm-head", "--decoder-layers", 1])],
+    [("medusa", []), ("medusa", ["--tie-lm-head", "--train-vocab", "seen"]), ("hydra", ["--hydra-layers", 2, "--train-vocab", "seen"]),
+     ("hydra-decoder", ["--tie-lm-head", "--decoder-layers", 1])],
 )
 def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, data, kind, extra, tmp_path, capsys, monkeypatch):
     from specbench.drafters.base import build_drafter

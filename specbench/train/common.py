@@ -36,6 +36,7 @@ class TrainConfig:
     eval_data: str | None = None  # a separate data directory (e.g. from pool-heldout); else a held-out fraction
     eval_fraction: float = 0.1
     seed: int = 0
+    train_vocab: str = "all"  # "seen": softmax over the token ids the training data contains (cheaper)
     options: dict = field(default_factory=dict)  # recipe-specific (layers, heads, tie_lm_head, ...)
 
 
@@ -90,6 +91,44 @@ def sequence(data: TrainData, i: int, max_length: int, device) -> tuple[torch.Te
     if hidden is not None:
         hidden = hidden[:max_length].to(device)
     return ids, min(start, len(ids)), hidden
+
+
+class TrainVocab:
+    """The ids the training losses' softmax spans: all of them, or (`--train-vocab seen`)
+    only those that occur in the training data — every label is among them, and on a
+    49152-token vocabulary a few thousand ids make the LM-head matmuls (most of the cost
+    of training heads on CPU) an order of magnitude cheaper. Evaluation always uses the
+    full vocabulary."""
+
+    def __init__(self, ids: torch.Tensor | None, vocab_size: int, device) -> None:
+        self.ids = None if ids is None else ids.to(device)
+        self.size = vocab_size if ids is None else len(ids)
+        self.index = None
+        if ids is not None:
+            self.index = torch.full((vocab_size,), -100, dtype=torch.long, device=device)
+            self.index[self.ids] = torch.arange(len(ids), device=device)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ids is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight[self.ids], None if bias is None else bias[self.ids])
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels if self.index is None else self.index[labels]
+
+
+FULL_VOCAB = None  # pass as `vocab` for full-vocabulary logits
+
+
+def train_vocab(config: TrainConfig, data: TrainData, indices: list[int], vocab_size: int, device) -> TrainVocab:
+    if config.train_vocab == "all":
+        return TrainVocab(None, vocab_size, device)
+    if config.train_vocab != "seen":
+        raise UserError(f"--train-vocab must be 'all' or 'seen' (got '{config.train_vocab}')")
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in indices:
+        seen[data.sequence(i)[0][: config.max_length]] = True
+    return TrainVocab(seen.nonzero().flatten(), vocab_size, device)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, batches, prepare_out, sequence, split_data, train_loop
+from specbench.train.common import TrainConfig, TrainLog, batches, prepare_out, sequence, split_data, train_loop, train_vocab
 
 
 def shallow_copy_config(config, layers: int):
@@ -61,12 +61,14 @@ def build_draft(target_model, layers: int):
     return draft
 
 
-def teacher_logits(target, ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    """The frozen target's logits [L, V] (fp32) over a sequence: from the cached hidden states when given."""
+def teacher_logits(target, ids: torch.Tensor, hidden: torch.Tensor | None, span: slice, vocab=None) -> torch.Tensor:
+    """The frozen target's logits (fp32) at rows `span` of a sequence: from the cached hidden
+    states when given, else from a forward of the target; over `vocab`'s ids only when given."""
     with torch.no_grad():
         if hidden is None:
             hidden = target.backbone(input_ids=ids[None]).last_hidden_state[0]
-        return target.lm_head(hidden.to(target.dtype)).float()
+        hidden = hidden[span].to(target.dtype)
+        return (vocab.linear(hidden, target.lm_head.weight) if vocab is not None else target.lm_head(hidden)).float()
 
 
 def chain_acceptance(match: torch.Tensor, k: int) -> list[float]:
@@ -92,6 +94,7 @@ def train_draft_model(config: TrainConfig, target, overwrite: bool = False, on_s
     draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
     device = target.device
+    vocab = train_vocab(config, data, train_idx, target.vocab_size, device)
 
     def positions(ids: torch.Tensor, start: int) -> slice:
         return slice(max(start - 1, 0), len(ids) - 1)  # predict answer tokens start..L-1
@@ -101,9 +104,9 @@ def train_draft_model(config: TrainConfig, target, overwrite: bool = False, on_s
         for i in batch:
             ids, start, hidden = sequence(data, i, config.max_length, device)
             span = positions(ids, start)
-            teacher = teacher_logits(target, ids, hidden)[span]
+            teacher = teacher_logits(target, ids, hidden, span, vocab)
             h = draft.get_decoder()(input_ids=ids[None]).last_hidden_state[0, span]
-            logq = F.log_softmax(draft.get_output_embeddings()(h).float(), -1)
+            logq = F.log_softmax(vocab.linear(h, draft.get_output_embeddings().weight).float(), -1)
             logp = F.log_softmax(teacher, -1)
             total = total + (logp.exp() * (logp - logq)).sum()
             count += teacher.shape[0]
@@ -117,7 +120,7 @@ def train_draft_model(config: TrainConfig, target, overwrite: bool = False, on_s
         for i in eval_idx:
             ids, start, hidden = sequence(evald, i, config.max_length, device)
             span = positions(ids, start)
-            teacher = teacher_logits(target, ids, hidden)[span]
+            teacher = teacher_logits(target, ids, hidden, span)
             logits = draft(input_ids=ids[None]).logits[0, span].float()
             logp, logq = F.log_softmax(teacher, -1), F.log_softmax(logits, -1)
             kls.append((logp.exp() * (logp - logq)).sum(-1))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, batches, prepare_out, sequence, split_data, train_loop
+from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, prepare_out, sequence, split_data, train_loop, train_vocab
 
 HYDRA_DROPOUT = 0.2
 
@@ -58,8 +58,9 @@ class HeadRecipe:
     def modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Per head h, logits [L - h - 2, V] at positions t = 0..L-h-3 (each predicts x_{t+h+2})."""
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor, vocab: TrainVocab | None = None) -> list[torch.Tensor]:
+        """Per head h, logits [L - h - 2, V] at positions t = 0..L-h-3 (each predicts x_{t+h+2});
+        over `vocab`'s ids only when given."""
         raise NotImplementedError
 
     def save(self, out: Path) -> None:
@@ -107,13 +108,16 @@ class MedusaRecipe(HeadRecipe):
     def head_input(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
-    def logits(self, ids, hidden):
+    def logits(self, ids, hidden, vocab=None):
         x = self.head_input(ids, hidden)
         out = []
         for h, head in enumerate(self.heads.heads):
             rows = x[: max(len(ids) - h - 2, 0)]
-            y = head(rows)
-            out.append(self.target.lm_head(y) if self.tie else y)
+            if self.tie:
+                y, lm = head(rows), self.target.lm_head
+            else:
+                y, lm = head[:-1](rows), head[-1]
+            out.append(vocab.linear(y, lm.weight) if vocab is not None else lm(y))
         return out
 
     def config(self) -> dict:
@@ -193,7 +197,7 @@ class HydraRecipe(HeadRecipe):
     def modules(self):
         return [self.heads, self.prefix]
 
-    def logits(self, ids, hidden):
+    def logits(self, ids, hidden, vocab=None):
         positions = torch.arange(len(ids), device=ids.device)
         base = self.prefix.model(inputs_embeds=hidden[None], position_ids=positions[None]).last_hidden_state[0]
         with torch.no_grad():
@@ -203,7 +207,11 @@ class HydraRecipe(HeadRecipe):
             n = max(len(ids) - h - 2, 0)  # positions t whose target x_{t+h+2} exists
             # concat[base(t), emb(x_{t+1}), ..., emb(x_{t+h+1})]
             features = torch.cat([base[:n], *[emb[j + 1 : j + 1 + n] for j in range(h + 1)]], dim=-1)
-            out.append(self.heads.head(h, features))
+            y = self.heads.hydra_mlp[h](features)
+            lm = self.heads.lm_head_weights()[h]
+            if self.heads.arch == "prefix-mlp":
+                y = self.heads.hydra_lm_head[h][0](y)  # its Dropout
+            out.append(vocab.linear(y, lm.weight, lm.bias) if vocab is not None else lm(y))
         return out
 
     def save(self, out: Path) -> None:
@@ -225,7 +233,7 @@ class HydraRecipe(HeadRecipe):
 RECIPES = {"medusa": MedusaRecipe, "hydra": HydraRecipe, "hydra-decoder": DecoderRecipe}
 
 
-def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[torch.Tensor], teacher: torch.Tensor | None):
+def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[torch.Tensor], teacher: torch.Tensor | None, vocab: TrainVocab | None = None):
     """Per head: (summed loss, count) over positions t whose target token x_{t+h+2} is in the answer."""
     out = []
     for h, lg in enumerate(logits):
@@ -239,7 +247,8 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
             soft = F.softmax(teacher[first + h + 1 : n + h + 1], dim=-1)
             loss = -(soft * F.log_softmax(lg, -1)).sum()
         else:
-            loss = F.cross_entropy(lg, ids[first + h + 2 : n + h + 2], reduction="sum")
+            labels = ids[first + h + 2 : n + h + 2]
+            loss = F.cross_entropy(lg, vocab.labels(labels) if vocab is not None else labels, reduction="sum")
         out.append((loss, n - first))
     return out
 
@@ -256,8 +265,9 @@ def train_heads(config: TrainConfig, target, overwrite: bool = False, on_step=No
     recipe = recipe_cls(target, num_heads, bool(options.get("tie_lm_head")), options)
     recipe.train()
     device = target.device
+    vocab = train_vocab(config, data, train_idx, target.vocab_size, device)
 
-    def states(d, i):
+    def states(d, i, restrict: TrainVocab | None = None):
         ids, start, hidden = sequence(d, i, config.max_length, device)
         if recipe.needs_body():
             hidden = recipe.body_states(ids)
@@ -268,15 +278,15 @@ def train_heads(config: TrainConfig, target, overwrite: bool = False, on_step=No
         teacher = None
         if recipe.soft_targets:
             with torch.no_grad():
-                teacher = target.lm_head(hidden).float()
+                teacher = (restrict.linear(hidden, target.lm_head.weight) if restrict is not None else target.lm_head(hidden)).float()
         return ids, start, hidden, teacher
 
     def step_loss(batch):
         sums = [0.0] * num_heads
         counts = [0] * num_heads
         for i in batch:
-            ids, start, hidden, teacher = states(data, i)
-            for h, (loss, count) in enumerate(head_losses(recipe, ids, start, recipe.logits(ids, hidden), teacher)):
+            ids, start, hidden, teacher = states(data, i, vocab)
+            for h, (loss, count) in enumerate(head_losses(recipe, ids, start, recipe.logits(ids, hidden, vocab), teacher, vocab)):
                 sums[h] = sums[h] + loss
                 counts[h] += count
         per_head = [s / max(c, 1) for s, c in zip(sums, counts)]

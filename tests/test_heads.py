@@ -150,6 +150,7 @@ def test_hydra_proposal_is_in_node_order(target, checkpoints):
 
     tree = drafter.propose(DraftContext(tokens, prompt.numel(), 50, 0.0, None))
     shape = drafter.shape
+    assert drafter.prefix.cached == prompt.numel()
     assert tree.parents.tolist() == shape.parents
     # every node on its own: head d-1 over [base, emb(root), emb(tokens on the branch)], rank r of its top-k
     for i, path in enumerate(shape.paths):
@@ -161,19 +162,22 @@ def test_hydra_proposal_is_in_node_order(target, checkpoints):
 
 def test_prefix_layer_cache_holds_exactly_the_accepted_tokens(target, checkpoints):
     drafter = build("hydra-prefix", target, checkpoints)
-    on_verified = drafter.on_verified
+    consume = drafter.consume
     lengths = []
 
-    def check(outcome):
-        on_verified(outcome)
+    def check(rows):
+        state = consume(rows)  # rows accepted since the last draft go in at the start of the next
         lengths.append((drafter.prefix.cached, target.seq_len))
+        return state
 
-    drafter.on_verified = check
+    drafter.consume = check
     prompt = prompts(1, seed=9)[0]
     result = decode(target, drafter, prompt, MAX_NEW)
     assert lengths and all(mine == theirs for mine, theirs in lengths)
     assert any(s.accepted > 0 for s in result.steps)
     # its keys are what the layer computes over the target's states of exactly the accepted sequence
+    drafter.catch_up()  # the last step's accepted rows (fed at the next draft, which never came)
+    assert drafter.prefix.cached == target.seq_len
     kept = torch.cat([prompt, torch.tensor(result.output_ids)])[: target.seq_len]
     _, hidden = target.prefill(kept, True)
     fresh = type(drafter.prefix)(target.config, 1).double()
@@ -284,7 +288,7 @@ def test_fresh_heads_build_for_any_target(target, plain_outputs):
     for drafter in (
         MedusaDrafter.create(target, heads="fresh", tree="chain:3"),
         HydraDrafter.create(target, heads="fresh", tree="chain:3"),
-        HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=2, tree="chain:3"),
+        HydraDecoderDrafter.create(target, decoder_layers=2, tree="chain:3"),  # any target: an untrained trunk
     ):
         assert decode(target, drafter, prompts(1)[0], MAX_NEW).output_ids == plain_outputs[0]
     with pytest.raises(UserError, match="--decoder-layers must be between 1 and"):
@@ -331,7 +335,8 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
         (["--drafter", "medusa", "--heads", "fresh", "--tree", "nope"], "unknown tree 'nope'"),
         (["--drafter", "hydra", "--heads", "./missing/heads"], "heads './missing/heads' not found"),
         (["--drafter", "medusa"], "no published medusa heads for target"),
-        (["--drafter", "hydra-decoder", "--heads", "fresh", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
+        (["--drafter", "hydra-decoder", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
+        (["--drafter", "hydra", "--heads", "fresh", "-o", "num_heads=0"], "num_heads (>= 1) only applies"),
     ],
 )
 def test_cli_bad_head_input_is_one_line(args, message, cli_models, tmp_path, capsys, monkeypatch):
@@ -356,3 +361,36 @@ def test_cli_warns_on_heads_for_another_base_model(cli_models, tmp_path, capsys,
     assert code == 0, err
     lines = [line for line in err.splitlines() if "warning:" in line]
     assert len(lines) == 1 and "lmsys/vicuna-7b-v1.3" in lines[0] and str(cli_models["target"]) in lines[0]
+
+
+# --- VocabTrim on head drafters ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["medusa", "hydra-prefix", "hydra-mlp", "hydra-decoder"])
+def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, checkpoints, plain_outputs, tmp_path):
+    from specbench.drafters.vocab_trim import ranked_ids, save_ids
+
+    counts = torch.bincount(torch.tensor([t for out in plain_outputs for t in out]), minlength=target.vocab_size)
+    ranked = ranked_ids({i: int(c) for i, c in enumerate(counts) if c}, target.vocab_size)
+    ids_file = tmp_path / "ids.json"
+    save_ids(ids_file, ranked[1:] + ranked[:1], "tiny", target.vocab_size, "test")  # the most frequent id ranked last
+    cls = {"medusa": MedusaDrafter, "hydra-decoder": HydraDecoderDrafter}.get(name, HydraDrafter)
+    drafter = cls.create(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=30, vocab_trim_from=str(ids_file))
+    kept = set(drafter.kept_ids.tolist())
+    assert len(kept) == 30 and ranked[0] not in kept
+    assert drafter.describe()["vocab_trim"] == 30
+    drafted, accepted = set(), 0
+    propose = drafter.propose
+
+    def spy(ctx):
+        tree = propose(ctx)
+        drafted.update(tree.tokens.tolist())
+        return tree
+
+    drafter.propose = spy
+    for prompt, expected in list(zip(prompts(PROMPTS), plain_outputs))[:8]:
+        result = decode(target, drafter, prompt, MAX_NEW)
+        assert result.output_ids == expected
+        accepted += sum(s.accepted for s in result.steps)
+    assert drafted <= kept and accepted > 0
+    with pytest.raises(UserError, match="keeps fewer tokens than tree"):
+        cls.create(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=5, vocab_trim_from=str(ids_file))

@@ -31,3 +31,11 @@ def test_self_drafting_accepts_every_token(tmp_path, capsys, monkeypatch):
     assert summary["acceptance_rate"] == 1.0
     assert summary["tau"] == k + 1
     assert summary["exact_match_rate"] == 1.0
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-decoder"])
+def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, capsys, monkeypatch):
+    # smollm2-135m has no published heads: the catalogue gives fresh, reference-initialised heads and mc_sim_7b_63
+    summary = run_json(["--drafter", drafter, "--workload", "builtin-completion", "--max-new-tokens", 24], tmp_path, capsys, monkeypatch)
+    assert summary["exact_match_rate"] == 1.0
+    assert summary["steps"] > 0 and summary["draft_ms_per_step"] > 0

@@ -18,6 +18,10 @@ generated sequence the decode loop calls, in order:
 The drafter learns what was accepted both from `on_verified` and from the
 next `ctx.tokens`, which always equal the target's output so far: a drafter
 with its own KV cache can simply roll back to the common prefix.
+
+Optional, for `specbench simulate`: `teacher_forced(prompt, output, depth, hidden)`
+scores a whole logged sequence in one pass (see specbench/simulate/proposals.py).
+Drafters without it are simulated by step replay, which is slower and labelled so.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
 if TYPE_CHECKING:
+    from specbench.simulate.proposals import HiddenProvider, TeacherForced
     from specbench.targets.hf import HFTarget
 
 ENTRY_POINT_GROUP = "specbench.drafters"
@@ -82,6 +87,20 @@ class Drafter:
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
         pass
+
+    def teacher_forced(
+        self, prompt: torch.Tensor, output: torch.Tensor, depth: int, hidden: HiddenProvider | None
+    ) -> TeacherForced:
+        """Optional simulation hook: for a logged greedy sequence (prompt ids, the target's
+        output ids), the rank of every true next token under each of `depth` draft
+        positions at every step (a `TeacherForced`), from one pass over the sequence.
+        `hidden()` yields the target's final hidden states over prompt + output[:-1] for
+        drafters that read them. Leave unimplemented to be simulated by step replay."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_teacher_forced(cls) -> bool:
+        return cls.teacher_forced is not Drafter.teacher_forced
 
     def memory_model(self) -> tuple[int, int]:
         """(bytes of weights one draft pass reads, sequential draft passes per step),

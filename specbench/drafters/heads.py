@@ -125,6 +125,7 @@ class OwnDecoder(nn.Module):
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[-num_layers:]
         config.vocab_size = 1  # its token embedding is never used; keep it from costing V x H
+        config.pad_token_id = None  # (a padding id would not fit that one-row table)
         self.model = AutoModel.from_config(config)
         self.cache: DynamicCache | None = None
         self.config = config

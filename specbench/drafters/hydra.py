@@ -9,8 +9,8 @@ level extend their parent's features with the child's embedding.
 
 Hydra++ (arch "prefix-mlp", the published checkpoints) first runs the base
 hidden states through one extra decoder layer with its own final norm and its
-own KV cache. That layer only ever sees accepted tokens: after each
-verification it is fed the rows of the root and the accepted nodes.
+own KV cache. That layer only ever sees accepted tokens: at the start of each
+draft it is fed the target's rows of the root and the nodes accepted since.
 
 Embeddings: the published files carry `input_embed_fn.weight`, a bf16 copy
 of the base embedding table that the reference writes back over the base
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specbench.drafters.base import DraftContext, VerifyOutcome
+from specbench.drafters.base import DraftContext
 from specbench.drafters.checkpoints import check_base_model, check_shape, load_hydra, load_hydra_state
 from specbench.drafters.heads import HydraHeads, OwnDecoder
 from specbench.drafters.medusa import FRESH, HeadDrafter, module_bytes, typical_rule
@@ -62,13 +62,15 @@ class HydraDrafter(HeadDrafter):
         num_heads: int | None = None,
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
+        vocab_trim: int | None = None,
+        vocab_trim_from: str | None = None,
     ) -> HydraDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree)
+        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4))
             embed = nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach().clone())
-            return cls(target, module, shape, embed, prefix, 0, typical, {"heads": FRESH})
+            return cls(target, module, shape, embed, prefix, 0, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_hydra(spec, target)
         check_base_model(checkpoint, target)
         module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded)
@@ -86,7 +88,12 @@ class HydraDrafter(HeadDrafter):
             prefix_state = {k.removeprefix("prefix_embeding_layer."): v.to(target.dtype) for k, v in checkpoint.state.items() if k.startswith("prefix_embeding_layer.")}
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded, "hidden_state_offset": layout.hidden_state_offset}
-        return cls(target, module, shape, embed, prefix, layout.hidden_state_offset, typical, info)
+        drafter = cls(target, module, shape, embed, prefix, layout.hidden_state_offset, typical, info)
+        return drafter.apply_vocab_trim(vocab_trim, vocab_trim_from)
+
+    def lm_head_slots(self) -> list[tuple]:
+        lm = self.heads.hydra_lm_head
+        return [(lm[h], 1) if isinstance(lm[h], nn.Sequential) else (lm, h) for h in range(len(lm))]
 
     def memory_model(self) -> tuple[int, int]:
         used = [self.heads.hydra_mlp[h] for h in range(self.shape.depth)] + [self.heads.hydra_lm_head[h] for h in range(self.shape.depth)]
@@ -94,23 +101,19 @@ class HydraDrafter(HeadDrafter):
         passes = max(self.shape.depth, 1)  # one sequential head pass per level
         return total // passes, passes
 
-    def _base(self, rows: torch.Tensor) -> torch.Tensor:
-        """The heads' base hidden state at the last of `rows` (accepted rows, in order)."""
-        if self.prefix is None:
-            return rows[-1]
-        return self.prefix.feed(rows)[-1]
-
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         if self.prefix is not None:
             self.prefix.reset()
-        self.last_hidden = self._base(prompt_hidden)
+        super().begin(prompt_tokens, prompt_hidden)
 
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.last_hidden = self._base(outcome.hidden[self.accepted_rows(outcome)])
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        """The heads' base state: the last accepted row, through the prefix layer for Hydra++."""
+        return rows[-1] if self.prefix is None else self.prefix.feed(rows)[-1]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         shape, heads = self.shape, self.heads
+        self.catch_up()
         if not len(shape):
             return DraftTree.empty(self.device)
         base = self.last_hidden[None].to(self.embed.weight.dtype)
@@ -118,13 +121,14 @@ class HydraDrafter(HeadDrafter):
         # level 0: one row, the root; features [rows, (level + 2) * H]
         features = torch.cat([base, self.embed(root)], dim=-1) if heads.grounded else base
         levels = []
-        for d in range(1, shape.depth + 1):
-            best = heads.head(d - 1, features if heads.grounded else base).topk(shape.level_topk[d]).indices
+        depth = min(shape.depth, ctx.max_tokens)  # deeper nodes could not be emitted
+        for d in range(1, depth + 1):
+            best = self.to_target_ids(heads.head(d - 1, features if heads.grounded else base).topk(shape.level_topk[d]).indices)
             parent_rows = shape.parent_rows[d].to(self.device) if heads.grounded else torch.zeros_like(shape.parent_rows[d]).to(self.device)
             tokens = best[parent_rows, shape.level_ranks[d].to(self.device)]
             levels.append(tokens)
             expand = shape.expand_positions[d].to(self.device)
-            if heads.grounded and d < shape.depth and expand.numel():
+            if heads.grounded and d < depth and expand.numel():
                 features = torch.cat([features[parent_rows[expand]], self.embed(tokens[expand])], dim=-1)
         return shape.draft_tree(levels)
 

@@ -13,7 +13,7 @@ cost (the verify forward is unchanged, as in the reference).
 `hydra-decoder` puts a trunk in front of the heads: N decoder layers that
 start as copies of the target's last N, with their own norm and KV cache,
 reading the hidden state that enters target layer L-N. The trunk is fed the
-accepted tokens' rows after each verification (the reference runs it over
+accepted tokens' rows at the start of the next draft (the reference runs it over
 the whole tree with the tree mask and compacts its cache to the accepted
 path: the same keys, values and outputs, for fewer rows).
 """
@@ -83,10 +83,29 @@ class HeadDrafter(Drafter):
         self.typical_acceptance = typical
         self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
         self.device = target.device
-        self.last_hidden: torch.Tensor | None = None  # [H] at the last accepted position
+        # the target's hidden states of the tokens accepted since the last draft
+        # (the prompt at first): consumed at the start of `propose`, so feeding a
+        # trunk or prefix layer counts as drafting time, as it is drafting work
+        self.pending: torch.Tensor | None = None
+        self.last_hidden: torch.Tensor | None = None  # [H] the heads' input at the last accepted position
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.pending = prompt_hidden
+
+    def on_verified(self, outcome: VerifyOutcome) -> None:
+        self.pending = outcome.hidden[self.accepted_rows(outcome)]
+
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        """The heads' input state at the last of the newly accepted `rows`."""
+        return rows[-1]
+
+    def catch_up(self) -> None:
+        if self.pending is not None:
+            self.last_hidden = self.consume(self.pending)
+            self.pending = None
 
     @staticmethod
-    def settings(drafter: str, target, heads: str | None, tree: str | None) -> tuple[str, TreeShape, dict]:
+    def settings(drafter: str, target, heads: str | None, tree: str | None, num_heads: int | None = None) -> tuple[str, TreeShape, dict]:
         entry = catalogue_entry(drafter, target)
         spec = heads or entry.get("heads")
         if spec and spec.startswith("bundled:"):  # heads trained by specbench, shipped in specbench/bundled
@@ -98,6 +117,8 @@ class HeadDrafter(Drafter):
                 f"no published {drafter} heads for target '{target.name}' in the catalogue: pass --heads PATH|ID, "
                 f"or --heads fresh for heads initialised as the reference initialises them"
             )
+        if num_heads is not None and (spec != FRESH or num_heads < 1):
+            raise UserError("num_heads (>= 1) only applies to --heads fresh; with a checkpoint the tree's depth decides how many heads run")
         return spec, resolve_tree(tree or entry.get("tree") or DEFAULT_TREE), entry
 
     @staticmethod
@@ -107,6 +128,33 @@ class HeadDrafter(Drafter):
 
     def describe(self) -> dict:
         return self.info
+
+    # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
+
+    kept_ids: torch.Tensor | None = None  # target id of each trimmed-head index
+
+    def lm_head_slots(self) -> list[tuple[Any, int]]:
+        """(container, index) of every LM head the drafter reads, for swapping in a trimmed one."""
+        raise NotImplementedError
+
+    def apply_vocab_trim(self, top: int | None, source: str | None) -> HeadDrafter:
+        if not top and not source:
+            return self
+        if not source:
+            raise UserError("--vocab-trim needs --vocab-trim-from RUN_DIR|LOG.jsonl|WORKLOAD|IDS.json to count tokens in")
+        from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
+
+        kept, info = keep_ids(top, source, self.target.tokenizer, self.target.vocab_size)
+        if len(kept) < max(self.shape.level_topk):
+            raise UserError(f"--vocab-trim {len(kept)} keeps fewer tokens than tree '{self.shape.name}' drafts per node ({max(self.shape.level_topk)})")
+        for container, index in self.lm_head_slots():
+            container[index] = TrimmedHead(container[index], kept)
+        self.kept_ids = kept.to(self.device)
+        self.info |= info
+        return self
+
+    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.kept_ids[indices] if self.kept_ids is not None else indices
 
 
 class MedusaDrafter(HeadDrafter):
@@ -126,41 +174,44 @@ class MedusaDrafter(HeadDrafter):
         num_heads: int | None = None,
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
+        vocab_trim: int | None = None,
+        vocab_trim_from: str | None = None,
     ) -> MedusaDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree)
+        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             module = fresh_medusa_heads(target, num_heads or entry.get("num_heads", 4))
-            return cls(target, module, shape, typical, {"heads": FRESH})
+            return cls(target, module, shape, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_medusa(spec, target)
         check_base_model(checkpoint, target)
         module = MedusaHeads(layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size,
                              None if layout.own_lm_head else target.lm_head).to(target.device, target.dtype)
         load_medusa_state(module, checkpoint.state, target, spec)
-        return cls(target, module, shape, typical, {**checkpoint.describe(), "medusa_layers": layout.num_layers, "own_lm_head": layout.own_lm_head})
+        info = {**checkpoint.describe(), "medusa_layers": layout.num_layers, "own_lm_head": layout.own_lm_head}
+        return cls(target, module, shape, typical, info).apply_vocab_trim(vocab_trim, vocab_trim_from)
+
+    def lm_head_slots(self) -> list[tuple[Any, int]]:
+        if self.heads.base_lm_head[0] is not None:
+            return [(self.heads.base_lm_head, 0)]
+        return [(head, len(head) - 1) for head in self.heads.heads]
 
     def memory_model(self) -> tuple[int, int]:
         used = list(self.heads.heads)[: self.shape.depth]
-        extra = self.target.lm_head if self.heads.base_lm_head[0] is not None else None
+        extra = self.heads.base_lm_head[0]
         return module_bytes(*used) + (module_bytes(extra) * self.shape.depth if extra is not None else 0), 1
-
-    def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.last_hidden = prompt_hidden[-1]
-
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.last_hidden = outcome.hidden[self.accepted_rows(outcome)[-1]]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
         shape = self.shape
+        self.catch_up()
         if not len(shape):
             return DraftTree.empty(self.device)
         hidden = self.last_hidden.to(self.heads.heads[0][0].linear.weight.dtype)
         levels = []
-        for d in range(1, shape.depth + 1):
+        for d in range(1, min(shape.depth, ctx.max_tokens) + 1):  # deeper nodes could not be emitted
             head = self.heads.heads[d - 1]
             logits = head(hidden) if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](head(hidden))
-            best = logits.topk(shape.level_topk[d]).indices
+            best = self.to_target_ids(logits.topk(shape.level_topk[d]).indices)
             levels.append(best[shape.level_ranks[d].to(best.device)])
         return shape.draft_tree(levels)
 
@@ -197,15 +248,19 @@ class HydraDecoderDrafter(MedusaDrafter):
         decoder_layers: int | None = None,
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
+        vocab_trim: int | None = None,
+        vocab_trim_from: str | None = None,
     ) -> HydraDecoderDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree)
+        if heads is None and decoder_layers is not None and not catalogue_entry(cls.name, target):
+            heads = FRESH  # `--decoder-layers N` on any target: an untrained trunk copied from its last N layers
+        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
             n = decoder_layers or entry.get("decoder_layers", 1)
             if not 1 <= n <= target.num_layers:
                 raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {n})")
             module = fresh_medusa_heads(target, num_heads or entry.get("num_heads", 4))
-            return cls(target, module, copied_trunk(target, n), shape, typical, {"heads": FRESH})
+            return cls(target, module, copied_trunk(target, n), shape, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_hydra_decoder(spec, target)
         if decoder_layers is not None and decoder_layers != layout.num_decoder_layers:
             raise UserError(f"--decoder-layers {decoder_layers} contradicts '{spec}', which has {layout.num_decoder_layers}")
@@ -217,7 +272,7 @@ class HydraDecoderDrafter(MedusaDrafter):
         load_medusa_state(module, head_state, target, spec)
         trunk = OwnDecoder(target.config, layout.num_decoder_layers).to(target.device, target.dtype)
         trunk.load_layers({k: v.to(target.dtype) for k, v in checkpoint.state.items() if not k.startswith("medusa_head.")}, spec)
-        return cls(target, module, trunk, shape, typical, checkpoint.describe())
+        return cls(target, module, trunk, shape, typical, checkpoint.describe()).apply_vocab_trim(vocab_trim, vocab_trim_from)
 
     def memory_model(self) -> tuple[int, int]:
         heads_bytes, _ = super().memory_model()
@@ -225,10 +280,10 @@ class HydraDecoderDrafter(MedusaDrafter):
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.trunk.reset()
-        self.last_hidden = self.trunk.feed(prompt_hidden)[-1]
+        super().begin(prompt_tokens, prompt_hidden)
 
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.last_hidden = self.trunk.feed(outcome.hidden[self.accepted_rows(outcome)])[-1]
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.trunk.feed(rows)[-1]
 
 
 def copied_trunk(target, n: int) -> OwnDecoder:

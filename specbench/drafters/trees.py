@@ -42,6 +42,6 @@ def resolve_tree(spec: str) -> TreeShape:
         except json.JSONDecodeError as exc:
             raise UserError(f"tree file '{spec}' is not valid JSON ({exc})") from None
         paths = data.get("paths") if isinstance(data, dict) else data
-        return TreeShape(paths, name=spec)
+        return TreeShape(paths, name=path.stem)
     known = ", ".join(named_trees())
     raise UserError(f"unknown tree '{spec}': use one of {known}, chain:K, or a .json file with a list of paths")

@@ -28,7 +28,12 @@ class Acceptance:
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
     """Longest root-to-node path whose every token is the target's argmax at its
     parent; the first such path in node order wins a tie."""
-    predicted = logits.argmax(dim=-1).tolist()  # row 0 = root, row i+1 = node i
+    return accept_predicted(tree, logits.argmax(dim=-1).tolist())
+
+
+def accept_predicted(tree: DraftTree, predicted: list[int]) -> Acceptance:
+    """Greedy acceptance given the target's choice after the root (predicted[0]) and
+    after each node (predicted[i + 1]). Simulation passes the logged tokens here."""
     tokens, parents, depths = tree.tokens.tolist(), tree.parents.tolist(), tree.depths
     on_path = [False] * len(tokens)
     best_node, best_depth = -1, 0

@@ -71,11 +71,16 @@ def decode(
         target.commit(result.accepted_nodes)
         emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
         drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))
+        kept = 0
         for token in emitted:
             output.append(token)
+            kept += 1
             if len(output) >= max_new_tokens or token in target.eos_token_ids:
                 break
         sequence = torch.cat([sequence, torch.tensor(emitted, device=target.device)])
         t3 = clock.now()
-        steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, len(result.accepted_nodes)))
+        # draft tokens after an accepted EOS are cut from the output, so they do not count
+        # as accepted either (the target's continuation past EOS is not part of the sequence)
+        accepted = min(len(result.accepted_nodes), kept)
+        steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, accepted))
     return Decoded(output, ttft_ms, clock.now() - start, steps)

@@ -147,11 +147,12 @@ class TreeShape:
         return TreeShape([[0] * d for d in range(1, k + 1)], name=f"chain:{k}")
 
     def draft_tree(self, level_tokens: list[torch.Tensor]) -> DraftTree:
-        """A DraftTree from the tokens of each level (level d's tokens in node order)."""
-        if not self.paths:
+        """A DraftTree from the tokens of each level (level d's tokens in node order); fewer
+        levels than the shape's depth give the tree cut at that depth."""
+        if not self.paths or not level_tokens:
             return DraftTree.empty()
         tokens = torch.cat(level_tokens).long()  # levels are contiguous in node order
-        return DraftTree(tokens, self.parents_tensor.to(tokens.device))
+        return DraftTree(tokens, self.parents_tensor[: tokens.numel()].to(tokens.device))
 
 
 def validate_paths(paths, name: str) -> list[list[int]]:

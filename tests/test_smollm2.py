@@ -40,3 +40,9 @@ def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, c
     summary = run_json(["--drafter", drafter, "--workload", "builtin-completion", "--max-new-tokens", 24], tmp_path, capsys, monkeypatch)
     assert summary["exact_match_rate"] == 1.0
     assert summary["steps"] > 0 and summary["draft_ms_per_step"] > 0
+
+
+def test_bundled_draft_model_is_the_default_and_lossless(tmp_path, capsys, monkeypatch):
+    # no --draft-model: the catalogue's bundled, trained 1-layer draft (rebuilt from the target's embeddings)
+    summary = run_json(["--drafter", "draft-model", "--workload", "builtin-completion", "--max-new-tokens", 24], tmp_path, capsys, monkeypatch)
+    assert summary["exact_match_rate"] == 1.0 and summary["steps"] > 0

@@ -208,3 +208,19 @@ def main_quiet(args, monkeypatch):
     except SystemExit as exc:
         return exc.code or 0
     return 0
+
+
+def test_bundled_drafters_are_registered_and_small():
+    from specbench.drafters.draft_model import default_draft_model
+    from specbench.targets.loading import bundled_dir, catalogue
+
+    assert default_draft_model("smollm2-135m") == "smollm2-135m-draft"
+    assert catalogue("heads")["medusa"]["smollm2-135m"]["heads"] == "bundled:smollm2-135m-medusa"
+    total = 0
+    for name, files in [("smollm2-135m-draft", ["config.json", "weights.safetensors", "bundle.json"]),
+                        ("smollm2-135m-medusa", ["config.json", "medusa_lm_head.pt", "bundle.json"])]:
+        for f in files:
+            total += (bundled_dir(name) / f).stat().st_size
+    assert total < 20 * 2**20  # the budget for everything bundled
+    state = torch.load(bundled_dir("smollm2-135m-medusa") / "medusa_lm_head.pt", weights_only=True)
+    assert sorted(state) == sorted(f"{h}.0.linear.{w}" for h in range(4) for w in ("weight", "bias"))  # tied: no LM heads

@@ -198,6 +198,128 @@ def vocab_trim_build(
     console.print(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({len(counts)} distinct tokens seen)")
 
 
+@app.command("train-data")
+def train_data(
+    out: Annotated[Path, typer.Option(help="the data directory to write")],
+    target: Annotated[str, typer.Option(help="the target whose own answers become the training data")] = "smollm2-135m",
+    workload: Annotated[str, typer.Option(help="prompts: pool-train (built-in, offline), a .jsonl workload or a ShareGPT-layout .json/.jsonl")] = "pool-train",
+    max_new_tokens: Annotated[int, typer.Option(help="answer length cap per turn")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy answers; > 0 = sampled")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="prompts generated together")] = 16,
+    limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
+    cache_hidden: Annotated[bool, typer.Option(help="also store the target's final hidden states (fp16), so head training skips the target body")] = True,
+    seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing data directory")] = False,
+) -> None:
+    """Self-distillation data: the target's own answers to a prompt pool, tokenised for `specbench train`."""
+    from specbench.runner import command_line
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.train.data import make_data
+
+    dev = resolve_device(device)
+    with err_console.status(f"loading {target}"):
+        tgt = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+    )
+    with progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        meta = make_data(
+            tgt, workload, out, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
+            limit=limit, cache_hidden=cache_hidden, overwrite=overwrite, command=command_line(), on_progress=on_progress,
+        )
+    console.print(
+        f"{out}: {meta['sequences']} sequences, {meta['tokens']} tokens ({meta['answer_tokens']} answer tokens) "
+        f"from {meta['prompts']} prompts of {workload} in {meta['seconds']} s"
+    )
+
+
+@app.command()
+def train(
+    drafter: Annotated[str, typer.Option(help="what to train: draft-model, medusa, hydra, hydra-decoder")],
+    data: Annotated[Path, typer.Option(help="a data directory from `specbench train-data` (same target)")],
+    out: Annotated[Path, typer.Option(help="the checkpoint directory to write")],
+    target: Annotated[str, typer.Option(help="the frozen target the drafter is trained for")] = "smollm2-135m",
+    steps: Annotated[int, typer.Option(help="optimiser steps")] = 200,
+    batch_tokens: Annotated[int, typer.Option(help="answer tokens per optimiser step (whole sequences, packed)")] = 2048,
+    max_length: Annotated[int, typer.Option(help="cut sequences to this many tokens")] = 1024,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (AdamW); default 5e-4 for hydra (Hydra++), 1e-3 otherwise")] = None,
+    warmup: Annotated[int, typer.Option(help="linear warmup steps, then cosine decay")] = 20,
+    min_lr_ratio: Annotated[float, typer.Option(help="the cosine ends at this fraction of --lr")] = 0.33,
+    eval_every: Annotated[int, typer.Option(help="teacher-forced acceptance on held-out data every N steps")] = 50,
+    eval_data: Annotated[Optional[Path], typer.Option(help="held-out data directory (e.g. train-data on pool-heldout); default: hold out --eval-fraction of --data")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="fraction of --data sequences held out when no --eval-data")] = 0.1,
+    layers: Annotated[int, typer.Option(help="draft-model: how many of the target's first layers the draft keeps")] = 1,
+    k: Annotated[int, typer.Option(help="draft-model: chain length the acceptance estimate assumes")] = 4,
+    heads: Annotated[int, typer.Option(help="medusa/hydra/hydra-decoder: number of heads")] = 4,
+    tie_lm_head: Annotated[bool, typer.Option(help="medusa/hydra-decoder: heads read the target's LM head (no LM head of their own: tiny checkpoints)")] = False,
+    decoder_layers: Annotated[int, typer.Option(help="hydra-decoder: trunk layers, copied from the target's last N")] = 1,
+    hydra_layers: Annotated[int, typer.Option(help="hydra: ResBlocks per head (the first grounded, the rest one shared block)")] = 4,
+    train_vocab: Annotated[str, typer.Option(help="all: losses over the whole vocabulary; seen: only over ids the training data contains (an order of magnitude cheaper on large vocabularies; evaluation stays full)")] = "all",
+    seed: Annotated[int, typer.Option(help="seed for shuffling and initialisation")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 (default for training), bfloat16, float16")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint directory")] = False,
+) -> None:
+    """Train a drafter for a frozen target on its own answers (self-distillation)."""
+    import torch
+
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.train.common import TrainConfig
+
+    head_options = {"heads": heads, "tie_lm_head": tie_lm_head, "decoder_layers": decoder_layers, "hydra_layers": hydra_layers}
+    recipes = {
+        "draft-model": ("specbench.train.draft", "train_draft_model", {"layers": layers, "k": k}),
+        **{name: ("specbench.train.heads", "train_heads", head_options) for name in ("medusa", "hydra", "hydra-decoder")},
+    }
+    if drafter not in recipes:
+        raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(recipes)}")
+    if steps < 1 or batch_tokens < 1:
+        raise UserError("--steps and --batch-tokens must be at least 1")
+    if eval_every < 1:
+        raise UserError("--eval-every must be at least 1")
+    module, function, options = recipes[drafter]
+    config = TrainConfig(
+        drafter=drafter, target=target, data=str(data), out=str(out), steps=steps, batch_tokens=batch_tokens,
+        max_length=max_length, lr=lr or (5e-4 if drafter == "hydra" else 1e-3), warmup=warmup, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
+        eval_data=str(eval_data) if eval_data else None, eval_fraction=eval_fraction, seed=seed, train_vocab=train_vocab, options=options,
+    )
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    with err_console.status(f"loading {target}"):
+        tgt = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+    tgt.model.requires_grad_(False)
+    import importlib
+
+    recipe = getattr(importlib.import_module(module), function)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[losses]}"), console=err_console,
+    )
+    with progress:
+        task = progress.add_task(f"train {drafter}", total=steps, losses="")
+
+        def on_step(step: int, row: dict) -> None:
+            losses = " ".join(f"{key} {value:.3f}" for key, value in row.items() if key not in ("step", "lr", "eval") and isinstance(value, float))
+            progress.update(task, completed=step, losses=losses)
+            if "eval" in row:
+                progress.console.print(f"step {step}: held-out " + json.dumps(row["eval"]))
+
+        with torch.enable_grad():
+            recipe(config, tgt, overwrite=overwrite, on_step=on_step)
+    console.print(f"{out}: trained {drafter} for {target} (log: {out / 'specbench_train.json'})")
+
+
 def parse_ks(values: list[str] | None) -> list[int]:
     """--k 1,2,3 --k 6 -> [1, 2, 3, 6]"""
     ks = []

@@ -37,6 +37,16 @@ def check_same_vocabulary(target, draft_model, draft_tokenizer, draft_name: str)
         )
 
 
+def default_draft_model(target_name: str) -> str | None:
+    """The draft alias the catalogue names as the default for this target (`default_for`), if any."""
+    from specbench.targets.loading import catalogue
+
+    for alias, entry in catalogue("draft_models").items():
+        if target_name in entry.get("default_for", []):
+            return alias
+    return None
+
+
 class DraftModelDrafter(Drafter):
     name = "draft-model"
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
@@ -60,6 +70,7 @@ class DraftModelDrafter(Drafter):
     def create(
         cls, target, draft_model: str | None = None, k: int = 4, vocab_trim: int | None = None, vocab_trim_from: str | None = None
     ) -> DraftModelDrafter:
+        draft_model = draft_model or default_draft_model(target.name)
         if not draft_model:
             raise UserError("drafter 'draft-model' needs --draft-model ID|ALIAS|PATH (e.g. --draft-model sheared-796m)")
         if vocab_trim and not vocab_trim_from:

@@ -108,6 +108,10 @@ class HeadDrafter(Drafter):
     def settings(drafter: str, target, heads: str | None, tree: str | None, num_heads: int | None = None) -> tuple[str, TreeShape, dict]:
         entry = catalogue_entry(drafter, target)
         spec = heads or entry.get("heads")
+        if spec and spec.startswith("bundled:"):  # heads trained by specbench, shipped in specbench/bundled
+            from specbench.targets.loading import bundled_dir
+
+            spec = str(bundled_dir(spec.removeprefix("bundled:")))
         if not spec:
             raise UserError(
                 f"no published {drafter} heads for target '{target.name}' in the catalogue: pass --heads PATH|ID, "

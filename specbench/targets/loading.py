@@ -68,12 +68,15 @@ class ModelSource:
     name: str  # what the user typed
     model_id: str  # hub id or local directory actually loaded
     gguf: dict | None = None  # {gguf_package, gguf_file} for the embedded GGUF models
+    bundled: dict | None = None  # {bundled, base_target} for a draft shipped in specbench/bundled
 
 
 def resolve_source(name: str, table: str = "targets") -> ModelSource:
     entry = catalogue(table).get(name)
     if entry and "target_alias" in entry:  # a draft alias that points at a target alias
         return resolve_source(entry["target_alias"], "targets")
+    if entry and "bundled" in entry:
+        return ModelSource(name, f"specbench/bundled/{entry['bundled']}", bundled=entry)
     if entry and "gguf_package" in entry:
         return ModelSource(name, entry["hf_id"], gguf=entry)
     if entry:
@@ -139,7 +142,55 @@ def model_location(name: str, table: str = "targets") -> str:
 
 
 def _location(source: ModelSource) -> str:
+    if source.bundled:
+        return str(_materialise_bundled(source))
     return str(_load_gguf_converted(source)) if source.gguf else source.model_id
+
+
+BUNDLE_INFO = "bundle.json"
+BUNDLE_WEIGHTS = "weights.safetensors"
+
+
+def bundled_dir(name: str) -> Path:
+    """The package-data directory of a bundled drafter."""
+    return Path(str(files("specbench.bundled").joinpath(name)))
+
+
+def _materialise_bundled(source: ModelSource) -> Path:
+    """A bundled draft model holds only its trained (non-vocabulary) weights, fp16; the
+    embedding table (and an untied LM head) are the base target's, frozen during training.
+    Put them back together once, as a plain transformers directory in the cache."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bundle = bundled_dir(source.bundled["bundled"])
+    if not (bundle / BUNDLE_INFO).exists():
+        raise UserError(f"bundled drafter '{source.name}' is missing from this installation ({bundle}); reinstall specbench")
+    info = json.loads((bundle / BUNDLE_INFO).read_text())
+    digest = hashlib.sha256((bundle / BUNDLE_WEIGHTS).read_bytes()).hexdigest()[:12]
+    target_dir = cache_dir() / "models" / f"{source.name}-{digest}"
+    if (target_dir / "config.json").exists():
+        return target_dir
+    base = Path(model_location(info["base_target"]))
+    if not (base / "model.safetensors").exists():
+        raise UserError(f"bundled draft '{source.name}' needs the weights of '{info['base_target']}' as one safetensors file in {base}")
+    state = {k: v.float() for k, v in load_file(bundle / BUNDLE_WEIGHTS).items()}
+    with safe_open(base / "model.safetensors", "pt") as f:
+        for key in info["from_base"]:
+            state[key] = f.get_tensor(key).float()
+    tmp = target_dir.with_name(target_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in base.iterdir():  # tokenizer, chat template, generation config: the base target's
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(item, tmp / item.name)
+    shutil.copy(bundle / "config.json", tmp / "config.json")
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    tmp.replace(target_dir) if not target_dir.exists() else shutil.rmtree(tmp)
+    return target_dir
 
 
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: str = "targets"):

@@ -113,7 +113,16 @@ def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
 def read_file(path: Path, name: str | None = None) -> Workload:
     if not path.is_file():
         raise UserError(f"workload file '{path}' does not exist")
-    prompts, fmt = parse_rows(read_rows(path.read_text().splitlines(), str(path)), str(path))
+    text = path.read_text()
+    if path.suffix == ".json":  # a JSON list of rows: the ShareGPT dumps ship this way
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of rows")
+        text = "\n".join(json.dumps(r) for r in rows)
+    prompts, fmt = parse_rows(read_rows(text.splitlines(), str(path)), str(path))
     return Workload(name or path.stem, prompts, fmt, str(path))
 
 
@@ -138,7 +147,7 @@ def open_workload(name: str = "builtin", file: str | Path | None = None) -> Work
     table = registry()
     if name not in table:
         path = Path(name)
-        if path.suffix == ".jsonl" or path.exists():
+        if path.suffix in (".jsonl", ".json") or path.exists():
             return read_file(path)
         raise UserError(f"unknown workload '{name}': use one of {', '.join(table)} or a path to a .jsonl file")
     entry = table[name]

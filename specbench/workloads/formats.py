@@ -20,6 +20,7 @@ LABELS = {
     "mt-bench-hub": "HuggingFaceH4/mt_bench_prompts rows",
     "hellaswag": "HellaSwag jsonl (ctx, endings)",
     "dsd-prompts": 'DSD prompts JSONL ({"prompt": ...})',
+    "sharegpt": "ShareGPT conversations (human turns kept, recorded answers dropped)",
     "jsonl": "JSONL with 'turns' or 'prompt' per row",
 }
 
@@ -40,6 +41,8 @@ def detect(rows: list[dict], spec_bench_only: set[str]) -> str:
         return "spec-bench" if categories & spec_bench_only else "fastchat-question"
     if set(first) == {"prompt"}:
         return "dsd-prompts"
+    if isinstance(first.get("conversations"), list):
+        return "sharegpt"
     return "jsonl"
 
 
@@ -56,6 +59,12 @@ def to_prompt(fmt: str, row: dict, index: int, where: str, prompt_type):
         return prompt_type(str(MT_BENCH_FIRST_ID + index), str(row.get("category", "default")), tuple(map(str, turns)), chat=True)
     pid = str(row.get("id", row.get("question_id", index + 1)))
     category = str(row.get("category", "hellaswag" if fmt == "dsd-prompts" else "default"))
+    if fmt == "sharegpt":
+        conversation = row.get("conversations")
+        humans = [str(m.get("value", "")) for m in conversation or [] if isinstance(m, dict) and m.get("from") in ("human", "user")]
+        if not humans:
+            raise UserError(f"{where}: a ShareGPT row needs 'conversations' with at least one human turn")
+        return prompt_type(pid, category, tuple(humans), chat=True)
     if isinstance(row.get("turns"), list) and row["turns"]:
         return prompt_type(pid, category, tuple(map(str, row["turns"])), chat=True)
     if isinstance(row.get("prompt"), str):

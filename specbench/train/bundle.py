@@ -1,0 +1,99 @@
+"""Ship a trained drafter as package data (specbench/bundled/NAME).
+
+Medusa heads trained with `--tie-lm-head` are bundled as they are written (the
+published layout: config.json + medusa_lm_head.pt), in bf16 as the published
+heads are: four ResBlocks of 576×576 are 2.7 MB.
+
+A `draft-model` checkpoint from `specbench train` keeps the target's embedding
+table (and LM head) frozen, so the bundle stores only the trained weights, in
+fp16, and names the base target whose tables complete it at load time
+(`specbench.targets.loading`). For SmolLM2-135M the tied 49152×576 table is 28M
+of a 1-layer draft's 32M parameters: 7 MB bundled instead of 130 MB.
+
+    python -m specbench.train.bundle CHECKPOINT_DIR NAME --base smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from specbench.errors import UserError
+from specbench.targets.loading import BUNDLE_INFO, BUNDLE_WEIGHTS, model_location
+
+PACKAGE = Path(__file__).resolve().parent.parent / "bundled"
+
+
+def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PACKAGE) -> Path:
+    """Write dest/NAME: config.json, weights.safetensors (fp16, no vocabulary tables), bundle.json."""
+    state = load_file(checkpoint / "model.safetensors")
+    base_file = Path(model_location(base_target)) / "model.safetensors"
+    from_base = []
+    with safe_open(base_file, "pt") as base:
+        for key in list(state):
+            if key in base.keys() and ("embed_tokens" in key or key.startswith("lm_head")):
+                if not torch.equal(state[key].float(), base.get_tensor(key).float()):
+                    raise UserError(f"'{checkpoint}': {key} differs from {base_target}'s; it cannot be re-tied at load")
+                from_base.append(key)
+                del state[key]
+    out = dest / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, out / BUNDLE_WEIGHTS, metadata={"format": "pt"})
+    shutil.copy(checkpoint / "config.json", out / "config.json")
+    log = checkpoint / "specbench_train.json"
+    train = json.loads(log.read_text()) if log.exists() else {}
+    info = {
+        "kind": "draft-model",
+        "base_target": base_target,
+        "from_base": sorted(from_base),
+        "dtype": "float16",
+        "trained": {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")},
+    }
+    (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+HEAD_FILES = ("medusa_lm_head.pt", "hydra_lm_head.pt")
+
+
+def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a head checkpoint in its published layout, tensors cast to `dtype` (bf16, as published)."""
+    weights = next((checkpoint / f for f in HEAD_FILES if (checkpoint / f).is_file()), None)
+    if weights is None:
+        raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    cast = lambda obj: {k: cast(v) for k, v in obj.items()} if isinstance(obj, dict) else obj.to(dtype).contiguous()  # noqa: E731
+    out = dest / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    torch.save(cast(state), out / weights.name)
+    shutil.copy(checkpoint / "config.json", out / "config.json")
+    log = checkpoint / "specbench_train.json"
+    train = json.loads(log.read_text()) if log.exists() else {}
+    info = {"kind": train.get("kind"), "dtype": str(dtype).removeprefix("torch."),
+            "trained": {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")}}
+    (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--base", default="smollm2-135m", help="the target whose vocabulary tables complete the draft")
+    args = parser.parse_args()
+    if (args.checkpoint / "model.safetensors").exists():
+        print(bundle_draft(args.checkpoint, args.name, args.base))
+    else:
+        print(bundle_heads(args.checkpoint, args.name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""What every `specbench train` recipe shares: the data split, the batches, the
+learning-rate schedule, the output directory, and the training log."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from specbench.errors import UserError
+from specbench.train.data import TrainData, load_data, prepare_out  # noqa: F401  (re-exported for the recipes)
+
+TRAIN_LOG = "specbench_train.json"
+
+
+@dataclass
+class TrainConfig:
+    drafter: str
+    target: str
+    data: str
+    out: str
+    steps: int = 200
+    batch_tokens: int = 2048  # answer positions per optimiser step (sequences are packed up to this)
+    max_length: int = 1024  # longer sequences are cut
+    lr: float = 1e-3
+    warmup: int = 20
+    min_lr_ratio: float = 0.33  # cosine decay to this fraction of lr (Hydra++'s 0.33×)
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_data: str | None = None  # a separate data directory (e.g. from pool-heldout); else a held-out fraction
+    eval_fraction: float = 0.1
+    seed: int = 0
+    train_vocab: str = "all"  # "seen": softmax over the token ids the training data contains (cheaper)
+    options: dict = field(default_factory=dict)  # recipe-specific (layers, heads, tie_lm_head, ...)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def split_data(config: TrainConfig, target, need_hidden: bool) -> tuple[TrainData, list[int], TrainData, list[int]]:
+    """(train data, its sequence indices, eval data, its sequence indices)."""
+    data = load_data(Path(config.data), with_hidden=need_hidden)
+    data.check_target(target)
+    if config.eval_data:
+        evald = load_data(Path(config.eval_data), with_hidden=need_hidden)
+        evald.check_target(target)
+        return data, list(range(len(data))), evald, list(range(len(evald)))
+    order = list(range(len(data)))
+    random.Random(config.seed).shuffle(order)
+    n_eval = max(1, int(round(len(order) * config.eval_fraction))) if len(order) > 1 else 0
+    if n_eval == 0:
+        raise UserError(f"data '{config.data}' holds a single sequence: too little to train and evaluate on; make more with train-data")
+    return data, sorted(order[n_eval:]), data, sorted(order[:n_eval])
+
+
+def batches(data: TrainData, indices: list[int], batch_tokens: int, max_length: int, seed: int) -> Iterator[list[int]]:
+    """Endless shuffled batches of sequence indices, about `batch_tokens` answer tokens each."""
+    rng = random.Random(seed)
+    while True:
+        order = indices[:]
+        rng.shuffle(order)
+        batch, tokens = [], 0
+        for i in order:
+            ids, start = data.sequence(i)
+            answer = max(1, min(len(ids), max_length) - start)
+            batch.append(i)
+            tokens += answer
+            if tokens >= batch_tokens:
+                yield batch
+                batch, tokens = [], 0
+        if batch:
+            yield batch
+
+
+def sequence(data: TrainData, i: int, max_length: int, device) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(ids [L] on device, answer start, cached hidden [L, H] or None), cut to max_length."""
+    ids, start = data.sequence(i)
+    hidden = data.hidden_of(i)
+    ids = ids[:max_length].to(device)
+    if hidden is not None:
+        hidden = hidden[:max_length].to(device)
+    return ids, min(start, len(ids)), hidden
+
+
+class TrainVocab:
+    """The ids the training losses' softmax spans: all of them, or (`--train-vocab seen`)
+    only those that occur in the training data — every label is among them, and on a
+    49152-token vocabulary a few thousand ids make the LM-head matmuls (most of the cost
+    of training heads on CPU) an order of magnitude cheaper. Evaluation always uses the
+    full vocabulary."""
+
+    def __init__(self, ids: torch.Tensor | None, vocab_size: int, device) -> None:
+        self.ids = None if ids is None else ids.to(device)
+        self.size = vocab_size if ids is None else len(ids)
+        self.index = None
+        if ids is not None:
+            self.index = torch.full((vocab_size,), -100, dtype=torch.long, device=device)
+            self.index[self.ids] = torch.arange(len(ids), device=device)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ids is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight[self.ids], None if bias is None else bias[self.ids])
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels if self.index is None else self.index[labels]
+
+
+FULL_VOCAB = None  # pass as `vocab` for full-vocabulary logits
+
+
+def train_vocab(config: TrainConfig, data: TrainData, indices: list[int], vocab_size: int, device) -> TrainVocab:
+    if config.train_vocab == "all":
+        return TrainVocab(None, vocab_size, device)
+    if config.train_vocab != "seen":
+        raise UserError(f"--train-vocab must be 'all' or 'seen' (got '{config.train_vocab}')")
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in indices:
+        seen[data.sequence(i)[0][: config.max_length]] = True
+    return TrainVocab(seen.nonzero().flatten(), vocab_size, device)
+
+
+@dataclass
+class TrainLog:
+    """The log written beside the checkpoint: config, loss history, evaluations, timing."""
+
+    config: TrainConfig
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def save(self, out: Path, extra: dict | None = None) -> None:
+        blob = {
+            "config": asdict(self.config),
+            "seconds": round(time.time() - self.started, 1),
+            "history": self.history,
+            "evals": self.evals,
+            **(extra or {}),
+        }
+        (out / TRAIN_LOG).write_text(json.dumps(blob, indent=1) + "\n")
+
+
+ProgressFn = Callable[[int, dict], None]  # (step, {"loss": ..., per-head losses, eval results})
+
+
+def train_loop(
+    config: TrainConfig,
+    params: list[torch.nn.Parameter],
+    step_loss: Callable[[list[int]], tuple[torch.Tensor, dict]],
+    evaluate: Callable[[], dict],
+    batch_iter: Iterator[list[int]],
+    log: TrainLog,
+    on_step: ProgressFn | None = None,
+) -> None:
+    """AdamW over `params`; warmup + cosine to min_lr_ratio; evaluate every eval_every steps and at the end."""
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio)
+    )
+    for step in range(config.steps):
+        loss, parts = step_loss(next(batch_iter))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        row = {"step": step + 1, "loss": round(loss.item(), 5), "lr": schedule.get_last_lr()[0], **parts}
+        log.history.append(row)
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            result = {"step": step + 1, **evaluate()}
+            log.evals.append(result)
+            row = {**row, "eval": result}
+        if on_step:
+            on_step(step + 1, row)

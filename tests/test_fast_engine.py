@@ -12,7 +12,7 @@ from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
 from specbench.engine.loop import decode
-from specbench.engine.static_cache import StaticKV, bucket_size, tree_shape
+from specbench.engine.static_cache import StaticKV, bucket_size, shape_masks
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.fast import FastHFTarget, resolve_engine
@@ -142,15 +142,15 @@ def test_bucket_sizes():
     assert [bucket_size(q) for q in (1, 2, 3, 5, 64, 65, 128, 129, 300)] == [1, 2, 4, 8, 64, 128, 128, 256, 384]
 
 
-def test_tree_shape_masks_padding_and_depths():
-    shape = tree_shape((-1, -1, 0), rows=4, bucket=8, dtype=torch.float32, device="cpu")
+def test_shape_masks_masks_padding_and_depths():
+    shape = shape_masks((-1, -1, 0), rows=4, bucket=8, dtype=torch.float32, device="cpu")
     allowed = shape.block == 0
     expected = DraftTree(torch.tensor([1, 2, 3]), torch.tensor([-1, -1, 0])).ancestor_mask()
     assert torch.equal(allowed[:4, :4], expected)
     assert torch.equal(allowed[4:], torch.eye(8, dtype=torch.bool)[4:])  # padding rows see only themselves
     assert not allowed[:4, 4:].any()
     assert shape.depths.tolist() == [0, 1, 1, 2, 0, 0, 0, 0]
-    causal = tree_shape(None, rows=3, bucket=4, dtype=torch.float32, device="cpu")
+    causal = shape_masks(None, rows=3, bucket=4, dtype=torch.float32, device="cpu")
     assert torch.equal(causal.block[:3, :3] == 0, torch.ones(3, 3, dtype=torch.bool).tril())
     assert causal.depths.tolist() == [0, 1, 2, 0]
 
@@ -193,3 +193,36 @@ def test_cli_unknown_engine_is_one_line(models, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["run", "--target", models["target"], "--engine", "turbo", "--out", tmp_path], capsys, monkeypatch)
     assert code == 2
     assert "unknown engine 'turbo'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-decoder", "hydra-offset"])
+def test_head_drafters_on_fast_engine(drafter, tmp_path):
+    """Hidden-state drafters on a 63-node tree (padded to a 64-row bucket): the same
+    steps as on the eager engine, and plain decoding's tokens."""
+    from head_layouts import write_hydra
+
+    from specbench.drafters.hydra import HydraDrafter
+    from specbench.drafters.medusa import HydraDecoderDrafter, MedusaDrafter
+
+    model = tiny_llama(0)
+    eager, fast = HFTarget(model), FastHFTarget(model, bucketed=True)
+    if drafter == "hydra-offset":  # reads the input of the last layer, not the final output
+        write_hydra(tmp_path, eager, "mlp", num_layers=1, offset=1)
+
+    def make(target):
+        torch.manual_seed(5)
+        if drafter == "medusa":
+            return MedusaDrafter.create(target, heads="fresh", tree="mc_sim_7b_63")
+        if drafter == "hydra":
+            return HydraDrafter.create(target, heads="fresh", tree="mc_sim_7b_63")
+        if drafter == "hydra-decoder":
+            return HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=1, tree="mc_sim_7b_63")
+        return HydraDrafter.create(target, heads=str(tmp_path), tree="mc_sim_7b_63")
+
+    for prompt in prompts(3):
+        expected = decode(eager, PlainDecoding(eager), prompt, MAX_NEW).output_ids
+        on_eager = decode(eager, make(eager), prompt, MAX_NEW)
+        on_fast = decode(fast, make(fast), prompt, MAX_NEW)
+        assert on_fast.output_ids == on_eager.output_ids == expected
+        assert [s.accepted for s in on_fast.steps] == [s.accepted for s in on_eager.steps]
+        assert max(s.tree_size for s in on_fast.steps) == 63

@@ -115,7 +115,7 @@ class DraftModelDrafter(Drafter):
             if a != b:
                 break
             common += 1
-        self.cache.truncate(common) if self.fast else kv.truncate(self.cache, common)
+        kv.truncate(self.cache, common)
         del self.cached[common:]
 
         k = min(self.k, ctx.max_tokens)

@@ -123,7 +123,7 @@ class StaticKV(Cache):
 
 
 @dataclass(frozen=True)
-class TreeShape:
+class ShapeMasks:
     """What one tree shape needs on the device, built once: the additive mask
     over the bucket's own slots and each row's depth (position offset)."""
 
@@ -133,7 +133,7 @@ class TreeShape:
     depths: torch.Tensor  # [bucket] long
 
 
-def tree_shape(parents: tuple[int, ...] | None, rows: int, bucket: int, dtype: torch.dtype, device) -> TreeShape:
+def shape_masks(parents: tuple[int, ...] | None, rows: int, bucket: int, dtype: torch.dtype, device) -> ShapeMasks:
     """parents=None: a causal chunk of `rows` tokens; else root + the tree with these parents.
     Padding rows (rows..bucket-1) see only themselves, at depth 0."""
     allowed = torch.eye(bucket, dtype=torch.bool)
@@ -146,7 +146,7 @@ def tree_shape(parents: tuple[int, ...] | None, rows: int, bucket: int, dtype: t
         allowed[:rows, :rows] = tree.ancestor_mask()
         depths[1:rows] = torch.tensor(tree.depths, dtype=torch.long)
     block = torch.zeros(bucket, bucket, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return TreeShape(rows, bucket, block.to(device), depths.to(device))
+    return ShapeMasks(rows, bucket, block.to(device), depths.to(device))
 
 
 class _Graph:
@@ -159,6 +159,7 @@ class _Graph:
         self.mask = torch.zeros(1, 1, bucket, capacity, dtype=dtype, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None
+        self.tapped: torch.Tensor | None = None
 
 
 class StaticDecoder:
@@ -180,28 +181,30 @@ class StaticDecoder:
         self.graphs = graphs
         self.min = torch.finfo(dtype).min
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
-        self._shapes: dict[tuple, TreeShape] = {}
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._shapes: dict[tuple, ShapeMasks] = {}
+        self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
 
-    def shape(self, parents: tuple[int, ...] | None, rows: int, bucket: int) -> TreeShape:
+    def shape(self, parents: tuple[int, ...] | None, rows: int, bucket: int) -> ShapeMasks:
         key = (parents, rows, bucket)
         found = self._shapes.get(key)
         if found is None:
-            found = tree_shape(parents, rows, bucket, self.dtype, self.device)
+            found = shape_masks(parents, rows, bucket, self.dtype, self.device)
             if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
                 self._shapes[key] = found
         return found
 
-    def forward(self, ids: torch.Tensor, parents: tuple[int, ...] | None = None) -> torch.Tensor:
-        """ids [q] on the device (root first); parents: the tree's parent tuple, or None for causal."""
+    def forward(self, ids: torch.Tensor, parents: tuple[int, ...] | None = None, tap: int | None = None):
+        """ids [q] on the device (root first); parents: the tree's parent tuple, or None for causal.
+        Returns the final hidden states [q, H], or with `tap` = j the input of decoder layer j
+        as well: (final, tapped). A captured graph's outputs are overwritten by its next replay."""
         q = ids.numel()
         bucket = bucket_size(q) if self.bucketed and q <= GRAPH_MAX_BUCKET else q
         shape = self.shape(parents, q, bucket)
         start = self.cache.length
         self.cache.reserve(start + bucket)
         if self.graphs and bucket <= GRAPH_MAX_BUCKET:
-            return self._replay(ids, shape, start)
+            return self._replay(ids, shape, start, tap)
         if bucket > q:
             ids = torch.cat([ids, ids.new_zeros(bucket - q)])
         span = start + bucket
@@ -210,19 +213,27 @@ class StaticDecoder:
         mask[0, 0, :, start:] = shape.block
         slots = self.arange[:bucket] + start if bucket <= GRAPH_MAX_BUCKET else torch.arange(start, span, device=self.device)
         self.cache.slots, self.cache.span = slots, span
-        hidden = self._run(ids, shape.depths + start, mask)
-        return hidden[:q]
+        hidden, tapped = self._run(ids, shape.depths + start, mask, tap)
+        return hidden[:q] if tap is None else (hidden[:q], tapped[:q])
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(
-            input_ids=ids[None], position_ids=positions[None], attention_mask=mask, past_key_values=self.cache, use_cache=True
-        )
-        return out.last_hidden_state[0]
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, tap: int | None = None):
+        tapped: list[torch.Tensor] = []
+        hook = None
+        if tap is not None:  # the hidden state entering layer `tap` (its first positional argument)
+            hook = self.backbone.layers[tap].register_forward_pre_hook(lambda module, args: tapped.append(args[0]))
+        try:
+            out = self.backbone(
+                input_ids=ids[None], position_ids=positions[None], attention_mask=mask, past_key_values=self.cache, use_cache=True
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out.last_hidden_state[0], (tapped[0][0] if tapped else None)
 
     # --- CUDA graphs (written without a GPU at hand: untested on GPU) ----------
 
-    def _replay(self, ids: torch.Tensor, shape: TreeShape, start: int) -> torch.Tensor:
-        key = (shape.bucket, self.cache.generation)
+    def _replay(self, ids: torch.Tensor, shape: ShapeMasks, start: int, tap: int | None):
+        key = (shape.bucket, self.cache.generation, tap)
         graph = self._graphs.get(key)
         fresh = graph is None
         if fresh:
@@ -239,23 +250,23 @@ class StaticDecoder:
         graph.mask[0, 0, :, start : start + shape.bucket] = shape.block
         if fresh:
             try:
-                self._capture(graph)
+                self._capture(graph, tap)
             except RuntimeError as exc:
                 del self._graphs[key]
                 raise UserError(f"CUDA graph capture failed ({exc}); rerun with --engine eager") from exc
         graph.graph.replay()
-        return graph.hidden[:q]
+        return graph.hidden[:q] if tap is None else (graph.hidden[:q], graph.tapped[:q])
 
-    def _capture(self, graph: _Graph) -> None:
+    def _capture(self, graph: _Graph, tap: int | None) -> None:
         self.cache.slots, self.cache.span = graph.slots, None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up off the capture (lazy inits, autotuning)
             for _ in range(2):
-                self._run(graph.ids, graph.positions, graph.mask)
+                self._run(graph.ids, graph.positions, graph.mask, tap)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph.graph, pool=self._pool):
-            graph.hidden = self._run(graph.ids, graph.positions, graph.mask)
+            graph.hidden, graph.tapped = self._run(graph.ids, graph.positions, graph.mask, tap)

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from specbench.engine import kv
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
@@ -55,29 +56,33 @@ class FastHFTarget(HFTarget):
         self.decoder = StaticDecoder(self.backbone, self.device, self.dtype, bucketed=bucketed, graphs=graphs)
         self.cache = self.decoder.cache
 
-    def _logits(self, hidden: torch.Tensor, want_hidden: bool):
+    def _run(self, ids: torch.Tensor, parents, want_hidden: bool, hidden_layer: int | None):
+        tap = hidden_layer if want_hidden else None
+        out = self.decoder.forward(ids, parents, tap)
+        hidden, tapped = (out, None) if tap is None else out
         logits = self.lm_head(hidden).float()
-        # a captured graph's output is overwritten by its next replay: hand out a copy
-        return logits, (hidden.clone() if want_hidden else None)
+        if not want_hidden:
+            return logits, None
+        # a captured graph's outputs are overwritten by its next replay: hand out a copy
+        return logits, (tapped if tap is not None else hidden).clone()
 
     @torch.inference_mode()
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False):
+    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
         self.cache.truncate(0)
         prompt = prompt.to(self.device)
-        hidden = self.decoder.forward(prompt)  # causal, never captured at prompt sizes above 128
+        out = self._run(prompt, None, want_hidden, hidden_layer)  # causal; uncaptured above 128 tokens
         self.seq_len = self.cache.length = prompt.numel()
-        return self._logits(hidden, want_hidden)
+        return out
 
     @torch.inference_mode()
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False):
+    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
         ids = torch.cat([torch.tensor([root], device=self.device), tree.tokens.to(self.device)])
-        hidden = self.decoder.forward(ids, tree.shape_key)
-        return self._logits(hidden, want_hidden)
+        return self._run(ids, tree.shape_key, want_hidden, hidden_layer)
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: list[int]) -> None:
         keep = [0] + [n + 1 for n in accepted_nodes]
-        self.cache.compact(self.seq_len, keep)
+        kv.compact(self.cache, self.seq_len, keep)
         self.seq_len += len(keep)
 
 

@@ -62,6 +62,7 @@ def run(
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    engine: Annotated[str, typer.Option(help="auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA)")] = "auto",
     baseline: Annotated[bool, typer.Option(help="also run plain decoding on the same prompts")] = True,
     warmup: Annotated[bool, typer.Option(help="one short untimed decode before measuring")] = True,
     out: Annotated[Path, typer.Option(help="directory under which the run directory is created")] = Path("results"),
@@ -106,6 +107,7 @@ def run(
             seed=seed,
             dtype=dtype,
             device=device,
+            engine=engine,
             baseline=baseline,
             warmup=warmup,
         )

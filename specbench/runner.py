@@ -26,6 +26,7 @@ from specbench.engine.loop import decode
 from specbench.errors import UserError
 from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, first_divergence
 from specbench.store import RunStore
+from specbench.targets.fast import resolve_engine, target_class
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import resolve_device, resolve_dtype
 from specbench.workloads import Prompt, encode_turn, open_workload, select, workload_hash
@@ -48,6 +49,7 @@ class RunConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    engine: str = "auto"  # auto | eager | fast (targets/fast.py); the baseline runs on the same engine
     baseline: bool = True
     warmup: bool = True
 
@@ -115,8 +117,9 @@ class Benchmark:
         self.workload = open_workload(config.workload, config.workload_file)
         self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
         self.device = resolve_device(config.device)
+        engine = resolve_engine(config.engine, self.device)
         dtype = resolve_dtype(config.dtype, self.device)
-        self.target = target or HFTarget.load(config.target, self.device, dtype)
+        self.target = target or target_class(engine).load(config.target, self.device, dtype)
         if self.target.tokenizer is None:
             raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
         self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
@@ -126,6 +129,7 @@ class Benchmark:
         c = self.config
         decode_settings = {k: v for k, v in asdict(c).items() if k not in ("target", "drafter", "drafter_options", "workload")}
         decode_settings["dtype"] = str(self.target.dtype).removeprefix("torch.")
+        decode_settings["engine"] = getattr(self.target, "engine", "eager")
         return RunInfo(
             run_id=run_id_for(c),
             command=command,

@@ -15,8 +15,10 @@ from specbench.drafters.base import DraftContext, Drafter
 from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
+from specbench.engine.static_cache import StaticDecoder, StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
+from specbench.targets.fast import check_full_attention
 from specbench.targets.hf import forward_bytes
 
 
@@ -63,7 +65,12 @@ class DraftModelDrafter(Drafter):
         self.head = trim if trim is not None else model.get_output_embeddings()
         self.trim_info = trim_info or {}
         self.device = next(model.parameters()).device
-        self.cache: DynamicCache | None = None
+        self.fast: StaticDecoder | None = None  # the target's engine: fast = a static cache (CUDA graphs on CUDA)
+        if getattr(target, "engine", "eager") == "fast":
+            check_full_attention(model, self.model_name)
+            dtype = next(model.parameters()).dtype
+            self.fast = StaticDecoder(self.backbone, self.device, dtype, graphs=self.device.type == "cuda")
+        self.cache: DynamicCache | StaticKV | None = self.fast.cache if self.fast else None
         self.cached: list[int] = []  # the tokens whose KV is in self.cache
 
     @classmethod
@@ -91,7 +98,10 @@ class DraftModelDrafter(Drafter):
         return {"draft_model": self.model_name, **self.trim_info}
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.cache = DynamicCache(config=self.model.config)
+        if self.fast:
+            self.cache.truncate(0)
+        else:
+            self.cache = DynamicCache(config=self.model.config)
         self.cached = []
 
     @torch.inference_mode()
@@ -99,10 +109,15 @@ class DraftModelDrafter(Drafter):
         """Feed tokens after self.cached and return the head's logits at the last one
         (over the kept ids when trimmed)."""
         ids = torch.tensor([new_tokens], device=self.device)
-        positions = torch.arange(len(self.cached), len(self.cached) + len(new_tokens), device=self.device)
-        out = self.backbone(input_ids=ids, position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+        if self.fast:
+            last = self.fast.forward(ids[0])[-1]
+            self.cache.length += len(new_tokens)
+        else:
+            positions = torch.arange(len(self.cached), len(self.cached) + len(new_tokens), device=self.device)
+            out = self.backbone(input_ids=ids, position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+            last = out.last_hidden_state[0, -1]
         self.cached.extend(new_tokens)
-        return self.head(out.last_hidden_state[0, -1]).float()
+        return self.head(last).float()
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         sequence = ctx.tokens.tolist()

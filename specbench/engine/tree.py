@@ -59,6 +59,11 @@ class DraftTree:
         return max(self.depths, default=0)
 
     @cached_property
+    def shape_key(self) -> tuple[int, ...]:
+        """The parents as a tuple: trees with equal keys share masks and positions."""
+        return tuple(self.parents.tolist())
+
+    @cached_property
     def is_chain(self) -> bool:
         return self.parents.tolist() == list(range(-1, len(self) - 1))
 

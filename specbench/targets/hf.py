@@ -34,6 +34,7 @@ def forward_bytes(model, head: torch.nn.Module | None = None) -> int:
 
 class HFTarget:
     backend = "hf"
+    engine = "eager"  # targets/fast.py: FastHFTarget is the static-cache engine
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "") -> None:
         self.model = model

@@ -27,10 +27,11 @@ from specbench.errors import UserError
 from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, first_divergence
 from specbench.store import RunStore
 from specbench.targets.hf import HFTarget
-from specbench.targets.loading import resolve_device, resolve_dtype
+from specbench.targets.loading import load_config, resolve_device, resolve_dtype
 from specbench.workloads import Prompt, encode_turn, load_workload, workload_hash
 
 WARMUP_TOKENS = 16
+BACKENDS = ("hf", "deepspeed")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class RunConfig:
     device: str = "auto"
     baseline: bool = True
     warmup: bool = True
+    backend: str = "hf"  # target backend: hf, or deepspeed (tensor parallel over `tp` ranks)
+    tp: int = 1
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -77,6 +80,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "specbench": pkg("specbench"),
         "torch": torch.__version__,
         "transformers": pkg("transformers"),
+        "deepspeed": pkg("deepspeed"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "device": str(device),
@@ -103,21 +107,43 @@ class Benchmark:
 
     def __init__(self, config: RunConfig, target: HFTarget | None = None) -> None:
         self.config = config
-        # check cheap things before loading weights
+        self.check(config)
+        prompts = load_workload(config.workload)
+        self.prompts = prompts[: config.limit] if config.limit else prompts
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.target = target or load_target(config, self.device, dtype)
+        self.device = self.target.device  # a tensor-parallel rank may sit on its own GPU
+        if not self.target.leads:
+            return  # a follower rank only serves the leader's target calls (DeepSpeedTarget.follow)
+        try:
+            if self.target.tokenizer is None:
+                raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
+            self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
+        except BaseException:
+            self.target.stop()
+            raise
+        self.plain = PlainDecoding(self.target)
+
+    @staticmethod
+    def check(config: RunConfig) -> None:
+        """Everything about a configuration that can be refused before any weights load."""
         check_options(config.drafter, config.drafter_options)
         if config.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
         if config.temperature < 0:
             raise UserError("--temperature must be >= 0")
-        prompts = load_workload(config.workload)
-        self.prompts = prompts[: config.limit] if config.limit else prompts
-        self.device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, self.device)
-        self.target = target or HFTarget.load(config.target, self.device, dtype)
-        if self.target.tokenizer is None:
-            raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
-        self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
-        self.plain = PlainDecoding(self.target)
+        load_workload(config.workload)
+        if config.backend not in BACKENDS:
+            raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
+        if config.backend == "hf" and config.tp != 1:
+            raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
+        if config.backend == "deepspeed":
+            from specbench.targets import deepspeed
+
+            deepspeed.require_deepspeed()
+            device = resolve_device(config.device)
+            deepspeed.check(load_config(config.target), config.tp, device, resolve_dtype(config.dtype, device))
 
     def run_info(self, command: str) -> RunInfo:
         c = self.config
@@ -210,6 +236,14 @@ class Benchmark:
             on_prompt(prompt)
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
+
+
+def load_target(config: RunConfig, device: torch.device, dtype: torch.dtype) -> HFTarget:
+    if config.backend == "deepspeed":
+        from specbench.targets.deepspeed import DeepSpeedTarget
+
+        return DeepSpeedTarget.load(config.target, device, dtype, config.tp)
+    return HFTarget.load(config.target, device, dtype)
 
 
 def config_from_info(info: RunInfo) -> RunConfig:

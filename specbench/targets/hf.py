@@ -34,6 +34,7 @@ def forward_bytes(model, head: torch.nn.Module | None = None) -> int:
 
 class HFTarget:
     backend = "hf"
+    leads = True  # this process drives the run (tensor-parallel backends also have follower ranks)
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "") -> None:
         self.model = model
@@ -70,6 +71,9 @@ class HFTarget:
     def forward_bytes(self) -> int:
         return forward_bytes(self.model)
 
+    def stop(self) -> None:
+        """Release follower ranks at the end of a run; a single-process target has none."""
+
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, want_hidden: bool):
         out = self.backbone(
@@ -79,9 +83,9 @@ class HFTarget:
             past_key_values=self.cache,
             use_cache=True,
         )
-        hidden = out.last_hidden_state[0]
-        logits = self.lm_head(hidden).float()
-        return logits, (hidden if want_hidden else None)
+        # the head sees [1, L, H], as in the model's own forward (DeepSpeed's sharded head needs it)
+        logits = self.lm_head(out.last_hidden_state)[0].float()
+        return logits, (out.last_hidden_state[0] if want_hidden else None)
 
     def prefill(self, prompt: torch.Tensor, want_hidden: bool = False):
         """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H] or None)."""

@@ -51,3 +51,21 @@ def divergence_table(summary: Summary) -> Table:
     for prompt_id, turn, position in summary.diverged:
         table.add_row(prompt_id, str(turn), str(position))
     return table
+
+
+def simulation_table(reports, title: str) -> Table:
+    """One row per simulated shape (k or tree), the best predicted speedup marked."""
+    table = Table(title=title, header_style="bold")
+    columns = ("shape", "τ", "acceptance", "draft ms/step", "verify ms/step", "tokens/s (pred.)",
+               "speedup (pred.)", "Leviathan expected", "MBSU")
+    for column in columns:
+        table.add_column(column, justify="right")
+    best = max(reports, key=lambda r: r.summary.speedup or 0.0, default=None)
+    for r in reports:
+        s = r.summary
+        table.add_row(
+            ("* " if r is best else "") + r.shape, _fmt(s.tau), _fmt(s.acceptance_rate, ".1%"),
+            _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(s.tokens_per_s, ".1f"),
+            _fmt(s.speedup, ".2f", "×"), _fmt(r.leviathan_speedup, ".2f", "×"), _fmt(s.mbsu, ".2f", "×"),
+        )
+    return table

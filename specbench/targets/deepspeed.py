@@ -199,15 +199,15 @@ class DeepSpeedTarget(HFTarget):
         dist.broadcast(payload, src=0)
         return op, root, list(payload.split(n))
 
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False):
+    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
         if self.leads:
             self._send(PREFILL, 0, prompt)
-        return super().prefill(prompt, want_hidden)
+        return super().prefill(prompt, want_hidden, hidden_layer)
 
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False):
+    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
         if self.leads:
             self._send(VERIFY, root, tree.tokens, tree.parents)
-        return super().verify(root, tree, want_hidden)
+        return super().verify(root, tree, want_hidden, hidden_layer)
 
     def commit(self, accepted_nodes: list[int]) -> None:
         if self.leads:

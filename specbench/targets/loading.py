@@ -181,3 +181,18 @@ def load_config(name: str, table: str = "targets"):
         return AutoConfig.from_pretrained(location)
     except OSError as exc:
         raise _not_loadable(source, location, exc) from None
+
+
+def load_tokenizer(*names: str | None):
+    """The tokenizer of the first of `names` (alias, hub id or local directory) that has one, else None."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    for name in names:
+        if not name:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(model_location(name))
+        except (OSError, ValueError, TypeError, UserError):
+            continue
+    return None

@@ -117,9 +117,12 @@ def relaunch(tp: int, device: str, argv: list[str]) -> int:
 def _import_deepspeed(device: torch.device):
     """Import DeepSpeed for `device`; on CPU, without its shared-memory all-reduce.
 
-    On the CPU accelerator DeepSpeed builds a shared-memory all-reduce op at start;
-    with it, an AutoTP forward died with SIGSEGV on both ranks of a 2-process run
-    here. With the op marked incompatible, collectives go through gloo and work."""
+    On the CPU accelerator DeepSpeed JIT-builds a shared-memory all-reduce op at
+    start. A 2-process AutoTP run started without the launcher's LOCAL_SIZE died
+    with SIGSEGV in it on both ranks; its kernels also fault on CPUs without
+    AVX2/AVX512-BW, and building it took ~7 minutes here. Marked incompatible,
+    collectives go through gloo: nothing to compile, nothing ISA-specific
+    (docs/deepspeed.md)."""
     require_deepspeed()
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

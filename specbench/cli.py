@@ -63,6 +63,8 @@ def run(
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     engine: Annotated[str, typer.Option(help="auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA)")] = "auto",
+    backend: Annotated[str, typer.Option(help="target backend: hf, or deepspeed (tensor parallel; see docs/deepspeed.md)")] = "hf",
+    tp: Annotated[int, typer.Option(help="deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")] = 1,
     baseline: Annotated[bool, typer.Option(help="also run plain decoding on the same prompts")] = True,
     warmup: Annotated[bool, typer.Option(help="one short untimed decode before measuring")] = True,
     out: Annotated[Path, typer.Option(help="directory under which the run directory is created")] = Path("results"),
@@ -70,8 +72,9 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run a workload through target + drafter (and plain decoding) and print τ, acceptance, latency and speedup."""
-    from specbench.runner import Benchmark, RunConfig, command_line, config_from_info
+    from specbench.runner import Benchmark, RunConfig, config_from_info
     from specbench.store import RunStore
+    from specbench.targets import deepspeed
 
     if resume:
         store = RunStore.open(resume)
@@ -110,16 +113,34 @@ def run(
             engine=engine,
             baseline=baseline,
             warmup=warmup,
+            backend=backend,
+            tp=tp,
         )
         status = f"loading {config.target} and {config.drafter}"
+    if config.backend == "deepspeed" and deepspeed.needs_launcher(config.tp):
+        Benchmark.check(config)  # bad input fails here, as one line, not once per rank
+        sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
     with err_console.status(status):
         bench = Benchmark(config)
+    if not bench.target.leads:
+        return bench.target.follow()  # a tensor-parallel follower rank: rank 0 measures and prints
+    try:
+        measure_and_show(bench, config, store if resume else None, out, as_json)
+    finally:
+        bench.target.stop()
+
+
+def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
+    from specbench.runner import command_line
+    from specbench.store import RunStore
+
+    resume = store is not None
     err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False)
     if not resume:
         info = bench.run_info(command_line())
         store = RunStore.create(out / info.run_id, info)
     elif store.info.workload_hash != bench.run_info("").workload_hash:
-        raise UserError(f"workload '{config.workload}' changed since {resume} started; start a new run instead")
+        raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console

@@ -28,10 +28,11 @@ from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, f
 from specbench.store import RunStore
 from specbench.targets.fast import resolve_engine, target_class
 from specbench.targets.hf import HFTarget
-from specbench.targets.loading import resolve_device, resolve_dtype
+from specbench.targets.loading import load_config, resolve_device, resolve_dtype
 from specbench.workloads import Prompt, encode_turn, open_workload, select, workload_hash
 
 WARMUP_TOKENS = 16
+BACKENDS = ("hf", "deepspeed")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class RunConfig:
     engine: str = "auto"  # auto | eager | fast (targets/fast.py); the baseline runs on the same engine
     baseline: bool = True
     warmup: bool = True
+    backend: str = "hf"  # target backend: hf, or deepspeed (tensor parallel over `tp` ranks)
+    tp: int = 1
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -82,6 +85,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "specbench": pkg("specbench"),
         "torch": torch.__version__,
         "transformers": pkg("transformers"),
+        "deepspeed": pkg("deepspeed"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "device": str(device),
@@ -108,22 +112,44 @@ class Benchmark:
 
     def __init__(self, config: RunConfig, target: HFTarget | None = None) -> None:
         self.config = config
-        # check cheap things before loading weights
+        self.check(config)
+        self.workload = open_workload(config.workload, config.workload_file)
+        self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.target = target or load_target(config, self.device, dtype)
+        self.device = self.target.device  # a tensor-parallel rank may sit on its own GPU
+        if not self.target.leads:
+            return  # a follower rank only serves the leader's target calls (DeepSpeedTarget.follow)
+        try:
+            if self.target.tokenizer is None:
+                raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
+            self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
+        except BaseException:
+            self.target.stop()
+            raise
+        self.plain = PlainDecoding(self.target)
+
+    @staticmethod
+    def check(config: RunConfig) -> None:
+        """Everything about a configuration that can be refused before any weights load."""
         check_options(config.drafter, config.drafter_options)
         if config.max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
         if config.temperature < 0:
             raise UserError("--temperature must be >= 0")
-        self.workload = open_workload(config.workload, config.workload_file)
-        self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
-        self.device = resolve_device(config.device)
-        engine = resolve_engine(config.engine, self.device)
-        dtype = resolve_dtype(config.dtype, self.device)
-        self.target = target or target_class(engine).load(config.target, self.device, dtype)
-        if self.target.tokenizer is None:
-            raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
-        self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
-        self.plain = PlainDecoding(self.target)
+        if config.backend not in BACKENDS:
+            raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
+        if config.backend == "hf" and config.tp != 1:
+            raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
+        if config.backend == "deepspeed":
+            from specbench.targets import deepspeed
+
+            deepspeed.require_deepspeed()
+            device = resolve_device(config.device)
+            deepspeed.check(load_config(config.target), config.tp, device, resolve_dtype(config.dtype, device))
+        if config.backend == "deepspeed" and config.engine == "fast":
+            raise UserError("--engine fast runs on the hf backend only; use --engine eager with --backend deepspeed")
 
     def run_info(self, command: str) -> RunInfo:
         c = self.config
@@ -226,6 +252,14 @@ class Benchmark:
             on_prompt(prompt)
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
+
+
+def load_target(config: RunConfig, device: torch.device, dtype: torch.dtype) -> HFTarget:
+    if config.backend == "deepspeed":
+        from specbench.targets.deepspeed import DeepSpeedTarget
+
+        return DeepSpeedTarget.load(config.target, device, dtype, config.tp)
+    return target_class(resolve_engine(config.engine, device)).load(config.target, device, dtype)
 
 
 def config_from_info(info: RunInfo) -> RunConfig:

@@ -35,6 +35,7 @@ def forward_bytes(model, head: torch.nn.Module | None = None) -> int:
 class HFTarget:
     backend = "hf"
     engine = "eager"  # targets/fast.py: FastHFTarget is the static-cache engine
+    leads = True  # this process drives the run (tensor-parallel backends also have follower ranks)
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "") -> None:
         self.model = model
@@ -71,6 +72,9 @@ class HFTarget:
     def forward_bytes(self) -> int:
         return forward_bytes(self.model)
 
+    def stop(self) -> None:
+        """Release follower ranks at the end of a run; a single-process target has none."""
+
     @property
     def num_layers(self) -> int:
         return len(self.backbone.layers)
@@ -96,7 +100,8 @@ class HFTarget:
             if hook is not None:
                 hook.remove()
         hidden = out.last_hidden_state[0]
-        logits = self.lm_head(hidden).float()
+        # the head sees [1, L, H], as in the model's own forward (DeepSpeed's sharded head needs it)
+        logits = self.lm_head(out.last_hidden_state)[0].float()
         if not want_hidden:
             return logits, None
         return logits, (tapped[0][0] if hook is not None else hidden)

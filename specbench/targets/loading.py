@@ -203,18 +203,35 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: s
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except OSError as exc:
-        if Path(location).exists():
-            raise UserError(f"'{location}' is not a loadable transformers model directory ({exc})") from None
-        raise UserError(
-            f"cannot load '{source.model_id}': it is not in the local Hugging Face cache and the hub "
-            f"is unreachable; download it first (`hf download {source.model_id}`) or pass a local directory"
-        ) from None
+        raise _not_loadable(source, location, exc) from None
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer, source
+
+
+def _not_loadable(source: ModelSource, location: str, exc: OSError) -> UserError:
+    if Path(location).exists():
+        return UserError(f"'{location}' is not a loadable transformers model directory ({exc})")
+    return UserError(
+        f"cannot load '{source.model_id}': it is not in the local Hugging Face cache and the hub "
+        f"is unreachable; download it first (`hf download {source.model_id}`) or pass a local directory"
+    )
+
+
+def load_config(name: str, table: str = "targets"):
+    """The transformers config of `name`, without loading its weights."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    source = resolve_source(name, table)
+    location = _location(source)
+    try:
+        return AutoConfig.from_pretrained(location)
+    except OSError as exc:
+        raise _not_loadable(source, location, exc) from None
 
 
 def load_tokenizer(*names: str | None):

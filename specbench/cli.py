@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -44,6 +46,11 @@ def run(
     min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
     vocab_trim: Annotated[Optional[int], typer.Option(help="VocabTrim: keep only the N most frequent target tokens in the drafter's LM head")] = None,
     vocab_trim_from: Annotated[Optional[str], typer.Option(help="VocabTrim counts tokens in: a run dir, a target log, a workload, or an id list from `vocab-trim build`")] = None,
+    heads: Annotated[Optional[str], typer.Option(help="medusa/hydra/hydra-decoder: head checkpoint (directory, file or hub id), or 'fresh'; default from catalogue/heads.toml")] = None,
+    tree: Annotated[Optional[str], typer.Option(help="head drafters: a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths")] = None,
+    decoder_layers: Annotated[Optional[int], typer.Option(help="hydra-decoder with fresh heads: trunk layers copied from the target's last N")] = None,
+    posterior_threshold: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance threshold (default 0.09)")] = None,
+    posterior_alpha: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance entropy factor (default 0.3)")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
     workload: Annotated[str, typer.Option(help="a name from `specbench workloads`, or a .jsonl file (format detected)")] = "builtin",
     workload_file: Annotated[Optional[str], typer.Option(help="the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")] = None,
@@ -51,7 +58,7 @@ def run(
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/n: measure every n-th prompt from the i-th; `report` merges the shards")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling (chains) or typical acceptance (head drafters, lossy)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -78,6 +85,11 @@ def run(
             "min_ngram": min_ngram,
             "vocab_trim": vocab_trim,
             "vocab_trim_from": vocab_trim_from,
+            "heads": heads,
+            "tree": tree,
+            "decoder_layers": decoder_layers,
+            "posterior_threshold": posterior_threshold,
+            "posterior_alpha": posterior_alpha,
         }
         options.update({name: value for name, value in given.items() if value is not None})
         config = RunConfig(
@@ -186,6 +198,199 @@ def vocab_trim_build(
     console.print(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({len(counts)} distinct tokens seen)")
 
 
+def parse_ks(values: list[str] | None) -> list[int]:
+    """--k 1,2,3 --k 6 -> [1, 2, 3, 6]"""
+    ks = []
+    for value in values or []:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                ks.append(int(part))
+            except ValueError:
+                raise UserError(f"--k takes integers, comma-separated (got '{part}')") from None
+    return ks
+
+
+@app.command()
+def record(
+    out: Annotated[Path, typer.Option(help="the target log to write (.jsonl)")],
+    target: Annotated[str, typer.Option(help="alias, hub id or local directory")] = "smollm2-135m",
+    workload: Annotated[str, typer.Option(help="builtin, builtin-completion, or a .jsonl file")] = "builtin",
+    limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
+    topk: Annotated[Optional[int], typer.Option(help="also keep the target's top-N log-probs per position")] = None,
+    hidden: Annotated[bool, typer.Option(help="also keep the target's final hidden states (safetensors side file) for head drafters")] = False,
+    profile: Annotated[bool, typer.Option(help="also measure the verify-latency profile into the log")] = True,
+    profile_max_tokens: Annotated[int, typer.Option(help="profile forwards of 1..N tokens")] = 128,
+    profile_repeats: Annotated[int, typer.Option(help="timed repeats per token count (median kept)")] = 3,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Record the target's greedy outputs on a workload (and its verify latency) for `simulate`."""
+    from specbench.runner import environment
+    from specbench.simulate.log import read_log, write_log
+    from specbench.simulate.profile import measure_profile
+    from specbench.simulate.record import record as record_log
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.workloads import load_workload
+
+    prompts = load_workload(workload)[:limit] if limit else load_workload(workload)
+    dev = resolve_device(device)
+    with err_console.status(f"loading {target}"):
+        model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+    env = environment(dev)
+    total = sum(len(p.turns) for p in prompts)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console)
+    with progress:
+        task = progress.add_task(f"recording {target}", total=total)
+        record_log(model, prompts, workload, max_new_tokens, out, topk, hidden, None, env, lambda: progress.advance(task))
+    log = read_log(out)
+    if profile:
+        lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in log.turns]
+        with err_console.status("measuring the verify-latency profile"):
+            log.profile = measure_profile(model, log.turns[0].prompt_ids, sum(lengths) // len(lengths), profile_max_tokens, profile_repeats, env["device_name"])
+        write_log(out, log.header, log.turns, log.profile)
+    tokens = sum(len(t.output_ids) for t in log.turns)
+    console.print(f"{out}: {len(log.turns)} turns, {tokens} target tokens" + (f", hidden states in {log.header.hidden_file}" if hidden else "")
+                  + (f", verify profile 1..{profile_max_tokens} tokens" if profile else ""))
+
+
+@app.command()
+def profile(
+    out: Annotated[Path, typer.Option(help="where to write the profile (.json)")],
+    target: Annotated[str, typer.Option(help="alias, hub id or local directory")] = "smollm2-135m",
+    workload: Annotated[str, typer.Option(help="the context is its first prompt, repeated to --context-tokens")] = "builtin",
+    context_tokens: Annotated[int, typer.Option(help="context length the forwards see")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="profile forwards of 1..N tokens")] = 128,
+    repeats: Annotated[int, typer.Option(help="timed repeats per token count (median kept)")] = 3,
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens."""
+    from specbench.runner import environment
+    from specbench.simulate.profile import measure_profile
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.workloads import encode_turn, load_workload
+
+    dev = resolve_device(device)
+    with err_console.status(f"loading {target}"):
+        model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+    if model.tokenizer is None:
+        raise UserError(f"target '{target}' has no tokenizer to encode the context prompt")
+    context = encode_turn(model.tokenizer, load_workload(workload)[0], 0, [])
+    with err_console.status("measuring"):
+        result = measure_profile(model, context, context_tokens, max_tokens, repeats, environment(dev)["device_name"])
+    out.write_text(json.dumps(result.to_json()) + "\n")
+    console.print(f"{out}: verify ms at 1 / {max_tokens // 2} / {max_tokens} tokens: "
+                  f"{result.ms[0]:.2f} / {result.ms[max_tokens // 2 - 1]:.2f} / {result.ms[-1]:.2f}")
+
+
+def _open_log(log: Path, prompts: Optional[Path], target: Optional[str]):
+    from specbench.simulate.log import read_log
+
+    if prompts is None:
+        return read_log(log)
+    from specbench.simulate.dsd import read_dsd
+    from specbench.targets.loading import load_tokenizer
+
+    if not target:
+        raise UserError("a DSD log has text prompts: pass --target NAME (its tokenizer tokenises them)")
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
+
+
+@app.command()
+def simulate(
+    log: Annotated[Path, typer.Option(help="a target log from `specbench record` (or a DSD tensor-dump log with --prompts)")],
+    drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
+    k: Annotated[Optional[list[str]], typer.Option(help="chain lengths to score, e.g. --k 1,2,3,4,5,6 (one pass scores all)")] = None,
+    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: JSON files of child-rank paths, e.g. --tree a.json,b.json")] = None,
+    draft_model: Annotated[Optional[str], typer.Option(help="draft-model: alias, hub id or local directory")] = None,
+    max_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: longest n-gram matched")] = None,
+    min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
+    target: Annotated[Optional[str], typer.Option(help="the real target, when at hand: hidden states by one forward per sequence; the tokenizer for DSD logs")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="DSD format: the prompts JSONL matched by order to the tensor dumps in --log")] = None,
+    profile: Annotated[Optional[Path], typer.Option(help="a verify-latency profile from `specbench profile` (default: the log's)")] = None,
+    bandwidth: Annotated[Optional[float], typer.Option(help="predict with a memory-bandwidth roofline at this many GB/s instead of a profile")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="use only the first N logged turns")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="cut the logged outputs to N tokens (default: the log's)")] = None,
+    method: Annotated[str, typer.Option(help="auto (teacher-forced where the drafter has the hook), teacher-forced, replay")] = "auto",
+    latency_steps: Annotated[int, typer.Option(help="proposals timed per shape for the draft latency")] = 32,
+    device: Annotated[str, typer.Option(help="where the drafter runs: auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="--target's dtype: auto, float32, float16, bfloat16")] = "auto",
+    out: Annotated[Path, typer.Option(help="directory under which the run directories are created")] = Path("results"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """Score a drafter on a recorded target log without running the target: τ, acceptance and predicted speedup per k/tree."""
+    from specbench.report.tables import simulation_table
+    from specbench.runner import command_line
+    from specbench.simulate.log import read_profile
+    from specbench.simulate.predict import LatencyModel
+    from specbench.simulate.runner import SimulateConfig, Simulator, write_runs
+    from specbench.simulate.walk import Shape, load_tree
+
+    target_log = _open_log(log, prompts, target)
+    shapes = [Shape.chain(value) for value in dict.fromkeys(parse_ks(k))]
+    shapes += [load_tree(spec.strip()) for value in tree or [] for spec in value.split(",") if spec.strip()]
+    options = dict(parse_option(o) for o in option or [])
+    given = {"draft_model": draft_model, "max_ngram": max_ngram, "min_ngram": min_ngram}
+    options.update({name: value for name, value in given.items() if value is not None})
+    if "k" in options:
+        raise UserError("simulate scores the chain lengths given with --k; do not pass k as a drafter option")
+    latency = LatencyModel.build(read_profile(profile) if profile else target_log.profile, bandwidth, target_log.header.target_forward_bytes)
+    real_target = None
+    if target and prompts is None:
+        from specbench.targets.hf import HFTarget
+        from specbench.targets.loading import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        with err_console.status(f"loading {target}"):
+            real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+    config = SimulateConfig(drafter, options, shapes, max_new_tokens, limit, method, latency_steps)
+    with err_console.status(f"loading {drafter}"):
+        simulator = Simulator(target_log, config, real_target, device)
+    with err_console.status(f"scoring {len(shapes)} shape(s) over {len(simulator.turns)} logged turns"):
+        simulation = simulator.score()
+    reports = write_runs(simulation, simulator, latency, out, command_line())
+    if as_json:
+        print(json.dumps({
+            "log": str(log), "method": simulation.method, "hidden_source": simulation.hidden_source,
+            "scoring_s": simulation.scoring_s, "latency_s": simulation.latency_s,
+            "results": [{"shape": r.shape, "run": r.directory, "alpha_iid": r.alpha_iid,
+                         "leviathan_expected_speedup": r.leviathan_speedup, "draft_ms_source": r.draft_ms_source,
+                         **r.summary.to_json()} for r in reports],
+        }, indent=2))
+        return
+    title = f"simulated: {drafter} on a log of {target_log.header.target} ({simulation.method}; latency model: {latency.kind})"
+    console.print(simulation_table(reports, title))
+    if simulation.hidden_source:
+        console.print(f"target hidden states: {simulation.hidden_source}")
+    console.print(f"scoring {simulation.scoring_s:.2f} s, draft-latency timing {simulation.latency_s:.2f} s; records: {out}/")
+
+
+@app.command("convert-log")
+def convert_log(
+    log: Annotated[Path, typer.Option(help="the DSD target log: tensor([[...]]) dumps, one per prompt")],
+    prompts: Annotated[Path, typer.Option(help="the DSD prompts JSONL, matched by order")],
+    target: Annotated[str, typer.Option(help="the target whose tokenizer tokenises the prompts (and names the log)")],
+    out: Annotated[Path, typer.Option(help="the specbench target log to write (.jsonl)")],
+) -> None:
+    """Convert a Decoding-Speculative-Decoding log (prompts JSONL + tensor dumps) into a specbench target log."""
+    from specbench.simulate.log import write_log
+
+    converted = _open_log(log, prompts, target)
+    write_log(out, converted.header, converted.turns)
+    console.print(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens (no profile: give simulate --profile or --bandwidth)")
+
+
 @app.command()
 def workloads() -> None:
     """List the workloads (catalogue/workloads.toml) and where each one's data comes from."""
@@ -274,7 +479,18 @@ def export_answers(
     console.print(f"wrote {n} answers to {out}")
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """specbench's own warnings as one line, like its errors; others as Python prints them."""
+    from specbench.errors import SpecbenchWarning
+
+    if issubclass(category, SpecbenchWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = show_warning
     try:
         app()
     except UserError as exc:

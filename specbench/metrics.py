@@ -147,3 +147,14 @@ def expected_speedup(alpha: float, k: int, c: float) -> float:
 def memory_bound_speedup(tau_value: float, c: float, gamma: int) -> float:
     """MBSU = τ / (c γ + 1), c = draft/target parameter-bytes ratio, γ = sequential draft passes."""
     return tau_value / (c * gamma + 1)
+
+
+def alpha_iid(steps: Sequence[StepMeasure]) -> float | None:
+    """The i.i.d. per-token acceptance α that best explains the steps (maximum likelihood):
+    each step is a run of Bernoulli(α) trials stopped by the first rejection or by the
+    end of its draft, so α = accepted / (accepted + steps that stopped on a rejection).
+    The α of Leviathan et al.'s expected-speedup formula."""
+    accepted = sum(s.accepted for s in steps)
+    rejections = sum(s.accepted < s.tree_depth for s in steps)
+    trials = accepted + rejections
+    return accepted / trials if trials else None

@@ -5,8 +5,9 @@ A drafter is any class registered in the entry-point group `specbench.drafters`
 generated sequence the decode loop calls, in order:
 
 1. `begin(prompt_tokens, prompt_hidden)` once, after the target's prefill;
-   `prompt_hidden` is the target's final hidden states over the prompt
-   ([L, H]) when the class sets `needs_hidden_states`, else None.
+   `prompt_hidden` is the target's hidden states over the prompt ([L, H])
+   when the class sets `needs_hidden_states` (final normed, or the input of
+   layer `hidden_state_layer`), else None.
 2. `propose(ctx)` before each verification step: return a `DraftTree` of
    tokens to follow the root (the last token of `ctx.tokens`). An empty tree
    makes the step a plain decoding step.
@@ -17,6 +18,10 @@ generated sequence the decode loop calls, in order:
 The drafter learns what was accepted both from `on_verified` and from the
 next `ctx.tokens`, which always equal the target's output so far: a drafter
 with its own KV cache can simply roll back to the common prefix.
+
+Optional, for `specbench simulate`: `teacher_forced(prompt, output, depth, hidden)`
+scores a whole logged sequence in one pass (see specbench/simulate/proposals.py).
+Drafters without it are simulated by step replay, which is slower and labelled so.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
 if TYPE_CHECKING:
+    from specbench.simulate.proposals import HiddenProvider, TeacherForced
     from specbench.targets.hf import HFTarget
 
 ENTRY_POINT_GROUP = "specbench.drafters"
@@ -60,6 +67,12 @@ class Drafter:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_hidden_states: ClassVar[bool] = False
+    # which hidden states `begin`/`on_verified` receive when needs_hidden_states:
+    # None = the target's final normed output; j = the input of decoder layer j
+    # (before any norm), e.g. for a trunk that replaces the last layers
+    hidden_state_layer: int | None = None
+    # the acceptance rule at temperature > 0 for tree drafters (None: speculative sampling)
+    typical_acceptance: TypicalAcceptance | None = None
 
     @classmethod
     def create(cls, target: HFTarget, **options: Any) -> Drafter:
@@ -74,6 +87,20 @@ class Drafter:
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
         pass
+
+    def teacher_forced(
+        self, prompt: torch.Tensor, output: torch.Tensor, depth: int, hidden: HiddenProvider | None
+    ) -> TeacherForced:
+        """Optional simulation hook: for a logged greedy sequence (prompt ids, the target's
+        output ids), the rank of every true next token under each of `depth` draft
+        positions at every step (a `TeacherForced`), from one pass over the sequence.
+        `hidden()` yields the target's final hidden states over prompt + output[:-1] for
+        drafters that read them. Leave unimplemented to be simulated by step replay."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_teacher_forced(cls) -> bool:
+        return cls.teacher_forced is not Drafter.teacher_forced
 
     def memory_model(self) -> tuple[int, int]:
         """(bytes of weights one draft pass reads, sequential draft passes per step),

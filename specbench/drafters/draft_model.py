@@ -119,3 +119,21 @@ class DraftModelDrafter(Drafter):
                 logits = self._logits([token])
         tokens = torch.tensor(drafted, device=ctx.tokens.device)
         return DraftTree.chain(tokens, torch.stack(probs) if probs else None)
+
+    @torch.inference_mode()
+    def teacher_forced(self, prompt, output, depth, hidden=None):
+        """One forward of the draft model over prompt + output: the rank of each true
+        next token under the draft's (possibly trimmed) head, shifted per draft position."""
+        from specbench.simulate.proposals import TeacherForced, autoregressive_ranks, true_ranks
+
+        sequence = torch.cat([prompt.reshape(-1), output.reshape(-1)]).to(self.device)
+        positions = torch.arange(sequence.numel() - 1, device=self.device)
+        out = self.backbone(input_ids=sequence[None, :-1], position_ids=positions[None], use_cache=False)
+        logits = self.head(out.last_hidden_state[0])
+        true = sequence[1:]
+        if self.trim is not None:  # index among the kept ids; -1 = a token the trimmed head cannot draft
+            lookup = torch.full((self.trim.vocab_size,), -1, dtype=torch.long, device=self.device)
+            lookup[self.trim.kept] = torch.arange(self.trim.kept.numel(), device=self.device)
+            true = lookup[true]
+        ranks = true_ranks(logits, true)
+        return TeacherForced(autoregressive_ranks(ranks, prompt.numel(), output.numel(), depth))

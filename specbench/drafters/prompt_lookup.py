@@ -8,6 +8,8 @@ is a plain decoding step).
 
 from __future__ import annotations
 
+import torch
+
 from specbench.drafters.base import DraftContext, Drafter
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
@@ -24,15 +26,37 @@ class PromptLookupDrafter(Drafter):
             raise UserError(f"need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
 
-    def propose(self, ctx: DraftContext) -> DraftTree:
-        sequence = ctx.tokens
+    def lookup(self, sequence: torch.Tensor, k: int) -> torch.Tensor:
+        """Up to k tokens that followed the most recent earlier occurrence of the longest
+        matching suffix n-gram; empty when none matches."""
         length = sequence.numel()
-        k = min(self.k, ctx.max_tokens)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             pattern = sequence[-n:]
             windows = sequence[:-1].unfold(0, n, 1)  # every earlier n-gram, the suffix itself excluded
             starts = (windows == pattern).all(dim=1).nonzero()
             if starts.numel():
                 begin = int(starts[-1]) + n
-                return DraftTree.chain(sequence[begin : begin + k])
-        return DraftTree.empty(sequence.device)
+                return sequence[begin : begin + k]
+        return sequence[:0]
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        found = self.lookup(ctx.tokens, min(self.k, ctx.max_tokens))
+        return DraftTree.chain(found) if found.numel() else DraftTree.empty(ctx.tokens.device)
+
+    def teacher_forced(self, prompt, output, depth, hidden=None):
+        """The lookup at every step's context (the true prefix): proposals are a
+        function of the context alone, so ranks are 0 (proposed and right) or none."""
+        from specbench.simulate.proposals import RANK_NONE, TeacherForced
+
+        prompt, output = prompt.reshape(-1).cpu(), output.reshape(-1).cpu()
+        sequence = torch.cat([prompt, output])
+        n_out, p = output.numel(), prompt.numel()
+        ranks = torch.full((n_out, depth), RANK_NONE, dtype=torch.long)
+        lengths = torch.zeros(n_out, dtype=torch.long)
+        for m in range(1, n_out):
+            found = self.lookup(sequence[: p + m], depth)
+            lengths[m] = found.numel()
+            truth = output[m : m + found.numel()]
+            hits = found[: truth.numel()] == truth
+            ranks[m, : hits.numel()] = torch.where(hits, 0, RANK_NONE)
+        return TeacherForced(ranks, lengths, ranked=False)

@@ -4,6 +4,8 @@ path is kept and which token the target adds after it.
 - greedy: lossless; the output equals plain greedy decoding token for token.
 - speculative sampling (chains, temperature > 0): lossless in distribution
   (Leviathan et al. / Chen et al.).
+- typical acceptance (Medusa/Hydra trees, temperature > 0): lossy; a node is
+  kept when the target gives its token enough probability (Medusa's rule).
 Ties in argmax break to the lowest token id (torch.argmax returns the first
 maximum), the same in plain and speculative decoding.
 """
@@ -26,7 +28,12 @@ class Acceptance:
 def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
     """Longest root-to-node path whose every token is the target's argmax at its
     parent; the first such path in node order wins a tie."""
-    predicted = logits.argmax(dim=-1).tolist()  # row 0 = root, row i+1 = node i
+    return accept_predicted(tree, logits.argmax(dim=-1).tolist())
+
+
+def accept_predicted(tree: DraftTree, predicted: list[int]) -> Acceptance:
+    """Greedy acceptance given the target's choice after the root (predicted[0]) and
+    after each node (predicted[i + 1]). Simulation passes the logged tokens here."""
     tokens, parents, depths = tree.tokens.tolist(), tree.parents.tolist(), tree.depths
     on_path = [False] * len(tokens)
     best_node, best_depth = -1, 0
@@ -73,9 +80,57 @@ def accept_speculative_sampling(
     return Acceptance(list(range(len(tokens))), sample(target_probs[len(tokens)], generator))
 
 
-def accept(
-    tree: DraftTree, logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+@dataclass(frozen=True)
+class TypicalAcceptance:
+    """Medusa's typical acceptance: token x is accepted where the target gives it
+    p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p))). The reference
+    helpers take these two in swapped positions; here they are named."""
+
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+    def thresholds(self, probs: torch.Tensor) -> torch.Tensor:
+        entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)  # the reference's epsilon
+        return torch.minimum(torch.full_like(entropy, self.posterior_threshold), self.posterior_alpha * torch.exp(-entropy))
+
+
+def accept_typical(
+    tree: DraftTree, logits: torch.Tensor, temperature: float, rule: TypicalAcceptance, generator: torch.Generator | None
 ) -> Acceptance:
+    """Longest path of nodes that pass the typical test at their parent; among
+    equally long paths the most likely under the target (as Medusa picks). The
+    token after it is sampled from the target's distribution with the tokens
+    below the threshold removed (Medusa's typical sampling of the next root)."""
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
+    thresholds = rule.thresholds(probs)
+    tokens, parents, depths = tree.tokens.tolist(), tree.parents.tolist(), tree.depths
+    log_likelihood = [0.0] * len(tokens)
+    on_path = [False] * len(tokens)
+    best_node, best_depth, best_ll = -1, 0, 0.0
+    for i, parent in enumerate(parents):
+        p = float(probs[parent + 1, tokens[i]])
+        if (parent < 0 or on_path[parent]) and p > float(thresholds[parent + 1]):
+            on_path[i] = True
+            log_likelihood[i] = (log_likelihood[parent] if parent >= 0 else 0.0) + float(torch.log(torch.tensor(p)))
+            if depths[i] > best_depth or (depths[i] == best_depth and log_likelihood[i] > best_ll):
+                best_node, best_depth, best_ll = i, depths[i], log_likelihood[i]
+    last = probs[best_node + 1]
+    kept = torch.where(last < thresholds[best_node + 1], torch.zeros_like(last), last)
+    path = tree.path_to(best_node) if best_node >= 0 else []
+    return Acceptance(path, sample(kept / kept.sum(), generator))
+
+
+def accept(
+    tree: DraftTree,
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None,
+    typical: TypicalAcceptance | None = None,
+) -> Acceptance:
+    """Greedy at temperature 0; above it, typical acceptance for drafters that ask
+    for it (tree drafters), else speculative sampling."""
     if temperature <= 0:
         return accept_greedy(tree, logits)
+    if typical is not None:
+        return accept_typical(tree, logits, temperature, typical, generator)
     return accept_speculative_sampling(tree, logits, temperature, generator)

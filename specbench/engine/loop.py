@@ -50,9 +50,10 @@ def decode(
     clock = Clock(target.device)
     start = clock.now()
     prompt_ids = prompt_ids.reshape(-1).to(target.device)
-    want_hidden = drafter.needs_hidden_states
-    logits, hidden = target.prefill(prompt_ids, want_hidden)
-    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator).bonus
+    want_hidden, hidden_layer = drafter.needs_hidden_states, drafter.hidden_state_layer
+    typical = drafter.typical_acceptance
+    logits, hidden = target.prefill(prompt_ids, want_hidden, hidden_layer)
+    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, typical).bonus
     output = [first]
     ttft_ms = clock.now() - start
     drafter.begin(prompt_ids, hidden)
@@ -64,17 +65,22 @@ def decode(
         context = DraftContext(sequence, prompt_ids.numel(), max_new_tokens - len(output), temperature, generator)
         tree = drafter.propose(context)
         t1 = clock.now()
-        logits, hidden = target.verify(output[-1], tree, want_hidden)
+        logits, hidden = target.verify(output[-1], tree, want_hidden, hidden_layer)
         t2 = clock.now()
-        result = accept(tree, logits, temperature, generator)
+        result = accept(tree, logits, temperature, generator, typical)
         target.commit(result.accepted_nodes)
         emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
         drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))
+        kept = 0
         for token in emitted:
             output.append(token)
+            kept += 1
             if len(output) >= max_new_tokens or token in target.eos_token_ids:
                 break
         sequence = torch.cat([sequence, torch.tensor(emitted, device=target.device)])
         t3 = clock.now()
-        steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, len(result.accepted_nodes)))
+        # draft tokens after an accepted EOS are cut from the output, so they do not count
+        # as accepted either (the target's continuation past EOS is not part of the sequence)
+        accepted = min(len(result.accepted_nodes), kept)
+        steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, accepted))
     return Decoded(output, ttft_ms, clock.now() - start, steps)

@@ -94,3 +94,85 @@ class DraftTree:
             node = parents[node]
         return path[::-1]
 
+
+
+class TreeShape:
+    """A tree of *ranks*, the Medusa/Hydra "choices" format: each path lists child
+    ranks from the root, e.g. [0, 1] = the 2nd-best child of the best child.
+    A drafter turns it into a DraftTree by filling in the token of each rank.
+
+    Node order is the paths sorted by (length, path), as the reference
+    implementations sort them, so parents precede children and siblings are in
+    rank order. Every per-depth index a level-by-level drafter needs is
+    precomputed here, once per tree.
+    """
+
+    def __init__(self, paths: list[list[int]], name: str = "") -> None:
+        self.name = name or f"{len(paths)}-node tree"
+        self.paths = validate_paths(paths, self.name)
+        index = {tuple(p): i for i, p in enumerate(self.paths)}
+        self.parents = [index[tuple(p[:-1])] if len(p) > 1 else -1 for p in self.paths]
+        self.ranks = [p[-1] for p in self.paths]
+        self.depths = [len(p) for p in self.paths]
+        self.depth = max(self.depths, default=0)
+        has_children = {parent for parent in self.parents if parent >= 0}
+        # level d (1-based) holds the nodes at depth d; `expanded[d]` are the nodes
+        # at depth d that have children, in node order: the rows a level-by-level
+        # drafter carries to level d + 1 (level 0 is the root alone)
+        self.level_nodes: list[list[int]] = [[] for _ in range(self.depth + 1)]
+        for i, d in enumerate(self.depths):
+            self.level_nodes[d].append(i)
+        self.expanded: list[list[int]] = [[-1]] + [[i for i in nodes if i in has_children] for nodes in self.level_nodes[1:]]
+        # for each level d >= 1: the row (within expanded[d - 1]) of each node's parent
+        self.parent_rows: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)]
+        self.level_ranks: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)]
+        for d in range(1, self.depth + 1):
+            row_of = {node: r for r, node in enumerate(self.expanded[d - 1])}
+            self.parent_rows.append(torch.tensor([row_of[self.parents[i]] for i in self.level_nodes[d]]))
+            self.level_ranks.append(torch.tensor([self.ranks[i] for i in self.level_nodes[d]]))
+        # for each level d: positions (within level d) of the nodes that have children
+        self.expand_positions: list[torch.Tensor] = [torch.zeros(1, dtype=torch.long)] + [
+            torch.tensor([k for k, node in enumerate(self.level_nodes[d]) if node in has_children], dtype=torch.long)
+            for d in range(1, self.depth + 1)
+        ]
+        # top-k needed per level (the largest rank + 1)
+        self.level_topk = [0] + [int(r.max()) + 1 for r in self.level_ranks[1:]]
+        self.parents_tensor = torch.tensor(self.parents, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @staticmethod
+    def chain(k: int) -> TreeShape:
+        return TreeShape([[0] * d for d in range(1, k + 1)], name=f"chain:{k}")
+
+    def draft_tree(self, level_tokens: list[torch.Tensor]) -> DraftTree:
+        """A DraftTree from the tokens of each level (level d's tokens in node order)."""
+        if not self.paths:
+            return DraftTree.empty()
+        tokens = torch.cat(level_tokens).long()  # levels are contiguous in node order
+        return DraftTree(tokens, self.parents_tensor.to(tokens.device))
+
+
+def validate_paths(paths, name: str) -> list[list[int]]:
+    """The paths in node order, or a UserError saying what is wrong with them."""
+    from specbench.errors import UserError
+
+    if not isinstance(paths, list) or not all(
+        isinstance(p, (list, tuple)) and p and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in p)
+        for p in paths
+    ):
+        raise UserError(f"tree '{name}' must be a list of non-empty paths of child ranks (ints >= 0), e.g. [[0], [1], [0, 0]]")
+    paths = [list(p) for p in paths]
+    seen = {tuple(p) for p in paths}
+    if len(seen) != len(paths):
+        dup = next(p for i, p in enumerate(paths) if tuple(p) in {tuple(q) for q in paths[:i]})
+        raise UserError(f"tree '{name}' lists path {dup} twice")
+    for p in paths:
+        if len(p) > 1 and tuple(p[:-1]) not in seen:
+            raise UserError(f"tree '{name}' is not prefix-closed: path {p} has no parent path {p[:-1]}")
+        if p[-1] > 0 and tuple(p[:-1] + [p[-1] - 1]) not in seen:
+            # a node's children must be its best ranks 0..k-1: drafting rank r
+            # while leaving out a likelier sibling is never what a tree means
+            raise UserError(f"tree '{name}': path {p} has no sibling {p[:-1] + [p[-1] - 1]}; ranks under a node must run 0, 1, ... without gaps")
+    return sorted(paths, key=lambda p: (len(p), p))

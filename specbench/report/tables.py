@@ -95,3 +95,21 @@ def comparison_table(frame, title: str = "setups compared") -> Table:
     for _, row in frame.iterrows():
         table.add_row(str(row["setup"]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
     return table
+
+
+def simulation_table(reports, title: str) -> Table:
+    """One row per simulated shape (k or tree), the best predicted speedup marked."""
+    table = Table(title=title, header_style="bold")
+    columns = ("shape", "τ", "acceptance", "draft ms/step", "verify ms/step", "tokens/s (pred.)",
+               "speedup (pred.)", "Leviathan expected", "MBSU")
+    for column in columns:
+        table.add_column(column, justify="right")
+    best = max(reports, key=lambda r: r.summary.speedup or 0.0, default=None)
+    for r in reports:
+        s = r.summary
+        table.add_row(
+            ("* " if r is best else "") + r.shape, _fmt(s.tau), _fmt(s.acceptance_rate, ".1%"),
+            _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(s.tokens_per_s, ".1f"),
+            _fmt(s.speedup, ".2f", "×"), _fmt(r.leviathan_speedup, ".2f", "×"), _fmt(s.mbsu, ".2f", "×"),
+        )
+    return table

@@ -164,3 +164,18 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: s
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer, source
+
+
+def load_tokenizer(*names: str | None):
+    """The tokenizer of the first of `names` (alias, hub id or local directory) that has one, else None."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    for name in names:
+        if not name:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(model_location(name))
+        except (OSError, ValueError, TypeError, UserError):
+            continue
+    return None

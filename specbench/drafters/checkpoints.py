@@ -1,0 +1,403 @@
+"""Load the published draft-head checkpoints as they are (facts and traps:
+shared/reference/checkpoints.md), into the modules of heads.py.
+
+- Medusa-1 (`medusa_lm_head.pt`, a bf16 torch pickle, or `.safetensors`): keys
+  `{h}.{i}.linear.*`, `{h}.{L}.weight`; the head count comes from the keys (the
+  published config under-reports it); a missing `{h}.{L}.weight` means
+  "version 2" heads that use the base LM head. Medusa-2 full checkpoints keep
+  the same keys under `medusa_head.` beside `model.*`.
+- Hydra (`hydra_lm_head.pt`): `hydra_mlp.*`, `hydra_lm_head.*`, `input_embed_fn.weight`,
+  and for Hydra++ `prefix_embeding_layer.*` (sic).
+- Decoder-layer Hydra (`medusa_lm_head.pt` holding *pickled modules*): read with
+  an unpickler that only rebuilds tensors and stand-ins for module classes,
+  then flattened to tensors; a file it cannot map is an error, never a
+  silent no-op as in the reference loader.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specbench.errors import SpecbenchWarning, UserError
+
+
+@dataclass
+class HeadCheckpoint:
+    name: str  # what the user gave (hub id, directory or file)
+    directory: Path
+    config: dict
+    state: dict[str, torch.Tensor]  # tensors keyed as in the published file
+    files: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"heads": self.name, "head_files": self.files, "base_model": self.config.get("base_model_name_or_path")}
+
+
+# --- finding the files --------------------------------------------------------
+
+def locate(spec: str, file_names: tuple[str, ...]) -> tuple[Path, Path | None]:
+    """(directory, preferred weights file or None) for a directory, a file or a hub id."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.parent, path
+    if path.is_dir():
+        return path, None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UserError(f"heads '{spec}' not found: pass a local directory or file, or a hub id (owner/name)")
+    return _download(spec, file_names), None
+
+
+def _download(repo_id: str, file_names: tuple[str, ...]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    from specbench.targets.loading import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", *file_names]))
+    except Exception as exc:  # offline, unknown repo, gated: one clear line either way
+        raise UserError(
+            f"cannot fetch heads '{repo_id}' ({type(exc).__name__}): download them first "
+            f"(`hf download {repo_id}`) or pass a local directory with --heads"
+        ) from None
+
+
+def read_config(directory: Path) -> dict:
+    file = directory / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON ({exc})") from None
+
+
+# --- reading tensors ----------------------------------------------------------
+
+class _PickledObject:
+    """Stands in for an allow-listed class (a torch/transformers/reference module
+    or config) inside a pickle: keeps its state, runs none of its code."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.state: dict = {}
+
+    def __setstate__(self, state) -> None:
+        self.state = state if isinstance(state, dict) else {"_state": state}
+
+
+_STUB_PREFIXES = ("medusa.", "hydra.", "transformers.", "torch.nn.modules.", "__main__")
+_REAL_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("__builtin__", "set"),  # protocol-2 pickles use the Python 2 names
+    ("__builtin__", "frozenset"),
+}
+
+
+class _ModuleUnpickler(pickle.Unpickler):
+    stubs: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _REAL_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith(_STUB_PREFIXES) or module in ("torch.nn", "copyreg"):
+            if (module, name) == ("copyreg", "_reconstructor"):
+                return lambda cls, base, state: cls.__new__(cls)
+            key = (module, name)
+            if key not in self.stubs:
+                self.stubs[key] = type(name, (_PickledObject,), {"__module__": module})
+            return self.stubs[key]
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+class _ModulePickle:
+    """The `pickle_module` handed to torch.load: only its Unpickler is used."""
+
+    Unpickler = _ModuleUnpickler
+    __name__ = "specbench_module_pickle"
+
+    @staticmethod
+    def load(*args, **kwargs):
+        raise pickle.UnpicklingError("legacy (pre-zip) torch files are not supported")
+
+
+def _flatten(obj, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    """Tensors of a pickled module tree (or nested dicts) under dotted names, like state_dict()."""
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj.detach()
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _flatten(value, f"{prefix}{key}.", out)
+    elif isinstance(obj, _PickledObject):
+        for slot in ("_parameters", "_buffers", "_modules"):
+            for key, value in (obj.state.get(slot) or {}).items():
+                if value is not None:
+                    _flatten(value, f"{prefix}{key}.", out)
+
+
+def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise UserError(f"head checkpoint file {file} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if not allow_pickled_modules:
+                raise
+            # pickled modules (decoder-layer Hydra): rebuild stand-ins, never run their code
+            data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_ModulePickle)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read head checkpoint {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    out: dict[str, torch.Tensor] = {}
+    _flatten(data, "", out)
+    if not out:
+        raise UserError(f"{file} holds no tensors; it is not a head checkpoint")
+    return out
+
+
+def read_safetensors_prefix(directory: Path, prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors whose names start with `prefix` from a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
+    else:
+        shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(str(directory / shard), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key.removeprefix(prefix)] = f.get_tensor(key)
+    return out, [s for s in shards]
+
+
+# --- checks against the target -------------------------------------------------
+
+def check_base_model(checkpoint: HeadCheckpoint, target) -> None:
+    base = checkpoint.config.get("base_model_name_or_path")
+    if base and target.model_id and base.rstrip("/") != str(target.model_id).rstrip("/"):
+        warnings.warn(
+            f"heads '{checkpoint.name}' were trained for '{base}', the target is '{target.model_id}'",
+            SpecbenchWarning,
+            stacklevel=2,
+        )
+
+
+def check_shape(what: str, tensor: torch.Tensor, expected: tuple[int, ...], target) -> None:
+    if tuple(tensor.shape) == expected:
+        return
+    if len(expected) == 2 and expected[0] == target.vocab_size and tensor.shape[0] != target.vocab_size:
+        raise UserError(
+            f"vocabulary mismatch: {what} predicts {tensor.shape[0]} token ids, target '{target.name}' "
+            f"{target.vocab_size}; use heads trained for this target"
+        )
+    raise UserError(
+        f"hidden-size mismatch: {what} has shape {tuple(tensor.shape)}, target '{target.name}' "
+        f"(hidden size {target.hidden_size}) needs {expected}; use heads trained for this target"
+    )
+
+
+# --- layouts ---------------------------------------------------------------------
+
+MEDUSA_BLOCK = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
+MEDUSA_LM = re.compile(r"^(\d+)\.(\d+)\.weight$")
+
+
+@dataclass
+class MedusaLayout:
+    num_heads: int
+    num_layers: int
+    own_lm_head: bool  # False: "version 2", logits through the base LM head
+
+
+def medusa_layout(state: dict[str, torch.Tensor], what: str) -> MedusaLayout:
+    blocks: dict[int, set[int]] = {}
+    lm: dict[int, int] = {}
+    for key in state:
+        if m := MEDUSA_BLOCK.match(key):
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+        elif m := MEDUSA_LM.match(key):
+            lm[int(m[1])] = int(m[2])
+        else:
+            raise UserError(f"{what}: unexpected key '{key}' for Medusa heads (expected '{{h}}.{{i}}.linear.weight' / '{{h}}.{{L}}.weight')")
+    if not blocks:
+        raise UserError(f"{what}: no Medusa head keys like '0.0.linear.weight'")
+    heads = sorted(blocks)
+    if heads != list(range(len(heads))):
+        raise UserError(f"{what}: Medusa heads {heads} are not numbered 0..{len(heads) - 1}")
+    own = bool(lm)
+    if own and (sorted(lm) != heads or len(set(lm.values())) != 1):
+        raise UserError(f"{what}: every Medusa head needs its LM head after its ResBlocks ('{{h}}.{{L}}.weight')")
+    # the ResBlock is one module repeated L times: a deduplicating writer (safetensors)
+    # may store it under one index only, so L comes from the LM head's index
+    num_layers = next(iter(lm.values())) if own else max(blocks[0]) + 1
+    if any(not blocks[h] <= set(range(num_layers)) for h in heads):
+        raise UserError(f"{what}: Medusa ResBlock indices {sorted(blocks[0])} do not fit {num_layers} layer(s)")
+    return MedusaLayout(len(heads), num_layers, own)
+
+
+def load_medusa_state(heads_module, state: dict[str, torch.Tensor], target, what: str) -> None:
+    """Copy published Medusa keys into a MedusaHeads. The shared ResBlock may be stored
+    under one index only (deduplicated): any stored index stands for all."""
+    state = dict(state)
+    for key in heads_module.heads.state_dict():
+        if key not in state and (m := MEDUSA_BLOCK.match(key)):
+            stored = sorted(k for k in state if (n := MEDUSA_BLOCK.match(k)) and n[1] == m[1] and n[3] == m[3])
+            if stored:
+                state[key] = state[stored[0]]
+    mine = heads_module.heads.state_dict()
+    for key, value in mine.items():
+        if key not in state:
+            raise UserError(f"{what}: missing key '{key}'")
+        check_shape(f"{what} '{key}'", state[key], tuple(value.shape), target)
+    heads_module.heads.load_state_dict({k: state[k].to(target.dtype) for k in mine}, strict=True)
+
+
+def load_medusa(spec: str, target) -> tuple[HeadCheckpoint, MedusaLayout]:
+    """Medusa-1 (`medusa_lm_head.{pt,safetensors}`), Medusa-2 (full checkpoint, `medusa_head.*`) or version 2."""
+    directory, file = locate(spec, ("medusa_lm_head.pt", "medusa_lm_head.safetensors"))
+    config = read_config(directory)
+    candidates = [file] if file else [directory / "medusa_lm_head.safetensors", directory / "medusa_lm_head.pt"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None:
+        state = read_tensors(found)
+        files = [found.name]
+        if all(k.startswith("medusa_head.") for k in state):  # a heads file saved from the Medusa-2 model
+            state = {k.removeprefix("medusa_head."): v for k, v in state.items()}
+    else:
+        state, files = read_safetensors_prefix(directory, "medusa_head.")
+        if not state:
+            raise UserError(
+                f"no Medusa heads in '{spec}': expected medusa_lm_head.pt / medusa_lm_head.safetensors, "
+                "or a Medusa-2 checkpoint with medusa_head.* tensors"
+            )
+    checkpoint = HeadCheckpoint(spec, directory, config, state, files)
+    return checkpoint, medusa_layout(state, spec)
+
+
+HYDRA_KEY = re.compile(r"^hydra_(mlp|lm_head)\.(\d+)\.(.+)$")
+
+
+@dataclass
+class HydraLayout:
+    arch: str  # "mlp" | "prefix-mlp"
+    num_heads: int
+    num_layers: int
+    grounded: bool
+    hidden_state_offset: int
+
+
+def hydra_layout(checkpoint: HeadCheckpoint, target) -> HydraLayout:
+    state, config, what = checkpoint.state, checkpoint.config, checkpoint.name
+    heads: set[int] = set()
+    for key in state:
+        if m := HYDRA_KEY.match(key):
+            heads.add(int(m[2]))
+        elif not key.startswith(("prefix_embeding_layer.", "input_embed_fn.")):
+            raise UserError(f"{what}: unexpected key '{key}' for Hydra heads (expected hydra_mlp.*, hydra_lm_head.*, input_embed_fn.*, prefix_embeding_layer.*)")
+    if not heads:
+        raise UserError(f"{what}: no Hydra head keys like 'hydra_mlp.0...'")
+    has_prefix = any(k.startswith("prefix_embeding_layer.") for k in state)
+    arch = config.get("hydra_head_arch") or ("prefix-mlp" if has_prefix else "mlp")
+    if arch not in ("mlp", "prefix-mlp"):
+        raise UserError(f"{what}: hydra_head_arch '{arch}' is not supported (mlp, prefix-mlp)")
+    if (arch == "prefix-mlp") != has_prefix:
+        raise UserError(f"{what}: config says hydra_head_arch '{arch}' but the file {'has' if has_prefix else 'lacks'} prefix_embeding_layer.* weights")
+    block_index = re.compile(r"^hydra_mlp\.0\.(\d+)\.linear\.weight$")
+    indices = sorted(int(m[1]) for k in state if (m := block_index.match(k)))
+    num_layers = config.get("hydra_num_layers") or len(indices)
+    first = state.get("hydra_mlp.0.1.linear.weight" if arch == "prefix-mlp" else "hydra_mlp.0.0.linear.weight")
+    if first is None:
+        raise UserError(f"{what}: no first block for head 0 (hydra_mlp.0.{1 if arch == 'prefix-mlp' else 0}.linear.weight)")
+    grounded = config.get("grounded_heads", first.shape[1] == 2 * first.shape[0])
+    offset = int(config.get("hidden_state_offset", 0) or 0)
+    if not 0 <= offset < target.num_layers:
+        raise UserError(f"{what}: hidden_state_offset {offset} is outside the target's {target.num_layers} layers")
+    return HydraLayout(arch, max(heads) + 1, int(num_layers), bool(grounded), offset)
+
+
+def load_hydra(spec: str, target) -> tuple[HeadCheckpoint, HydraLayout]:
+    directory, file = locate(spec, ("hydra_lm_head.pt", "hydra_lm_head.safetensors"))
+    candidates = [file] if file else [directory / "hydra_lm_head.pt", directory / "hydra_lm_head.safetensors"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UserError(f"no Hydra heads in '{spec}': expected hydra_lm_head.pt (with config.json)")
+    checkpoint = HeadCheckpoint(spec, directory, read_config(directory), read_tensors(found), [found.name])
+    return checkpoint, hydra_layout(checkpoint, target)
+
+
+def load_hydra_state(heads_module, state: dict[str, torch.Tensor], target, what: str) -> None:
+    mine = heads_module.state_dict()
+    for key, value in mine.items():
+        if key not in state:
+            raise UserError(f"{what}: missing key '{key}' (num_layers or arch does not match the file)")
+        check_shape(f"{what} '{key}'", state[key], tuple(value.shape), target)
+    extra = sorted(k for k in state if k.startswith("hydra_") and k not in mine)
+    if extra:
+        raise UserError(f"{what}: keys this layout does not use, e.g. '{extra[0]}' (num_layers or arch does not match the file)")
+    heads_module.load_state_dict({k: state[k].to(target.dtype) for k in mine}, strict=True)
+
+
+@dataclass
+class DecoderLayout:
+    medusa: MedusaLayout
+    num_decoder_layers: int
+
+
+def load_hydra_decoder(spec: str, target) -> tuple[HeadCheckpoint, DecoderLayout]:
+    """`medusa_lm_head.pt` = {"medusa_head": ModuleList, "medusa_rms_norm": RMSNorm,
+    "medusa_decoder_layers": ModuleList} as pickled modules (or the same as tensors)."""
+    directory, file = locate(spec, ("medusa_lm_head.pt",))
+    found = file or directory / "medusa_lm_head.pt"
+    if not found.is_file():
+        raise UserError(f"no decoder-layer Hydra heads in '{spec}': expected medusa_lm_head.pt (with config.json)")
+    config = read_config(directory)
+    flat = read_tensors(found, allow_pickled_modules=True)
+    groups = {"medusa_head": {}, "medusa_rms_norm": {}, "medusa_decoder_layers": {}}
+    for key, value in flat.items():
+        top, _, rest = key.partition(".")
+        if top not in groups:
+            raise UserError(
+                f"{spec}: cannot map '{key}': a decoder-layer Hydra file holds medusa_head, medusa_rms_norm "
+                "and medusa_decoder_layers (is this a plain Medusa checkpoint? use --drafter medusa)"
+            )
+        groups[top][rest] = value
+    layer_ids = {int(k.split(".", 1)[0]) for k in groups["medusa_decoder_layers"]}
+    n = int(config.get("medusa_num_decoder_layers", len(layer_ids)))
+    if n < 1 or layer_ids != set(range(n)) or "weight" not in groups["medusa_rms_norm"]:
+        raise UserError(
+            f"{spec}: expected {n} decoder layers (medusa_decoder_layers.0..{n - 1}) and medusa_rms_norm.weight, "
+            f"found layers {sorted(layer_ids)}; the file does not match its config"
+        )
+    if n > target.num_layers:
+        raise UserError(f"{spec}: {n} decoder layers, but the target has only {target.num_layers}")
+    state = {f"medusa_head.{k}": v for k, v in groups["medusa_head"].items()}
+    state |= {f"layers.{k}": v for k, v in groups["medusa_decoder_layers"].items()}
+    state["norm.weight"] = groups["medusa_rms_norm"]["weight"]
+    checkpoint = HeadCheckpoint(spec, directory, config, state, [found.name])
+    return checkpoint, DecoderLayout(medusa_layout(groups["medusa_head"], spec), n)

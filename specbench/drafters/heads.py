@@ -1,0 +1,166 @@
+"""The draft-head modules of Medusa and Hydra, laid out so that their state-dict
+keys are exactly the published checkpoints' keys (see checkpoints.py).
+
+- Medusa head h: ResBlock(s) then Linear(H -> V, no bias); with more than one
+  layer the ResBlock is one shared module (the reference repeats the object).
+  "Version 2" heads have no Linear of their own and use the base LM head.
+- Hydra head h (grounded): its first block reads (h + 2) * H features — the
+  base hidden state, then the embeddings of the root and of every token
+  drafted before on the branch — through a ResBlock whose residual is itself
+  a Linear; later blocks are one shared H -> H ResBlock; Linear(H -> V) with bias.
+- OwnDecoder: decoder layers with their own final norm and their own KV cache,
+  fed hidden states instead of token ids: Hydra++'s prefix layer and the
+  decoder-layer Hydra trunk.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from specbench.engine import kv
+
+
+class MedusaResBlock(nn.Module):
+    """x + SiLU(W x + b)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)  # reference init: identity plus SiLU(bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """K Medusa heads; `forward(hidden [.., H])` -> logits [K, .., V]. Keys
+    `{h}.{i}.linear.*` and `{h}.{L}.weight`, as in medusa_lm_head.pt."""
+
+    def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int, base_lm_head: nn.Module | None = None) -> None:
+        super().__init__()
+        # base_lm_head given: "version 2" heads without an LM head of their own
+        self.base_lm_head = [base_lm_head]  # a list so it is not registered (not ours to save)
+        heads = []
+        for _ in range(num_heads):
+            block = MedusaResBlock(hidden_size)
+            layers: list[nn.Module] = [block] * num_layers  # one shared block, as the reference builds it
+            if base_lm_head is None:
+                layers.append(nn.Linear(hidden_size, vocab_size, bias=False))
+            heads.append(nn.Sequential(*layers))
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        outs = [head(hidden) for head in self.heads]
+        if self.base_lm_head[0] is not None:
+            outs = [self.base_lm_head[0](o) for o in outs]
+        return torch.stack(outs)
+
+    def lm_head_weights(self) -> list[nn.Linear]:
+        return [head[-1] for head in self.heads] if self.base_lm_head[0] is None else []
+
+
+class HydraResBlock(nn.Module):
+    """res_connection(x) + SiLU(linear(x)); the residual is a Linear when the input
+    is wider than H (a grounded head's first block), else the identity."""
+
+    def __init__(self, hidden_size: int, num_condition: int = 0) -> None:
+        super().__init__()
+        width = hidden_size * (num_condition + 1)
+        self.linear = nn.Linear(width, hidden_size)
+        self.res_connection = nn.Linear(width, hidden_size) if num_condition > 0 else nn.Identity()
+        nn.init.zeros_(self.linear.weight)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res_connection(x) + self.act(self.linear(x))
+
+
+class HydraHeads(nn.Module):
+    """Hydra heads with the published keys. arch "mlp": `hydra_mlp.{h}.{0,1..}`,
+    `hydra_lm_head.{h}.*`; arch "prefix-mlp" (Hydra++): Dropout at even indices,
+    `hydra_mlp.{h}.{1,3,..}`, `hydra_lm_head.{h}.1.*`, plus `prefix_embeding_layer.*`
+    (held separately, see OwnDecoder). Dropout is inert at inference."""
+
+    def __init__(self, arch: str, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int, grounded: bool = True) -> None:
+        super().__init__()
+        self.arch, self.grounded, self.num_heads = arch, grounded, num_heads
+        mlp, lm = [], []
+        for h in range(num_heads):
+            first = HydraResBlock(hidden_size, h + 1 if grounded else 0)
+            shared = HydraResBlock(hidden_size)
+            if arch == "prefix-mlp":
+                drop = nn.Dropout(0.0)
+                mlp.append(nn.Sequential(nn.Dropout(0.0), first, *([drop, shared] * (num_layers - 1))))
+                lm.append(nn.Sequential(nn.Dropout(0.0), nn.Linear(hidden_size, vocab_size)))
+            else:
+                mlp.append(nn.Sequential(first, *([shared] * (num_layers - 1))))
+                lm.append(nn.Linear(hidden_size, vocab_size))
+        self.hydra_mlp = nn.ModuleList(mlp)
+        self.hydra_lm_head = nn.ModuleList(lm)
+
+    def head(self, h: int, features: torch.Tensor) -> torch.Tensor:
+        return self.hydra_lm_head[h](self.hydra_mlp[h](features))
+
+    def lm_head_weights(self) -> list[nn.Linear]:
+        return [lm[-1] if isinstance(lm, nn.Sequential) else lm for lm in self.hydra_lm_head]
+
+
+class OwnDecoder(nn.Module):
+    """N decoder layers of the target's architecture plus a final norm, with their
+    own KV cache, fed hidden states (not token ids) at consecutive positions.
+    Only accepted tokens' states are ever fed, so the cache never needs
+    compacting, only a rollback when a new sequence starts."""
+
+    def __init__(self, target_config, num_layers: int) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        config = copy.deepcopy(target_config)
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[-num_layers:]
+        config.vocab_size = 1  # its token embedding is never used; keep it from costing V x H
+        self.model = AutoModel.from_config(config)
+        self.cache: DynamicCache | None = None
+        self.config = config
+
+    @property
+    def cached(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.config)
+
+    def truncate(self, length: int) -> None:
+        kv.truncate(self.cache, length)
+
+    @torch.inference_mode()
+    def feed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run rows [m, H] after what is cached; returns the normed outputs [m, H]."""
+        if self.cache is None:
+            self.reset()
+        start = self.cached
+        positions = torch.arange(start, start + hidden.shape[0], device=hidden.device)
+        out = self.model(inputs_embeds=hidden[None], position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[0]
+
+    def layer_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the published names (`layers.{j}.*`, `norm.weight`), the unused embedding left out."""
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith(("embed_tokens.", "rotary_emb."))}
+
+    def load_layers(self, state: dict[str, torch.Tensor], what: str) -> None:
+        from specbench.errors import UserError
+
+        mine = self.layer_state_dict()
+        missing = sorted(set(mine) - set(state))
+        if missing:
+            raise UserError(f"{what}: no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; the checkpoint does not match this target's decoder layers")
+        for key, value in mine.items():
+            if state[key].shape != value.shape:
+                raise UserError(f"{what}: '{key}' has shape {tuple(state[key].shape)}, this target needs {tuple(value.shape)}")
+        self.model.load_state_dict({k: state[k] for k in mine}, strict=False)

@@ -1,0 +1,112 @@
+"""`specbench record`: the target's greedy outputs on a workload, through the one decode loop.
+
+Plain decoding is the loop with an empty draft; the recorder is that plain
+drafter asking for the target's hidden states, which the loop hands over on
+every step. From them come the side file (--hidden) and the top-N log-probs
+(--topk), through the target's own LM head: the very logits plain decoding
+took its argmax of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from specbench.drafters.base import PlainDecoding
+from specbench.engine.loop import decode
+from specbench.errors import UserError
+from specbench.simulate.log import LogHeader, LogTurn, VerifyProfile, hidden_file_for, write_log
+from specbench.workloads import Prompt, encode_turn, workload_hash
+
+
+class Recorder(PlainDecoding):
+    """Plain decoding that keeps the target's final hidden states of every position it verifies."""
+
+    needs_hidden_states = True
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.rows = [prompt_hidden]
+
+    def on_verified(self, outcome) -> None:
+        self.rows.append(outcome.hidden[:1])  # the root's row (an empty draft has no others)
+
+    def hidden(self) -> torch.Tensor:
+        return torch.cat(self.rows)  # [P + N - 1, H]: prompt + every output token but the last
+
+
+def topk_logprobs(target, hidden: torch.Tensor, prompt_len: int, topk: int) -> tuple[list, list]:
+    """Top-N log-probs of the distribution each output token was chosen from."""
+    with torch.inference_mode():
+        logits = target.lm_head(hidden[prompt_len - 1 :]).float()
+        values, ids = torch.log_softmax(logits, dim=-1).topk(topk, dim=-1)
+    return ids.tolist(), [[round(v, 5) for v in row] for row in values.tolist()]
+
+
+def record(
+    target,
+    prompts: list[Prompt],
+    workload: str,
+    max_new_tokens: int,
+    out: Path,
+    topk: int | None = None,
+    hidden: bool = False,
+    profile: VerifyProfile | None = None,
+    environment: dict | None = None,
+    on_turn: Callable[[], None] = lambda: None,
+) -> Path:
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if topk is not None and not 1 <= topk <= target.vocab_size:
+        raise UserError(f"--topk must be between 1 and the vocabulary size {target.vocab_size}")
+    if target.tokenizer is None:
+        raise UserError(f"target '{target.name}' has no tokenizer; text workloads need one")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder(target)
+    want_rows = hidden or topk is not None
+    drafter = recorder if want_rows else PlainDecoding(target)
+    decode(target, drafter, torch.tensor(encode_turn(target.tokenizer, prompts[0], 0, [])), min(max_new_tokens, 16))  # warm-up
+    turns, hidden_rows = [], {}
+    for prompt in prompts:
+        answers: list[str] = []
+        for turn in range(len(prompt.turns)):
+            ids = encode_turn(target.tokenizer, prompt, turn, answers)
+            result = decode(target, drafter, torch.tensor(ids), max_new_tokens)
+            answers.append(target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
+            row = LogTurn(prompt.id, turn, prompt.category, ids, result.output_ids, round(result.wall_ms, 3), round(result.ttft_ms, 3))
+            if want_rows:
+                states = recorder.hidden()
+                if topk is not None:
+                    row.topk_ids, row.topk_logprobs = topk_logprobs(target, states, len(ids), topk)
+                if hidden:
+                    hidden_rows[row.key] = states.detach().cpu().contiguous()
+            turns.append(row)
+            on_turn()
+    header = LogHeader(
+        target=target.name,
+        target_id=target.model_id,
+        tokenizer=getattr(target.tokenizer, "name_or_path", None) or target.model_id,
+        vocab_size=target.vocab_size,
+        dtype=str(target.dtype).removeprefix("torch."),
+        device=str(target.device),
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=sorted(target.eos_token_ids),
+        workload=workload,
+        workload_hash=workload_hash(prompts),
+        topk=topk,
+        hidden_size=target.hidden_size if hidden else None,
+        target_forward_bytes=target.forward_bytes(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        environment=environment or {},
+    )
+    if hidden:
+        from safetensors.torch import save_file
+
+        side = hidden_file_for(out)
+        save_file(hidden_rows, str(side))
+        header.hidden_file = side.name
+    write_log(out, header, turns, profile)
+    return out

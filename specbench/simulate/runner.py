@@ -1,0 +1,306 @@
+"""`specbench simulate`: score a drafter on a target log, every k and tree in one pass.
+
+1. Build the drafter against a stand-in for the logged target (its vocabulary,
+   tokenizer, device and dtype), or against the real target with --target.
+2. Per logged sequence: one teacher-forced pass (`Drafter.teacher_forced`), or
+   step replay for drafters without the hook (labelled so).
+3. Walk every shape (k or tree) over the same proposals (walk.py).
+4. Time the drafter's proposals on a sample of steps per shape and predict
+   throughput from the latency model (predict.py).
+5. Write one run directory per shape in the schema `run` writes, marked
+   simulated, with the plain-decoding baseline predicted by the same model.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specbench.drafters.base import check_options, drafter_options
+from specbench.errors import UserError
+from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
+from specbench.records import BASELINE, SPEC, RunInfo, StepMeasure, StepRecord, TurnRecord
+from specbench.simulate.log import LogTurn, TargetLog
+from specbench.simulate.predict import LatencyModel, timed
+from specbench.simulate.replay import replay
+from specbench.simulate.walk import Shape, walk
+from specbench.store import RunStore
+
+TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
+
+
+class NotInLog(UserError, AttributeError):
+    """A drafter asked the stand-in target for something only the real target has."""
+
+
+class LoggedTarget:
+    """What a drafter may ask of the target when only its log is at hand."""
+
+    backend = "log"
+
+    def __init__(self, log: TargetLog, device: torch.device, dtype: torch.dtype) -> None:
+        from specbench.targets.loading import load_tokenizer
+
+        h = log.header
+        self.name, self.model_id = h.target, h.target_id
+        self.vocab_size, self.hidden_size = h.vocab_size, h.hidden_size
+        self.eos_token_ids = set(h.eos_token_ids)
+        self.device, self.dtype = device, dtype
+        self.tokenizer = load_tokenizer(h.target, h.tokenizer)
+        self._bytes = h.target_forward_bytes
+
+    def forward_bytes(self) -> int | None:
+        return self._bytes
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NotInLog(f"the drafter needs the target's '{name}', which a log does not hold; pass --target so simulate can load it")
+
+
+@dataclass
+class SimulateConfig:
+    drafter: str
+    drafter_options: dict[str, Any] = field(default_factory=dict)
+    shapes: list[Shape] = field(default_factory=list)
+    max_new_tokens: int | None = None  # default: the log's
+    limit: int | None = None
+    method: str = "auto"  # auto | teacher-forced | replay
+    latency_steps: int = 32  # proposals timed per shape
+
+
+@dataclass
+class ShapeResult:
+    shape: Shape
+    steps: list[list[StepMeasure]]  # per logged turn, untimed
+    draft_ms: float
+    draft_ms_source: str
+
+
+@dataclass
+class Simulation:
+    method: str
+    hidden_source: str | None
+    scoring_s: float  # wall time of proposals + walks (what the teacher-forced pass makes fast)
+    latency_s: float  # wall time spent timing proposals
+    results: list[ShapeResult]
+
+
+class Simulator:
+    def __init__(self, log: TargetLog, config: SimulateConfig, target=None, device: str = "cpu") -> None:
+        from specbench.targets.loading import DTYPES, resolve_device
+
+        self.log, self.config = log, config
+        if not config.shapes:
+            raise UserError("give at least one --k or --tree to score")
+        self.max_new = config.max_new_tokens or log.header.max_new_tokens
+        if self.max_new < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+        if self.max_new > log.header.max_new_tokens:
+            raise UserError(f"--max-new-tokens {self.max_new} exceeds the log's {log.header.max_new_tokens}: the log holds no tokens past that")
+        if config.method not in ("auto", TEACHER_FORCED, "replay"):
+            raise UserError(f"--method must be auto, teacher-forced or replay (got {config.method})")
+        self.turns = log.turns[: config.limit] if config.limit else log.turns
+        options = dict(config.drafter_options)
+        cls = check_options(config.drafter, options)
+        if "k" in drafter_options(cls) and "k" not in options:
+            options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
+        self.options = options
+        if target is None:
+            dtype = DTYPES.get(log.header.dtype, torch.float32)
+            target = LoggedTarget(log, resolve_device(device), dtype)
+        self.target = target
+        self.drafter = cls.create(target, **options)
+        self.cls = cls
+        self.method = TEACHER_FORCED if cls.has_teacher_forced() and config.method != "replay" else STEP_REPLAY
+        if config.method == TEACHER_FORCED and self.method != TEACHER_FORCED:
+            raise UserError(f"drafter '{config.drafter}' has no teacher-forced hook; use --method replay (or auto)")
+        self.hidden_source: str | None = None
+
+    # --- inputs per logged turn --------------------------------------------------
+    def _ids(self, turn: LogTurn) -> tuple[torch.Tensor, list[int]]:
+        return torch.tensor(turn.prompt_ids, device=self.drafter_device()), turn.output_ids[: self.max_new]
+
+    def drafter_device(self) -> torch.device:
+        return getattr(self.drafter, "device", None) or getattr(self.target, "device", torch.device("cpu"))
+
+    def hidden_for(self, turn: LogTurn) -> torch.Tensor:
+        """The target's final hidden states over prompt + output[:-1] (log side file, else one target forward)."""
+        n = len(turn.prompt_ids) + len(turn.output_ids[: self.max_new]) - 1
+        if self.log.header.hidden_file:
+            self.hidden_source = f"log side file {self.log.header.hidden_file}"
+            return self.log.hidden(turn)[:n].to(self.drafter_device())
+        if isinstance(self.target, LoggedTarget):
+            raise UserError(
+                f"drafter '{self.config.drafter}' needs the target's hidden states: record the log with --hidden, "
+                "or pass --target so simulate runs one teacher-forced target forward per sequence"
+            )
+        self.hidden_source = "teacher-forced target forward"
+        sequence = torch.tensor(turn.prompt_ids + turn.output_ids[: self.max_new])
+        _, hidden = self.target.prefill(sequence[:-1], want_hidden=True)
+        return hidden
+
+    def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:
+        def provide():
+            states = self.hidden_for(turn)
+            return states, self.hidden_source
+
+        return provide
+
+    # --- scoring ----------------------------------------------------------------
+    def score(self) -> Simulation:
+        shapes, depth = self.config.shapes, max(s.depth for s in self.config.shapes)
+        if self.method == TEACHER_FORCED:
+            t0 = time.perf_counter()
+            per_shape: dict[Shape, list] = {s: [] for s in shapes}
+            for turn in self.turns:
+                prompt, output = self._ids(turn)
+                proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
+                if not proposals.ranked and any(s.paths for s in shapes):
+                    raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
+                self.hidden_source = proposals.hidden_source or self.hidden_source
+                for shape in shapes:
+                    per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
+            scoring_s = time.perf_counter() - t0
+        else:
+            if any(s.paths for s in shapes):
+                raise UserError(f"step replay cannot impose a tree on drafter '{self.config.drafter}'; score trees with a drafter that has the teacher-forced hook")
+            t0 = time.perf_counter()
+            per_shape = {s: [self._replay(turn, s.k) for turn in self.turns] for s in shapes}
+            scoring_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = []
+        chain_ms: dict[int, float] = {}
+        for shape in shapes:
+            if self.method == STEP_REPLAY:
+                ms = _mean_draft(per_shape[shape])
+                results.append(ShapeResult(shape, per_shape[shape], ms, "timed over the whole step replay"))
+                continue
+            k = shape.depth
+            if k not in chain_ms:
+                chain_ms[k] = self.time_drafts(k)
+            source = f"timed over {self.config.latency_steps} replayed steps" if shape.k else f"estimated: a chain of the tree's depth {k}"
+            results.append(ShapeResult(shape, per_shape[shape], chain_ms[k], source))
+        latency_s = time.perf_counter() - t0
+        return Simulation(self.method, self.hidden_source, scoring_s, latency_s, results)
+
+    def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None) -> list[StepMeasure]:
+        prompt, output = self._ids(turn)
+        hidden = self.hidden_for(turn) if self.drafter.needs_hidden_states else None
+        return replay(self.drafter, prompt, output, self.max_new, cap, hidden, max_steps)
+
+    def time_drafts(self, k: int) -> float:
+        """Mean ms of the drafter's propose for a chain of up to k tokens, over the first
+        `latency_steps` steps of the log (one untimed warm-up step first)."""
+        budget, times = self.config.latency_steps, []
+        if budget < 1:
+            return 0.0
+        self._replay(self.turns[0], k, max_steps=1)
+        for turn in self.turns:
+            steps = self._replay(turn, k, max_steps=budget - len(times))
+            times += [s.draft_ms for s in steps]
+            if len(times) >= budget:
+                break
+        return sum(times) / len(times) if times else 0.0
+
+
+def _mean_draft(per_turn: list[list[StepMeasure]]) -> float:
+    times = [s.draft_ms for steps in per_turn for s in steps]
+    return sum(times) / len(times) if times else 0.0
+
+
+@dataclass
+class ShapeReport:
+    shape: str
+    directory: str
+    summary: Summary
+    alpha_iid: float | None
+    leviathan_speedup: float | None
+    draft_ms_source: str
+
+
+def write_runs(
+    sim: Simulation, simulator: Simulator, model: LatencyModel, out: Path, command: str
+) -> list[ShapeReport]:
+    from specbench.runner import environment
+
+    log, config = simulator.log, simulator.config
+    draft_bytes, passes = simulator.drafter.memory_model()
+    target_bytes = log.header.target_forward_bytes
+    base_ms = model.verify_ms(1)
+    reports = []
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for result in sim.results:
+        shape = result.shape
+        gamma = shape.depth if passes else 0  # sequential draft passes per step for this shape
+        draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)
+        steps, turns = [], []
+        for turn, walked in zip(simulator.turns, result.steps):
+            output = turn.output_ids[: simulator.max_new]
+            ttft = model.prefill_ms(len(turn.prompt_ids), turn.ttft_ms)
+            plain = [StepMeasure(0.0, base_ms, base_ms, 0, 0, 0)] * (len(output) - 1)
+            for mode, mode_steps in ((BASELINE, plain), (SPEC, timed(walked, draft_ms, model))):
+                steps += [StepRecord(**asdict(s), prompt_id=turn.prompt_id, turn=turn.turn, mode=mode, step=i) for i, s in enumerate(mode_steps)]
+                record = TurnRecord(
+                    prompt_id=turn.prompt_id, turn=turn.turn, mode=mode, category=turn.category,
+                    prompt_tokens=len(turn.prompt_ids), new_tokens=len(output), steps=len(mode_steps),
+                    wall_ms=ttft + sum(s.step_ms for s in mode_steps), ttft_ms=ttft, output_ids=output,
+                )
+                if mode == SPEC:  # greedy simulation emits the logged tokens by construction
+                    record.exact_match, record.first_divergence = True, None
+                turns.append(record)
+        spec_steps = [s for s in steps if s.mode == SPEC]
+        alpha = alpha_iid(spec_steps)
+        leviathan = None
+        if shape.k is not None and alpha is not None and base_ms:
+            c = draft_ms / (shape.k * base_ms) if gamma else 0.0  # one draft pass / one target forward
+            leviathan = expected_speedup(alpha, shape.k, c)
+        target_name = Path(log.header.target).name or log.header.target
+        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stamp}-sim-{target_name}-{config.drafter}-{shape.name.replace('=', '')}")
+        options = {**simulator.options, **({"k": shape.k} if shape.k else {"tree": list(map(list, shape.paths))})}
+        info = RunInfo(
+            run_id=run_id, command=command, target=log.header.target, target_id=log.header.target_id,
+            drafter=config.drafter, drafter_options=options, workload=log.header.workload,
+            workload_hash=log.header.workload_hash,
+            decode={"max_new_tokens": simulator.max_new, "temperature": 0.0, "dtype": log.header.dtype,
+                    "device": log.header.device, "simulated": True},
+            environment=environment(torch.device("cpu")),
+            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra={
+                "simulated": True,
+                "method": sim.method,
+                "log": str(log.path),
+                "shape": shape.name,
+                "hidden_source": sim.hidden_source,
+                "latency_model": model.describe(),
+                "draft_ms_per_step": draft_ms,
+                "draft_ms_source": result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
+                "target_forward_bytes": target_bytes,
+                "draft_forward_bytes": draft_bytes,
+                "draft_passes_per_step": gamma,
+                "alpha_iid": alpha,
+                "leviathan_expected_speedup": leviathan,
+                "drafter": simulator.drafter.describe(),
+            },
+        )
+        directory = out / run_id
+        store = RunStore.create(directory, info)
+        store.append_prompt(steps, turns)
+        info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        store.write_info()
+        memory = (draft_bytes / target_bytes, gamma) if target_bytes and draft_bytes is not None else None
+        summary = summarise(steps, turns, memory)
+        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
+    return reports
+
+
+def is_simulated(info: RunInfo) -> bool:
+    return bool(info.extra.get("simulated"))
+

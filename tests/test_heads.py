@@ -1,0 +1,358 @@
+"""Medusa, Hydra and decoder-layer Hydra: the published checkpoint layouts load
+key by key, greedy decoding stays exactly plain decoding, Hydra drafts level by
+level in node order, the prefix layer's cache holds exactly the accepted
+tokens, and typical acceptance matches a hand computation."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+from head_layouts import (
+    write_hydra,
+    write_hydra_decoder,
+    write_medusa2_full,
+    write_medusa_v1,
+    write_medusa_version2,
+)
+from tiny import prompts, tiny_target
+
+from specbench.drafters.base import PlainDecoding
+from specbench.drafters.hydra import HydraDrafter
+from specbench.drafters.medusa import HydraDecoderDrafter, MedusaDrafter
+from specbench.engine.acceptance import TypicalAcceptance, accept_typical
+from specbench.engine.loop import decode
+from specbench.engine.tree import DraftTree
+from specbench.errors import SpecbenchWarning, UserError
+
+torch.set_num_threads(1)
+MAX_NEW = 30
+PROMPTS = 20
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(0)
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(target):
+    return [decode(target, PlainDecoding(target), p, MAX_NEW).output_ids for p in prompts(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(target, tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    return {
+        "medusa": (root / "medusa", write_medusa_v1(root / "medusa", target, num_heads=5)),
+        "medusa-2layer": (root / "medusa2l", write_medusa_v1(root / "medusa2l", target, num_heads=4, num_layers=2)),
+        "medusa-safetensors": (root / "medusa-st", write_medusa_v1(root / "medusa-st", target, num_heads=4, num_layers=2, fmt="safetensors")),
+        "medusa-2": (root / "medusa-full", write_medusa2_full(root / "medusa-full", target)),
+        "medusa-v2": (root / "medusa-v2", write_medusa_version2(root / "medusa-v2", target)),
+        "hydra-prefix": (root / "hydra-prefix", write_hydra(root / "hydra-prefix", target, "prefix-mlp")),
+        "hydra-mlp": (root / "hydra-mlp", write_hydra(root / "hydra-mlp", target, "mlp", num_layers=2)),
+        "hydra-decoder": (root / "hydra-decoder", write_hydra_decoder(root / "hydra-decoder", target, num_decoder_layers=1, num_heads=4)),
+    }
+
+
+def assert_same(loaded: dict, published: dict, dtype=torch.float64):
+    assert sorted(loaded) == sorted(published)
+    for key in published:
+        assert torch.equal(loaded[key], published[key].to(dtype)), key
+
+
+def build(name, target, checkpoints, tree="mc_sim_7b_63"):
+    directory = checkpoints[name][0]
+    if name.startswith("medusa"):
+        return MedusaDrafter.create(target, heads=str(directory), tree=tree)
+    if name.startswith("hydra-decoder"):
+        return HydraDecoderDrafter.create(target, heads=str(directory), tree=tree)
+    return HydraDrafter.create(target, heads=str(directory), tree=tree)
+
+
+# --- the published layouts load key by key -------------------------------------
+
+@pytest.mark.parametrize("name", ["medusa", "medusa-2layer", "medusa-safetensors", "medusa-2", "medusa-v2"])
+def test_medusa_layouts_load_key_by_key(name, target, checkpoints):
+    published = checkpoints[name][1].state_dict()
+    drafter = build(name, target, checkpoints, tree="chain:3")
+    assert_same(drafter.heads.heads.state_dict(), published)
+    assert drafter.num_heads == len(checkpoints[name][1])  # from the keys: 5, where the v1 config says 2
+    if name in ("medusa-2layer", "medusa-safetensors"):  # the ResBlock is one shared module, as in the reference
+        head = drafter.heads.heads[0]
+        assert head[0] is head[1]
+    if name == "medusa-v2":
+        assert drafter.heads.base_lm_head[0] is target.lm_head
+
+
+@pytest.mark.parametrize("name", ["hydra-prefix", "hydra-mlp"])
+def test_hydra_layouts_load_key_by_key(name, target, checkpoints):
+    published = checkpoints[name][1].state_dict()
+    drafter = build(name, target, checkpoints, tree="chain:3")
+    heads = {k: v for k, v in published.items() if k.startswith("hydra_")}
+    assert_same(drafter.heads.state_dict(), heads)
+    assert torch.equal(drafter.embed.weight, published["input_embed_fn.weight"].double())
+    if name == "hydra-prefix":
+        prefix = {k.removeprefix("prefix_embeding_layer."): v for k, v in published.items()
+                  if k.startswith("prefix_embeding_layer.") and ".embed_tokens." not in k and not k.endswith("embed_tokens.weight")}
+        assert_same(drafter.prefix.layer_state_dict(), prefix)
+        # later blocks are one shared module, stored under every index
+        mlp = drafter.heads.hydra_mlp[1]
+        assert mlp[3] is mlp[5] is mlp[7]
+    else:
+        assert drafter.prefix is None
+
+
+def test_hydra_decoder_pickled_modules_load_without_the_reference_package(target, checkpoints):
+    assert "medusa" not in sys.modules  # the classes the pickle names are not importable here
+    modules = checkpoints["hydra-decoder"][1]
+    drafter = build("hydra-decoder", target, checkpoints, tree="chain:3")
+    assert_same(drafter.heads.heads.state_dict(), modules["medusa_head"].state_dict())
+    trunk = drafter.trunk.layer_state_dict()
+    expected = {f"layers.{k}": v for k, v in modules["medusa_decoder_layers"].state_dict().items()}
+    expected["norm.weight"] = modules["medusa_rms_norm"].weight
+    assert_same(trunk, {k: v.to(torch.bfloat16) for k, v in expected.items()})
+    assert drafter.hidden_state_layer == target.num_layers - 1
+
+
+# --- greedy output == plain decoding -------------------------------------------
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "chain:4"])
+@pytest.mark.parametrize("name", ["medusa", "hydra-prefix", "hydra-mlp", "hydra-decoder"])
+def test_greedy_equals_plain(name, tree, target, checkpoints, plain_outputs):
+    drafter = build(name, target, checkpoints, tree=tree)
+    accepted, deep = 0, 0
+    for prompt, expected in zip(prompts(PROMPTS), plain_outputs):
+        result = decode(target, drafter, prompt, MAX_NEW)
+        assert result.output_ids == expected
+        accepted += sum(s.accepted for s in result.steps)
+        deep += sum(s.accepted >= 2 for s in result.steps)
+    assert accepted > 0 and deep > 0  # drafts were sometimes right, beyond the first level too
+
+
+def test_hydra_hidden_state_offset_reads_an_earlier_layer(target, tmp_path, plain_outputs):
+    write_hydra(tmp_path, target, "mlp", num_layers=1, offset=1)
+    drafter = HydraDrafter.create(target, heads=str(tmp_path), tree="mc_sim_7b_63")
+    assert drafter.hidden_state_layer == target.num_layers - 1
+    for prompt, expected in zip(prompts(5), plain_outputs):
+        assert decode(target, drafter, prompt, MAX_NEW).output_ids == expected
+
+
+# --- Hydra drafts level by level, in node order ----------------------------------
+
+def test_hydra_proposal_is_in_node_order(target, checkpoints):
+    drafter = build("hydra-prefix", target, checkpoints)
+    prompt = prompts(1, seed=5)[0]
+    _, hidden = target.prefill(prompt, True)
+    drafter.begin(prompt, hidden)
+    tokens = torch.cat([prompt, torch.tensor([7])])
+    from specbench.drafters.base import DraftContext
+
+    tree = drafter.propose(DraftContext(tokens, prompt.numel(), 50, 0.0, None))
+    shape = drafter.shape
+    assert tree.parents.tolist() == shape.parents
+    # every node on its own: head d-1 over [base, emb(root), emb(tokens on the branch)], rank r of its top-k
+    for i, path in enumerate(shape.paths):
+        branch = [int(tree.tokens[j]) for j in tree.path_to(i)[:-1]]
+        features = torch.cat([drafter.last_hidden, *[drafter.embed.weight[t] for t in [7, *branch]]])
+        logits = drafter.heads.head(len(path) - 1, features[None])[0]
+        assert int(tree.tokens[i]) == int(logits.topk(path[-1] + 1).indices[path[-1]]), path
+
+
+def test_prefix_layer_cache_holds_exactly_the_accepted_tokens(target, checkpoints):
+    drafter = build("hydra-prefix", target, checkpoints)
+    on_verified = drafter.on_verified
+    lengths = []
+
+    def check(outcome):
+        on_verified(outcome)
+        lengths.append((drafter.prefix.cached, target.seq_len))
+
+    drafter.on_verified = check
+    prompt = prompts(1, seed=9)[0]
+    result = decode(target, drafter, prompt, MAX_NEW)
+    assert lengths and all(mine == theirs for mine, theirs in lengths)
+    assert any(s.accepted > 0 for s in result.steps)
+    # its keys are what the layer computes over the target's states of exactly the accepted sequence
+    kept = torch.cat([prompt, torch.tensor(result.output_ids)])[: target.seq_len]
+    _, hidden = target.prefill(kept, True)
+    fresh = type(drafter.prefix)(target.config, 1).double()
+    fresh.model.load_state_dict(drafter.prefix.model.state_dict())
+    fresh.feed(hidden)
+    for mine, reference in zip(drafter.prefix.cache.layers, fresh.cache.layers):
+        torch.testing.assert_close(mine.keys, reference.keys, rtol=0, atol=1e-9)
+
+
+# --- typical acceptance ---------------------------------------------------------
+
+def test_typical_acceptance_hand_computed():
+    # root -> n0:1, n1:2 ; n0 -> n2:2 ; n1 -> n3:0
+    tree = DraftTree(torch.tensor([1, 2, 2, 0]), torch.tensor([-1, -1, 0, 1]))
+    probs = torch.tensor(
+        [
+            [0.05, 0.50, 0.45, 0.00],  # root: H = 0.8879 -> alpha*exp(-H) = 0.1233 -> threshold 0.09; 1 and 2 pass
+            [0.96, 0.01, 0.02, 0.01],  # n0: H = 0.2 -> 0.3*exp(-0.2) = 0.2456, threshold 0.09: token 2 (0.02) fails
+            [0.60, 0.30, 0.05, 0.05],  # n1: token 0 (0.60) passes
+            [0.25, 0.25, 0.25, 0.25],  # n2
+            [0.10, 0.10, 0.70, 0.10],  # n3: bonus row
+        ],
+        dtype=torch.float64,
+    )
+    rule = TypicalAcceptance(posterior_threshold=0.09, posterior_alpha=0.3)
+    entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
+    expected = torch.minimum(torch.full_like(entropy, 0.09), 0.3 * torch.exp(-entropy))
+    torch.testing.assert_close(rule.thresholds(probs), expected)
+    assert float(expected[4]) == pytest.approx(min(0.09, 0.3 * float(torch.exp(-entropy[4]))))
+    result = accept_typical(tree, torch.log(probs), 1.0, rule, torch.Generator().manual_seed(0))
+    assert result.accepted_nodes == [1, 3]  # root -> 2 -> 0: the only depth-2 path that passes
+    # the bonus comes from n3's row with tokens below the threshold (0.1 > 0.09 pass: all four)
+    draws = {accept_typical(tree, torch.log(probs), 1.0, rule, torch.Generator().manual_seed(s)).bonus for s in range(200)}
+    assert draws == {0, 1, 2, 3}
+    # stricter: threshold = min(0.5, 1.0 * exp(-H)); n3's row (H = 0.940) keeps only p >= 0.391: token 2
+    strict = TypicalAcceptance(posterior_threshold=0.5, posterior_alpha=1.0)
+    for seed in range(20):
+        result = accept_typical(tree, torch.log(probs), 1.0, strict, torch.Generator().manual_seed(seed))
+        assert result.accepted_nodes == [1, 3] and result.bonus == 2
+    # n0's token 2 has p = 0.02 < 0.09: the branch root -> 1 stops at depth 1, never reaching n2
+    assert not any(n == 2 for n in accept_typical(tree, torch.log(probs), 1.0, rule, None).accepted_nodes)
+
+
+def test_typical_ties_go_to_the_likelier_path():
+    tree = DraftTree(torch.tensor([1, 2]), torch.tensor([-1, -1]))
+    probs = torch.tensor([[0.0, 0.3, 0.7], [1 / 3] * 3, [1 / 3] * 3], dtype=torch.float64)
+    result = accept_typical(tree, torch.log(probs + 1e-12), 1.0, TypicalAcceptance(), None)
+    assert result.accepted_nodes == [1]  # both pass at depth 1; token 2 is likelier
+
+
+# --- bad input: one clear line ------------------------------------------------------
+
+def test_errors_are_clear(target, checkpoints, tmp_path):
+    with pytest.raises(UserError, match="no Medusa heads in"):
+        MedusaDrafter.create(target, heads=str(tmp_path))
+    with pytest.raises(UserError, match="heads 'nothing-here' not found"):
+        MedusaDrafter.create(target, heads="nothing-here")
+    with pytest.raises(UserError, match="no published medusa heads for target"):
+        MedusaDrafter.create(target)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"foo.weight": torch.zeros(2)}, bad / "medusa_lm_head.pt")
+    with pytest.raises(UserError, match="unexpected key 'foo.weight'"):
+        MedusaDrafter.create(target, heads=str(bad))
+    (bad / "medusa_lm_head.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="cannot read head checkpoint"):
+        MedusaDrafter.create(target, heads=str(bad))
+    other = tiny_target(1, hidden=32)
+    with pytest.raises(UserError, match="hidden-size mismatch"):
+        MedusaDrafter.create(other, heads=str(checkpoints["medusa"][0]))
+    other = tiny_target(1, vocab=80)
+    with pytest.raises(UserError, match="vocabulary mismatch"):
+        HydraDrafter.create(other, heads=str(checkpoints["hydra-mlp"][0]))
+    with pytest.raises(UserError, match="only 5 heads"):
+        MedusaDrafter.create(target, heads=str(checkpoints["medusa"][0]), tree="chain:6")
+    with pytest.raises(UserError, match="posterior"):
+        MedusaDrafter.create(target, heads=str(checkpoints["medusa"][0]), posterior_threshold=0)
+
+
+def test_base_model_mismatch_warns_naming_both(target, checkpoints, tmp_path):
+    write_medusa_v1(tmp_path, target, num_heads=2)
+    config = (tmp_path / "config.json").read_text().replace(target.model_id, "lmsys/vicuna-7b-v1.3")
+    (tmp_path / "config.json").write_text(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MedusaDrafter.create(target, heads=str(tmp_path), tree="chain:2")
+    messages = [str(w.message) for w in caught if issubclass(w.category, SpecbenchWarning)]
+    assert len(messages) == 1 and "lmsys/vicuna-7b-v1.3" in messages[0] and target.model_id in messages[0]
+
+
+def test_hydra_decoder_refuses_what_it_cannot_map(target, tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"medusa_head": Evil()}, tmp_path / "medusa_lm_head.pt")
+    with pytest.raises(UserError, match="refusing to load global"):
+        HydraDecoderDrafter.create(target, heads=str(tmp_path))
+    # a file with the heads but no trunk: the reference loads nothing and carries on; we stop
+    write_medusa_v1(tmp_path, target, num_heads=3)
+    with pytest.raises(UserError, match="cannot map '0.0.linear.weight'"):
+        HydraDecoderDrafter.create(target, heads=str(tmp_path))
+
+
+def test_fresh_heads_build_for_any_target(target, plain_outputs):
+    for drafter in (
+        MedusaDrafter.create(target, heads="fresh", tree="chain:3"),
+        HydraDrafter.create(target, heads="fresh", tree="chain:3"),
+        HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=2, tree="chain:3"),
+    ):
+        assert decode(target, drafter, prompts(1)[0], MAX_NEW).output_ids == plain_outputs[0]
+    with pytest.raises(UserError, match="--decoder-layers must be between 1 and"):
+        HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=3)
+
+
+# --- the command line ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory):
+    from tiny import save_tiny_model
+
+    from specbench.targets.hf import HFTarget
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = save_tiny_model(root / "target", seed=0)
+    local = HFTarget.load(str(model_dir), torch.device("cpu"), torch.float32)
+    write_medusa_v1(root / "medusa", local, num_heads=4)
+    write_hydra(root / "hydra", local, "prefix-mlp")
+    return {"target": model_dir, "medusa": root / "medusa", "hydra": root / "hydra", "root": root}
+
+
+def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
+    import json
+
+    from test_cli import run_cli
+
+    base = ["run", "--target", cli_models["target"], "--limit", 2, "--max-new-tokens", 16, "--out", tmp_path, "--json"]
+    code, out, err = run_cli([*base, "--drafter", "medusa", "--heads", cli_models["medusa"], "--tree", "mc_sim_7b_63"], capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["exact_match_rate"] == 1.0 and summary["steps"] > 0
+    code, out, err = run_cli([*base, "--drafter", "hydra", "--heads", cli_models["hydra"], "--tree", "chain:3",
+                              "--temperature", 0.7, "--posterior-threshold", 0.09, "--posterior-alpha", 0.3], capsys, monkeypatch)
+    assert code == 0, err
+    run_dir = sorted(tmp_path.iterdir())[-1]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["drafter_options"]["posterior_alpha"] == 0.3 and info["extra"]["drafter"]["tree"] == "chain:3"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--drafter", "medusa", "--heads", "fresh", "--tree", "nope"], "unknown tree 'nope'"),
+        (["--drafter", "hydra", "--heads", "./missing/heads"], "heads './missing/heads' not found"),
+        (["--drafter", "medusa"], "no published medusa heads for target"),
+        (["--drafter", "hydra-decoder", "--heads", "fresh", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
+    ],
+)
+def test_cli_bad_head_input_is_one_line(args, message, cli_models, tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    code, out, err = run_cli(["run", "--target", cli_models["target"], *args, "--out", tmp_path], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_cli_warns_on_heads_for_another_base_model(cli_models, tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    other = cli_models["root"] / "medusa-other"
+    other.mkdir(exist_ok=True)
+    for f in cli_models["medusa"].iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "config.json").write_text('{"base_model_name_or_path": "lmsys/vicuna-7b-v1.3", "medusa_num_heads": 2, "medusa_num_layers": 1}')
+    code, out, err = run_cli(["run", "--target", cli_models["target"], "--drafter", "medusa", "--heads", other, "--tree", "chain:2",
+                              "--limit", 1, "--max-new-tokens", 8, "--out", tmp_path], capsys, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "warning:" in line]
+    assert len(lines) == 1 and "lmsys/vicuna-7b-v1.3" in lines[0] and str(cli_models["target"]) in lines[0]

@@ -13,11 +13,11 @@ from specbench.records import RunInfo, StepRecord, TurnRecord
 from specbench.store import RunStore
 
 
-def info(run_id, drafter="draft-model", device="Test CPU", shard=None, options=None, target="tiny/target"):
+def info(run_id, drafter="draft-model", device="Test CPU", shard=None, options=None, target="tiny/target", simulated=False):
     return RunInfo(
         run_id=run_id, command="specbench run", target=target, target_id=target, drafter=drafter,
         drafter_options=options or {"k": 3}, workload="builtin", workload_hash=f"h-{run_id}",
-        decode={"max_new_tokens": 16, "temperature": 0.0, "shard": shard},
+        decode={"max_new_tokens": 16, "temperature": 0.0, "shard": shard, **({"simulated": True} if simulated else {})},
         environment={"device_name": device}, started="2026-01-01T00:00:00+00:00",
         extra={"workload": {"selection_hash": "sel"}},
     )
@@ -153,3 +153,15 @@ def test_export_answers_in_fastchat_format(tmp_path, capsys, monkeypatch):
     assert [r["question_id"] for r in rows] == ["p1", "p2"]
     assert set(rows[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
     assert rows[0]["model_id"] == "mine" and rows[0]["choices"] == [{"index": 0, "turns": ["answer"]}]
+
+
+def test_simulated_runs_report_the_same_way_but_apart(tmp_path, capsys, monkeypatch, wide):
+    make_run(tmp_path, "measured", [P1, P2])
+    make_run(tmp_path, "sim", [P1], simulated=True)
+    code, out, err = run_cli(["report", tmp_path, "--by", "task", "--csv", tmp_path / "t.csv"], capsys, monkeypatch)
+    assert code == 0, err
+    frame = pd.read_csv(tmp_path / "t.csv")
+    assert sorted(frame.setup.unique()) == ["draft-model (k=3) → tiny/target · Test CPU",
+                                            "draft-model (k=3) → tiny/target · Test CPU · simulated"]
+    sim = frame[frame.setup.str.endswith("simulated")]
+    assert list(sim.task) == ["math"] and sim.tau.iloc[0] == pytest.approx(2.5)

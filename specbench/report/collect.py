@@ -39,7 +39,8 @@ class Group:
     def label(self) -> str:
         s = self.setup
         options = ",".join(f"{k}={v}" for k, v in s["drafter_options"].items())
-        return f"{s['drafter']}{f' ({options})' if options else ''} → {s['target']} · {s['device']}"
+        simulated = " · simulated" if s["decode"].get("simulated") else ""
+        return f"{s['drafter']}{f' ({options})' if options else ''} → {s['target']} · {s['device']}{simulated}"
 
     @property
     def steps(self) -> list[StepRecord]:

@@ -1,0 +1,86 @@
+"""A run killed mid-way (SIGKILL, in a subprocess) and resumed ends with exactly the prompt set of an
+uninterrupted run: nothing lost, nothing measured twice, the same greedy outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+from test_cli import run_cli
+from tiny import save_tiny_model
+
+PROMPTS = 12
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    save_tiny_model(root / "target", seed=0)
+    rows = [{"id": f"q{i}", "category": ["a", "b"][i % 2], "turns": [f"Say {i} {i} {i} again and again"]} for i in range(PROMPTS)]
+    (root / "w.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def args(setup, out):
+    return ["run", "--target", setup / "target", "--workload", setup / "w.jsonl", "--max-new-tokens", 16,
+            "--drafter", "prompt-lookup", "--out", out, "--json"]
+
+
+def records(run_dir):
+    turns = [json.loads(line) for line in (run_dir / "prompts.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    return turns, steps
+
+
+def test_kill_then_resume_equals_uninterrupted(setup, tmp_path, capsys, monkeypatch):
+    killed_out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    code = "import sys; from specbench.cli import main; sys.argv[0] = 'specbench'; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args(setup, killed_out))], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    run_dir = None
+    while time.time() < deadline and proc.poll() is None:
+        dirs = list(killed_out.glob("*")) if killed_out.exists() else []
+        if dirs and (dirs[0] / "prompts.jsonl").exists():
+            run_dir = dirs[0]
+            if len((run_dir / "prompts.jsonl").read_text().splitlines()) >= 2 * 3:  # 3 prompts, 2 modes each
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done_before = {t["prompt_id"] for t in records(run_dir)[0]}
+    assert 3 <= len(done_before) < PROMPTS
+    # and a half-written line, as a kill during a write would leave
+    with open(run_dir / "steps.jsonl", "a") as f:
+        f.write('{"draft_ms": 0.1, "verify_ms": 2.')
+
+    code, out, err = run_cli(["run", "--resume", run_dir, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((run_dir / "run.json").read_text())["finished"]
+
+    code, out, err = run_cli(args(setup, tmp_path / "straight"), capsys, monkeypatch)
+    assert code == 0, err
+    (straight,) = (tmp_path / "straight").iterdir()
+
+    turns, steps = records(run_dir)
+    ref_turns, ref_steps = records(straight)
+    keys = Counter((t["prompt_id"], t["turn"], t["mode"]) for t in turns)
+    assert max(keys.values()) == 1, "a prompt was measured twice"
+    assert set(keys) == {(t["prompt_id"], t["turn"], t["mode"]) for t in ref_turns}
+    assert len(turns) == 2 * PROMPTS
+    outputs = {(t["prompt_id"], t["mode"]): t["output_ids"] for t in turns}
+    assert outputs == {(t["prompt_id"], t["mode"]): t["output_ids"] for t in ref_turns}
+    step_keys = Counter((s["prompt_id"], s["turn"], s["mode"], s["step"]) for s in steps)
+    assert max(step_keys.values()) == 1
+    assert set(step_keys) == {(s["prompt_id"], s["turn"], s["mode"], s["step"]) for s in ref_steps}
+    # the prompts finished before the kill were kept, not measured again
+    kept = [t for t in turns if t["prompt_id"] in done_before]
+    assert [t["prompt_id"] for t in turns[: len(kept)]] == [t["prompt_id"] for t in kept]

@@ -99,6 +99,7 @@ def test_tp2_on_cpu_matches_one_process(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @needs_deepspeed
 def test_tp2_cli_run_drafter_and_followers(models, tmp_path, capsys, monkeypatch):
     """`specbench run --backend deepspeed --tp 2`: rank 0 drafts and records, rank 1 follows; tokens vs the hf backend."""

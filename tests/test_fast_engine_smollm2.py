@@ -13,7 +13,7 @@ from specbench.targets.hf import HFTarget
 from specbench.targets.loading import load_causal_lm
 from specbench.workloads import encode_turn, load_workload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_fast_equals_eager_on_smollm2():

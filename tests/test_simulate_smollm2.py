@@ -13,7 +13,7 @@ from specbench.simulate.walk import Shape
 from specbench.targets.hf import HFTarget
 from specbench.workloads import load_workload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 WORKLOAD, LIMIT, MAX_NEW = "builtin", 2, 48
 

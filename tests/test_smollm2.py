@@ -33,6 +33,7 @@ def test_self_drafting_accepts_every_token(tmp_path, capsys, monkeypatch):
     assert summary["exact_match_rate"] == 1.0
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-decoder"])
 def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, capsys, monkeypatch):
     # smollm2-135m has no published heads: the catalogue gives the bundled trained Medusa heads, and fresh,
@@ -42,6 +43,7 @@ def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, c
     assert summary["steps"] > 0 and summary["draft_ms_per_step"] > 0
 
 
+@pytest.mark.heavy
 def test_bundled_draft_model_is_the_default_and_lossless(tmp_path, capsys, monkeypatch):
     # no --draft-model: the catalogue's bundled, trained 1-layer draft (rebuilt from the target's embeddings)
     summary = run_json(["--drafter", "draft-model", "--workload", "builtin-completion", "--max-new-tokens", 24], tmp_path, capsys, monkeypatch)

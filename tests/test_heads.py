@@ -324,7 +324,8 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli([*base, "--drafter", "hydra", "--heads", cli_models["hydra"], "--tree", "chain:3",
                               "--temperature", 0.7, "--posterior-threshold", 0.09, "--posterior-alpha", 0.3], capsys, monkeypatch)
     assert code == 0, err
-    run_dir = sorted(tmp_path.iterdir())[-1]
+    # run ids start with the second they began: pick the hydra run by name, not by sort order
+    (run_dir,) = [d for d in tmp_path.iterdir() if d.name.endswith("-hydra")]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["drafter_options"]["posterior_alpha"] == 0.3 and info["extra"]["drafter"]["tree"] == "chain:3"
 

@@ -160,7 +160,7 @@ class HeadDrafter(Drafter):
             if not m.numel():
                 break
             ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), output[m + d - 1])
-        return TeacherForced(ranks, capped=False, hidden_source=source)
+        return TeacherForced(ranks, capped=True, hidden_source=source)
     # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
 
     kept_ids: torch.Tensor | None = None  # target id of each trimmed-head index

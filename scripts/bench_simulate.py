@@ -8,7 +8,7 @@
    offline).
 2. The draft: SmolLM2-135M cut to its first --draft-layers decoder layers (a
    layer-skip self-draft; it shares the target's vocabulary), saved as a local
-   model directory.
+   model directory; or --draft-model (e.g. the bundled smollm2-135m-draft).
 3. Score draft-model k=--k on the log by (a) `simulate`'s teacher-forced pass
    and (b) DSD's way, regenerating k tokens from scratch every step; print both
    wall times, their ratio, and that τ and every step's accepted length agree.
@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--draft-layers", type=int, default=10)
+    parser.add_argument("--draft-layers", type=int, default=10, help="the layer-skip self-draft's depth")
+    parser.add_argument("--draft-model", default=None,
+                        help="a draft alias/id/path instead of the layer-skip draft (e.g. smollm2-135m-draft, the bundled 1-layer one)")
     parser.add_argument("--work", type=Path, default=Path("results/bench_simulate"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -108,7 +110,11 @@ def main() -> None:
     lengths = [len(t.output_ids) for t in log.turns]
     print(f"log: {len(log.turns)} prompts, {sum(lengths)} target tokens (min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)})")
 
-    draft_dir = layer_skip_draft(target.model, args.draft_layers, args.work / f"smollm2-first{args.draft_layers}")
+    if args.draft_model:
+        draft_dir, draft_name = args.draft_model, f"draft {args.draft_model}"
+    else:
+        draft_dir = layer_skip_draft(target.model, args.draft_layers, args.work / f"smollm2-first{args.draft_layers}")
+        draft_name = f"{args.draft_layers}-layer SmolLM2 self-draft"
     options = {"draft_model": str(draft_dir)}
 
     def simulator(shapes):
@@ -121,7 +127,7 @@ def main() -> None:
     fast_s = time.perf_counter() - t0
     fast_steps = fast.results[0].steps
 
-    draft_model, _, _ = load_causal_lm(str(draft_dir), cpu, torch.float32)
+    draft_model, _, _ = load_causal_lm(str(draft_dir), cpu, torch.float32, table="draft_models")
     dsd_replay(draft_model, log.turns[0].prompt_ids, log.turns[0].output_ids[:8], args.k, log.header.max_new_tokens)  # warm-up
     t0 = time.perf_counter()
     slow_steps = [dsd_replay(draft_model, t.prompt_ids, t.output_ids, args.k, log.header.max_new_tokens) for t in log.turns]
@@ -130,7 +136,7 @@ def main() -> None:
     flat_fast = [s for t in fast_steps for s in t]
     flat_slow = [s for t in slow_steps for s in t]
     same = [[s.accepted for s in t] for t in fast_steps] == [[s.accepted for s in t] for t in slow_steps]
-    print(f"draft-model ({args.draft_layers}-layer SmolLM2 self-draft), k={args.k}:")
+    print(f"draft-model ({draft_name}), k={args.k}:")
     print(f"  teacher-forced pass: {fast_s:8.2f} s  τ = {tau(flat_fast):.4f} over {len(flat_fast)} steps")
     print(f"  DSD-style replay:    {slow_s:8.2f} s  τ = {tau(flat_slow):.4f} over {len(flat_slow)} steps")
     print(f"  ratio: {slow_s / fast_s:.1f}×; τ identical: {tau(flat_fast) == tau(flat_slow)}; every step identical: {same}")

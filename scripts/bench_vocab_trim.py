@@ -1,7 +1,7 @@
 """VocabTrim trade-off on one machine, in one process: τ, draft ms/step, measured
 speedup and MBSU for a draft model with its LM head trimmed to N tokens.
 
-    python scripts/bench_vocab_trim.py --draft-model smollm2-135m --sizes full,16384,8192,4096,2048
+    python scripts/bench_vocab_trim.py --draft-model smollm2-135m-draft --sizes full,16384,8192,4096,2048
 
 The id list is counted from the target's own plain-decoding outputs on a
 calibration workload (a separate run, written to --out), then every size is
@@ -33,7 +33,7 @@ def measure(config: RunConfig, out: Path, target=None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--draft-model", default="smollm2-135m")
+    parser.add_argument("--draft-model", default="smollm2-135m-draft", help="the bundled 1-layer draft by default")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--sizes", default="full,16384,8192,4096,2048")
     parser.add_argument("--calibrate-on", default="builtin-completion", help="workload whose target outputs are counted")

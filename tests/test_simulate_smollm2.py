@@ -32,21 +32,41 @@ def setup(tmp_path_factory):
     return target, read_log(root / "log.jsonl"), root
 
 
+def online_shapes(target, log, drafter, options):
+    """(tree size, depth, accepted) per step and turn, as `run` measures them; its outputs are the log's."""
+    config = RunConfig(drafter=drafter, drafter_options=options, workload=WORKLOAD, limit=LIMIT,
+                       max_new_tokens=MAX_NEW, device="cpu", baseline=False, warmup=False)
+    bench = Benchmark(config, target=target)
+    online = []
+    for prompt in bench.prompts:
+        steps, turns = bench.measure_prompt(prompt)
+        online += [[(s.tree_size, s.tree_depth, s.accepted) for s in steps if s.turn == t] for t in range(len(prompt.turns))]
+        assert [t.output_ids for t in turns] == [t.output_ids for t in log.turns if t.prompt_id == prompt.id]
+    return online
+
+
 @pytest.mark.parametrize("drafter, options", [("draft-model", {"draft_model": "DRAFT"}), ("prompt-lookup", {})])
 def test_simulate_equals_online_on_smollm2(setup, drafter, options):
     target, log, root = setup
     options = {k: str(root / "draft") if v == "DRAFT" else v for k, v in options.items()}
-    ks = [2, 4]
-    simulation = Simulator(log, SimulateConfig(drafter, options, [Shape.chain(k) for k in ks], latency_steps=1), target).score()
+    simulation = Simulator(log, SimulateConfig(drafter, options, [Shape.chain(k) for k in (2, 4)], latency_steps=1), target).score()
     for result in simulation.results:
-        config = RunConfig(drafter=drafter, drafter_options={**options, "k": result.shape.k}, workload=WORKLOAD, limit=LIMIT,
-                           max_new_tokens=MAX_NEW, device="cpu", baseline=False, warmup=False)
-        bench = Benchmark(config, target=target)
-        online = []
-        for prompt in bench.prompts:
-            steps, turns = bench.measure_prompt(prompt)
-            online += [[(s.tree_size, s.tree_depth, s.accepted) for s in steps if s.turn == t] for t in range(len(prompt.turns))]
-            assert [t.output_ids for t in turns] == [t.output_ids for t in log.turns if t.prompt_id == prompt.id]
-        simulated = [[(s.tree_size, s.tree_depth, s.accepted) for s in t] for t in result.steps]
-        assert simulated == online
+        online = online_shapes(target, log, drafter, {**options, "k": result.shape.k})
+        assert [[(s.tree_size, s.tree_depth, s.accepted) for s in t] for t in result.steps] == online
         assert any(a for t in online for _, _, a in t)
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "hydra"])
+def test_head_drafters_simulate_equals_online_on_smollm2(setup, drafter):
+    """The catalogue heads for SmolLM2 (medusa: the bundled trained heads; hydra: fresh, reference init),
+    on Medusa's 63-node tree and on a chain; hidden states from one teacher-forced target forward."""
+    target, log, _ = setup
+    shapes = [Shape.from_spec("mc_sim_7b_63"), Shape.from_spec("chain:3")]
+    simulation = Simulator(log, SimulateConfig(drafter, {}, shapes, latency_steps=1), target).score()
+    assert simulation.method == "teacher-forced" and simulation.hidden_source == "teacher-forced target forward"
+    accepted = 0
+    for result in simulation.results:
+        online = online_shapes(target, log, drafter, {"tree": result.shape.spec})
+        assert [[(s.tree_size, s.tree_depth, s.accepted) for s in t] for t in result.steps] == online, result.shape.spec
+        accepted += sum(a for t in online for _, _, a in t)
+    assert accepted, "the heads never hit: the comparison proves little"

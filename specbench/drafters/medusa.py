@@ -238,20 +238,21 @@ class MedusaDrafter(HeadDrafter):
         self.catch_up()
         if not len(shape):
             return DraftTree.empty(self.device)
-        hidden = self.last_hidden.to(self.heads.heads[0][0].linear.weight.dtype)
         levels = []
         for d in range(1, min(shape.depth, ctx.max_tokens) + 1):  # deeper nodes could not be emitted
-            head = self.heads.heads[d - 1]
-            logits = head(hidden) if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](head(hidden))
-            best = self.to_target_ids(logits.topk(shape.level_topk[d]).indices)
+            best = self.to_target_ids(self.head_logits(d, self.last_hidden).topk(shape.level_topk[d]).indices)
             levels.append(best[shape.level_ranks[d].to(best.device)])
         return shape.draft_tree(levels)
 
 
-    def level_logits(self, d, base, output, m):
+    def head_logits(self, d: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Head d's logits (its own LM head, or the target's for heads-only checkpoints)."""
         head = self.heads.heads[d - 1]
-        hidden = base.to(head[0].linear.weight.dtype)
-        return head(hidden) if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](head(hidden))
+        out = head(hidden.to(head[0].linear.weight.dtype))
+        return out if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](out)
+
+    def level_logits(self, d, base, output, m):
+        return self.head_logits(d, base)
 
 
 def fresh_medusa_heads(target, num_heads: int, seed: int = 0) -> MedusaHeads:

@@ -139,8 +139,13 @@ def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
     if not resume:
         info = bench.run_info(command_line())
         store = RunStore.create(out / info.run_id, info)
-    elif store.info.workload_hash != bench.run_info("").workload_hash:
-        raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
+    else:
+        now = bench.run_info("")
+        if store.info.workload_hash != now.workload_hash:
+            raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
+        started_on, here = (store.info.environment or {}).get("device_name"), now.environment.get("device_name")
+        if started_on and started_on != here:  # its timings would be pooled with another machine's
+            raise UserError(f"{store.directory} was measured on {started_on}, this is {here}: resume it there, or start a new run")
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console

@@ -36,7 +36,7 @@ def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> li
             if not isinstance(row, dict):
                 raise TypeError("not a JSON object")
             records.append(record_type(**{k: v for k, v in row.items() if k in known}))
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             if warnings is not None:
                 warnings.append(f"{path}:{number}: skipped a corrupt record ({exc})")
     return records
@@ -64,7 +64,7 @@ class RunStore:
         try:
             row = json.loads(run_file.read_text())
             info = RunInfo(**{k: v for k, v in row.items() if k in {f.name for f in fields(RunInfo)}})
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise UserError(f"{run_file} is corrupt ({exc})") from None
         return cls(directory, info)
 

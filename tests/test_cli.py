@@ -73,6 +73,9 @@ def test_run_on_local_models_writes_records_and_matches_plain(models, tmp_path, 
         (["--workload", "nope"], "unknown workload 'nope'"),
         (["--workload", "missing.jsonl"], "workload file 'missing.jsonl' does not exist"),
         (["--drafter", "prompt-lookup", "-o", "bogus=1"], "does not take option(s) bogus"),
+        (["--drafter", "prompt-lookup", "-o", "k=abc"], "option k takes int, not 'abc'"),
+        (["--drafter", "prompt-lookup", "-o", "k=2.5"], "option k takes int, not 2.5"),
+        (["--target", "NOT_A_MODEL_DIR"], "is not a model transformers can load"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ],
 )
@@ -80,6 +83,10 @@ def test_bad_input_is_one_line(args, message, models, tmp_path, capsys, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if "--target" not in args:
         args = ["--target", models["target"], *args]
+    if "NOT_A_MODEL_DIR" in args:  # a directory with a config that names no causal LM
+        (tmp_path / "notamodel").mkdir()
+        (tmp_path / "notamodel" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+        args = [str(tmp_path / "notamodel") if a == "NOT_A_MODEL_DIR" else a for a in args]
     code, out, err = run_cli(["run", *args, "--out", tmp_path], capsys, monkeypatch)
     assert code == 2
     assert "Traceback" not in err

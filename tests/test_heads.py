@@ -3,6 +3,7 @@ key by key, greedy decoding stays exactly plain decoding, Hydra drafts level by
 level in node order, the prefix layer's cache holds exactly the accepted
 tokens, and typical acceptance matches a hand computation."""
 
+import json
 import sys
 import warnings
 
@@ -83,6 +84,42 @@ def test_medusa_layouts_load_key_by_key(name, target, checkpoints):
         assert head[0] is head[1]
     if name == "medusa-v2":
         assert drafter.heads.base_lm_head[0] is target.lm_head
+
+
+def test_medusa2_by_hub_id_fetches_only_the_heads_shard(target, checkpoints, tmp_path, monkeypatch):
+    """A sharded Medusa-2 model on the hub: the index says which shard holds `medusa_head.*`; only
+    that shard is downloaded (the base weights are the target's, already loaded)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from specbench.drafters import checkpoints as ckpt
+
+    hub = tmp_path / "hub-repo"  # the repository as published: two shards and an index
+    hub.mkdir()
+    tensors = load_file(str(checkpoints["medusa-2"][0] / "model.safetensors"))
+    shards = {"model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if not k.startswith("medusa_head.")},
+              "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k.startswith("medusa_head.")}}
+    for name, part in shards.items():
+        save_file(part, str(hub / name))
+    weight_map = {key: name for name, part in shards.items() for key in part}
+    (hub / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(checkpoints["medusa-2"][0] / "config.json", hub / "config.json")
+
+    snapshot, fetched = tmp_path / "snapshot", []
+
+    def fake_download(repo_id, file_names):  # snapshot_download with allow_patterns, over the copy above
+        snapshot.mkdir(exist_ok=True)
+        for file in hub.iterdir():
+            if file.suffix == ".json" or file.name in file_names:
+                fetched.append(file.name)
+                shutil.copy(file, snapshot / file.name)
+        return snapshot
+
+    monkeypatch.setattr(ckpt, "_download", fake_download)
+    drafter = MedusaDrafter.create(target, heads="FasterDecoding/medusa-2-tiny", tree="chain:3")
+    assert_same(drafter.heads.heads.state_dict(), checkpoints["medusa-2"][1].state_dict())
+    assert "model-00002-of-00002.safetensors" in fetched and "model-00001-of-00002.safetensors" not in fetched
 
 
 @pytest.mark.parametrize("name", ["hydra-prefix", "hydra-mlp"])

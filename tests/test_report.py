@@ -165,3 +165,26 @@ def test_simulated_runs_report_the_same_way_but_apart(tmp_path, capsys, monkeypa
                                             "draft-model (k=3) → tiny/target · Test CPU · simulated"]
     sim = frame[frame.setup.str.endswith("simulated")]
     assert list(sim.task) == ["math"] and sim.tau.iloc[0] == pytest.approx(2.5)
+
+
+def test_runs_without_a_baseline_report_and_plot_what_was_measured(tmp_path, capsys, monkeypatch, wide):
+    store = RunStore.create(tmp_path / "nb", info("nb"))
+    store.append_prompt(steps_for("p1", [3, 1, 0, 2]), [turn("p1", "math", "spec", 11, 400.0)])
+    plots = tmp_path / "plots"
+    code, out, err = run_cli(["report", tmp_path, "--plot", plots, "--html", tmp_path / "r.html"], capsys, monkeypatch)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "τ (mean accepted length" in line)
+    assert row.split("│")[2].strip() == "2.50"  # (4 + 2 + 1 + 3) / 4
+    names = {p.name for p in plots.iterdir()}
+    assert "speedup_by_category.png" not in names and {"tau_vs_draft_ms.png", "acceptance_by_position.png"} <= names
+
+
+def test_steps_of_a_prompt_killed_before_its_turns_landed_are_left_out(tmp_path, capsys, monkeypatch, wide):
+    run = make_run(tmp_path, "r1", [P1, P2])
+    store = RunStore.open(run)
+    store._append("steps.jsonl", steps_for("p3", [3, 3, 3, 3]))  # killed after the steps, before the turns
+    code, out, err = run_cli(["report", run], capsys, monkeypatch)
+    assert code == 0
+    assert "4 step record(s) of unfinished prompts left out" in err
+    row = next(line for line in out.splitlines() if "τ (mean accepted length" in line)
+    assert row.split("│")[2].strip() == "2.00"  # P1 and P2 only, as in the hand computation above

@@ -84,3 +84,14 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path, capsys, monkeypa
     # the prompts finished before the kill were kept, not measured again
     kept = [t for t in turns if t["prompt_id"] in done_before]
     assert [t["prompt_id"] for t in turns[: len(kept)]] == [t["prompt_id"] for t in kept]
+
+
+def test_resume_on_another_machine_is_refused(setup, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(args(setup, tmp_path / "r") + ["--limit", "1"], capsys, monkeypatch)
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "r").iterdir()
+    info = json.loads((run_dir / "run.json").read_text())
+    info["environment"]["device_name"] = "Some Other CPU"
+    (run_dir / "run.json").write_text(json.dumps(info))
+    code, out, err = run_cli(["run", "--resume", run_dir], capsys, monkeypatch)
+    assert code != 0 and "was measured on Some Other CPU" in err and "Traceback" not in err

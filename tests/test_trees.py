@@ -70,3 +70,18 @@ def test_bad_trees_are_one_clear_error(spec, message):
     with pytest.raises(UserError) as info:
         TreeShape(spec) if isinstance(spec, list) else resolve_tree(spec)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("drafter, heads", [("medusa", "FasterDecoding/medusa-vicuna-{}-v1.3"),
+                                            ("hydra", "ankner/hydra-vicuna-{}-v1.3")])
+@pytest.mark.parametrize("size", ["7b", "13b", "33b"])
+def test_catalogue_names_the_published_heads(drafter, heads, size):
+    """`--drafter medusa|hydra --target vicuna-13b` (or its hub id) resolves to the published repository and tree."""
+    from types import SimpleNamespace
+
+    from specbench.drafters.medusa import HeadDrafter
+
+    for name in (f"vicuna-{size}", f"lmsys/vicuna-{size}-v1.3"):
+        target = SimpleNamespace(name=name, model_id=f"lmsys/vicuna-{size}-v1.3")
+        spec, shape, _ = HeadDrafter.settings(drafter, target, None, None)
+        assert spec == heads.format(size) and shape.name == "mc_sim_7b_63"

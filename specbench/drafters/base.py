@@ -26,7 +26,10 @@ Drafters without it are simulated by step replay, which is slower and labelled s
 
 from __future__ import annotations
 
+import builtins
 import inspect
+import types
+import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -155,16 +158,59 @@ def drafter_options(cls: type[Drafter]) -> dict[str, inspect.Parameter]:
     }
 
 
+SIMPLE_TYPES = (bool, int, float, str)
+
+
+def _declared_types(cls: type[Drafter]) -> dict[str, tuple[type, ...]]:
+    """Option name -> the simple types its annotation allows (NoneType included when optional);
+    options annotated otherwise, or not at all, are left unchecked."""
+    target = cls.create if cls.create.__func__ is not Drafter.create.__func__ else cls.__init__
+    namespace = {**vars(builtins), **getattr(inspect.unwrap(target), "__globals__", {})}
+    declared = {}
+    for option, parameter in drafter_options(cls).items():
+        hint = parameter.annotation
+        try:  # postponed annotations are text; one that does not resolve is left unchecked
+            hint = eval(hint, namespace) if isinstance(hint, str) else hint  # noqa: S307 - the drafter's own annotation
+        except Exception:  # noqa: BLE001
+            continue
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if all(t in SIMPLE_TYPES or t is type(None) for t in allowed):
+            declared[option] = allowed
+    return declared
+
+
+def typed_options(name: str, cls: type[Drafter], options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with numbers given for text options turned into text; a value of the wrong type
+    (`-o k=abc`) is refused here, before any model loads, instead of failing inside the drafter."""
+    out = dict(options)
+    for option, allowed in _declared_types(cls).items():
+        if option not in out:
+            continue
+        value = out[option]
+        if value is None and type(None) in allowed:
+            continue
+        if str in allowed and not isinstance(value, str) and isinstance(value, (int, float)):
+            out[option] = str(value)
+        elif isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed) and not (
+            float in allowed and isinstance(value, int) and not isinstance(value, bool)
+        ):
+            wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
+            raise UserError(f"drafter '{name}' option {option} takes {wanted}, not {value!r}: e.g. -o {option}=VALUE")
+    return out
+
+
 def check_options(name: str, options: dict[str, Any]) -> type[Drafter]:
-    """The drafter class for `name`, after checking it takes every option given."""
+    """The drafter class for `name`, after checking it takes every option given, with values of its types."""
     cls = drafter_class(name)
     accepted = drafter_options(cls)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         takes = ", ".join(accepted) or "no options"
         raise UserError(f"drafter '{name}' does not take option(s) {', '.join(unknown)}; it takes: {takes}")
+    typed_options(name, cls, options)
     return cls
 
 
 def build_drafter(name: str, target: HFTarget, options: dict[str, Any]) -> Drafter:
-    return check_options(name, options).create(target, **options)
+    cls = check_options(name, options)
+    return cls.create(target, **typed_options(name, cls, options))

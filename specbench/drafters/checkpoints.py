@@ -177,8 +177,11 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
     return out
 
 
-def read_safetensors_prefix(directory: Path, prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors whose names start with `prefix` from a (possibly sharded) safetensors checkpoint."""
+def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors whose names start with `prefix` from a (possibly sharded) safetensors checkpoint.
+
+    For a hub checkpoint (`repo_id`), only the shards that hold such tensors are fetched: a
+    Medusa-2 model keeps its heads beside the full base weights, which the heads do not need."""
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -189,6 +192,10 @@ def read_safetensors_prefix(directory: Path, prefix: str) -> tuple[dict[str, tor
         shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
     out: dict[str, torch.Tensor] = {}
     for shard in shards:
+        if not (directory / shard).is_file():
+            if repo_id is None:
+                raise UserError(f"{directory / shard} is listed in {index.name} but missing: copy the whole checkpoint")
+            _download(repo_id, (shard,))
         with safe_open(str(directory / shard), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
@@ -290,7 +297,8 @@ def load_medusa(spec: str, target) -> tuple[HeadCheckpoint, MedusaLayout]:
         if all(k.startswith("medusa_head.") for k in state):  # a heads file saved from the Medusa-2 model
             state = {k.removeprefix("medusa_head."): v for k, v in state.items()}
     else:
-        state, files = read_safetensors_prefix(directory, "medusa_head.")
+        from_hub = spec if not Path(spec).expanduser().exists() else None
+        state, files = read_safetensors_prefix(directory, "medusa_head.", from_hub)
         if not state:
             raise UserError(
                 f"no Medusa heads in '{spec}': expected medusa_lm_head.pt / medusa_lm_head.safetensors, "

@@ -44,7 +44,12 @@ DEFAULT_TREE = "mc_sim_7b_63"
 def catalogue_entry(drafter: str, target) -> dict:
     from specbench.targets.loading import catalogue
 
-    return catalogue("heads").get(drafter, {}).get(target.name, {})
+    entries = catalogue("heads").get(drafter, {})
+    if target.name in entries:
+        return entries[target.name]
+    # a hub id given for an aliased target (`--target lmsys/vicuna-13b-v1.3`) finds the alias's entry
+    aliases = [alias for alias, t in catalogue("targets").items() if isinstance(t, dict) and t.get("hf_id") == target.model_id]
+    return next((entries[alias] for alias in aliases if alias in entries), {})
 
 
 def typical_rule(posterior_threshold: float, posterior_alpha: float) -> TypicalAcceptance:

@@ -90,7 +90,12 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
         if not turns:
             warnings.append(f"{directory}: no finished prompts yet; skipped")
             continue
-        runs.append(Run(directory, store.info, steps, turns))
+        finished = {(t.prompt_id, t.turn, t.mode) for t in turns}
+        kept = [s for s in steps if (s.prompt_id, s.turn, s.mode) in finished]
+        if len(kept) < len(steps):  # a run killed between writing a prompt's steps and its turns
+            warnings.append(f"{directory}: {len(steps) - len(kept)} step record(s) of unfinished prompts left out "
+                            f"(`specbench run --resume {directory}` measures those prompts again)")
+        runs.append(Run(directory, store.info, kept, turns))
     if not runs:
         raise UserError("no run with finished prompts to report")
     return runs

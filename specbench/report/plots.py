@@ -24,9 +24,11 @@ def _short(label: str, width: int = 48) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
 
-def speedup_by_category(categories: pd.DataFrame, path: Path) -> Path:
-    """Bars: speedup per category, one bar per setup (drafter)."""
+def speedup_by_category(categories: pd.DataFrame, path: Path) -> Path | None:
+    """Bars: speedup per category, one bar per setup (drafter); None when no run has a baseline."""
     table = categories.pivot_table(index="category", columns="setup", values="speedup", aggfunc="first")
+    if table.empty or table.isna().all().all():  # --no-baseline runs: no speedup was measured
+        return None
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(table) * max(1, len(table.columns) / 2) + 2), 4.5))
     table.rename(columns=_short).plot.bar(ax=ax, rot=30)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
@@ -119,5 +121,7 @@ PLOTS = {
 
 
 def write_plots(frames: dict[str, pd.DataFrame], directory: Path) -> list[Path]:
+    """The plots the runs can show (a plot with nothing measured to draw is left out)."""
     directory.mkdir(parents=True, exist_ok=True)
-    return [plot(frames[frame], directory / name) for name, (frame, plot) in PLOTS.items()]
+    written = [plot(frames[frame], directory / name) for name, (frame, plot) in PLOTS.items()]
+    return [path for path in written if path is not None]

@@ -204,12 +204,18 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: s
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except OSError as exc:
         raise _not_loadable(source, location, exc) from None
+    except (ValueError, KeyError) as exc:  # a config transformers knows no causal LM for
+        raise _not_a_causal_lm(location, exc) from None
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer, source
+
+
+def _not_a_causal_lm(location: str, exc: Exception) -> UserError:
+    return UserError(f"'{location}' is not a model transformers can load as a causal LM ({str(exc).splitlines()[0]})")
 
 
 def _not_loadable(source: ModelSource, location: str, exc: OSError) -> UserError:
@@ -232,6 +238,8 @@ def load_config(name: str, table: str = "targets"):
         return AutoConfig.from_pretrained(location)
     except OSError as exc:
         raise _not_loadable(source, location, exc) from None
+    except (ValueError, KeyError) as exc:
+        raise _not_a_causal_lm(location, exc) from None
 
 
 def load_tokenizer(*names: str | None):

@@ -427,3 +427,15 @@ def test_medusa_from_the_command_line_needs_only_the_log(setup, head_checkpoints
     code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "medusa", "--heads", head_checkpoints / "medusa",
                               "--k", 6, "--bandwidth", 100], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "heads" in err, err
+
+
+@pytest.mark.parametrize("drafter, heads", [("draft-model", None), ("medusa", "medusa"), ("hydra", "hydra-prefix")])
+def test_vocab_trimmed_drafters_simulate_equals_online(setup, head_checkpoints, drafter, heads):
+    """Trimmed heads rank the true token among the kept ids (absent: never drafted); the walk
+    must still give exactly what `run` measures with the same trimmed drafter."""
+    trim = {"vocab_trim": 12, "vocab_trim_from": str(setup["log_path"])}  # the 12 ids the target logged most
+    if heads is None:
+        assert_simulate_equals_online(setup, drafter, {"draft_model": str(setup["root"] / "draft"), **trim}, [2, 4])
+    else:
+        assert_simulate_equals_online(setup, drafter, {"heads": str(head_checkpoints / heads), **trim}, [3],
+                                      target=setup["target"], trees=["mc_sim_7b_63"], tree_options=("tree",))

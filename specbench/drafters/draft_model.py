@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from specbench.drafters.base import DraftContext, Drafter
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
+from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
 from specbench.engine.static_cache import StaticDecoder, StaticKV
@@ -157,9 +157,7 @@ class DraftModelDrafter(Drafter):
         out = self.backbone(input_ids=sequence[None, :-1], position_ids=positions[None], use_cache=False)
         logits = self.head(out.last_hidden_state[0])
         true = sequence[1:]
-        if self.trim is not None:  # index among the kept ids; -1 = a token the trimmed head cannot draft
-            lookup = torch.full((self.trim.vocab_size,), -1, dtype=torch.long, device=self.device)
-            lookup[self.trim.kept] = torch.arange(self.trim.kept.numel(), device=self.device)
-            true = lookup[true]
+        if self.trim is not None:
+            true = kept_index(true, self.trim.kept, self.trim.vocab_size)
         ranks = true_ranks(logits, true)
         return TeacherForced(autoregressive_ranks(ranks, prompt.numel(), output.numel(), depth))

@@ -33,6 +33,7 @@ from specbench.drafters.checkpoints import (
 )
 from specbench.drafters.heads import MedusaHeads, OwnDecoder
 from specbench.drafters.trees import resolve_tree
+from specbench.drafters.vocab_trim import kept_index
 from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.tree import DraftTree, TreeShape
 from specbench.errors import UserError
@@ -153,18 +154,18 @@ class HeadDrafter(Drafter):
 
         if depth > self.num_heads:
             raise UserError(f"a shape {depth} deep needs {depth} heads; '{self.name}' has {self.num_heads}")
-        if self.kept_ids is not None:  # trimmed heads rank over kept indices, not target ids
-            raise UserError("simulate does not score head drafters with --vocab-trim yet: run `specbench run` for trimmed heads")
         states, source = hidden()
         p, n = prompt.numel(), output.numel()
         ranks = torch.full((n, depth), RANK_NONE, dtype=torch.long)
         base = self.teacher_base(states.to(self.device))[p - 1 : p + n - 2]  # row j: step m = j + 1
         output = output.to(self.device)
+        # trimmed heads rank over the kept ids: the true token's index there, -1 where it cannot be drafted
+        true = output if self.kept_ids is None else kept_index(output, self.kept_ids, self.target.vocab_size)
         for d in range(1, depth + 1):
             m = torch.arange(1, n - d + 1, device=self.device)  # steps whose level-d true token is logged
             if not m.numel():
                 break
-            ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), output[m + d - 1])
+            ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), true[m + d - 1])
         return TeacherForced(ranks, capped=True, hidden_source=source)
     # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
 

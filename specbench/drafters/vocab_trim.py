@@ -136,3 +136,11 @@ class TrimmedHead(nn.Module):
         """Probabilities over the kept ids → the full vocabulary, 0 outside the set."""
         full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
         return full.index_copy_(-1, self.kept, probs)
+
+
+def kept_index(tokens: torch.Tensor, kept: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Each target id's index among the kept ids, -1 for a token the trimmed head cannot draft
+    (simulation ranks true tokens in the trimmed head's index space)."""
+    lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=kept.device)
+    lookup[kept] = torch.arange(kept.numel(), device=kept.device)
+    return lookup[tokens.to(kept.device)].to(tokens.device)

@@ -222,7 +222,7 @@ class DeepSpeedTarget(HFTarget):
         while True:
             op, root, payload = self._receive()
             if op == STOP:
-                return
+                return self._leave_group()
             if op == PREFILL:
                 super().prefill(payload[0])
             elif op == VERIFY:
@@ -235,3 +235,13 @@ class DeepSpeedTarget(HFTarget):
         if self.leads and not self._stopped:
             self._stopped = True
             self._send(STOP)
+            self._leave_group()
+
+    @staticmethod
+    def _leave_group() -> None:
+        """Every rank leaves the process group together before exiting: a rank that exits with
+        gloo's threads still up intermittently died in std::terminate ("terminate called without
+        an active exception"), failing the launcher's run after all results were written."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+            dist.destroy_process_group()

@@ -179,6 +179,12 @@ def _declared_types(cls: type[Drafter]) -> dict[str, tuple[type, ...]]:
     return declared
 
 
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a bool is an int to isinstance, never to an option
+        return bool in allowed
+    return isinstance(value, allowed) or (isinstance(value, int) and float in allowed)
+
+
 def typed_options(name: str, cls: type[Drafter], options: dict[str, Any]) -> dict[str, Any]:
     """`options` with numbers given for text options turned into text; a value of the wrong type
     (`-o k=abc`) is refused here, before any model loads, instead of failing inside the drafter."""
@@ -189,11 +195,9 @@ def typed_options(name: str, cls: type[Drafter], options: dict[str, Any]) -> dic
         value = out[option]
         if value is None and type(None) in allowed:
             continue
-        if str in allowed and not isinstance(value, str) and isinstance(value, (int, float)):
+        if str in allowed and isinstance(value, (int, float)):
             out[option] = str(value)
-        elif isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed) and not (
-            float in allowed and isinstance(value, int) and not isinstance(value, bool)
-        ):
+        elif not _fits(value, allowed):
             wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
             raise UserError(f"drafter '{name}' option {option} takes {wanted}, not {value!r}: e.g. -o {option}=VALUE")
     return out

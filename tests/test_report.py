@@ -188,3 +188,14 @@ def test_steps_of_a_prompt_killed_before_its_turns_landed_are_left_out(tmp_path,
     assert "4 step record(s) of unfinished prompts left out" in err
     row = next(line for line in out.splitlines() if "τ (mean accepted length" in line)
     assert row.split("│")[2].strip() == "2.00"  # P1 and P2 only, as in the hand computation above
+
+
+def test_cpu_runs_with_other_thread_counts_are_other_setups(tmp_path, capsys, monkeypatch, wide):
+    for run_id, threads in (("t2", 2), ("t8", 8)):
+        run = make_run(tmp_path, run_id, [P1, P2])
+        row = json.loads((run / "run.json").read_text())
+        row["environment"].update(device="cpu", cpu_threads=threads)
+        (run / "run.json").write_text(json.dumps(row))
+    code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)
+    assert code == 0, err
+    assert "Test CPU, 2 threads" in out and "Test CPU, 8 threads" in out

@@ -101,13 +101,21 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
     return runs
 
 
+def hardware(environment: dict) -> str:
+    """The device a run measured on; on CPU with its thread count, which changes every timing."""
+    name = environment.get("device_name") or "unknown device"
+    threads = environment.get("cpu_threads")
+    on_cpu = str(environment.get("device", "cpu")).startswith("cpu")
+    return f"{name}, {threads} threads" if on_cpu and threads else name
+
+
 def setup_of(info: RunInfo) -> dict:
     workload = info.extra.get("workload", {}) if isinstance(info.extra, dict) else {}
     return {
         "target": info.target_id or info.target,
         "drafter": info.drafter,
         "drafter_options": dict(sorted((info.drafter_options or {}).items())),
-        "device": (info.environment or {}).get("device_name") or "unknown device",
+        "device": hardware(info.environment or {}),
         "workload": info.workload,
         "selection": workload.get("selection_hash", info.workload_hash),
         "decode": {k: v for k, v in sorted((info.decode or {}).items()) if k not in NOT_SETUP},

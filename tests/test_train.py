@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from test_cli import run_cli
 from tiny import char_tokenizer, save_tiny_model, tiny_llama
 
 from specbench.cli import main
@@ -24,17 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["specbench", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

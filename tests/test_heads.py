@@ -122,6 +122,20 @@ def test_medusa2_by_hub_id_fetches_only_the_heads_shard(target, checkpoints, tmp
     assert "model-00002-of-00002.safetensors" in fetched and "model-00001-of-00002.safetensors" not in fetched
 
 
+def test_medusa2_with_a_shard_missing_is_one_error(target, checkpoints, tmp_path):
+    """A local Medusa-2 directory whose index names a shard that is not there: say so, no safetensors traceback."""
+    import shutil
+
+    from specbench.errors import UserError
+
+    broken = tmp_path / "medusa2-broken"
+    broken.mkdir()
+    shutil.copy(checkpoints["medusa-2"][0] / "config.json", broken / "config.json")
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"medusa_head.0.0.linear.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="model-00002-of-00002.safetensors is listed in model.safetensors.index.json but missing"):
+        MedusaDrafter.create(target, heads=str(broken), tree="chain:3")
+
+
 @pytest.mark.parametrize("name", ["hydra-prefix", "hydra-mlp"])
 def test_hydra_layouts_load_key_by_key(name, target, checkpoints):
     published = checkpoints[name][1].state_dict()

@@ -199,3 +199,11 @@ def test_cpu_runs_with_other_thread_counts_are_other_setups(tmp_path, capsys, mo
     code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)
     assert code == 0, err
     assert "Test CPU, 2 threads" in out and "Test CPU, 8 threads" in out
+
+
+def test_run_json_that_is_not_a_run_is_one_line(tmp_path, capsys, monkeypatch):
+    run = make_run(tmp_path, "r1", [P1])
+    (run / "run.json").write_text("[1, 2]")  # valid JSON, not a run
+    code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in err
+    assert "run.json is corrupt" in err

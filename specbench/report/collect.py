@@ -96,8 +96,8 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
             warnings.append(f"{directory}: {len(steps) - len(kept)} step record(s) of unfinished prompts left out "
                             f"(`specbench run --resume {directory}` measures those prompts again)")
         runs.append(Run(directory, store.info, kept, turns))
-    if not runs:
-        raise UserError("no run with finished prompts to report")
+    if not runs:  # the warnings are not printed on this path: name the last reason in the one line
+        raise UserError("no run with finished prompts to report" + (f" ({warnings[-1]})" if warnings else ""))
     return runs
 
 

@@ -289,7 +289,7 @@ def train(
     layers: Annotated[int, typer.Option(help="draft-model: how many of the target's first layers the draft keeps")] = 1,
     k: Annotated[int, typer.Option(help="draft-model: chain length the acceptance estimate assumes")] = 4,
     heads: Annotated[int, typer.Option(help="medusa/hydra/hydra-decoder: number of heads")] = 4,
-    tie_lm_head: Annotated[bool, typer.Option(help="medusa/hydra-decoder: heads read the target's LM head (no LM head of their own: tiny checkpoints)")] = False,
+    tie_lm_head: Annotated[bool, typer.Option(help="heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): small checkpoints")] = False,
     decoder_layers: Annotated[int, typer.Option(help="hydra-decoder: trunk layers, copied from the target's last N")] = 1,
     hydra_layers: Annotated[int, typer.Option(help="hydra: ResBlocks per head (the first grounded, the rest one shared block)")] = 4,
     train_vocab: Annotated[str, typer.Option(help="all: losses over the whole vocabulary; seen: only over ids the training data contains (an order of magnitude cheaper on large vocabularies; evaluation stays full)")] = "all",

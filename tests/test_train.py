@@ -130,7 +130,7 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize(
     "kind, extra",
     [("medusa", []), ("medusa", ["--tie-lm-head", "--train-vocab", "seen"]), ("hydra", ["--hydra-layers", 2, "--train-vocab", "seen"]),
-     ("hydra-decoder", ["--tie-lm-head", "--decoder-layers", 1])],
+     ("hydra", ["--tie-lm-head", "--hydra-layers", 1]), ("hydra-decoder", ["--tie-lm-head", "--decoder-layers", 1])],
 )
 def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, data, kind, extra, tmp_path, capsys, monkeypatch):
     from specbench.drafters.base import build_drafter
@@ -154,8 +154,11 @@ def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, 
     state = torch.load(out / files, weights_only=True)
     if kind == "medusa":
         assert ("2.1.weight" in state) == ("--tie-lm-head" not in extra) and "2.0.linear.weight" in state
-    if kind == "hydra":
+    if kind == "hydra" and "--tie-lm-head" not in extra:
         assert {"hydra_mlp.2.1.linear.weight", "hydra_lm_head.2.1.bias", "prefix_embeding_layer.layers.0.self_attn.q_proj.weight", "input_embed_fn.weight"} <= set(state)
+    if kind == "hydra" and "--tie-lm-head" in extra:  # the target's LM head and embeddings: neither is stored
+        assert "hydra_mlp.2.1.res_connection.weight" in state and "prefix_embeding_layer.norm.weight" in state
+        assert not any(k.startswith(("hydra_lm_head.", "input_embed_fn.", "hydra_mlp.0.3")) for k in state)
     if kind == "hydra-decoder":
         assert set(state) == {"medusa_head", "medusa_rms_norm", "medusa_decoder_layers"}
     model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
@@ -189,6 +192,40 @@ def test_bundled_draft_stores_only_trained_weights_and_rebuilds_from_the_target(
     trained = load_causal_lm(str(draft_dir), torch.device("cpu"), torch.float32)[0]
     for key, value in trained.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[key], value, atol=2e-3, rtol=2e-3)
+
+
+def test_int8_bundled_heads_load_in_the_published_layout_and_stay_lossless(setup, data, tmp_path, monkeypatch):
+    """Heads bundled with --int8: every matrix comes back within half a quantisation step of
+    the trained one (per row), the drafter loads them like any Hydra checkpoint, and
+    speculative decoding with them still equals plain decoding."""
+    from safetensors import safe_open
+
+    from specbench.drafters.base import build_drafter
+    from specbench.drafters.checkpoints import read_tensors
+    from specbench.train.bundle import bundle_heads
+
+    trained_dir = tmp_path / "hydra"
+    code = main_quiet(["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", trained_dir, "--heads", 3,
+                       "--hydra-layers", 1, "--tie-lm-head", "--steps", 4, "--batch-tokens", 48, "--lr", 1e-2, "--eval-every", 4], monkeypatch)
+    assert code == 0
+    out = bundle_heads(trained_dir, "tiny-hydra", dest=tmp_path / "bundled", int8=True)
+    assert {p.name for p in out.iterdir()} == {"config.json", "hydra_lm_head.safetensors", "bundle.json"}
+    with safe_open(str(out / "hydra_lm_head.safetensors"), "pt") as stored:
+        assert stored.get_tensor("hydra_mlp.1.1.linear.weight").dtype == torch.int8
+        assert stored.get_tensor("hydra_mlp.1.1.linear.bias").dtype == torch.bfloat16
+    trained = torch.load(trained_dir / "hydra_lm_head.pt", weights_only=True)
+    rebuilt = read_tensors(out / "hydra_lm_head.safetensors")
+    assert set(rebuilt) == set(trained)
+    for key, value in trained.items():
+        step = value.abs().amax(dim=-1, keepdim=True) / 127 if value.ndim == 2 else value.abs().max() / 128  # int8 step / bf16 rounding
+        assert ((rebuilt[key].float() - value.float()).abs() <= step / 2 + value.abs() / 128 + 1e-8).all(), key
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name="tiny", model_id=source.model_id)
+    drafter = build_drafter("hydra", target, {"heads": str(out), "tree": "mc_sim_7b_63_depth3"})
+    assert drafter.describe()["own_lm_head"] is False
+    for prompt in load_workload("pool-heldout")[:2]:
+        ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
+        assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
 
 
 def main_quiet(args, monkeypatch):

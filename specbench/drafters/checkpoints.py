@@ -156,9 +156,13 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
         raise UserError(f"head checkpoint file {file} does not exist")
     try:
         if file.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(str(file))
+            with safe_open(str(file), "pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(file))
+            return dequantize_int8(tensors, metadata) if metadata.get(INT8_STORAGE) else tensors
         try:
             data = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
@@ -174,6 +178,41 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
     _flatten(data, "", out)
     if not out:
         raise UserError(f"{file} holds no tensors; it is not a head checkpoint")
+    return out
+
+
+# --- int8 storage (specbench's bundled heads) ----------------------------------
+# Bundled heads must fit the package's size budget, so their matrices are stored
+# as int8 with one scale per output row (symmetric, |w| max -> 127) and rebuilt
+# in the recorded dtype on load: the module, keys and layout stay the published
+# ones. Vectors (biases, norms) stay as they are.
+
+INT8_STORAGE = "specbench_int8_rowwise"  # safetensors metadata key: the dtype to rebuild in
+INT8_SCALE = ".int8_scale"
+
+
+def quantize_int8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to save, metadata): 2-D float matrices as int8 + per-row scales, the rest cast to `dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if value.ndim == 2 and value.is_floating_point():
+            weight = value.float()
+            scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+            out[key] = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[key + INT8_SCALE] = scale.to(torch.float32).contiguous()
+        else:
+            out[key] = value.to(dtype).contiguous()
+    return out, {"format": "pt", INT8_STORAGE: str(dtype).removeprefix("torch.")}
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    dtype = getattr(torch, metadata[INT8_STORAGE])
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(INT8_SCALE):
+            continue
+        scale = tensors.get(key + INT8_SCALE)
+        out[key] = (value.float() * scale[:, None]).to(dtype) if scale is not None else value.to(dtype)
     return out
 
 
@@ -318,14 +357,17 @@ class HydraLayout:
     num_layers: int
     grounded: bool
     hidden_state_offset: int
+    tied_lm_head: bool = False  # no hydra_lm_head.*: the heads read the base LM head (specbench-trained, --tie-lm-head)
 
 
 def hydra_layout(checkpoint: HeadCheckpoint, target) -> HydraLayout:
     state, config, what = checkpoint.state, checkpoint.config, checkpoint.name
     heads: set[int] = set()
+    own_lm_head = False
     for key in state:
         if m := HYDRA_KEY.match(key):
             heads.add(int(m[2]))
+            own_lm_head |= m[1] == "lm_head"
         elif not key.startswith(("prefix_embeding_layer.", "input_embed_fn.")):
             raise UserError(f"{what}: unexpected key '{key}' for Hydra heads (expected hydra_mlp.*, hydra_lm_head.*, input_embed_fn.*, prefix_embeding_layer.*)")
     if not heads:
@@ -346,7 +388,7 @@ def hydra_layout(checkpoint: HeadCheckpoint, target) -> HydraLayout:
     offset = int(config.get("hidden_state_offset", 0) or 0)
     if not 0 <= offset < target.num_layers:
         raise UserError(f"{what}: hidden_state_offset {offset} is outside the target's {target.num_layers} layers")
-    return HydraLayout(arch, max(heads) + 1, int(num_layers), bool(grounded), offset)
+    return HydraLayout(arch, max(heads) + 1, int(num_layers), bool(grounded), offset, tied_lm_head=not own_lm_head)
 
 
 def load_hydra(spec: str, target) -> tuple[HeadCheckpoint, HydraLayout]:

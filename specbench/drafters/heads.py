@@ -7,7 +7,9 @@ keys are exactly the published checkpoints' keys (see checkpoints.py).
 - Hydra head h (grounded): its first block reads (h + 2) * H features — the
   base hidden state, then the embeddings of the root and of every token
   drafted before on the branch — through a ResBlock whose residual is itself
-  a Linear; later blocks are one shared H -> H ResBlock; Linear(H -> V) with bias.
+  a Linear; later blocks are one shared H -> H ResBlock; Linear(H -> V) with bias,
+  or, for heads trained with a tied LM head (specbench's bundled heads), none:
+  the base LM head is used, as for Medusa's "version 2" heads.
 - OwnDecoder: decoder layers with their own final norm and their own KV cache,
   fed hidden states instead of token ids: Hydra++'s prefix layer and the
   decoder-layer Hydra trunk.
@@ -84,11 +86,14 @@ class HydraHeads(nn.Module):
     """Hydra heads with the published keys. arch "mlp": `hydra_mlp.{h}.{0,1..}`,
     `hydra_lm_head.{h}.*`; arch "prefix-mlp" (Hydra++): Dropout at even indices,
     `hydra_mlp.{h}.{1,3,..}`, `hydra_lm_head.{h}.1.*`, plus `prefix_embeding_layer.*`
-    (held separately, see OwnDecoder). Dropout is inert at inference."""
+    (held separately, see OwnDecoder). Dropout is inert at inference. With
+    `base_lm_head` the heads own no LM head (no `hydra_lm_head.*` weights)."""
 
-    def __init__(self, arch: str, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int, grounded: bool = True) -> None:
+    def __init__(self, arch: str, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int, grounded: bool = True,
+                 base_lm_head: nn.Module | None = None) -> None:
         super().__init__()
         self.arch, self.grounded, self.num_heads = arch, grounded, num_heads
+        self.base_lm_head = [base_lm_head]  # a list so it is not registered (not ours to save)
         mlp, lm = [], []
         for h in range(num_heads):
             first = HydraResBlock(hidden_size, h + 1 if grounded else 0)
@@ -96,17 +101,26 @@ class HydraHeads(nn.Module):
             if arch == "prefix-mlp":
                 drop = nn.Dropout(0.0)
                 mlp.append(nn.Sequential(nn.Dropout(0.0), first, *([drop, shared] * (num_layers - 1))))
-                lm.append(nn.Sequential(nn.Dropout(0.0), nn.Linear(hidden_size, vocab_size)))
+                own = [nn.Linear(hidden_size, vocab_size)] if base_lm_head is None else []
+                lm.append(nn.Sequential(nn.Dropout(0.0), *own))
             else:
                 mlp.append(nn.Sequential(first, *([shared] * (num_layers - 1))))
-                lm.append(nn.Linear(hidden_size, vocab_size))
+                lm.append(nn.Linear(hidden_size, vocab_size) if base_lm_head is None else nn.Identity())
         self.hydra_mlp = nn.ModuleList(mlp)
         self.hydra_lm_head = nn.ModuleList(lm)
 
+    @property
+    def tied(self) -> bool:
+        return self.base_lm_head[0] is not None
+
     def head(self, h: int, features: torch.Tensor) -> torch.Tensor:
-        return self.hydra_lm_head[h](self.hydra_mlp[h](features))
+        out = self.hydra_lm_head[h](self.hydra_mlp[h](features))
+        return self.base_lm_head[0](out) if self.tied else out
 
     def lm_head_weights(self) -> list[nn.Linear]:
+        """Head h's LM head (the base one for every head when tied)."""
+        if self.tied:
+            return [self.base_lm_head[0]] * self.num_heads
         return [lm[-1] if isinstance(lm, nn.Sequential) else lm for lm in self.hydra_lm_head]
 
 

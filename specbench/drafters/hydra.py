@@ -12,6 +12,10 @@ hidden states through one extra decoder layer with its own final norm and its
 own KV cache. That layer only ever sees accepted tokens: at the start of each
 draft it is fed the target's rows of the root and the nodes accepted since.
 
+Heads trained by specbench with `--tie-lm-head` (the bundled ones) carry no
+`hydra_lm_head.*` and no `input_embed_fn.weight`: they read the target's LM
+head and embedding table.
+
 Embeddings: the published files carry `input_embed_fn.weight`, a bf16 copy
 of the base embedding table that the reference writes back over the base
 model. Here the heads use it for their own lookups and the target is left
@@ -68,12 +72,13 @@ class HydraDrafter(HeadDrafter):
         spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
-            module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4))
+            module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4), entry.get("hydra_layers", 4))
             embed = nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach().clone())
             return cls(target, module, shape, embed, prefix, 0, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_hydra(spec, target)
         check_base_model(checkpoint, target)
-        module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded)
+        module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded,
+                            target.lm_head if layout.tied_lm_head else None)
         module = module.to(target.device, target.dtype)
         load_hydra_state(module, {k: v for k, v in checkpoint.state.items() if k.startswith("hydra_")}, target, spec)
         table = checkpoint.state.get("input_embed_fn.weight")
@@ -87,17 +92,22 @@ class HydraDrafter(HeadDrafter):
             prefix = OwnDecoder(target.config, 1).to(target.device, target.dtype)
             prefix_state = {k.removeprefix("prefix_embeding_layer."): v.to(target.dtype) for k, v in checkpoint.state.items() if k.startswith("prefix_embeding_layer.")}
             prefix.load_layers(prefix_state, spec)
-        info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded, "hidden_state_offset": layout.hidden_state_offset}
+        info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded,
+                "hidden_state_offset": layout.hidden_state_offset, "own_lm_head": not layout.tied_lm_head}
         drafter = cls(target, module, shape, embed, prefix, layout.hidden_state_offset, typical, info)
         return drafter.apply_vocab_trim(vocab_trim, vocab_trim_from)
 
     def lm_head_slots(self) -> list[tuple]:
+        if self.heads.tied:
+            return [(self.heads.base_lm_head, 0)]
         lm = self.heads.hydra_lm_head
         return [(lm[h], 1) if isinstance(lm[h], nn.Sequential) else (lm, h) for h in range(len(lm))]
 
     def memory_model(self) -> tuple[int, int]:
         used = [self.heads.hydra_mlp[h] for h in range(self.shape.depth)] + [self.heads.hydra_lm_head[h] for h in range(self.shape.depth)]
         total = module_bytes(*used) + (module_bytes(self.prefix.model.layers, self.prefix.model.norm) if self.prefix else 0)
+        if self.heads.tied:  # the base LM head is read once per level
+            total += module_bytes(self.heads.base_lm_head[0]) * self.shape.depth
         passes = max(self.shape.depth, 1)  # one sequential head pass per level
         return total // passes, passes
 
@@ -149,15 +159,18 @@ class HydraDrafter(HeadDrafter):
         return shape.draft_tree(levels)
 
 
-def fresh_hydra_heads(target, num_heads: int, num_layers: int = 4, seed: int = 0) -> tuple[HydraHeads, OwnDecoder]:
+def fresh_hydra_heads(target, num_heads: int, num_layers: int = 4, seed: int = 0, tie_lm_head: bool = False) -> tuple[HydraHeads, OwnDecoder]:
     """Hydra++ at the reference's init: ResBlocks with zero `linear` weights, LM heads
-    copied from the target's (biases at PyTorch's default init), a randomly initialised prefix layer."""
+    copied from the target's (biases at PyTorch's default init) or, tied, the target's
+    own, a randomly initialised prefix layer."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        heads = HydraHeads("prefix-mlp", num_heads, num_layers, target.hidden_size, target.vocab_size, grounded=True)
+        heads = HydraHeads("prefix-mlp", num_heads, num_layers, target.hidden_size, target.vocab_size, grounded=True,
+                           base_lm_head=target.lm_head if tie_lm_head else None)
         prefix = OwnDecoder(target.config, 1)
     heads = heads.to(target.device, target.dtype)
-    with torch.no_grad():
-        for linear in heads.lm_head_weights():
-            linear.weight.copy_(target.lm_head.weight)
+    if not tie_lm_head:
+        with torch.no_grad():
+            for linear in heads.lm_head_weights():
+                linear.weight.copy_(target.lm_head.weight)
     return heads, prefix

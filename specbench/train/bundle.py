@@ -2,7 +2,11 @@
 
 Medusa heads trained with `--tie-lm-head` are bundled as they are written (the
 published layout: config.json + medusa_lm_head.pt), in bf16 as the published
-heads are: four ResBlocks of 576×576 are 2.7 MB.
+heads are: four ResBlocks of 576×576 are 2.7 MB. Hydra++ heads trained with
+`--tie-lm-head` carry their grounded first blocks ((h+2)H→H, twice) and the
+prefix decoder layer: 9.5M parameters for 3 heads × 1 layer on SmolLM2, 19 MB in
+bf16, so they are bundled with `--int8` (matrices int8 + one scale per row,
+rebuilt in bf16 on load; the keys stay the published ones): 9.5 MB.
 
 A `draft-model` checkpoint from `specbench train` keeps the target's embedding
 table (and LM head) frozen, so the bundle stores only the trained weights, in
@@ -24,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from specbench.drafters.checkpoints import quantize_int8
 from specbench.errors import UserError
 from specbench.targets.loading import BUNDLE_INFO, BUNDLE_WEIGHTS, model_location
 
@@ -63,21 +68,30 @@ def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PAC
 HEAD_FILES = ("medusa_lm_head.pt", "hydra_lm_head.pt")
 
 
-def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Copy a head checkpoint in its published layout, tensors cast to `dtype` (bf16, as published)."""
+def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16, int8: bool = False) -> Path:
+    """Copy a head checkpoint in its published layout, tensors cast to `dtype` (bf16, as
+    published); with `int8`, its matrices stored as int8 + per-row scales in
+    `*_lm_head.safetensors` (see checkpoints.quantize_int8), rebuilt in `dtype` on load."""
     weights = next((checkpoint / f for f in HEAD_FILES if (checkpoint / f).is_file()), None)
     if weights is None:
         raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    cast = lambda obj: {k: cast(v) for k, v in obj.items()} if isinstance(obj, dict) else obj.to(dtype).contiguous()  # noqa: E731
     out = dest / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    torch.save(cast(state), out / weights.name)
+    if int8:
+        if any(isinstance(v, dict) for v in state.values()):
+            raise UserError(f"'{weights}' nests modules (hydra-decoder layout); --int8 takes flat state dicts")
+        tensors, metadata = quantize_int8(state, dtype)
+        save_file(tensors, out / weights.with_suffix(".safetensors").name, metadata=metadata)
+    else:
+        cast = lambda obj: {k: cast(v) for k, v in obj.items()} if isinstance(obj, dict) else obj.to(dtype).contiguous()  # noqa: E731
+        torch.save(cast(state), out / weights.name)
     shutil.copy(checkpoint / "config.json", out / "config.json")
     log = checkpoint / "specbench_train.json"
     train = json.loads(log.read_text()) if log.exists() else {}
-    info = {"kind": train.get("kind"), "dtype": str(dtype).removeprefix("torch."),
+    stored = "int8 per-row, rebuilt as " if int8 else ""
+    info = {"kind": train.get("kind"), "dtype": stored + str(dtype).removeprefix("torch."),
             "trained": {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")}}
     (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return out
@@ -88,11 +102,12 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("name")
     parser.add_argument("--base", default="smollm2-135m", help="the target whose vocabulary tables complete the draft")
+    parser.add_argument("--int8", action="store_true", help="heads: store matrices as int8 with per-row scales")
     args = parser.parse_args()
     if (args.checkpoint / "model.safetensors").exists():
         print(bundle_draft(args.checkpoint, args.name, args.base))
     else:
-        print(bundle_heads(args.checkpoint, args.name))
+        print(bundle_heads(args.checkpoint, args.name, int8=args.int8))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ load the published ones:
 - hydra (Hydra++, arch prefix-mlp): `config.json` (`hydra_head_arch`,
   `hydra_num_heads`, `hydra_num_layers`, `grounded_heads`,
   `hidden_state_offset`) + `hydra_lm_head.pt` with `hydra_mlp.*`,
-  `hydra_lm_head.{h}.1.*`, `prefix_embeding_layer.*` and `input_embed_fn.weight`.
+  `hydra_lm_head.{h}.1.*`, `prefix_embeding_layer.*` and `input_embed_fn.weight`
+  — or, with `--tie-lm-head`, neither LM heads nor the embedding copy: the
+  heads read the target's (what makes them small enough to bundle).
   Teacher loss: cross-entropy of head h at t against softmax of the base
   logits at t+h+1 (the base model's own distribution for x_{t+h+2}); heads
   read the teacher-forced embeddings of the true next tokens; dropout 0.2.
@@ -179,12 +181,12 @@ class HydraRecipe(HeadRecipe):
 
     def __init__(self, target, num_heads, tie_lm_head, options) -> None:
         super().__init__(target, num_heads, tie_lm_head, options)
-        if tie_lm_head:
-            raise UserError("--tie-lm-head is for medusa and hydra-decoder; Hydra's published layout gives every head its own LM head (with a bias)")
         from specbench.drafters.hydra import fresh_hydra_heads
 
         self.num_layers = int(options.get("hydra_layers", 4))
-        self.heads, self.prefix = fresh_hydra_heads(target, num_heads, self.num_layers)
+        if self.num_layers < 1:
+            raise UserError(f"--hydra-layers must be at least 1 (got {self.num_layers})")
+        self.heads, self.prefix = fresh_hydra_heads(target, num_heads, self.num_layers, tie_lm_head=tie_lm_head)
         self.prefix = self.prefix.to(target.device, target.dtype)
         self.heads.requires_grad_(True)
         self.prefix.requires_grad_(True)
@@ -226,7 +228,8 @@ class HydraRecipe(HeadRecipe):
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = _tensors(self.heads.state_dict())
         state |= {f"prefix_embeding_layer.{k}": v for k, v in _tensors(self.prefix.layer_state_dict()).items()}
-        state["input_embed_fn.weight"] = self.embed.weight.detach().cpu().clone()
+        if not self.tie:  # tied heads read the target's own tables: no LM heads, no embedding copy
+            state["input_embed_fn.weight"] = self.embed.weight.detach().cpu().clone()
         torch.save(state, out / "hydra_lm_head.pt")
 
 

@@ -156,14 +156,20 @@ class RefHydraHead(nn.Module):
                 first.linear.weight.normal_(0, 0.02)
 
 
-def write_hydra(directory: Path, target, arch: str = "prefix-mlp", num_heads: int = 4, num_layers: int = 4, offset: int = 0, seed: int = 0) -> RefHydraHead:
-    """ankner/hydra-vicuna-*-v1.3: config.json + hydra_lm_head.pt (bf16 state dict of the head module)."""
+def write_hydra(directory: Path, target, arch: str = "prefix-mlp", num_heads: int = 4, num_layers: int = 4, offset: int = 0, seed: int = 0,
+                tied: bool = False) -> RefHydraHead:
+    """ankner/hydra-vicuna-*-v1.3: config.json + hydra_lm_head.pt (bf16 state dict of the head module).
+    `tied`: as `specbench train --tie-lm-head` writes it, without `hydra_lm_head.*` and
+    `input_embed_fn.*` (the heads read the target's)."""
     directory.mkdir(parents=True, exist_ok=True)
     head = RefHydraHead(target, arch, num_heads, num_layers, seed).to(torch.bfloat16)
     config = {"base_model_name_or_path": target.model_id, "grounded_heads": True, "hidden_state_offset": offset,
               "hydra_head_arch": arch, "hydra_num_heads": num_heads, "hydra_num_layers": num_layers}
     (directory / "config.json").write_text(json.dumps(config))
-    torch.save(head.state_dict(), directory / "hydra_lm_head.pt")
+    state = head.state_dict()
+    if tied:
+        state = {k: v for k, v in state.items() if not k.startswith(("hydra_lm_head.", "input_embed_fn."))}
+    torch.save(state, directory / "hydra_lm_head.pt")
     return head
 
 

@@ -397,16 +397,18 @@ def head_checkpoints(setup):
     write_medusa_v1(root / "medusa", target, num_heads=4)
     write_hydra(root / "hydra-prefix", target, "prefix-mlp")
     write_hydra(root / "hydra-mlp", target, "mlp", num_layers=2)
+    write_hydra(root / "hydra-tied", target, "prefix-mlp", num_heads=3, num_layers=1, tied=True)
     write_hydra_decoder(root / "hydra-decoder", target, num_decoder_layers=1, num_heads=4)
     return root
 
 
 @pytest.mark.parametrize("drafter, heads", [("medusa", "medusa"), ("hydra", "hydra-prefix"), ("hydra", "hydra-mlp"),
-                                            ("hydra-decoder", "hydra-decoder")])
+                                            ("hydra", "hydra-tied"), ("hydra-decoder", "hydra-decoder")])
 def test_head_drafters_simulate_equals_online(setup, head_checkpoints, drafter, heads):
     options = {"heads": str(head_checkpoints / heads)}
+    tree = "mc_sim_7b_63_depth3" if heads == "hydra-tied" else "mc_sim_7b_63"  # 3 heads
     simulation = assert_simulate_equals_online(setup, drafter, options, [3], target=setup["target"],
-                                               trees=["mc_sim_7b_63"], tree_options=("tree",))
+                                               trees=[tree], tree_options=("tree",))
     assert simulation.method == "teacher-forced"
     # final hidden states come from the log's side file; the decoder-layer variant reads an
     # earlier layer, which only a target forward can give
@@ -429,7 +431,7 @@ def test_medusa_from_the_command_line_needs_only_the_log(setup, head_checkpoints
     assert code == 2 and len(err.strip().splitlines()) == 1 and "heads" in err, err
 
 
-@pytest.mark.parametrize("drafter, heads", [("draft-model", None), ("medusa", "medusa"), ("hydra", "hydra-prefix")])
+@pytest.mark.parametrize("drafter, heads", [("draft-model", None), ("medusa", "medusa"), ("hydra", "hydra-prefix"), ("hydra", "hydra-tied")])
 def test_vocab_trimmed_drafters_simulate_equals_online(setup, head_checkpoints, drafter, heads):
     """Trimmed heads rank the true token among the kept ids (absent: never drafted); the walk
     must still give exactly what `run` measures with the same trimmed drafter."""
@@ -437,5 +439,6 @@ def test_vocab_trimmed_drafters_simulate_equals_online(setup, head_checkpoints, 
     if heads is None:
         assert_simulate_equals_online(setup, drafter, {"draft_model": str(setup["root"] / "draft"), **trim}, [2, 4])
     else:
+        tree = "mc_sim_7b_63_depth3" if heads == "hydra-tied" else "mc_sim_7b_63"
         assert_simulate_equals_online(setup, drafter, {"heads": str(head_checkpoints / heads), **trim}, [3],
-                                      target=setup["target"], trees=["mc_sim_7b_63"], tree_options=("tree",))
+                                      target=setup["target"], trees=[tree], tree_options=("tree",))

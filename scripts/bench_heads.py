@@ -1,16 +1,18 @@
 """Medusa vs Hydra on the same tree, one machine, one process: draft ms/step,
 verify ms/step and τ for each head drafter.
 
-    python scripts/bench_heads.py                              # embedded SmolLM2-135M, catalogue heads (fresh, reference init)
-    python scripts/bench_heads.py --tree chain:4 --limit 4
+    python scripts/bench_heads.py                              # embedded SmolLM2-135M, the bundled trained heads
+    python scripts/bench_heads.py --heads fresh --tree chain:3 --limit 4
     python scripts/bench_heads.py --shape vicuna-7b --device cuda  # random-weight Vicuna-7B-shaped target, fp16
 
-On the embedded default the heads are initialised as the references
-initialise them (no trained heads exist for SmolLM2), so τ says little and the
-timings say what the heads cost. `--shape vicuna-7b` builds a target with
-Vicuna-7B's shapes and random weights (timing does not depend on weight
-values) and drafts with fresh heads of the published layouts' sizes: Medusa
-(5 heads, 1 layer) and Hydra++ (4 heads, 4 layers, prefix layer).
+On the embedded default the catalogue's heads run: the bundled, trained
+Medusa (4 heads) and Hydra++ (3 heads) on the same depth-3 tree
+(`mc_sim_7b_63_depth3`); `--heads fresh` runs heads initialised as the
+references initialise them (timings of untrained heads). `--shape vicuna-7b`
+builds a target with Vicuna-7B's shapes and random weights (timing does not
+depend on weight values) and drafts with fresh heads of the published layouts'
+sizes on `mc_sim_7b_63`: Medusa (5 heads, 1 layer) and Hydra++ (4 heads, 4
+layers, prefix layer).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random-weight target of this shape instead of --target")
     parser.add_argument("--drafters", default="medusa,hydra")
-    parser.add_argument("--tree", default="mc_sim_7b_63")
+    parser.add_argument("--tree", help="default: mc_sim_7b_63 with --shape, else mc_sim_7b_63_depth3 (the bundled Hydra has 3 heads)")
+    parser.add_argument("--heads", default="catalogue", help="catalogue (the bundled trained heads) or fresh; --shape: always fresh")
     parser.add_argument("--workload", default="builtin")
     parser.add_argument("--limit", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -98,8 +101,11 @@ def main() -> None:
         target = random_target(args.shape, device, dtype)
         title = f"random-weight {args.shape}-shaped target, {dtype}"
     rows = {}
+    tree = args.tree or ("mc_sim_7b_63" if args.shape else "mc_sim_7b_63_depth3")
     for name in args.drafters.split(","):
-        options = {"heads": "fresh", "tree": args.tree}
+        options = {"tree": tree}
+        if args.shape or args.heads == "fresh":
+            options["heads"] = "fresh"
         if args.shape:
             options["num_heads"] = 5 if name == "medusa" else 4
             rows[name] = measure_random(target, name, options, args.limit, 128, args.max_new_tokens)
@@ -109,7 +115,7 @@ def main() -> None:
             target, rows[name], store = measure_run(config, args.out, target)
             title = f"{args.target} ({store.info.environment['device_name']}, {store.info.environment['cpu_threads']} threads)"
         console.print(f"{name}: {rows[name]}")
-    table = Table(title=f"Head drafters on {args.tree}: {title}")
+    table = Table(title=f"Head drafters on {tree}: {title}")
     for column in ("drafter", "τ", "draft ms/step", "verify ms/step", "draft share", "speedup", "steps"):
         table.add_column(column, justify="right")
     for name, r in rows.items():

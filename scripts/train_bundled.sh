@@ -1,34 +1,32 @@
 #!/usr/bin/env bash
 # Reproduce the drafters bundled for the embedded default (SmolLM2-135M-Instruct):
 # self-distillation data from the built-in prompt pool, a 1-layer distilled draft
-# model and 4 Medusa heads with the target's LM head tied, copied into
-# specbench/bundled/. These are the exact settings used (sized for a shared 2-core
-# CPU; see docs/train.md for what was measured). Run from the repository root with
-# the venv active.
+# model, 4 Medusa heads and 3 Hydra++ heads (LM head and embeddings tied to the
+# target's), copied into specbench/bundled/. These are the exact settings used
+# (sized for a 2-core CPU; see docs/train.md for what was measured). Run from the
+# repository root with the venv active.
 set -euo pipefail
 WORK=${WORK:-train-work}
 mkdir -p "$WORK"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# 1. the target's own greedy answers to the first 96 prompts of the pool (hidden states cached)
-specbench train-data --target smollm2-135m --workload pool-train --limit 96 --max-new-tokens 96 \
+# 1. the target's own greedy answers to all 392 prompts of pool-train (hidden states cached)
+specbench train-data --target smollm2-135m --workload pool-train --max-new-tokens 128 \
   --batch-size 32 --out "$WORK/data" --overwrite
 
-# 2. the draft model: the target's first layer + final norm; embeddings/LM head frozen and tied
-specbench train --drafter draft-model --target smollm2-135m --data "$WORK/data" --layers 1 \
-  --steps 60 --batch-tokens 256 --lr 2e-3 --warmup 5 --eval-every 30 --eval-fraction 0.1 --train-vocab all \
-  --out "$WORK/draft" --overwrite
+# 2. Hydra++ heads (prefix-mlp), 3 heads x 1 layer, LM head and embeddings tied to the target's
+specbench train --drafter hydra --target smollm2-135m --data "$WORK/data" --heads 3 --hydra-layers 1 --tie-lm-head \
+  --steps 1000 --batch-tokens 512 --lr 1e-3 --warmup 20 --eval-every 250 --eval-fraction 0.05 --train-vocab seen \
+  --out "$WORK/hydra" --overwrite
 
 # 3. Medusa-1 heads, LM head tied to the target's
 specbench train --drafter medusa --target smollm2-135m --data "$WORK/data" --heads 4 --tie-lm-head \
-  --steps 100 --batch-tokens 256 --lr 1e-3 --warmup 5 --eval-every 50 --eval-fraction 0.1 --train-vocab seen \
+  --steps 1000 --batch-tokens 512 --lr 1e-3 --warmup 20 --eval-every 250 --eval-fraction 0.05 --train-vocab seen \
   --out "$WORK/medusa" --overwrite
 
-# 4. Hydra++ heads (not bundled: every head has its own 49152x576 LM head; measured with --heads DIR)
-specbench train --drafter hydra --target smollm2-135m --data "$WORK/data" --heads 4 \
-  --steps 100 --batch-tokens 256 --lr 5e-4 --warmup 5 --eval-every 50 --eval-fraction 0.1 --train-vocab seen \
-  --out "$WORK/hydra" --overwrite
+# 4. the draft model: the target's first layer + final norm; embeddings/LM head frozen and tied
+DRAFT_STEP_PLACEHOLDER
 
-# 5. into the package (fp16 draft layers, bf16 heads)
+# 5. into the package: fp16 draft layers, bf16 Medusa heads, int8 (per-row scales) Hydra heads
 python -m specbench.train.bundle "$WORK/draft" smollm2-135m-draft --base smollm2-135m
 python -m specbench.train.bundle "$WORK/medusa" smollm2-135m-medusa
+python -m specbench.train.bundle "$WORK/hydra" smollm2-135m-hydra --int8

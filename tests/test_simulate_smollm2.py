@@ -1,7 +1,6 @@
 """simulate == online on the embedded default, SmolLM2-135M-Instruct (CPU, fp32)."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -57,26 +56,18 @@ def test_simulate_equals_online_on_smollm2(setup, drafter, options):
         assert any(a for t in online for _, _, a in t)
 
 
-# Hydra has no bundled heads for SmolLM2 (docs/train.md): fresh heads keep the comparison exact but
-# rarely hit, so point this at heads from `specbench train --drafter hydra` to make it bite.
-TRAINED_HYDRA = os.environ.get("SPECBENCH_SMOLLM2_HYDRA_HEADS")
-
-
-@pytest.mark.parametrize("drafter", ["medusa", "hydra"])
-def test_head_drafters_simulate_equals_online_on_smollm2(setup, drafter):
-    """The catalogue heads for SmolLM2 (medusa: the bundled trained heads; hydra: fresh, reference init, or
-    $SPECBENCH_SMOLLM2_HYDRA_HEADS), on Medusa's 63-node tree and on a chain; hidden states from one
-    teacher-forced target forward."""
+@pytest.mark.parametrize("drafter, tree", [("medusa", "mc_sim_7b_63"), ("hydra", "mc_sim_7b_63_depth3")])
+def test_head_drafters_simulate_equals_online_on_smollm2(setup, drafter, tree):
+    """The bundled trained heads for SmolLM2 (Medusa: 4 heads; Hydra++: 3 heads, int8-stored), on
+    Medusa's tree for their depth and on a chain; hidden states from one teacher-forced target forward."""
     target, log, _ = setup
-    options = {"heads": TRAINED_HYDRA} if drafter == "hydra" and TRAINED_HYDRA else {}
-    shapes = [Shape.from_spec("mc_sim_7b_63"), Shape.from_spec("chain:3")]
-    simulation = Simulator(log, SimulateConfig(drafter, options, shapes, latency_steps=1), target).score()
+    shapes = [Shape.from_spec(tree), Shape.from_spec("chain:3")]
+    simulation = Simulator(log, SimulateConfig(drafter, {}, shapes, latency_steps=1), target).score()
     assert simulation.method == "teacher-forced" and simulation.hidden_source == "teacher-forced target forward"
     accepted = 0
     for result in simulation.results:
-        online = online_shapes(target, log, drafter, {**options, "tree": result.shape.spec})
+        online = online_shapes(target, log, drafter, {"tree": result.shape.spec})
         assert [[(s.tree_size, s.tree_depth, s.accepted) for s in t] for t in result.steps] == online, result.shape.spec
         accepted += sum(a for t in online for _, _, a in t)
-    print(f"{drafter} {options or 'catalogue heads'}: {accepted} draft tokens accepted, simulate == online")
-    if options or drafter == "medusa":
-        assert accepted, "the heads never hit: the comparison proves little"
+    print(f"{drafter}: {accepted} draft tokens accepted, simulate == online")
+    assert accepted, "the heads never hit: the comparison proves little"

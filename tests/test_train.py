@@ -243,11 +243,14 @@ def test_bundled_drafters_are_registered_and_small():
 
     assert default_draft_model("smollm2-135m") == "smollm2-135m-draft"
     assert catalogue("heads")["medusa"]["smollm2-135m"]["heads"] == "bundled:smollm2-135m-medusa"
-    total = 0
-    for name, files in [("smollm2-135m-draft", ["config.json", "weights.safetensors", "bundle.json"]),
-                        ("smollm2-135m-medusa", ["config.json", "medusa_lm_head.pt", "bundle.json"])]:
-        for f in files:
-            total += (bundled_dir(name) / f).stat().st_size
-    assert total < 20 * 2**20  # the budget for everything bundled
+    assert catalogue("heads")["hydra"]["smollm2-135m"]["heads"] == "bundled:smollm2-135m-hydra"
+    total = sum(f.stat().st_size for f in bundled_dir(".").rglob("*") if f.is_file() and f.suffix != ".pyc")
+    assert total <= 20 * 10**6  # the budget for everything bundled
     state = torch.load(bundled_dir("smollm2-135m-medusa") / "medusa_lm_head.pt", weights_only=True)
     assert sorted(state) == sorted(f"{h}.0.linear.{w}" for h in range(4) for w in ("weight", "bias"))  # tied: no LM heads
+    from specbench.drafters.checkpoints import read_tensors
+
+    hydra = read_tensors(bundled_dir("smollm2-135m-hydra") / "hydra_lm_head.safetensors")  # int8 storage, rebuilt in bf16
+    assert all(v.dtype == torch.bfloat16 for v in hydra.values())
+    assert "prefix_embeding_layer.layers.0.mlp.down_proj.weight" in hydra and "hydra_mlp.2.1.res_connection.weight" in hydra
+    assert not any(k.startswith(("hydra_lm_head.", "input_embed_fn.")) for k in hydra)  # tied to the target's tables

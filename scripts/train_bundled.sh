@@ -24,7 +24,9 @@ specbench train --drafter medusa --target smollm2-135m --data "$WORK/data" --hea
   --out "$WORK/medusa" --overwrite
 
 # 4. the draft model: the target's first layer + final norm; embeddings/LM head frozen and tied
-DRAFT_STEP_PLACEHOLDER
+specbench train --drafter draft-model --target smollm2-135m --data "$WORK/data" --layers 1 \
+  --steps 200 --batch-tokens 512 --lr 2e-3 --warmup 10 --eval-every 100 --eval-fraction 0.05 --train-vocab all \
+  --out "$WORK/draft" --overwrite
 
 # 5. into the package: fp16 draft layers, bf16 Medusa heads, int8 (per-row scales) Hydra heads
 python -m specbench.train.bundle "$WORK/draft" smollm2-135m-draft --base smollm2-135m

@@ -6,7 +6,7 @@ heads are: four ResBlocks of 576×576 are 2.7 MB. Hydra++ heads trained with
 `--tie-lm-head` carry their grounded first blocks ((h+2)H→H, twice) and the
 prefix decoder layer: 9.5M parameters for 3 heads × 1 layer on SmolLM2, 19 MB in
 bf16, so they are bundled with `--int8` (matrices int8 + one scale per row,
-rebuilt in bf16 on load; the keys stay the published ones): 9.5 MB.
+rebuilt in bf16 on load; the keys stay the published ones): 9.6 MB.
 
 A `draft-model` checkpoint from `specbench train` keeps the target's embedding
 table (and LM head) frozen, so the bundle stores only the trained weights, in

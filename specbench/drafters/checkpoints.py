@@ -157,11 +157,10 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
     try:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
-            with safe_open(str(file), "pt") as handle:
+            with safe_open(str(file), "pt") as handle:  # one read: the tensors and the storage metadata
                 metadata = handle.metadata() or {}
-            tensors = load_file(str(file))
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             return dequantize_int8(tensors, metadata) if metadata.get(INT8_STORAGE) else tensors
         try:
             data = torch.load(file, map_location="cpu", weights_only=True)

@@ -72,9 +72,8 @@ class HydraDrafter(HeadDrafter):
         spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
         typical = typical_rule(posterior_threshold, posterior_alpha)
         if spec == FRESH:
-            module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4), entry.get("hydra_layers", 4))
-            embed = nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach().clone())
-            return cls(target, module, shape, embed, prefix, 0, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
+            module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4))
+            return cls(target, module, shape, target_embedding(target), prefix, 0, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
         checkpoint, layout = load_hydra(spec, target)
         check_base_model(checkpoint, target)
         module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded,
@@ -86,7 +85,7 @@ class HydraDrafter(HeadDrafter):
             check_shape(f"{spec} 'input_embed_fn.weight'", table, (target.vocab_size, target.hidden_size), target)
             embed = nn.Embedding.from_pretrained(table.to(target.dtype))
         else:
-            embed = nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach().clone())
+            embed = target_embedding(target)
         prefix = None
         if layout.arch == "prefix-mlp":
             prefix = OwnDecoder(target.config, 1).to(target.device, target.dtype)
@@ -157,6 +156,12 @@ class HydraDrafter(HeadDrafter):
             if heads.grounded and d < depth and expand.numel():
                 features = torch.cat([features[parent_rows[expand]], self.embed(tokens[expand])], dim=-1)
         return shape.draft_tree(levels)
+
+
+def target_embedding(target) -> nn.Embedding:
+    """The target's own embedding table, shared (frozen, never written), for heads whose
+    file carries no `input_embed_fn.weight` (fresh and tied heads)."""
+    return nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach())
 
 
 def fresh_hydra_heads(target, num_heads: int, num_layers: int = 4, seed: int = 0, tie_lm_head: bool = False) -> tuple[HydraHeads, OwnDecoder]:

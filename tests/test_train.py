@@ -116,6 +116,8 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
         (["train", "--drafter", "draft-model", "--target", setup["target"], "--data", tmp_path, "--out", tmp_path / "b"], "is not a training data directory"),
         (["train", "--drafter", "eagle", "--target", setup["target"], "--data", data, "--out", tmp_path / "c"], "cannot train drafter 'eagle'"),
         (base + ["--target", setup["target"], "--out", tmp_path / "d", "--layers", 3], "--layers must be between 1 and 2"),
+        (["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", tmp_path / "g", "--hydra-layers", 0],
+         "--hydra-layers must be at least 1"),
         (["train-data", "--target", setup["target"], "--limit", 0, "--out", tmp_path / "e"], "has no prompts"),
         (["train-data", "--target", setup["target"], "--out", data], "exists and is not empty"),
         (["train-data", "--target", setup["target"], "--workload", tmp_path / "none.jsonl", "--out", tmp_path / "f"], "does not exist"),
@@ -202,6 +204,7 @@ def test_int8_bundled_heads_load_in_the_published_layout_and_stay_lossless(setup
 
     from specbench.drafters.base import build_drafter
     from specbench.drafters.checkpoints import read_tensors
+    from specbench.errors import UserError
     from specbench.train.bundle import bundle_heads
 
     trained_dir = tmp_path / "hydra"
@@ -209,6 +212,12 @@ def test_int8_bundled_heads_load_in_the_published_layout_and_stay_lossless(setup
                        "--hydra-layers", 1, "--tie-lm-head", "--steps", 4, "--batch-tokens", 48, "--lr", 1e-2, "--eval-every", 4], monkeypatch)
     assert code == 0
     out = bundle_heads(trained_dir, "tiny-hydra", dest=tmp_path / "bundled", int8=True)
+    nested = tmp_path / "decoder"  # hydra-decoder's file nests module states: refused in one line
+    nested.mkdir()
+    torch.save({"medusa_head": {"0.0.linear.weight": torch.zeros(2, 2)}}, nested / "medusa_lm_head.pt")
+    (nested / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="nests modules"):
+        bundle_heads(nested, "tiny-decoder", dest=tmp_path / "bundled", int8=True)
     assert {p.name for p in out.iterdir()} == {"config.json", "hydra_lm_head.safetensors", "bundle.json"}
     with safe_open(str(out / "hydra_lm_head.safetensors"), "pt") as stored:
         assert stored.get_tensor("hydra_mlp.1.1.linear.weight").dtype == torch.int8

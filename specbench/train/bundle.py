@@ -76,12 +76,12 @@ def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch
     if weights is None:
         raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")
     state = torch.load(weights, map_location="cpu", weights_only=True)
+    if int8 and any(isinstance(v, dict) for v in state.values()):
+        raise UserError(f"'{weights}' nests modules (hydra-decoder layout); --int8 takes flat state dicts")
     out = dest / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if int8:
-        if any(isinstance(v, dict) for v in state.values()):
-            raise UserError(f"'{weights}' nests modules (hydra-decoder layout); --int8 takes flat state dicts")
         tensors, metadata = quantize_int8(state, dtype)
         save_file(tensors, out / weights.with_suffix(".safetensors").name, metadata=metadata)
     else:

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
 from specbench.engine import kv
 from specbench.engine.loop import Clock, decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.engine.tree import DraftTree
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget

@@ -25,11 +25,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from specbench.drafters.base import build_drafter
+from specbench.drafters.registry import build_drafter
 from specbench.engine.loop import decode
 from specbench.metrics import tau
-from specbench.runner import Benchmark, RunConfig
-from specbench.store import RunStore
+from specbench.report.build import run_summary
+from specbench.runner import RunConfig, load, start_run
 
 SHAPES = {
     # lmsys/vicuna-7b-v1.3's config
@@ -63,17 +63,12 @@ def measure_random(target, drafter_name: str, options: dict, prompts: int, promp
 
 
 def measure_run(config: RunConfig, out: Path, target=None):
-    from specbench.metrics import summarise
-
-    bench = Benchmark(config, target=target)
-    info = bench.run_info("scripts/bench_heads.py")
-    store = RunStore.create(out / info.run_id, info)
-    bench.run(store)
-    steps, turns = store.load()
-    s = summarise(steps, turns)
+    target = target or load(config)
+    directory = start_run(config, out, command="scripts/bench_heads.py", target=target)
+    _, s, _ = run_summary(directory)
     row = {"tau": s.tau, "draft_ms": s.draft_ms_per_step, "verify_ms": s.verify_ms_per_step, "speedup": s.speedup,
            "steps": s.steps, "exact": s.exact_match_rate}
-    return bench.target, row, store
+    return target, row, directory
 
 
 def main() -> None:
@@ -112,8 +107,9 @@ def main() -> None:
         else:
             config = RunConfig(target=args.target, drafter=name, drafter_options=options, workload=args.workload,
                                limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
-            target, rows[name], store = measure_run(config, args.out, target)
-            title = f"{args.target} ({store.info.environment['device_name']}, {store.info.environment['cpu_threads']} threads)"
+            target, rows[name], directory = measure_run(config, args.out, target)
+            environment = run_summary(directory)[0].environment
+            title = f"{args.target} ({environment['device_name']}, {environment['cpu_threads']} threads)"
         console.print(f"{name}: {rows[name]}")
     table = Table(title=f"Head drafters on {tree}: {title}")
     for column in ("drafter", "τ", "draft ms/step", "verify ms/step", "draft share", "speedup", "steps"):

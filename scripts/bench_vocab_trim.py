@@ -16,18 +16,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from specbench.metrics import memory_model, summarise
-from specbench.runner import Benchmark, RunConfig
-from specbench.store import RunStore
+from specbench.metrics import memory_model
+from specbench.report.build import run_summary
+from specbench.runner import RunConfig, load, start_run
 
 
 def measure(config: RunConfig, out: Path, target=None):
-    bench = Benchmark(config, target=target)
-    info = bench.run_info("scripts/bench_vocab_trim.py")
-    store = RunStore.create(out / info.run_id, info)
-    bench.run(store)
-    steps, turns = store.load()
-    return bench, store, summarise(steps, turns, memory_model(store.info.extra))
+    target = target or load(config)
+    directory = start_run(config, out, command="scripts/bench_vocab_trim.py", target=target)
+    info, summary, _ = run_summary(directory)
+    return target, directory, info, summary
 
 
 def main() -> None:
@@ -47,9 +45,8 @@ def main() -> None:
     calibration = RunConfig(
         target=args.target, drafter="prompt-lookup", workload=args.calibrate_on, max_new_tokens=128, warmup=False
     )
-    bench, calibration_store, _ = measure(calibration, args.out)
-    target = bench.target
-    console.print(f"calibration: target outputs of {args.calibrate_on} in {calibration_store.directory}")
+    target, calibration_dir, _, _ = measure(calibration, args.out)
+    console.print(f"calibration: target outputs of {args.calibrate_on} in {calibration_dir}")
 
     table = Table(title=f"VocabTrim: draft-model {args.draft_model} (k={args.k}) → {args.target}, {args.workload}")
     for column in ("N kept", "τ", "acceptance", "draft ms/step", "verify ms/step", "speedup", "c (bytes)", "MBSU"):
@@ -57,7 +54,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         options = {"draft_model": args.draft_model, "k": args.k}
         if size != "full":
-            options |= {"vocab_trim": int(size), "vocab_trim_from": str(calibration_store.directory)}
+            options |= {"vocab_trim": int(size), "vocab_trim_from": str(calibration_dir)}
         config = RunConfig(
             target=args.target,
             drafter="draft-model",
@@ -66,8 +63,8 @@ def main() -> None:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
         )
-        _, store, summary = measure(config, args.out, target=target)
-        c, _ = memory_model(store.info.extra)
+        _, directory, info, summary = measure(config, args.out, target=target)
+        c, _ = memory_model(info.extra)
         table.add_row(
             size,
             f"{summary.tau:.2f}",
@@ -78,9 +75,9 @@ def main() -> None:
             f"{c:.3f}",
             f"{summary.mbsu:.2f}×",
         )
-        console.print(f"N={size}: τ {summary.tau:.2f}, speedup {summary.speedup:.2f}× ({store.directory})")
+        console.print(f"N={size}: τ {summary.tau:.2f}, speedup {summary.speedup:.2f}× ({directory})")
     console.print(table)
-    console.print(f"device: {store.info.environment['device_name']}, {store.info.environment['cpu_threads']} threads")
+    console.print(f"device: {info.environment['device_name']}, {info.environment['cpu_threads']} threads")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.records import SPEC
+from specbench.records import BASELINE, SPEC
 from specbench.store import RunStore
 
 
 def model_answers(store: RunStore, mode: str = SPEC, model_id: str | None = None) -> list[dict]:
+    if mode not in (SPEC, BASELINE):
+        raise UserError(f"--mode {mode}: use {SPEC} or {BASELINE}")
     warnings: list[str] = []
     _, turns = store.load(warnings)
     chosen = [t for t in turns if t.mode == mode]

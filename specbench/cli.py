@@ -1,57 +1,116 @@
-"""The `specbench` command line: parse, call, print. No logic of its own."""
+"""The `specbench` command line: parse, call the library, print. No logic of its own.
+
+The drafter option flags of `run` and `simulate` (`--k`, `--heads`, ...) are not
+written here: they are generated from the options every installed drafter
+declares (engine/options.py), so a plugin's options get flags too.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from specbench.errors import UserError
 
-app = typer.Typer(
-    help="Benchmark draft models for speculative decoding.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = typer.Typer(help="Benchmark draft models for speculative decoding.", no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
 PYTHON_SHOWWARNING = warnings.showwarning
+DEVICE = "auto, cpu, cuda, cuda:N"
+DTYPE = "auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16"
 
 
-def parse_option(text: str) -> tuple[str, object]:
-    """`key=value` with value read as JSON where it parses (ints, floats, bools, lists), else a string."""
+class RichProgress:
+    """specbench.progress.Progress drawn on stderr (stdout is for results, e.g. --json)."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[text]}"), console=err_console)
+
+    def __enter__(self) -> RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def status(self, text: str):
+        return err_console.status(escape(text))
+
+    def task(self, description: str, total: int):
+        task = self.bar.add_task(escape(description), total=total, text="")
+        return lambda n=1, **fields: self.bar.update(task, advance=n, text=escape(" ".join(str(v) for v in fields.values())))
+
+    def note(self, text: str) -> None:
+        self.bar.console.print(escape(text), highlight=False)
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    """`-o key=value`: the value stays text; the drafter's declared type parses it."""
     if "=" not in text:
         raise UserError(f"-o expects key=value (got '{text}')")
     key, value = text.split("=", 1)
-    try:
-        return key.strip().replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip().replace("-", "_"), value
+    return key.strip().replace("-", "_"), value
+
+
+def with_drafter_flags(command):
+    """Give a command one typed `--flag` per drafter option any installed drafter declares; the
+    values given reach the command as `drafter_flags` (name -> value), with every `-o key=value`."""
+    from specbench.drafters.registry import option_flags
+
+    signature = inspect.signature(command, eval_str=True)
+    flags = {name: spec for name, spec in option_flags().items() if name not in signature.parameters}
+    generated = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[spec.type],  # noqa: UP045 - typer reads Optional
+            typer.Option(spec.flag, help=spec.help + (f" ({spec.bounds()})" if spec.bounds() else ""), rich_help_panel="Drafter options"),
+        ])
+        for name, spec in flags.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name, None) for name in flags}
+        given = {name: value for name, value in values.items() if value is not None}
+        given |= dict(parse_option(o) for o in kwargs.pop("option") or [])
+        return command(**kwargs, option=None, drafter_flags=given)
+
+    parameters = [p for p in signature.parameters.values() if p.name != "drafter_flags"]
+    wrapper.__signature__ = signature.replace(parameters=parameters + generated)
+    return wrapper
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """--x a,b --x c -> [a, b, c]"""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+Option = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")]
 
 
 @app.command()
+@with_drafter_flags
 def run(
     target: Annotated[str, typer.Option(help="alias (see catalogue/targets.toml), hub id or local directory")] = "smollm2-135m",
     drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
-    draft_model: Annotated[Optional[str], typer.Option(help="draft-model: alias, hub id or local directory")] = None,
-    k: Annotated[Optional[int], typer.Option(help="tokens drafted per step (chain drafters)")] = None,
-    max_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: longest n-gram matched")] = None,
-    min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
-    vocab_trim: Annotated[Optional[int], typer.Option(help="VocabTrim: keep only the N most frequent target tokens in the drafter's LM head")] = None,
-    vocab_trim_from: Annotated[Optional[str], typer.Option(help="VocabTrim counts tokens in: a run dir, a target log, a workload, or an id list from `vocab-trim build`")] = None,
-    heads: Annotated[Optional[str], typer.Option(help="medusa/hydra/hydra-decoder: head checkpoint (directory, file or hub id), or 'fresh'; default from catalogue/heads.toml")] = None,
-    tree: Annotated[Optional[str], typer.Option(help="head drafters: a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths")] = None,
-    decoder_layers: Annotated[Optional[int], typer.Option(help="hydra-decoder with fresh heads: trunk layers copied from the target's last N")] = None,
-    posterior_threshold: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance threshold (default 0.09)")] = None,
-    posterior_alpha: Annotated[Optional[float], typer.Option(help="head drafters at --temperature > 0: typical acceptance entropy factor (default 0.3)")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
+    option: Option = None,
     workload: Annotated[str, typer.Option(help="a name from `specbench workloads`, or a .jsonl file (format detected)")] = "builtin",
     workload_file: Annotated[Optional[str], typer.Option(help="the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")] = None,
     categories: Annotated[Optional[list[str]], typer.Option("--categories", help="keep only these categories or tasks (comma-separated or repeated)")] = None,
@@ -60,144 +119,73 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling (chains) or typical acceptance (head drafters, lossy)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     engine: Annotated[str, typer.Option(help="auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA)")] = "auto",
     backend: Annotated[str, typer.Option(help="target backend: hf, or deepspeed (tensor parallel; see docs/deepspeed.md)")] = "hf",
     tp: Annotated[int, typer.Option(help="deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")] = 1,
     baseline: Annotated[bool, typer.Option(help="also run plain decoding on the same prompts")] = True,
-    warmup: Annotated[bool, typer.Option(help="one short untimed decode before measuring")] = True,
+    warmup: Annotated[bool, typer.Option(help="one short untimed decode (and on CUDA the graph captures) before measuring")] = True,
     out: Annotated[Path, typer.Option(help="directory under which the run directory is created")] = Path("results"),
     resume: Annotated[Optional[Path], typer.Option(help="continue an interrupted run directory")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    drafter_flags: dict[str, Any] | None = None,
 ) -> None:
     """Run a workload through target + drafter (and plain decoding) and print τ, acceptance, latency and speedup."""
-    from specbench.runner import Benchmark, RunConfig, config_from_info
-    from specbench.store import RunStore
+    from specbench import runner
+    from specbench.drafters.registry import typed_options
     from specbench.targets import deepspeed
 
     if resume:
-        store = RunStore.open(resume)
-        config = config_from_info(store.info)
-        status = f"resuming {resume}"
+        config = runner.config_from_info(runner.RunStore.open(resume).info)
     else:
-        options = dict(parse_option(o) for o in option or [])
-        given = {
-            "draft_model": draft_model,
-            "k": k,
-            "max_ngram": max_ngram,
-            "min_ngram": min_ngram,
-            "vocab_trim": vocab_trim,
-            "vocab_trim_from": vocab_trim_from,
-            "heads": heads,
-            "tree": tree,
-            "decoder_layers": decoder_layers,
-            "posterior_threshold": posterior_threshold,
-            "posterior_alpha": posterior_alpha,
-        }
-        options.update({name: value for name, value in given.items() if value is not None})
-        config = RunConfig(
-            target=target,
-            drafter=drafter,
-            drafter_options=options,
-            workload=workload,
-            workload_file=workload_file,
-            categories=[c.strip() for text in categories for c in text.split(",") if c.strip()] if categories else None,
-            limit=limit,
-            shard=shard,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            dtype=dtype,
-            device=device,
-            engine=engine,
-            baseline=baseline,
-            warmup=warmup,
-            backend=backend,
-            tp=tp,
+        config = runner.RunConfig(
+            target=target, drafter=drafter, drafter_options=typed_options(drafter, drafter_flags or {}), workload=workload,
+            workload_file=workload_file, categories=split_list(categories) or None, limit=limit, shard=shard,
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, dtype=dtype, device=device, engine=engine,
+            baseline=baseline, warmup=warmup, backend=backend, tp=tp,
         )
-        status = f"loading {config.target} and {config.drafter}"
     if config.backend == "deepspeed" and deepspeed.needs_launcher(config.tp):
-        Benchmark.check(config)  # bad input fails here, as one line, not once per rank
+        runner.check(config)  # bad input fails here, as one line, not once per rank
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
-    with err_console.status(status):
-        bench = Benchmark(config)
-    if not bench.target.leads:
-        return bench.target.follow()  # a tensor-parallel follower rank: rank 0 measures and prints
-    try:
-        measure_and_show(bench, config, store if resume else None, out, as_json)
-    finally:
-        bench.target.stop()
-
-
-def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
-    from specbench.runner import command_line
-    from specbench.store import RunStore
-
-    resume = store is not None
-    err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False)
-    if not resume:
-        info = bench.run_info(command_line())
-        store = RunStore.create(out / info.run_id, info)
-    else:
-        now = bench.run_info("")
-        if store.info.workload_hash != now.workload_hash:
-            raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
-        started_on, here = (store.info.environment or {}).get("device_name"), now.environment.get("device_name")
-        if started_on and started_on != here:  # its timings would be pooled with another machine's
-            raise UserError(f"{store.directory} was measured on {started_on}, this is {here}: resume it there, or start a new run")
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
-    )
-    try:
-        with progress:
-            task = progress.add_task(f"{config.drafter} on {config.target}", total=len(bench.prompts))
-            bench.run(store, on_prompt=lambda p: progress.advance(task))
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted; finished prompts are saved: resume with `specbench run --resume {store.directory}`") from None
-    show_run(store.directory, as_json)
+    with RichProgress() as progress:
+        directory = runner.resume_run(resume, progress) if resume else runner.start_run(config, out, progress)
+    if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
+        show_run(directory, as_json)
 
 
 def show_run(directory: Path, as_json: bool) -> None:
-    from specbench.metrics import memory_model, summarise
+    from specbench.report.build import run_summary
     from specbench.report.tables import divergence_table, position_table, summary_table
-    from specbench.store import RunStore
 
-    store = RunStore.open(directory)
-    warnings: list[str] = []
-    steps, turns = store.load(warnings)
-    for warning in warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
-    summary = summarise(steps, turns, memory_model(store.info.extra))
+    info, summary, notes = run_summary(directory)
+    for warning in notes:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps({"run": str(directory), **summary.to_json()}, indent=2))
         return
-    info = store.info
-    title = f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"
-    console.print(summary_table(summary, title))
+    console.print(summary_table(summary, escape(f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})")))
     if summary.per_position:
         console.print(position_table(summary))
     if summary.diverged:
         console.print(divergence_table(summary))
-    console.print(f"records: {directory}")
+    console.print(f"records: {escape(str(directory))}")
 
 
 @app.command()
 def drafters() -> None:
-    """List the installed drafters (entry-point group specbench.drafters)."""
-    from specbench.drafters.base import drafter_class, drafter_options, installed_drafters
+    """List the installed drafters (entry-point group specbench.drafters) and the options each declares."""
+    from specbench.drafters.registry import drafter_class, installed_drafters
 
     for name, entry in sorted(installed_drafters().items()):
         try:
             cls = drafter_class(name)
         except UserError as exc:
-            console.print(f"[bold]{name}[/]  [red]{exc}[/]")
+            console.print(f"[bold]{escape(name)}[/]  [red]{escape(str(exc))}[/]")
             continue
-        options = ", ".join(
-            f"{o.name}={o.default!r}" if o.default is not o.empty else o.name for o in drafter_options(cls).values()
-        )
-        console.print(f"[bold]{name}[/]  {cls.summary}  [dim](options: {options or 'none'}; {entry.value})[/]", soft_wrap=True)
+        console.print(f"[bold]{escape(name)}[/]  {escape(cls.summary)}  [dim]({escape(entry.value)}; drafts a {cls.drafts})[/]", soft_wrap=True)
+        for spec in cls.Options.specs().values():
+            console.print(f"    {spec.flag} / -o {escape(spec.describe())}", soft_wrap=True, highlight=False)
 
 
 vocab_trim_app = typer.Typer(help="VocabTrim id lists: the N target tokens a trimmed drafter head keeps.", no_args_is_help=True)
@@ -212,18 +200,10 @@ def vocab_trim_build(
     top: Annotated[Optional[int], typer.Option(help="keep this many ids (default: all, ranked, so runs can take any top N)")] = None,
 ) -> None:
     """Count token frequencies once and save the ranked id list for `--vocab-trim-from`."""
-    from transformers import AutoConfig, AutoTokenizer
+    from specbench.drafters.vocab_trim import build_id_list
 
-    from specbench.drafters.vocab_trim import ranked_ids, save_ids, token_counts
-    from specbench.targets.loading import model_location
-
-    location = model_location(target)
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    vocab_size = AutoConfig.from_pretrained(location).vocab_size
-    counts, counted = token_counts(source, tokenizer)
-    ids = ranked_ids(counts, vocab_size)[:top]
-    save_ids(out, ids, target, vocab_size, counted)
-    console.print(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({len(counts)} distinct tokens seen)")
+    ids, counted, distinct = build_id_list(source, out, target, top)
+    console.print(escape(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({distinct} distinct tokens seen)"))
 
 
 @app.command("train-data")
@@ -237,38 +217,25 @@ def train_data(
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
     cache_hidden: Annotated[bool, typer.Option(help="also store the target's final hidden states (fp16), so head training skips the target body")] = True,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing data directory")] = False,
 ) -> None:
     """Self-distillation data: the target's own answers to a prompt pool, tokenised for `specbench train`."""
     from specbench.runner import command_line
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
-    from specbench.train.data import make_data
+    from specbench.train.data import make_data_for
 
-    dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
-        tgt = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
-    )
-    with progress:
-        tasks: dict[str, int] = {}
+    with RichProgress() as progress:
+        meta = make_data_for(target, workload, out, device, dtype, progress, max_new_tokens=max_new_tokens, temperature=temperature,
+                             batch_size=batch_size, seed=seed, limit=limit, cache_hidden=cache_hidden, overwrite=overwrite,
+                             command=command_line())
+    console.print(escape(f"{out}: {meta['sequences']} sequences, {meta['tokens']} tokens ({meta['answer_tokens']} answer tokens) "
+                         f"from {meta['prompts']} prompts of {workload} in {meta['seconds']} s"))
 
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
 
-        meta = make_data(
-            tgt, workload, out, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
-            limit=limit, cache_hidden=cache_hidden, overwrite=overwrite, command=command_line(), on_progress=on_progress,
-        )
-    console.print(
-        f"{out}: {meta['sequences']} sequences, {meta['tokens']} tokens ({meta['answer_tokens']} answer tokens) "
-        f"from {meta['prompts']} prompts of {workload} in {meta['seconds']} s"
-    )
+def deprecated(old: str, new: str):
+    """A hidden option under an old name that still works for one release, with a one-line note."""
+    return typer.Option(old, hidden=True, help=f"deprecated spelling of {new}")
 
 
 @app.command()
@@ -280,86 +247,56 @@ def train(
     steps: Annotated[int, typer.Option(help="optimiser steps")] = 200,
     batch_tokens: Annotated[int, typer.Option(help="answer tokens per optimiser step (whole sequences, packed)")] = 2048,
     max_length: Annotated[int, typer.Option(help="cut sequences to this many tokens")] = 1024,
-    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (AdamW); default 5e-4 for hydra (Hydra++), 1e-3 otherwise")] = None,
-    warmup: Annotated[int, typer.Option(help="linear warmup steps, then cosine decay")] = 20,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (AdamW); default per drafter (5e-4 for hydra, 1e-3 otherwise)")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="linear learning-rate warmup steps, then cosine decay")] = 20,
     min_lr_ratio: Annotated[float, typer.Option(help="the cosine ends at this fraction of --lr")] = 0.33,
     eval_every: Annotated[int, typer.Option(help="teacher-forced acceptance on held-out data every N steps")] = 50,
     eval_data: Annotated[Optional[Path], typer.Option(help="held-out data directory (e.g. train-data on pool-heldout); default: hold out --eval-fraction of --data")] = None,
     eval_fraction: Annotated[float, typer.Option(help="fraction of --data sequences held out when no --eval-data")] = 0.1,
     layers: Annotated[int, typer.Option(help="draft-model: how many of the target's first layers the draft keeps")] = 1,
     k: Annotated[int, typer.Option(help="draft-model: chain length the acceptance estimate assumes")] = 4,
-    heads: Annotated[int, typer.Option(help="medusa/hydra/hydra-decoder: number of heads")] = 4,
+    num_heads: Annotated[int, typer.Option(help="medusa/hydra/hydra-decoder: number of heads")] = 4,
     tie_lm_head: Annotated[bool, typer.Option(help="heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): small checkpoints")] = False,
     decoder_layers: Annotated[int, typer.Option(help="hydra-decoder: trunk layers, copied from the target's last N")] = 1,
     hydra_layers: Annotated[int, typer.Option(help="hydra: ResBlocks per head (the first grounded, the rest one shared block)")] = 4,
     train_vocab: Annotated[str, typer.Option(help="all: losses over the whole vocabulary; seen: only over ids the training data contains (an order of magnitude cheaper on large vocabularies; evaluation stays full)")] = "all",
     seed: Annotated[int, typer.Option(help="seed for shuffling and initialisation")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 (default for training), bfloat16, float16")] = "float32",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint directory")] = False,
+    old_heads: Annotated[Optional[int], deprecated("--heads", "--num-heads")] = None,
+    old_warmup: Annotated[Optional[int], deprecated("--warmup", "--warmup-steps")] = None,
 ) -> None:
     """Train a drafter for a frozen target on its own answers (self-distillation)."""
-    import torch
-
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.train.common import TrainConfig
+    from specbench.train.recipes import recipe_for
+    from specbench.train.recipes import train as train_drafter
 
-    head_options = {"heads": heads, "tie_lm_head": tie_lm_head, "decoder_layers": decoder_layers, "hydra_layers": hydra_layers}
-    recipes = {
-        "draft-model": ("specbench.train.draft", "train_draft_model", {"layers": layers, "k": k}),
-        **{name: ("specbench.train.heads", "train_heads", head_options) for name in ("medusa", "hydra", "hydra-decoder")},
-    }
-    if drafter not in recipes:
-        raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(recipes)}")
-    if steps < 1 or batch_tokens < 1:
-        raise UserError("--steps and --batch-tokens must be at least 1")
-    if eval_every < 1:
-        raise UserError("--eval-every must be at least 1")
-    module, function, options = recipes[drafter]
+    for old, new, value in (("--heads", "--num-heads", old_heads), ("--warmup", "--warmup-steps", old_warmup)):
+        if value is not None:
+            err_console.print(f"[yellow]warning:[/] train {old} is deprecated and goes in the next release: use {new}", soft_wrap=True)
+    num_heads = num_heads if old_heads is None else old_heads
+    warmup_steps = warmup_steps if old_warmup is None else old_warmup
+    options = {"layers": layers, "k": k, "num_heads": num_heads, "tie_lm_head": tie_lm_head, "decoder_layers": decoder_layers,
+               "hydra_layers": hydra_layers}
     config = TrainConfig(
-        drafter=drafter, target=target, data=str(data), out=str(out), steps=steps, batch_tokens=batch_tokens,
-        max_length=max_length, lr=lr or (5e-4 if drafter == "hydra" else 1e-3), warmup=warmup, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
+        drafter=drafter, target=target, data=str(data), out=str(out), steps=steps, batch_tokens=batch_tokens, max_length=max_length,
+        lr=lr or recipe_for(drafter).default_lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
         eval_data=str(eval_data) if eval_data else None, eval_fraction=eval_fraction, seed=seed, train_vocab=train_vocab, options=options,
     )
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
-        tgt = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    tgt.model.requires_grad_(False)
-    import importlib
-
-    recipe = getattr(importlib.import_module(module), function)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[losses]}"), console=err_console,
-    )
-    with progress:
-        task = progress.add_task(f"train {drafter}", total=steps, losses="")
-
-        def on_step(step: int, row: dict) -> None:
-            losses = " ".join(f"{key} {value:.3f}" for key, value in row.items() if key not in ("step", "lr", "eval") and isinstance(value, float))
-            progress.update(task, completed=step, losses=losses)
-            if "eval" in row:
-                progress.console.print(f"step {step}: held-out " + json.dumps(row["eval"]))
-
-        with torch.enable_grad():
-            recipe(config, tgt, overwrite=overwrite, on_step=on_step)
-    console.print(f"{out}: trained {drafter} for {target} (log: {out / 'specbench_train.json'})")
+    with RichProgress() as progress:
+        written = train_drafter(config, device, dtype, overwrite, progress)
+    console.print(escape(f"{written}: trained {drafter} for {target} (log: {written / 'specbench_train.json'})"))
 
 
 def parse_ks(values: list[str] | None) -> list[int]:
     """--k 1,2,3 --k 6 -> [1, 2, 3, 6]"""
     ks = []
-    for value in values or []:
-        for part in value.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                ks.append(int(part))
-            except ValueError:
-                raise UserError(f"--k takes integers, comma-separated (got '{part}')") from None
+    for part in split_list(values):
+        try:
+            ks.append(int(part))
+        except ValueError:
+            raise UserError(f"--k takes integers, comma-separated (got '{part}')") from None
     return ks
 
 
@@ -375,37 +312,19 @@ def record(
     profile: Annotated[bool, typer.Option(help="also measure the verify-latency profile into the log")] = True,
     profile_max_tokens: Annotated[int, typer.Option(help="profile forwards of 1..N tokens")] = 128,
     profile_repeats: Annotated[int, typer.Option(help="timed repeats per token count (median kept)")] = 3,
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
 ) -> None:
     """Record the target's greedy outputs on a workload (and its verify latency) for `simulate`."""
-    from specbench.runner import environment
-    from specbench.simulate.log import read_log, write_log
-    from specbench.simulate.profile import measure_profile
-    from specbench.simulate.record import record as record_log
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
-    from specbench.workloads import load_workload
+    from specbench.simulate.record import record_workload
 
-    prompts = load_workload(workload)[:limit] if limit else load_workload(workload)
-    dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
-        model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    env = environment(dev)
-    total = sum(len(p.turns) for p in prompts)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console)
-    with progress:
-        task = progress.add_task(f"recording {target}", total=total)
-        record_log(model, prompts, workload, max_new_tokens, out, topk, hidden, None, env, lambda: progress.advance(task))
-    log = read_log(out)
-    if profile:
-        lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in log.turns]
-        with err_console.status("measuring the verify-latency profile"):
-            log.profile = measure_profile(model, log.turns[0].prompt_ids, sum(lengths) // len(lengths), profile_max_tokens, profile_repeats, env["device_name"])
-        write_log(out, log.header, log.turns, log.profile)
+    with RichProgress() as progress:
+        log = record_workload(target, workload, out, limit, max_new_tokens, topk, hidden, profile, profile_max_tokens, profile_repeats,
+                              device, dtype, progress)
     tokens = sum(len(t.output_ids) for t in log.turns)
-    console.print(f"{out}: {len(log.turns)} turns, {tokens} target tokens" + (f", hidden states in {log.header.hidden_file}" if hidden else "")
-                  + (f", verify profile 1..{profile_max_tokens} tokens" if profile else ""))
+    console.print(escape(f"{out}: {len(log.turns)} turns, {tokens} target tokens"
+                         + (f", hidden states in {log.header.hidden_file}" if hidden else "")
+                         + (f", verify profile 1..{profile_max_tokens} tokens" if profile else "")))
 
 
 @app.command()
@@ -416,57 +335,26 @@ def profile(
     context_tokens: Annotated[int, typer.Option(help="context length the forwards see")] = 256,
     max_tokens: Annotated[int, typer.Option(help="profile forwards of 1..N tokens")] = 128,
     repeats: Annotated[int, typer.Option(help="timed repeats per token count (median kept)")] = 3,
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
 ) -> None:
     """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens."""
-    from specbench.runner import environment
-    from specbench.simulate.profile import measure_profile
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
-    from specbench.workloads import encode_turn, load_workload
+    from specbench.simulate.profile import profile_target
 
-    dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
-        model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    if model.tokenizer is None:
-        raise UserError(f"target '{target}' has no tokenizer to encode the context prompt")
-    context = encode_turn(model.tokenizer, load_workload(workload)[0], 0, [])
-    with err_console.status("measuring"):
-        result = measure_profile(model, context, context_tokens, max_tokens, repeats, environment(dev)["device_name"])
-    out.write_text(json.dumps(result.to_json()) + "\n")
-    console.print(f"{out}: verify ms at 1 / {max_tokens // 2} / {max_tokens} tokens: "
-                  f"{result.ms[0]:.2f} / {result.ms[max_tokens // 2 - 1]:.2f} / {result.ms[-1]:.2f}")
-
-
-def _open_log(log: Path, prompts: Optional[Path], target: Optional[str]):
-    from specbench.simulate.log import read_log
-
-    if prompts is None:
-        return read_log(log)
-    from specbench.simulate.dsd import read_dsd
-    from specbench.targets.loading import load_tokenizer
-
-    if not target:
-        raise UserError("a DSD log has text prompts: pass --target NAME (its tokenizer tokenises them)")
-    tokenizer = load_tokenizer(target)
-    if tokenizer is None:
-        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
+    with RichProgress() as progress:
+        result = profile_target(target, out, workload, context_tokens, max_tokens, repeats, device, dtype, progress)
+    console.print(escape(f"{out}: verify ms at 1 / {max_tokens // 2} / {max_tokens} tokens: "
+                         f"{result.ms[0]:.2f} / {result.ms[max_tokens // 2 - 1]:.2f} / {result.ms[-1]:.2f}"))
 
 
 @app.command()
+@with_drafter_flags
 def simulate(
     log: Annotated[Path, typer.Option(help="a target log from `specbench record` (or a DSD tensor-dump log with --prompts)")],
     drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
     k: Annotated[Optional[list[str]], typer.Option(help="chain lengths to score, e.g. --k 1,2,3,4,5,6 (one pass scores all)")] = None,
     tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63), chain:K, or JSON files of child-rank paths; comma-separated")] = None,
-    draft_model: Annotated[Optional[str], typer.Option(help="draft-model: alias, hub id or local directory")] = None,
-    heads: Annotated[Optional[str], typer.Option(help="medusa/hydra/hydra-decoder: checkpoint directory, hub id or 'fresh'")] = None,
-    max_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: longest n-gram matched")] = None,
-    min_ngram: Annotated[Optional[int], typer.Option(help="prompt-lookup: shortest n-gram matched")] = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")] = None,
+    option: Option = None,
     target: Annotated[Optional[str], typer.Option(help="the real target, when at hand: hidden states by one forward per sequence; the tokenizer for DSD logs")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="DSD format: the prompts JSONL matched by order to the tensor dumps in --log")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="a verify-latency profile from `specbench profile` (default: the log's)")] = None,
@@ -475,58 +363,44 @@ def simulate(
     max_new_tokens: Annotated[Optional[int], typer.Option(help="cut the logged outputs to N tokens (default: the log's)")] = None,
     method: Annotated[str, typer.Option(help="auto (teacher-forced where the drafter has the hook), teacher-forced, replay")] = "auto",
     latency_steps: Annotated[int, typer.Option(help="proposals timed per shape for the draft latency")] = 32,
-    device: Annotated[str, typer.Option(help="where the drafter runs: auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help="where the drafter runs: " + DEVICE)] = "auto",
     dtype: Annotated[str, typer.Option(help="--target's dtype: auto, float32, float16, bfloat16")] = "auto",
     out: Annotated[Path, typer.Option(help="directory under which the run directories are created")] = Path("results"),
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+    drafter_flags: dict[str, Any] | None = None,
 ) -> None:
     """Score a drafter on a recorded target log without running the target: τ, acceptance and predicted speedup per k/tree."""
+    from specbench.drafters.registry import typed_options
     from specbench.report.tables import simulation_table
     from specbench.runner import command_line
-    from specbench.simulate.log import read_profile
-    from specbench.simulate.predict import LatencyModel
-    from specbench.simulate.runner import SimulateConfig, Simulator, write_runs
-    from specbench.simulate.walk import Shape
+    from specbench.simulate.runner import (
+        SimulateConfig,
+        open_log,
+        shapes_from,
+        simulate_log,
+    )
 
-    target_log = _open_log(log, prompts, target)
-    shapes = [Shape.chain(value) for value in dict.fromkeys(parse_ks(k))]
-    shapes += [Shape.from_spec(spec.strip()) for value in tree or [] for spec in value.split(",") if spec.strip()]
-    options = dict(parse_option(o) for o in option or [])
-    given = {"draft_model": draft_model, "heads": heads, "max_ngram": max_ngram, "min_ngram": min_ngram}
-    options.update({name: value for name, value in given.items() if value is not None})
-    if "k" in options or "tree" in options:
-        raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
-    if not shapes:
-        raise UserError("give at least one --k or --tree to score (e.g. --k 1,2,3,4)")
-    latency = LatencyModel.build(read_profile(profile) if profile else target_log.profile, bandwidth, target_log.header.target_forward_bytes)
-    real_target = None
-    if target and prompts is None:
-        from specbench.targets.hf import HFTarget
-        from specbench.targets.loading import resolve_device, resolve_dtype
-
-        dev = resolve_device(device)
-        with err_console.status(f"loading {target}"):
-            real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    config = SimulateConfig(drafter, options, shapes, max_new_tokens, limit, method, latency_steps)
-    with err_console.status(f"loading {drafter}"):
-        simulator = Simulator(target_log, config, real_target, device)
-    with err_console.status(f"scoring {len(shapes)} shape(s) over {len(simulator.turns)} logged turns"):
-        simulation = simulator.score()
-    reports = write_runs(simulation, simulator, latency, out, command_line())
+    target_log = open_log(log, prompts, target)
+    shapes = shapes_from(parse_ks(k), split_list(tree))
+    config = SimulateConfig(drafter, typed_options(drafter, drafter_flags or {}), shapes, max_new_tokens, limit, method, latency_steps)
+    with RichProgress() as progress:
+        result = simulate_log(target_log, config, out, profile, bandwidth, target if prompts is None else None, device, dtype, progress,
+                              command_line())
+    simulation = result.simulation
     if as_json:
         print(json.dumps({
             "log": str(log), "method": simulation.method, "hidden_source": simulation.hidden_source,
             "scoring_s": simulation.scoring_s, "latency_s": simulation.latency_s,
             "results": [{"shape": r.shape, "run": r.directory, "alpha_iid": r.alpha_iid,
                          "leviathan_expected_speedup": r.leviathan_speedup, "draft_ms_source": r.draft_ms_source,
-                         **r.summary.to_json()} for r in reports],
+                         **r.summary.to_json()} for r in result.reports],
         }, indent=2))
         return
-    title = f"simulated: {drafter} on a log of {target_log.header.target} ({simulation.method}; latency model: {latency.kind})"
-    console.print(simulation_table(reports, title))
+    title = f"simulated: {drafter} on a log of {target_log.header.target} ({simulation.method}; latency model: {result.latency.kind})"
+    console.print(simulation_table(result.reports, escape(title)))
     if simulation.hidden_source:
-        console.print(f"target hidden states: {simulation.hidden_source}")
-    console.print(f"scoring {simulation.scoring_s:.2f} s, draft-latency timing {simulation.latency_s:.2f} s; records: {out}/")
+        console.print(escape(f"target hidden states: {simulation.hidden_source}"))
+    console.print(escape(f"scoring {simulation.scoring_s:.2f} s, draft-latency timing {simulation.latency_s:.2f} s; records: {out}/"))
 
 
 @app.command("convert-log")
@@ -538,26 +412,21 @@ def convert_log(
 ) -> None:
     """Convert a Decoding-Speculative-Decoding log (prompts JSONL + tensor dumps) into a specbench target log."""
     from specbench.simulate.log import write_log
+    from specbench.simulate.runner import open_log
 
-    converted = _open_log(log, prompts, target)
+    converted = open_log(log, prompts, target)
     write_log(out, converted.header, converted.turns)
-    console.print(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens (no profile: give simulate --profile or --bandwidth)")
+    console.print(escape(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens "
+                         "(no profile: give simulate --profile or --bandwidth)"))
 
 
 @app.command()
 def workloads() -> None:
     """List the workloads (catalogue/workloads.toml) and where each one's data comes from."""
-    from specbench.workloads import data_dir, registry
+    from specbench.workloads import describe_sources
 
-    for name, entry in registry().items():
-        if "file" in entry:
-            where = "built in"
-        else:
-            local = data_dir() / entry["local"]
-            found = "found" if local.is_file() else "not there yet"
-            hub = f", else the hub dataset {entry['hub']}" if "hub" in entry else ""
-            where = f"{entry['source']}: --workload-file PATH, or {local} ({found}){hub}"
-        console.print(f"[bold]{name}[/]  {entry['summary']}  [dim]({where})[/]", soft_wrap=True, highlight=False)
+    for name, summary, where in describe_sources():
+        console.print(f"[bold]{escape(name)}[/]  {escape(summary)}  [dim]({escape(where)})[/]", soft_wrap=True, highlight=False)
     console.print(
         "any .jsonl file also works with --workload FILE: FastChat/Spec-Bench question.jsonl, HellaSwag, "
         "DSD {\"prompt\": ...}, or rows with a 'turns' list or a 'prompt' string; the format is detected and named",
@@ -575,21 +444,25 @@ def report(
     html: Annotated[Optional[Path], typer.Option(help="write one self-contained HTML page with the tables and plots")] = None,
 ) -> None:
     """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
-    from specbench.report.build import VIEWS, build, export
-    from specbench.report.tables import breakdown_table, comparison_table, position_table, summary_table
+    from specbench.report.build import VIEWS, build, export, write_outputs
+    from specbench.report.frames import group_summary
+    from specbench.report.tables import (
+        breakdown_table,
+        comparison_table,
+        position_table,
+        summary_table,
+    )
 
     if by not in VIEWS:
         raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
     result = build(runs or [Path("results")])
     for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    from specbench.report.frames import group_summary
-
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     key = {"category": "categories", "task": "tasks"}.get(by)
     for group in result.groups:
         summary = group_summary(group)
         runs_note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
-        console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({runs_note})"))
+        console.print(summary_table(summary, escape(f"{group.label}\non {group.setup['workload']} ({runs_note})")))
         if by in ("setup", "position") and summary.per_position:
             console.print(position_table(summary))
         if key:
@@ -598,20 +471,9 @@ def report(
     if len(result.groups) > 1:
         console.print(comparison_table(result.frames["overview"]))
     for path in export(result.view(by), csv, parquet):
-        console.print(f"wrote {path}")
-    plots = []
-    if plot or html:
-        import tempfile
-
-        from specbench.report.plots import write_plots
-
-        plots = write_plots(result.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")))
-        if plot:
-            console.print(f"wrote {len(plots)} plots to {plot}")
-    if html:
-        from specbench.report.html import write_html
-
-        console.print(f"wrote {write_html(result, plots, html)}")
+        console.print(escape(f"wrote {path}"))
+    for line in write_outputs(result, plot, html):
+        console.print(escape(line))
 
 
 @app.command("export-answers")
@@ -623,13 +485,10 @@ def export_answers(
 ) -> None:
     """Write a run's answers in FastChat's model_answer format, for FastChat's judge."""
     from specbench.answers import write_model_answers
-    from specbench.records import BASELINE, SPEC
     from specbench.store import RunStore
 
-    if mode not in (SPEC, BASELINE):
-        raise UserError(f"--mode {mode}: use spec or baseline")
     n = write_model_answers(RunStore.open(run_dir), out, mode, model_id)
-    console.print(f"wrote {n} answers to {out}")
+    console.print(escape(f"wrote {n} answers to {out}"))
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -637,7 +496,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     from specbench.errors import SpecbenchWarning
 
     if issubclass(category, SpecbenchWarning):
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
@@ -647,7 +506,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,4 +1,6 @@
-"""`specbench run`: a workload through target + drafter, and the plain baseline.
+"""A run: a workload through target + drafter, and the plain baseline, measured into a
+result directory. `start_run` and `resume_run` are the library calls (validation inside
+them); the CLI and the scripts only call them and print.
 
 For each prompt and turn the baseline (plain decoding) and the drafter run
 back to back in the same process, through the same decode loop, so the
@@ -8,31 +10,43 @@ speedup compares like with like and drifts in machine speed hit both alike.
 from __future__ import annotations
 
 import hashlib
-import platform
 import re
-import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from specbench.drafters.base import PlainDecoding, build_drafter, check_options
+from specbench.drafters.registry import build_drafter, parse_options
+from specbench.engine.engines import ENGINES
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding, Target
+from specbench.environment import environment
 from specbench.errors import UserError
-from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, first_divergence
+from specbench.progress import SILENT, Progress
+from specbench.records import (
+    BASELINE,
+    SPEC,
+    RunInfo,
+    StepRecord,
+    TurnRecord,
+    first_divergence,
+)
 from specbench.store import RunStore
-from specbench.targets.fast import resolve_engine, target_class
-from specbench.targets.hf import HFTarget
+from specbench.targets import BACKENDS, load_target
 from specbench.targets.loading import load_config, resolve_device, resolve_dtype
-from specbench.workloads import Prompt, encode_turn, open_workload, select, workload_hash
+from specbench.targets.parallel import tensor_parallel
+from specbench.workloads import (
+    Prompt,
+    encode_turn,
+    open_workload,
+    select,
+    workload_hash,
+)
 
 WARMUP_TOKENS = 16
-BACKENDS = ("hf", "deepspeed")
 
 
 @dataclass
@@ -50,50 +64,38 @@ class RunConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
-    engine: str = "auto"  # auto | eager | fast (targets/fast.py); the baseline runs on the same engine
+    engine: str = "auto"  # auto | eager | fast (engine/engines.py); the baseline runs on the same engine
     baseline: bool = True
     warmup: bool = True
     backend: str = "hf"  # target backend: hf, or deepspeed (tensor parallel over `tp` ranks)
     tp: int = 1
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    def pkg(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
+def check(config: RunConfig) -> None:
+    """Everything about a configuration that can be refused before any weights load."""
+    parse_options(config.drafter, config.drafter_options)
+    if config.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if config.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    if config.engine not in ENGINES:
+        raise UserError(f"unknown engine '{config.engine}': use {', '.join(ENGINES)}")
+    if config.backend not in BACKENDS:
+        raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
+    if config.backend == "hf" and config.tp != 1:
+        raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
+    if config.backend == "deepspeed":
+        from specbench.targets import deepspeed
 
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    device_name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    try:
-        git = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    return {
-        "specbench": pkg("specbench"),
-        "torch": torch.__version__,
-        "transformers": pkg("transformers"),
-        "deepspeed": pkg("deepspeed"),
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": device_name,
-        "cpu_threads": torch.get_num_threads(),
-        "host": platform.node(),
-        "git_revision": git,
-    }
+        deepspeed.require_deepspeed()
+        device = resolve_device(config.device)
+        deepspeed.check(load_config(config.target), config.tp, device, resolve_dtype(config.dtype, device))
+
+
+def load(config: RunConfig) -> Target:
+    """The run's target (this rank's shard, under tensor parallelism)."""
+    device = resolve_device(config.device)
+    return load_target(config.target, device, resolve_dtype(config.dtype, device), config.engine, config.backend, config.tp)
 
 
 def run_id_for(config: RunConfig) -> str:
@@ -108,54 +110,24 @@ def turn_seed(seed: int, prompt_id: str, turn: int) -> int:
 
 
 class Benchmark:
-    """Loads what a run needs once, then measures prompts into a RunStore."""
+    """What a run measures with, built once on the leading rank: the selected prompts, the
+    drafter and the plain baseline on one target. `run` measures prompts into a RunStore."""
 
-    def __init__(self, config: RunConfig, target: HFTarget | None = None) -> None:
+    def __init__(self, config: RunConfig, target: Target) -> None:
         self.config = config
-        self.check(config)
         self.workload = open_workload(config.workload, config.workload_file)
         self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
-        self.device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, self.device)
-        self.target = target or load_target(config, self.device, dtype)
-        self.device = self.target.device  # a tensor-parallel rank may sit on its own GPU
-        if not self.target.leads:
-            return  # a follower rank only serves the leader's target calls (DeepSpeedTarget.follow)
-        try:
-            if self.target.tokenizer is None:
-                raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
-            self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
-        except BaseException:
-            self.target.stop()
-            raise
-        self.plain = PlainDecoding(self.target)
-
-    @staticmethod
-    def check(config: RunConfig) -> None:
-        """Everything about a configuration that can be refused before any weights load."""
-        check_options(config.drafter, config.drafter_options)
-        if config.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
-        if config.temperature < 0:
-            raise UserError("--temperature must be >= 0")
-        if config.backend not in BACKENDS:
-            raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
-        if config.backend == "hf" and config.tp != 1:
-            raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
-        if config.backend == "deepspeed":
-            from specbench.targets import deepspeed
-
-            deepspeed.require_deepspeed()
-            device = resolve_device(config.device)
-            deepspeed.check(load_config(config.target), config.tp, device, resolve_dtype(config.dtype, device))
-        if config.backend == "deepspeed" and config.engine == "fast":
-            raise UserError("--engine fast runs on the hf backend only; use --engine eager with --backend deepspeed")
+        self.target = target
+        if target.tokenizer is None:
+            raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
+        self.drafter = build_drafter(config.drafter, target, dict(config.drafter_options))
+        self.plain = PlainDecoding(target)
 
     def run_info(self, command: str) -> RunInfo:
         c = self.config
         decode_settings = {k: v for k, v in asdict(c).items() if k not in ("target", "drafter", "drafter_options", "workload")}
         decode_settings["dtype"] = str(self.target.dtype).removeprefix("torch.")
-        decode_settings["engine"] = getattr(self.target, "engine", "eager")
+        decode_settings["engine"] = self.target.engine
         return RunInfo(
             run_id=run_id_for(c),
             command=command,
@@ -166,7 +138,7 @@ class Benchmark:
             workload=c.workload,
             workload_hash=workload_hash(self.prompts),
             decode=decode_settings,
-            environment=environment(self.device),
+            environment=environment(self.target.device),
             started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "target_forward_bytes": self.target.forward_bytes(),
@@ -238,28 +210,65 @@ class Benchmark:
         modes = 2 if self.config.baseline else 1
         return {p.id: modes * len(p.turns) for p in self.prompts}
 
-    def run(self, store: RunStore, on_prompt: Callable[[Prompt], None] = lambda p: None) -> None:
+    def run(self, store: RunStore, progress: Progress = SILENT) -> None:
         done = store.keep_complete(self.records_per_prompt())
         todo = [p for p in self.prompts if p.id not in done]
         if todo and self.config.warmup:
             self.warm_up()
-        for prompt in self.prompts:
-            if prompt.id in done:
-                on_prompt(prompt)
-                continue
+        advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
+        advance(len(self.prompts) - len(todo))
+        for prompt in todo:
             steps, turns = self.measure_prompt(prompt)
             store.append_prompt(steps, turns)
-            on_prompt(prompt)
+            advance()
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
 
 
-def load_target(config: RunConfig, device: torch.device, dtype: torch.dtype) -> HFTarget:
-    if config.backend == "deepspeed":
-        from specbench.targets.deepspeed import DeepSpeedTarget
+def _measure(bench: Benchmark, store: RunStore, progress: Progress) -> Path:
+    progress.note(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}")
+    try:
+        bench.run(store, progress)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; finished prompts are saved: resume with `specbench run --resume {store.directory}`") from None
+    return store.directory
 
-        return DeepSpeedTarget.load(config.target, device, dtype, config.tp)
-    return target_class(resolve_engine(config.engine, device)).load(config.target, device, dtype)
+
+def start_run(config: RunConfig, out: Path, progress: Progress = SILENT, command: str = "", target: Target | None = None) -> Path | None:
+    """Measure a new run under `out`; its directory, or None on a tensor-parallel follower rank.
+    `target`: one already loaded for `config` (scripts measuring several drafters on one target)."""
+    check(config)
+    if target is None:
+        with progress.status(f"loading {config.target} and {config.drafter}"):
+            target = load(config)
+    with tensor_parallel(target) as leading:
+        if leading is None:
+            return None
+        with progress.status(f"loading {config.drafter}"):
+            bench = Benchmark(config, leading)
+        info = bench.run_info(command or command_line())
+        store = RunStore.create(out / info.run_id, info)
+        return _measure(bench, store, progress)
+
+
+def resume_run(directory: Path, progress: Progress = SILENT) -> Path | None:
+    """Measure the prompts an interrupted run did not finish (on the machine that started it)."""
+    store = RunStore.open(directory)
+    config = config_from_info(store.info)
+    check(config)
+    with progress.status(f"resuming {directory}"):
+        target = load(config)
+    with tensor_parallel(target) as leading:
+        if leading is None:
+            return None
+        bench = Benchmark(config, leading)
+        now = bench.run_info("")
+        if store.info.workload_hash != now.workload_hash:
+            raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
+        started_on, here = (store.info.environment or {}).get("device_name"), now.environment.get("device_name")
+        if started_on and started_on != here:  # its timings would be pooled with another machine's
+            raise UserError(f"{store.directory} was measured on {started_on}, this is {here}: resume it there, or start a new run")
+        return _measure(bench, store, progress)
 
 
 def config_from_info(info: RunInfo) -> RunConfig:

@@ -5,12 +5,12 @@ import torch
 from tiny import perturbed, prompts, tiny_llama, tiny_target
 from transformers import DynamicCache
 
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
 from specbench.engine import kv
 from specbench.engine.acceptance import accept_greedy
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.engine.tree import DraftTree
 
 MAX_NEW = 40
@@ -42,7 +42,7 @@ def test_draft_model_greedy_equals_plain(target, plain_outputs, k):
 def test_prompt_lookup_greedy_equals_plain(target, plain_outputs):
     drafted = 0
     for prompt, expected in zip(prompts(20), plain_outputs):
-        result = decode(target, PromptLookupDrafter(target, k=4, min_ngram=1), prompt, MAX_NEW)
+        result = decode(target, PromptLookupDrafter.build(target, k=4, min_ngram=1), prompt, MAX_NEW)
         assert result.output_ids == expected
         drafted += sum(s.tree_size for s in result.steps)
     assert drafted > 0

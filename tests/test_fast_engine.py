@@ -8,21 +8,22 @@ import torch
 from test_cli import models, run_cli  # noqa: F401 (models is a fixture)
 from tiny import perturbed, prompts, tiny_llama
 
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
+from specbench.engine.engines import resolve_engine
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.engine.static_cache import StaticKV, bucket_size, shape_masks
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
-from specbench.targets.fast import FastHFTarget, resolve_engine
+from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 
 MAX_NEW = 32
 
 DRAFTERS = {
     "plain": lambda target, draft: PlainDecoding(target),
-    "prompt-lookup": lambda target, draft: PromptLookupDrafter(target, k=4, min_ngram=1),
+    "prompt-lookup": lambda target, draft: PromptLookupDrafter.build(target, k=4, min_ngram=1),
     "draft-model": lambda target, draft: DraftModelDrafter(target, draft, k=4),
 }
 
@@ -58,17 +59,18 @@ def test_fast_equals_eager_fp32(fp32, drafter):
 
 @pytest.mark.parametrize("drafter", ["plain", "draft-model"])
 def test_bucketed_padding_and_regrowth_equal_plain(drafter):
-    """Queries padded to bucket sizes (as CUDA graphs run them) and a cache that must
-    grow mid-sequence still give plain decoding's tokens (fp64: exact)."""
+    """Queries padded to bucket sizes (as CUDA graphs run them) and a cache too small for the
+    sequence still give plain decoding's tokens (fp64: exact); the capacity is planned at
+    prefill, so the storage is never reallocated mid-sequence."""
     model = tiny_llama(0)
     draft = perturbed(model, noise=0.01)
     eager = HFTarget(model)
     fast = FastHFTarget(model, bucketed=True)
-    fast.cache.capacity = 8  # smaller than any prompt + output: reserve() must grow it, keeping the prefix
+    fast.cache.capacity = 8  # smaller than any prompt + output: the prefill must size it
     for prompt in prompts(4):
         expected = decode(eager, PlainDecoding(eager), prompt, MAX_NEW).output_ids
         assert decode(fast, DRAFTERS[drafter](fast, draft), prompt, MAX_NEW).output_ids == expected
-    assert fast.cache.capacity >= 256 and fast.cache.generation == 1
+    assert fast.cache.capacity >= 256 and fast.cache.generation == 0
 
 
 def test_tree_verify_and_commit_match_eager_kv():
@@ -201,8 +203,9 @@ def test_head_drafters_on_fast_engine(drafter, tmp_path):
     steps as on the eager engine, and plain decoding's tokens."""
     from head_layouts import write_hydra
 
-    from specbench.drafters.hydra import HydraDrafter
-    from specbench.drafters.medusa import HydraDecoderDrafter, MedusaDrafter
+    from specbench.drafters.heads.decoder import HydraDecoderDrafter
+    from specbench.drafters.heads.hydra import HydraDrafter
+    from specbench.drafters.heads.medusa import MedusaDrafter
 
     model = tiny_llama(0)
     eager, fast = HFTarget(model), FastHFTarget(model, bucketed=True)
@@ -212,12 +215,12 @@ def test_head_drafters_on_fast_engine(drafter, tmp_path):
     def make(target):
         torch.manual_seed(5)
         if drafter == "medusa":
-            return MedusaDrafter.create(target, heads="fresh", tree="mc_sim_7b_63")
+            return MedusaDrafter.build(target, heads="fresh", tree="mc_sim_7b_63")
         if drafter == "hydra":
-            return HydraDrafter.create(target, heads="fresh", tree="mc_sim_7b_63")
+            return HydraDrafter.build(target, heads="fresh", tree="mc_sim_7b_63")
         if drafter == "hydra-decoder":
-            return HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=1, tree="mc_sim_7b_63")
-        return HydraDrafter.create(target, heads=str(tmp_path), tree="mc_sim_7b_63")
+            return HydraDecoderDrafter.build(target, heads="fresh", decoder_layers=1, tree="mc_sim_7b_63")
+        return HydraDrafter.build(target, heads=str(tmp_path), tree="mc_sim_7b_63")
 
     for prompt in prompts(3):
         expected = decode(eager, PlainDecoding(eager), prompt, MAX_NEW).output_ids

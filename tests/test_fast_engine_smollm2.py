@@ -4,10 +4,10 @@ import pytest
 import torch
 from tiny import perturbed
 
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import load_causal_lm

@@ -18,11 +18,12 @@ from head_layouts import (
 )
 from tiny import prompts, tiny_target
 
-from specbench.drafters.base import PlainDecoding
-from specbench.drafters.hydra import HydraDrafter
-from specbench.drafters.medusa import HydraDecoderDrafter, MedusaDrafter
+from specbench.drafters.heads.decoder import HydraDecoderDrafter
+from specbench.drafters.heads.hydra import HydraDrafter
+from specbench.drafters.heads.medusa import MedusaDrafter
 from specbench.engine.acceptance import TypicalAcceptance, accept_typical
 from specbench.engine.loop import decode
+from specbench.engine.protocol import FINAL, PlainDecoding
 from specbench.engine.tree import DraftTree
 from specbench.errors import SpecbenchWarning, UserError
 
@@ -65,10 +66,10 @@ def assert_same(loaded: dict, published: dict, dtype=torch.float64):
 def build(name, target, checkpoints, tree="mc_sim_7b_63"):
     directory = checkpoints[name][0]
     if name.startswith("medusa"):
-        return MedusaDrafter.create(target, heads=str(directory), tree=tree)
+        return MedusaDrafter.build(target, heads=str(directory), tree=tree)
     if name.startswith("hydra-decoder"):
-        return HydraDecoderDrafter.create(target, heads=str(directory), tree=tree)
-    return HydraDrafter.create(target, heads=str(directory), tree=tree)
+        return HydraDecoderDrafter.build(target, heads=str(directory), tree=tree)
+    return HydraDrafter.build(target, heads=str(directory), tree=tree)
 
 
 # --- the published layouts load key by key -------------------------------------
@@ -93,7 +94,7 @@ def test_medusa2_by_hub_id_fetches_only_the_heads_shard(target, checkpoints, tmp
 
     from safetensors.torch import load_file, save_file
 
-    from specbench.drafters import checkpoints as ckpt
+    from specbench.drafters import files
 
     hub = tmp_path / "hub-repo"  # the repository as published: two shards and an index
     hub.mkdir()
@@ -108,7 +109,7 @@ def test_medusa2_by_hub_id_fetches_only_the_heads_shard(target, checkpoints, tmp
 
     snapshot, fetched = tmp_path / "snapshot", []
 
-    def fake_download(repo_id, file_names):  # snapshot_download with allow_patterns, over the copy above
+    def fake_download(repo_id, file_names, what="heads"):  # snapshot_download with allow_patterns, over the copy above
         snapshot.mkdir(exist_ok=True)
         for file in hub.iterdir():
             if file.suffix == ".json" or file.name in file_names:
@@ -116,8 +117,8 @@ def test_medusa2_by_hub_id_fetches_only_the_heads_shard(target, checkpoints, tmp
                 shutil.copy(file, snapshot / file.name)
         return snapshot
 
-    monkeypatch.setattr(ckpt, "_download", fake_download)
-    drafter = MedusaDrafter.create(target, heads="FasterDecoding/medusa-2-tiny", tree="chain:3")
+    monkeypatch.setattr(files, "download", fake_download)
+    drafter = MedusaDrafter.build(target, heads="FasterDecoding/medusa-2-tiny", tree="chain:3")
     assert_same(drafter.heads.heads.state_dict(), checkpoints["medusa-2"][1].state_dict())
     assert "model-00002-of-00002.safetensors" in fetched and "model-00001-of-00002.safetensors" not in fetched
 
@@ -133,7 +134,7 @@ def test_medusa2_with_a_shard_missing_is_one_error(target, checkpoints, tmp_path
     shutil.copy(checkpoints["medusa-2"][0] / "config.json", broken / "config.json")
     (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"medusa_head.0.0.linear.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(UserError, match="model-00002-of-00002.safetensors is listed in model.safetensors.index.json but missing"):
-        MedusaDrafter.create(target, heads=str(broken), tree="chain:3")
+        MedusaDrafter.build(target, heads=str(broken), tree="chain:3")
 
 
 @pytest.mark.parametrize("name", ["hydra-prefix", "hydra-mlp"])
@@ -163,7 +164,7 @@ def test_hydra_decoder_pickled_modules_load_without_the_reference_package(target
     expected = {f"layers.{k}": v for k, v in modules["medusa_decoder_layers"].state_dict().items()}
     expected["norm.weight"] = modules["medusa_rms_norm"].weight
     assert_same(trunk, {k: v.to(torch.bfloat16) for k, v in expected.items()})
-    assert drafter.hidden_state_layer == target.num_layers - 1
+    assert drafter.taps == (target.num_layers - 1,)
 
 
 # --- greedy output == plain decoding -------------------------------------------
@@ -183,8 +184,8 @@ def test_greedy_equals_plain(name, tree, target, checkpoints, plain_outputs):
 
 def test_hydra_hidden_state_offset_reads_an_earlier_layer(target, tmp_path, plain_outputs):
     write_hydra(tmp_path, target, "mlp", num_layers=1, offset=1)
-    drafter = HydraDrafter.create(target, heads=str(tmp_path), tree="mc_sim_7b_63")
-    assert drafter.hidden_state_layer == target.num_layers - 1
+    drafter = HydraDrafter.build(target, heads=str(tmp_path), tree="mc_sim_7b_63")
+    assert drafter.taps == (target.num_layers - 1,)
     for prompt, expected in zip(prompts(5), plain_outputs):
         assert decode(target, drafter, prompt, MAX_NEW).output_ids == expected
 
@@ -194,10 +195,10 @@ def test_hydra_hidden_state_offset_reads_an_earlier_layer(target, tmp_path, plai
 def test_hydra_proposal_is_in_node_order(target, checkpoints):
     drafter = build("hydra-prefix", target, checkpoints)
     prompt = prompts(1, seed=5)[0]
-    _, hidden = target.prefill(prompt, True)
+    _, hidden = target.prefill(prompt, FINAL)
     drafter.begin(prompt, hidden)
     tokens = torch.cat([prompt, torch.tensor([7])])
-    from specbench.drafters.base import DraftContext
+    from specbench.engine.protocol import DraftContext
 
     tree = drafter.propose(DraftContext(tokens, prompt.numel(), 50, 0.0, None))
     shape = drafter.shape
@@ -230,7 +231,7 @@ def test_prefix_layer_cache_holds_exactly_the_accepted_tokens(target, checkpoint
     drafter.catch_up()  # the last step's accepted rows (fed at the next draft, which never came)
     assert drafter.prefix.cached == target.seq_len
     kept = torch.cat([prompt, torch.tensor(result.output_ids)])[: target.seq_len]
-    _, hidden = target.prefill(kept, True)
+    _, hidden = target.prefill(kept, FINAL)
     fresh = type(drafter.prefix)(target.config, 1).double()
     fresh.model.load_state_dict(drafter.prefix.model.state_dict())
     fresh.feed(hidden)
@@ -283,29 +284,29 @@ def test_typical_ties_go_to_the_likelier_path():
 
 def test_errors_are_clear(target, checkpoints, tmp_path):
     with pytest.raises(UserError, match="no Medusa heads in"):
-        MedusaDrafter.create(target, heads=str(tmp_path))
+        MedusaDrafter.build(target, heads=str(tmp_path))
     with pytest.raises(UserError, match="heads 'nothing-here' not found"):
-        MedusaDrafter.create(target, heads="nothing-here")
+        MedusaDrafter.build(target, heads="nothing-here")
     with pytest.raises(UserError, match="no published medusa heads for target"):
-        MedusaDrafter.create(target)
+        MedusaDrafter.build(target)
     bad = tmp_path / "bad"
     bad.mkdir()
     torch.save({"foo.weight": torch.zeros(2)}, bad / "medusa_lm_head.pt")
     with pytest.raises(UserError, match="unexpected key 'foo.weight'"):
-        MedusaDrafter.create(target, heads=str(bad))
+        MedusaDrafter.build(target, heads=str(bad))
     (bad / "medusa_lm_head.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="cannot read head checkpoint"):
-        MedusaDrafter.create(target, heads=str(bad))
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        MedusaDrafter.build(target, heads=str(bad))
     other = tiny_target(1, hidden=32)
     with pytest.raises(UserError, match="hidden-size mismatch"):
-        MedusaDrafter.create(other, heads=str(checkpoints["medusa"][0]))
+        MedusaDrafter.build(other, heads=str(checkpoints["medusa"][0]))
     other = tiny_target(1, vocab=80)
     with pytest.raises(UserError, match="vocabulary mismatch"):
-        HydraDrafter.create(other, heads=str(checkpoints["hydra-mlp"][0]))
+        HydraDrafter.build(other, heads=str(checkpoints["hydra-mlp"][0]))
     with pytest.raises(UserError, match="only 5 heads"):
-        MedusaDrafter.create(target, heads=str(checkpoints["medusa"][0]), tree="chain:6")
+        MedusaDrafter.build(target, heads=str(checkpoints["medusa"][0]), tree="chain:6")
     with pytest.raises(UserError, match="posterior"):
-        MedusaDrafter.create(target, heads=str(checkpoints["medusa"][0]), posterior_threshold=0)
+        MedusaDrafter.build(target, heads=str(checkpoints["medusa"][0]), posterior_threshold=0)
 
 
 def test_base_model_mismatch_warns_naming_both(target, checkpoints, tmp_path):
@@ -314,7 +315,7 @@ def test_base_model_mismatch_warns_naming_both(target, checkpoints, tmp_path):
     (tmp_path / "config.json").write_text(config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        MedusaDrafter.create(target, heads=str(tmp_path), tree="chain:2")
+        MedusaDrafter.build(target, heads=str(tmp_path), tree="chain:2")
     messages = [str(w.message) for w in caught if issubclass(w.category, SpecbenchWarning)]
     assert len(messages) == 1 and "lmsys/vicuna-7b-v1.3" in messages[0] and target.model_id in messages[0]
 
@@ -328,22 +329,22 @@ def test_hydra_decoder_refuses_what_it_cannot_map(target, tmp_path):
 
     torch.save({"medusa_head": Evil()}, tmp_path / "medusa_lm_head.pt")
     with pytest.raises(UserError, match="refusing to load global"):
-        HydraDecoderDrafter.create(target, heads=str(tmp_path))
+        HydraDecoderDrafter.build(target, heads=str(tmp_path))
     # a file with the heads but no trunk: the reference loads nothing and carries on; we stop
     write_medusa_v1(tmp_path, target, num_heads=3)
     with pytest.raises(UserError, match="cannot map '0.0.linear.weight'"):
-        HydraDecoderDrafter.create(target, heads=str(tmp_path))
+        HydraDecoderDrafter.build(target, heads=str(tmp_path))
 
 
 def test_fresh_heads_build_for_any_target(target, plain_outputs):
     for drafter in (
-        MedusaDrafter.create(target, heads="fresh", tree="chain:3"),
-        HydraDrafter.create(target, heads="fresh", tree="chain:3"),
-        HydraDecoderDrafter.create(target, decoder_layers=2, tree="chain:3"),  # any target: an untrained trunk
+        MedusaDrafter.build(target, heads="fresh", tree="chain:3"),
+        HydraDrafter.build(target, heads="fresh", tree="chain:3"),
+        HydraDecoderDrafter.build(target, decoder_layers=2, tree="chain:3"),  # any target: an untrained trunk
     ):
         assert decode(target, drafter, prompts(1)[0], MAX_NEW).output_ids == plain_outputs[0]
     with pytest.raises(UserError, match="--decoder-layers must be between 1 and"):
-        HydraDecoderDrafter.create(target, heads="fresh", decoder_layers=3)
+        HydraDecoderDrafter.build(target, heads="fresh", decoder_layers=3)
 
 
 # --- the command line ------------------------------------------------------------------
@@ -388,7 +389,7 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
         (["--drafter", "hydra", "--heads", "./missing/heads"], "heads './missing/heads' not found"),
         (["--drafter", "medusa"], "no published medusa heads for target"),
         (["--drafter", "hydra-decoder", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
-        (["--drafter", "hydra", "--heads", "fresh", "-o", "num_heads=0"], "num_heads (>= 1) only applies"),
+        (["--drafter", "hydra", "--heads", "fresh", "-o", "num_heads=0"], "--num-heads must be at least 1"),
     ],
 )
 def test_cli_bad_head_input_is_one_line(args, message, cli_models, tmp_path, capsys, monkeypatch):
@@ -426,7 +427,7 @@ def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, ch
     ids_file = tmp_path / "ids.json"
     save_ids(ids_file, ranked[1:] + ranked[:1], "tiny", target.vocab_size, "test")  # the most frequent id ranked last
     cls = {"medusa": MedusaDrafter, "hydra-decoder": HydraDecoderDrafter}.get(name, HydraDrafter)
-    drafter = cls.create(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=30, vocab_trim_from=str(ids_file))
+    drafter = cls.build(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=30, vocab_trim_from=str(ids_file))
     kept = set(drafter.kept_ids.tolist())
     assert len(kept) == 30 and ranked[0] not in kept
     assert drafter.describe()["vocab_trim"] == 30
@@ -445,4 +446,4 @@ def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, ch
         accepted += sum(s.accepted for s in result.steps)
     assert drafted <= kept and accepted > 0
     with pytest.raises(UserError, match="keeps fewer tokens than tree"):
-        cls.create(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=5, vocab_trim_from=str(ids_file))
+        cls.build(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=5, vocab_trim_from=str(ids_file))

@@ -9,9 +9,8 @@ import textwrap
 from tiny import save_tiny_model
 
 PLUGIN = '''
-import torch
-
-from specbench.drafters.base import Drafter
+from specbench.engine.options import ChainOptions
+from specbench.engine.protocol import Drafter
 from specbench.engine.tree import DraftTree
 
 
@@ -20,12 +19,10 @@ class RepeatLastDrafter(Drafter):
 
     name = "repeat-last"
     summary = "test plugin: repeats the last token k times"
-
-    def __init__(self, target, k: int = 2):
-        self.k = k
+    Options = ChainOptions
 
     def propose(self, ctx):
-        k = min(self.k, ctx.max_tokens)
+        k = min(self.options.k, ctx.max_tokens)
         return DraftTree.chain(ctx.tokens[-1:].repeat(k))
 '''
 

@@ -1,7 +1,6 @@
 """`specbench report` on stores built from known records: every printed figure checked against a hand computation."""
 
 import json
-from dataclasses import asdict
 
 import pandas as pd
 import pytest

@@ -1,16 +1,15 @@
 """Speculative sampling is lossless in distribution: chi-square goodness of fit
 of sampled outputs against the target's exact distribution."""
 
-import itertools
 
 import pytest
 import torch
 from tiny import perturbed, tiny_target
 
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.engine.acceptance import accept_speculative_sampling
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.engine.tree import DraftTree
 
 

@@ -9,8 +9,15 @@ import torch
 from test_cli import run_cli
 from tiny import char_tokenizer, perturbed, save_tiny_model, tiny_llama
 
-from specbench.drafters import base
-from specbench.drafters.base import Drafter
+from specbench.drafters import registry
+from specbench.engine.options import ChainOptions
+from specbench.engine.protocol import (
+    FINAL,
+    RANK_NONE,
+    Drafter,
+    TeacherForced,
+    true_ranks,
+)
 from specbench.engine.tree import DraftTree, TreeShape
 from specbench.errors import UserError
 from specbench.metrics import alpha_iid, per_position, tau
@@ -18,7 +25,6 @@ from specbench.records import StepMeasure
 from specbench.runner import Benchmark, RunConfig
 from specbench.simulate.dsd import dsd_reported, running_totals
 from specbench.simulate.log import read_log
-from specbench.simulate.proposals import RANK_NONE, TeacherForced, true_ranks
 from specbench.simulate.record import record
 from specbench.simulate.runner import SimulateConfig, Simulator
 from specbench.simulate.walk import Shape, walk
@@ -111,10 +117,12 @@ class HeadDrafter(Drafter):
     """k fixed linear heads on the target's last verified hidden state; head i guesses the token i+1 after the root."""
 
     name = "test-heads"
-    needs_hidden_states = True
+    Options = ChainOptions
+    taps = FINAL
 
-    def __init__(self, target, k: int = 3) -> None:
-        self.k = k
+    def __init__(self, target, options=None) -> None:
+        super().__init__(target, options)
+        self.k = self.options.k
         g = torch.Generator().manual_seed(5)
         # head 0 is close to the target's own head shifted by one step: often right, not always
         self.heads = torch.randn(8, target.vocab_size, target.hidden_size, generator=g, dtype=torch.float64)
@@ -157,9 +165,9 @@ class FakeEntryPoint:
 
 @pytest.fixture
 def head_drafters(monkeypatch):
-    installed = base.installed_drafters()
+    installed = registry.installed_drafters()
     installed.update({"test-heads": FakeEntryPoint(HeadDrafter), "test-heads-hooked": FakeEntryPoint(HookedHeadDrafter)})
-    monkeypatch.setattr(base, "installed_drafters", lambda: installed)
+    monkeypatch.setattr(registry, "installed_drafters", lambda: installed)
 
 
 def test_hidden_state_drafter_simulate_equals_online(setup, head_drafters):

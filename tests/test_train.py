@@ -10,9 +10,9 @@ from test_cli import run_cli
 from tiny import char_tokenizer, save_tiny_model, tiny_llama
 
 from specbench.cli import main
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import load_causal_lm
 from specbench.train.data import load_data
@@ -85,7 +85,7 @@ def test_train_data_writes_chat_answers_tokens_and_hidden(setup, data):
 def test_train_draft_model_loss_falls_and_checkpoint_drafts_losslessly(setup, data, capsys, monkeypatch):
     out = setup["root"] / "draft"
     args = ["train", "--drafter", "draft-model", "--target", setup["target"], "--data", data, "--out", out,
-            "--steps", 40, "--batch-tokens", 48, "--lr", 3e-3, "--warmup", 4, "--eval-every", 20, "--layers", 1, "--dtype", "float64",
+            "--steps", 40, "--batch-tokens", 48, "--lr", 3e-3, "--warmup-steps", 4, "--eval-every", 20, "--layers", 1, "--dtype", "float64",
             "--train-vocab", "seen"]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
@@ -99,7 +99,7 @@ def test_train_draft_model_loss_falls_and_checkpoint_drafts_losslessly(setup, da
     # the checkpoint is a plain model directory that draft-model loads by path
     model, tokenizer, _ = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
     target = HFTarget(model, tokenizer, name="tiny")
-    drafter = DraftModelDrafter.create(target, draft_model=str(out), k=3)
+    drafter = DraftModelDrafter.build(target, draft_model=str(out), k=3)
     assert drafter.model.config.num_hidden_layers == 1
     torch.testing.assert_close(drafter.model.get_input_embeddings().weight, model.get_input_embeddings().weight)
     for prompt in load_workload("pool-heldout")[:3]:
@@ -135,11 +135,11 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
      ("hydra", ["--tie-lm-head", "--hydra-layers", 1]), ("hydra-decoder", ["--tie-lm-head", "--decoder-layers", 1])],
 )
 def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, data, kind, extra, tmp_path, capsys, monkeypatch):
-    from specbench.drafters.base import build_drafter
+    from specbench.drafters.registry import build_drafter
 
     out = tmp_path / kind
     args = ["train", "--drafter", kind, "--target", setup["target"], "--data", data, "--out", out, "--steps", 20,
-            "--batch-tokens", 48, "--lr", 1e-2, "--warmup", 3, "--eval-every", 10, "--heads", 3, "--dtype", "float64", *extra]
+            "--batch-tokens", 48, "--lr", 1e-2, "--warmup-steps", 3, "--eval-every", 10, "--num-heads", 3, "--dtype", "float64", *extra]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     log = json.loads((out / "specbench_train.json").read_text())
@@ -169,6 +169,23 @@ def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, 
     for prompt in load_workload("pool-heldout")[:2]:
         ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
         assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
+
+
+def test_old_train_spellings_work_for_one_release_with_a_line_each(setup, data, tmp_path, capsys, monkeypatch):
+    """`train --heads N` (now --num-heads; `run --heads` is a checkpoint) and `--warmup N` (now --warmup-steps;
+    `run --warmup` is a switch) still work, each with one deprecation line."""
+    out = tmp_path / "medusa"
+    args = ["train", "--drafter", "medusa", "--target", setup["target"], "--data", data, "--out", out, "--steps", 2,
+            "--batch-tokens", 32, "--eval-every", 2, "--heads", 2, "--warmup", 1, "--dtype", "float64"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "deprecated" in line] == [
+        "warning: train --heads is deprecated and goes in the next release: use --num-heads",
+        "warning: train --warmup is deprecated and goes in the next release: use --warmup-steps",
+    ]
+    log = json.loads((out / "specbench_train.json").read_text())
+    assert log["config"]["warmup_steps"] == 1 and log["config"]["options"]["num_heads"] == 2
+    assert "1.0.linear.weight" in torch.load(out / "medusa_lm_head.pt", weights_only=True)
 
 
 def test_bundled_draft_stores_only_trained_weights_and_rebuilds_from_the_target(setup, data, tmp_path, monkeypatch):
@@ -202,13 +219,13 @@ def test_int8_bundled_heads_load_in_the_published_layout_and_stay_lossless(setup
     speculative decoding with them still equals plain decoding."""
     from safetensors import safe_open
 
-    from specbench.drafters.base import build_drafter
-    from specbench.drafters.checkpoints import read_tensors
+    from specbench.drafters.files import read_tensors
+    from specbench.drafters.registry import build_drafter
     from specbench.errors import UserError
     from specbench.train.bundle import bundle_heads
 
     trained_dir = tmp_path / "hydra"
-    code = main_quiet(["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", trained_dir, "--heads", 3,
+    code = main_quiet(["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", trained_dir, "--num-heads", 3,
                        "--hydra-layers", 1, "--tie-lm-head", "--steps", 4, "--batch-tokens", 48, "--lr", 1e-2, "--eval-every", 4], monkeypatch)
     assert code == 0
     out = bundle_heads(trained_dir, "tiny-hydra", dest=tmp_path / "bundled", int8=True)
@@ -248,7 +265,8 @@ def main_quiet(args, monkeypatch):
 
 def test_bundled_drafters_are_registered_and_small():
     from specbench.drafters.draft_model import default_draft_model
-    from specbench.targets.loading import bundled_dir, catalogue
+    from specbench.bundled import bundled_dir
+    from specbench.catalogue import catalogue
 
     assert default_draft_model("smollm2-135m") == "smollm2-135m-draft"
     assert catalogue("heads")["medusa"]["smollm2-135m"]["heads"] == "bundled:smollm2-135m-medusa"
@@ -257,7 +275,7 @@ def test_bundled_drafters_are_registered_and_small():
     assert total <= 20 * 10**6  # the issue's budget for everything bundled
     state = torch.load(bundled_dir("smollm2-135m-medusa") / "medusa_lm_head.pt", weights_only=True)
     assert sorted(state) == sorted(f"{h}.0.linear.{w}" for h in range(4) for w in ("weight", "bias"))  # tied: no LM heads
-    from specbench.drafters.checkpoints import read_tensors
+    from specbench.drafters.files import read_tensors
 
     hydra = read_tensors(bundled_dir("smollm2-135m-hydra") / "hydra_lm_head.safetensors")  # int8 storage, rebuilt in bf16
     assert all(v.dtype == torch.bfloat16 for v in hydra.values())

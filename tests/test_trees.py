@@ -79,9 +79,10 @@ def test_catalogue_names_the_published_heads(drafter, heads, size):
     """`--drafter medusa|hydra --target vicuna-13b` (or its hub id) resolves to the published repository and tree."""
     from types import SimpleNamespace
 
-    from specbench.drafters.medusa import HeadDrafter
+    from specbench.drafters.registry import drafter_class
 
+    cls = drafter_class(drafter)
     for name in (f"vicuna-{size}", f"lmsys/vicuna-{size}-v1.3"):
         target = SimpleNamespace(name=name, model_id=f"lmsys/vicuna-{size}-v1.3")
-        spec, shape, _ = HeadDrafter.settings(drafter, target, None, None)
-        assert spec == heads.format(size) and shape.name == "mc_sim_7b_63"
+        settings = cls.settings(target, cls.Options())
+        assert settings.heads == heads.format(size) and settings.tree.name == "mc_sim_7b_63"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from tiny import perturbed, prompts, tiny_target
 
-from specbench.drafters.base import PlainDecoding
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, ranked_ids, save_ids
 from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
 from specbench.errors import UserError
 from specbench.targets.hf import forward_bytes
 
@@ -55,7 +55,7 @@ def test_trimmed_sampling_gives_zero_probability_outside_the_set(target):
     kept = list(range(10, 40))
     drafter = trimmed_drafter(target, kept, k=3)
     drafter.begin(None, None)
-    from specbench.drafters.base import DraftContext
+    from specbench.engine.protocol import DraftContext
 
     ctx = DraftContext(prompts(1)[0], 5, 10, 1.0, torch.Generator().manual_seed(0))
     tree = drafter.propose(ctx)

@@ -1,13 +1,18 @@
 """Workloads: every published file format, detection, selection (categories, limit, shard), and one line for a missing dataset."""
 
 import json
-import sys
 
 import pytest
 from test_cli import run_cli
 
 from specbench.errors import UserError
-from specbench.workloads import encode_turn, open_workload, parse_shard, registry, select
+from specbench.workloads import (
+    encode_turn,
+    open_workload,
+    parse_shard,
+    registry,
+    select,
+)
 
 
 def write_jsonl(path, rows):

@@ -8,13 +8,23 @@ never linger.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
-from specbench.drafters.base import DraftContext, Drafter
 from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
+from specbench.engine.compat import cache_kwargs
+from specbench.engine.options import ChainOptions, VocabTrimOptions, option
+from specbench.engine.protocol import (
+    DraftContext,
+    Drafter,
+    TeacherForced,
+    autoregressive_ranks,
+    true_ranks,
+)
 from specbench.engine.static_cache import StaticDecoder, StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
@@ -49,13 +59,18 @@ def default_draft_model(target_name: str) -> str | None:
     return None
 
 
+@dataclass
+class DraftModelOptions(ChainOptions, VocabTrimOptions):
+    draft_model: str | None = option(None, "the draft: alias (catalogue/draft_models.toml), hub id or local directory; default from the catalogue")
+
+
 class DraftModelDrafter(Drafter):
     name = "draft-model"
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
+    Options = DraftModelOptions
 
     def __init__(self, target, model, k: int = 4, tokenizer=None, model_name: str = "", trim: TrimmedHead | None = None, trim_info: dict | None = None) -> None:
-        if k < 1:
-            raise UserError(f"--k must be at least 1 (got {k})")
+        super().__init__(target, DraftModelOptions(k=k))
         self.k = k
         self.model = model
         self.model_name = model_name or type(model).__name__
@@ -66,7 +81,7 @@ class DraftModelDrafter(Drafter):
         self.trim_info = trim_info or {}
         self.device = next(model.parameters()).device
         self.fast: StaticDecoder | None = None  # the target's engine: fast = a static cache (CUDA graphs on CUDA)
-        if getattr(target, "engine", "eager") == "fast":
+        if target.engine == "fast":
             check_full_attention(model, self.model_name)
             dtype = next(model.parameters()).dtype
             self.fast = StaticDecoder(self.backbone, self.device, dtype, graphs=self.device.type == "cuda")
@@ -74,22 +89,22 @@ class DraftModelDrafter(Drafter):
         self.cached: list[int] = []  # the tokens whose KV is in self.cache
 
     @classmethod
-    def create(
-        cls, target, draft_model: str | None = None, k: int = 4, vocab_trim: int | None = None, vocab_trim_from: str | None = None
-    ) -> DraftModelDrafter:
-        draft_model = draft_model or default_draft_model(target.name)
+    def create(cls, target, options: DraftModelOptions) -> DraftModelDrafter:
+        draft_model = options.draft_model or default_draft_model(target.name)
         if not draft_model:
             raise UserError("drafter 'draft-model' needs --draft-model ID|ALIAS|PATH (e.g. --draft-model sheared-796m)")
-        if vocab_trim and not vocab_trim_from:
-            raise UserError("--vocab-trim needs --vocab-trim-from RUN_DIR|LOG.jsonl|WORKLOAD|IDS.json to count tokens in")
         from specbench.targets.loading import load_causal_lm
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
         trim, trim_info = None, None
-        if vocab_trim_from:
-            kept, trim_info = keep_ids(vocab_trim, vocab_trim_from, target.tokenizer, target.vocab_size)
+        if options.vocab_trim_from:
+            kept, trim_info = keep_ids(options.vocab_trim, options.vocab_trim_from, target.tokenizer, target.vocab_size)
             trim = TrimmedHead(model.get_output_embeddings(), kept)
-        return cls(target, model, k=k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
+        return cls(target, model, k=options.k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.k
 
     def memory_model(self) -> tuple[int, int]:
         return forward_bytes(self.model, self.trim), self.k  # k sequential forwards per step
@@ -114,7 +129,7 @@ class DraftModelDrafter(Drafter):
             self.cache.length += len(new_tokens)
         else:
             positions = torch.arange(len(self.cached), len(self.cached) + len(new_tokens), device=self.device)
-            out = self.backbone(input_ids=ids, position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+            out = self.backbone(input_ids=ids, position_ids=positions[None], use_cache=True, **cache_kwargs(self.backbone, self.cache))
             last = out.last_hidden_state[0, -1]
         self.cached.extend(new_tokens)
         return self.head(last).float()
@@ -150,8 +165,6 @@ class DraftModelDrafter(Drafter):
     def teacher_forced(self, prompt, output, depth, hidden=None):
         """One forward of the draft model over prompt + output: the rank of each true
         next token under the draft's (possibly trimmed) head, shifted per draft position."""
-        from specbench.simulate.proposals import TeacherForced, autoregressive_ranks, true_ranks
-
         sequence = torch.cat([prompt.reshape(-1), output.reshape(-1)]).to(self.device)
         positions = torch.arange(sequence.numel() - 1, device=self.device)
         out = self.backbone(input_ids=sequence[None, :-1], position_ids=positions[None], use_cache=False)

@@ -8,23 +8,40 @@ is a plain decoding step).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from specbench.drafters.base import DraftContext, Drafter
+from specbench.engine.options import ChainOptions, option
+from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, TeacherForced
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
+
+
+@dataclass
+class PromptLookupOptions(ChainOptions):
+    k: int = option(5, "tokens drafted per step (at most)", min=1)
+    max_ngram: int = option(3, "longest n-gram matched", min=1)
+    min_ngram: int = option(2, "shortest n-gram matched", min=1)
+
+    def check(self, drafter: str) -> None:
+        super().check(drafter)
+        if self.min_ngram > self.max_ngram:
+            raise UserError(f"need min_ngram <= max_ngram (got {self.min_ngram}, {self.max_ngram}): e.g. --min-ngram 2 --max-ngram 3")
 
 
 class PromptLookupDrafter(Drafter):
     name = "prompt-lookup"
     summary = "training-free n-gram lookup in the prompt and output so far; a chain of up to k tokens"
+    Options = PromptLookupOptions
 
-    def __init__(self, target, k: int = 5, max_ngram: int = 3, min_ngram: int = 2) -> None:
-        if k < 1:
-            raise UserError(f"--k must be at least 1 (got {k})")
-        if not 1 <= min_ngram <= max_ngram:
-            raise UserError(f"need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
-        self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
+    def __init__(self, target, options: PromptLookupOptions | None = None) -> None:
+        super().__init__(target, options)
+        self.k, self.max_ngram, self.min_ngram = self.options.k, self.options.max_ngram, self.options.min_ngram
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.k
 
     def lookup(self, sequence: torch.Tensor, k: int) -> torch.Tensor:
         """Up to k tokens that followed the most recent earlier occurrence of the longest
@@ -46,8 +63,6 @@ class PromptLookupDrafter(Drafter):
     def teacher_forced(self, prompt, output, depth, hidden=None):
         """The lookup at every step's context (the true prefix): proposals are a
         function of the context alone, so ranks are 0 (proposed and right) or none."""
-        from specbench.simulate.proposals import RANK_NONE, TeacherForced
-
         prompt, output = prompt.reshape(-1).cpu(), output.reshape(-1).cpu()
         sequence = torch.cat([prompt, output])
         n_out, p = output.numel(), prompt.numel()

@@ -85,6 +85,22 @@ def ranked_ids(counts: Counter, vocab_size: int) -> list[int]:
     return seen + [i for i in range(vocab_size) if i not in seen_set]
 
 
+def build_id_list(source: str, out: Path, target: str, top: int | None = None) -> tuple[list[int], str, int]:
+    """`specbench vocab-trim build`: count token frequencies in `source` once and save the ranked
+    ids (the top `top`, default all) for `--vocab-trim-from`. (ids, what was counted, distinct tokens seen)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specbench.targets.loading import model_location
+
+    location = model_location(target)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    vocab_size = AutoConfig.from_pretrained(location).vocab_size
+    counts, counted = token_counts(source, tokenizer)
+    ids = ranked_ids(counts, vocab_size)[:top]
+    save_ids(out, ids, target, vocab_size, counted)
+    return ids, counted, len(counts)
+
+
 def save_ids(path: Path, ids: list[int], target: str, vocab_size: int, source: str) -> None:
     path.write_text(json.dumps({"format": FORMAT, "target": target, "vocab_size": vocab_size, "source": source, "ids": ids}) + "\n")
 

@@ -37,3 +37,4 @@ def compact(cache, base: int, keep: list[int]) -> None:
             layer.keys[..., base : base + len(keep), :] = layer.keys.index_select(-2, index)
             layer.values[..., base : base + len(keep), :] = layer.values.index_select(-2, index)
     truncate(cache, base + len(keep))
+

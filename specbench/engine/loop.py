@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specbench.drafters.base import DraftContext, Drafter, VerifyOutcome
 from specbench.engine.acceptance import accept
+from specbench.engine.protocol import DraftContext, Drafter, Target, VerifyOutcome
 from specbench.engine.tree import DraftTree
 from specbench.records import StepMeasure
 
@@ -40,7 +40,7 @@ class Decoded:
 
 @torch.inference_mode()  # caches are inference tensors; compaction writes into them
 def decode(
-    target,
+    target: Target,
     drafter: Drafter,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
@@ -50,9 +50,10 @@ def decode(
     clock = Clock(target.device)
     start = clock.now()
     prompt_ids = prompt_ids.reshape(-1).to(target.device)
-    want_hidden, hidden_layer = drafter.needs_hidden_states, drafter.hidden_state_layer
-    typical = drafter.typical_acceptance
-    logits, hidden = target.prefill(prompt_ids, want_hidden, hidden_layer)
+    taps, typical = drafter.taps, drafter.typical_acceptance
+    # the furthest this sequence can reach: a static cache is sized for it before any step
+    max_positions = prompt_ids.numel() + max_new_tokens + drafter.max_draft_tokens + 1
+    logits, hidden = target.prefill(prompt_ids, taps, max_positions)
     first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, typical).bonus
     output = [first]
     ttft_ms = clock.now() - start
@@ -65,7 +66,7 @@ def decode(
         context = DraftContext(sequence, prompt_ids.numel(), max_new_tokens - len(output), temperature, generator)
         tree = drafter.propose(context)
         t1 = clock.now()
-        logits, hidden = target.verify(output[-1], tree, want_hidden, hidden_layer)
+        logits, hidden = target.verify(output[-1], tree, taps)
         t2 = clock.now()
         result = accept(tree, logits, temperature, generator, typical)
         target.commit(result.accepted_nodes)

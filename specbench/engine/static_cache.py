@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from specbench.engine.compat import cache_kwargs
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -223,7 +224,7 @@ class StaticDecoder:
             hook = self.backbone.layers[tap].register_forward_pre_hook(lambda module, args: tapped.append(args[0]))
         try:
             out = self.backbone(
-                input_ids=ids[None], position_ids=positions[None], attention_mask=mask, past_key_values=self.cache, use_cache=True
+                input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True, **cache_kwargs(self.backbone, self.cache)
             )
         finally:
             if hook is not None:

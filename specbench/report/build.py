@@ -57,3 +57,33 @@ def export(frame: pd.DataFrame, csv: Path | None, parquet: Path | None) -> list[
             raise UserError("--parquet needs pyarrow: `pip install pyarrow`") from None
         written.append(parquet)
     return written
+
+
+def write_outputs(report: Report, plot: Path | None, html: Path | None) -> list[str]:
+    """Plots into `plot` and/or one HTML page; a line per thing written."""
+    if not (plot or html):
+        return []
+    import tempfile
+
+    from specbench.report.plots import write_plots
+
+    lines = []
+    plots = write_plots(report.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")))
+    if plot:
+        lines.append(f"wrote {len(plots)} plots to {plot}")
+    if html:
+        from specbench.report.html import write_html
+
+        lines.append(f"wrote {write_html(report, plots, html)}")
+    return lines
+
+
+def run_summary(directory: Path):
+    """(RunInfo, Summary, warnings) of one run directory: what `run` prints when it finishes."""
+    from specbench.metrics import memory_model, summarise
+    from specbench.store import RunStore
+
+    store = RunStore.open(directory)
+    warnings: list[str] = []
+    steps, turns = store.load(warnings)
+    return store.info, summarise(steps, turns, memory_model(store.info.extra)), warnings

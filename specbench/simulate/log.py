@@ -48,6 +48,7 @@ class LogHeader:
     topk: int | None = None
     hidden_file: str | None = None
     hidden_size: int | None = None
+    num_layers: int | None = None  # the target's decoder layers (drafters that tap layers need it)
     target_forward_bytes: int | None = None
     created: str = ""
     environment: dict[str, Any] = field(default_factory=dict)

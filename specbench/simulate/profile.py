@@ -8,14 +8,16 @@ the cache rolled back, so every n sees the same context. Each n is measured
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 import torch
 
-from specbench.engine import kv
 from specbench.engine.loop import Clock
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
+from specbench.progress import SILENT, Progress
 from specbench.simulate.log import VerifyProfile
 
 
@@ -36,12 +38,33 @@ def measure_profile(
     for n in range(1, max_tokens + 1):
         tree = DraftTree.chain(filler[: n - 1].to(target.device))
         target.verify(root, tree)  # warm-up for this shape
-        kv.truncate(target.cache, target.seq_len)
+        target.rollback()
         times = []
         for _ in range(repeats):
             t0 = clock.now()
             target.verify(root, tree)
             times.append(clock.now() - t0)
-            kv.truncate(target.cache, target.seq_len)
+            target.rollback()
         ms.append(statistics.median(times))
     return VerifyProfile(context_tokens=context_tokens, ms=ms, device_name=device_name, repeats=repeats)
+
+
+def profile_target(target_name: str, out: Path, workload: str = "builtin", context_tokens: int = 256, max_tokens: int = 128,
+                   repeats: int = 3, device: str = "auto", dtype: str = "auto", progress: Progress = SILENT) -> VerifyProfile:
+    """`specbench profile`: load the target and measure its profile over the workload's first prompt
+    repeated to `context_tokens`; written to `out` as JSON."""
+    from specbench.environment import environment
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.workloads import encode_turn, load_workload
+
+    dev = resolve_device(device)
+    with progress.status(f"loading {target_name}"):
+        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    if target.tokenizer is None:
+        raise UserError(f"target '{target_name}' has no tokenizer to encode the context prompt")
+    context = encode_turn(target.tokenizer, load_workload(workload)[0], 0, [])
+    with progress.status("measuring"):
+        result = measure_profile(target, context, context_tokens, max_tokens, repeats, environment(dev)["device_name"])
+    Path(out).write_text(json.dumps(result.to_json()) + "\n")
+    return result

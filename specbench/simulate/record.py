@@ -15,17 +15,25 @@ from pathlib import Path
 
 import torch
 
-from specbench.drafters.base import PlainDecoding
 from specbench.engine.loop import decode
+from specbench.engine.protocol import FINAL, PlainDecoding
 from specbench.errors import UserError
-from specbench.simulate.log import LogHeader, LogTurn, VerifyProfile, hidden_file_for, write_log
+from specbench.progress import SILENT, Progress
+from specbench.simulate.log import (
+    LogHeader,
+    LogTurn,
+    TargetLog,
+    VerifyProfile,
+    hidden_file_for,
+    write_log,
+)
 from specbench.workloads import Prompt, encode_turn, workload_hash
 
 
 class Recorder(PlainDecoding):
     """Plain decoding that keeps the target's final hidden states of every position it verifies."""
 
-    needs_hidden_states = True
+    taps = FINAL
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.rows = [prompt_hidden]
@@ -98,6 +106,7 @@ def record(
         workload_hash=workload_hash(prompts),
         topk=topk,
         hidden_size=target.hidden_size if hidden else None,
+        num_layers=target.num_layers,
         target_forward_bytes=target.forward_bytes(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         environment=environment or {},
@@ -110,3 +119,44 @@ def record(
         header.hidden_file = side.name
     write_log(out, header, turns, profile)
     return out
+
+
+def record_workload(
+    target_name: str,
+    workload: str,
+    out: Path,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    topk: int | None = None,
+    hidden: bool = False,
+    profile: bool = True,
+    profile_max_tokens: int = 128,
+    profile_repeats: int = 3,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress = SILENT,
+) -> TargetLog:
+    """`specbench record`: load the target, record its greedy outputs on the workload and, with
+    `profile`, its verify-latency profile over a typical context, into one log."""
+    from specbench.environment import environment
+    from specbench.simulate.log import read_log
+    from specbench.simulate.profile import measure_profile
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.workloads import load_workload
+
+    prompts = load_workload(workload)[:limit] if limit else load_workload(workload)
+    dev = resolve_device(device)
+    with progress.status(f"loading {target_name}"):
+        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    env = environment(dev)
+    advance = progress.task(f"recording {target_name}", sum(len(p.turns) for p in prompts))
+    record(target, prompts, workload, max_new_tokens, out, topk, hidden, None, env, advance)
+    log = read_log(out)
+    if profile:
+        lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in log.turns]
+        with progress.status("measuring the verify-latency profile"):
+            log.profile = measure_profile(target, log.turns[0].prompt_ids, sum(lengths) // len(lengths), profile_max_tokens,
+                                          profile_repeats, env["device_name"])
+        write_log(out, log.header, log.turns, log.profile)
+    return log

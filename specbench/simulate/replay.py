@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from specbench.drafters.base import DraftContext, VerifyOutcome
 from specbench.engine.acceptance import accept_predicted
 from specbench.engine.loop import Clock
+from specbench.engine.protocol import DraftContext, VerifyOutcome
 from specbench.records import StepMeasure
 
 

@@ -23,10 +23,19 @@ from typing import Any
 
 import torch
 
-from specbench.drafters.base import check_options, drafter_options
+from specbench.drafters.registry import drafter_class
+from specbench.engine.protocol import FINAL
 from specbench.errors import UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
-from specbench.records import BASELINE, SPEC, RunInfo, StepMeasure, StepRecord, TurnRecord
+from specbench.progress import SILENT, Progress
+from specbench.records import (
+    BASELINE,
+    SPEC,
+    RunInfo,
+    StepMeasure,
+    StepRecord,
+    TurnRecord,
+)
 from specbench.simulate.log import LogTurn, TargetLog
 from specbench.simulate.predict import LatencyModel, timed
 from specbench.simulate.replay import replay
@@ -36,14 +45,17 @@ from specbench.store import RunStore
 TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
 
 
-class NotInLog(UserError, AttributeError):
+class NotInLog(UserError):
     """A drafter asked the stand-in target for something only the real target has."""
 
 
 class LoggedTarget:
-    """What a drafter may ask of the target when only its log is at hand."""
+    """The `Target` contract as far as a log can honour it: the logged target's identity,
+    vocabulary, tokenizer, EOS ids and weight bytes. It runs no forward and holds no
+    weights: asking for them is one line naming --target, which loads the real one."""
 
     backend = "log"
+    engine = "log"
 
     def __init__(self, log: TargetLog, device: torch.device, dtype: torch.dtype) -> None:
         from specbench.targets.loading import load_tokenizer
@@ -51,18 +63,47 @@ class LoggedTarget:
         h = log.header
         self.name, self.model_id = h.target, h.target_id
         self.vocab_size, self.hidden_size = h.vocab_size, h.hidden_size
+        self.num_layers = h.num_layers
         self.eos_token_ids = set(h.eos_token_ids)
         self.device, self.dtype = device, dtype
         self.tokenizer = load_tokenizer(h.target, h.tokenizer)
         self._bytes = h.target_forward_bytes
 
+    def _missing(self, what: str) -> NotInLog:
+        return NotInLog(f"the drafter needs the target's {what}, which a log does not hold; pass --target so simulate can load it")
+
     def forward_bytes(self) -> int | None:
         return self._bytes
 
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise NotInLog(f"the drafter needs the target's '{name}', which a log does not hold; pass --target so simulate can load it")
+    def context_window(self) -> int | None:
+        return None
+
+    def warm_up(self, max_rows: int) -> float:
+        return 0.0
+
+    def prefill(self, prompt, taps=(), max_positions=None):
+        raise self._missing("forward pass")
+
+    def verify(self, root, tree, taps=()):
+        raise self._missing("forward pass")
+
+    def commit(self, accepted_nodes) -> None:
+        raise self._missing("KV cache")
+
+    @property
+    def config(self):
+        raise self._missing("config")
+
+    @property
+    def lm_head(self):
+        raise self._missing("LM head")
+
+    @property
+    def input_embeddings(self):
+        raise self._missing("input embeddings")
+
+    def decoder_layer_state(self, last: int):
+        raise self._missing("decoder layers")
 
 
 @dataclass
@@ -109,18 +150,20 @@ class Simulator:
             raise UserError(f"--method must be auto, teacher-forced or replay (got {config.method})")
         self.turns = log.turns[: config.limit] if config.limit else log.turns
         options = dict(config.drafter_options)
-        cls = check_options(config.drafter, options)
-        if "k" in drafter_options(cls) and "k" not in options:
+        cls = drafter_class(config.drafter)
+        specs = cls.Options.specs()
+        if "k" in specs and "k" not in options:
             options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
-        if "tree" in drafter_options(cls) and "tree" not in options:  # head drafters: any shape as deep as the deepest
+        if cls.drafts == "tree" and "tree" in specs and "tree" not in options:  # any shape as deep as the deepest
             options["tree"] = max(config.shapes, key=lambda s: s.depth).spec
         self.options = options
+        self.cls = cls
+        parsed = cls.Options.parse(config.drafter, options)  # checked before any weights load
         if target is None:
             dtype = DTYPES.get(log.header.dtype, torch.float32)
             target = LoggedTarget(log, resolve_device(device), dtype)
         self.target = target
-        self.drafter = cls.create(target, **options)
-        self.cls = cls
+        self.drafter = cls.create(target, parsed)
         self.method = TEACHER_FORCED if cls.has_teacher_forced() and config.method != "replay" else STEP_REPLAY
         if config.method == TEACHER_FORCED and self.method != TEACHER_FORCED:
             raise UserError(f"drafter '{config.drafter}' has no teacher-forced hook; use --method replay (or auto)")
@@ -137,19 +180,19 @@ class Simulator:
     def hidden_for(self, turn: LogTurn) -> torch.Tensor:
         """The target's final hidden states over prompt + output[:-1] (log side file, else one target forward)."""
         n = len(turn.prompt_ids) + len(turn.output_ids[: self.max_new]) - 1
-        layer = getattr(self.drafter, "hidden_state_layer", None)  # None: final normed, what the side file holds
-        if self.log.header.hidden_file and layer is None:
+        taps = self.drafter.taps
+        if self.log.header.hidden_file and taps == FINAL:  # final normed states: what the side file holds
             self.hidden_source = f"log side file {self.log.header.hidden_file}"
             return self.log.hidden(turn)[:n].to(self.drafter_device())
         if isinstance(self.target, LoggedTarget):
-            where = "record the log with --hidden, or " if layer is None else f"the log holds final hidden states, not layer {layer}'s: "
+            where = "record the log with --hidden, or " if taps == FINAL else f"the log holds final hidden states, not the taps {list(taps)}: "
             raise UserError(
                 f"drafter '{self.config.drafter}' needs the target's hidden states: {where}pass --target so simulate "
                 "runs one teacher-forced target forward per sequence"
             )
-        self.hidden_source = "teacher-forced target forward" + (f" (input of layer {layer})" if layer is not None else "")
+        self.hidden_source = "teacher-forced target forward" + (f" (taps {list(taps)})" if taps != FINAL else "")
         sequence = torch.tensor(turn.prompt_ids + turn.output_ids[: self.max_new])
-        _, hidden = self.target.prefill(sequence[:-1], want_hidden=True, hidden_layer=layer)
+        _, hidden = self.target.prefill(sequence[:-1], taps)
         return hidden
 
     def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:
@@ -175,7 +218,7 @@ class Simulator:
                     per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
             scoring_s = time.perf_counter() - t0
         else:
-            if any(s.tree is not None for s in shapes) and "tree" not in drafter_options(self.cls):
+            if any(s.tree is not None for s in shapes) and self.cls.drafts != "tree":
                 raise UserError(f"step replay cannot impose a tree on drafter '{self.config.drafter}'; score trees with a drafter that has the teacher-forced hook")
             t0 = time.perf_counter()
             per_shape = {s: [self._replay(turn, s.k, drafter=self.drafter_for(s)) for turn in self.turns] for s in shapes}
@@ -188,7 +231,7 @@ class Simulator:
                 ms = _mean_draft(per_shape[shape])
                 results.append(ShapeResult(shape, per_shape[shape], ms, "timed over the whole step replay"))
                 continue
-            if "tree" in drafter_options(self.cls):  # the drafter drafts this very shape
+            if self.cls.drafts == "tree":  # the drafter drafts this very shape
                 ms, source = self.time_drafts(shape.k, self.drafter_for(shape)), f"timed over {self.config.latency_steps} replayed steps"
             else:
                 k = shape.depth
@@ -203,16 +246,17 @@ class Simulator:
     def drafter_for(self, shape: Shape):
         """The drafter proposing `shape` online: drafters with a `tree` option (head drafters)
         are built with it; chain drafters are capped per step through ctx.max_tokens."""
-        if "tree" not in drafter_options(self.cls):
+        if self.cls.drafts != "tree":
             return self.drafter
         if shape.spec not in self._by_shape:
-            self._by_shape[shape.spec] = self.cls.create(self.target, **{**self.options, "tree": shape.spec})
+            options = self.cls.Options.parse(self.config.drafter, {**self.options, "tree": shape.spec})
+            self._by_shape[shape.spec] = self.cls.create(self.target, options)
         return self._by_shape[shape.spec]
 
     def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None, drafter=None) -> list[StepMeasure]:
         drafter = drafter or self.drafter
         prompt, output = self._ids(turn)
-        hidden = self.hidden_for(turn) if drafter.needs_hidden_states else None
+        hidden = self.hidden_for(turn) if drafter.taps else None
         return replay(drafter, prompt, output, self.max_new, cap, hidden, max_steps)
 
     def time_drafts(self, k: int | None, drafter) -> float:
@@ -248,7 +292,7 @@ class ShapeReport:
 def write_runs(
     sim: Simulation, simulator: Simulator, model: LatencyModel, out: Path, command: str
 ) -> list[ShapeReport]:
-    from specbench.runner import environment
+    from specbench.environment import environment
 
     log, config = simulator.log, simulator.config
     draft_bytes, passes = simulator.drafter.memory_model()
@@ -320,6 +364,74 @@ def write_runs(
     return reports
 
 
-def is_simulated(info: RunInfo) -> bool:
-    return bool(info.extra.get("simulated"))
 
+
+def open_log(log: Path, prompts: Path | None = None, target: str | None = None) -> TargetLog:
+    """A specbench target log, or with `prompts` a Decoding-Speculative-Decoding log
+    (tensor dumps matched by order to a prompts JSONL, tokenised by `target`'s tokenizer)."""
+    from specbench.simulate.log import read_log
+
+    if prompts is None:
+        return read_log(log)
+    from specbench.simulate.dsd import read_dsd
+    from specbench.targets.loading import load_tokenizer
+
+    if not target:
+        raise UserError("a DSD log has text prompts: pass --target NAME (its tokenizer tokenises them)")
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
+
+
+def shapes_from(ks: list[int], trees: list[str]) -> list[Shape]:
+    """The shapes `--k` and `--tree` name, each once, chains first."""
+    shapes = [Shape.chain(k) for k in dict.fromkeys(ks)]
+    shapes += [Shape.from_spec(spec) for spec in dict.fromkeys(trees)]
+    if not shapes:
+        raise UserError("give at least one --k or --tree to score (e.g. --k 1,2,3,4)")
+    return shapes
+
+
+@dataclass
+class SimulateResult:
+    log: TargetLog
+    simulation: Simulation
+    reports: list[ShapeReport]
+    latency: LatencyModel
+
+
+def simulate_log(
+    log: TargetLog,
+    config: SimulateConfig,
+    out: Path,
+    profile: Path | None = None,
+    bandwidth: float | None = None,
+    target: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress = SILENT,
+    command: str = "",
+) -> SimulateResult:
+    """`specbench simulate`: score the drafter on the log for every shape in one pass, predict
+    throughput from the latency model, and write one run directory per shape under `out`."""
+    from specbench.simulate.log import read_profile
+
+    if any(name in config.drafter_options for name in ("k", "tree")):
+        raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
+    latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)
+    real_target = None
+    if target:
+        from specbench.targets.hf import HFTarget
+        from specbench.targets.loading import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        with progress.status(f"loading {target}"):
+            real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+    with progress.status(f"loading {config.drafter}"):
+        simulator = Simulator(log, config, real_target, device)
+    with progress.status(f"scoring {len(config.shapes)} shape(s) over {len(simulator.turns)} logged turns"):
+        simulation = simulator.score()
+    reports = write_runs(simulation, simulator, latency, out, command)
+    return SimulateResult(log, simulation, reports, latency)

@@ -14,12 +14,12 @@ is exactly how the loop counts a step that accepts an EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-
+from specbench.engine.protocol import TeacherForced
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
 from specbench.records import StepMeasure
-from specbench.simulate.proposals import TeacherForced
 
 
 @dataclass(frozen=True, eq=False)

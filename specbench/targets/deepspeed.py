@@ -1,18 +1,16 @@
-"""The `deepspeed` target backend: the hf target, split over N processes with
-DeepSpeed inference tensor parallelism (AutoTP).
+"""The `deepspeed` target backend: the model split over N processes with DeepSpeed
+inference tensor parallelism (AutoTP), then run by the same target classes as the
+hf backend, on either engine (`--engine eager|fast`).
 
 Each rank holds 1/N of every attention and MLP projection; DeepSpeed adds the
 all-reduces. Kernel injection (`replace_with_kernel_inject=True`) is not used:
 its fused attention builds its own causal mask and KV cache, which would
 bypass the 4-D tree mask and the in-place KV compaction the decode loop relies
 on. AutoTP keeps the transformers modules (only their linear layers are
-sharded), so `HFTarget`'s tree verification and `commit` work unchanged.
-
-Rank 0 (the leader) runs the whole benchmark: drafting, acceptance, records,
-output. The other ranks (followers) only serve the leader's target calls: the
-leader broadcasts each prefill prompt, each verify step's root, tree tokens
-and parents, and each commit's accepted nodes, and every rank then runs the
-same forward (whose all-reduces need all of them).
+sharded), so tree verification, `commit`, the static KV cache and (on CUDA)
+graph capture work unchanged; with N > 1 a captured graph holds the step's
+NCCL all-reduces. Which rank leads and how the others follow:
+targets/parallel.py.
 """
 
 from __future__ import annotations
@@ -27,14 +25,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
-from specbench.targets.hf import HFTarget, forward_bytes
+from specbench.targets.hf import forward_bytes
 
 INSTALL = "DS_BUILD_OPS=0 pip install --no-build-isolation 'deepspeed>=0.19'"
 
-# what the leader broadcasts before each target call
-PREFILL, VERIFY, COMMIT, STOP = range(4)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what init_inference accepts (no float64)
 
 
@@ -133,115 +128,34 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
-class DeepSpeedTarget(HFTarget):
-    backend = "deepspeed"
+def load(name: str, device: torch.device, dtype: torch.dtype, tp: int, engine: str):
+    """This rank's target: the model sharded by AutoTP over `tp` ranks, on `engine` (the same
+    target classes as the hf backend). Under the launcher each rank calls this; one rank
+    (`--tp 1`) forms its own one-process group."""
+    from specbench.targets.fast import target_class
+    from specbench.targets.loading import load_causal_lm
 
-    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", tp: int = 1, total_bytes: int = 0) -> None:
-        super().__init__(model, tokenizer, name=name, model_id=model_id)
-        text = self.config.get_text_config()
-        # AutoTP shards the LM head along its input (hidden) dimension; rows are still the vocabulary
-        self.hidden_size = text.hidden_size
-        self.tp = tp
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.leads = self.rank == 0
-        self.total_bytes = total_bytes
-        self._stopped = False
-
-    @classmethod
-    def load(cls, name: str, device: torch.device, dtype: torch.dtype, tp: int = 1) -> DeepSpeedTarget:
-        from specbench.targets.loading import load_causal_lm
-
-        deepspeed = _import_deepspeed(device)
-        if needs_launcher(tp):
-            raise UserError(f"--tp {tp} runs under the `deepspeed` launcher: use `specbench run --backend deepspeed --tp {tp}`")
-        if not under_launcher():  # one rank: the environment the launcher would give it
-            rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
-            os.environ.update(rank | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        world = dist.get_world_size()
-        if world != tp:
-            raise UserError(f"--tp {tp} but the launcher started {world} process(es); launch with --num_gpus {tp}")
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:  # ranks on one host share its cores
-            local = int(os.environ.get("LOCAL_SIZE", tp))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        # the full model on the host; AutoTP keeps this rank's shard and moves it to the device
-        model, tokenizer, source = load_causal_lm(name, torch.device("cpu"), dtype)
-        total = forward_bytes(model)
-        with contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan; stdout is for results (--json)
-            engine = deepspeed.init_inference(
-                model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False
-            )
-        module = engine.module.to(device).eval()
-        return cls(module, tokenizer, name=name, model_id=source.model_id, tp=tp, total_bytes=total)
-
-    def forward_bytes(self) -> int:
-        """Weight bytes of one forward over all ranks together (each rank reads about 1/tp of them)."""
-        return self.total_bytes or super().forward_bytes()
-
-    # --- the leader broadcasts each call; followers receive it ------------------
-
-    def _send(self, op: int, root: int = 0, *payload: torch.Tensor) -> None:
-        if self.tp == 1:
-            return
-        n = payload[0].numel() if payload else 0
-        dist.broadcast(torch.tensor([op, root, n], device=self.device), src=0)
-        if n:
-            dist.broadcast(torch.cat([p.reshape(-1).to(self.device, torch.long) for p in payload]), src=0)
-
-    def _receive(self, parts: int = 1) -> tuple[int, int, list[torch.Tensor]]:
-        header = torch.empty(3, dtype=torch.long, device=self.device)
-        dist.broadcast(header, src=0)
-        op, root, n = header.tolist()
-        if op == STOP or n == 0:
-            return op, root, [torch.empty(0, dtype=torch.long, device=self.device)] * (2 if op == VERIFY else 1)
-        payload = torch.empty(n * (2 if op == VERIFY else 1), dtype=torch.long, device=self.device)
-        dist.broadcast(payload, src=0)
-        return op, root, list(payload.split(n))
-
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
-        if self.leads:
-            self._send(PREFILL, 0, prompt)
-        return super().prefill(prompt, want_hidden, hidden_layer)
-
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
-        if self.leads:
-            self._send(VERIFY, root, tree.tokens, tree.parents)
-        return super().verify(root, tree, want_hidden, hidden_layer)
-
-    def commit(self, accepted_nodes: list[int]) -> None:
-        if self.leads:
-            self._send(COMMIT, 0, torch.tensor(accepted_nodes, dtype=torch.long))
-        super().commit(accepted_nodes)
-
-    def follow(self) -> None:
-        """A follower's whole job: run the leader's target calls until it stops."""
-        while True:
-            op, root, payload = self._receive()
-            if op == STOP:
-                return self._leave_group()
-            if op == PREFILL:
-                super().prefill(payload[0])
-            elif op == VERIFY:
-                super().verify(root, DraftTree(payload[0], payload[1]))
-            elif op == COMMIT:
-                super().commit(payload[0].tolist())
-
-    def stop(self) -> None:
-        """The leader releases its followers (once; safe to call again)."""
-        if self.leads and not self._stopped:
-            self._stopped = True
-            self._send(STOP)
-            self._leave_group()
-
-    @staticmethod
-    def _leave_group() -> None:
-        """Every rank leaves the process group together before exiting: a rank that exits with
-        gloo's threads still up intermittently died in std::terminate ("terminate called without
-        an active exception"), failing the launcher's run after all results were written."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+    deepspeed = _import_deepspeed(device)
+    if needs_launcher(tp):
+        raise UserError(f"--tp {tp} runs under the `deepspeed` launcher: use `specbench run --backend deepspeed --tp {tp}`")
+    if not under_launcher():  # one rank: the environment the launcher would give it
+        rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
+        os.environ.update(rank | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    world = dist.get_world_size()
+    if world != tp:
+        raise UserError(f"--tp {tp} but the launcher started {world} process(es); launch with --num_gpus {tp}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:  # ranks on one host share its cores
+        local = int(os.environ.get("LOCAL_SIZE", tp))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    # the full model on the host; AutoTP keeps this rank's shard and moves it to the device
+    model, tokenizer, source = load_causal_lm(name, torch.device("cpu"), dtype)
+    total = forward_bytes(model)
+    with contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan; stdout is for results (--json)
+        inference = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False)
+    module = inference.module.to(device).eval()
+    return target_class(engine)(module, tokenizer, name=name, model_id=source.model_id, backend="deepspeed", weight_bytes=total)

@@ -2,14 +2,9 @@
 
 Same contract as HFTarget (prefill, verify a tree, commit the accepted path),
 same model weights and attention code; only the cache and the step around the
-forward differ (see specbench/engine/static_cache.py). The decode loop does not
-know which engine it drives, and plain decoding runs on the same target object,
-so a run's speedup compares like with like.
-
-Engines: `eager` (HFTarget: transformers DynamicCache, a mask built per step;
-simple, for debugging and for drafters that cannot be captured) and `fast`
-(this). `auto` picks fast on CUDA and eager on CPU, where the fast engine saves
-little (scripts/bench_engine.py measures both).
+forward differ (see specbench/engine/static_cache.py and engine/engines.py).
+The decode loop does not know which engine it drives, and plain decoding runs
+on the same target object, so a run's speedup compares like with like.
 """
 
 from __future__ import annotations
@@ -19,21 +14,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specbench.engine import kv
+from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.hf import HFTarget
-
-ENGINES = ("auto", "eager", "fast")
-
-
-def resolve_engine(engine: str, device: torch.device) -> str:
-    """'eager' or 'fast' for this device."""
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine '{engine}': use {', '.join(ENGINES)}")
-    if engine == "auto":
-        return "fast" if device.type == "cuda" else "eager"
-    return engine
 
 
 def check_full_attention(model, name: str) -> None:
@@ -49,35 +34,40 @@ def check_full_attention(model, name: str) -> None:
 class FastHFTarget(HFTarget):
     engine = "fast"
 
-    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs: bool | None = None, bucketed: bool = False) -> None:
-        super().__init__(model, tokenizer, name=name, model_id=model_id)
+    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs: bool | None = None, bucketed: bool = False,
+                 **kwargs) -> None:
+        super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
         self.decoder = StaticDecoder(self.backbone, self.device, self.dtype, bucketed=bucketed, graphs=graphs)
         self.cache = self.decoder.cache
 
-    def _run(self, ids: torch.Tensor, parents, want_hidden: bool, hidden_layer: int | None):
-        tap = hidden_layer if want_hidden else None
+    def _run(self, ids: torch.Tensor, parents, taps: Taps):
+        if len(taps) > 1:
+            raise NotImplementedError("the fast engine taps one hidden state per forward")
+        tap = taps[0] if taps else None
         out = self.decoder.forward(ids, parents, tap)
         hidden, tapped = (out, None) if tap is None else out
-        logits = self.lm_head(hidden).float()
-        if not want_hidden:
+        logits = self.logits(hidden)
+        if not taps:
             return logits, None
         # a captured graph's outputs are overwritten by its next replay: hand out a copy
         return logits, (tapped if tap is not None else hidden).clone()
 
     @torch.inference_mode()
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
+    def prefill(self, prompt: torch.Tensor, taps: Taps = (), max_positions: int | None = None):
         self.cache.truncate(0)
+        if max_positions:
+            self.cache.reserve(max_positions)
         prompt = prompt.to(self.device)
-        out = self._run(prompt, None, want_hidden, hidden_layer)  # causal; uncaptured above 128 tokens
+        out = self._run(prompt, None, taps)  # causal; uncaptured above 128 tokens
         self.seq_len = self.cache.length = prompt.numel()
         return out
 
     @torch.inference_mode()
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
+    def verify(self, root: int, tree: DraftTree, taps: Taps = ()):
         ids = torch.cat([torch.tensor([root], device=self.device), tree.tokens.to(self.device)])
-        return self._run(ids, tree.shape_key, want_hidden, hidden_layer)
+        return self._run(ids, tree.shape_key, taps)
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: list[int]) -> None:

@@ -1,10 +1,12 @@
-"""The `hf` target backend: a transformers causal LM that verifies token trees.
+"""The `hf` target: a transformers causal LM that verifies token trees (the `Target`
+contract of engine/protocol.py), on the eager engine.
 
 The target owns its KV cache. `prefill` fills it with the prompt; `verify`
 runs root + all tree nodes in one forward with tree attention (each node sees
 the context, the root and its own ancestors; positions = context length +
 depth); `commit` keeps only the accepted path in the cache, compacted into
-place, so nothing is ever recomputed.
+place, so nothing is ever recomputed. `targets/fast.py` is the same target on
+the fast engine (a static KV cache, CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specbench.engine import kv
+from specbench.engine.compat import cache_kwargs
+from specbench.engine.protocol import Taps
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -32,23 +36,52 @@ def forward_bytes(model, head: torch.nn.Module | None = None) -> int:
     return total
 
 
-class HFTarget:
-    backend = "hf"
-    engine = "eager"  # targets/fast.py: FastHFTarget is the static-cache engine
-    leads = True  # this process drives the run (tensor-parallel backends also have follower ranks)
+class TapRecorder:
+    """Collects the hidden states a drafter asked for during one backbone forward:
+    None = the final normed output (filled in by the caller), j = the input of layer j."""
 
-    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "") -> None:
+    def __init__(self, backbone, taps: Taps) -> None:
+        self.taps = taps
+        self.seen: dict[int, torch.Tensor] = {}
+        self.hooks = [
+            backbone.layers[j].register_forward_pre_hook(lambda module, args, j=j: self.seen.__setitem__(j, args[0]))
+            for j in sorted({t for t in taps if t is not None})
+        ]
+
+    def __enter__(self) -> TapRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def states(self, final: torch.Tensor) -> torch.Tensor | None:
+        """The taps over this forward's rows ([q, H·len(taps)]), or None when none were asked for."""
+        if not self.taps:
+            return None
+        parts = [final if t is None else self.seen[t][0] for t in self.taps]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class HFTarget:
+    engine = "eager"  # targets/fast.py: FastHFTarget is the static-cache engine
+
+    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", backend: str = "hf", weight_bytes: int | None = None) -> None:
+        """`backend` names how the model was loaded ("deepspeed": sharded by AutoTP, then wrapped
+        here like any other); `weight_bytes`: bytes one forward reads over all ranks together,
+        when the model in hand is one rank's shard."""
         self.model = model
+        self.backend = backend
+        self._weight_bytes = weight_bytes
         self.tokenizer = tokenizer
         self.name = name or model_id or type(model).__name__
         self.model_id = model_id or self.name
         self.backbone = model.get_decoder()  # final normed hidden states
-        self.lm_head = model.get_output_embeddings()
-        self.config = model.config
+        self._lm_head = model.get_output_embeddings()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.vocab_size = self.lm_head.weight.shape[0]
-        self.hidden_size = self.lm_head.weight.shape[1]
+        self.vocab_size = self._lm_head.weight.shape[0]
+        self.hidden_size = self.config.get_text_config().hidden_size
         self.eos_token_ids = self._eos_ids()
         self.cache: DynamicCache | None = None
         self.seq_len = 0  # tokens whose KV is in the cache
@@ -69,50 +102,66 @@ class HFTarget:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def forward_bytes(self) -> int:
-        return forward_bytes(self.model)
+    # --- what drafters may read (engine/protocol.py `Target`) -------------------------
 
-    def stop(self) -> None:
-        """Release follower ranks at the end of a run; a single-process target has none."""
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self._lm_head
+
+    @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
 
     @property
     def num_layers(self) -> int:
         return len(self.backbone.layers)
 
-    @torch.inference_mode()
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, want_hidden: bool, hidden_layer: int | None = None
-    ):
-        tapped: list[torch.Tensor] = []
-        hook = None
-        if want_hidden and hidden_layer is not None:
-            # the hidden state entering layer `hidden_layer` (its first positional argument)
-            hook = self.backbone.layers[hidden_layer].register_forward_pre_hook(lambda module, args: tapped.append(args[0]))
-        try:
-            out = self.backbone(
-                input_ids=ids[None],
-                position_ids=positions[None],
-                attention_mask=mask,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
-        hidden = out.last_hidden_state[0]
-        # the head sees [1, L, H], as in the model's own forward (DeepSpeed's sharded head needs it)
-        logits = self.lm_head(out.last_hidden_state)[0].float()
-        if not want_hidden:
-            return logits, None
-        return logits, (tapped[0][0] if hook is not None else hidden)
+    def decoder_layer_state(self, last: int) -> dict[str, torch.Tensor]:
+        layers = self.backbone.layers
+        state = {}
+        for j in range(last):
+            for key, value in layers[len(layers) - last + j].state_dict().items():
+                state[f"layers.{j}.{key}"] = value
+        state["norm.weight"] = self.backbone.norm.weight
+        return state
 
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
-        """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H] or None); the
-        hidden states are the final normed ones, or the input of layer `hidden_layer`."""
+    def forward_bytes(self) -> int:
+        return self._weight_bytes or forward_bytes(self.model)
+
+    def context_window(self) -> int | None:
+        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+
+    def warm_up(self, max_rows: int) -> float:
+        """Nothing to capture on the eager engine."""
+        return 0.0
+
+    # --- decoding ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, taps: Taps):
+        with TapRecorder(self.backbone, taps) as recorder:
+            out = self.backbone(
+                input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
+                **cache_kwargs(self.backbone, self.cache),
+            )
+        logits = self.logits(out.last_hidden_state[0])
+        return logits, recorder.states(out.last_hidden_state[0])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [q, V] of final hidden states [q, H]. The head sees [1, q, H], as in the
+        model's own forward: DeepSpeed's sharded head needs the batch dimension."""
+        return self._lm_head(hidden[None])[0].float()
+
+    def prefill(self, prompt: torch.Tensor, taps: Taps = (), max_positions: int | None = None):
+        """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H·len(taps)] or None)."""
         self.cache = DynamicCache(config=self.config)
         prompt = prompt.to(self.device)
         positions = torch.arange(prompt.numel(), device=self.device)
-        logits, hidden = self._forward(prompt, positions, None, want_hidden, hidden_layer)
+        logits, hidden = self._forward(prompt, positions, None, taps)
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise UserError(
                 f"target '{self.name}' uses a sliding-window or hybrid KV cache, which tree "
@@ -130,13 +179,16 @@ class HFTarget:
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[None, None].to(self.device)
 
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
-        """One forward over root + tree. Returns (logits [1+n, V] fp32, hidden [1+n, H] or None):
+    def verify(self, root: int, tree: DraftTree, taps: Taps = ()):
+        """One forward over root + tree. Returns (logits [1+n, V] fp32, hidden [1+n, H·len(taps)] or None):
         row 0 predicts the root's successor, row i+1 node i's."""
         ids = torch.cat([torch.tensor([root], device=self.device), tree.tokens.to(self.device)])
         depths = torch.tensor([0, *tree.depths], device=self.device)
-        logits, hidden = self._forward(ids, self.seq_len + depths, self.tree_mask(tree), want_hidden, hidden_layer)
-        return logits, hidden
+        return self._forward(ids, self.seq_len + depths, self.tree_mask(tree), taps)
+
+    def rollback(self) -> None:
+        """Forget what the last verify wrote, committing nothing (for timing the same verify again)."""
+        kv.truncate(self.cache, self.seq_len)
 
     def commit(self, accepted_nodes: list[int]) -> None:
         """Keep the root and the accepted path's KV; drop the rest of the verified tree."""

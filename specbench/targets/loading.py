@@ -8,14 +8,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tomllib
 from dataclasses import dataclass
-from functools import cache
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 
+from specbench.bundled import bundled_dir
+from specbench.catalogue import catalogue
 from specbench.errors import UserError
 
 DTYPES = {
@@ -24,12 +23,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-@cache
-def catalogue(name: str) -> dict[str, dict]:
-    """A TOML table from specbench/catalogue/ (targets, draft_models, ...)."""
-    return tomllib.loads(files("specbench.catalogue").joinpath(f"{name}.toml").read_text())
 
 
 def cache_dir() -> Path:
@@ -149,11 +142,6 @@ def _location(source: ModelSource) -> str:
 
 BUNDLE_INFO = "bundle.json"
 BUNDLE_WEIGHTS = "weights.safetensors"
-
-
-def bundled_dir(name: str) -> Path:
-    """The package-data directory of a bundled drafter."""
-    return Path(str(files("specbench.bundled").joinpath(name)))
 
 
 def _materialise_bundled(source: ModelSource) -> Path:

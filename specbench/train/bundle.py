@@ -28,11 +28,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specbench.drafters.checkpoints import quantize_int8
+from specbench.drafters.files import INT8_SCALE, INT8_STORAGE
 from specbench.errors import UserError
 from specbench.targets.loading import BUNDLE_INFO, BUNDLE_WEIGHTS, model_location
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bundled"
+
+
+def quantize_int8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors to save, metadata): 2-D float matrices as int8 + per-row scales, the rest cast to `dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if value.ndim == 2 and value.is_floating_point():
+            weight = value.float()
+            scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+            out[key] = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[key + INT8_SCALE] = scale.to(torch.float32).contiguous()
+        else:
+            out[key] = value.to(dtype).contiguous()
+    return out, {"format": "pt", INT8_STORAGE: str(dtype).removeprefix("torch.")}
 
 
 def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PACKAGE) -> Path:
@@ -71,7 +85,7 @@ HEAD_FILES = ("medusa_lm_head.pt", "hydra_lm_head.pt")
 def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16, int8: bool = False) -> Path:
     """Copy a head checkpoint in its published layout, tensors cast to `dtype` (bf16, as
     published); with `int8`, its matrices stored as int8 + per-row scales in
-    `*_lm_head.safetensors` (see checkpoints.quantize_int8), rebuilt in `dtype` on load."""
+    `*_lm_head.safetensors` (see quantize_int8), rebuilt in `dtype` on load."""
     weights = next((checkpoint / f for f in HEAD_FILES if (checkpoint / f).is_file()), None)
     if weights is None:
         raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")

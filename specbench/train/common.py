@@ -29,7 +29,7 @@ class TrainConfig:
     batch_tokens: int = 2048  # answer positions per optimiser step (sequences are packed up to this)
     max_length: int = 1024  # longer sequences are cut
     lr: float = 1e-3
-    warmup: int = 20
+    warmup_steps: int = 20  # linear learning-rate warmup, then cosine decay
     min_lr_ratio: float = 0.33  # cosine decay to this fraction of lr (Hydra++'s 0.33×)
     weight_decay: float = 0.0
     eval_every: int = 50
@@ -117,9 +117,6 @@ class TrainVocab:
         return labels if self.index is None else self.index[labels]
 
 
-FULL_VOCAB = None  # pass as `vocab` for full-vocabulary logits
-
-
 def train_vocab(config: TrainConfig, data: TrainData, indices: list[int], vocab_size: int, device) -> TrainVocab:
     if config.train_vocab == "all":
         return TrainVocab(None, vocab_size, device)
@@ -166,7 +163,7 @@ def train_loop(
     """AdamW over `params`; warmup + cosine to min_lr_ratio; evaluate every eval_every steps and at the end."""
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio)
+        optimiser, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio)
     )
     for step in range(config.steps):
         loss, parts = step_loss(next(batch_iter))

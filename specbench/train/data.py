@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from specbench.errors import UserError
+from specbench.progress import SILENT, Progress
 from specbench.workloads import Prompt, encode_turn, load_workload, workload_hash
 
 META = "meta.json"
@@ -189,6 +190,27 @@ def generate_answers(
             if on_batch:
                 on_batch(len(batch))
     return results
+
+
+def make_data_for(target_name: str, workload: str, out: Path, device: str = "auto", dtype: str = "auto",
+                  progress: Progress = SILENT, **options) -> dict:
+    """`specbench train-data`: load the target, then `make_data` with progress shown per stage."""
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    with progress.status(f"loading {target_name}"):
+        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    stages: dict[str, Callable] = {}
+    done: dict[str, int] = {}
+
+    def on_progress(stage: str, count: int, total: int) -> None:
+        if stage not in stages:
+            stages[stage], done[stage] = progress.task(stage, total), 0
+        stages[stage](count - done[stage])
+        done[stage] = count
+
+    return make_data(target, workload, out, on_progress=on_progress, **options)
 
 
 def make_data(

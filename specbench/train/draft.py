@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, batches, prepare_out, sequence, split_data, train_loop, train_vocab
+from specbench.train.common import (
+    TrainConfig,
+    TrainLog,
+    batches,
+    prepare_out,
+    sequence,
+    split_data,
+    train_loop,
+    train_vocab,
+)
 
 
 def shallow_copy_config(config, layers: int):

@@ -1,6 +1,6 @@
 """`specbench train --drafter medusa|hydra|hydra-decoder`: draft heads on a frozen target.
 
-The modules are the drafters' own (specbench.drafters.heads), initialised as
+The modules are the drafters' own (specbench.drafters.heads.modules), initialised as
 the references initialise them (ResBlocks at identity — zero `linear` weight —
 and LM heads copied from the target's `lm_head`), and the checkpoints are
 written in the published layouts, so the drafters load them exactly as they
@@ -42,7 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, prepare_out, sequence, split_data, train_loop, train_vocab
+from specbench.train.common import (
+    TrainConfig,
+    TrainLog,
+    TrainVocab,
+    batches,
+    prepare_out,
+    sequence,
+    split_data,
+    train_loop,
+    train_vocab,
+)
 
 HYDRA_DROPOUT = 0.2
 
@@ -92,8 +102,8 @@ def _tensors(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class MedusaRecipe(HeadRecipe):
     def __init__(self, target, num_heads, tie_lm_head, options) -> None:
         super().__init__(target, num_heads, tie_lm_head, options)
-        from specbench.drafters.heads import MedusaHeads
-        from specbench.drafters.medusa import fresh_medusa_heads
+        from specbench.drafters.heads.modules import MedusaHeads
+        from specbench.drafters.heads.medusa import fresh_medusa_heads
 
         if tie_lm_head:
             with torch.random.fork_rng():
@@ -135,7 +145,7 @@ class DecoderRecipe(MedusaRecipe):
 
     def __init__(self, target, num_heads, tie_lm_head, options) -> None:
         super().__init__(target, num_heads, tie_lm_head, options)
-        from specbench.drafters.medusa import copied_trunk
+        from specbench.drafters.heads.decoder import copied_trunk
 
         self.n = int(options.get("decoder_layers", 1))
         if not 1 <= self.n <= target.num_layers:
@@ -181,7 +191,7 @@ class HydraRecipe(HeadRecipe):
 
     def __init__(self, target, num_heads, tie_lm_head, options) -> None:
         super().__init__(target, num_heads, tie_lm_head, options)
-        from specbench.drafters.hydra import fresh_hydra_heads
+        from specbench.drafters.heads.hydra import fresh_hydra_heads
 
         self.num_layers = int(options.get("hydra_layers", 4))
         if self.num_layers < 1:
@@ -258,9 +268,9 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
 
 def train_heads(config: TrainConfig, target, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
-    num_heads = int(options.get("heads", 4))
+    num_heads = int(options.get("num_heads", 4))
     if num_heads < 1:
-        raise UserError(f"--heads must be at least 1 (got {num_heads})")
+        raise UserError(f"--num-heads must be at least 1 (got {num_heads})")
     out = Path(config.out)
     recipe_cls = RECIPES[config.drafter]
     data, train_idx, evald, eval_idx = split_data(config, target, need_hidden=recipe_cls is not DecoderRecipe)

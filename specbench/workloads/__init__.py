@@ -51,6 +51,21 @@ def registry() -> dict[str, dict]:
     return tomllib.loads(files("specbench.catalogue").joinpath("workloads.toml").read_text())
 
 
+def describe_sources() -> list[tuple[str, str, str]]:
+    """(name, summary, where its data comes from) for every declared workload."""
+    rows = []
+    for name, entry in registry().items():
+        if "file" in entry:
+            where = "built in"
+        else:
+            local = data_dir() / entry["local"]
+            found = "found" if local.is_file() else "not there yet"
+            hub = f", else the hub dataset {entry['hub']}" if "hub" in entry else ""
+            where = f"{entry['source']}: --workload-file PATH, or {local} ({found}){hub}"
+        rows.append((name, entry["summary"], where))
+    return rows
+
+
 def data_dir() -> Path:
     """Where published prompt files are looked for: $SPECBENCH_DATA, else the user data dir."""
     if env := os.environ.get("SPECBENCH_DATA"):

@@ -27,11 +27,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specbench.drafters.base import DraftContext
-from specbench.drafters.checkpoints import check_base_model, check_shape, load_hydra, load_hydra_state
-from specbench.drafters.heads import HydraHeads, OwnDecoder
-from specbench.drafters.medusa import FRESH, HeadDrafter, module_bytes, typical_rule
+from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, module_bytes
+from specbench.drafters.heads.layouts import (
+    check_base_model,
+    check_shape,
+    load_hydra,
+    load_hydra_state,
+)
+from specbench.drafters.heads.modules import HydraHeads, OwnDecoder
 from specbench.engine.acceptance import TypicalAcceptance
+from specbench.engine.protocol import DraftContext
 from specbench.engine.tree import DraftTree, TreeShape
 
 
@@ -55,25 +60,17 @@ class HydraDrafter(HeadDrafter):
         self.embed = embed.to(target.device).eval()
         self.prefix = prefix.to(target.device, target.dtype).eval() if prefix is not None else None
         # offset k > 0: the output of target layer L-k (the input of layer L-k+1), before the norm
-        self.hidden_state_layer = target.num_layers - hidden_state_offset if hidden_state_offset else None
+        if hidden_state_offset:
+            self.taps = (target.num_layers - hidden_state_offset,)
 
     @classmethod
-    def create(
-        cls,
-        target,
-        heads: str | None = None,
-        tree: str | None = None,
-        num_heads: int | None = None,
-        posterior_threshold: float = 0.09,
-        posterior_alpha: float = 0.3,
-        vocab_trim: int | None = None,
-        vocab_trim_from: str | None = None,
-    ) -> HydraDrafter:
-        spec, shape, entry = cls.settings(cls.name, target, heads, tree, num_heads)
-        typical = typical_rule(posterior_threshold, posterior_alpha)
-        if spec == FRESH:
-            module, prefix = fresh_hydra_heads(target, num_heads or entry.get("num_heads", 4))
-            return cls(target, module, shape, target_embedding(target), prefix, 0, typical, {"heads": FRESH}).apply_vocab_trim(vocab_trim, vocab_trim_from)
+    def create(cls, target, options: HeadOptions) -> HydraDrafter:
+        settings = cls.settings(target, options)
+        if settings.heads == FRESH:
+            module, prefix = fresh_hydra_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
+            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options.typical, {"heads": FRESH})
+            return drafter.apply_vocab_trim(options)
+        spec = settings.heads
         checkpoint, layout = load_hydra(spec, target)
         check_base_model(checkpoint, target)
         module = HydraHeads(layout.arch, layout.num_heads, layout.num_layers, target.hidden_size, target.vocab_size, layout.grounded,
@@ -93,8 +90,8 @@ class HydraDrafter(HeadDrafter):
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded,
                 "hidden_state_offset": layout.hidden_state_offset, "own_lm_head": not layout.tied_lm_head}
-        drafter = cls(target, module, shape, embed, prefix, layout.hidden_state_offset, typical, info)
-        return drafter.apply_vocab_trim(vocab_trim, vocab_trim_from)
+        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options.typical, info)
+        return drafter.apply_vocab_trim(options)
 
     def lm_head_slots(self) -> list[tuple]:
         if self.heads.tied:
@@ -161,7 +158,7 @@ class HydraDrafter(HeadDrafter):
 def target_embedding(target) -> nn.Embedding:
     """The target's own embedding table, shared (frozen, never written), for heads whose
     file carries no `input_embed_fn.weight` (fresh and tied heads)."""
-    return nn.Embedding.from_pretrained(target.model.get_input_embeddings().weight.detach())
+    return nn.Embedding.from_pretrained(target.input_embeddings.weight.detach())
 
 
 def fresh_hydra_heads(target, num_heads: int, num_layers: int = 4, seed: int = 0, tie_lm_head: bool = False) -> tuple[HydraHeads, OwnDecoder]:

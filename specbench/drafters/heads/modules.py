@@ -24,6 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from specbench.engine import kv
+from specbench.engine.compat import cache_kwargs
 
 
 class MedusaResBlock(nn.Module):
@@ -161,7 +162,7 @@ class OwnDecoder(nn.Module):
             self.reset()
         start = self.cached
         positions = torch.arange(start, start + hidden.shape[0], device=hidden.device)
-        out = self.model(inputs_embeds=hidden[None], position_ids=positions[None], past_key_values=self.cache, use_cache=True)
+        out = self.model(inputs_embeds=hidden[None], position_ids=positions[None], use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.last_hidden_state[0]
 
     def layer_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,5 +1,4 @@
-"""Load the published draft-head checkpoints as they are (facts and traps:
-shared/reference/checkpoints.md), into the modules of heads.py.
+"""The published draft-head layouts, parsed strictly (formats and traps: docs/heads.md).
 
 - Medusa-1 (`medusa_lm_head.pt`, a bf16 torch pickle, or `.safetensors`): keys
   `{h}.{i}.linear.*`, `{h}.{L}.weight`; the head count comes from the keys (the
@@ -9,241 +8,30 @@ shared/reference/checkpoints.md), into the modules of heads.py.
 - Hydra (`hydra_lm_head.pt`): `hydra_mlp.*`, `hydra_lm_head.*`, `input_embed_fn.weight`,
   and for Hydra++ `prefix_embeding_layer.*` (sic).
 - Decoder-layer Hydra (`medusa_lm_head.pt` holding *pickled modules*): read with
-  an unpickler that only rebuilds tensors and stand-ins for module classes,
-  then flattened to tensors; a file it cannot map is an error, never a
-  silent no-op as in the reference loader.
+  the safe unpickler, flattened to tensors; a file it cannot map is an error,
+  never a silent no-op as in the reference loader.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from specbench.drafters.files import (
+    Checkpoint,
+    locate,
+    read_config,
+    read_safetensors_prefix,
+    read_tensors,
+)
 from specbench.errors import SpecbenchWarning, UserError
 
 
-@dataclass
-class HeadCheckpoint:
-    name: str  # what the user gave (hub id, directory or file)
-    directory: Path
-    config: dict
-    state: dict[str, torch.Tensor]  # tensors keyed as in the published file
-    files: list[str] = field(default_factory=list)
-
-    def describe(self) -> dict:
-        return {"heads": self.name, "head_files": self.files, "base_model": self.config.get("base_model_name_or_path")}
-
-
-# --- finding the files --------------------------------------------------------
-
-def locate(spec: str, file_names: tuple[str, ...]) -> tuple[Path, Path | None]:
-    """(directory, preferred weights file or None) for a directory, a file or a hub id."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path.parent, path
-    if path.is_dir():
-        return path, None
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise UserError(f"heads '{spec}' not found: pass a local directory or file, or a hub id (owner/name)")
-    return _download(spec, file_names), None
-
-
-def _download(repo_id: str, file_names: tuple[str, ...]) -> Path:
-    from huggingface_hub import snapshot_download
-
-    from specbench.targets.loading import quiet_transformers
-
-    quiet_transformers()
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", *file_names]))
-    except Exception as exc:  # offline, unknown repo, gated: one clear line either way
-        raise UserError(
-            f"cannot fetch heads '{repo_id}' ({type(exc).__name__}): download them first "
-            f"(`hf download {repo_id}`) or pass a local directory with --heads"
-        ) from None
-
-
-def read_config(directory: Path) -> dict:
-    file = directory / "config.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON ({exc})") from None
-
-
-# --- reading tensors ----------------------------------------------------------
-
-class _PickledObject:
-    """Stands in for an allow-listed class (a torch/transformers/reference module
-    or config) inside a pickle: keeps its state, runs none of its code."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.state: dict = {}
-
-    def __setstate__(self, state) -> None:
-        self.state = state if isinstance(state, dict) else {"_state": state}
-
-
-_STUB_PREFIXES = ("medusa.", "hydra.", "transformers.", "torch.nn.modules.", "__main__")
-_REAL_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch.nn.parameter", "Parameter"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("__builtin__", "set"),  # protocol-2 pickles use the Python 2 names
-    ("__builtin__", "frozenset"),
-}
-
-
-class _ModuleUnpickler(pickle.Unpickler):
-    stubs: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _REAL_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.startswith(_STUB_PREFIXES) or module in ("torch.nn", "copyreg"):
-            if (module, name) == ("copyreg", "_reconstructor"):
-                return lambda cls, base, state: cls.__new__(cls)
-            key = (module, name)
-            if key not in self.stubs:
-                self.stubs[key] = type(name, (_PickledObject,), {"__module__": module})
-            return self.stubs[key]
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-class _ModulePickle:
-    """The `pickle_module` handed to torch.load: only its Unpickler is used."""
-
-    Unpickler = _ModuleUnpickler
-    __name__ = "specbench_module_pickle"
-
-    @staticmethod
-    def load(*args, **kwargs):
-        raise pickle.UnpicklingError("legacy (pre-zip) torch files are not supported")
-
-
-def _flatten(obj, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    """Tensors of a pickled module tree (or nested dicts) under dotted names, like state_dict()."""
-    if isinstance(obj, torch.Tensor):
-        out[prefix.rstrip(".")] = obj.detach()
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _flatten(value, f"{prefix}{key}.", out)
-    elif isinstance(obj, _PickledObject):
-        for slot in ("_parameters", "_buffers", "_modules"):
-            for key, value in (obj.state.get(slot) or {}).items():
-                if value is not None:
-                    _flatten(value, f"{prefix}{key}.", out)
-
-
-def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise UserError(f"head checkpoint file {file} does not exist")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), "pt") as handle:  # one read: the tensors and the storage metadata
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-            return dequantize_int8(tensors, metadata) if metadata.get(INT8_STORAGE) else tensors
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            if not allow_pickled_modules:
-                raise
-            # pickled modules (decoder-layer Hydra): rebuild stand-ins, never run their code
-            data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_ModulePickle)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"cannot read head checkpoint {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    out: dict[str, torch.Tensor] = {}
-    _flatten(data, "", out)
-    if not out:
-        raise UserError(f"{file} holds no tensors; it is not a head checkpoint")
-    return out
-
-
-# --- int8 storage (specbench's bundled heads) ----------------------------------
-# Bundled heads must fit the package's size budget, so their matrices are stored
-# as int8 with one scale per output row (symmetric, |w| max -> 127) and rebuilt
-# in the recorded dtype on load: the module, keys and layout stay the published
-# ones. Vectors (biases, norms) stay as they are.
-
-INT8_STORAGE = "specbench_int8_rowwise"  # safetensors metadata key: the dtype to rebuild in
-INT8_SCALE = ".int8_scale"
-
-
-def quantize_int8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors to save, metadata): 2-D float matrices as int8 + per-row scales, the rest cast to `dtype`."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if value.ndim == 2 and value.is_floating_point():
-            weight = value.float()
-            scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
-            out[key] = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            out[key + INT8_SCALE] = scale.to(torch.float32).contiguous()
-        else:
-            out[key] = value.to(dtype).contiguous()
-    return out, {"format": "pt", INT8_STORAGE: str(dtype).removeprefix("torch.")}
-
-
-def dequantize_int8(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
-    dtype = getattr(torch, metadata[INT8_STORAGE])
-    out = {}
-    for key, value in tensors.items():
-        if key.endswith(INT8_SCALE):
-            continue
-        scale = tensors.get(key + INT8_SCALE)
-        out[key] = (value.float() * scale[:, None]).to(dtype) if scale is not None else value.to(dtype)
-    return out
-
-
-def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors whose names start with `prefix` from a (possibly sharded) safetensors checkpoint.
-
-    For a hub checkpoint (`repo_id`), only the shards that hold such tensors are fetched: a
-    Medusa-2 model keeps its heads beside the full base weights, which the heads do not need."""
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
-    else:
-        shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
-    out: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not (directory / shard).is_file():
-            if repo_id is None:
-                raise UserError(f"{directory / shard} is listed in {index.name} but missing: copy the whole checkpoint")
-            _download(repo_id, (shard,))
-        with safe_open(str(directory / shard), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    out[key.removeprefix(prefix)] = f.get_tensor(key)
-    return out, [s for s in shards]
-
-
-# --- checks against the target -------------------------------------------------
-
-def check_base_model(checkpoint: HeadCheckpoint, target) -> None:
+def check_base_model(checkpoint: Checkpoint, target) -> None:
     base = checkpoint.config.get("base_model_name_or_path")
     if base and target.model_id and base.rstrip("/") != str(target.model_id).rstrip("/"):
         warnings.warn(
@@ -266,8 +54,6 @@ def check_shape(what: str, tensor: torch.Tensor, expected: tuple[int, ...], targ
         f"(hidden size {target.hidden_size}) needs {expected}; use heads trained for this target"
     )
 
-
-# --- layouts ---------------------------------------------------------------------
 
 MEDUSA_BLOCK = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
 MEDUSA_LM = re.compile(r"^(\d+)\.(\d+)\.weight$")
@@ -323,7 +109,7 @@ def load_medusa_state(heads_module, state: dict[str, torch.Tensor], target, what
     heads_module.heads.load_state_dict({k: state[k].to(target.dtype) for k in mine}, strict=True)
 
 
-def load_medusa(spec: str, target) -> tuple[HeadCheckpoint, MedusaLayout]:
+def load_medusa(spec: str, target) -> tuple[Checkpoint, MedusaLayout]:
     """Medusa-1 (`medusa_lm_head.{pt,safetensors}`), Medusa-2 (full checkpoint, `medusa_head.*`) or version 2."""
     directory, file = locate(spec, ("medusa_lm_head.pt", "medusa_lm_head.safetensors"))
     config = read_config(directory)
@@ -342,7 +128,7 @@ def load_medusa(spec: str, target) -> tuple[HeadCheckpoint, MedusaLayout]:
                 f"no Medusa heads in '{spec}': expected medusa_lm_head.pt / medusa_lm_head.safetensors, "
                 "or a Medusa-2 checkpoint with medusa_head.* tensors"
             )
-    checkpoint = HeadCheckpoint(spec, directory, config, state, files)
+    checkpoint = Checkpoint(spec, directory, config, state, files)
     return checkpoint, medusa_layout(state, spec)
 
 
@@ -359,7 +145,7 @@ class HydraLayout:
     tied_lm_head: bool = False  # no hydra_lm_head.*: the heads read the base LM head (specbench-trained, --tie-lm-head)
 
 
-def hydra_layout(checkpoint: HeadCheckpoint, target) -> HydraLayout:
+def hydra_layout(checkpoint: Checkpoint, target) -> HydraLayout:
     state, config, what = checkpoint.state, checkpoint.config, checkpoint.name
     heads: set[int] = set()
     own_lm_head = False
@@ -390,13 +176,13 @@ def hydra_layout(checkpoint: HeadCheckpoint, target) -> HydraLayout:
     return HydraLayout(arch, max(heads) + 1, int(num_layers), bool(grounded), offset, tied_lm_head=not own_lm_head)
 
 
-def load_hydra(spec: str, target) -> tuple[HeadCheckpoint, HydraLayout]:
+def load_hydra(spec: str, target) -> tuple[Checkpoint, HydraLayout]:
     directory, file = locate(spec, ("hydra_lm_head.pt", "hydra_lm_head.safetensors"))
     candidates = [file] if file else [directory / "hydra_lm_head.pt", directory / "hydra_lm_head.safetensors"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise UserError(f"no Hydra heads in '{spec}': expected hydra_lm_head.pt (with config.json)")
-    checkpoint = HeadCheckpoint(spec, directory, read_config(directory), read_tensors(found), [found.name])
+    checkpoint = Checkpoint(spec, directory, read_config(directory), read_tensors(found), [found.name])
     return checkpoint, hydra_layout(checkpoint, target)
 
 
@@ -418,7 +204,7 @@ class DecoderLayout:
     num_decoder_layers: int
 
 
-def load_hydra_decoder(spec: str, target) -> tuple[HeadCheckpoint, DecoderLayout]:
+def load_hydra_decoder(spec: str, target) -> tuple[Checkpoint, DecoderLayout]:
     """`medusa_lm_head.pt` = {"medusa_head": ModuleList, "medusa_rms_norm": RMSNorm,
     "medusa_decoder_layers": ModuleList} as pickled modules (or the same as tensors)."""
     directory, file = locate(spec, ("medusa_lm_head.pt",))
@@ -448,5 +234,5 @@ def load_hydra_decoder(spec: str, target) -> tuple[HeadCheckpoint, DecoderLayout
     state = {f"medusa_head.{k}": v for k, v in groups["medusa_head"].items()}
     state |= {f"layers.{k}": v for k, v in groups["medusa_decoder_layers"].items()}
     state["norm.weight"] = groups["medusa_rms_norm"]["weight"]
-    checkpoint = HeadCheckpoint(spec, directory, config, state, [found.name])
+    checkpoint = Checkpoint(spec, directory, config, state, [found.name])
     return checkpoint, DecoderLayout(medusa_layout(groups["medusa_head"], spec), n)

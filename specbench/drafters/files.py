@@ -1,0 +1,153 @@
+"""Finding and reading drafter checkpoint files: a local file or directory, or a hub id
+(only the files a drafter needs are downloaded), read into tensors without running
+any code a file carries.
+
+- safetensors: read directly; specbench's own int8-per-row storage (bundled heads)
+  is rebuilt in the dtype its metadata names.
+- torch pickles (`.pt`, `.bin`): torch's weights-only loader; files that pickle
+  whole modules (decoder-layer Hydra) go through `unpickle.py`, which rebuilds
+  tensors and inert stand-ins only, when the caller allows it.
+The published layouts themselves are parsed where each drafter lives
+(`heads/layouts.py`); formats and traps: docs/heads.md.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specbench.drafters.unpickle import ModulePickle, flatten
+from specbench.errors import UserError
+
+
+@dataclass
+class Checkpoint:
+    name: str  # what the user gave (hub id, directory or file)
+    directory: Path
+    config: dict
+    state: dict[str, torch.Tensor]  # tensors keyed as in the published file
+    files: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"heads": self.name, "head_files": self.files, "base_model": self.config.get("base_model_name_or_path")}
+
+
+# --- finding the files --------------------------------------------------------
+
+def locate(spec: str, file_names: tuple[str, ...], what: str = "heads") -> tuple[Path, Path | None]:
+    """(directory, preferred weights file or None) for a directory, a file or a hub id."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.parent, path
+    if path.is_dir():
+        return path, None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UserError(f"{what} '{spec}' not found: pass a local directory or file, or a hub id (owner/name)")
+    return download(spec, file_names, what), None
+
+
+def download(repo_id: str, file_names: tuple[str, ...], what: str = "heads") -> Path:
+    from huggingface_hub import snapshot_download
+
+    from specbench.targets.loading import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", *file_names]))
+    except Exception as exc:  # offline, unknown repo, gated: one clear line either way
+        raise UserError(
+            f"cannot fetch {what} '{repo_id}' ({type(exc).__name__}): download them first "
+            f"(`hf download {repo_id}`) or pass a local directory"
+        ) from None
+
+
+def read_config(directory: Path) -> dict:
+    file = directory / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON ({exc})") from None
+
+
+# --- reading tensors ----------------------------------------------------------
+
+def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise UserError(f"checkpoint file {file} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as handle:  # one read: the tensors and the storage metadata
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            return dequantize_int8(tensors, metadata) if metadata.get(INT8_STORAGE) else tensors
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if not allow_pickled_modules:
+                raise
+            # pickled modules (decoder-layer Hydra): rebuild stand-ins, never run their code
+            data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=ModulePickle)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    out: dict[str, torch.Tensor] = {}
+    flatten(data, "", out)
+    if not out:
+        raise UserError(f"{file} holds no tensors; it is not a drafter checkpoint")
+    return out
+
+
+# --- int8 storage (specbench's bundled heads) ----------------------------------
+# Bundled heads must fit the package's size budget, so their matrices are stored
+# as int8 with one scale per output row and rebuilt in the recorded dtype on load
+# (the writer is specbench/train/bundle.py): the module, keys and layout stay the
+# published ones. Vectors (biases, norms) stay as they are.
+
+INT8_STORAGE = "specbench_int8_rowwise"  # safetensors metadata key: the dtype to rebuild in
+INT8_SCALE = ".int8_scale"
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    dtype = getattr(torch, metadata[INT8_STORAGE])
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(INT8_SCALE):
+            continue
+        scale = tensors.get(key + INT8_SCALE)
+        out[key] = (value.float() * scale[:, None]).to(dtype) if scale is not None else value.to(dtype)
+    return out
+
+
+def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors whose names start with `prefix` from a (possibly sharded) safetensors checkpoint.
+
+    For a hub checkpoint (`repo_id`), only the shards that hold such tensors are fetched: a
+    Medusa-2 model keeps its heads beside the full base weights, which the heads do not need."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
+    else:
+        shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (directory / shard).is_file():
+            if repo_id is None:
+                raise UserError(f"{directory / shard} is listed in {index.name} but missing: copy the whole checkpoint")
+            download(repo_id, (shard,))
+        with safe_open(str(directory / shard), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    out[key.removeprefix(prefix)] = f.get_tensor(key)
+    return out, [s for s in shards]

@@ -1,0 +1,191 @@
+"""What Medusa- and Hydra-style head drafters share: their options, the
+catalogue lookup of published heads and trees, a tree of ranks, typical
+acceptance above temperature 0, the target's hidden state at the last
+accepted row, the teacher-forced pass for `simulate`, and VocabTrim of their
+LM heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from specbench.bundled import resolve_bundled
+from specbench.catalogue import drafter_entry
+from specbench.drafters.trees import resolve_tree
+from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
+from specbench.engine.acceptance import TypicalAcceptance
+from specbench.engine.options import VocabTrimOptions, option
+from specbench.engine.protocol import (
+    FINAL,
+    RANK_NONE,
+    Drafter,
+    TeacherForced,
+    VerifyOutcome,
+    true_ranks,
+)
+from specbench.engine.tree import TreeShape
+from specbench.errors import UserError
+
+FRESH = "fresh"
+DEFAULT_TREE = "mc_sim_7b_63"
+_TYPICAL = TypicalAcceptance()  # the references' defaults, declared once in engine/acceptance.py
+
+
+@dataclass
+class HeadOptions(VocabTrimOptions):
+    """Options every head drafter takes."""
+
+    heads: str | None = option(
+        None, "head checkpoint (directory, file or hub id), or 'fresh' (reference init); default from catalogue/heads.toml")
+    tree: str | None = option(
+        None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; default from the catalogue")
+    num_heads: int | None = option(None, "with --heads fresh: how many heads to initialise", min=1)
+    posterior_threshold: float = option(_TYPICAL.posterior_threshold, "typical acceptance at --temperature > 0: threshold", gt=0, max=1)
+    posterior_alpha: float = option(_TYPICAL.posterior_alpha, "typical acceptance at --temperature > 0: entropy factor", gt=0, max=1)
+
+    @property
+    def typical(self) -> TypicalAcceptance:
+        return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
+
+
+def module_bytes(*modules) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+    return total
+
+
+@dataclass
+class HeadSettings:
+    """What a head drafter is built from, once the catalogue filled in what the user left out."""
+
+    heads: str  # a checkpoint location, or FRESH
+    tree: TreeShape
+    entry: dict  # the catalogue entry (defaults such as num_heads for fresh heads)
+
+
+class HeadDrafter(Drafter):
+    """Subclasses build their head modules in `create` and implement `propose`,
+    `level_logits` (for simulate) and `lm_head_slots` (for VocabTrim)."""
+
+    drafts: ClassVar[str] = "tree"
+    Options = HeadOptions
+
+    def __init__(self, target, tree: TreeShape, num_heads: int, typical: TypicalAcceptance, info: dict[str, Any]) -> None:
+        if tree.depth > num_heads:
+            raise UserError(f"tree '{tree.name}' is {tree.depth} deep but there are only {num_heads} heads; pick a shallower --tree (e.g. chain:{num_heads})")
+        self.target = target
+        self.shape = tree
+        self.num_heads = num_heads
+        self.typical_acceptance = typical
+        self.taps = FINAL
+        self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
+        self.device = target.device
+        # the target's hidden states of the tokens accepted since the last draft
+        # (the prompt at first): consumed at the start of `propose`, so feeding a
+        # trunk or prefix layer counts as drafting time, as it is drafting work
+        self.pending: torch.Tensor | None = None
+        self.last_hidden: torch.Tensor | None = None  # [H] the heads' input at the last accepted position
+
+    @classmethod
+    def settings(cls, target, options: HeadOptions) -> HeadSettings:
+        entry = drafter_entry(cls.name, target.name, target.model_id)
+        spec = options.heads or entry.get("heads")
+        if not spec:
+            raise UserError(
+                f"no published {cls.name} heads for target '{target.name}' in the catalogue: pass --heads PATH|ID, "
+                f"or --heads fresh for heads initialised as the reference initialises them"
+            )
+        spec = resolve_bundled(spec)
+        if options.num_heads is not None and spec != FRESH:
+            raise UserError("num_heads only applies to --heads fresh; with a checkpoint the tree's depth decides how many heads run")
+        return HeadSettings(spec, resolve_tree(options.tree or entry.get("tree") or DEFAULT_TREE), entry)
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return len(self.shape)
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.pending = prompt_hidden
+
+    def on_verified(self, outcome: VerifyOutcome) -> None:
+        self.pending = outcome.hidden[self.accepted_rows(outcome)]
+
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        """The heads' input state at the last of the newly accepted `rows`."""
+        return rows[-1]
+
+    def catch_up(self) -> None:
+        if self.pending is not None:
+            self.last_hidden = self.consume(self.pending)
+            self.pending = None
+
+    @staticmethod
+    def accepted_rows(outcome: VerifyOutcome) -> list[int]:
+        """Rows of the verify output that the target kept: the root and the accepted nodes."""
+        return [0] + [n + 1 for n in outcome.accepted_nodes]
+
+    def describe(self) -> dict:
+        return self.info
+
+    # --- simulation: one teacher-forced pass -----------------------------------------
+    def teacher_base(self, states: torch.Tensor) -> torch.Tensor:
+        """The heads' base hidden state at every position, from the target's states over
+        the whole logged sequence (drafters with a trunk or prefix layer run it once, causally)."""
+        return states
+
+    def level_logits(self, d: int, base: torch.Tensor, output: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Logits of draft level d at the steps `m` (rows of `base`), on the true branch."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def teacher_forced(self, prompt, output, depth, hidden):
+        """At the step with m tokens emitted the heads read the base state at position
+        P+m-2 (the one whose logits chose the root out[m-1]); level d's rank of the true
+        out[m+d-1] follows from one batched head pass per level over all steps."""
+        if depth > self.num_heads:
+            raise UserError(f"a shape {depth} deep needs {depth} heads; '{self.name}' has {self.num_heads}")
+        states, source = hidden()
+        p, n = prompt.numel(), output.numel()
+        ranks = torch.full((n, depth), RANK_NONE, dtype=torch.long)
+        base = self.teacher_base(states.to(self.device))[p - 1 : p + n - 2]  # row j: step m = j + 1
+        output = output.to(self.device)
+        # trimmed heads rank over the kept ids: the true token's index there, -1 where it cannot be drafted
+        true = output if self.kept_ids is None else kept_index(output, self.kept_ids, self.target.vocab_size)
+        for d in range(1, depth + 1):
+            m = torch.arange(1, n - d + 1, device=self.device)  # steps whose level-d true token is logged
+            if not m.numel():
+                break
+            ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), true[m + d - 1])
+        return TeacherForced(ranks, capped=True, hidden_source=source)
+
+    # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
+
+    kept_ids: torch.Tensor | None = None  # target id of each trimmed-head index
+
+    def lm_head_slots(self) -> list[tuple[Any, int]]:
+        """(container, index) of every LM head the drafter reads, for swapping in a trimmed one."""
+        raise NotImplementedError
+
+    def apply_vocab_trim(self, options: HeadOptions) -> HeadDrafter:
+        if not options.vocab_trim_from:
+            return self
+        kept, info = keep_ids(options.vocab_trim, options.vocab_trim_from, self.target.tokenizer, self.target.vocab_size)
+        if len(kept) < max(self.shape.level_topk):
+            raise UserError(f"--vocab-trim {len(kept)} keeps fewer tokens than tree '{self.shape.name}' drafts per node ({max(self.shape.level_topk)})")
+        for container, index in self.lm_head_slots():
+            container[index] = TrimmedHead(container[index], kept)
+        self.kept_ids = kept.to(self.device)
+        self.info |= info
+        return self
+
+    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.kept_ids[indices] if self.kept_ids is not None else indices

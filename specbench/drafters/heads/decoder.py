@@ -1,0 +1,92 @@
+"""`hydra-decoder`: decoder-layer Hydra, a trunk of N decoder layers in front of Medusa heads.
+
+The trunk starts as a copy of the target's last N decoder layers, with its own
+norm and KV cache, reading the hidden state that enters target layer L-N. It
+is fed the accepted tokens' rows at the start of the next draft (the
+reference runs it over the whole tree with the tree mask and compacts its
+cache to the accepted path: the same keys, values and outputs, for fewer rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specbench.catalogue import drafter_entry
+from specbench.drafters.heads.base import FRESH, HeadOptions, module_bytes
+from specbench.drafters.heads.layouts import (
+    check_base_model,
+    load_hydra_decoder,
+    load_medusa_state,
+)
+from specbench.drafters.heads.medusa import MedusaDrafter, fresh_medusa_heads
+from specbench.drafters.heads.modules import MedusaHeads, OwnDecoder
+from specbench.engine.acceptance import TypicalAcceptance
+from specbench.engine.options import option
+from specbench.engine.tree import TreeShape
+from specbench.errors import UserError
+
+
+@dataclass
+class DecoderOptions(HeadOptions):
+    decoder_layers: int | None = option(None, "with fresh heads: trunk layers copied from the target's last N", min=1)
+
+
+class HydraDecoderDrafter(MedusaDrafter):
+    name = "hydra-decoder"
+    summary = "decoder-layer Hydra: a trunk of N decoder layers (copied from the target's last N, own KV cache) in front of Medusa heads"
+    Options = DecoderOptions
+
+    def __init__(self, target, heads: MedusaHeads, trunk: OwnDecoder, tree: TreeShape, typical: TypicalAcceptance | None = None, info: dict | None = None) -> None:
+        n = trunk.config.num_hidden_layers
+        super().__init__(target, heads, tree, typical, {"decoder_layers": n, **(info or {})})
+        self.trunk = trunk.to(target.device, target.dtype).eval()
+        self.taps = (target.num_layers - n,)  # the trunk reads what enters target layer L - N
+
+    @classmethod
+    def create(cls, target, options: DecoderOptions) -> HydraDecoderDrafter:
+        if options.heads is None and options.decoder_layers is not None and not drafter_entry(cls.name, target.name, target.model_id):
+            options.heads = FRESH  # `--decoder-layers N` on any target: an untrained trunk copied from its last N layers
+        settings = cls.settings(target, options)
+        if settings.heads == FRESH:
+            n = options.decoder_layers or settings.entry.get("decoder_layers", 1)
+            if n > target.num_layers:
+                raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {n})")
+            module = fresh_medusa_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
+            drafter = cls(target, module, copied_trunk(target, n), settings.tree, options.typical, {"heads": FRESH})
+            return drafter.apply_vocab_trim(options)
+        checkpoint, layout = load_hydra_decoder(settings.heads, target)
+        if options.decoder_layers is not None and options.decoder_layers != layout.num_decoder_layers:
+            raise UserError(f"--decoder-layers {options.decoder_layers} contradicts '{settings.heads}', which has {layout.num_decoder_layers}")
+        check_base_model(checkpoint, target)
+        medusa = layout.medusa
+        module = MedusaHeads(medusa.num_heads, medusa.num_layers, target.hidden_size, target.vocab_size,
+                             None if medusa.own_lm_head else target.lm_head).to(target.device, target.dtype)
+        head_state = {k.removeprefix("medusa_head."): v for k, v in checkpoint.state.items() if k.startswith("medusa_head.")}
+        load_medusa_state(module, head_state, target, settings.heads)
+        trunk = OwnDecoder(target.config, layout.num_decoder_layers).to(target.device, target.dtype)
+        trunk.load_layers({k: v.to(target.dtype) for k, v in checkpoint.state.items() if not k.startswith("medusa_head.")}, settings.heads)
+        return cls(target, module, trunk, settings.tree, options.typical, checkpoint.describe()).apply_vocab_trim(options)
+
+    def memory_model(self) -> tuple[int, int]:
+        heads_bytes, _ = super().memory_model()
+        return heads_bytes + module_bytes(self.trunk.model.layers, self.trunk.model.norm), 1
+
+    def begin(self, prompt_tokens, prompt_hidden) -> None:
+        self.trunk.reset()
+        super().begin(prompt_tokens, prompt_hidden)
+
+    def consume(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.trunk.feed(rows)[-1]
+
+    def teacher_base(self, states):
+        self.trunk.reset()
+        return self.trunk.feed(states)
+
+
+def copied_trunk(target, n: int) -> OwnDecoder:
+    """N decoder layers copied from the target's last N, and its final norm."""
+    trunk = OwnDecoder(target.config, n).to(target.device, target.dtype)
+    trunk.load_layers(target.decoder_layer_state(n), f"trunk copied from '{target.name}'")
+    return trunk

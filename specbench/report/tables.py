@@ -73,6 +73,24 @@ def simulation_table(reports, title: str) -> Table:
     return table
 
 
+def frontier_table(frontier, title: str) -> Table:
+    """`specbench tune`: one row per candidate size (simulate/tune.py), the chosen one marked."""
+    table = Table(title=title, header_style="bold")
+    verified = frontier.points and frontier.points[0].verify_tau is not None
+    columns = ["size", "depth", "τ (pred.)", "draft ms", "verify ms", "tokens/s (pred.)", "speedup (pred.)"]
+    columns += ["τ verify log", "speedup verify log"] if verified else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for i, p in enumerate(frontier.points):
+        row = [("* " if i == frontier.best else "") + str(p.size), str(p.depth), _fmt(p.tau, ".3f"),
+               _fmt(p.draft_ms) + ("" if p.draft_timed else "~"), _fmt(p.verify_ms), _fmt(p.tokens_per_s, ".1f"),
+               _fmt(p.speedup, ".2f", "×")]
+        if verified:
+            row += [_fmt(p.verify_tau, ".3f"), _fmt(p.verify_speedup, ".2f", "×")]
+        table.add_row(*row)
+    return table
+
+
 # columns of a breakdown table: (frame column, header, format)
 BREAKDOWN = [
     ("prompts", "prompts", "d"),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from specbench.drafters.registry import drafter_class
-from specbench.engine.protocol import FINAL
+from specbench.engine.protocol import FINAL, TeacherForced
 from specbench.errors import UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
 from specbench.progress import SILENT, Progress
@@ -203,19 +203,41 @@ class Simulator:
         return provide
 
     # --- scoring ----------------------------------------------------------------
+    def proposals(self, depth: int) -> list[TeacherForced]:
+        """One teacher-forced pass per logged turn: the rank of every true token under each of
+        `depth` draft positions at every step (what `walk` scores any shape from)."""
+        found = []
+        for turn in self.turns:
+            prompt, output = self._ids(turn)
+            proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
+            self.hidden_source = proposals.hidden_source or self.hidden_source
+            found.append(proposals)
+        return found
+
+    def walk_turns(self, proposals: list[TeacherForced], shape: Shape) -> list[list[StepMeasure]]:
+        """The steps the decode loop takes with `shape` over every logged turn (untimed)."""
+        if shape.tree is not None and not all(p.ranked for p in proposals):
+            raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
+        return [walk(p, len(turn.output_ids[: self.max_new]), self.max_new, shape) for p, turn in zip(proposals, self.turns)]
+
+    def draft_ms(self, shape: Shape, chain_ms: dict[int, float] | None = None) -> tuple[float, str]:
+        """Mean ms of the drafter's proposals for `shape`, and how it was obtained. A chain drafter
+        scored on a tree is timed as a chain of the tree's depth; `chain_ms` caches chain timings."""
+        timed_over = f"timed over {self.config.latency_steps} replayed steps"
+        if self.cls.drafts == "tree":  # the drafter drafts this very shape
+            return self.time_drafts(shape.k, self.drafter_for(shape)), timed_over
+        chain_ms = {} if chain_ms is None else chain_ms
+        k = shape.depth
+        if k not in chain_ms:
+            chain_ms[k] = self.time_drafts(k, self.drafter)
+        return chain_ms[k], timed_over if shape.k else f"estimated: a chain of the tree's depth {k}"
+
     def score(self) -> Simulation:
         shapes, depth = self.config.shapes, max(s.depth for s in self.config.shapes)
         if self.method == TEACHER_FORCED:
             t0 = time.perf_counter()
-            per_shape: dict[Shape, list] = {s: [] for s in shapes}
-            for turn in self.turns:
-                prompt, output = self._ids(turn)
-                proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
-                if not proposals.ranked and any(s.tree is not None for s in shapes):
-                    raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
-                self.hidden_source = proposals.hidden_source or self.hidden_source
-                for shape in shapes:
-                    per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
+            proposals = self.proposals(depth)
+            per_shape = {shape: self.walk_turns(proposals, shape) for shape in shapes}
             scoring_s = time.perf_counter() - t0
         else:
             if any(s.tree is not None for s in shapes) and self.cls.drafts != "tree":
@@ -231,14 +253,7 @@ class Simulator:
                 ms = _mean_draft(per_shape[shape])
                 results.append(ShapeResult(shape, per_shape[shape], ms, "timed over the whole step replay"))
                 continue
-            if self.cls.drafts == "tree":  # the drafter drafts this very shape
-                ms, source = self.time_drafts(shape.k, self.drafter_for(shape)), f"timed over {self.config.latency_steps} replayed steps"
-            else:
-                k = shape.depth
-                if k not in chain_ms:
-                    chain_ms[k] = self.time_drafts(k, self.drafter)
-                ms = chain_ms[k]
-                source = f"timed over {self.config.latency_steps} replayed steps" if shape.k else f"estimated: a chain of the tree's depth {k}"
+            ms, source = self.draft_ms(shape, chain_ms)
             results.append(ShapeResult(shape, per_shape[shape], ms, source))
         latency_s = time.perf_counter() - t0
         return Simulation(self.method, self.hidden_source, scoring_s, latency_s, results)

@@ -421,7 +421,13 @@ def tune_log(
             verify = tuner.over(verify_log)
     costs = costs_for(tuner, draft_ms, overhead_from, overhead_ms, progress)
     frontier = tuner.frontier(model, costs, label=str(profile or f"{log.path} (its profile)"), verify=verify)
-    chosen = frontier.chosen
+    return choose(tuner, frontier, log, verify_log, out, command)
+
+
+def choose(tuner: Tuner, frontier: Frontier, log: TargetLog, verify_log: TargetLog | None, out: Path | None,
+           command: str = "") -> TuneResult:
+    """The frontier's best shape: written to `out` as a tree file, with the commands that check it."""
+    chosen, config = frontier.chosen, tuner.config
     paths = tuner.paths(chosen.size)
     if out is not None:
         write_tree(out, paths, {

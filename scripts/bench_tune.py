@@ -7,9 +7,10 @@ training prompts, then measure on held-out prompts, tuned against the catalogue'
 
 1. record: `pool-train` (--train-limit prompts, --hidden, with its verify profile) and `pool-heldout`
    (--heldout-limit prompts, --hidden): the same --max-new-tokens.
-2. overhead: a short prompt-lookup run on `pool-train` (2 prompts): per-step time outside draft and
+2. the CPU verify profile, measured in this process just before tuning (--profile log: the log's);
+   overhead: a short prompt-lookup run on `pool-train` (2 prompts): per-step time outside draft and
    verify, spec and plain, from its records (`--overhead-from`).
-3. per drafter: tune on the pool-train log alone (verify profile of that log, draft ms timed along it);
+3. per drafter: tune on the pool-train log alone (the profile of step 2, draft ms timed along the log);
    the candidates are also walked over the pool-heldout log (predicted τ there == `simulate`'s).
    The same acceptance table under the GPU profile (--gpu-profile) gives the GPU frontier; the draft
    cost there is this CPU's, scaled by t_gpu(1) / t_cpu(1) (the heads were not timed on a GPU).
@@ -27,11 +28,13 @@ from pathlib import Path
 
 import torch
 
+from specbench.environment import environment
 from specbench.report.build import run_summary
 from specbench.report.plots import tune_frontiers
 from specbench.runner import RunConfig, start_run
-from specbench.simulate.log import read_log, read_profile
+from specbench.simulate.log import VerifyProfile, read_log, read_profile
 from specbench.simulate.predict import LatencyModel
+from specbench.simulate.profile import measure_profile
 from specbench.simulate.record import record_workload
 from specbench.simulate.runner import SimulateConfig, Simulator
 from specbench.simulate.tune import (
@@ -59,6 +62,21 @@ def record_logs(args, work: Path) -> tuple[Path, Path]:
         record_workload("smollm2-135m", "pool-heldout", heldout, args.heldout_limit, args.max_new_tokens, None, True, False, 128, 3,
                         "cpu", "auto")
     return train, heldout
+
+
+def cpu_profile(args, work: Path, train, target) -> VerifyProfile:
+    """The log's profile, or (default) one measured now in this process, just before the drafts are
+    timed: on a shared machine both then see about the same load."""
+    if args.profile == "log":
+        return train.profile
+    path = work / "profile-cpu.json"
+    if args.reuse and path.exists():
+        return read_profile(path)
+    lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in train.turns]
+    profile = measure_profile(target, train.turns[0].prompt_ids, sum(lengths) // len(lengths), args.max_nodes + 1, 3,
+                              environment(target.device)["device_name"])
+    path.write_text(json.dumps(profile.to_json()) + "\n")
+    return profile
 
 
 def run_once(work: Path, name: str, drafter: str, options: dict, args, target, workload: str = "pool-heldout",
@@ -95,6 +113,8 @@ def main() -> None:
     parser.add_argument("--max-nodes", type=int, default=128, help="largest tree considered (chains: 8)")
     parser.add_argument("--gpu-profile", type=Path, default=Path(__file__).resolve().parent.parent / "docs/profiles/h100-vicuna-7b-fast.json")
     parser.add_argument("--latency-steps", type=int, default=32)
+    parser.add_argument("--profile", choices=("fresh", "log"), default="fresh",
+                        help="CPU verify profile: measured now, before tuning (default), or the pool-train log's")
     parser.add_argument("--reuse", action="store_true", help="keep logs and runs already in --work")
     args = parser.parse_args()
     work = args.work
@@ -102,9 +122,9 @@ def main() -> None:
 
     train_path, heldout_path = record_logs(args, work)
     train, heldout = read_log(train_path), read_log(heldout_path)
-    cpu = LatencyModel.build(train.profile, None, None)
-    gpu = LatencyModel.build(read_profile(args.gpu_profile), None, None)
     target = HFTarget.load("smollm2-135m", torch.device("cpu"), torch.float32)  # heads tied to its LM head need it
+    cpu = LatencyModel.build(cpu_profile(args, work, train, target), None, None)
+    gpu = LatencyModel.build(read_profile(args.gpu_profile), None, None)
     calibration = run_once(work, "calibrate-overhead", "prompt-lookup", {}, args, target, workload="pool-train", limit=2)
     spec_overhead, plain_overhead, overhead_source = overhead_from_run(calibration)
     print(f"overhead per step: spec {spec_overhead:.2f} ms, plain {plain_overhead:.2f} ms ({overhead_source})")

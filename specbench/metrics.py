@@ -1,6 +1,6 @@
 """Every metric specbench prints, computed from step and turn records in one place.
 
-Definitions follow ../shared/reference/metrics-and-logs.md:
+Definitions (docs/metrics.md says the same for a reader):
 - τ (mean accepted length): tokens emitted per verification step, the target's
   bonus/correction token included; plain decoding = 1.00.
 - acceptance rate: accepted draft tokens / drafted tokens (all tree nodes).

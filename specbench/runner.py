@@ -22,6 +22,7 @@ import torch
 from specbench.drafters.registry import build_drafter, parse_options
 from specbench.engine.engines import ENGINES
 from specbench.engine.loop import decode
+from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.environment import environment
 from specbench.errors import UserError
@@ -36,7 +37,14 @@ from specbench.records import (
 )
 from specbench.store import RunStore
 from specbench.targets import BACKENDS, load_target
-from specbench.targets.loading import load_config, resolve_device, resolve_dtype
+from specbench.targets.loading import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    TARGET_HELP,
+    load_config,
+    resolve_device,
+    resolve_dtype,
+)
 from specbench.targets.parallel import tensor_parallel
 from specbench.workloads import (
     Prompt,
@@ -51,24 +59,30 @@ WARMUP_TOKENS = 16
 
 @dataclass
 class RunConfig:
-    target: str = "smollm2-135m"
-    drafter: str = "prompt-lookup"
-    drafter_options: dict[str, Any] = field(default_factory=dict)
-    workload: str = "builtin"
-    workload_file: str | None = None  # the published file a named workload reads (else its default place or the hub)
-    categories: list[str] | None = None  # keep these categories (or tasks)
-    limit: int | None = None
-    shard: str | None = None  # "i/n": every n-th prompt from the i-th (1-based), after categories and limit
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    engine: str = "auto"  # auto | eager | fast (engine/engines.py); the baseline runs on the same engine
-    baseline: bool = True
-    warmup: bool = True
-    backend: str = "hf"  # target backend: hf, or deepspeed (tensor parallel over `tp` ranks)
-    tp: int = 1
+    """A run's configuration; each field's help is what `specbench run --help` shows."""
+
+    target: str = option("smollm2-135m", TARGET_HELP)
+    drafter: str = option("prompt-lookup", "a name from `specbench drafters`")
+    drafter_options: dict[str, Any] = field(default_factory=dict)  # from the drafter's own flags and -o
+    workload: str = option("builtin", "a name from `specbench workloads`, or a .jsonl file (format detected)")
+    workload_file: str | None = option(None, "the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")
+    categories: list[str] | None = option(None, "keep only these categories or tasks (comma-separated or repeated)")
+    limit: int | None = option(None, "use only the first N prompts")
+    shard: str | None = option(None, "i/n: measure every n-th prompt from the i-th (after --categories and --limit); `report` merges the shards")
+    max_new_tokens: int = option(128, "new tokens per turn at most")
+    temperature: float = option(0.0, "0 = greedy (lossless); > 0 = speculative sampling (chains) or the drafter's own rule (typical acceptance: lossy)")
+    seed: int = option(0, "seed for sampling")
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+    engine: str = option("auto", "auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA); the baseline runs on the same engine")
+    backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
+    tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")
+    baseline: bool = option(True, "also run plain decoding on the same prompts")
+    warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
+
+    def __post_init__(self) -> None:
+        if self.categories:  # `--categories a,b --categories c`
+            self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()] or None
 
 
 def check(config: RunConfig) -> None:

@@ -264,9 +264,9 @@ def main_quiet(args, monkeypatch):
 
 
 def test_bundled_drafters_are_registered_and_small():
-    from specbench.drafters.draft_model import default_draft_model
     from specbench.bundled import bundled_dir
     from specbench.catalogue import catalogue
+    from specbench.drafters.draft_model import default_draft_model
 
     assert default_draft_model("smollm2-135m") == "smollm2-135m-draft"
     assert catalogue("heads")["medusa"]["smollm2-135m"]["heads"] == "bundled:smollm2-135m-medusa"

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from specbench.engine.loop import Clock
+from specbench.engine.options import option
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
 from specbench.simulate.log import VerifyProfile
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
 
 
 @torch.inference_mode()
@@ -49,8 +52,20 @@ def measure_profile(
     return VerifyProfile(context_tokens=context_tokens, ms=ms, device_name=device_name, repeats=repeats)
 
 
-def profile_target(target_name: str, out: Path, workload: str = "builtin", context_tokens: int = 256, max_tokens: int = 128,
-                   repeats: int = 3, device: str = "auto", dtype: str = "auto", progress: Progress = SILENT) -> VerifyProfile:
+@dataclass
+class ProfileConfig:
+    """What `specbench profile` measures; each field's help is what `--help` shows."""
+
+    target: str = option("smollm2-135m", TARGET_HELP)
+    workload: str = option("builtin", "the context is its first prompt, repeated to --context-tokens")
+    context_tokens: int = option(256, "context length the forwards see", min=1)
+    max_tokens: int = option(128, "profile forwards of 1..N tokens", min=1)
+    repeats: int = option(3, "timed repeats per token count (median kept)", min=1)
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+
+
+def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT) -> VerifyProfile:
     """`specbench profile`: load the target and measure its profile over the workload's first prompt
     repeated to `context_tokens`; written to `out` as JSON."""
     from specbench.environment import environment
@@ -58,13 +73,14 @@ def profile_target(target_name: str, out: Path, workload: str = "builtin", conte
     from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.workloads import encode_turn, load_workload
 
-    dev = resolve_device(device)
-    with progress.status(f"loading {target_name}"):
-        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    c = config
+    dev = resolve_device(c.device)
+    with progress.status(f"loading {c.target}"):
+        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
     if target.tokenizer is None:
-        raise UserError(f"target '{target_name}' has no tokenizer to encode the context prompt")
-    context = encode_turn(target.tokenizer, load_workload(workload)[0], 0, [])
+        raise UserError(f"target '{c.target}' has no tokenizer to encode the context prompt")
+    context = encode_turn(target.tokenizer, load_workload(c.workload)[0], 0, [])
     with progress.status("measuring"):
-        result = measure_profile(target, context, context_tokens, max_tokens, repeats, environment(dev)["device_name"])
+        result = measure_profile(target, context, c.context_tokens, c.max_tokens, c.repeats, environment(dev)["device_name"])
     Path(out).write_text(json.dumps(result.to_json()) + "\n")
     return result

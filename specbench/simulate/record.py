@@ -10,12 +10,14 @@ took its argmax of.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from specbench.engine.loop import decode
+from specbench.engine.options import option
 from specbench.engine.protocol import FINAL, PlainDecoding
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -27,6 +29,7 @@ from specbench.simulate.log import (
     hidden_file_for,
     write_log,
 )
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
 from specbench.workloads import Prompt, encode_turn, workload_hash
 
 
@@ -121,21 +124,24 @@ def record(
     return out
 
 
-def record_workload(
-    target_name: str,
-    workload: str,
-    out: Path,
-    limit: int | None = None,
-    max_new_tokens: int = 128,
-    topk: int | None = None,
-    hidden: bool = False,
-    profile: bool = True,
-    profile_max_tokens: int = 128,
-    profile_repeats: int = 3,
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: Progress = SILENT,
-) -> TargetLog:
+@dataclass
+class RecordConfig:
+    """What `specbench record` records; each field's help is what `--help` shows."""
+
+    target: str = option("smollm2-135m", TARGET_HELP)
+    workload: str = option("builtin", "a name from `specbench workloads`, or a .jsonl file")
+    limit: int | None = option(None, "use only the first N prompts", min=1)
+    max_new_tokens: int = option(128, "new tokens per turn at most", min=1)
+    topk: int | None = option(None, "also keep the target's top-N log-probs per position", min=1)
+    hidden: bool = option(False, "also keep the target's final hidden states (safetensors side file) for head drafters")
+    profile: bool = option(True, "also measure the verify-latency profile into the log")
+    profile_max_tokens: int = option(128, "profile forwards of 1..N tokens", min=1)
+    profile_repeats: int = option(3, "timed repeats per token count (median kept)", min=1)
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+
+
+def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT) -> TargetLog:
     """`specbench record`: load the target, record its greedy outputs on the workload and, with
     `profile`, its verify-latency profile over a typical context, into one log."""
     from specbench.environment import environment
@@ -145,18 +151,19 @@ def record_workload(
     from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.workloads import load_workload
 
-    prompts = load_workload(workload)[:limit] if limit else load_workload(workload)
-    dev = resolve_device(device)
-    with progress.status(f"loading {target_name}"):
-        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    c = config
+    prompts = load_workload(c.workload)[: c.limit] if c.limit else load_workload(c.workload)
+    dev = resolve_device(c.device)
+    with progress.status(f"loading {c.target}"):
+        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
     env = environment(dev)
-    advance = progress.task(f"recording {target_name}", sum(len(p.turns) for p in prompts))
-    record(target, prompts, workload, max_new_tokens, out, topk, hidden, None, env, advance)
+    advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
+    record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, env, advance)
     log = read_log(out)
-    if profile:
+    if c.profile:
         lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in log.turns]
         with progress.status("measuring the verify-latency profile"):
-            log.profile = measure_profile(target, log.turns[0].prompt_ids, sum(lengths) // len(lengths), profile_max_tokens,
-                                          profile_repeats, env["device_name"])
+            log.profile = measure_profile(target, log.turns[0].prompt_ids, sum(lengths) // len(lengths), c.profile_max_tokens,
+                                          c.profile_repeats, env["device_name"])
         write_log(out, log.header, log.turns, log.profile)
     return log

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from specbench.drafters.registry import drafter_class
+from specbench.engine.options import option
 from specbench.engine.protocol import FINAL
 from specbench.errors import UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
@@ -108,13 +109,15 @@ class LoggedTarget:
 
 @dataclass
 class SimulateConfig:
-    drafter: str
+    """What `simulate` scores; each field with help is a flag of `specbench simulate`."""
+
+    drafter: str = option("prompt-lookup", "a name from `specbench drafters`")
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    shapes: list[Shape] = field(default_factory=list)
-    max_new_tokens: int | None = None  # default: the log's
-    limit: int | None = None
-    method: str = "auto"  # auto | teacher-forced | replay
-    latency_steps: int = 32  # proposals timed per shape
+    shapes: list[Shape] = field(default_factory=list)  # from --k and --tree
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
+    limit: int | None = option(None, "use only the first N logged turns")
+    method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay")
+    latency_steps: int = option(32, "proposals timed per shape for the draft latency")
 
 
 @dataclass
@@ -400,6 +403,15 @@ class SimulateResult:
     simulation: Simulation
     reports: list[ShapeReport]
     latency: LatencyModel
+
+    def to_json(self) -> dict:
+        sim = self.simulation
+        return {
+            "log": str(self.log.path), "method": sim.method, "hidden_source": sim.hidden_source,
+            "scoring_s": sim.scoring_s, "latency_s": sim.latency_s,
+            "results": [{"shape": r.shape, "run": r.directory, "alpha_iid": r.alpha_iid, "leviathan_expected_speedup": r.leviathan_speedup,
+                         "draft_ms_source": r.draft_ms_source, **r.summary.to_json()} for r in self.reports],
+        }
 
 
 def simulate_log(

@@ -17,6 +17,10 @@ from specbench.bundled import bundled_dir
 from specbench.catalogue import catalogue
 from specbench.errors import UserError
 
+DEVICE_HELP = "auto (CUDA when there is a GPU), cpu, cuda, cuda:N"
+DTYPE_HELP = "auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16"
+TARGET_HELP = "alias (see catalogue/targets.toml), hub id or local directory"
+
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,

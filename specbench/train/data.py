@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from specbench.engine.options import option
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.workloads import Prompt, encode_turn, load_workload, workload_hash
 
 META = "meta.json"
@@ -192,15 +194,31 @@ def generate_answers(
     return results
 
 
-def make_data_for(target_name: str, workload: str, out: Path, device: str = "auto", dtype: str = "auto",
-                  progress: Progress = SILENT, **options) -> dict:
+@dataclass
+class DataConfig:
+    """What `specbench train-data` generates; each field's help is what `--help` shows."""
+
+    target: str = option("smollm2-135m", "the target whose own answers become the training data")
+    workload: str = option("pool-train", "prompts: pool-train (built-in, offline), a .jsonl workload or a ShareGPT-layout .json/.jsonl")
+    max_new_tokens: int = option(256, "answer length cap per turn", min=1)
+    temperature: float = option(0.0, "0 = greedy answers; > 0 = sampled", min=0)
+    batch_size: int = option(16, "prompts generated together", min=1)
+    limit: int | None = option(None, "use only the first N prompts", min=1)
+    cache_hidden: bool = option(True, "also store the target's final hidden states (fp16), so head training skips the target body")
+    seed: int = option(0, "seed for sampling")
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+
+
+def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progress: Progress = SILENT, command: str = "") -> dict:
     """`specbench train-data`: load the target, then `make_data` with progress shown per stage."""
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
 
-    dev = resolve_device(device)
-    with progress.status(f"loading {target_name}"):
-        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    c = config
+    dev = resolve_device(c.device)
+    with progress.status(f"loading {c.target}"):
+        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
     stages: dict[str, Callable] = {}
     done: dict[str, int] = {}
 
@@ -210,7 +228,8 @@ def make_data_for(target_name: str, workload: str, out: Path, device: str = "aut
         stages[stage](count - done[stage])
         done[stage] = count
 
-    return make_data(target, workload, out, on_progress=on_progress, **options)
+    return make_data(target, c.workload, out, max_new_tokens=c.max_new_tokens, temperature=c.temperature, batch_size=c.batch_size,
+                     seed=c.seed, limit=c.limit, cache_hidden=c.cache_hidden, overwrite=overwrite, command=command, on_progress=on_progress)
 
 
 def make_data(

@@ -120,11 +120,6 @@ def read_rows(lines: list[str], source: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
-    """Prompts of a JSONL file in any supported format (detected)."""
-    return parse_rows(read_rows(lines, source), source)[0]
-
-
 def read_file(path: Path, name: str | None = None) -> Workload:
     if not path.is_file():
         raise UserError(f"workload file '{path}' does not exist")

@@ -162,6 +162,7 @@ def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
 def show_run(directory: Path, as_json: bool) -> None:
     from specbench.metrics import memory_model, summarise
     from specbench.report.tables import divergence_table, position_table, summary_table
+    from specbench.runner import engine_line
     from specbench.store import RunStore
 
     store = RunStore.open(directory)
@@ -171,11 +172,14 @@ def show_run(directory: Path, as_json: bool) -> None:
         err_console.print(f"[yellow]warning:[/] {warning}")
     summary = summarise(steps, turns, memory_model(store.info.extra))
     if as_json:
-        print(json.dumps({"run": str(directory), **summary.to_json()}, indent=2))
+        print(json.dumps({"run": str(directory), **summary.to_json(), "engine": store.info.extra.get("engine")}, indent=2))
         return
     info = store.info
     title = f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"
     console.print(summary_table(summary, title))
+    line = engine_line(info.extra)
+    if line:
+        console.print(line, highlight=False)
     if summary.per_position:
         console.print(position_table(summary))
     if summary.diverged:

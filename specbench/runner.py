@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 
 from specbench.drafters.base import PlainDecoding, build_drafter, check_options
 from specbench.engine.loop import decode
+from specbench.engine.static_cache import EVENTS
 from specbench.errors import UserError
 from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, first_divergence
 from specbench.store import RunStore
@@ -32,6 +33,7 @@ from specbench.targets.loading import load_config, resolve_device, resolve_dtype
 from specbench.workloads import Prompt, encode_turn, open_workload, select, workload_hash
 
 WARMUP_TOKENS = 16
+ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a later turn
 BACKENDS = ("hf", "deepspeed")
 
 
@@ -191,8 +193,27 @@ class Benchmark:
         result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
         return ids, result
 
-    def warm_up(self) -> None:
-        """One short untimed decode in each mode: first-call costs (allocations, kernel selection) stay out of the numbers."""
+    def longest_sequence(self) -> int:
+        """An upper bound on the positions any sequence of this run reaches: its prompt (a later
+        turn holds the earlier answers, each re-encoded from at most max_new_tokens tokens) +
+        the new tokens + the largest verify (the root and the drafter's largest proposal)."""
+        longest = 0
+        for prompt in self.prompts:
+            for turn in range(len(prompt.turns)):
+                ids = encode_turn(self.target.tokenizer, prompt, turn, [""] * turn)
+                longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
+        return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
+
+    def warm_up(self) -> dict[str, Any]:
+        """Before anything is timed: size the static caches for the longest sequence, capture
+        every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
+        untimed decode in each mode (first-call costs: allocations, kernel selection).
+        Returns what the warm-up captured, for run.json."""
+        before = replace(EVENTS)
+        positions = self.longest_sequence()
+        self.target.warm_up(1, (), positions)  # plain decoding verifies the root alone
+        self.target.warm_up(1 + self.drafter.max_draft_tokens, self.drafter.taps, positions)
+        self.drafter.warm_up(positions)
         saved = self.config.max_new_tokens
         self.config.max_new_tokens = min(saved, WARMUP_TOKENS)
         try:
@@ -200,6 +221,24 @@ class Benchmark:
                 self._decode(drafter, self.prompts[0], 0, [])
         finally:
             self.config.max_new_tokens = saved
+        return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
+                "planned_positions": positions}
+
+    def engine_record(self) -> dict[str, Any]:
+        """run.json's `engine` entry before the warm-up: the target's engine and cache, and
+        counters of what happened while prompts were timed (captures, mid-sequence regrowths)."""
+        stats = self.target.engine_stats()
+        return {
+            "engine": getattr(self.target, "engine", "eager"),
+            "cuda_graphs": bool(stats.get("cuda_graphs")),
+            "capture_ms": 0.0,
+            "graphs": 0,
+            "capacity": stats.get("capacity"),
+            "timed_captures": 0,
+            "timed_capture_ms": 0.0,
+            "timed_regrowths": 0,
+            "timed_capture_prompts": [],
+        }
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
         modes = [(BASELINE, self.plain)] if self.config.baseline else []
@@ -241,17 +280,48 @@ class Benchmark:
     def run(self, store: RunStore, on_prompt: Callable[[Prompt], None] = lambda p: None) -> None:
         done = store.keep_complete(self.records_per_prompt())
         todo = [p for p in self.prompts if p.id not in done]
+        engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
         if todo and self.config.warmup:
-            self.warm_up()
+            engine.update(self.warm_up())
+        engine["capacity"] = self.target.engine_stats().get("capacity")
+        store.write_info()
         for prompt in self.prompts:
             if prompt.id in done:
                 on_prompt(prompt)
                 continue
+            before = replace(EVENTS)
             steps, turns = self.measure_prompt(prompt)
+            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths:
+                # a capture (or a cache regrowth) inside a timed prompt: its timings include it
+                engine["timed_captures"] += EVENTS.captures - before.captures
+                engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
+                engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
+                engine["timed_capture_prompts"].append(prompt.id)
             store.append_prompt(steps, turns)
             on_prompt(prompt)
+        engine["capacity"] = self.target.engine_stats().get("capacity")
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
+
+
+def engine_line(extra: dict[str, Any]) -> str | None:
+    """The line `specbench run` shows about the fast engine's warm-up, apart from tokens/s."""
+    e = extra.get("engine") or {}
+    if e.get("engine") != "fast":
+        return None
+    capacity = f"KV cache {e['capacity']} positions" if e.get("capacity") else "KV cache"
+    if e.get("cuda_graphs"):
+        line = f"fast engine: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
+    else:
+        line = f"fast engine: static {capacity}, no CUDA graphs"
+    if e.get("timed_captures") or e.get("timed_regrowths"):
+        prompts = e.get("timed_capture_prompts", [])
+        line += (
+            f"; inside timed prompts: {e['timed_captures']} captures ({e['timed_capture_ms'] / 1000:.2f} s) and "
+            f"{e['timed_regrowths']} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
+            f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
+        )
+    return line
 
 
 def load_target(config: RunConfig, device: torch.device, dtype: torch.dtype) -> HFTarget:

@@ -194,7 +194,7 @@ def test_hydra_hidden_state_offset_reads_an_earlier_layer(target, tmp_path, plai
 def test_hydra_proposal_is_in_node_order(target, checkpoints):
     drafter = build("hydra-prefix", target, checkpoints)
     prompt = prompts(1, seed=5)[0]
-    _, hidden = target.prefill(prompt, True)
+    _, hidden = target.prefill(prompt, (None,))
     drafter.begin(prompt, hidden)
     tokens = torch.cat([prompt, torch.tensor([7])])
     from specbench.drafters.base import DraftContext
@@ -230,7 +230,7 @@ def test_prefix_layer_cache_holds_exactly_the_accepted_tokens(target, checkpoint
     drafter.catch_up()  # the last step's accepted rows (fed at the next draft, which never came)
     assert drafter.prefix.cached == target.seq_len
     kept = torch.cat([prompt, torch.tensor(result.output_ids)])[: target.seq_len]
-    _, hidden = target.prefill(kept, True)
+    _, hidden = target.prefill(kept, (None,))
     fresh = type(drafter.prefix)(target.config, 1).double()
     fresh.model.load_state_dict(drafter.prefix.model.state_dict())
     fresh.feed(hidden)

@@ -77,6 +77,23 @@ class Drafter:
     # the acceptance rule at temperature > 0 for tree drafters (None: speculative sampling)
     typical_acceptance: TypicalAcceptance | None = None
 
+    @property
+    def max_draft_tokens(self) -> int:
+        """The most tree nodes one proposal can have (k for chains, the tree's size for head
+        drafters, 0 for none): the target sizes its cache and warms up its buckets for it."""
+        return 0
+
+    @property
+    def taps(self) -> tuple[int | None, ...]:
+        """The target hidden states this drafter reads, as the target's `taps` (empty: none;
+        None: the final normed state; j: the input of decoder layer j)."""
+        return (self.hidden_state_layer,) if self.needs_hidden_states else ()
+
+    def warm_up(self, max_positions: int | None = None) -> float:
+        """Before a timed run: size the drafter's own static caches for sequences of up to
+        max_positions and capture its CUDA graphs. Returns the ms spent capturing."""
+        return 0.0
+
     @classmethod
     def create(cls, target: HFTarget, **options: Any) -> Drafter:
         """Build from the target and the user's options (CLI flags or `-o key=value`)."""

@@ -95,6 +95,10 @@ class HeadDrafter(Drafter):
         self.pending: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None  # [H] the heads' input at the last accepted position
 
+    @property
+    def max_draft_tokens(self) -> int:
+        return len(self.shape)
+
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.pending = prompt_hidden
 

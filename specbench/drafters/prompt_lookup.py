@@ -26,6 +26,10 @@ class PromptLookupDrafter(Drafter):
             raise UserError(f"need 1 <= min_ngram <= max_ngram (got {min_ngram}, {max_ngram})")
         self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
 
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.k
+
     def lookup(self, sequence: torch.Tensor, k: int) -> torch.Tensor:
         """Up to k tokens that followed the most recent earlier occurrence of the longest
         matching suffix n-gram; empty when none matches."""

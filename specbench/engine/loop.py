@@ -50,9 +50,11 @@ def decode(
     clock = Clock(target.device)
     start = clock.now()
     prompt_ids = prompt_ids.reshape(-1).to(target.device)
-    want_hidden, hidden_layer = drafter.needs_hidden_states, drafter.hidden_state_layer
+    taps = drafter.taps
     typical = drafter.typical_acceptance
-    logits, hidden = target.prefill(prompt_ids, want_hidden, hidden_layer)
+    # how far the sequence can reach: a static cache is sized for it now, not grown mid-sequence
+    max_positions = prompt_ids.numel() + max_new_tokens + 1 + drafter.max_draft_tokens
+    logits, hidden = target.prefill(prompt_ids, taps, max_positions=max_positions)
     first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, typical).bonus
     output = [first]
     ttft_ms = clock.now() - start
@@ -65,7 +67,7 @@ def decode(
         context = DraftContext(sequence, prompt_ids.numel(), max_new_tokens - len(output), temperature, generator)
         tree = drafter.propose(context)
         t1 = clock.now()
-        logits, hidden = target.verify(output[-1], tree, want_hidden, hidden_layer)
+        logits, hidden = target.verify(output[-1], tree, taps)
         t2 = clock.now()
         result = accept(tree, logits, temperature, generator, typical)
         target.commit(result.accepted_nodes)

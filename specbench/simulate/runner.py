@@ -149,7 +149,7 @@ class Simulator:
             )
         self.hidden_source = "teacher-forced target forward" + (f" (input of layer {layer})" if layer is not None else "")
         sequence = torch.tensor(turn.prompt_ids + turn.output_ids[: self.max_new])
-        _, hidden = self.target.prefill(sequence[:-1], want_hidden=True, hidden_layer=layer)
+        _, hidden = self.target.prefill(sequence[:-1], (layer,))
         return hidden
 
     def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:

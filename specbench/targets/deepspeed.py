@@ -202,15 +202,15 @@ class DeepSpeedTarget(HFTarget):
         dist.broadcast(payload, src=0)
         return op, root, list(payload.split(n))
 
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
+    def prefill(self, prompt: torch.Tensor, taps=(), max_positions: int | None = None):
         if self.leads:
             self._send(PREFILL, 0, prompt)
-        return super().prefill(prompt, want_hidden, hidden_layer)
+        return super().prefill(prompt, taps, max_positions)
 
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
+    def verify(self, root: int, tree: DraftTree, taps=()):
         if self.leads:
             self._send(VERIFY, root, tree.tokens, tree.parents)
-        return super().verify(root, tree, want_hidden, hidden_layer)
+        return super().verify(root, tree, taps)
 
     def commit(self, accepted_nodes: list[int]) -> None:
         if self.leads:

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specbench.engine import kv
+from specbench.engine.static_cache import Taps, tapped_forward
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -79,40 +80,30 @@ class HFTarget:
     def num_layers(self) -> int:
         return len(self.backbone.layers)
 
-    @torch.inference_mode()
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, want_hidden: bool, hidden_layer: int | None = None
-    ):
-        tapped: list[torch.Tensor] = []
-        hook = None
-        if want_hidden and hidden_layer is not None:
-            # the hidden state entering layer `hidden_layer` (its first positional argument)
-            hook = self.backbone.layers[hidden_layer].register_forward_pre_hook(lambda module, args: tapped.append(args[0]))
-        try:
-            out = self.backbone(
-                input_ids=ids[None],
-                position_ids=positions[None],
-                attention_mask=mask,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
-        hidden = out.last_hidden_state[0]
-        # the head sees [1, L, H], as in the model's own forward (DeepSpeed's sharded head needs it)
-        logits = self.lm_head(out.last_hidden_state)[0].float()
-        if not want_hidden:
-            return logits, None
-        return logits, (tapped[0][0] if hook is not None else hidden)
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        """The eager engine captures nothing (FastHFTarget does): 0 ms."""
+        return 0.0
 
-    def prefill(self, prompt: torch.Tensor, want_hidden: bool = False, hidden_layer: int | None = None):
-        """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H] or None); the
-        hidden states are the final normed ones, or the input of layer `hidden_layer`."""
+    def engine_stats(self) -> dict:
+        return {}
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, taps: Taps = ()):
+        last, hidden = tapped_forward(
+            self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+            past_key_values=self.cache, use_cache=True,
+        )
+        # the head sees [1, L, H], as in the model's own forward (DeepSpeed's sharded head needs it)
+        return self.lm_head(last)[0].float(), hidden
+
+    def prefill(self, prompt: torch.Tensor, taps: Taps = (), max_positions: int | None = None):
+        """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H * len(taps)] or None):
+        the tapped hidden states (None = final normed, j = the input of layer j), concatenated.
+        max_positions (how far the sequence can reach) sizes a static cache; unused here."""
         self.cache = DynamicCache(config=self.config)
         prompt = prompt.to(self.device)
         positions = torch.arange(prompt.numel(), device=self.device)
-        logits, hidden = self._forward(prompt, positions, None, want_hidden, hidden_layer)
+        logits, hidden = self._forward(prompt, positions, None, taps)
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise UserError(
                 f"target '{self.name}' uses a sliding-window or hybrid KV cache, which tree "
@@ -130,12 +121,12 @@ class HFTarget:
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[None, None].to(self.device)
 
-    def verify(self, root: int, tree: DraftTree, want_hidden: bool = False, hidden_layer: int | None = None):
-        """One forward over root + tree. Returns (logits [1+n, V] fp32, hidden [1+n, H] or None):
+    def verify(self, root: int, tree: DraftTree, taps: Taps = ()):
+        """One forward over root + tree. Returns (logits [1+n, V] fp32, hidden [1+n, H * len(taps)] or None):
         row 0 predicts the root's successor, row i+1 node i's."""
         ids = torch.cat([torch.tensor([root], device=self.device), tree.tokens.to(self.device)])
         depths = torch.tensor([0, *tree.depths], device=self.device)
-        logits, hidden = self._forward(ids, self.seq_len + depths, self.tree_mask(tree), want_hidden, hidden_layer)
+        logits, hidden = self._forward(ids, self.seq_len + depths, self.tree_mask(tree), taps)
         return logits, hidden
 
     def commit(self, accepted_nodes: list[int]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from specbench.engine.engines import ENGINES
 from specbench.engine.loop import decode
 from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
+from specbench.engine.static_cache import EVENTS
 from specbench.environment import environment
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -55,6 +56,7 @@ from specbench.workloads import (
 )
 
 WARMUP_TOKENS = 16
+ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a later turn
 
 
 @dataclass
@@ -177,8 +179,27 @@ class Benchmark:
         result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
         return ids, result
 
-    def warm_up(self) -> None:
-        """One short untimed decode in each mode: first-call costs (allocations, kernel selection) stay out of the numbers."""
+    def longest_sequence(self) -> int:
+        """An upper bound on the positions any sequence of this run reaches: its prompt (a later
+        turn holds the earlier answers, each re-encoded from at most max_new_tokens tokens) +
+        the new tokens + the largest verify (the root and the drafter's largest proposal)."""
+        longest = 0
+        for prompt in self.prompts:
+            for turn in range(len(prompt.turns)):
+                ids = encode_turn(self.target.tokenizer, prompt, turn, [""] * turn)
+                longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
+        return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
+
+    def warm_up(self) -> dict[str, Any]:
+        """Before anything is timed: size the static caches for the longest sequence, capture
+        every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
+        untimed decode in each mode (first-call costs: allocations, kernel selection).
+        Returns what the warm-up captured, for run.json."""
+        before = replace(EVENTS)
+        positions = self.longest_sequence()
+        self.target.warm_up(1, (), positions)  # plain decoding verifies the root alone
+        self.target.warm_up(1 + self.drafter.max_draft_tokens, self.drafter.taps, positions)
+        self.drafter.warm_up(positions)
         saved = self.config.max_new_tokens
         self.config.max_new_tokens = min(saved, WARMUP_TOKENS)
         try:
@@ -186,6 +207,24 @@ class Benchmark:
                 self._decode(drafter, self.prompts[0], 0, [])
         finally:
             self.config.max_new_tokens = saved
+        return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
+                "planned_positions": positions}
+
+    def engine_record(self) -> dict[str, Any]:
+        """run.json's `engine` entry before the warm-up: the target's engine and cache, and
+        counters of what happened while prompts were timed (captures, mid-sequence regrowths)."""
+        stats = self.target.engine_stats()
+        return {
+            "engine": self.target.engine,
+            "cuda_graphs": bool(stats.get("cuda_graphs")),
+            "capture_ms": 0.0,
+            "graphs": 0,
+            "capacity": stats.get("capacity"),
+            "timed_captures": 0,
+            "timed_capture_ms": 0.0,
+            "timed_regrowths": 0,
+            "timed_capture_prompts": [],
+        }
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
         modes = [(BASELINE, self.plain)] if self.config.baseline else []
@@ -227,14 +266,26 @@ class Benchmark:
     def run(self, store: RunStore, progress: Progress = SILENT) -> None:
         done = store.keep_complete(self.records_per_prompt())
         todo = [p for p in self.prompts if p.id not in done]
+        engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
         if todo and self.config.warmup:
-            self.warm_up()
+            with progress.status("warming up (untimed: cache sizing, graph captures, a short decode per mode)"):
+                engine.update(self.warm_up())
+        engine["capacity"] = self.target.engine_stats().get("capacity")
+        store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
         for prompt in todo:
+            before = replace(EVENTS)
             steps, turns = self.measure_prompt(prompt)
+            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths:
+                # a capture (or a cache regrowth) inside a timed prompt: its timings include it
+                engine["timed_captures"] += EVENTS.captures - before.captures
+                engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
+                engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
+                engine["timed_capture_prompts"].append(prompt.id)
             store.append_prompt(steps, turns)
             advance()
+        engine["capacity"] = self.target.engine_stats().get("capacity")
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
 

@@ -100,6 +100,15 @@ class Target(Protocol):
         """The most positions the model was built for (None: unknown)."""
         ...
 
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        """Before anything is timed: size the cache for sequences of up to `max_positions` and
+        capture every forward of 1..max_rows rows (CUDA graphs); the ms spent capturing."""
+        ...
+
+    def engine_stats(self) -> dict:
+        """What run.json records about the engine (cache capacity, graphs)."""
+        ...
+
     # --- read-only weights head drafters build on (never written) ---------------------
     @property
     def config(self) -> Any:
@@ -237,8 +246,9 @@ class Drafter:
         """The most tree nodes one proposal can hold (0: it never drafts)."""
         return 0
 
-    def warm_up(self) -> float:
-        """Untimed preparation before measuring (e.g. capturing CUDA graphs); the ms it took."""
+    def warm_up(self, max_positions: int | None = None) -> float:
+        """Before a timed run: size the drafter's own static caches for sequences of up to
+        `max_positions` and capture its CUDA graphs. Returns the ms spent capturing."""
         return 0.0
 
     def begin(self, prompt_tokens: torch.Tensor, prompt_hidden: torch.Tensor | None) -> None:

@@ -113,3 +113,23 @@ def comparison_table(frame, title: str = "setups compared") -> Table:
     for _, row in frame.iterrows():
         table.add_row(str(row["setup"]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
     return table
+
+
+def engine_line(extra: dict) -> str | None:
+    """The line `specbench run` shows about the fast engine's warm-up, apart from tokens/s."""
+    e = extra.get("engine") or {}
+    if e.get("engine") != "fast":
+        return None
+    capacity = f"KV cache {e['capacity']} positions" if e.get("capacity") else "KV cache"
+    if e.get("cuda_graphs"):
+        line = f"fast engine: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
+    else:
+        line = f"fast engine: static {capacity}, no CUDA graphs"
+    if e.get("timed_captures") or e.get("timed_regrowths"):
+        prompts = e.get("timed_capture_prompts", [])
+        line += (
+            f"; inside timed prompts: {e['timed_captures']} captures ({e['timed_capture_ms'] / 1000:.2f} s) and "
+            f"{e['timed_regrowths']} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
+            f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
+        )
+    return line

@@ -33,7 +33,7 @@ def measure_profile(
     if not context:
         raise UserError("profile: need a non-empty context prompt")
     ids = (context * (context_tokens // len(context) + 1))[:context_tokens]
-    target.prefill(torch.tensor(ids))
+    target.prefill(torch.tensor(ids), max_positions=context_tokens + max_tokens)
     clock = Clock(target.device)
     filler = torch.tensor(ids * (max_tokens // len(ids) + 1))[: max_tokens - 1]
     root = ids[-1]

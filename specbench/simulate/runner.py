@@ -79,8 +79,11 @@ class LoggedTarget:
     def context_window(self) -> int | None:
         return None
 
-    def warm_up(self, max_rows: int) -> float:
+    def warm_up(self, max_rows: int, taps=(), max_positions=None) -> float:
         return 0.0
+
+    def engine_stats(self) -> dict:
+        return {}
 
     def prefill(self, prompt, taps=(), max_positions=None):
         raise self._missing("forward pass")

@@ -285,12 +285,7 @@ def report(
     """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
     from specbench.report.build import VIEWS, build, export, write_outputs
     from specbench.report.frames import group_summary
-    from specbench.report.tables import (
-        breakdown_table,
-        comparison_table,
-        position_table,
-        summary_table,
-    )
+    from specbench.report.tables import breakdown_table, comparison_table, divergence_table, position_table, summary_table
 
     if by not in VIEWS:
         raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
@@ -304,6 +299,8 @@ def report(
         console.print(summary_table(summary, escape(f"{group.label}\non {group.setup['workload']} ({runs_note})")))
         if by in ("setup", "position") and summary.per_position:
             console.print(position_table(summary))
+        if by == "setup" and summary.diverged:
+            console.print(divergence_table(summary))
         if key:
             frame = result.frames[key]
             console.print(breakdown_table(frame[frame.setup == group.label], by, f"by {by}"))

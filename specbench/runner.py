@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from specbench.drafters.registry import build_drafter, parse_options
+from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
-from specbench.engine.loop import decode
+from specbench.engine.loop import Decoded, decode
 from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.static_cache import EVENTS
@@ -230,13 +231,13 @@ class Benchmark:
         modes = [(BASELINE, self.plain)] if self.config.baseline else []
         modes.append((SPEC, self.drafter))
         answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
-        outputs: dict[tuple[str, int], list[int]] = {}
+        outputs: dict[tuple[str, int], Decoded] = {}
         steps: list[StepRecord] = []
         turns: list[TurnRecord] = []
         for turn in range(len(prompt.turns)):
             for mode, drafter in modes:
                 ids, result = self._decode(drafter, prompt, turn, answers[mode])
-                outputs[mode, turn] = result.output_ids
+                outputs[mode, turn] = result
                 answers[mode].append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
                 steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]
                 record = TurnRecord(
@@ -254,10 +255,20 @@ class Benchmark:
                     text=answers[mode][-1],
                 )
                 if mode == SPEC and (BASELINE, turn) in outputs:
-                    record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn])
+                    record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn].output_ids)
                     record.exact_match = record.first_divergence is None
+                    if not record.exact_match and self.config.temperature <= 0:  # sampled outputs differ by design
+                        self._diagnose(record, outputs[BASELINE, turn], result)
                 turns.append(record)
         return steps, turns
+
+    def _diagnose(self, record: TurnRecord, plain: Decoded, spec: Decoded) -> None:
+        """Near-tie or divergence at the first differing token (specbench/engine/divergence.py)."""
+        eps = rounding_eps(self.target.dtype, self.target.hidden_size, self.target.device)
+        found = diagnose(record.first_divergence, plain.top2, spec.top2, eps)
+        record.divergence_kind, record.tie_tolerance = found.kind, found.tolerance
+        record.plain_top2, record.spec_top2 = found.plain_top2, found.spec_top2
+        record.plain_margin, record.spec_margin = found.plain_margin, found.spec_margin
 
     def records_per_prompt(self) -> dict[str, int]:
         modes = 2 if self.config.baseline else 1

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from specbench.errors import UserError
+from specbench.files import atomic_write_text
 from specbench.records import SPEC
 from specbench.store import RunStore
 
@@ -43,6 +44,5 @@ def model_answers(store: RunStore, mode: str = SPEC, model_id: str | None = None
 
 def write_model_answers(store: RunStore, out: Path, mode: str = SPEC, model_id: str | None = None) -> int:
     lines = model_answers(store, mode, model_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return len(lines)

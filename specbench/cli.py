@@ -11,7 +11,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
+from specbench.checks import check_count, check_output_dir, check_output_file
 from specbench.errors import UserError
 
 app = typer.Typer(
@@ -20,9 +22,37 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# The printing boundary: text is printed as given, never read as rich markup or emoji codes, since
+# so much of it is the user's (paths, ids, tree specs, error messages quoting input: `--tree chain:x:`,
+# DSD's "[header] ..." prompts). Styling is applied with Text objects instead.
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
 PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """A line of plain text with styled parts: styled(("name", "bold"), "  summary")."""
+    return Text.assemble(*parts)
+
+
+def status(text: str):
+    """A spinner with a plain-text label (rich parses a status label as markup otherwise)."""
+    return err_console.status(Text(text))
+
+
+def progress_bar(*extra) -> Progress:
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), *extra, console=err_console)
+
+
+def explicit_flags(ctx: typer.Context, *flags: str) -> dict[str, object]:
+    """The flags the user typed (not defaults), as '--flag' -> value, for `flags` (parameter names)."""
+    given = {}
+    for name in flags:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given["--" + name.replace("_", "-")] = ctx.params[name]
+    return given
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -38,6 +68,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     target: Annotated[str, typer.Option(help="alias (see catalogue/targets.toml), hub id or local directory")] = "smollm2-135m",
     drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
     draft_model: Annotated[Optional[str], typer.Option(help="draft-model: alias, hub id or local directory")] = None,
@@ -72,15 +103,18 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run a workload through target + drafter (and plain decoding) and print τ, acceptance, latency and speedup."""
-    from specbench.runner import Benchmark, RunConfig, config_from_info
-    from specbench.store import RunStore
+    from specbench.runner import Benchmark, RunConfig, resume_run
     from specbench.targets import deepspeed
 
     if resume:
-        store = RunStore.open(resume)
-        config = config_from_info(store.info)
-        status = f"resuming {resume}"
+        given = explicit_flags(ctx, *(name for name in ctx.params if name not in ("resume", "as_json", "option")))
+        given |= {f"-o {key}": value for key, value in (parse_option(o) for o in option or [])}
+        if "--categories" in given:
+            given["--categories"] = split_categories(categories)
+        store, config = resume_run(resume, given)
+        loading = f"resuming {resume}"
     else:
+        check_output_dir(out, "--out")
         options = dict(parse_option(o) for o in option or [])
         given = {
             "draft_model": draft_model,
@@ -102,7 +136,7 @@ def run(
             drafter_options=options,
             workload=workload,
             workload_file=workload_file,
-            categories=[c.strip() for text in categories for c in text.split(",") if c.strip()] if categories else None,
+            categories=split_categories(categories),
             limit=limit,
             shard=shard,
             max_new_tokens=max_new_tokens,
@@ -116,18 +150,30 @@ def run(
             backend=backend,
             tp=tp,
         )
-        status = f"loading {config.target} and {config.drafter}"
+        loading = f"loading {config.target} and {config.drafter}"
     if config.backend == "deepspeed" and deepspeed.needs_launcher(config.tp):
         Benchmark.check(config)  # bad input fails here, as one line, not once per rank
+        if resume:
+            store.close()  # rank 0 of the relaunch takes the lock
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
-    with err_console.status(status):
-        bench = Benchmark(config)
+    try:
+        with status(loading):
+            bench = Benchmark(config)
+    except BaseException:
+        if resume:
+            store.close()
+        raise
     if not bench.target.leads:
         return bench.target.follow()  # a tensor-parallel follower rank: rank 0 measures and prints
     try:
         measure_and_show(bench, config, store if resume else None, out, as_json)
     finally:
         bench.target.stop()
+
+
+def split_categories(categories: list[str] | None) -> list[str] | None:
+    """--categories a,b --categories c -> [a, b, c] (None when not given)."""
+    return [c.strip() for text in categories for c in text.split(",") if c.strip()] if categories is not None else None
 
 
 def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
@@ -138,24 +184,27 @@ def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
     err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False)
     if not resume:
         info = bench.run_info(command_line())
-        store = RunStore.create(out / info.run_id, info)
+        store = RunStore.create_unique(out, info)
     else:
         now = bench.run_info("")
         if store.info.workload_hash != now.workload_hash:
+            store.close()
             raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
         started_on, here = (store.info.environment or {}).get("device_name"), now.environment.get("device_name")
         if started_on and started_on != here:  # its timings would be pooled with another machine's
+            store.close()
             raise UserError(f"{store.directory} was measured on {started_on}, this is {here}: resume it there, or start a new run")
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
-    )
-    try:
-        with progress:
-            task = progress.add_task(f"{config.drafter} on {config.target}", total=len(bench.prompts))
-            bench.run(store, on_prompt=lambda p: progress.advance(task))
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted; finished prompts are saved: resume with `specbench run --resume {store.directory}`") from None
+    with store:
+        progress = progress_bar()
+        try:
+            with progress:
+                task = progress.add_task(f"{config.drafter} on {config.target}", total=len(bench.prompts))
+                bench.run(store, on_prompt=lambda p: progress.advance(task))
+        except KeyboardInterrupt:
+            if not store.directory.exists():
+                raise UserError("interrupted before the first prompt finished; nothing was saved") from None
+            raise UserError(f"interrupted; finished prompts are saved: resume with `specbench run --resume {store.directory}`") from None
     show_run(store.directory, as_json)
 
 
@@ -168,7 +217,7 @@ def show_run(directory: Path, as_json: bool) -> None:
     warnings: list[str] = []
     steps, turns = store.load(warnings)
     for warning in warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        say_warning(warning)
     summary = summarise(steps, turns, memory_model(store.info.extra))
     if as_json:
         print(json.dumps({"run": str(directory), **summary.to_json()}, indent=2))
@@ -192,12 +241,12 @@ def drafters() -> None:
         try:
             cls = drafter_class(name)
         except UserError as exc:
-            console.print(f"[bold]{name}[/]  [red]{exc}[/]")
+            console.print(styled((name, "bold"), "  ", (str(exc), "red")), soft_wrap=True)
             continue
         options = ", ".join(
             f"{o.name}={o.default!r}" if o.default is not o.empty else o.name for o in drafter_options(cls).values()
         )
-        console.print(f"[bold]{name}[/]  {cls.summary}  [dim](options: {options or 'none'}; {entry.value})[/]", soft_wrap=True)
+        console.print(styled((name, "bold"), f"  {cls.summary}  ", (f"(options: {options or 'none'}; {entry.value})", "dim")), soft_wrap=True)
 
 
 vocab_trim_app = typer.Typer(help="VocabTrim id lists: the N target tokens a trimmed drafter head keeps.", no_args_is_help=True)
@@ -212,14 +261,15 @@ def vocab_trim_build(
     top: Annotated[Optional[int], typer.Option(help="keep this many ids (default: all, ranked, so runs can take any top N)")] = None,
 ) -> None:
     """Count token frequencies once and save the ranked id list for `--vocab-trim-from`."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from specbench.drafters.vocab_trim import ranked_ids, save_ids, token_counts
-    from specbench.targets.loading import model_location
+    from specbench.targets.loading import load_config, load_tokenizer
 
-    location = model_location(target)
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    vocab_size = AutoConfig.from_pretrained(location).vocab_size
+    check_output_file(out, "--out", inputs=(source,))
+    vocab_size = load_config(target).vocab_size
+    check_count(top, "--top", maximum=vocab_size)
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
     counts, counted = token_counts(source, tokenizer)
     ids = ranked_ids(counts, vocab_size)[:top]
     save_ids(out, ids, target, vocab_size, counted)
@@ -245,14 +295,15 @@ def train_data(
     from specbench.runner import command_line
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
-    from specbench.train.data import make_data
+    from specbench.train.data import check_out, make_data
 
+    check_out(out, overwrite)
+    for value, flag in ((max_new_tokens, "--max-new-tokens"), (batch_size, "--batch-size"), (limit, "--limit")):
+        check_count(value, flag)
     dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
+    with status(f"loading {target}"):
         tgt = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
-    )
+    progress = progress_bar()
     with progress:
         tasks: dict[str, int] = {}
 
@@ -304,6 +355,7 @@ def train(
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.train.common import TrainConfig
+    from specbench.train.data import check_out
 
     head_options = {"heads": heads, "tie_lm_head": tie_lm_head, "decoder_layers": decoder_layers, "hydra_layers": hydra_layers}
     recipes = {
@@ -312,28 +364,23 @@ def train(
     }
     if drafter not in recipes:
         raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(recipes)}")
-    if steps < 1 or batch_tokens < 1:
-        raise UserError("--steps and --batch-tokens must be at least 1")
-    if eval_every < 1:
-        raise UserError("--eval-every must be at least 1")
     module, function, options = recipes[drafter]
     config = TrainConfig(
         drafter=drafter, target=target, data=str(data), out=str(out), steps=steps, batch_tokens=batch_tokens,
         max_length=max_length, lr=lr or (5e-4 if drafter == "hydra" else 1e-3), warmup=warmup, min_lr_ratio=min_lr_ratio, eval_every=eval_every,
         eval_data=str(eval_data) if eval_data else None, eval_fraction=eval_fraction, seed=seed, train_vocab=train_vocab, options=options,
     )
+    config.check()
+    check_out(out, overwrite, "checkpoint directory")
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
+    with status(f"loading {target}"):
         tgt = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
     tgt.model.requires_grad_(False)
     import importlib
 
     recipe = getattr(importlib.import_module(module), function)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[losses]}"), console=err_console,
-    )
+    progress = progress_bar(TextColumn("{task.fields[losses]}", markup=False))
     with progress:
         task = progress.add_task(f"train {drafter}", total=steps, losses="")
 
@@ -380,29 +427,29 @@ def record(
 ) -> None:
     """Record the target's greedy outputs on a workload (and its verify latency) for `simulate`."""
     from specbench.runner import environment
-    from specbench.simulate.log import read_log, write_log
-    from specbench.simulate.profile import measure_profile
     from specbench.simulate.record import record as record_log
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
-    from specbench.workloads import load_workload
+    from specbench.workloads import open_workload, select
 
-    prompts = load_workload(workload)[:limit] if limit else load_workload(workload)
+    check_output_file(out, "--out", inputs=(workload,))
+    for value, flag in ((limit, "--limit"), (max_new_tokens, "--max-new-tokens"), (topk, "--topk"),
+                        (profile_max_tokens, "--profile-max-tokens"), (profile_repeats, "--profile-repeats")):
+        check_count(value, flag)
+    prompts = select(open_workload(workload).prompts, limit=limit)
     dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
+    with status(f"loading {target}"):
         model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    env = environment(dev)
-    total = sum(len(p.turns) for p in prompts)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console)
-    with progress:
-        task = progress.add_task(f"recording {target}", total=total)
-        record_log(model, prompts, workload, max_new_tokens, out, topk, hidden, None, env, lambda: progress.advance(task))
-    log = read_log(out)
-    if profile:
-        lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in log.turns]
-        with err_console.status("measuring the verify-latency profile"):
-            log.profile = measure_profile(model, log.turns[0].prompt_ids, sum(lengths) // len(lengths), profile_max_tokens, profile_repeats, env["device_name"])
-        write_log(out, log.header, log.turns, log.profile)
+    progress = progress_bar()
+    try:
+        with progress:
+            task = progress.add_task(f"recording {target}", total=sum(len(p.turns) for p in prompts))
+            log = record_log(model, prompts, workload, max_new_tokens, out, topk, hidden, None, environment(dev),
+                             lambda: progress.advance(task), profile_tokens=profile_max_tokens if profile else None,
+                             profile_repeats=profile_repeats, on_stage=lambda stage: progress.update(task, description=stage))
+    except KeyboardInterrupt:
+        kept = f"{out} is as it was" if out.exists() else "nothing was written"
+        raise UserError(f"interrupted; {kept} (a log is written only once complete)") from None
     tokens = sum(len(t.output_ids) for t in log.turns)
     console.print(f"{out}: {len(log.turns)} turns, {tokens} target tokens" + (f", hidden states in {log.header.hidden_file}" if hidden else "")
                   + (f", verify profile 1..{profile_max_tokens} tokens" if profile else ""))
@@ -420,21 +467,28 @@ def profile(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
 ) -> None:
     """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens."""
+    from specbench.checks import context_window
+    from specbench.files import atomic_write_text
     from specbench.runner import environment
-    from specbench.simulate.profile import measure_profile
+    from specbench.simulate.profile import check_profile_window, measure_profile
     from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.targets.loading import load_config, resolve_device, resolve_dtype
     from specbench.workloads import encode_turn, load_workload
 
+    check_output_file(out, "--out")
+    for value, flag in ((context_tokens, "--context-tokens"), (max_tokens, "--max-tokens"), (repeats, "--repeats")):
+        check_count(value, flag)
+    check_profile_window(context_window(load_config(target)), context_tokens, max_tokens, target)  # before the weights load
+    prompts = load_workload(workload)
     dev = resolve_device(device)
-    with err_console.status(f"loading {target}"):
+    with status(f"loading {target}"):
         model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
     if model.tokenizer is None:
         raise UserError(f"target '{target}' has no tokenizer to encode the context prompt")
-    context = encode_turn(model.tokenizer, load_workload(workload)[0], 0, [])
-    with err_console.status("measuring"):
+    context = encode_turn(model.tokenizer, prompts[0], 0, [])
+    with status("measuring"):
         result = measure_profile(model, context, context_tokens, max_tokens, repeats, environment(dev)["device_name"])
-    out.write_text(json.dumps(result.to_json()) + "\n")
+    atomic_write_text(out, json.dumps(result.to_json()) + "\n")
     console.print(f"{out}: verify ms at 1 / {max_tokens // 2} / {max_tokens} tokens: "
                   f"{result.ms[0]:.2f} / {result.ms[max_tokens // 2 - 1]:.2f} / {result.ms[-1]:.2f}")
 
@@ -488,6 +542,8 @@ def simulate(
     from specbench.simulate.runner import SimulateConfig, Simulator, write_runs
     from specbench.simulate.walk import Shape
 
+    check_output_dir(out, "--out")
+    check_count(latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms
     target_log = _open_log(log, prompts, target)
     shapes = [Shape.chain(value) for value in dict.fromkeys(parse_ks(k))]
     shapes += [Shape.from_spec(spec.strip()) for value in tree or [] for spec in value.split(",") if spec.strip()]
@@ -499,18 +555,18 @@ def simulate(
     if not shapes:
         raise UserError("give at least one --k or --tree to score (e.g. --k 1,2,3,4)")
     latency = LatencyModel.build(read_profile(profile) if profile else target_log.profile, bandwidth, target_log.header.target_forward_bytes)
+    config = SimulateConfig(drafter, options, shapes, max_new_tokens, limit, method, latency_steps)
     real_target = None
     if target and prompts is None:
         from specbench.targets.hf import HFTarget
         from specbench.targets.loading import resolve_device, resolve_dtype
 
         dev = resolve_device(device)
-        with err_console.status(f"loading {target}"):
+        with status(f"loading {target}"):
             real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    config = SimulateConfig(drafter, options, shapes, max_new_tokens, limit, method, latency_steps)
-    with err_console.status(f"loading {drafter}"):
+    with status(f"loading {drafter}"):
         simulator = Simulator(target_log, config, real_target, device)
-    with err_console.status(f"scoring {len(shapes)} shape(s) over {len(simulator.turns)} logged turns"):
+    with status(f"scoring {len(shapes)} shape(s) over {len(simulator.turns)} logged turns"):
         simulation = simulator.score()
     reports = write_runs(simulation, simulator, latency, out, command_line())
     if as_json:
@@ -539,6 +595,7 @@ def convert_log(
     """Convert a Decoding-Speculative-Decoding log (prompts JSONL + tensor dumps) into a specbench target log."""
     from specbench.simulate.log import write_log
 
+    check_output_file(out, "--out", inputs=(log, prompts))
     converted = _open_log(log, prompts, target)
     write_log(out, converted.header, converted.turns)
     console.print(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens (no profile: give simulate --profile or --bandwidth)")
@@ -557,7 +614,7 @@ def workloads() -> None:
             found = "found" if local.is_file() else "not there yet"
             hub = f", else the hub dataset {entry['hub']}" if "hub" in entry else ""
             where = f"{entry['source']}: --workload-file PATH, or {local} ({found}){hub}"
-        console.print(f"[bold]{name}[/]  {entry['summary']}  [dim]({where})[/]", soft_wrap=True, highlight=False)
+        console.print(styled((name, "bold"), f"  {entry['summary']}  ", (f"({where})", "dim")), soft_wrap=True, highlight=False)
     console.print(
         "any .jsonl file also works with --workload FILE: FastChat/Spec-Bench question.jsonl, HellaSwag, "
         "DSD {\"prompt\": ...}, or rows with a 'turns' list or a 'prompt' string; the format is detected and named",
@@ -580,15 +637,22 @@ def report(
 
     if by not in VIEWS:
         raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
+    records = run_files(runs or [Path("results")])
+    for path, flag in ((csv, "--csv"), (parquet, "--parquet"), (html, "--html")):
+        check_output_file(path, flag, inputs=records)
+    check_output_dir(plot, "--plot")
     result = build(runs or [Path("results")])
     for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        say_warning(warning)
     from specbench.report.frames import group_summary
 
     key = {"category": "categories", "task": "tasks"}.get(by)
     for group in result.groups:
         summary = group_summary(group)
         runs_note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
+        unfinished = [f"{r.directory.name}: {r.unfinished}" for r in group.runs if r.unfinished]
+        if unfinished:
+            runs_note += "; UNFINISHED " + ", ".join(unfinished)
         console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({runs_note})"))
         if by in ("setup", "position") and summary.per_position:
             console.print(position_table(summary))
@@ -628,8 +692,29 @@ def export_answers(
 
     if mode not in (SPEC, BASELINE):
         raise UserError(f"--mode {mode}: use spec or baseline")
+    check_output_file(out, "--out", inputs=run_files([run_dir]))
     n = write_model_answers(RunStore.open(run_dir), out, mode, model_id)
     console.print(f"wrote {n} answers to {out}")
+
+
+def run_files(paths: list[Path]) -> tuple[Path, ...]:
+    """The record files of the run directories among `paths` (outputs must never overwrite them)."""
+    from specbench.store import RUN_FILE, STEPS_FILE, TURNS_FILE
+
+    return tuple(Path(p) / name for p in paths if (Path(p) / RUN_FILE).is_file() for name in (RUN_FILE, TURNS_FILE, STEPS_FILE))
+
+
+def one_line(text: str) -> str:
+    """Messages are one line: whatever they quote (an exception, a file's content) is folded into it."""
+    return " ".join(str(text).split())
+
+
+def say_warning(message: str) -> None:
+    err_console.print(styled(("warning:", "yellow"), " ", one_line(message)), soft_wrap=True, highlight=False)
+
+
+def say_error(message: str) -> None:
+    err_console.print(styled(("error:", "bold red"), " ", one_line(message)), soft_wrap=True, highlight=False)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -637,18 +722,38 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     from specbench.errors import SpecbenchWarning
 
     if issubclass(category, SpecbenchWarning):
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        say_warning(str(message))
     else:
         PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
+INTERRUPTED = 130  # the shell's code for a run stopped by ctrl-C
+
+
 def main() -> None:
+    """Run the CLI: every error a user can cause ends as one line on stderr and exit code 2
+    (usage errors included, which click would print as a box of help); ctrl-C as one line, 130."""
     warnings.showwarning = show_warning
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        say_error(str(exc))
         sys.exit(2)
+    except typer.exceptions.TyperException as exc:  # click's usage errors: a bad flag, a value of the wrong type
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if message:  # an empty one is "no arguments": the help is already printed
+            context = getattr(exc, "ctx", None)
+            where = f" (see `{context.command_path} --help`)" if context is not None else ""
+            say_error(message + where)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        say_error("interrupted")
+        sys.exit(INTERRUPTED)
+    if code == INTERRUPTED:  # typer turns ctrl-C into this code before a command could say more
+        say_error("interrupted")
+        sys.exit(INTERRUPTED)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from specbench.checks import check_count, check_fits, check_number, context_window
 from specbench.drafters.base import PlainDecoding, build_drafter, check_options
 from specbench.engine.loop import decode
 from specbench.errors import UserError
@@ -28,8 +29,8 @@ from specbench.records import BASELINE, SPEC, RunInfo, StepRecord, TurnRecord, f
 from specbench.store import RunStore
 from specbench.targets.fast import resolve_engine, target_class
 from specbench.targets.hf import HFTarget
-from specbench.targets.loading import load_config, resolve_device, resolve_dtype
-from specbench.workloads import Prompt, encode_turn, open_workload, select, workload_hash
+from specbench.targets.loading import load_config, load_tokenizer, resolve_device, resolve_dtype
+from specbench.workloads import Prompt, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
 WARMUP_TOKENS = 16
 BACKENDS = ("hf", "deepspeed")
@@ -117,14 +118,27 @@ class Benchmark:
         self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
         self.device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
+        fits_checked = False
+        if target is None:  # prompts past the context window are refused before any weights load
+            window = context_window(load_config(config.target))
+            tokenizer = load_tokenizer(config.target) if window else None
+            if tokenizer is not None:
+                check_prompts_fit(self.prompts, tokenizer, window, config.max_new_tokens, config.target)
+                fits_checked = True
         self.target = target or load_target(config, self.device, dtype)
+        self.window = context_window(self.target.config)
         self.device = self.target.device  # a tensor-parallel rank may sit on its own GPU
         if not self.target.leads:
             return  # a follower rank only serves the leader's target calls (DeepSpeedTarget.follow)
         try:
             if self.target.tokenizer is None:
                 raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
+            if not fits_checked:
+                check_prompts_fit(self.prompts, self.target.tokenizer, self.window, config.max_new_tokens, config.target)
             self.drafter = build_drafter(config.drafter, self.target, dict(config.drafter_options))
+            self.draft_depth = check_tree_fits(self.drafter, self.window, config.target)
+            if self.draft_depth:  # a tree drafter's last draft reaches past the output by its depth
+                check_prompts_fit(self.prompts, self.target.tokenizer, self.window, config.max_new_tokens, config.target, self.draft_depth)
         except BaseException:
             self.target.stop()
             raise
@@ -134,10 +148,11 @@ class Benchmark:
     def check(config: RunConfig) -> None:
         """Everything about a configuration that can be refused before any weights load."""
         check_options(config.drafter, config.drafter_options)
-        if config.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
-        if config.temperature < 0:
-            raise UserError("--temperature must be >= 0")
+        check_count(config.max_new_tokens, "--max-new-tokens")
+        check_count(config.limit, "--limit")
+        check_count(config.tp, "--tp")
+        check_count(config.seed, "--seed", minimum=0, maximum=2**63 - 1)
+        check_number(config.temperature, "--temperature", minimum=0)
         if config.backend not in BACKENDS:
             raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
         if config.backend == "hf" and config.tp != 1:
@@ -185,6 +200,9 @@ class Benchmark:
 
     def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
         ids = encode_turn(self.target.tokenizer, prompt, turn, answers)
+        # later turns hold the model's own answers: known only now, checked before their prefill
+        check_fits(len(ids), self.config.max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
+                   self.draft_depth if drafter is self.drafter else 0)
         generator = None
         if self.config.temperature > 0:
             generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
@@ -239,19 +257,38 @@ class Benchmark:
         return {p.id: modes * len(p.turns) for p in self.prompts}
 
     def run(self, store: RunStore, on_prompt: Callable[[Prompt], None] = lambda p: None) -> None:
-        done = store.keep_complete(self.records_per_prompt())
-        todo = [p for p in self.prompts if p.id not in done]
-        if todo and self.config.warmup:
-            self.warm_up()
-        for prompt in self.prompts:
-            if prompt.id in done:
+        """Measure every prompt not yet complete in `store`. A run this process created that fails
+        or is interrupted before its first prompt is finished leaves no directory behind."""
+        try:
+            done = store.keep_complete(self.records_per_prompt())
+            todo = [p for p in self.prompts if p.id not in done]
+            if todo and self.config.warmup:
+                self.warm_up()
+            for prompt in self.prompts:
+                if prompt.id in done:
+                    on_prompt(prompt)
+                    continue
+                steps, turns = self.measure_prompt(prompt)
+                store.append_prompt(steps, turns)
                 on_prompt(prompt)
-                continue
-            steps, turns = self.measure_prompt(prompt)
-            store.append_prompt(steps, turns)
-            on_prompt(prompt)
+        except BaseException:
+            store.discard()
+            raise
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
+
+
+def check_tree_fits(drafter, window: int | None, model: str) -> int:
+    """A tree drafter drafts its whole tree whatever room is left, so its depth counts toward the
+    context window (chain drafters stop at the token budget); a tree of more nodes than the window
+    cannot be verified in one forward. Returns the positions a draft may add past the output."""
+    shape = getattr(drafter, "shape", None)
+    if shape is None:
+        return 0
+    if window and len(shape) + 1 > window:
+        raise UserError(f"tree '{shape.name}' has {len(shape)} nodes: verifying it is one forward of {len(shape) + 1} tokens, "
+                        f"past the {window}-token context window of {model}; use a smaller --tree")
+    return shape.depth
 
 
 def load_target(config: RunConfig, device: torch.device, dtype: torch.dtype) -> HFTarget:
@@ -272,6 +309,68 @@ def config_from_info(info: RunInfo) -> RunConfig:
         workload=info.workload,
         **settings,
     )
+
+
+# flags whose "auto" is resolved when the run starts (run.json keeps what it resolved to)
+RESOLVED_AT_START = ("dtype", "engine")
+
+
+def resume_conflicts(info: RunInfo, given: dict[str, Any]) -> list[str]:
+    """The flags in `given` (the flag as typed -> its value: '--max-new-tokens' -> 8, '-o k' -> 3;
+    only flags the user typed) that disagree with the stored run, each as 'FLAG VALUE (the run has
+    STORED)'. Run settings are compared with its configuration, anything else with its drafter options."""
+    config = config_from_info(info)
+    fields = RunConfig.__dataclass_fields__
+    conflicts = []
+    for flag, value in given.items():
+        name = flag.removeprefix("-o ").lstrip("-").replace("-", "_")
+        if name == "out":
+            conflicts.append(f"--out {value} (a resumed run stays in its own directory)")
+            continue
+        if name in fields and name != "drafter_options" and not flag.startswith("-o "):
+            stored = getattr(config, name)
+            if name in RESOLVED_AT_START and value == "auto":
+                continue
+        else:
+            stored = config.drafter_options.get(name)
+        if _comparable(value) != _comparable(stored):
+            conflicts.append(f"{flag} {_shown(value)} (the run has {_shown(stored)})")
+    return conflicts
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def resume_run(directory: Path, given: dict[str, Any] | None = None) -> tuple[RunStore, RunConfig]:
+    """Open a run directory to continue it: its write lock taken (a second writer is refused),
+    and every flag the user typed checked against the run's own configuration, which is what
+    a resumed run measures with (a conflicting flag is refused, named, never ignored)."""
+    store = RunStore.open(Path(directory))
+    store.lock()
+    try:
+        if store.info.extra.get("simulated"):
+            raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")
+        conflicts = resume_conflicts(store.info, given or {})
+        if conflicts:
+            raise UserError(f"--resume {directory} continues the run as it was started; these flags would change it: "
+                            f"{'; '.join(conflicts)}. Drop them, or start a new run")
+        return store, config_from_info(store.info)
+    except BaseException:
+        store.close()
+        raise
 
 
 def command_line() -> str:

@@ -388,7 +388,7 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
         (["--drafter", "hydra", "--heads", "./missing/heads"], "heads './missing/heads' not found"),
         (["--drafter", "medusa"], "no published medusa heads for target"),
         (["--drafter", "hydra-decoder", "--decoder-layers", 9], "--decoder-layers must be between 1 and"),
-        (["--drafter", "hydra", "--heads", "fresh", "-o", "num_heads=0"], "num_heads (>= 1) only applies"),
+        (["--drafter", "hydra", "--heads", "fresh", "-o", "num_heads=0"], "-o num_heads must be at least 1"),
     ],
 )
 def test_cli_bad_head_input_is_one_line(args, message, cli_models, tmp_path, capsys, monkeypatch):

@@ -118,7 +118,7 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
         (base + ["--target", setup["target"], "--out", tmp_path / "d", "--layers", 3], "--layers must be between 1 and 2"),
         (["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", tmp_path / "g", "--hydra-layers", 0],
          "--hydra-layers must be at least 1"),
-        (["train-data", "--target", setup["target"], "--limit", 0, "--out", tmp_path / "e"], "has no prompts"),
+        (["train-data", "--target", setup["target"], "--limit", 0, "--out", tmp_path / "e"], "--limit must be at least 1"),
         (["train-data", "--target", setup["target"], "--out", data], "exists and is not empty"),
         (["train-data", "--target", setup["target"], "--workload", tmp_path / "none.jsonl", "--out", tmp_path / "f"], "does not exist"),
     ]

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from specbench.checks import check_drafter_options
 from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
@@ -211,7 +212,7 @@ def check_options(name: str, options: dict[str, Any]) -> type[Drafter]:
     if unknown:
         takes = ", ".join(accepted) or "no options"
         raise UserError(f"drafter '{name}' does not take option(s) {', '.join(unknown)}; it takes: {takes}")
-    typed_options(name, cls, options)
+    check_drafter_options(typed_options(name, cls, options))
     return cls
 
 

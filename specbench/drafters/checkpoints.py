@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from specbench.errors import SpecbenchWarning, UserError
+from specbench.files import read_text, reading_weights
 
 
 @dataclass
@@ -69,14 +70,21 @@ def _download(repo_id: str, file_names: tuple[str, ...]) -> Path:
         ) from None
 
 
+def read_json(file: Path, what: str = "file") -> dict:
+    try:
+        data = json.loads(read_text(file, what))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return data
+
+
 def read_config(directory: Path) -> dict:
     file = directory / "config.json"
     if not file.is_file():
         return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    return read_json(file, "head config")
 
 
 # --- reading tensors ----------------------------------------------------------
@@ -154,7 +162,7 @@ def _flatten(obj, prefix: str, out: dict[str, torch.Tensor]) -> None:
 def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise UserError(f"head checkpoint file {file} does not exist")
-    try:
+    with reading_weights(file, "head checkpoint"):
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -169,10 +177,6 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
                 raise
             # pickled modules (decoder-layer Hydra): rebuild stand-ins, never run their code
             data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_ModulePickle)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"cannot read head checkpoint {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out: dict[str, torch.Tensor] = {}
     _flatten(data, "", out)
     if not out:
@@ -224,7 +228,7 @@ def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = 
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index, "checkpoint index").get("weight_map", {})
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
     else:
         shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
@@ -234,7 +238,7 @@ def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = 
             if repo_id is None:
                 raise UserError(f"{directory / shard} is listed in {index.name} but missing: copy the whole checkpoint")
             _download(repo_id, (shard,))
-        with safe_open(str(directory / shard), framework="pt") as f:
+        with reading_weights(directory / shard, "checkpoint shard"), safe_open(str(directory / shard), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
                     out[key.removeprefix(prefix)] = f.get_tensor(key)

@@ -83,6 +83,9 @@ class HeadDrafter(Drafter):
     def __init__(self, target, tree: TreeShape, num_heads: int, typical: TypicalAcceptance, info: dict[str, Any]) -> None:
         if tree.depth > num_heads:
             raise UserError(f"tree '{tree.name}' is {tree.depth} deep but there are only {num_heads} heads; pick a shallower --tree (e.g. chain:{num_heads})")
+        if max(tree.level_topk) > target.vocab_size:
+            raise UserError(f"tree '{tree.name}' drafts rank {max(tree.level_topk) - 1} under a node, but the vocabulary has only "
+                            f"{target.vocab_size} tokens; use a narrower --tree")
         self.target = target
         self.shape = tree
         self.num_heads = num_heads

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from specbench.errors import UserError
+from specbench.files import atomic_write
 from specbench.report import frames
 from specbench.report.collect import Group, group_runs, load_runs
 
@@ -46,13 +47,11 @@ def build(paths: list[Path]) -> Report:
 def export(frame: pd.DataFrame, csv: Path | None, parquet: Path | None) -> list[Path]:
     written = []
     if csv:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(csv, index=False)
+        atomic_write(csv, lambda tmp: frame.to_csv(tmp, index=False))
         written.append(csv)
     if parquet:
-        parquet.parent.mkdir(parents=True, exist_ok=True)
         try:
-            frame.to_parquet(parquet, index=False)
+            atomic_write(parquet, lambda tmp: frame.to_parquet(tmp, index=False))
         except ImportError:
             raise UserError("--parquet needs pyarrow: `pip install pyarrow`") from None
         written.append(parquet)

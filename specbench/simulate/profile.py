@@ -12,6 +12,7 @@ import statistics
 
 import torch
 
+from specbench.checks import check_count, context_window
 from specbench.engine import kv
 from specbench.engine.loop import Clock
 from specbench.engine.tree import DraftTree
@@ -19,14 +20,26 @@ from specbench.errors import UserError
 from specbench.simulate.log import VerifyProfile
 
 
+def check_profile_window(window: int | None, context_tokens: int, max_tokens: int, model: str,
+                         flags: tuple[str, ...] = ("--context-tokens", "--max-tokens")) -> None:
+    """The longest profiled forward sees the context plus max_tokens positions: refused past the window."""
+    if window and context_tokens + max_tokens > window:
+        room = f"at most {window - max_tokens} context tokens" if window > max_tokens else f"{flags[1]} below {window}"
+        raise UserError(f"{flags[0]} {context_tokens} + {flags[1]} {max_tokens} needs {context_tokens + max_tokens} positions, "
+                        f"past the {window}-token context window of {model}: use {room}")
+
+
 @torch.inference_mode()
 def measure_profile(
-    target, context: list[int], context_tokens: int, max_tokens: int = 128, repeats: int = 3, device_name: str = ""
+    target, context: list[int], context_tokens: int, max_tokens: int = 128, repeats: int = 3, device_name: str = "",
+    flags: tuple[str, str, str] = ("--context-tokens", "--max-tokens", "--repeats"),
 ) -> VerifyProfile:
-    if max_tokens < 1 or repeats < 1 or context_tokens < 1:
-        raise UserError("profile: --max-tokens, --repeats and --context-tokens must be at least 1")
+    for value, flag in zip((context_tokens, max_tokens, repeats), flags):
+        check_count(value, flag)
     if not context:
         raise UserError("profile: need a non-empty context prompt")
+    check_profile_window(context_window(getattr(target, "config", None)), context_tokens, max_tokens,
+                         getattr(target, "name", "the target"), flags)
     ids = (context * (context_tokens // len(context) + 1))[:context_tokens]
     target.prefill(torch.tensor(ids))
     clock = Clock(target.device)

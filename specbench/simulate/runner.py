@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 
 from specbench.drafters.base import check_options, drafter_options
-from specbench.errors import UserError
+from specbench.checks import check_count
+from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
 from specbench.records import BASELINE, SPEC, RunInfo, StepMeasure, StepRecord, TurnRecord
 from specbench.simulate.log import LogTurn, TargetLog
@@ -73,7 +75,14 @@ class SimulateConfig:
     max_new_tokens: int | None = None  # default: the log's
     limit: int | None = None
     method: str = "auto"  # auto | teacher-forced | replay
-    latency_steps: int = 32  # proposals timed per shape
+    latency_steps: int = 32  # proposals timed per shape (0: untimed, for library callers that only want τ)
+
+    def __post_init__(self) -> None:  # refused before anything loads
+        check_count(self.max_new_tokens, "--max-new-tokens")
+        check_count(self.limit, "--limit")
+        check_count(self.latency_steps, "--latency-steps", minimum=0)
+        if self.method not in ("auto", TEACHER_FORCED, "replay"):
+            raise UserError(f"--method must be auto, teacher-forced or replay (got {self.method})")
 
 
 @dataclass
@@ -101,8 +110,6 @@ class Simulator:
         if not config.shapes:
             raise UserError("give at least one --k or --tree to score")
         self.max_new = config.max_new_tokens or log.header.max_new_tokens
-        if self.max_new < 1:
-            raise UserError("--max-new-tokens must be at least 1")
         if self.max_new > log.header.max_new_tokens:
             raise UserError(f"--max-new-tokens {self.max_new} exceeds the log's {log.header.max_new_tokens}: the log holds no tokens past that")
         if config.method not in ("auto", TEACHER_FORCED, "replay"):
@@ -118,6 +125,8 @@ class Simulator:
         if target is None:
             dtype = DTYPES.get(log.header.dtype, torch.float32)
             target = LoggedTarget(log, resolve_device(device), dtype)
+        else:
+            check_log_target(log, target)
         self.target = target
         self.drafter = cls.create(target, **options)
         self.cls = cls
@@ -230,6 +239,29 @@ class Simulator:
         return sum(times) / len(times) if times else 0.0
 
 
+def check_log_target(log: TargetLog, target) -> None:
+    """The real target given with --target must be the one the log recorded: another vocabulary
+    or hidden size is refused; another model of the same shapes is named in a warning (its hidden
+    states would stand in for the logged target's)."""
+    h = log.header
+    if target.vocab_size != h.vocab_size:
+        raise UserError(f"--target '{target.name}' has {target.vocab_size} token ids, the log was recorded by '{h.target}' "
+                        f"with {h.vocab_size}; pass the target the log was recorded with")
+    if h.hidden_size and target.hidden_size != h.hidden_size:
+        raise UserError(f"--target '{target.name}' has hidden size {target.hidden_size}, the log's target '{h.target}' "
+                        f"{h.hidden_size}; pass the target the log was recorded with")
+    recorded = {h.target, h.target_id, _resolved(h.target_id)}
+    if not recorded & {target.name, target.model_id, _resolved(target.model_id)}:
+        warnings.warn(f"the log was recorded by '{h.target_id}', --target is '{target.model_id}' (same vocabulary size): "
+                      "its hidden states stand in for the recorded target's; pass the recording target if that is not meant",
+                      SpecbenchWarning, stacklevel=2)
+
+
+def _resolved(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def _mean_draft(per_turn: list[list[StepMeasure]]) -> float:
     times = [s.draft_ms for steps in per_turn for s in steps]
     return sum(times) / len(times) if times else 0.0
@@ -309,11 +341,11 @@ def write_runs(
                 "drafter": simulator.drafter.describe(),
             },
         )
-        directory = out / run_id
-        store = RunStore.create(directory, info)
-        store.append_prompt(steps, turns)
-        info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        store.write_info()
+        with RunStore.create_unique(out, info) as store:
+            store.append_prompt(steps, turns)
+            info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            store.write_info()
+        directory = store.directory
         memory = (draft_bytes / target_bytes, gamma) if target_bytes and draft_bytes is not None else None
         summary = summarise(steps, turns, memory)
         reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))

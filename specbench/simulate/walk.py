@@ -14,6 +14,7 @@ is exactly how the loop counts a step that accepts an EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 from specbench.engine.tree import TreeShape

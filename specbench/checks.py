@@ -105,7 +105,7 @@ def check_output_file(path: Path | str | None, flag: str, inputs: tuple = ()) ->
             raise UserError(f"{flag} {given} is also an input of this command; writing it would destroy that input: choose another path")
     parent = target.parent if target.parent.exists() else _nearest_existing(target, flag, given)
     if target.parent.exists() and not target.parent.is_dir():
-        raise UserError(f"{flag} {given}: {target.parent} is not a directory")
+        raise UserError(f"{flag} {given}: {target.parent} is a file, not a directory")
     _writable_dir(parent, flag, given)
     return given
 

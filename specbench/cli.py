@@ -41,8 +41,9 @@ def status(text: str):
 
 
 def progress_bar(*extra) -> Progress:
+    """A progress bar that leaves nothing behind (transient): an error after it started is still one line."""
     return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), *extra, console=err_console)
+                    TimeElapsedColumn(), *extra, console=err_console, transient=True)
 
 
 def explicit_flags(ctx: typer.Context, *flags: str) -> dict[str, object]:
@@ -181,7 +182,7 @@ def measure_and_show(bench, config, store, out: Path, as_json: bool) -> None:
     from specbench.store import RunStore
 
     resume = store is not None
-    err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False)
+    err_console.print(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}", highlight=False, soft_wrap=True)
     if not resume:
         info = bench.run_info(command_line())
         store = RunStore.create_unique(out, info)
@@ -436,13 +437,12 @@ def record(
     for value, flag in ((limit, "--limit"), (max_new_tokens, "--max-new-tokens"), (topk, "--topk"),
                         (profile_max_tokens, "--profile-max-tokens"), (profile_repeats, "--profile-repeats")):
         check_count(value, flag)
-    prompts = select(open_workload(workload).prompts, limit=limit)
-    dev = resolve_device(device)
-    with status(f"loading {target}"):
-        model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    progress = progress_bar()
     try:
-        with progress:
+        prompts = select(open_workload(workload).prompts, limit=limit)
+        dev = resolve_device(device)
+        with status(f"loading {target}"):
+            model = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+        with progress_bar() as progress:
             task = progress.add_task(f"recording {target}", total=sum(len(p.turns) for p in prompts))
             log = record_log(model, prompts, workload, max_new_tokens, out, topk, hidden, None, environment(dev),
                              lambda: progress.advance(task), profile_tokens=profile_max_tokens if profile else None,
@@ -723,8 +723,8 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
     if issubclass(category, SpecbenchWarning):
         say_warning(str(message))
-    else:
-        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+    else:  # a library's warning, also on one line
+        say_warning(f"{message} ({category.__name__}, {Path(filename).name}:{lineno})")
 
 
 INTERRUPTED = 130  # the shell's code for a run stopped by ctrl-C
@@ -734,6 +734,9 @@ def main() -> None:
     """Run the CLI: every error a user can cause ends as one line on stderr and exit code 2
     (usage errors included, which click would print as a box of help); ctrl-C as one line, 130."""
     warnings.showwarning = show_warning
+    # deprecation notices of the libraries underneath are for their callers' developers, not for a user
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         code = app(standalone_mode=False)
     except UserError as exc:

@@ -230,7 +230,7 @@ def _check_turn(turn: LogTurn, where: str) -> None:
 def read_log(path: Path) -> TargetLog:
     """Read and validate a target log; any malformed line is one UserError naming it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"target log {path} does not exist; write one with `specbench record`")
     header, profile, turns, seen = None, None, [], set()
     for number, line in enumerate(read_text(path, "target log").splitlines(), 1):

@@ -236,7 +236,8 @@ def _load_error(source: ModelSource, location: str, exc: Exception) -> UserError
         return _not_loadable(source, location, exc)
     if isinstance(exc, (ValueError, KeyError)):  # a config transformers knows no causal LM for
         return _not_a_causal_lm(location, exc)
-    return weights_error(location, exc, "model")
+    return UserError(f"cannot read model {location}: its files do not load ({type(exc).__name__}: {first_line(exc)}); "
+                     "they may be corrupt or truncated: fetch them again")
 
 
 def _not_a_causal_lm(location: str, exc: Exception) -> UserError:

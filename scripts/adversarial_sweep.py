@@ -36,7 +36,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -291,7 +290,6 @@ def make_workloads(root: Path) -> dict[str, Path]:
     f["norows"] = jsonl(w / "norows.jsonl", [{"id": "a", "text": "no turns here"}])
     f["dir"] = w
     f["many"] = jsonl(w / "many.jsonl", [{"id": f"q{i}", "category": "ab"[i % 2], "turns": [f"Say {i} {i} {i} again and again"]} for i in range(12)])
-    f["record"] = jsonl(w / "record.jsonl", [{"id": f"r{i}", "prompt": f"Count {i}, {i + 1}, {i + 2}, and go on:"} for i in range(150)])
     return f
 
 
@@ -511,7 +509,6 @@ def good_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
 
     for key, fmt in (("fastchat", "FastChat question.jsonl"), ("specbench", "Spec-Bench question.jsonl"),
                      ("dsd", "DSD prompts JSONL"), ("hellaswag", "HellaSwag"), ("bom", "JSONL")):
-        case = s.root / "cases" / str(len(s.outcomes))
         s.good(f"run --workload {key} (as published)", ["run", *T, "--workload", w[key], "--out", "{case}/out", "--json"],
                lambda out, err, fmt=fmt: None if fmt in err else f"format not named as {fmt}")
     spaced = s.root / "dir with spaces ünïcødé"
@@ -656,29 +653,9 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
 
 # --- faults: real processes killed at fixed points ---------------------------------------------------
 
-def spawn(argv: list, root: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path]), "OMP_NUM_THREADS": "1"}
-    code = "import sys; from specbench.cli import main; sys.argv[0] = 'specbench'; main()"  # as the console script does
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, proc: subprocess.Popen, limit_s: float = 120) -> bool:
-    deadline = time.time() + limit_s
-    while time.time() < deadline:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
-def lines_in(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except OSError:
-        return 0
+def run_dir_of(out_dir: Path) -> Path | None:
+    dirs = [d for d in out_dir.glob("*") if d.is_dir()] if out_dir.exists() else []
+    return dirs[0] if dirs else None
 
 
 def records(run_dir: Path) -> tuple[list, list]:
@@ -709,7 +686,7 @@ def compare(run_dir: Path, reference: Path) -> list[str]:
     return problems
 
 
-def one_line(err: str) -> list[str]:
+def one_error_line(err: str) -> list[str]:
     """A fault ends in one error line (a progress note before it, like the line naming the workload, is fine)."""
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     last = [x for x in err.splitlines() if x.strip()][-1:]
@@ -718,6 +695,10 @@ def one_line(err: str) -> list[str]:
 
 
 def faults(s: Sweep, m: dict, w: dict) -> None:
+    """Kills at fixed points (tests/faults.py: a wrapped function signals its own process on its n-th call).
+    The processes of one round run side by side; each round's outcome is checked after it."""
+    from faults import KillAt, spawn
+
     s._last = time.perf_counter()
     root = s.root / "faults"
     root.mkdir()
@@ -726,105 +707,104 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
     assert code == 0, err
     reference = Path(json.loads(out)["run"])
 
-    def started(out_dir: Path, prompts: int):
-        def ready():
-            dirs = [d for d in out_dir.glob("*") if (d / "prompts.jsonl").exists()] if out_dir.exists() else []
-            return bool(dirs) and lines_in(dirs[0] / "prompts.jsonl") >= 2 * prompts
-        return ready
-
-    def run_dir_of(out_dir: Path) -> Path | None:
-        dirs = [d for d in out_dir.glob("*") if d.is_dir()] if out_dir.exists() else []
-        return dirs[0] if dirs else None
-
-    # 1. SIGKILL of run after 3 prompts, a half-written line on top, then --resume
-    out_dir = root / "killed"
-    proc = spawn([*base, "--out", out_dir], root)
-    reached = wait_for(started(out_dir, 3), proc)
-    proc.kill()
-    proc.wait()
-    run_dir = run_dir_of(out_dir)
-    problems = [] if reached and run_dir else ["the run never reached 3 prompts"]
-    if run_dir:
-        with open(run_dir / "steps.jsonl", "a") as f:
-            f.write('{"draft_ms": 0.1, "verify_')
-        code, _, err, _ = invoke(["run", "--resume", run_dir, "--json"])
-        problems += [f"resume exit {code}: {err.strip()[-300:]}"] if code else compare(run_dir, reference)
-    s.fault("SIGKILL of run after 3 prompts, then --resume", problems, lost=problems)
-
-    # 2. SIGINT of run after 2 prompts: one line naming --resume; then --resume
-    out_dir = root / "interrupted"
-    proc = spawn([*base, "--out", out_dir], root)
-    reached = wait_for(started(out_dir, 2), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    problems = [] if reached else ["the run never reached 2 prompts"]
-    problems += one_line(err) + ([] if proc.returncode == 2 and "--resume" in err else [f"exit {proc.returncode}: {err.strip()[-300:]}"])
-    run_dir = run_dir_of(out_dir)
-    if run_dir:
-        code, _, err, _ = invoke(["run", "--resume", run_dir, "--json"])
-        problems += [f"resume exit {code}"] if code else compare(run_dir, reference)
-    s.fault("SIGINT of run after 2 prompts, then --resume", problems, lost=[p for p in problems if "twice" in p or "other" in p])
-
-    # 3. ctrl-C while the model loads: one line, no run directory left behind
-    out_dir = root / "at-load"
-    proc = spawn([*base, "--out", out_dir], root)
-    time.sleep(2.0)  # importing torch and transformers: before any prompt
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    problems = one_line(err) + ([] if proc.returncode in (2, 130) else [f"exit {proc.returncode}"])
-    if out_dir.exists() and any(out_dir.iterdir()):
-        problems.append(f"left {[p.name for p in out_dir.iterdir()]} behind")
-    s.fault("ctrl-C while loading", problems)
-
-    # 4. two --resume processes on one run directory: the second is refused, nothing is measured twice
-    out_dir = root / "concurrent"
-    slow = [*base[:-1], "--max-new-tokens", 48, "--json"]
-    code, out, err, _ = invoke([*slow, "--out", root / "straight48"])
-    reference48 = Path(json.loads(out)["run"])
-    proc = spawn([*slow, "--out", out_dir], root)
-    wait_for(started(out_dir, 1), proc)
-    proc.kill()
-    proc.wait()
-    run_dir = run_dir_of(out_dir)
-    first = spawn(["run", "--resume", run_dir, "--json"], root)
-    holds = wait_for(lambda: (run_dir / ".lock").read_text().strip() == str(first.pid), first)
-    second = spawn(["run", "--resume", run_dir, "--json"], root)
-    _, err2 = second.communicate(timeout=120)
-    first.communicate(timeout=300)
-    problems = [] if holds else ["the first resume never took the lock"]
-    problems += one_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}"])
-    problems += [f"first: exit {first.returncode}"] if first.returncode else compare(run_dir, reference48)
-    s.fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
-
-    # 5. record over an existing log: SIGKILL and SIGINT mid-way leave the old log (and its side file) byte for byte
-    log = root / "log.jsonl"
-    rec = ["record", "--target", m["target"], "--workload", w["record"], "--max-new-tokens", 64, "--hidden",
-           "--profile-max-tokens", 8, "--profile-repeats", 1, "--out", log]
-    code, _, err, _ = invoke(rec)
+    # round 1: run killed at four points, record over an existing log killed at three
+    log_root = root / "logs"
+    log_root.mkdir()
+    rec_args = ["record", "--target", m["target"], "--workload", w["good"], "--max-new-tokens", 8, "--hidden",
+                "--profile-max-tokens", 4, "--profile-repeats", 1]
+    code, _, err, _ = invoke([*rec_args, "--out", log_root / "original.jsonl"])
     assert code == 0, err
+    runs = {
+        "SIGKILL of run after its 3rd prompt": (KillAt("specbench.store:RunStore.append_prompt", 3, "SIGKILL", "after"), "resume"),
+        "SIGKILL of run between a prompt's steps and its turns": (KillAt("specbench.store:RunStore._append", 6, "SIGKILL"), "resume"),
+        "SIGINT of run after its 2nd prompt": (KillAt("specbench.store:RunStore.append_prompt", 2, "SIGINT", "after"), "resume"),
+        "SIGINT while the target loads": (KillAt("specbench.runner:load_target", 1, "SIGINT"), "nothing"),
+    }
+    records_ = {
+        "SIGKILL of record mid-recording": KillAt("specbench.simulate.record:decode", 3, "SIGKILL"),
+        "SIGKILL of record between its side file and its log": KillAt("specbench.simulate.log:atomic_write_text", 1, "SIGKILL"),
+        "SIGINT of record mid-recording": KillAt("specbench.simulate.record:decode", 3, "SIGINT"),
+    }
+    procs = {}
+    for i, (name, (kill, _)) in enumerate(runs.items()):
+        procs[name] = spawn([*base, "--out", root / f"run{i}"], root, kill)
+    originals = {}
+    for i, (name, kill) in enumerate(records_.items()):
+        d = log_root / f"rec{i}"
+        d.mkdir()
+        shutil.copy(log_root / "original.jsonl", d / "log.jsonl")
+        side = json.loads((d / "log.jsonl").read_text().splitlines()[0])["hidden_file"]
+        shutil.copy(log_root / side, d / side)
+        originals[name] = {p: p.read_bytes() for p in (d / "log.jsonl", d / side)}
+        procs[name] = spawn([*rec_args, "--out", d / "log.jsonl"], root, kill)
+    results = {name: (proc, *proc.communicate(timeout=600)) for name, proc in procs.items()}
+
+    for i, (name, (kill, after)) in enumerate(runs.items()):
+        proc, _, err = results[name]
+        out_dir = root / f"run{i}"
+        problems = []
+        if kill.signal == "SIGKILL":
+            problems += [] if proc.returncode == -signal.SIGKILL else [f"exit {proc.returncode}: {err.strip()[-300:]}"]
+        else:
+            problems += one_error_line(err) + ([] if proc.returncode in (2, 130) else [f"exit {proc.returncode}"])
+        run_dir = run_dir_of(out_dir)
+        if after == "nothing":
+            problems += [f"left {run_dir} behind"] if run_dir else []
+        elif run_dir is None:
+            problems.append("no run directory to resume")
+        else:
+            if kill.signal == "SIGINT" and "--resume" not in err:
+                problems.append("the message does not name --resume")
+            with open(run_dir / "steps.jsonl", "a") as f:  # and a half-written line, as a kill mid-write leaves
+                f.write('{"draft_ms": 0.1, "verify_')
+            code, _, err, _ = invoke(["run", "--resume", run_dir, "--json"])
+            problems += [f"resume exit {code}: {err.strip()[-300:]}"] if code else compare(run_dir, reference)
+        s.fault(name + ("" if after == "nothing" else ", then --resume"), problems,
+                lost=[f"{name}: {p}" for p in problems if "twice" in p or "other" in p])
+
+    for name, kill in records_.items():
+        proc, _, err = results[name]
+        changed = [p.name for p, data in originals[name].items() if not p.exists() or p.read_bytes() != data]
+        problems = [f"{changed} changed"] if changed else []
+        if kill.signal == "SIGKILL":
+            problems += [] if proc.returncode == -signal.SIGKILL else [f"exit {proc.returncode}"]
+        else:
+            problems += one_error_line(err) + ([] if "as it was" in err else [f"the message does not say the log is kept: {err[-200:]}"])
+            leftovers = [p.name for p in next(iter(originals[name])).parent.iterdir() if p not in originals[name]]
+            problems += [f"left {leftovers}"] if leftovers else []
+        log = next(iter(originals[name]))
+        code, _, err, _ = invoke(["simulate", "--log", log, "--k", 2, "--out", log.parent / "sims"])
+        problems += [] if code == 0 else [f"the old log no longer simulates: {err[-200:]}"]
+        s.fault(name + ", over an existing log", problems, lost=[f"{name}: {c}" for c in changed])
+
+    # a complete record over a log replaces log and side file together
+    log = log_root / "rec0" / "log.jsonl"
+    old_side = log.parent / json.loads(log.read_text().splitlines()[0])["hidden_file"]
+    code, _, err, _ = invoke([*rec_args, "--out", log])
     side = log.parent / json.loads(log.read_text().splitlines()[0])["hidden_file"]
-    old = {p: p.read_bytes() for p in (log, side)}
-    for sig, name in ((signal.SIGKILL, "SIGKILL"), (signal.SIGINT, "SIGINT")):
-        proc = spawn(rec, root)
-        time.sleep(10.0)  # loaded and recording (150 prompts take longer than this)
-        was_running = proc.poll() is None
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
-        problems = [] if was_running else ["record finished before the kill"]
-        changed = [p.name for p, data in old.items() if not p.exists() or p.read_bytes() != data]
-        problems += [f"{changed} changed"] if changed else []
-        leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith((".log", "log.")) and p not in old)
-        problems += [f"left {leftovers}"] if leftovers and sig == signal.SIGINT else []
-        if sig == signal.SIGINT:
-            problems += one_line(err) + ([] if "as it was" in err else [f"message does not say the log is kept: {err.strip()[-300:]}"])
-        s.fault(f"{name} of record over an existing log", problems, lost=[f"record {name}: {c}" for c in changed])
-    # and a complete re-record replaces both together
-    code, _, err, _ = invoke(rec)
-    header = json.loads(log.read_text().splitlines()[0])
-    problems = [] if code == 0 and (log.parent / header["hidden_file"]).is_file() and not side.exists() else [f"re-record: {err[-300:]}"]
-    code, _, err, _ = invoke(["simulate", "--log", log, "--k", 2, "--out", root / "sims"])
-    problems += [] if code == 0 else [f"simulate after re-record: {err[-300:]}"]
-    s.fault("a complete record over the log replaces log and side file together", problems)
+    problems = [] if code == 0 and side.is_file() and not old_side.exists() and '"type": "profile"' in log.read_text() \
+        else [f"re-record: {err[-300:]}"]
+    s.fault("a complete record replaces the log, its side file and its profile together", problems)
+
+    # round 2: two --resume processes on one run directory: the second refused while the first measures
+    out_dir = root / "concurrent"
+    partial = spawn([*base, "--out", out_dir], root, KillAt("specbench.store:RunStore.append_prompt", 1, "SIGKILL", "after"))
+    partial.communicate(timeout=600)
+    run_dir = run_dir_of(out_dir)
+    go = root / "go"
+    first = spawn(["run", "--resume", run_dir, "--json"], root)
+    second = spawn(["run", "--resume", run_dir, "--json"], root, go_file=go)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None and (run_dir / ".lock").read_text().strip() != str(first.pid):
+        time.sleep(0.01)
+    holds = first.poll() is None
+    go.touch()
+    _, err2 = second.communicate(timeout=600)
+    _, err1 = first.communicate(timeout=600)
+    problems = [] if holds else ["the first resume finished before the second started"]
+    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}"])
+    problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else compare(run_dir, reference)
+    s.fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
 
 
 def smollm2_cases(s: Sweep, w: dict) -> None:

@@ -41,9 +41,10 @@ def status(text: str):
 
 
 def progress_bar(*extra) -> Progress:
-    """A progress bar that leaves nothing behind (transient): an error after it started is still one line."""
+    """A progress bar on a terminal that leaves nothing behind (transient), none into a file or pipe
+    (rich would leave a blank line there): an error after it started is still one line."""
     return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), *extra, console=err_console, transient=True)
+                    TimeElapsedColumn(), *extra, console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
 def explicit_flags(ctx: typer.Context, *flags: str) -> dict[str, object]:

@@ -289,6 +289,8 @@ def make_workloads(root: Path) -> dict[str, Path]:
     f["truncated"] = w / "truncated.jsonl"
     f["norows"] = jsonl(w / "norows.jsonl", [{"id": "a", "text": "no turns here"}])
     f["dir"] = w
+    os.mkfifo(w / "fifo.jsonl")
+    f["fifo"] = w / "fifo.jsonl"
     f["many"] = jsonl(w / "many.jsonl", [{"id": f"q{i}", "category": "ab"[i % 2], "turns": [f"Say {i} {i} {i} again and again"]} for i in range(12)])
     return f
 
@@ -368,6 +370,10 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("run --workload a directory", [*wl, w["dir"]], "directory")
     s.bad("run --workload missing.jsonl", [*wl, "missing.jsonl"], "does not exist")
     s.bad("run --workload ''", [*wl, ""], "--workload")
+    s.bad("run --workload /dev/zero", [*wl, "/dev/zero"], "not a regular file", limit_s=15)
+    s.bad("run --workload a named pipe", [*wl, w["fifo"]], "not a regular file", limit_s=15)
+    s.bad("run --workload a name of 5000 characters", [*wl, "w" * 5000 + ".jsonl"], "File name too long")
+    s.bad("run --target a name of 5000 characters", ["run", "--target", "./" + "m" * 5000, "--out", out], "m" * 20)
     s.bad("run --categories nope", [*run, "--categories", "nope"], "unknown category")
     s.bad("run --categories ','", [*run, "--categories", ","], "--categories")
     s.bad("run --workload mt-bench offline", [*run, "--workload", "mt-bench"], "mt-bench", limit_s=15,
@@ -377,6 +383,7 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("run --out under a file", ["run", *T, "--out", Path(w["good"]) / "sub", "--limit", 1], "is a file")
     s.bad("run --out unwritable (/proc)", ["run", *T, "--out", "/proc/specbench-out", "--limit", 1], "cannot write")
     s.bad("run --out a dangling symlink", ["run", *T, "--out", extra["dangling"], "--limit", 1], "does not exist")
+    s.bad("run --out a name of 5000 characters", ["run", *T, "--out", "{case}/" + "o" * 5000, "--limit", 1], "File name too long")
     # resume
     rd = extra["run_dir"]
     s.bad("run --resume not a dir", ["run", "--resume", w["good"]], "not a directory", watch=(w["good"],))
@@ -402,6 +409,7 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("record --out a directory", [*rec, "--out", w["dir"]], "is a directory", watch=(w["dir"],))
     s.bad("record --out unwritable", [*rec, "--out", "/proc/specbench.jsonl"], "cannot write")
     s.bad("record --out = its --workload", [*rec, "--out", w["good"]], "input", watch=(w["good"],))
+    s.bad("record --out /dev/null", [*rec, "--out", "/dev/null"], "not a regular file")
     s.bad("record prompt past the window", ["record", *T, "--workload", w["long"], "--out", "{case}/log.jsonl"], "context window")
     s.bad("record --profile-max-tokens past the window", [*rec, "--out", log, "--profile-max-tokens", 600], "context window",
           watch=(log,))
@@ -430,6 +438,7 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("simulate --log DSD without --prompts", ["simulate", "--log", extra["dsd_log"], "--k", 2, "--out", out], "--prompts")
     s.bad("simulate --log missing", ["simulate", "--log", "{case}/none.jsonl", "--k", 2, "--out", out], "does not exist")
     s.bad("simulate --log a directory", ["simulate", "--log", w["dir"], "--k", 2, "--out", out], "directory")
+    s.bad("simulate --log /dev/zero", ["simulate", "--log", "/dev/zero", "--k", 2, "--out", out], "not a regular file", limit_s=15)
     for key, says in (("log_v99", "newer specbench"), ("log_latin1", "not UTF-8"), ("log_truncated", "corrupt or truncated"),
                       ("log_headeronly", "no turns"), ("log_types", "wall_ms"), ("log_workload", "not a specbench target log"),
                       ("log_traversal", "hidden_file")):
@@ -452,6 +461,7 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("report --by bogus", [*rep, "--by", "bogus"], "--by")
     s.bad("report --csv a directory", [*rep, "--csv", w["dir"]], "is a directory")
     s.bad("report --csv unwritable", [*rep, "--csv", "/proc/report.csv"], "cannot write")
+    s.bad("report --csv /dev/full", [*rep, "--csv", "/dev/full"], "not a regular file")
     s.bad("report --csv over the run's records", [*rep, "--csv", Path(rd) / "prompts.jsonl"], "input", watch=(rd,))
     s.bad("report --html a directory", [*rep, "--html", w["dir"]], "is a directory")
     s.bad("report --plot a file", [*rep, "--plot", w["good"]], "is a file", watch=(w["good"],))
@@ -777,14 +787,44 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
         problems += [] if code == 0 else [f"the old log no longer simulates: {err[-200:]}"]
         s.fault(name + ", over an existing log", problems, lost=[f"{name}: {c}" for c in changed])
 
-    # a complete record over a log replaces log and side file together
-    log = log_root / "rec0" / "log.jsonl"
+    # a complete record over the log a kill left a stray side file beside: log, side file and profile
+    # are replaced together, the old side file and the stray are gone
+    log = log_root / "rec1" / "log.jsonl"
     old_side = log.parent / json.loads(log.read_text().splitlines()[0])["hidden_file"]
     code, _, err, _ = invoke([*rec_args, "--out", log])
     side = log.parent / json.loads(log.read_text().splitlines()[0])["hidden_file"]
+    others = sorted(p.name for p in log.parent.glob("*.safetensors") if p != side)
     problems = [] if code == 0 and side.is_file() and not old_side.exists() and '"type": "profile"' in log.read_text() \
         else [f"re-record: {err[-300:]}"]
+    problems += [f"left {others}"] if others else []
     s.fault("a complete record replaces the log, its side file and its profile together", problems)
+
+    # a full disk as record commits over an existing log: one line, the old log and side file as they were
+    import specbench.files as files
+
+    (log_root / "full").mkdir()
+    log = log_root / "full" / "log.jsonl"
+    shutil.copy(log_root / "original.jsonl", log)
+    side = json.loads(log.read_text().splitlines()[0])["hidden_file"]
+    shutil.copy(log_root / side, log.parent / side)
+    kept = {p: p.read_bytes() for p in (log, log.parent / side)}
+    real_replace = files.os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith(".jsonl"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    files.os.replace = full_disk
+    try:
+        code, _, err, _ = invoke([*rec_args, "--out", log])
+    finally:
+        files.os.replace = real_replace
+    changed = [p.name for p, data in kept.items() if p.read_bytes() != data]
+    leftovers = [p.name for p in log.parent.iterdir() if p not in kept]
+    problems = ([f"{changed} changed"] if changed else []) + ([f"left {leftovers}"] if leftovers else [])
+    problems += one_error_line(err) + ([] if code == 2 and "No space left" in err else [f"exit {code}"])
+    s.fault("a full disk as record commits over an existing log", problems, lost=changed)
 
     # round 2: two --resume processes on one run directory: the second refused while the first measures
     out_dir = root / "concurrent"

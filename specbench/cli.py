@@ -753,6 +753,10 @@ def main() -> None:
     except KeyboardInterrupt:
         say_error("interrupted")
         sys.exit(INTERRUPTED)
+    except OSError as exc:  # the last net: a name too long, a permission, a full disk met where no check foresaw it
+        where = f"{exc.filename}: " if exc.filename else ""
+        say_error(f"{where}{exc.strerror or exc}")
+        sys.exit(2)
     if code == INTERRUPTED:  # typer turns ctrl-C into this code before a command could say more
         say_error("interrupted")
         sys.exit(INTERRUPTED)

@@ -38,6 +38,8 @@ def decode_utf8(data: bytes, where: str) -> str:
 def read_text(path: Path | str, what: str = "file") -> str:
     path = Path(path)
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # a device or a pipe would never end
+            raise UserError(f"{what} {path} is not a regular file")
         data = path.read_bytes()
     except IsADirectoryError:
         raise UserError(f"{what} {path} is a directory, not a file") from None

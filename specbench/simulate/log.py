@@ -19,8 +19,10 @@ hidden states over prompt + output[:-1], [P+N-1, H].
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import re
 import uuid
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +157,9 @@ def write_log(path: Path, header: LogHeader, turns: list[LogTurn], profile: Veri
         raise
     if old_side is not None and old_side.name != header.hidden_file:
         old_side.unlink(missing_ok=True)
+    for stray in path.parent.glob(f"{glob.escape(path.stem)}.*.hidden.safetensors"):  # a recording killed before its commit
+        if stray.name != header.hidden_file and re.fullmatch(r"[0-9a-f]{8}", stray.name[len(path.stem) + 1 : -len(".hidden.safetensors")]):
+            stray.unlink(missing_ok=True)
 
 
 def _side_file_of(path: Path) -> Path | None:

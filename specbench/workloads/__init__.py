@@ -141,7 +141,7 @@ def rows_of(text: str, source: str) -> list[tuple[int, dict]]:
 def read_file(path: Path, name: str | None = None) -> Workload:
     if path.is_dir():
         raise UserError(f"workload file '{path}' is a directory; give a .jsonl file")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"workload file '{path}' does not exist")
     text = read_text(path, "workload file")
     prompts, fmt = parse_rows(rows_of(text, str(path)), str(path))

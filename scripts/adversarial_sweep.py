@@ -393,7 +393,7 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("run --resume schema_version 99", ["run", "--resume", extra["run_newer"]], "newer specbench", watch=(extra["run_newer"],))
     s.bad("run --resume with other flags", ["run", "--resume", rd, "--max-new-tokens", 4, "--drafter", "draft-model"],
           ("--max-new-tokens 4", "--drafter draft-model"), watch=(rd,))
-    s.bad("run --resume with -o", ["run", "--resume", rd, "-o", "k=2"], "-o k 2", watch=(rd,))
+    s.bad("run --resume with -o", ["run", "--resume", rd, "-o", "k=2"], "-o k=2", watch=(rd,))
     s.bad("run --resume with --out", ["run", "--resume", rd, "--out", out], "--out", watch=(rd,))
     s.bad("run --resume a simulated run", ["run", "--resume", extra["sim_run"]], "simulated", watch=(extra["sim_run"],))
     with held_lock(rd):

@@ -8,6 +8,7 @@ speedup compares like with like and drifts in machine speed hit both alike.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 import subprocess
@@ -334,7 +335,8 @@ def resume_conflicts(info: RunInfo, given: dict[str, Any]) -> list[str]:
         else:
             stored = config.drafter_options.get(name)
         if _comparable(value) != _comparable(stored):
-            conflicts.append(f"{flag} {_shown(value)} (the run has {_shown(stored)})")
+            typed = f"-o {name}={_shown(value)}" if flag.startswith("-o ") else f"{flag} {_shown(value)}"
+            conflicts.append(f"{typed} (the run has {_shown(stored)})")
     return conflicts
 
 
@@ -358,8 +360,11 @@ def resume_run(directory: Path, given: dict[str, Any] | None = None) -> tuple[Ru
     """Open a run directory to continue it: its write lock taken (a second writer is refused),
     and every flag the user typed checked against the run's own configuration, which is what
     a resumed run measures with (a conflicting flag is refused, named, never ignored)."""
+    from specbench.targets.deepspeed import under_launcher
+
     store = RunStore.open(Path(directory))
-    store.lock()
+    if not under_launcher() or os.environ.get("RANK", "0") == "0":  # tensor-parallel followers never write
+        store.lock()
     try:
         if store.info.extra.get("simulated"):
             raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")

@@ -303,7 +303,7 @@ def test_resume_with_conflicting_flags_is_refused_naming_them(env, made, capsys,
     run = made["run"]
     err = refused(["run", "--resume", run, "--max-new-tokens", 4, "--drafter", "draft-model", "-o", "k=2", "--temperature", 0],
                   capsys, monkeypatch, ("--max-new-tokens 4 (the run has 8)", "--drafter draft-model (the run has prompt-lookup)",
-                                        "-o k 2 (the run has none)"), untouched=[run])
+                                        "-o k=2 (the run has none)"), untouched=[run])
     assert "--temperature" not in err  # given, but equal to the run's: no conflict
     refused(["run", "--resume", run, "--out", made["root"] / "elsewhere"], capsys, monkeypatch, "--out", untouched=[run])
 

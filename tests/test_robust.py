@@ -441,6 +441,7 @@ def test_a_locked_run_directory_refuses_a_second_writer(made, capsys, monkeypatc
         os.close(fd)
 
 
+@pytest.mark.slow  # real processes: each imports torch and transformers
 def test_two_resume_processes_one_directory(env, tmp_path, capsys, monkeypatch):
     """Two real processes resume one run directory: the second is refused in one line while the first
     measures; the records end complete, each prompt once, equal to an uninterrupted run's."""
@@ -484,6 +485,7 @@ def test_two_resume_processes_one_directory(env, tmp_path, capsys, monkeypatch):
     assert {(t["prompt_id"], t["mode"]): t["output_ids"] for t in mine} == {(t["prompt_id"], t["mode"]): t["output_ids"] for t in ref}
 
 
+@pytest.mark.slow  # real processes
 def test_sigkill_of_record_leaves_the_old_log(env, made, tmp_path, capsys, monkeypatch):
     """Two real `record` processes over copies of a log, SIGKILLed at fixed points: mid-recording, and
     after the new side file is written but before the log is renamed into place (the commit)."""

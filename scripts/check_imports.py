@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "specbench"
 
 # bottom first; a module belongs to the first layer with a prefix of its name
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("data", ("specbench.errors", "specbench.records", "specbench.progress")),
+    ("foundations: errors, records, checks, files", ("specbench.errors", "specbench.records", "specbench.progress", "specbench.checks",
+                                                    "specbench.files", "specbench.hub")),
     ("contracts and the decode loop", ("specbench.engine",)),
     ("catalogue and measurements", ("specbench.catalogue", "specbench.bundled", "specbench.metrics", "specbench.environment")),
     ("targets, workloads, store", ("specbench.targets", "specbench.workloads", "specbench.store")),

@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
-from specbench.console import (
-    RichProgress,
-    console,
-    error,
-    show_warning,
-    warn,
-)
+from specbench.console import RichProgress, console, run_app, styled, warn
 from specbench.errors import UserError
-from specbench.flags import (
-    Option,
-    deprecated,
-    parse_ks,
-    split_list,
-    with_config,
-    with_drafter_flags,
-)
+from specbench.flags import Option, deprecated, explicit_flags, parse_ks, split_list, with_config, with_drafter_flags
 from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
@@ -49,6 +34,7 @@ app = typer.Typer(help="Benchmark draft models for speculative decoding.", no_ar
 @with_drafter_flags
 @with_config(RunConfig)
 def run(
+    ctx: typer.Context,
     config: RunConfig,
     option: Option = None,
     out: Annotated[Path, typer.Option(help="directory under which the run directory is created")] = Path("results"),
@@ -61,7 +47,9 @@ def run(
     from specbench.drafters.registry import typed_options
     from specbench.targets import deepspeed
 
-    if resume:
+    if resume:  # the run's own configuration; flags the user typed must agree with it (runner.resume_run)
+        given = explicit_flags(ctx, exclude=("resume", "as_json", "option"))
+        given |= {f"-o {key}": value for key, value in (drafter_flags or {}).items() if f"--{key.replace('_', '-')}" not in given}
         config = runner.config_from_info(runner.RunStore.open(resume).info)
     else:
         config.drafter_options = typed_options(config.drafter, drafter_flags or {})
@@ -69,7 +57,7 @@ def run(
         runner.check(config)  # bad input fails here, as one line, not once per rank
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
     with RichProgress() as progress:
-        directory = runner.resume_run(resume, progress) if resume else runner.start_run(config, out, progress)
+        directory = runner.resume_run(resume, given, progress) if resume else runner.start_run(config, out, progress)
     if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
         show_run(directory, as_json)
 
@@ -83,14 +71,14 @@ def show_run(directory: Path, as_json: bool) -> None:
         warn(warning)
     if as_json:
         return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine")}, indent=2))
-    console.print(summary_table(summary, escape(f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})")))
+    console.print(summary_table(summary, f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"))
     if line := engine_line(info.extra):
         console.print(line, highlight=False)
     if summary.per_position:
         console.print(position_table(summary))
     if summary.diverged:
         console.print(divergence_table(summary))
-    console.print(f"records: {escape(str(directory))}")
+    console.print(f"records: {str(directory)}")
 
 
 @app.command()
@@ -102,11 +90,11 @@ def drafters() -> None:
         try:
             cls = drafter_class(name)
         except UserError as exc:
-            console.print(f"[bold]{escape(name)}[/]  [red]{escape(str(exc))}[/]")
+            console.print(styled((name, "bold"), "  ", (str(exc), "red")), soft_wrap=True)
             continue
-        console.print(f"[bold]{escape(name)}[/]  {escape(cls.summary)}  [dim]({escape(entry.value)}; drafts a {cls.drafts})[/]", soft_wrap=True)
+        console.print(styled((name, "bold"), f"  {cls.summary}  ", (f"({entry.value}; drafts a {cls.drafts})", "dim")), soft_wrap=True)
         for spec in cls.Options.specs().values():
-            console.print(f"    {spec.flag} / -o {escape(spec.describe())}", soft_wrap=True, highlight=False)
+            console.print(f"    {spec.flag} / -o {spec.describe()}", soft_wrap=True, highlight=False)
 
 
 vocab_trim_app = typer.Typer(help="VocabTrim id lists: the N target tokens a trimmed drafter head keeps.", no_args_is_help=True)
@@ -124,7 +112,7 @@ def vocab_trim_build(
     from specbench.drafters.vocab_trim import build_id_list
 
     ids, counted, distinct = build_id_list(source, out, target, top)
-    console.print(escape(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({distinct} distinct tokens seen)"))
+    console.print(f"{out}: {len(ids)} ids ranked by frequency in {counted} ({distinct} distinct tokens seen)")
 
 
 @app.command("train-data")
@@ -140,8 +128,8 @@ def train_data(
 
     with RichProgress() as progress:
         meta = make_data_for(config, out, overwrite, progress, command_line())
-    console.print(escape(f"{out}: {meta['sequences']} sequences, {meta['tokens']} tokens ({meta['answer_tokens']} answer tokens) "
-                         f"from {meta['prompts']} prompts of {config.workload} in {meta['seconds']} s"))
+    console.print(f"{out}: {meta['sequences']} sequences, {meta['tokens']} tokens ({meta['answer_tokens']} answer tokens) "
+                         f"from {meta['prompts']} prompts of {config.workload} in {meta['seconds']} s")
 
 
 @app.command()
@@ -166,7 +154,7 @@ def train(
     config.warmup_steps = config.warmup_steps if old_warmup is None else old_warmup
     with RichProgress() as progress:
         written = train_drafter(config, recipe, device, dtype, overwrite, progress)
-    console.print(escape(f"{written}: trained {config.drafter} for {config.target} (log: {written / 'specbench_train.json'})"))
+    console.print(f"{written}: trained {config.drafter} for {config.target} (log: {written / 'specbench_train.json'})")
 
 
 @app.command()
@@ -181,9 +169,9 @@ def record(
     with RichProgress() as progress:
         log = record_workload(config, out, progress)
     tokens = sum(len(t.output_ids) for t in log.turns)
-    console.print(escape(f"{out}: {len(log.turns)} turns, {tokens} target tokens"
+    console.print(f"{out}: {len(log.turns)} turns, {tokens} target tokens"
                          + (f", hidden states in {log.header.hidden_file}" if config.hidden else "")
-                         + (f", verify profile 1..{config.profile_max_tokens} tokens" if config.profile else "")))
+                         + (f", verify profile 1..{config.profile_max_tokens} tokens" if config.profile else ""))
 
 
 @app.command()
@@ -198,7 +186,7 @@ def profile(
     with RichProgress() as progress:
         result = profile_target(config, out, progress)
     n = config.max_tokens
-    console.print(escape(f"{out}: verify ms at 1 / {n // 2} / {n} tokens: {result.ms[0]:.2f} / {result.ms[n // 2 - 1]:.2f} / {result.ms[-1]:.2f}"))
+    console.print(f"{out}: verify ms at 1 / {n // 2} / {n} tokens: {result.ms[0]:.2f} / {result.ms[n // 2 - 1]:.2f} / {result.ms[-1]:.2f}")
 
 
 @app.command()
@@ -235,11 +223,11 @@ def simulate(
     if as_json:
         return print(json.dumps(result.to_json(), indent=2))
     sim = result.simulation
-    console.print(simulation_table(result.reports, escape(f"simulated: {config.drafter} on a log of {target_log.header.target} "
-                                                           f"({sim.method}; latency model: {result.latency.kind})")))
+    console.print(simulation_table(result.reports, f"simulated: {config.drafter} on a log of {target_log.header.target} "
+                                                           f"({sim.method}; latency model: {result.latency.kind})"))
     if sim.hidden_source:
-        console.print(escape(f"target hidden states: {sim.hidden_source}"))
-    console.print(escape(f"scoring {sim.scoring_s:.2f} s, draft-latency timing {sim.latency_s:.2f} s; records: {out}/"))
+        console.print(f"target hidden states: {sim.hidden_source}")
+    console.print(f"scoring {sim.scoring_s:.2f} s, draft-latency timing {sim.latency_s:.2f} s; records: {out}/")
 
 
 @app.command("convert-log")
@@ -250,13 +238,11 @@ def convert_log(
     out: Annotated[Path, typer.Option(help="the specbench target log to write (.jsonl)")],
 ) -> None:
     """Convert a Decoding-Speculative-Decoding log (prompts JSONL + tensor dumps) into a specbench target log."""
-    from specbench.simulate.log import write_log
-    from specbench.simulate.runner import open_log
+    from specbench.simulate.runner import convert_dsd_log
 
-    converted = open_log(log, prompts, target)
-    write_log(out, converted.header, converted.turns)
-    console.print(escape(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens "
-                         "(no profile: give simulate --profile or --bandwidth)"))
+    converted = convert_dsd_log(log, prompts, target, out)
+    console.print(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens "
+                         "(no profile: give simulate --profile or --bandwidth)")
 
 
 @app.command()
@@ -265,7 +251,7 @@ def workloads() -> None:
     from specbench.workloads import describe_sources
 
     for name, summary, where in describe_sources():
-        console.print(f"[bold]{escape(name)}[/]  {escape(summary)}  [dim]({escape(where)})[/]", soft_wrap=True, highlight=False)
+        console.print(styled((name, "bold"), f"  {summary}  ", (f"({where})", "dim")), soft_wrap=True, highlight=False)
     console.print(
         "any .jsonl file also works with --workload FILE: FastChat/Spec-Bench question.jsonl, HellaSwag, "
         "DSD {\"prompt\": ...}, or rows with a 'turns' list or a 'prompt' string; the format is detected and named",
@@ -283,20 +269,20 @@ def report(
     html: Annotated[Optional[Path], typer.Option(help="write one self-contained HTML page with the tables and plots")] = None,
 ) -> None:
     """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
-    from specbench.report.build import VIEWS, build, export, write_outputs
+    from specbench.report.build import VIEWS, build, check_outputs, export, write_outputs
     from specbench.report.frames import group_summary
-    from specbench.report.tables import breakdown_table, comparison_table, divergence_table, position_table, summary_table
+    from specbench.report.tables import breakdown_table, comparison_table, divergence_table, group_note, position_table, summary_table
 
     if by not in VIEWS:
         raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
+    check_outputs(runs or [Path("results")], csv, parquet, html, plot)
     result = build(runs or [Path("results")])
     for warning in result.warnings:
         warn(warning)
     key = {"category": "categories", "task": "tasks"}.get(by)
     for group in result.groups:
         summary = group_summary(group)
-        runs_note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
-        console.print(summary_table(summary, escape(f"{group.label}\non {group.setup['workload']} ({runs_note})")))
+        console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({group_note(group)})"))
         if by in ("setup", "position") and summary.per_position:
             console.print(position_table(summary))
         if by == "setup" and summary.diverged:
@@ -307,9 +293,9 @@ def report(
     if len(result.groups) > 1:
         console.print(comparison_table(result.frames["overview"]))
     for path in export(result.view(by), csv, parquet):
-        console.print(escape(f"wrote {path}"))
+        console.print(f"wrote {path}")
     for line in write_outputs(result, plot, html):
-        console.print(escape(line))
+        console.print(line)
 
 
 @app.command("export-answers")
@@ -324,16 +310,11 @@ def export_answers(
     from specbench.store import RunStore
 
     n = write_model_answers(RunStore.open(run_dir), out, mode, model_id)
-    console.print(escape(f"wrote {n} answers to {out}"))
+    console.print(f"wrote {n} answers to {out}")
 
 
 def main() -> None:
-    warnings.showwarning = show_warning
-    try:
-        app()
-    except UserError as exc:
-        error(str(exc))
-        sys.exit(2)
+    run_app(app)
 
 
 if __name__ == "__main__":

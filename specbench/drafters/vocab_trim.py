@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specbench.checks import check_count
 from specbench.errors import UserError
+from specbench.files import atomic_write_text, read_text
 
 FORMAT = "specbench-vocab-trim/1"
 
@@ -38,7 +40,7 @@ def _count_run(directory: Path) -> Counter:
 def _count_log(path: Path) -> Counter:
     """A JSONL target log: every row's generated ids (rows without them, like a header, are skipped)."""
     counts: Counter = Counter()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "target log").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -47,7 +49,7 @@ def _count_log(path: Path) -> Counter:
             raise UserError(f"{path}:{number}: not valid JSON; --vocab-trim-from takes a run directory, a target log, a workload or an id list") from None
         for key in ("output_ids", "continuation_ids", "target_ids"):
             if isinstance(row, dict) and isinstance(row.get(key), list):
-                counts.update(row[key])
+                counts.update(t for t in row[key] if isinstance(t, int) and not isinstance(t, bool))
     if not counts:
         raise UserError(f"{path}: no generated token ids found (expected 'output_ids' or 'continuation_ids' per row)")
     return counts
@@ -88,13 +90,15 @@ def ranked_ids(counts: Counter, vocab_size: int) -> list[int]:
 def build_id_list(source: str, out: Path, target: str, top: int | None = None) -> tuple[list[int], str, int]:
     """`specbench vocab-trim build`: count token frequencies in `source` once and save the ranked
     ids (the top `top`, default all) for `--vocab-trim-from`. (ids, what was counted, distinct tokens seen)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from specbench.checks import check_output_file
+    from specbench.targets.loading import load_config, load_tokenizer
 
-    from specbench.targets.loading import model_location
-
-    location = model_location(target)
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    vocab_size = AutoConfig.from_pretrained(location).vocab_size
+    check_output_file(out, "--out", inputs=(source,))
+    vocab_size = load_config(target).vocab_size
+    check_count(top, "--top", maximum=vocab_size)
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
     counts, counted = token_counts(source, tokenizer)
     ids = ranked_ids(counts, vocab_size)[:top]
     save_ids(out, ids, target, vocab_size, counted)
@@ -102,17 +106,20 @@ def build_id_list(source: str, out: Path, target: str, top: int | None = None) -
 
 
 def save_ids(path: Path, ids: list[int], target: str, vocab_size: int, source: str) -> None:
-    path.write_text(json.dumps({"format": FORMAT, "target": target, "vocab_size": vocab_size, "source": source, "ids": ids}) + "\n")
+    atomic_write_text(path, json.dumps({"format": FORMAT, "target": target, "vocab_size": vocab_size, "source": source, "ids": ids}) + "\n")
 
 
 def load_ids(path: Path, vocab_size: int) -> tuple[list[int], str]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "vocab-trim id list"))
         ids, fmt = data["ids"], data.get("format")
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a vocab-trim id list; make one with `specbench vocab-trim build`") from None
     if fmt != FORMAT or data.get("vocab_size") != vocab_size:
         raise UserError(f"{path} was built for a vocabulary of {data.get('vocab_size')} tokens, this target has {vocab_size}; rebuild it for this target")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids) \
+            or len(set(ids)) != len(ids) or not ids:
+        raise UserError(f"{path}: 'ids' must be distinct token ids in 0..{vocab_size - 1}; rebuild it with `specbench vocab-trim build`")
     return ids, data.get("source", str(path))
 
 
@@ -124,9 +131,7 @@ def keep_ids(top: int | None, source: str, tokenizer, vocab_size: int) -> tuple[
     else:
         counts, counted = token_counts(source, tokenizer)
         ranked = ranked_ids(counts, vocab_size)
-    top = top or len(ranked)
-    if not 1 <= top <= vocab_size:
-        raise UserError(f"--vocab-trim must be between 1 and the vocabulary size {vocab_size} (got {top})")
+    top = len(ranked) if top is None else check_count(top, "--vocab-trim", maximum=min(vocab_size, len(ranked)))
     kept = sorted(ranked[:top])
     digest = hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16]
     return torch.tensor(kept), {"vocab_trim": top, "counted_from": counted, "ids_sha256": digest}

@@ -246,6 +246,11 @@ class Drafter:
         """The most tree nodes one proposal can hold (0: it never drafts)."""
         return 0
 
+    @property
+    def max_draft_depth(self) -> int:
+        """The deepest node one proposal can hold (a chain's depth is its length)."""
+        return self.max_draft_tokens
+
     def warm_up(self, max_positions: int | None = None) -> float:
         """Before a timed run: size the drafter's own static caches for sequences of up to
         `max_positions` and capture its CUDA graphs. Returns the ms spent capturing."""

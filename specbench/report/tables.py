@@ -156,3 +156,10 @@ def engine_line(extra: dict) -> str | None:
             f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
         )
     return line
+
+
+def group_note(group) -> str:
+    """Which runs a setup's table pools, and which of them are unfinished (they cover part of the workload)."""
+    note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
+    unfinished = [f"{r.directory.name}: {r.unfinished}" for r in group.runs if r.unfinished]
+    return note + ("; UNFINISHED " + ", ".join(unfinished) if unfinished else "")

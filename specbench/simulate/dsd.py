@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from specbench.errors import UserError
+from specbench.files import read_text
 from specbench.records import StepMeasure
 from specbench.simulate.log import LogHeader, LogTurn, TargetLog
 
@@ -38,7 +39,7 @@ def parse_tensor_dumps(path: Path) -> list[tuple[int, list[int]]]:
     if not path.is_file():
         raise UserError(f"DSD target log {path} does not exist")
     dumps, current, start = [], None, 0
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(read_text(path, "DSD target log").splitlines(), 1):
         line = raw.strip()
         if not line:
             continue
@@ -70,7 +71,7 @@ def read_prompts(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise UserError(f"DSD prompts file {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "DSD prompts file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -100,6 +101,8 @@ def read_dsd(log_path: Path, prompts_path: Path, tokenizer, vocab_size: int, tar
         if not ids:
             raise UserError(f"{log_path}:{line}: empty tensor")
         prompt_ids = list(tokenizer(text)["input_ids"])
+        if not prompt_ids:
+            raise UserError(f"{prompts_path}: prompt {index} encodes to no tokens; give it some text")
         turns.append(LogTurn(str(index), 0, "dsd", prompt_ids, ids))
     header = LogHeader(
         target=target, target_id=target, tokenizer=getattr(tokenizer, "name_or_path", target), vocab_size=vocab_size,

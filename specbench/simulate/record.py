@@ -16,21 +16,15 @@ from pathlib import Path
 
 import torch
 
+from specbench.checks import check_count, check_fits
 from specbench.engine.loop import decode
 from specbench.engine.options import option
 from specbench.engine.protocol import FINAL, PlainDecoding
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
-from specbench.simulate.log import (
-    LogHeader,
-    LogTurn,
-    TargetLog,
-    VerifyProfile,
-    hidden_file_for,
-    write_log,
-)
+from specbench.simulate.log import LogHeader, LogTurn, TargetLog, VerifyProfile, write_log
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
-from specbench.workloads import Prompt, encode_turn, workload_hash
+from specbench.workloads import Prompt, check_prompts_fit, encode_turn, workload_hash
 
 
 class Recorder(PlainDecoding):
@@ -67,15 +61,28 @@ def record(
     profile: VerifyProfile | None = None,
     environment: dict | None = None,
     on_turn: Callable[[], None] = lambda: None,
-) -> Path:
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
+    profile_tokens: int | None = None,
+    profile_repeats: int = 3,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> TargetLog:
+    """Record the target's outputs on `prompts` and write the log (and its side file) to `out`.
+
+    With `profile_tokens`, the verify-latency profile (forwards of 1..profile_tokens tokens) is
+    measured over the recorded turns' typical context and written with them. Nothing is written
+    until everything is measured, and then atomically (write_log): a kill or an error, ctrl-C
+    included, leaves a log already at `out` exactly as it was."""
+    check_count(max_new_tokens, "--max-new-tokens")
+    check_count(profile_tokens, "--profile-max-tokens")
+    check_count(profile_repeats, "--profile-repeats")
     if topk is not None and not 1 <= topk <= target.vocab_size:
         raise UserError(f"--topk must be between 1 and the vocabulary size {target.vocab_size}")
     if target.tokenizer is None:
         raise UserError(f"target '{target.name}' has no tokenizer; text workloads need one")
+    if not prompts:
+        raise UserError("no prompts to record")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    window = target.context_window()
+    check_prompts_fit(prompts, target.tokenizer, window, max_new_tokens, target.name)
     recorder = Recorder(target)
     want_rows = hidden or topk is not None
     drafter = recorder if want_rows else PlainDecoding(target)
@@ -85,6 +92,7 @@ def record(
         answers: list[str] = []
         for turn in range(len(prompt.turns)):
             ids = encode_turn(target.tokenizer, prompt, turn, answers)
+            check_fits(len(ids), max_new_tokens, window, f"prompt {prompt.id} turn {turn + 1}", target.name)
             result = decode(target, drafter, torch.tensor(ids), max_new_tokens)
             answers.append(target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
             row = LogTurn(prompt.id, turn, prompt.category, ids, result.output_ids, round(result.wall_ms, 3), round(result.ttft_ms, 3))
@@ -114,14 +122,17 @@ def record(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         environment=environment or {},
     )
-    if hidden:
-        from safetensors.torch import save_file
+    if profile_tokens:
+        from specbench.simulate.profile import measure_profile
 
-        side = hidden_file_for(out)
-        save_file(hidden_rows, str(side))
-        header.hidden_file = side.name
-    write_log(out, header, turns, profile)
-    return out
+        on_stage("measuring the verify-latency profile")
+        lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in turns]
+        context = min(sum(lengths) // len(lengths), (window or 10**9) - profile_tokens)
+        profile = measure_profile(target, turns[0].prompt_ids, max(1, context), profile_tokens, profile_repeats,
+                                  (environment or {}).get("device_name", ""),
+                                  ("the profile context", "--profile-max-tokens", "--profile-repeats"))
+    write_log(out, header, turns, profile, hidden_rows if hidden else None)
+    return TargetLog(out, header, turns, profile)
 
 
 @dataclass
@@ -143,27 +154,27 @@ class RecordConfig:
 
 def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT) -> TargetLog:
     """`specbench record`: load the target, record its greedy outputs on the workload and, with
-    `profile`, its verify-latency profile over a typical context, into one log."""
+    `profile`, its verify-latency profile over a typical context, into one log written once complete."""
+    from specbench.checks import check_output_file
     from specbench.environment import environment
-    from specbench.simulate.log import read_log
-    from specbench.simulate.profile import measure_profile
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
-    from specbench.workloads import load_workload
+    from specbench.workloads import open_workload, select
 
     c = config
-    prompts = load_workload(c.workload)[: c.limit] if c.limit else load_workload(c.workload)
-    dev = resolve_device(c.device)
-    with progress.status(f"loading {c.target}"):
-        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
-    env = environment(dev)
-    advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
-    record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, env, advance)
-    log = read_log(out)
-    if c.profile:
-        lengths = [len(t.prompt_ids) + len(t.output_ids) // 2 for t in log.turns]
-        with progress.status("measuring the verify-latency profile"):
-            log.profile = measure_profile(target, log.turns[0].prompt_ids, sum(lengths) // len(lengths), c.profile_max_tokens,
-                                          c.profile_repeats, env["device_name"])
-        write_log(out, log.header, log.turns, log.profile)
-    return log
+    check_output_file(out, "--out", inputs=(c.workload,))
+    for value, flag in ((c.limit, "--limit"), (c.max_new_tokens, "--max-new-tokens"), (c.topk, "--topk"),
+                        (c.profile_max_tokens, "--profile-max-tokens"), (c.profile_repeats, "--profile-repeats")):
+        check_count(value, flag)
+    try:
+        prompts = select(open_workload(c.workload).prompts, limit=c.limit)
+        dev = resolve_device(c.device)
+        with progress.status(f"loading {c.target}"):
+            target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+        advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
+        return record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, environment(dev), advance,
+                      profile_tokens=c.profile_max_tokens if c.profile else None, profile_repeats=c.profile_repeats,
+                      on_stage=lambda stage: advance(0, stage=stage))
+    except KeyboardInterrupt:
+        kept = f"{out} is as it was" if Path(out).exists() else "nothing was written"
+        raise UserError(f"interrupted; {kept} (a log is written only once complete)") from None

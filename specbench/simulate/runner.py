@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,10 +24,11 @@ from typing import Any
 
 import torch
 
+from specbench.checks import check_count
 from specbench.drafters.registry import drafter_class
 from specbench.engine.options import option
 from specbench.engine.protocol import FINAL
-from specbench.errors import UserError
+from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
 from specbench.progress import SILENT, Progress
 from specbench.records import (
@@ -120,7 +122,13 @@ class SimulateConfig:
     max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
     limit: int | None = option(None, "use only the first N logged turns")
     method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay")
-    latency_steps: int = option(32, "proposals timed per shape for the draft latency")
+    latency_steps: int = option(32, "proposals timed per shape for the draft latency")  # library callers may pass 0: untimed
+
+    def __post_init__(self) -> None:  # refused before anything loads
+        check_count(self.max_new_tokens, "--max-new-tokens")
+        check_count(self.limit, "--limit")
+        if self.method not in ("auto", TEACHER_FORCED, "replay"):
+            raise UserError(f"--method must be auto, teacher-forced or replay (got {self.method})")
 
 
 @dataclass
@@ -148,8 +156,6 @@ class Simulator:
         if not config.shapes:
             raise UserError("give at least one --k or --tree to score")
         self.max_new = config.max_new_tokens or log.header.max_new_tokens
-        if self.max_new < 1:
-            raise UserError("--max-new-tokens must be at least 1")
         if self.max_new > log.header.max_new_tokens:
             raise UserError(f"--max-new-tokens {self.max_new} exceeds the log's {log.header.max_new_tokens}: the log holds no tokens past that")
         if config.method not in ("auto", TEACHER_FORCED, "replay"):
@@ -168,6 +174,8 @@ class Simulator:
         if target is None:
             dtype = DTYPES.get(log.header.dtype, torch.float32)
             target = LoggedTarget(log, resolve_device(device), dtype)
+        else:
+            check_log_target(log, target)
         self.target = target
         self.drafter = cls.create(target, parsed)
         self.method = TEACHER_FORCED if cls.has_teacher_forced() and config.method != "replay" else STEP_REPLAY
@@ -280,6 +288,29 @@ class Simulator:
         return sum(times) / len(times) if times else 0.0
 
 
+def check_log_target(log: TargetLog, target) -> None:
+    """The real target given with --target must be the one the log recorded: another vocabulary
+    or hidden size is refused; another model of the same shapes is named in a warning (its hidden
+    states would stand in for the logged target's)."""
+    h = log.header
+    if target.vocab_size != h.vocab_size:
+        raise UserError(f"--target '{target.name}' has {target.vocab_size} token ids, the log was recorded by '{h.target}' "
+                        f"with {h.vocab_size}; pass the target the log was recorded with")
+    if h.hidden_size and target.hidden_size != h.hidden_size:
+        raise UserError(f"--target '{target.name}' has hidden size {target.hidden_size}, the log's target '{h.target}' "
+                        f"{h.hidden_size}; pass the target the log was recorded with")
+    recorded = {h.target, h.target_id, _resolved(h.target_id)}
+    if not recorded & {target.name, target.model_id, _resolved(target.model_id)}:
+        warnings.warn(f"the log was recorded by '{h.target_id}', --target is '{target.model_id}' (same vocabulary size): "
+                      "its hidden states stand in for the recorded target's; pass the recording target if that is not meant",
+                      SpecbenchWarning, stacklevel=2)
+
+
+def _resolved(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def _mean_draft(per_turn: list[list[StepMeasure]]) -> float:
     times = [s.draft_ms for steps in per_turn for s in steps]
     return sum(times) / len(times) if times else 0.0
@@ -359,11 +390,11 @@ def write_runs(
                 "drafter": simulator.drafter.describe(),
             },
         )
-        directory = out / run_id
-        store = RunStore.create(directory, info)
-        store.append_prompt(steps, turns)
-        info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        store.write_info()
+        with RunStore.create_unique(out, info) as store:
+            store.append_prompt(steps, turns)
+            info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            store.write_info()
+        directory = store.directory
         memory = (draft_bytes / target_bytes, gamma) if target_bytes and draft_bytes is not None else None
         summary = summarise(steps, turns, memory)
         reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
@@ -389,6 +420,17 @@ def open_log(log: Path, prompts: Path | None = None, target: str | None = None) 
         raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
+
+
+def convert_dsd_log(log: Path, prompts: Path, target: str, out: Path) -> TargetLog:
+    """`specbench convert-log`: a DSD log (tensor dumps + prompts) written as a specbench target log."""
+    from specbench.checks import check_output_file
+    from specbench.simulate.log import write_log
+
+    check_output_file(out, "--out", inputs=(log, prompts))
+    converted = open_log(log, prompts, target)
+    write_log(out, converted.header, converted.turns)
+    return converted
 
 
 def shapes_from(ks: list[int], trees: list[str]) -> list[Shape]:
@@ -431,8 +473,11 @@ def simulate_log(
 ) -> SimulateResult:
     """`specbench simulate`: score the drafter on the log for every shape in one pass, predict
     throughput from the latency model, and write one run directory per shape under `out`."""
+    from specbench.checks import check_output_dir
     from specbench.simulate.log import read_profile
 
+    check_output_dir(out, "--out")
+    check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms
     if any(name in config.drafter_options for name in ("k", "tree")):
         raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
     latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from specbench.checks import context_window
 from specbench.engine import kv
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.protocol import Taps
@@ -107,7 +108,7 @@ class HFTarget:
         return self._weight_bytes or forward_bytes(self.model)
 
     def context_window(self) -> int | None:
-        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        return context_window(self.config.get_text_config())
 
     def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
         """The eager engine captures nothing (FastHFTarget does): 0 ms."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from specbench.checks import check_count, check_number
 from specbench.engine.options import option
 from specbench.errors import UserError
 from specbench.train.data import TrainData, load_data, prepare_out  # noqa: F401  (re-exported for the recipes)
@@ -42,6 +43,21 @@ class TrainConfig:
     train_vocab: str = option("all", "all: losses over the whole vocabulary; seen: only over ids the training data contains "
                                      "(an order of magnitude cheaper on large vocabularies; evaluation stays full)", choices=("all", "seen"))
     options: dict = field(default_factory=dict)  # the recipe's own (specbench.train.recipes.RecipeOptions)
+
+    def check(self) -> None:
+        """Refuse bad settings before the target loads: counts by the one count rule, rates finite and in range."""
+        for name in ("steps", "batch_tokens", "max_length", "eval_every"):
+            check_count(getattr(self, name), f"--{name.replace('_', '-')}")
+        check_count(self.warmup_steps, "--warmup-steps", minimum=0)
+        check_count(self.seed, "--seed", minimum=0, maximum=2**63 - 1)
+        check_number(self.lr, "--lr", above=0)  # None (the recipe's default) passes
+        check_number(self.min_lr_ratio, "--min-lr-ratio", minimum=0, maximum=1)
+        check_number(self.eval_fraction, "--eval-fraction", above=0, maximum=0.9)
+        for name, value in self.options.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                check_count(value, f"--{name.replace('_', '-')}", minimum=0 if name == "hydra_layers" else 1)
+        if self.train_vocab not in ("all", "seen"):
+            raise UserError(f"--train-vocab {self.train_vocab}: use all or seen")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

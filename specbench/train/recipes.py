@@ -58,16 +58,15 @@ def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, devi
     """Train `config.drafter` for the frozen `config.target`; the checkpoint directory."""
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
-    if config.steps < 1 or config.batch_tokens < 1:
-        raise UserError("--steps and --batch-tokens must be at least 1")
-    if config.eval_every < 1:
-        raise UserError("--eval-every must be at least 1")
-    if config.lr is None:
-        config.lr = recipe.default_lr
     given = asdict(recipe_options or RecipeOptions())
     config.options = {k: v for k, v in given.items() if k in recipe.options}
+    config.check()
+    if config.lr is None:
+        config.lr = recipe.default_lr
+    check_out(Path(config.out), overwrite, "checkpoint directory")
     torch.manual_seed(config.seed)
     dev = resolve_device(device)
     with progress.status(f"loading {config.target}"):

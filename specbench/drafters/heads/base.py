@@ -113,6 +113,10 @@ class HeadDrafter(Drafter):
     def max_draft_tokens(self) -> int:
         return len(self.shape)
 
+    @property
+    def max_draft_depth(self) -> int:
+        return self.shape.depth
+
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.pending = prompt_hidden
 

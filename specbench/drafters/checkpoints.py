@@ -22,6 +22,7 @@ import torch
 
 from specbench.drafters.unpickle import ModulePickle, flatten
 from specbench.errors import UserError
+from specbench.files import read_text, reading_weights
 
 
 @dataclass
@@ -65,14 +66,21 @@ def download(repo_id: str, file_names: tuple[str, ...], what: str = "heads") -> 
         ) from None
 
 
+def read_json(file: Path, what: str = "file") -> dict:
+    try:
+        data = json.loads(read_text(file, what))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return data
+
+
 def read_config(directory: Path) -> dict:
     file = directory / "config.json"
     if not file.is_file():
         return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    return read_json(file, "checkpoint config")
 
 
 # --- reading tensors ----------------------------------------------------------
@@ -80,7 +88,7 @@ def read_config(directory: Path) -> dict:
 def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise UserError(f"checkpoint file {file} does not exist")
-    try:
+    with reading_weights(file, "checkpoint"):
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -95,10 +103,6 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
                 raise
             # pickled modules (decoder-layer Hydra): rebuild stand-ins, never run their code
             data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=ModulePickle)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out: dict[str, torch.Tensor] = {}
     flatten(data, "", out)
     if not out:
@@ -136,7 +140,7 @@ def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = 
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index, "checkpoint index").get("weight_map", {})
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
     else:
         shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
@@ -146,7 +150,7 @@ def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = 
             if repo_id is None:
                 raise UserError(f"{directory / shard} is listed in {index.name} but missing: copy the whole checkpoint")
             download(repo_id, (shard,))
-        with safe_open(str(directory / shard), framework="pt") as f:
+        with reading_weights(directory / shard, "checkpoint shard"), safe_open(str(directory / shard), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
                     out[key.removeprefix(prefix)] = f.get_tensor(key)

@@ -22,6 +22,7 @@ are tested against the eager engine token for token.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
 GRAPH_MAX_BUCKET = 128  # larger forwards (prefills) run uncaptured at their exact size
+SHAPE_CACHE = 512  # tree shapes whose masks are kept; dynamic trees (EAGLE-2) bring a new shape nearly every step
 CAPACITY_STEP = 256  # capacities are multiples of this, so regrowth is rare
 
 
@@ -182,17 +184,21 @@ class StaticDecoder:
         self.graphs = graphs
         self.min = torch.finfo(dtype).min
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
-        self._shapes: dict[tuple, ShapeMasks] = {}
+        self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()  # least recently used first
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
 
     def shape(self, parents: tuple[int, ...] | None, rows: int, bucket: int) -> ShapeMasks:
         key = (parents, rows, bucket)
         found = self._shapes.get(key)
-        if found is None:
-            found = shape_masks(parents, rows, bucket, self.dtype, self.device)
-            if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
-                self._shapes[key] = found
+        if found is not None:
+            self._shapes.move_to_end(key)
+            return found
+        found = shape_masks(parents, rows, bucket, self.dtype, self.device)
+        if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
+            self._shapes[key] = found
+            if len(self._shapes) > SHAPE_CACHE:  # a shape changing every step must not grow this without bound
+                self._shapes.popitem(last=False)
         return found
 
     def forward(self, ids: torch.Tensor, parents: tuple[int, ...] | None = None, tap: int | None = None):

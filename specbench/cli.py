@@ -117,7 +117,7 @@ def run(
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/n: measure every n-th prompt from the i-th; `report` merges the shards")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling (chains) or typical acceptance (head drafters, lossy)")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (lossless); > 0 = speculative sampling (chains), typical acceptance (medusa/hydra trees, lossy) or tree sampling (eagle trees, lossless)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
     dtype: Annotated[str, typer.Option(help=DTYPE)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
@@ -308,7 +308,8 @@ def record(
     limit: Annotated[Optional[int], typer.Option(help="use only the first N prompts")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="new tokens per turn at most")] = 128,
     topk: Annotated[Optional[int], typer.Option(help="also keep the target's top-N log-probs per position")] = None,
-    hidden: Annotated[bool, typer.Option(help="also keep the target's final hidden states (safetensors side file) for head drafters")] = False,
+    hidden: Annotated[bool, typer.Option(help="also keep the target's final hidden states (safetensors side file) for head drafters and eagle")] = False,
+    hidden_taps: Annotated[Optional[str], typer.Option(help="also keep the hidden states entering these layers, comma-separated; 'eagle3' = the three EAGLE-3 fuses (2, L//2, L-3)")] = None,
     profile: Annotated[bool, typer.Option(help="also measure the verify-latency profile into the log")] = True,
     profile_max_tokens: Annotated[int, typer.Option(help="profile forwards of 1..N tokens")] = 128,
     profile_repeats: Annotated[int, typer.Option(help="timed repeats per token count (median kept)")] = 3,
@@ -320,10 +321,11 @@ def record(
 
     with RichProgress() as progress:
         log = record_workload(target, workload, out, limit, max_new_tokens, topk, hidden, profile, profile_max_tokens, profile_repeats,
-                              device, dtype, progress)
+                              device, dtype, progress, hidden_taps)
     tokens = sum(len(t.output_ids) for t in log.turns)
+    taps = ", ".join("final" if t is None else f"input of layer {t}" for t in log.recorded_taps)
     console.print(escape(f"{out}: {len(log.turns)} turns, {tokens} target tokens"
-                         + (f", hidden states in {log.header.hidden_file}" if hidden else "")
+                         + (f", hidden states ({taps}) in {log.header.hidden_file}" if log.header.hidden_file else "")
                          + (f", verify profile 1..{profile_max_tokens} tokens" if profile else "")))
 
 
@@ -353,7 +355,7 @@ def simulate(
     log: Annotated[Path, typer.Option(help="a target log from `specbench record` (or a DSD tensor-dump log with --prompts)")],
     drafter: Annotated[str, typer.Option(help="a name from `specbench drafters`")] = "prompt-lookup",
     k: Annotated[Optional[list[str]], typer.Option(help="chain lengths to score, e.g. --k 1,2,3,4,5,6 (one pass scores all)")] = None,
-    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63), chain:K, or JSON files of child-rank paths; comma-separated")] = None,
+    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63), chain:K, JSON files of child-rank paths, or 'dynamic' (eagle/eagle3: EAGLE-2's tree); comma-separated")] = None,
     option: Option = None,
     target: Annotated[Optional[str], typer.Option(help="the real target, when at hand: hidden states by one forward per sequence; the tokenizer for DSD logs")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="DSD format: the prompts JSONL matched by order to the tensor dumps in --log")] = None,

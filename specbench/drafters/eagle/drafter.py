@@ -121,6 +121,8 @@ class EagleDrafter(Drafter):
             self.levels = [(r.to(self.device), k.to(self.device), e.to(self.device))
                            for r, k, e in zip(self.shape.parent_rows, self.shape.level_ranks, self.shape.expand_positions)]
         if net.config.version == 1:
+            if options.tap_layers:
+                raise UserError("--tap-layers is for eagle3: an EAGLE-1 draft reads the target's final hidden state")
             net.set_head(target.lm_head, None)  # EAGLE-1's logits: the target's own LM head
             self.taps = FINAL  # the target's final (normed) hidden state
         else:

@@ -332,20 +332,26 @@ class EagleNet(nn.Module):
             x = layer(x, emb, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
         return x
 
-    def context(self, tokens: torch.Tensor, features: torch.Tensor, kv: DraftKV) -> torch.Tensor:
+    def context(self, tokens: torch.Tensor, features: torch.Tensor, kv: DraftKV | None = None) -> torch.Tensor:
         """Accepted context at the next positions of `kv` (a causal chunk, appended to it):
-        row j pairs the token x_{j+1} with the target's state f_j. Returns outputs [q, H]."""
-        start, q = kv.length, tokens.shape[0]
-        kv.reserve(start + q)
+        row j pairs the token x_{j+1} with the target's state f_j. Returns outputs [q, H].
+        Without `kv` the chunk is a whole sequence from position 0 and nothing is cached
+        (no in-place writes: the teacher-forced forward training differentiates)."""
+        start, q = (kv.length if kv is not None else 0), tokens.shape[0]
+        if kv is not None:
+            kv.reserve(start + q)
         positions = torch.arange(start, start + q, device=tokens.device)
         lengths = positions + 1
 
         def attend(layer, qs, keys, values):
+            if kv is None:
+                return attention(qs, (keys.transpose(0, 1), values.transpose(0, 1)), lengths, None, self.scale)
             kv.write(layer, start, keys, values)
             return attention(qs, kv.layer(layer, start + q), lengths, None, self.scale)
 
         out = self._run(tokens, features, positions, True, attend)
-        kv.length = start + q
+        if kv is not None:
+            kv.length = start + q
         return out
 
     def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: DraftKV,

@@ -169,9 +169,10 @@ def record(
     with RichProgress() as progress:
         log = record_workload(config, out, progress)
     tokens = sum(len(t.output_ids) for t in log.turns)
+    taps = ", ".join("final" if t is None else f"input of layer {t}" for t in log.recorded_taps)
     console.print(f"{out}: {len(log.turns)} turns, {tokens} target tokens"
-                         + (f", hidden states in {log.header.hidden_file}" if config.hidden else "")
-                         + (f", verify profile 1..{config.profile_max_tokens} tokens" if config.profile else ""))
+                  + (f", hidden states ({taps}) in {log.header.hidden_file}" if log.header.hidden_file else "")
+                  + (f", verify profile 1..{config.profile_max_tokens} tokens" if config.profile else ""))
 
 
 @app.command()
@@ -196,7 +197,7 @@ def simulate(
     config: SimulateConfig,
     log: Annotated[Path, typer.Option(help="a target log from `specbench record` (or a DSD tensor-dump log with --prompts)")],
     k: Annotated[Optional[list[str]], typer.Option(help="chain lengths to score, e.g. --k 1,2,3,4,5,6 (one pass scores all)")] = None,
-    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63), chain:K, or JSON files of child-rank paths; comma-separated")] = None,
+    tree: Annotated[Optional[list[str]], typer.Option(help="trees to score: catalogue names (mc_sim_7b_63), chain:K, JSON files of child-rank paths, or 'dynamic' (eagle/eagle3: EAGLE-2's tree); comma-separated")] = None,
     option: Option = None,
     target: Annotated[Optional[str], typer.Option(help="the real target, when at hand: hidden states by one forward per sequence; the tokenizer for DSD logs")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="DSD format: the prompts JSONL matched by order to the tensor dumps in --log")] = None,

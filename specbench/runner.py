@@ -62,7 +62,8 @@ class RunConfig:
     limit: int | None = option(None, "use only the first N prompts")
     shard: str | None = option(None, "i/n: measure every n-th prompt from the i-th (after --categories and --limit); `report` merges the shards")
     max_new_tokens: int = option(128, "new tokens per turn at most")
-    temperature: float = option(0.0, "0 = greedy (lossless); > 0 = speculative sampling (chains) or the drafter's own rule (typical acceptance: lossy)")
+    temperature: float = option(0.0, "0 = greedy (lossless); > 0 = speculative sampling (chains), typical acceptance (medusa/hydra trees, lossy) "
+                                     "or tree sampling (eagle trees, lossless)")
     seed: int = option(0, "seed for sampling")
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)

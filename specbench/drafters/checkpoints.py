@@ -51,6 +51,31 @@ def locate(spec: str, file_names: tuple[str, ...], what: str = "heads") -> tuple
     return download(spec, file_names, what), None
 
 
+def locate_first(spec: str, candidates: tuple[str, ...], what: str) -> tuple[Path, Path]:
+    """(directory, weights file) for a directory, a file or a hub id, taking the first of
+    `candidates` that exists; a hub repository is listed first, so only that one file
+    (and the JSON files) is downloaded, not every twin of it."""
+    path = Path(spec).expanduser()
+    if not path.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        wanted = candidates
+        try:
+            from huggingface_hub import list_repo_files
+
+            present = set(list_repo_files(spec))
+            wanted = tuple(c for c in candidates if c in present)[:1] or candidates
+        except Exception:  # offline: a cached snapshot may still hold them
+            pass
+        directory = download(spec, wanted, what)
+    else:
+        directory, file = locate(spec, candidates, what)
+        if file is not None:
+            return directory, file
+    found = next((directory / c for c in candidates if (directory / c).is_file()), None)
+    if found is None:
+        raise UserError(f"no {what} weights in '{spec}': expected {' or '.join(candidates)} (with config.json)")
+    return directory, found
+
+
 def download(repo_id: str, file_names: tuple[str, ...], what: str = "heads") -> Path:
     from huggingface_hub import snapshot_download
 

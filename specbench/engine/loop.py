@@ -83,11 +83,11 @@ def decode(
     clock = Clock(target.device)
     start = clock.now()
     prompt_ids = prompt_ids.reshape(-1).to(target.device)
-    taps, typical = drafter.taps, drafter.typical_acceptance
+    taps, rule = drafter.taps, drafter.acceptance
     # the furthest this sequence can reach: a static cache is sized for it before any step
     max_positions = prompt_ids.numel() + max_new_tokens + drafter.max_draft_tokens + 1
     logits, hidden = target.prefill(prompt_ids, taps, max_positions)
-    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, typical).bonus
+    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, rule).bonus
     output = [first]
     ttft_ms = clock.now() - start
     pending = [top2(logits[-1:])]  # per step: top2() of the rows that chose its emitted tokens
@@ -102,7 +102,7 @@ def decode(
         t1 = clock.now()
         logits, hidden = target.verify(output[-1], tree, taps)
         t2 = clock.now()
-        result = accept(tree, logits, temperature, generator, typical)
+        result = accept(tree, logits, temperature, generator, rule)
         target.commit(result.accepted_nodes)
         emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
         drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))

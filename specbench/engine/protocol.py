@@ -33,9 +33,11 @@ without it are simulated by step replay, which is slower and labelled so.
 Capabilities a drafter declares: `drafts` ("chain": takes `k`, drafts one
 token per depth; "tree": takes `tree`, drafts the top-ranked tokens per
 node, so any tree of ranks can be scored), `taps` (which hidden states it
-reads), `typical_acceptance` (the acceptance rule at temperature > 0 for
-tree drafters) and `max_draft_tokens` (the largest tree it can propose: the
-target sizes its cache and the fast engine its buckets from it).
+reads), `acceptance` (its acceptance rule at temperature > 0, from
+engine/acceptance.py: typical acceptance for Medusa/Hydra, tree sampling for
+EAGLE trees; None = speculative sampling) and `max_draft_tokens` (the largest
+tree it can propose: the target sizes its cache and the fast engine its
+buckets from it).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 
 import torch
 
-from specbench.engine.acceptance import TypicalAcceptance
+from specbench.engine.acceptance import AcceptanceRule, TypicalAcceptance
 from specbench.engine.options import DrafterOptions
 from specbench.engine.tree import DraftTree
 
@@ -179,10 +181,26 @@ class TeacherForced:
     # ctx.max_tokens, as draft-model and prompt-lookup do); False when it always drafts
     # its whole shape: the walk must size the drafts as the loop would
     capped: bool = True
+    # drafters that choose their tree per step (EAGLE-2's dynamic tree) rather than
+    # filling a tree of ranks: what the loop would see at every step
+    own_trees: OwnTrees | None = None
 
     @property
     def depth(self) -> int:
         return self.ranks.shape[1]
+
+
+@dataclass
+class OwnTrees:
+    """Per step m (rows 0..N-1, row 0 unused, as in `TeacherForced.ranks`), the tree the
+    drafter would propose when m tokens have been emitted: its node count, its depth, and
+    how many of its nodes the logged continuation accepts (the longest path of true
+    tokens out[m], out[m+1], ... in it; never past the log's end). Such trees are not
+    capped by the tokens still allowed: the drafter always drafts its whole tree."""
+
+    sizes: torch.Tensor  # [N] int64
+    depths: torch.Tensor  # [N] int64
+    accepted: torch.Tensor  # [N] int64
 
 
 # hidden(): the target's states (the drafter's taps) over prompt + output[:-1] ([P+N-1, H·len(taps)])
@@ -224,8 +242,17 @@ class Drafter:
     Options: ClassVar[type[DrafterOptions]] = DrafterOptions
     drafts: ClassVar[Literal["chain", "tree"]] = "chain"
     taps: Taps = ()
-    # the acceptance rule at temperature > 0 for tree drafters (None: speculative sampling)
-    typical_acceptance: TypicalAcceptance | None = None
+    # the acceptance rule at temperature > 0 (None: speculative sampling, for chains)
+    acceptance: AcceptanceRule | None = None
+
+    @property
+    def typical_acceptance(self) -> TypicalAcceptance | None:
+        """The typical-acceptance rule, when that is the drafter's rule (the older name)."""
+        return self.acceptance if isinstance(self.acceptance, TypicalAcceptance) else None
+
+    @typical_acceptance.setter
+    def typical_acceptance(self, rule: TypicalAcceptance | None) -> None:
+        self.acceptance = rule
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target

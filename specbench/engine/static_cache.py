@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ from specbench.engine.tree import DraftTree
 from specbench.errors import SpecbenchWarning
 
 GRAPH_MAX_BUCKET = 128  # larger forwards (long prefills, huge trees) run uncaptured at their exact size
+SHAPE_CACHE = 512  # tree shapes whose masks are kept; dynamic trees (EAGLE-2) bring a new shape nearly every step
 CAPACITY_STEP = 256  # capacities are multiples of this
 SPAN_STEP = 256  # the smallest span step; spans are multiples of the span step (or the capacity)
 MAX_SPANS = 16  # at most this many spans per capacity: the span step grows with the capacity
@@ -366,7 +368,7 @@ class StaticDecoder:
         self.bucketed = bucketed or self.graphs is not None
         self.min = torch.finfo(dtype).min
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
-        self._shapes: dict[tuple, ShapeMasks] = {}
+        self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()  # least recently used first
         self.graph_set = GraphSet(self.graphs)
         self._compute = self._compute_step
         if compiled_step:
@@ -398,10 +400,14 @@ class StaticDecoder:
     def shape(self, parents: tuple[int, ...] | None, rows: int, bucket: int) -> ShapeMasks:
         key = (parents, rows, bucket)
         found = self._shapes.get(key)
-        if found is None:
-            found = shape_masks(parents, rows, bucket, self.dtype, self.device)
-            if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
-                self._shapes[key] = found
+        if found is not None:
+            self._shapes.move_to_end(key)
+            return found
+        found = shape_masks(parents, rows, bucket, self.dtype, self.device)
+        if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
+            self._shapes[key] = found
+            if len(self._shapes) > SHAPE_CACHE:  # a shape changing every step must not grow this without bound
+                self._shapes.popitem(last=False)
         return found
 
     @torch.inference_mode()

@@ -12,9 +12,12 @@ A versioned JSONL file:
   prefill's token), wall_ms and ttft_ms of the recording, and with --topk N
   topk_ids / topk_logprobs per output position (the distribution out[j] was
   chosen from).
-The hidden states (--hidden) go to a safetensors side file next to the log,
-one tensor per turn keyed "<prompt_id>#<turn>": the target's final (normed)
-hidden states over prompt + output[:-1], [P+N-1, H].
+The hidden states (--hidden, --hidden-taps) go to a safetensors side file next
+to the log, over prompt + output[:-1] ([P+N-1, H] per tensor): keyed
+"<prompt_id>#<turn>" the target's final (normed) hidden states, keyed
+"<prompt_id>#<turn>@<j>" the hidden state entering decoder layer j (what EAGLE-3
+drafts fuse). The header's `hidden_taps` lists what the side file holds (null for
+the final states); logs written before it existed hold the final states only.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class LogHeader:
     topk: int | None = None
     hidden_file: str | None = None
     hidden_size: int | None = None
+    hidden_taps: list[int | None] | None = None  # what the side file holds: None = final states, j = input of layer j
     num_layers: int | None = None  # the target's decoder layers (drafters that tap layers need it)
     target_forward_bytes: int | None = None
     created: str = ""
@@ -119,16 +123,35 @@ class TargetLog:
     def hidden_path(self) -> Path | None:
         return self.path.parent / self.header.hidden_file if self.header.hidden_file else None
 
-    def hidden(self, turn: LogTurn) -> torch.Tensor:
+    @property
+    def recorded_taps(self) -> tuple[int | None, ...]:
+        """The hidden states the side file holds (None = the final states), in the drafter's `taps` terms."""
+        if not self.header.hidden_file:
+            return ()
+        return tuple(self.header.hidden_taps) if self.header.hidden_taps is not None else (None,)
+
+    def hidden(self, turn: LogTurn, taps: tuple[int | None, ...] = (None,)) -> torch.Tensor:
+        """The recorded states of `taps`, concatenated in that order ([P+N-1, H·len(taps)])."""
         from safetensors import safe_open
 
         path = self.hidden_path
         if path is None or not path.exists():
             raise UserError(f"{self.path}: its hidden-state side file {path} is missing; record again with --hidden")
         with reading_weights(path, "hidden-state side file"), safe_open(str(path), framework="pt") as f:
-            if turn.key not in f.keys():
-                raise UserError(f"{path} holds no hidden states for prompt {turn.prompt_id} turn {turn.turn}; record again with --hidden")
-            return f.get_tensor(turn.key)
+            keys = set(f.keys())
+            parts = []
+            for tap in taps:
+                key = hidden_key(turn.key, tap)
+                if key not in keys:
+                    what = "hidden states" if tap is None else f"hidden states entering layer {tap}"
+                    raise UserError(f"{path} holds no {what} for prompt {turn.prompt_id} turn {turn.turn}; record again with --hidden / --hidden-taps")
+                parts.append(f.get_tensor(key))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def hidden_key(turn_key: str, tap: int | None) -> str:
+    """The side file's key of one turn's final states (tap None) or of the input of layer `tap`."""
+    return turn_key if tap is None else f"{turn_key}@{tap}"
 
 
 def hidden_file_for(log_path: Path, tag: str = "") -> Path:

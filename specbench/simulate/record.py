@@ -19,18 +19,20 @@ import torch
 from specbench.checks import check_count, check_fits
 from specbench.engine.loop import decode
 from specbench.engine.options import option
-from specbench.engine.protocol import FINAL, PlainDecoding
+from specbench.engine.protocol import PlainDecoding, Taps
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
-from specbench.simulate.log import LogHeader, LogTurn, TargetLog, VerifyProfile, write_log
+from specbench.simulate.log import LogHeader, LogTurn, TargetLog, VerifyProfile, hidden_key, write_log
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
 from specbench.workloads import Prompt, check_prompts_fit, encode_turn, workload_hash
 
 
 class Recorder(PlainDecoding):
-    """Plain decoding that keeps the target's final hidden states of every position it verifies."""
+    """Plain decoding that keeps the target's hidden states (`taps`) of every position it verifies."""
 
-    taps = FINAL
+    def __init__(self, target, taps: Taps = (None,)) -> None:
+        super().__init__(target)
+        self.taps = taps
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.rows = [prompt_hidden]
@@ -39,7 +41,27 @@ class Recorder(PlainDecoding):
         self.rows.append(outcome.hidden[:1])  # the root's row (an empty draft has no others)
 
     def hidden(self) -> torch.Tensor:
-        return torch.cat(self.rows)  # [P + N - 1, H]: prompt + every output token but the last
+        return torch.cat(self.rows)  # [P + N - 1, H·len(taps)]: prompt + every output token but the last
+
+
+def parse_hidden_taps(text: str | None, num_layers: int) -> tuple[int, ...]:
+    """`--hidden-taps`: layer indices (the hidden state entering each), comma-separated, or
+    `eagle3` for the three an EAGLE-3 draft fuses by default (2, L//2, L-3)."""
+    layers: list[int] = []
+    for part in (text or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        if part == "eagle3":
+            layers += [2, num_layers // 2, num_layers - 3]
+            continue
+        try:
+            layers.append(int(part))
+        except ValueError:
+            raise UserError(f"--hidden-taps takes layer indices or 'eagle3', comma-separated (got '{part}')") from None
+    bad = [j for j in layers if not 0 <= j < num_layers]
+    if bad:
+        raise UserError(f"--hidden-taps: layer {bad[0]} is outside the target's {num_layers} layers (0..{num_layers - 1})")
+    return tuple(dict.fromkeys(layers))
 
 
 def topk_logprobs(target, hidden: torch.Tensor, prompt_len: int, topk: int) -> tuple[list, list]:
@@ -64,11 +86,14 @@ def record(
     profile_tokens: int | None = None,
     profile_repeats: int = 3,
     on_stage: Callable[[str], None] = lambda stage: None,
+    hidden_layers: tuple[int, ...] = (),
 ) -> TargetLog:
     """Record the target's outputs on `prompts` and write the log (and its side file) to `out`.
 
     With `profile_tokens`, the verify-latency profile (forwards of 1..profile_tokens tokens) is
-    measured over the recorded turns' typical context and written with them. Nothing is written
+    measured over the recorded turns' typical context and written with them. `hidden`: keep the
+    final hidden states in the side file; `hidden_layers`: also the states entering these layers
+    (EAGLE-3's taps). Nothing is written
     until everything is measured, and then atomically (write_log): a kill or an error, ctrl-C
     included, leaves a log already at `out` exactly as it was."""
     check_count(max_new_tokens, "--max-new-tokens")
@@ -83,8 +108,11 @@ def record(
     out = Path(out)
     window = target.context_window()
     check_prompts_fit(prompts, target.tokenizer, window, max_new_tokens, target.name)
-    recorder = Recorder(target)
-    want_rows = hidden or topk is not None
+    keep_final = hidden or topk is not None  # the top-N log-probs come from the final states
+    taps: Taps = ((None,) if keep_final else ()) + tuple(hidden_layers)
+    saved = ((None,) if hidden else ()) + tuple(hidden_layers)  # what goes to the side file
+    recorder = Recorder(target, taps)
+    want_rows = bool(taps)
     drafter = recorder if want_rows else PlainDecoding(target)
     decode(target, drafter, torch.tensor(encode_turn(target.tokenizer, prompts[0], 0, [])), min(max_new_tokens, 16))  # warm-up
     turns, hidden_rows = [], {}
@@ -97,11 +125,11 @@ def record(
             answers.append(target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
             row = LogTurn(prompt.id, turn, prompt.category, ids, result.output_ids, round(result.wall_ms, 3), round(result.ttft_ms, 3))
             if want_rows:
-                states = recorder.hidden()
+                parts = dict(zip(taps, recorder.hidden().split(target.hidden_size, dim=-1)))
                 if topk is not None:
-                    row.topk_ids, row.topk_logprobs = topk_logprobs(target, states, len(ids), topk)
-                if hidden:
-                    hidden_rows[row.key] = states.detach().cpu().contiguous()
+                    row.topk_ids, row.topk_logprobs = topk_logprobs(target, parts[None], len(ids), topk)
+                for tap in saved:
+                    hidden_rows[hidden_key(row.key, tap)] = parts[tap].detach().cpu().contiguous()
             turns.append(row)
             on_turn()
     header = LogHeader(
@@ -116,7 +144,8 @@ def record(
         workload=workload,
         workload_hash=workload_hash(prompts),
         topk=topk,
-        hidden_size=target.hidden_size if hidden else None,
+        hidden_size=target.hidden_size if saved else None,
+        hidden_taps=list(saved) if saved else None,
         num_layers=target.num_layers,
         target_forward_bytes=target.forward_bytes(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -131,7 +160,7 @@ def record(
         profile = measure_profile(target, turns[0].prompt_ids, max(1, context), profile_tokens, profile_repeats,
                                   (environment or {}).get("device_name", ""),
                                   ("the profile context", "--profile-max-tokens", "--profile-repeats"))
-    write_log(out, header, turns, profile, hidden_rows if hidden else None)
+    write_log(out, header, turns, profile, hidden_rows if saved else None)
     return TargetLog(out, header, turns, profile)
 
 
@@ -144,7 +173,9 @@ class RecordConfig:
     limit: int | None = option(None, "use only the first N prompts", min=1)
     max_new_tokens: int = option(128, "new tokens per turn at most", min=1)
     topk: int | None = option(None, "also keep the target's top-N log-probs per position", min=1)
-    hidden: bool = option(False, "also keep the target's final hidden states (safetensors side file) for head drafters")
+    hidden: bool = option(False, "also keep the target's final hidden states (safetensors side file) for head drafters and eagle")
+    hidden_taps: str | None = option(None, "also keep the hidden states entering these layers, comma-separated; 'eagle3' = the three "
+                                           "EAGLE-3 fuses (2, L//2, L-3)")
     profile: bool = option(True, "also measure the verify-latency profile into the log")
     profile_max_tokens: int = option(128, "profile forwards of 1..N tokens", min=1)
     profile_repeats: int = option(3, "timed repeats per token count (median kept)", min=1)
@@ -171,10 +202,11 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
         dev = resolve_device(c.device)
         with progress.status(f"loading {c.target}"):
             target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+        layers = parse_hidden_taps(c.hidden_taps, target.num_layers)
         advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
         return record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, environment(dev), advance,
                       profile_tokens=c.profile_max_tokens if c.profile else None, profile_repeats=c.profile_repeats,
-                      on_stage=lambda stage: advance(0, stage=stage))
+                      on_stage=lambda stage: advance(0, stage=stage), hidden_layers=layers)
     except KeyboardInterrupt:
         kept = f"{out} is as it was" if Path(out).exists() else "nothing was written"
         raise UserError(f"interrupted; {kept} (a log is written only once complete)") from None

@@ -192,14 +192,23 @@ class Simulator:
         return getattr(self.drafter, "device", None) or getattr(self.target, "device", torch.device("cpu"))
 
     def hidden_for(self, turn: LogTurn) -> torch.Tensor:
-        """The target's final hidden states over prompt + output[:-1] (log side file, else one target forward)."""
+        """The target's hidden states (the drafter's taps) over prompt + output[:-1]: from the
+        log's side file when it holds them all, else one target forward."""
         n = len(turn.prompt_ids) + len(turn.output_ids[: self.max_new]) - 1
         taps = self.drafter.taps
-        if self.log.header.hidden_file and taps == FINAL:  # final normed states: what the side file holds
-            self.hidden_source = f"log side file {self.log.header.hidden_file}"
-            return self.log.hidden(turn)[:n].to(self.drafter_device())
+        recorded = self.log.recorded_taps
+        if set(taps) <= set(recorded):
+            self.hidden_source = f"log side file {self.log.header.hidden_file}" + (f" (taps {list(taps)})" if taps != FINAL else "")
+            return self.log.hidden(turn, taps)[:n].to(self.drafter_device())
         if isinstance(self.target, LoggedTarget):
-            where = "record the log with --hidden, or " if taps == FINAL else f"the log holds final hidden states, not the taps {list(taps)}: "
+            layers = [t for t in taps if t is not None]
+            if not recorded:
+                where = "record the log with " + " ".join(
+                    (["--hidden"] if None in taps else []) + ([f"--hidden-taps {','.join(map(str, layers))}"] if layers else [])) + ", or "
+            else:
+                held = ", ".join("final" if t is None else str(t) for t in recorded)
+                where = (f"the log's side file holds the taps {held}, not {', '.join('final' if t is None else str(t) for t in taps)}: "
+                         f"record with --hidden-taps {','.join(map(str, layers))}, or ")
             raise UserError(
                 f"drafter '{self.config.drafter}' needs the target's hidden states: {where}pass --target so simulate "
                 "runs one teacher-forced target forward per sequence"
@@ -210,29 +219,42 @@ class Simulator:
         return hidden
 
     def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:
+        """The turn's hidden states, computed once however many drafters ask."""
+        found: list[tuple[torch.Tensor, str]] = []
+
         def provide():
-            states = self.hidden_for(turn)
-            return states, self.hidden_source
+            if not found:
+                found.append((self.hidden_for(turn), self.hidden_source))
+            return found[0]
 
         return provide
 
+    def proposer_for(self, shape: Shape):
+        """The drafter whose teacher-forced pass scores `shape`: the main one fills any tree of
+        ranks; a drafter's own dynamic tree needs the drafter built for it."""
+        return self.drafter_for(shape) if shape.dynamic else self.drafter
+
     # --- scoring ----------------------------------------------------------------
     def score(self) -> Simulation:
-        shapes, depth = self.config.shapes, max(s.depth for s in self.config.shapes)
+        shapes, depth = self.config.shapes, max(1, *(s.depth for s in self.config.shapes))
         if self.method == TEACHER_FORCED:
             t0 = time.perf_counter()
             per_shape: dict[Shape, list] = {s: [] for s in shapes}
             for turn in self.turns:
                 prompt, output = self._ids(turn)
-                proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
-                if not proposals.ranked and any(s.tree is not None for s in shapes):
-                    raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
-                self.hidden_source = proposals.hidden_source or self.hidden_source
+                provider, by_drafter = self._provider(turn), {}
                 for shape in shapes:
+                    drafter = self.proposer_for(shape)
+                    if id(drafter) not in by_drafter:
+                        by_drafter[id(drafter)] = drafter.teacher_forced(prompt, torch.tensor(output), depth, provider)
+                    proposals = by_drafter[id(drafter)]
+                    if not proposals.ranked and shape.tree is not None:
+                        raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
+                    self.hidden_source = proposals.hidden_source or self.hidden_source
                     per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
             scoring_s = time.perf_counter() - t0
         else:
-            if any(s.tree is not None for s in shapes) and self.cls.drafts != "tree":
+            if any(s.tree is not None or s.dynamic for s in shapes) and self.cls.drafts != "tree":
                 raise UserError(f"step replay cannot impose a tree on drafter '{self.config.drafter}'; score trees with a drafter that has the teacher-forced hook")
             t0 = time.perf_counter()
             per_shape = {s: [self._replay(turn, s.k, drafter=self.drafter_for(s)) for turn in self.turns] for s in shapes}
@@ -260,7 +282,7 @@ class Simulator:
     def drafter_for(self, shape: Shape):
         """The drafter proposing `shape` online: drafters with a `tree` option (head drafters)
         are built with it; chain drafters are capped per step through ctx.max_tokens."""
-        if self.cls.drafts != "tree":
+        if self.cls.drafts != "tree" or shape.spec == self.options.get("tree"):
             return self.drafter
         if shape.spec not in self._by_shape:
             options = self.cls.Options.parse(self.config.drafter, {**self.options, "tree": shape.spec})
@@ -339,7 +361,8 @@ def write_runs(
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for result in sim.results:
         shape = result.shape
-        gamma = shape.depth if passes else 0  # sequential draft passes per step for this shape
+        # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
+        gamma = (simulator.drafter_for(shape).memory_model()[1] if shape.dynamic else shape.depth) if passes else 0
         draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)
         steps, turns = [], []
         for turn, walked in zip(simulator.turns, result.steps):

@@ -85,7 +85,7 @@ class HeadDrafter(Drafter):
         self.target = target
         self.shape = tree
         self.num_heads = num_heads
-        self.typical_acceptance = typical
+        self.acceptance = typical
         self.taps = FINAL
         self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
         self.device = target.device

@@ -22,7 +22,7 @@ from torch import nn
 
 from specbench.checks import check_count
 from specbench.errors import UserError
-from specbench.files import atomic_write_text, read_text
+from specbench.files import atomic_write_text, jsonl_rows, read_text
 
 FORMAT = "specbench-vocab-trim/1"
 
@@ -40,15 +40,13 @@ def _count_run(directory: Path) -> Counter:
 def _count_log(path: Path) -> Counter:
     """A JSONL target log: every row's generated ids (rows without them, like a header, are skipped)."""
     counts: Counter = Counter()
-    for number, line in enumerate(read_text(path, "target log").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number}: not valid JSON; --vocab-trim-from takes a run directory, a target log, a workload or an id list") from None
+
+    def bad_line(number: int, why: str) -> None:
+        raise UserError(f"{path}:{number}: {why}; --vocab-trim-from takes a run directory, a target log, a workload or an id list")
+
+    for number, row in jsonl_rows(read_text(path, "target log").splitlines(), str(path), bad_line):
         for key in ("output_ids", "continuation_ids", "target_ids"):
-            if isinstance(row, dict) and isinstance(row.get(key), list):
+            if isinstance(row.get(key), list):
                 counts.update(t for t in row[key] if isinstance(t, int) and not isinstance(t, bool))
     if not counts:
         raise UserError(f"{path}: no generated token ids found (expected 'output_ids' or 'continuation_ids' per row)")

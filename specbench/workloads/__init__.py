@@ -19,7 +19,7 @@ from pathlib import Path
 
 from specbench.checks import check_count, check_fits, tokens_at_least
 from specbench.errors import UserError
-from specbench.files import read_text
+from specbench.files import jsonl_rows, read_text
 from specbench.workloads import formats
 
 
@@ -111,18 +111,7 @@ def parse_rows(rows: list[tuple[int, dict]], source: str, fmt: str | None = None
 
 
 def read_rows(lines: list[str], source: str) -> list[tuple[int, dict]]:
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{source}:{number}: expected a JSON object per line")
-        rows.append((number, row))
-    return rows
+    return list(jsonl_rows(lines, source))
 
 
 def rows_of(text: str, source: str) -> list[tuple[int, dict]]:

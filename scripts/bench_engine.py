@@ -8,8 +8,12 @@ interleaved (so drifts in machine speed hit both alike) and reported as medians:
 plain decoding tokens/s at a forced fixed length (EOS ignored); the verify
 latency profile t(n), n = tokens in one verify forward (root + a chain of n-1);
 per-step overhead (step wall - draft - verify) for plain decoding and for
-prompt lookup; and, on CUDA, plain tokens/s as a fraction of the bandwidth
-limit (bytes one forward reads / measured device-to-device copy bandwidth).
+prompt lookup; the fast engine's warm-up (its cache sized and every bucket
+captured before anything is timed: graphs, ms, KV capacity); and, on CUDA,
+plain tokens/s as a fraction of the bandwidth limit (bytes one forward reads /
+measured device-to-device copy bandwidth).
+`--compiled-step` turns on the fast engine's torch.compile'd step (off by default,
+see COMPILED_STEP in specbench/engine/static_cache.py) to measure it.
 Timing does not depend on weight values, so the 7B shape needs no checkpoint.
 """
 
@@ -26,6 +30,7 @@ from specbench.drafters.prompt_lookup import PromptLookupDrafter
 from specbench.engine import kv
 from specbench.engine.loop import Clock, decode
 from specbench.engine.protocol import PlainDecoding
+from specbench.engine.static_cache import bucket_size
 from specbench.engine.tree import DraftTree
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
@@ -72,7 +77,7 @@ def forget_verify(target) -> None:
 def verify_profile(targets: dict, prompt: torch.Tensor, sizes: list[int], reps: int) -> dict[str, dict[int, float]]:
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in targets}
     for target in targets.values():
-        target.prefill(prompt)
+        target.prefill(prompt, max_positions=prompt.numel() + max(sizes))
     for _ in range(reps + 1):  # the first round warms up (and, on CUDA, captures graphs): not kept
         for n in sizes:
             tree = DraftTree.chain(torch.randint(3, 200, (n - 1,), device=prompt.device))
@@ -115,6 +120,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default=PROFILE_SIZES, help="verify profile sizes n, comma separated, or 1-128")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--compiled-step", action="store_true", help="torch.compile the fast engine's step (off by default)")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
 
@@ -131,7 +137,7 @@ def main() -> None:
         label = source.model_id
     sizes = list(range(1, 129)) if args.sizes == "1-128" else [int(s) for s in args.sizes.split(",")]
 
-    targets = {"eager": HFTarget(model, tokenizer), "fast": FastHFTarget(model, tokenizer)}
+    targets = {"eager": HFTarget(model, tokenizer), "fast": FastHFTarget(model, tokenizer, compiled_step=args.compiled_step)}
     for target in targets.values():
         target.eos_token_ids = set()  # a forced fixed length
     vocab = targets["eager"].vocab_size
@@ -140,6 +146,11 @@ def main() -> None:
     motif = torch.randint(3, min(vocab, 1000), (16,), generator=generator)
     prompt = motif.repeat(-(-args.prompt_tokens // 16))[: args.prompt_tokens].to(device)
 
+    # before anything is timed, as `specbench run` does: the cache sized for the longest
+    # sequence and every bucket captured (plain: 1 row, prompt lookup: up to 1 + k, profile: n)
+    longest_verify = max(max(sizes), 1 + PromptLookupDrafter(targets["fast"]).max_draft_tokens)
+    positions = args.prompt_tokens + max(args.new_tokens, max(sizes)) + longest_verify
+    capture_ms = targets["fast"].warm_up(longest_verify, (), positions)
     with torch.inference_mode():
         plain = decode_runs(targets, PlainDecoding, prompt, args.new_tokens, args.reps)
         lookup = decode_runs(targets, lambda t: PromptLookupDrafter(t), prompt, args.new_tokens, args.reps)
@@ -155,7 +166,11 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
-        "fast_graphs": targets["fast"].decoder.graphs,
+        "fast_graphs": targets["fast"].decoder.graphs is not None,
+        "fast_compiled_step": args.compiled_step,
+        "fast_warm_up": {"capture_ms": capture_ms, "graphs": targets["fast"].decoder.captures,
+                         "buckets_up_to": bucket_size(min(longest_verify, 128)), "kv_capacity": targets["fast"].cache.capacity},
+        "fast_captures_after_warm_up": targets["fast"].decoder.captures,  # updated below
         "plain_tokens_per_s": {n: median(r["tokens_per_s"]) for n, r in plain.items()},
         "plain_speedup_fast_over_eager": median(
             [f / e for f, e in zip(plain["fast"]["tokens_per_s"], plain["eager"]["tokens_per_s"])]
@@ -166,6 +181,7 @@ def main() -> None:
         },
         "verify_ms": profile,
     }
+    report["fast_captures_after_warm_up"] = targets["fast"].decoder.captures - report["fast_warm_up"]["graphs"]
     if device.type == "cuda":
         bandwidth = copy_bandwidth(device)
         limit = bandwidth / report["forward_bytes"]
@@ -186,7 +202,12 @@ def show(r: dict) -> None:
     console.print(
         f"{r['model']} ({r['dtype']}) on {r['device_name'] or r['device']}, {r['cpu_threads']} CPU threads; "
         f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens forced, medians of {r['reps']} interleaved reps; "
-        f"fast engine CUDA graphs: {r['fast_graphs']}"
+        f"fast engine CUDA graphs: {r['fast_graphs']}" + (", compiled step" if r["fast_compiled_step"] else "")
+    )
+    w = r["fast_warm_up"]
+    console.print(
+        f"fast engine warm-up (untimed): {w['graphs']} graphs captured in {w['capture_ms']:.0f} ms (buckets 1..{w['buckets_up_to']} "
+        f"at every span); KV capacity {w['kv_capacity']} positions; captures after warm-up: {r['fast_captures_after_warm_up']}"
     )
     tps = r["plain_tokens_per_s"]
     line = f"plain tokens/s: eager {tps['eager']:.2f}, fast {tps['fast']:.2f}; fast/eager {r['plain_speedup_fast_over_eager']:.3f}x"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from specbench.errors import UserError
+from specbench.files import atomic_write_text
 from specbench.records import BASELINE, SPEC
 from specbench.store import RunStore
 
@@ -44,7 +45,10 @@ def model_answers(store: RunStore, mode: str = SPEC, model_id: str | None = None
 
 
 def write_model_answers(store: RunStore, out: Path, mode: str = SPEC, model_id: str | None = None) -> int:
+    from specbench.checks import check_output_file
+    from specbench.store import RUN_FILE, STEPS_FILE, TURNS_FILE
+
+    check_output_file(out, "--out", inputs=tuple(store.directory / name for name in (RUN_FILE, TURNS_FILE, STEPS_FILE)))
     lines = model_answers(store, mode, model_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return len(lines)

@@ -1,6 +1,6 @@
 """Every metric specbench prints, computed from step and turn records in one place.
 
-Definitions follow ../shared/reference/metrics-and-logs.md:
+Definitions (docs/metrics.md says the same for a reader):
 - τ (mean accepted length): tokens emitted per verification step, the target's
   bonus/correction token included; plain decoding = 1.00.
 - acceptance rate: accepted draft tokens / drafted tokens (all tree nodes).
@@ -9,6 +9,9 @@ Definitions follow ../shared/reference/metrics-and-logs.md:
 - c: draft ms per step / verify ms per step.
 - tokens/s: total new tokens / total decode wall time (prefill included), over
   all prompts ("overall"); speedup = spec tokens/s / baseline tokens/s.
+- exact match: share of speculative turns whose output equals plain decoding's;
+  each greedy turn that differs is a near-tie (the target's two best tokens
+  within rounding of each other, specbench/engine/divergence.py) or a divergence.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from specbench.records import BASELINE, SPEC, StepMeasure, StepRecord, TurnRecord
+from specbench.records import BASELINE, DIVERGENCE, NEAR_TIE, SPEC, StepMeasure, StepRecord, TurnRecord
 
 
 @dataclass
@@ -25,6 +28,22 @@ class PositionRate:
     steps: int  # steps whose draft reached this depth
     unconditional: float
     conditional: float | None  # None when no step reached the previous depth accepted
+
+
+@dataclass
+class Diverged:
+    """A speculative turn whose output differs from plain decoding's (TurnRecord fields;
+    kind and the margins are None where the run did not classify it: sampling, older runs)."""
+
+    prompt_id: str
+    turn: int
+    position: int | None  # first differing new token
+    kind: str | None = None  # "near-tie" or "divergence"
+    plain_top2: list[int] | None = None
+    spec_top2: list[int] | None = None
+    plain_margin: float | None = None
+    spec_margin: float | None = None
+    tolerance: float | None = None
 
 
 @dataclass
@@ -45,7 +64,9 @@ class Summary:
     speedup: float | None = None
     mbsu: float | None = None  # memory-bound speedup model, beside the measured speedup
     exact_match_rate: float | None = None
-    diverged: list[tuple[str, int, int]] = field(default_factory=list)  # (prompt, turn, first divergence)
+    diverged: list[Diverged] = field(default_factory=list)
+    near_ties: int = 0  # diverged turns classified as near-ties
+    divergences: int = 0  # diverged turns classified as real divergences
 
     def to_json(self) -> dict:
         from dataclasses import asdict
@@ -121,7 +142,13 @@ def summarise(
     compared = [t for t in spec_turns if t.exact_match is not None]
     if compared:
         summary.exact_match_rate = sum(t.exact_match for t in compared) / len(compared)
-        summary.diverged = [(t.prompt_id, t.turn, t.first_divergence) for t in compared if not t.exact_match]
+        summary.diverged = [
+            Diverged(t.prompt_id, t.turn, t.first_divergence, t.divergence_kind, t.plain_top2, t.spec_top2,
+                     t.plain_margin, t.spec_margin, t.tie_tolerance)
+            for t in compared if not t.exact_match
+        ]
+        summary.near_ties = sum(d.kind == NEAR_TIE for d in summary.diverged)
+        summary.divergences = sum(d.kind == DIVERGENCE for d in summary.diverged)
     return summary
 
 

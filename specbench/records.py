@@ -17,6 +17,9 @@ SCHEMA_VERSION = 1
 
 BASELINE = "baseline"
 SPEC = "spec"
+# TurnRecord.divergence_kind: what a greedy turn that differs from plain decoding is
+NEAR_TIE = "near-tie"
+DIVERGENCE = "divergence"
 
 
 @dataclass
@@ -59,6 +62,14 @@ class TurnRecord:
     # filled for mode "spec": comparison with the baseline's output of the same turn
     exact_match: bool | None = None
     first_divergence: int | None = None  # index of the first differing new token, None if equal
+    # filled for mode "spec" at temperature 0 when the outputs differ: the target's logits rows that chose
+    # the token at first_divergence on each path (specbench/engine/divergence.py defines the rule)
+    divergence_kind: str | None = None  # NEAR_TIE (rounding can flip it) or DIVERGENCE
+    plain_top2: list[int] | None = None  # [chosen token, runner-up] on the plain path
+    spec_top2: list[int] | None = None  # [chosen token, runner-up] on the speculative path
+    plain_margin: float | None = None  # chosen logit - runner-up logit, plain path
+    spec_margin: float | None = None  # the same on the speculative path
+    tie_tolerance: float | None = None  # the largest plain_margin + spec_margin a near-tie may have
     task: str | None = None  # the task the category belongs to (Spec-Bench groups 13 categories into 6)
     text: str | None = None  # the decoded answer (for FastChat model_answer export)
 

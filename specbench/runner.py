@@ -10,19 +10,24 @@ speedup compares like with like and drifts in machine speed hit both alike.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from specbench.drafters.registry import build_drafter, parse_options
+from specbench.checks import check_count, check_fits, check_number, check_output_dir, context_window
+from specbench.drafters.registry import build_drafter, drafter_class, parse_options
+from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
-from specbench.engine.loop import decode
+from specbench.engine.loop import Decoded, decode
+from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
+from specbench.engine.static_cache import EVENTS
 from specbench.environment import environment
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -36,48 +41,51 @@ from specbench.records import (
 )
 from specbench.store import RunStore
 from specbench.targets import BACKENDS, load_target
-from specbench.targets.loading import load_config, resolve_device, resolve_dtype
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP, load_config, load_tokenizer, resolve_device, resolve_dtype
 from specbench.targets.parallel import tensor_parallel
-from specbench.workloads import (
-    Prompt,
-    encode_turn,
-    open_workload,
-    select,
-    workload_hash,
-)
+from specbench.workloads import Prompt, Workload, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
 WARMUP_TOKENS = 16
+ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a later turn
 
 
 @dataclass
 class RunConfig:
-    target: str = "smollm2-135m"
-    drafter: str = "prompt-lookup"
-    drafter_options: dict[str, Any] = field(default_factory=dict)
-    workload: str = "builtin"
-    workload_file: str | None = None  # the published file a named workload reads (else its default place or the hub)
-    categories: list[str] | None = None  # keep these categories (or tasks)
-    limit: int | None = None
-    shard: str | None = None  # "i/n": every n-th prompt from the i-th (1-based), after categories and limit
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    engine: str = "auto"  # auto | eager | fast (engine/engines.py); the baseline runs on the same engine
-    baseline: bool = True
-    warmup: bool = True
-    backend: str = "hf"  # target backend: hf, or deepspeed (tensor parallel over `tp` ranks)
-    tp: int = 1
+    """A run's configuration; each field's help is what `specbench run --help` shows."""
+
+    target: str = option("smollm2-135m", TARGET_HELP)
+    drafter: str = option("prompt-lookup", "a name from `specbench drafters`")
+    drafter_options: dict[str, Any] = field(default_factory=dict)  # from the drafter's own flags and -o
+    workload: str = option("builtin", "a name from `specbench workloads`, or a .jsonl file (format detected)")
+    workload_file: str | None = option(None, "the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")
+    categories: list[str] | None = option(None, "keep only these categories or tasks (comma-separated or repeated)")
+    limit: int | None = option(None, "use only the first N prompts")
+    shard: str | None = option(None, "i/n: measure every n-th prompt from the i-th (after --categories and --limit); `report` merges the shards")
+    max_new_tokens: int = option(128, "new tokens per turn at most")
+    temperature: float = option(0.0, "0 = greedy (lossless); > 0 = speculative sampling (chains), typical acceptance (medusa/hydra trees, lossy) "
+                                     "or tree sampling (eagle trees, lossless)")
+    seed: int = option(0, "seed for sampling")
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+    engine: str = option("auto", "auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA); the baseline runs on the same engine")
+    backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
+    tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")
+    baseline: bool = option(True, "also run plain decoding on the same prompts")
+    warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
+
+    def __post_init__(self) -> None:
+        if self.categories:  # `--categories a,b --categories c`
+            self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()] or None
 
 
 def check(config: RunConfig) -> None:
     """Everything about a configuration that can be refused before any weights load."""
     parse_options(config.drafter, config.drafter_options)
-    if config.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    if config.temperature < 0:
-        raise UserError("--temperature must be >= 0")
+    check_count(config.max_new_tokens, "--max-new-tokens")
+    check_count(config.limit, "--limit")
+    check_count(config.tp, "--tp")
+    check_count(config.seed, "--seed", minimum=0, maximum=2**63 - 1)
+    check_number(config.temperature, "--temperature", minimum=0)
     if config.engine not in ENGINES:
         raise UserError(f"unknown engine '{config.engine}': use {', '.join(ENGINES)}")
     if config.backend not in BACKENDS:
@@ -113,14 +121,19 @@ class Benchmark:
     """What a run measures with, built once on the leading rank: the selected prompts, the
     drafter and the plain baseline on one target. `run` measures prompts into a RunStore."""
 
-    def __init__(self, config: RunConfig, target: Target) -> None:
+    def __init__(self, config: RunConfig, target: Target, workload: Workload | None = None) -> None:
         self.config = config
-        self.workload = open_workload(config.workload, config.workload_file)
-        self.prompts = select(self.workload.prompts, config.categories, config.limit, config.shard)
+        self.workload = workload or open_workload(config.workload, config.workload_file)
+        self.prompts = selected_prompts(config, self.workload)
         self.target = target
         if target.tokenizer is None:
             raise UserError(f"target '{config.target}' has no tokenizer; text workloads need one")
+        self.window = target.context_window()
         self.drafter = build_drafter(config.drafter, target, dict(config.drafter_options))
+        self.draft_reach = draft_reach(self.drafter, self.window, config.target)
+        # the prompts were checked against the window before the weights loaded; a tree's reach is known only now
+        if self.draft_reach:
+            check_prompts_fit(self.prompts, target.tokenizer, self.window, config.max_new_tokens, config.target, self.draft_reach)
         self.plain = PlainDecoding(target)
 
     def run_info(self, command: str) -> RunInfo:
@@ -157,14 +170,36 @@ class Benchmark:
 
     def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
         ids = encode_turn(self.target.tokenizer, prompt, turn, answers)
+        # later turns hold the model's own answers: known only now, checked before their prefill
+        check_fits(len(ids), self.config.max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
+                   self.draft_reach if drafter is self.drafter else 0)
         generator = None
         if self.config.temperature > 0:
             generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
         result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
         return ids, result
 
-    def warm_up(self) -> None:
-        """One short untimed decode in each mode: first-call costs (allocations, kernel selection) stay out of the numbers."""
+    def longest_sequence(self) -> int:
+        """An upper bound on the positions any sequence of this run reaches: its prompt (a later
+        turn holds the earlier answers, each re-encoded from at most max_new_tokens tokens) +
+        the new tokens + the largest verify (the root and the drafter's largest proposal)."""
+        longest = 0
+        for prompt in self.prompts:
+            for turn in range(len(prompt.turns)):
+                ids = encode_turn(self.target.tokenizer, prompt, turn, [""] * turn)
+                longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
+        return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
+
+    def warm_up(self) -> dict[str, Any]:
+        """Before anything is timed: size the static caches for the longest sequence, capture
+        every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
+        untimed decode in each mode (first-call costs: allocations, kernel selection).
+        Returns what the warm-up captured, for run.json."""
+        before = replace(EVENTS)
+        positions = self.longest_sequence()
+        self.target.warm_up(1, (), positions)  # plain decoding verifies the root alone
+        self.target.warm_up(1 + self.drafter.max_draft_tokens, self.drafter.taps, positions)
+        self.drafter.warm_up(positions)
         saved = self.config.max_new_tokens
         self.config.max_new_tokens = min(saved, WARMUP_TOKENS)
         try:
@@ -172,18 +207,36 @@ class Benchmark:
                 self._decode(drafter, self.prompts[0], 0, [])
         finally:
             self.config.max_new_tokens = saved
+        return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
+                "planned_positions": positions}
+
+    def engine_record(self) -> dict[str, Any]:
+        """run.json's `engine` entry before the warm-up: the target's engine and cache, and
+        counters of what happened while prompts were timed (captures, mid-sequence regrowths)."""
+        stats = self.target.engine_stats()
+        return {
+            "engine": self.target.engine,
+            "cuda_graphs": bool(stats.get("cuda_graphs")),
+            "capture_ms": 0.0,
+            "graphs": 0,
+            "capacity": stats.get("capacity"),
+            "timed_captures": 0,
+            "timed_capture_ms": 0.0,
+            "timed_regrowths": 0,
+            "timed_capture_prompts": [],
+        }
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
         modes = [(BASELINE, self.plain)] if self.config.baseline else []
         modes.append((SPEC, self.drafter))
         answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
-        outputs: dict[tuple[str, int], list[int]] = {}
+        outputs: dict[tuple[str, int], Decoded] = {}
         steps: list[StepRecord] = []
         turns: list[TurnRecord] = []
         for turn in range(len(prompt.turns)):
             for mode, drafter in modes:
                 ids, result = self._decode(drafter, prompt, turn, answers[mode])
-                outputs[mode, turn] = result.output_ids
+                outputs[mode, turn] = result
                 answers[mode].append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
                 steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]
                 record = TurnRecord(
@@ -201,36 +254,102 @@ class Benchmark:
                     text=answers[mode][-1],
                 )
                 if mode == SPEC and (BASELINE, turn) in outputs:
-                    record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn])
+                    record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn].output_ids)
                     record.exact_match = record.first_divergence is None
+                    if not record.exact_match and self.config.temperature <= 0:  # sampled outputs differ by design
+                        self._diagnose(record, outputs[BASELINE, turn], result)
                 turns.append(record)
         return steps, turns
+
+    def _diagnose(self, record: TurnRecord, plain: Decoded, spec: Decoded) -> None:
+        """Near-tie or divergence at the first differing token (specbench/engine/divergence.py)."""
+        eps = rounding_eps(self.target.dtype, self.target.hidden_size, self.target.device)
+        found = diagnose(record.first_divergence, plain.top2, spec.top2, eps)
+        record.divergence_kind, record.tie_tolerance = found.kind, found.tolerance
+        record.plain_top2, record.spec_top2 = found.plain_top2, found.spec_top2
+        record.plain_margin, record.spec_margin = found.plain_margin, found.spec_margin
 
     def records_per_prompt(self) -> dict[str, int]:
         modes = 2 if self.config.baseline else 1
         return {p.id: modes * len(p.turns) for p in self.prompts}
 
     def run(self, store: RunStore, progress: Progress = SILENT) -> None:
+        """Measure every prompt not yet complete in `store`. A run this process created that fails
+        or is interrupted before its first prompt is finished leaves no directory behind."""
+        try:
+            self._run(store, progress)
+        except BaseException:
+            store.discard()
+            raise
+
+    def _run(self, store: RunStore, progress: Progress) -> None:
         done = store.keep_complete(self.records_per_prompt())
         todo = [p for p in self.prompts if p.id not in done]
+        engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
         if todo and self.config.warmup:
-            self.warm_up()
+            with progress.status("warming up (untimed: cache sizing, graph captures, a short decode per mode)"):
+                engine.update(self.warm_up())
+        engine["capacity"] = self.target.engine_stats().get("capacity")
+        store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
         for prompt in todo:
+            before = replace(EVENTS)
             steps, turns = self.measure_prompt(prompt)
+            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths:
+                # a capture (or a cache regrowth) inside a timed prompt: its timings include it
+                engine["timed_captures"] += EVENTS.captures - before.captures
+                engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
+                engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
+                engine["timed_capture_prompts"].append(prompt.id)
             store.append_prompt(steps, turns)
             advance()
+        engine["capacity"] = self.target.engine_stats().get("capacity")
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
 
 
+def draft_reach(drafter, window: int | None, model: str) -> int:
+    """The positions a drafter's last draft may add past the output: a tree drafter drafts its whole
+    tree whatever room is left (chain drafters stop at the token budget), so its depth counts toward
+    the context window; a tree of more nodes than the window cannot be verified in one forward."""
+    if drafter.drafts != "tree":
+        return 0
+    nodes = drafter.max_draft_tokens
+    if window and nodes + 1 > window:
+        raise UserError(f"drafter '{drafter.name}' drafts trees of {nodes} nodes: verifying one is a forward of {nodes + 1} tokens, "
+                        f"past the {window}-token context window of {model}; use a smaller --tree")
+    return drafter.max_draft_depth
+
+
+def selected_prompts(config: RunConfig, workload: Workload) -> list[Prompt]:
+    prompts = select(workload.prompts, config.categories, config.limit, config.shard)
+    if not prompts:
+        raise UserError(f"no prompts left in workload '{config.workload}' after --categories/--limit/--shard")
+    return prompts
+
+
+def check_fits_before_loading(config: RunConfig) -> Workload:
+    """The workload, its selected prompts checked against the target's context window from its
+    config and tokenizer alone: a prompt past the window is refused before any weights load."""
+    workload = open_workload(config.workload, config.workload_file)
+    prompts = selected_prompts(config, workload)
+    window = context_window(load_config(config.target))
+    tokenizer = load_tokenizer(config.target) if window else None
+    if tokenizer is not None:
+        check_prompts_fit(prompts, tokenizer, window, config.max_new_tokens, config.target)
+    return workload
+
+
 def _measure(bench: Benchmark, store: RunStore, progress: Progress) -> Path:
     progress.note(f"workload {bench.workload.describe()}; measuring {len(bench.prompts)}")
-    try:
-        bench.run(store, progress)
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted; finished prompts are saved: resume with `specbench run --resume {store.directory}`") from None
+    with store:
+        try:
+            bench.run(store, progress)
+        except KeyboardInterrupt:
+            if not store.directory.exists():
+                raise UserError("interrupted before the first prompt finished; nothing was saved") from None
+            raise UserError(f"interrupted; finished prompts are saved: resume with `specbench run --resume {store.directory}`") from None
     return store.directory
 
 
@@ -238,6 +357,8 @@ def start_run(config: RunConfig, out: Path, progress: Progress = SILENT, command
     """Measure a new run under `out`; its directory, or None on a tensor-parallel follower rank.
     `target`: one already loaded for `config` (scripts measuring several drafters on one target)."""
     check(config)
+    check_output_dir(out, "--out")
+    workload = check_fits_before_loading(config)
     if target is None:
         with progress.status(f"loading {config.target} and {config.drafter}"):
             target = load(config)
@@ -245,30 +366,42 @@ def start_run(config: RunConfig, out: Path, progress: Progress = SILENT, command
         if leading is None:
             return None
         with progress.status(f"loading {config.drafter}"):
+            bench = Benchmark(config, leading, workload)
+        store = RunStore.create_unique(out, bench.run_info(command or command_line()))
+        return _measure(bench, store, progress)
+
+
+def resume_run(directory: Path, given: dict[str, Any] | None = None, progress: Progress = SILENT) -> Path | None:
+    """Measure the prompts an interrupted run did not finish, on the machine that started it, with
+    the run's own configuration: its write lock taken (a second writer is refused), and every flag
+    the user typed (`given`: flag as typed -> value) checked against it; a conflict is refused, named."""
+    from specbench.targets.deepspeed import under_launcher
+
+    store = RunStore.open(Path(directory))
+    if not under_launcher() or os.environ.get("RANK", "0") == "0":  # tensor-parallel followers never write
+        store.lock()
+    with store:
+        if store.info.extra.get("simulated"):
+            raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")
+        conflicts = resume_conflicts(store.info, given or {})
+        if conflicts:
+            raise UserError(f"--resume {directory} continues the run as it was started; these flags would change it: "
+                            f"{'; '.join(conflicts)}. Drop them, or start a new run")
+        config = config_from_info(store.info)
+        check(config)
+        with progress.status(f"resuming {directory}"):
+            target = load(config)
+        with tensor_parallel(target) as leading:
+            if leading is None:
+                return None
             bench = Benchmark(config, leading)
-        info = bench.run_info(command or command_line())
-        store = RunStore.create(out / info.run_id, info)
-        return _measure(bench, store, progress)
-
-
-def resume_run(directory: Path, progress: Progress = SILENT) -> Path | None:
-    """Measure the prompts an interrupted run did not finish (on the machine that started it)."""
-    store = RunStore.open(directory)
-    config = config_from_info(store.info)
-    check(config)
-    with progress.status(f"resuming {directory}"):
-        target = load(config)
-    with tensor_parallel(target) as leading:
-        if leading is None:
-            return None
-        bench = Benchmark(config, leading)
-        now = bench.run_info("")
-        if store.info.workload_hash != now.workload_hash:
-            raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
-        started_on, here = (store.info.environment or {}).get("device_name"), now.environment.get("device_name")
-        if started_on and started_on != here:  # its timings would be pooled with another machine's
-            raise UserError(f"{store.directory} was measured on {started_on}, this is {here}: resume it there, or start a new run")
-        return _measure(bench, store, progress)
+            now = bench.run_info("")
+            if store.info.workload_hash != now.workload_hash:
+                raise UserError(f"workload '{config.workload}' changed since {store.directory} started; start a new run instead")
+            started_on, here = (store.info.environment or {}).get("device_name"), now.environment.get("device_name")
+            if started_on and started_on != here:  # its timings would be pooled with another machine's
+                raise UserError(f"{store.directory} was measured on {started_on}, this is {here}: resume it there, or start a new run")
+            return _measure(bench, store, progress)
 
 
 def config_from_info(info: RunInfo) -> RunConfig:
@@ -281,6 +414,53 @@ def config_from_info(info: RunInfo) -> RunConfig:
         workload=info.workload,
         **settings,
     )
+
+
+# flags whose "auto" is resolved when the run starts (run.json keeps what it resolved to)
+RESOLVED_AT_START = ("dtype", "engine")
+
+
+def resume_conflicts(info: RunInfo, given: dict[str, Any]) -> list[str]:
+    """The flags in `given` (the flag as typed -> its value: '--max-new-tokens' -> 8, '-o k' -> 3;
+    only flags the user typed) that disagree with the stored run, each as 'FLAG VALUE (the run has
+    STORED)'. Run settings are compared with its configuration, anything else with its drafter options."""
+    config = config_from_info(info)
+    fields = RunConfig.__dataclass_fields__
+    conflicts = []
+    for flag, value in given.items():
+        name = flag.removeprefix("-o ").lstrip("-").replace("-", "_")
+        if name == "out":
+            conflicts.append(f"--out {value} (a resumed run stays in its own directory)")
+            continue
+        if name in fields and name != "drafter_options" and not flag.startswith("-o "):
+            stored = getattr(config, name)
+            if name in RESOLVED_AT_START and value == "auto":
+                continue
+        else:
+            stored = config.drafter_options.get(name)
+            specs = drafter_class(config.drafter).Options.specs()
+            if name in specs:  # `-o k=3` arrives as text: compare it as the option's type
+                value = specs[name].convert(config.drafter, value)
+        if _comparable(value) != _comparable(stored):
+            typed = f"-o {name}={_shown(value)}" if flag.startswith("-o ") else f"{flag} {_shown(value)}"
+            conflicts.append(f"{typed} (the run has {_shown(stored)})")
+    return conflicts
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def command_line() -> str:

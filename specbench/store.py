@@ -3,8 +3,13 @@
 Records of a prompt are appended only once the prompt (all its turns, both
 modes) is finished, steps first and turns last, each file flushed and synced:
 a run killed mid-way loses at most the prompt in flight. On resume, records
-of prompts that are not complete are dropped and those prompts measured again,
-so no prompt is ever counted twice.
+of prompts that are not complete (a turn record missing or doubled, a step
+record missing or doubled) are dropped and those prompts measured again, so no
+prompt is ever counted twice.
+
+One writer at a time: a process writing a run directory holds an exclusive
+`flock` on its `.lock` file until it closes the store (the kernel drops it when
+the process dies, however it dies), and a second writer gets one line.
 """
 
 from __future__ import annotations
@@ -16,29 +21,38 @@ from dataclasses import fields
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.records import RunInfo, StepRecord, TurnRecord
+from specbench.files import atomic_write_text, decode_utf8, first_line, jsonl_rows
+from specbench.records import SCHEMA_VERSION, RunInfo, StepRecord, TurnRecord
 
-RUN_FILE, TURNS_FILE, STEPS_FILE = "run.json", "prompts.jsonl", "steps.jsonl"
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the rest works the same)
+    fcntl = None
+
+RUN_FILE, TURNS_FILE, STEPS_FILE, LOCK_FILE = "run.json", "prompts.jsonl", "steps.jsonl", ".lock"
+# the type every run.json field must have (a hand-edited file is refused, not half-read)
+INFO_TYPES = {"run_id": str, "command": str, "target": str, "target_id": str, "drafter": str, "drafter_options": dict,
+              "workload": str, "workload_hash": str, "decode": dict, "environment": dict, "started": str,
+              "finished": (str, type(None)), "schema_version": int, "extra": dict}
 
 
 def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> list:
     """Records of a JSONL file; a corrupt or truncated line is skipped and named in `warnings`.
     Fields this version does not know (a newer writer's) are ignored."""
-    records = []
     if not path.exists():
-        return records
+        return []
     known = {f.name for f in fields(record_type)}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+
+    def skip(number: int, why: str) -> None:
+        if warnings is not None:
+            warnings.append(f"{path}:{number}: skipped a corrupt record ({why})")
+
+    records = []
+    for number, row in jsonl_rows(path.read_bytes().splitlines(), str(path), skip):
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise TypeError("not a JSON object")
             records.append(record_type(**{k: v for k, v in row.items() if k in known}))
-        except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            if warnings is not None:
-                warnings.append(f"{path}:{number}: skipped a corrupt record ({exc})")
+        except TypeError as exc:  # a row missing fields: a torn write
+            skip(number, str(exc))
     return records
 
 
@@ -46,32 +60,121 @@ class RunStore:
     def __init__(self, directory: Path, info: RunInfo) -> None:
         self.directory = directory
         self.info = info
+        self.created = False  # True when this process created the directory (create())
+        self._lock: int | None = None
 
     @classmethod
     def create(cls, directory: Path, info: RunInfo) -> RunStore:
-        if directory.exists() and any(directory.iterdir()):
-            raise UserError(f"result directory {directory} already holds a run; resume it with --resume {directory}")
+        """A new run directory at `directory`, locked for this process."""
         directory.mkdir(parents=True, exist_ok=True)
         store = cls(directory, info)
+        store.lock()
+        if any(p.name != LOCK_FILE for p in directory.iterdir()):
+            store.close()
+            raise UserError(f"result directory {directory} already holds a run; resume it with --resume {directory}")
+        store.created = True
         store.write_info()
         return store
 
     @classmethod
+    def create_unique(cls, parent: Path, info: RunInfo) -> RunStore:
+        """A new run directory under `parent` named by the run id (with -2, -3, ... when a run
+        started in the same second already took the name)."""
+        base = info.run_id
+        for n in range(1, 1000):
+            if n > 1:
+                info.run_id = f"{base}-{n}"
+            directory = parent / info.run_id
+            if directory.exists() and any(directory.iterdir()):
+                continue
+            try:
+                return cls.create(directory, info)
+            except UserError:
+                continue  # taken between the look and the lock
+        raise UserError(f"cannot find a free run directory name under {parent} for {base}")
+
+    @classmethod
     def open(cls, directory: Path) -> RunStore:
         run_file = directory / RUN_FILE
-        if not run_file.exists():
+        if not directory.is_dir():
+            raise UserError(f"{directory} is not a directory; give a run directory (one holding {RUN_FILE})")
+        if not run_file.is_file():
             raise UserError(f"{directory} is not a specbench run directory (no {RUN_FILE})")
         try:
-            row = json.loads(run_file.read_text())
-            info = RunInfo(**{k: v for k, v in row.items() if k in {f.name for f in fields(RunInfo)}})
-        except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{run_file} is corrupt ({exc})") from None
+            row = json.loads(decode_utf8(run_file.read_bytes(), str(run_file)))
+            if not isinstance(row, dict):
+                raise TypeError("not a JSON object")
+            version = row.get("schema_version", SCHEMA_VERSION)
+            if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+                raise UserError(f"{run_file} has schema version {version}, written by a newer specbench (this one reads up to "
+                                f"{SCHEMA_VERSION}); upgrade specbench to read it")
+            known = {f.name for f in fields(RunInfo)}
+            for name, kind in INFO_TYPES.items():
+                if name in row and not (isinstance(row[name], kind) and not isinstance(row[name], bool)):
+                    raise TypeError(f"field '{name}' holds {type(row[name]).__name__}")
+            info = RunInfo(**{k: v for k, v in row.items() if k in known})
+        except UserError:
+            raise
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise UserError(f"{run_file} is corrupt ({first_line(exc)}); it cannot be read as a run") from None
+        except OSError as exc:
+            raise UserError(f"cannot read {run_file} ({exc.strerror or type(exc).__name__})") from None
         return cls(directory, info)
 
+    # --- one writer at a time ----------------------------------------------------------
+    def lock(self) -> None:
+        """Take the directory's write lock, or refuse in one line when another process holds it."""
+        if fcntl is None or self._lock is not None:
+            return
+        path = self.directory / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write in {self.directory} ({exc.strerror or type(exc).__name__})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(
+                f"{self.directory} is being written by another specbench process{f' (pid {holder})' if holder else ''}; "
+                "wait for it to finish (then resume it if it was interrupted)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def close(self) -> None:
+        """Release the write lock (also released when the process ends, however it ends)."""
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
     def write_info(self) -> None:
-        tmp = self.directory / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.info.to_json(), indent=2) + "\n")
-        tmp.replace(self.directory / RUN_FILE)
+        atomic_write_text(self.directory / RUN_FILE, json.dumps(self.info.to_json(), indent=2) + "\n")
+
+    def discard(self) -> bool:
+        """Remove a directory this process created that holds no finished prompt (a run that
+        failed or was interrupted before its first prompt); True when removed."""
+        if not self.created or read_jsonl(self.directory / TURNS_FILE, TurnRecord):
+            return False
+        for name in (STEPS_FILE, TURNS_FILE, RUN_FILE, LOCK_FILE):
+            (self.directory / name).unlink(missing_ok=True)
+        self.close()
+        try:
+            self.directory.rmdir()
+        except OSError:
+            return False  # something else was put there: leave it
+        return True
 
     def load(self, warnings: list[str] | None = None) -> tuple[list[StepRecord], list[TurnRecord]]:
         steps = read_jsonl(self.directory / STEPS_FILE, StepRecord, warnings)
@@ -79,18 +182,23 @@ class RunStore:
         return steps, turns
 
     def keep_complete(self, records_per_prompt: dict[str, int]) -> set[str]:
-        """Drop the records of prompts with fewer turn records than expected; return the complete prompt ids."""
+        """Drop the records of prompts that are not whole; return the complete prompt ids. A prompt
+        is whole when it has exactly the expected turn records, each once, and each turn record
+        exactly the step records it counts (a kill, a hand edit or a second writer breaks that)."""
         steps, turns = self.load()
+        turn_keys = Counter((t.prompt_id, t.turn, t.mode) for t in turns)
+        step_keys = Counter((s.prompt_id, s.turn, s.mode, s.step) for s in steps)
+        steps_of = Counter((s.prompt_id, s.turn, s.mode) for s in steps)
         counts = Counter(t.prompt_id for t in turns)
-        complete = {pid for pid, n in counts.items() if n == records_per_prompt.get(pid)}
+        broken = {t.prompt_id for t in turns if turn_keys[t.prompt_id, t.turn, t.mode] > 1 or steps_of[t.prompt_id, t.turn, t.mode] != t.steps}
+        broken |= {key[0] for key, n in step_keys.items() if n > 1}
+        complete = {pid for pid, n in counts.items() if n == records_per_prompt.get(pid) and pid not in broken}
         self._rewrite(STEPS_FILE, [s for s in steps if s.prompt_id in complete])
         self._rewrite(TURNS_FILE, [t for t in turns if t.prompt_id in complete])
         return complete
 
     def _rewrite(self, name: str, records: list) -> None:
-        tmp = self.directory / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
-        tmp.replace(self.directory / name)
+        atomic_write_text(self.directory / name, "".join(json.dumps(r.to_json()) + "\n" for r in records))
 
     def _append(self, name: str, records: list) -> None:
         with open(self.directory / name, "a") as f:

@@ -94,7 +94,7 @@ def test_medusa2_by_hub_id_fetches_only_the_heads_shard(target, checkpoints, tmp
 
     from safetensors.torch import load_file, save_file
 
-    from specbench.drafters import files
+    from specbench.drafters import checkpoints as files
 
     hub = tmp_path / "hub-repo"  # the repository as published: two shards and an index
     hub.mkdir()

@@ -269,7 +269,7 @@ def bad_logs(tmp_path, good: Path):
         (write("truncated.jsonl", [lines[0], lines[-1][: len(lines[-1]) // 2]]), ":2: not valid JSON"),
         (write("vocab.jsonl", [lines[0], {**turn, "output_ids": [1, 10**6]}]), ":2: token id 1000000 in 'output_ids' is outside the vocabulary"),
         (write("noheader.jsonl", [lines[-1]]), ":1: not a specbench target log"),
-        (write("version.jsonl", [{**header, "version": 99}]), ":1: target log version 99 is not supported"),
+        (write("version.jsonl", [{**header, "version": 99}]), ":1: target log version 99 was written by a newer specbench"),
         (write("missing.jsonl", [lines[0], {k: v for k, v in turn.items() if k != "output_ids"}]), ":2: the turn record lacks output_ids"),
         (write("kind.jsonl", [lines[0], {"type": "nope"}]), ":2: unknown record type 'nope'"),
         (tmp_path / "absent.jsonl", "does not exist"),

@@ -118,7 +118,7 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
         (base + ["--target", setup["target"], "--out", tmp_path / "d", "--layers", 3], "--layers must be between 1 and 2"),
         (["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", tmp_path / "g", "--hydra-layers", 0],
          "--hydra-layers must be at least 1"),
-        (["train-data", "--target", setup["target"], "--limit", 0, "--out", tmp_path / "e"], "has no prompts"),
+        (["train-data", "--target", setup["target"], "--limit", 0, "--out", tmp_path / "e"], "--limit must be at least 1"),
         (["train-data", "--target", setup["target"], "--out", data], "exists and is not empty"),
         (["train-data", "--target", setup["target"], "--workload", tmp_path / "none.jsonl", "--out", tmp_path / "f"], "does not exist"),
     ]
@@ -219,7 +219,7 @@ def test_int8_bundled_heads_load_in_the_published_layout_and_stay_lossless(setup
     speculative decoding with them still equals plain decoding."""
     from safetensors import safe_open
 
-    from specbench.drafters.files import read_tensors
+    from specbench.drafters.checkpoints import read_tensors
     from specbench.drafters.registry import build_drafter
     from specbench.errors import UserError
     from specbench.train.bundle import bundle_heads
@@ -264,9 +264,9 @@ def main_quiet(args, monkeypatch):
 
 
 def test_bundled_drafters_are_registered_and_small():
-    from specbench.drafters.draft_model import default_draft_model
     from specbench.bundled import bundled_dir
     from specbench.catalogue import catalogue
+    from specbench.drafters.draft_model import default_draft_model
 
     assert default_draft_model("smollm2-135m") == "smollm2-135m-draft"
     assert catalogue("heads")["medusa"]["smollm2-135m"]["heads"] == "bundled:smollm2-135m-medusa"
@@ -275,7 +275,7 @@ def test_bundled_drafters_are_registered_and_small():
     assert total <= 20 * 10**6  # the issue's budget for everything bundled
     state = torch.load(bundled_dir("smollm2-135m-medusa") / "medusa_lm_head.pt", weights_only=True)
     assert sorted(state) == sorted(f"{h}.0.linear.{w}" for h in range(4) for w in ("weight", "bias"))  # tied: no LM heads
-    from specbench.drafters.files import read_tensors
+    from specbench.drafters.checkpoints import read_tensors
 
     hydra = read_tensors(bundled_dir("smollm2-135m-hydra") / "hydra_lm_head.safetensors")  # int8 storage, rebuilt in bf16
     assert all(v.dtype == torch.bfloat16 for v in hydra.values())

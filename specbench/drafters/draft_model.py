@@ -84,7 +84,7 @@ class DraftModelDrafter(Drafter):
         if target.engine == "fast":
             check_full_attention(model, self.model_name)
             dtype = next(model.parameters()).dtype
-            self.fast = StaticDecoder(self.backbone, self.device, dtype, graphs=self.device.type == "cuda")
+            self.fast = target.static_decoder(self.backbone, self.head, self.device, dtype)  # bucketed and captured as the target's
         self.cache: DynamicCache | StaticKV | None = self.fast.cache if self.fast else None
         self.cached: list[int] = []  # the tokens whose KV is in self.cache
 
@@ -106,6 +106,18 @@ class DraftModelDrafter(Drafter):
     def max_draft_tokens(self) -> int:
         return self.k
 
+
+    def positions(self, sequence_tokens: int, max_tokens: int) -> int:
+        """The most positions the draft's cache reaches in a sequence that now holds
+        `sequence_tokens` and may emit `max_tokens` more (its last feed ends k tokens ahead)."""
+        return sequence_tokens + max_tokens + self.k + 1
+
+    def warm_up(self, max_positions: int | None = None) -> float:
+        """Size the draft's static cache and capture its feeds' buckets (1..k+1 tokens)."""
+        if self.fast is None:
+            return 0.0
+        return self.fast.warm_up(self.k + 1, (), max_positions)
+
     def memory_model(self) -> tuple[int, int]:
         return forward_bytes(self.model, self.trim), self.k  # k sequential forwards per step
 
@@ -125,14 +137,14 @@ class DraftModelDrafter(Drafter):
         (over the kept ids when trimmed)."""
         ids = torch.tensor([new_tokens], device=self.device)
         if self.fast:
-            last = self.fast.forward(ids[0])[-1]
+            logits = self.fast.forward(ids[0])[0][-1]  # the decoder runs the head (inside its graph)
             self.cache.length += len(new_tokens)
         else:
             positions = torch.arange(len(self.cached), len(self.cached) + len(new_tokens), device=self.device)
             out = self.backbone(input_ids=ids, position_ids=positions[None], use_cache=True, **cache_kwargs(self.backbone, self.cache))
-            last = out.last_hidden_state[0, -1]
+            logits = self.head(out.last_hidden_state[0, -1]).float()
         self.cached.extend(new_tokens)
-        return self.head(last).float()
+        return logits
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         sequence = ctx.tokens.tolist()
@@ -143,6 +155,8 @@ class DraftModelDrafter(Drafter):
             common += 1
         kv.truncate(self.cache, common)
         del self.cached[common:]
+        if self.fast and common == 0:  # a new sequence: size the static cache before its first feed
+            self.fast.plan(self.positions(len(sequence), ctx.max_tokens))
 
         k = min(self.k, ctx.max_tokens)
         logits = self._logits(sequence[common:])

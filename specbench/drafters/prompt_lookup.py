@@ -43,6 +43,7 @@ class PromptLookupDrafter(Drafter):
     def max_draft_tokens(self) -> int:
         return self.k
 
+
     def lookup(self, sequence: torch.Tensor, k: int) -> torch.Tensor:
         """Up to k tokens that followed the most recent earlier occurrence of the longest
         matching suffix n-gram; empty when none matches."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
+from specbench.files import read_text
 
 
 @cache
@@ -35,10 +36,10 @@ def resolve_tree(spec: str) -> TreeShape:
         return TreeShape(named_trees()[spec]["paths"], name=spec)
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"tree file '{spec}' does not exist")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path, "tree file"))
         except json.JSONDecodeError as exc:
             raise UserError(f"tree file '{spec}' is not valid JSON ({exc})") from None
         paths = data.get("paths") if isinstance(data, dict) else data

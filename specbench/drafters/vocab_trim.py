@@ -20,62 +20,66 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specbench.checks import check_count
 from specbench.errors import UserError
+from specbench.files import atomic_write_text, jsonl_rows, read_text
 
 FORMAT = "specbench-vocab-trim/1"
 
 
-def _count_run(directory: Path) -> Counter:
+def _run_sequences(directory: Path) -> list[list[int]]:
     """Output ids of a run's plain-decoding turns (the target's own generations)."""
     from specbench.records import BASELINE
     from specbench.store import RunStore
 
     _, turns = RunStore.open(directory).load()
     own = [t for t in turns if t.mode == BASELINE] or turns  # without a baseline the spec outputs are the target's too (greedy)
-    return Counter(token for t in own for token in t.output_ids)
+    return [list(t.output_ids) for t in own]
 
 
-def _count_log(path: Path) -> Counter:
+def _log_sequences(path: Path) -> list[list[int]]:
     """A JSONL target log: every row's generated ids (rows without them, like a header, are skipped)."""
-    counts: Counter = Counter()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number}: not valid JSON; --vocab-trim-from takes a run directory, a target log, a workload or an id list") from None
+    sequences = []
+
+    def bad_line(number: int, why: str) -> None:
+        raise UserError(f"{path}:{number}: {why}; --vocab-trim-from takes a run directory, a target log, a workload or an id list")
+
+    for number, row in jsonl_rows(read_text(path, "target log").splitlines(), str(path), bad_line):
         for key in ("output_ids", "continuation_ids", "target_ids"):
-            if isinstance(row, dict) and isinstance(row.get(key), list):
-                counts.update(row[key])
-    if not counts:
+            if isinstance(row.get(key), list):
+                sequences.append([t for t in row[key] if isinstance(t, int) and not isinstance(t, bool)])
+    if not any(sequences):
         raise UserError(f"{path}: no generated token ids found (expected 'output_ids' or 'continuation_ids' per row)")
-    return counts
+    return sequences
 
 
-def _count_workload(name: str, tokenizer) -> Counter:
+def _workload_sequences(name: str, tokenizer) -> list[list[int]]:
     from specbench.workloads import load_workload
 
     if tokenizer is None:
         raise UserError("counting a workload's tokens needs the target's tokenizer")
-    counts: Counter = Counter()
-    for prompt in load_workload(name):
-        for turn in prompt.turns:
-            counts.update(tokenizer(turn)["input_ids"])
-    return counts
+    return [tokenizer(turn)["input_ids"] for prompt in load_workload(name) for turn in prompt.turns]
+
+
+def token_sequences(source: str, tokenizer) -> tuple[list[list[int]], str]:
+    """(token id sequences, what was read) from calibration text: a run directory or a target log
+    (.jsonl), whose sequences are the target's own generations, or a workload (its prompts'
+    turns, tokenised). VocabTrim counts tokens in them; plugin drafters may read them too."""
+    path = Path(source)
+    if path.is_dir():
+        return _run_sequences(path), f"run {path}"
+    if path.is_file() and path.suffix == ".jsonl":
+        try:
+            return _log_sequences(path), f"log {path}"
+        except UserError:
+            return _workload_sequences(source, tokenizer), f"workload {path}"
+    return _workload_sequences(source, tokenizer), f"workload {source}"
 
 
 def token_counts(source: str, tokenizer) -> tuple[Counter, str]:
     """(counts, what was counted) from a run directory, a target log (.jsonl) or a workload."""
-    path = Path(source)
-    if path.is_dir():
-        return _count_run(path), f"run {path}"
-    if path.is_file() and path.suffix == ".jsonl":
-        try:
-            return _count_log(path), f"log {path}"
-        except UserError:
-            return _count_workload(source, tokenizer), f"workload {path}"
-    return _count_workload(source, tokenizer), f"workload {source}"
+    sequences, counted = token_sequences(source, tokenizer)
+    return Counter(token for sequence in sequences for token in sequence), counted
 
 
 def ranked_ids(counts: Counter, vocab_size: int) -> list[int]:
@@ -88,13 +92,15 @@ def ranked_ids(counts: Counter, vocab_size: int) -> list[int]:
 def build_id_list(source: str, out: Path, target: str, top: int | None = None) -> tuple[list[int], str, int]:
     """`specbench vocab-trim build`: count token frequencies in `source` once and save the ranked
     ids (the top `top`, default all) for `--vocab-trim-from`. (ids, what was counted, distinct tokens seen)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from specbench.checks import check_output_file
+    from specbench.targets.loading import load_config, load_tokenizer
 
-    from specbench.targets.loading import model_location
-
-    location = model_location(target)
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    vocab_size = AutoConfig.from_pretrained(location).vocab_size
+    check_output_file(out, "--out", inputs=(source,))
+    vocab_size = load_config(target).vocab_size
+    check_count(top, "--top", maximum=vocab_size)
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
     counts, counted = token_counts(source, tokenizer)
     ids = ranked_ids(counts, vocab_size)[:top]
     save_ids(out, ids, target, vocab_size, counted)
@@ -102,17 +108,20 @@ def build_id_list(source: str, out: Path, target: str, top: int | None = None) -
 
 
 def save_ids(path: Path, ids: list[int], target: str, vocab_size: int, source: str) -> None:
-    path.write_text(json.dumps({"format": FORMAT, "target": target, "vocab_size": vocab_size, "source": source, "ids": ids}) + "\n")
+    atomic_write_text(path, json.dumps({"format": FORMAT, "target": target, "vocab_size": vocab_size, "source": source, "ids": ids}) + "\n")
 
 
 def load_ids(path: Path, vocab_size: int) -> tuple[list[int], str]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "vocab-trim id list"))
         ids, fmt = data["ids"], data.get("format")
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a vocab-trim id list; make one with `specbench vocab-trim build`") from None
     if fmt != FORMAT or data.get("vocab_size") != vocab_size:
         raise UserError(f"{path} was built for a vocabulary of {data.get('vocab_size')} tokens, this target has {vocab_size}; rebuild it for this target")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids) \
+            or len(set(ids)) != len(ids) or not ids:
+        raise UserError(f"{path}: 'ids' must be distinct token ids in 0..{vocab_size - 1}; rebuild it with `specbench vocab-trim build`")
     return ids, data.get("source", str(path))
 
 
@@ -124,9 +133,7 @@ def keep_ids(top: int | None, source: str, tokenizer, vocab_size: int) -> tuple[
     else:
         counts, counted = token_counts(source, tokenizer)
         ranked = ranked_ids(counts, vocab_size)
-    top = top or len(ranked)
-    if not 1 <= top <= vocab_size:
-        raise UserError(f"--vocab-trim must be between 1 and the vocabulary size {vocab_size} (got {top})")
+    top = len(ranked) if top is None else check_count(top, "--vocab-trim", maximum=min(vocab_size, len(ranked)))
     kept = sorted(ranked[:top])
     digest = hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16]
     return torch.tensor(kept), {"vocab_trim": top, "counted_from": counted, "ids_sha256": digest}

@@ -6,6 +6,12 @@ path is kept and which token the target adds after it.
   (Leviathan et al. / Chen et al.).
 - typical acceptance (Medusa/Hydra trees, temperature > 0): lossy; a node is
   kept when the target gives its token enough probability (Medusa's rule).
+- tree sampling (EAGLE-2 trees, temperature > 0): lossless in distribution for
+  trees whose tokens are a deterministic function of the context (top-k
+  drafts): walk down, try each child x in turn with probability p(x), zero and
+  renormalise p on a rejection (EAGLE's rule with q = 1).
+A drafter picks its rule at temperature > 0 with `Drafter.acceptance` (an
+`AcceptanceRule`); None means speculative sampling.
 Ties in argmax break to the lowest token id (torch.argmax returns the first
 maximum), the same in plain and speculative decoding.
 """
@@ -80,14 +86,28 @@ def accept_speculative_sampling(
     return Acceptance(list(range(len(tokens))), sample(target_probs[len(tokens)], generator))
 
 
+class AcceptanceRule:
+    """An acceptance rule for temperature > 0, chosen by the drafter (`Drafter.acceptance`):
+    called with the draft tree and the target's logits over root + nodes."""
+
+    name = ""
+
+    def __call__(self, tree: DraftTree, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> Acceptance:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class TypicalAcceptance:
+class TypicalAcceptance(AcceptanceRule):
     """Medusa's typical acceptance: token x is accepted where the target gives it
     p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p))). The reference
     helpers take these two in swapped positions; here they are named."""
 
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
+    name = "typical"
+
+    def __call__(self, tree, logits, temperature, generator) -> Acceptance:
+        return accept_typical(tree, logits, temperature, self, generator)
 
     def thresholds(self, probs: torch.Tensor) -> torch.Tensor:
         entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)  # the reference's epsilon
@@ -120,17 +140,66 @@ def accept_typical(
     return Acceptance(path, sample(kept / kept.sum(), generator))
 
 
+def accept_tree_sampling(tree: DraftTree, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> Acceptance:
+    """EAGLE-2's rule for trees of deterministic (top-k) drafts. From the root, try the
+    current node's children in node order: accept child x with probability p(x) (q = 1,
+    the draft being deterministic); on a rejection set p(x) = 0 and renormalise, then try
+    the next child. An accepted child becomes the current node; when every child is
+    rejected (or there are none) the next token is drawn from the renormalised p.
+
+    Each emitted token is distributed exactly as p at its position: a token the node
+    drafted as its j-th child comes out with probability prod_{i<j}(1 - p'_i) p'_j = p(x),
+    any other token with (1 - sum of the children's p) p(x) / (1 - sum) = p(x). So when the
+    tree is a function of the context alone (no random draws), the output has the target's
+    sampling distribution (lossless in distribution)."""
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
+    tokens = tree.tokens.tolist()
+    children = tree.children
+    path: list[int] = []
+    node = -1
+    while True:
+        p = probs[node + 1].clone()
+        chosen = None
+        for child in children[node + 1]:
+            x = tokens[child]
+            u = float(torch.rand(1, dtype=torch.float64, generator=generator))
+            if u < float(p[x]):
+                chosen = child
+                break
+            p[x] = 0.0
+            total = p.sum()
+            if total <= 0:  # all mass was on rejected tokens: probability 0, guarded against rounding
+                p = probs[node + 1].clone()
+                break
+            p /= total
+        if chosen is None:
+            return Acceptance(path, sample(p, generator))
+        path.append(chosen)
+        node = chosen
+
+
+@dataclass(frozen=True)
+class TreeSampling(AcceptanceRule):
+    """EAGLE-2's acceptance at temperature > 0 (`accept_tree_sampling`): lossless in
+    distribution for trees of deterministic drafts."""
+
+    name = "tree-sampling"
+
+    def __call__(self, tree, logits, temperature, generator) -> Acceptance:
+        return accept_tree_sampling(tree, logits, temperature, generator)
+
+
 def accept(
     tree: DraftTree,
     logits: torch.Tensor,
     temperature: float,
     generator: torch.Generator | None,
-    typical: TypicalAcceptance | None = None,
+    rule: AcceptanceRule | None = None,
 ) -> Acceptance:
-    """Greedy at temperature 0; above it, typical acceptance for drafters that ask
-    for it (tree drafters), else speculative sampling."""
+    """Greedy at temperature 0; above it, the drafter's rule (typical acceptance for
+    Medusa/Hydra, tree sampling for EAGLE trees), else speculative sampling."""
     if temperature <= 0:
         return accept_greedy(tree, logits)
-    if typical is not None:
-        return accept_typical(tree, logits, temperature, typical, generator)
+    if rule is not None:
+        return rule(tree, logits, temperature, generator)
     return accept_speculative_sampling(tree, logits, temperature, generator)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -30,12 +31,44 @@ class Clock:
         return time.perf_counter() * 1000
 
 
+class Top2(NamedTuple):
+    """The target's two best logits in the row that chose one emitted token, the
+    emitted token first where it is one of them (always, for greedy: an exact tie
+    lists the token argmax took first); `scale` is the row's max |logit|. What
+    specbench/engine/divergence.py needs to tell a near-tie from a bug."""
+
+    chosen: int
+    runner_up: int
+    chosen_logit: float
+    runner_up_logit: float
+    scale: float
+
+
+def top2(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values [n, 2], ids [n, 2], max |logit| [n]) of logits rows, left on the device:
+    nothing waits for them until the decode is over."""
+    values, ids = rows.topk(2, dim=-1)
+    return values, ids, rows.abs().amax(-1)
+
+
+def _aligned(output: list[int], pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[Top2]:
+    """One Top2 per output token from the per-step top2() results (one sync, after timing)."""
+    values, ids, scales = (torch.cat(parts).tolist() for parts in zip(*pending))
+    out = []
+    for token, (v1, v2), (i1, i2), scale in zip(output, values, ids, scales):
+        if token == i2 and token != i1:  # an exact tie topk listed the other way round
+            v1, v2, i1, i2 = v2, v1, i2, i1
+        out.append(Top2(i1, i2, v1, v2, scale))
+    return out
+
+
 @dataclass
 class Decoded:
     output_ids: list[int]
     ttft_ms: float
     wall_ms: float
     steps: list[StepMeasure] = field(default_factory=list)
+    top2: list[Top2] = field(default_factory=list)  # aligned with output_ids
 
 
 @torch.inference_mode()  # caches are inference tensors; compaction writes into them
@@ -50,13 +83,14 @@ def decode(
     clock = Clock(target.device)
     start = clock.now()
     prompt_ids = prompt_ids.reshape(-1).to(target.device)
-    taps, typical = drafter.taps, drafter.typical_acceptance
+    taps, rule = drafter.taps, drafter.acceptance
     # the furthest this sequence can reach: a static cache is sized for it before any step
     max_positions = prompt_ids.numel() + max_new_tokens + drafter.max_draft_tokens + 1
     logits, hidden = target.prefill(prompt_ids, taps, max_positions)
-    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, typical).bonus
+    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, rule).bonus
     output = [first]
     ttft_ms = clock.now() - start
+    pending = [top2(logits[-1:])]  # per step: top2() of the rows that chose its emitted tokens
     drafter.begin(prompt_ids, hidden)
     sequence = torch.cat([prompt_ids, torch.tensor(output, device=target.device)])
 
@@ -68,7 +102,7 @@ def decode(
         t1 = clock.now()
         logits, hidden = target.verify(output[-1], tree, taps)
         t2 = clock.now()
-        result = accept(tree, logits, temperature, generator, typical)
+        result = accept(tree, logits, temperature, generator, rule)
         target.commit(result.accepted_nodes)
         emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
         drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))
@@ -79,9 +113,13 @@ def decode(
             if len(output) >= max_new_tokens or token in target.eos_token_ids:
                 break
         sequence = torch.cat([sequence, torch.tensor(emitted, device=target.device)])
+        # emitted token j was chosen by the row of its parent: the root (row 0), then accepted node j-1
+        rows = [0] + [n + 1 for n in result.accepted_nodes[: kept - 1]]
+        pending.append(top2(logits[: kept] if rows == list(range(kept)) else logits[rows]))
         t3 = clock.now()
         # draft tokens after an accepted EOS are cut from the output, so they do not count
         # as accepted either (the target's continuation past EOS is not part of the sequence)
         accepted = min(len(result.accepted_nodes), kept)
         steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, accepted))
-    return Decoded(output, ttft_ms, clock.now() - start, steps)
+    wall_ms = clock.now() - start
+    return Decoded(output, ttft_ms, wall_ms, steps, _aligned(output, pending))

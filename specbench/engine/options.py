@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
+from specbench.checks import MAX_COUNT
 from specbench.errors import UserError
 
 SIMPLE_TYPES: tuple[type, ...] = (bool, int, float, str)
@@ -109,8 +110,9 @@ class OptionSpec:
             raise out_of_bounds(f"must be greater than {self.gt:g}")
         if self.min is not None and value < self.min:
             raise out_of_bounds(f"must be at least {self.min:g}")
-        if self.max is not None and value > self.max:
-            raise out_of_bounds(f"must be at most {self.max:g}")
+        top = self.max if self.max is not None else MAX_COUNT if self.type is int and self.min is not None else None
+        if top is not None and value > top:  # a count past a billion is a typo, and would overflow what it sizes
+            raise out_of_bounds(f"must be at most {top:g}")
         if self.choices and value not in self.choices:
             raise out_of_bounds(f"must be one of {', '.join(self.choices)}")
         return value

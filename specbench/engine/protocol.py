@@ -33,9 +33,11 @@ without it are simulated by step replay, which is slower and labelled so.
 Capabilities a drafter declares: `drafts` ("chain": takes `k`, drafts one
 token per depth; "tree": takes `tree`, drafts the top-ranked tokens per
 node, so any tree of ranks can be scored), `taps` (which hidden states it
-reads), `typical_acceptance` (the acceptance rule at temperature > 0 for
-tree drafters) and `max_draft_tokens` (the largest tree it can propose: the
-target sizes its cache and the fast engine its buckets from it).
+reads), `acceptance` (its acceptance rule at temperature > 0, from
+engine/acceptance.py: typical acceptance for Medusa/Hydra, tree sampling for
+EAGLE trees; None = speculative sampling) and `max_draft_tokens` (the largest
+tree it can propose: the target sizes its cache and the fast engine its
+buckets from it).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 
 import torch
 
-from specbench.engine.acceptance import TypicalAcceptance
+from specbench.engine.acceptance import AcceptanceRule
 from specbench.engine.options import DrafterOptions
 from specbench.engine.tree import DraftTree
 
@@ -98,6 +100,15 @@ class Target(Protocol):
 
     def context_window(self) -> int | None:
         """The most positions the model was built for (None: unknown)."""
+        ...
+
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        """Before anything is timed: size the cache for sequences of up to `max_positions` and
+        capture every forward of 1..max_rows rows (CUDA graphs); the ms spent capturing."""
+        ...
+
+    def engine_stats(self) -> dict:
+        """What run.json records about the engine (cache capacity, graphs)."""
         ...
 
     # --- read-only weights head drafters build on (never written) ---------------------
@@ -170,10 +181,26 @@ class TeacherForced:
     # ctx.max_tokens, as draft-model and prompt-lookup do); False when it always drafts
     # its whole shape: the walk must size the drafts as the loop would
     capped: bool = True
+    # drafters that choose their tree per step (EAGLE-2's dynamic tree) rather than
+    # filling a tree of ranks: what the loop would see at every step
+    own_trees: OwnTrees | None = None
 
     @property
     def depth(self) -> int:
         return self.ranks.shape[1]
+
+
+@dataclass
+class OwnTrees:
+    """Per step m (rows 0..N-1, row 0 unused, as in `TeacherForced.ranks`), the tree the
+    drafter would propose when m tokens have been emitted: its node count, its depth, and
+    how many of its nodes the logged continuation accepts (the longest path of true
+    tokens out[m], out[m+1], ... in it; never past the log's end). Such trees are not
+    capped by the tokens still allowed: the drafter always drafts its whole tree."""
+
+    sizes: torch.Tensor  # [N] int64
+    depths: torch.Tensor  # [N] int64
+    accepted: torch.Tensor  # [N] int64
 
 
 # hidden(): the target's states (the drafter's taps) over prompt + output[:-1] ([P+N-1, H·len(taps)])
@@ -215,8 +242,8 @@ class Drafter:
     Options: ClassVar[type[DrafterOptions]] = DrafterOptions
     drafts: ClassVar[Literal["chain", "tree"]] = "chain"
     taps: Taps = ()
-    # the acceptance rule at temperature > 0 for tree drafters (None: speculative sampling)
-    typical_acceptance: TypicalAcceptance | None = None
+    # the acceptance rule at temperature > 0 (None: speculative sampling, for chains)
+    acceptance: AcceptanceRule | None = None
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target
@@ -237,8 +264,14 @@ class Drafter:
         """The most tree nodes one proposal can hold (0: it never drafts)."""
         return 0
 
-    def warm_up(self) -> float:
-        """Untimed preparation before measuring (e.g. capturing CUDA graphs); the ms it took."""
+    @property
+    def max_draft_depth(self) -> int:
+        """The deepest node one proposal can hold (a chain's depth is its length)."""
+        return self.max_draft_tokens
+
+    def warm_up(self, max_positions: int | None = None) -> float:
+        """Before a timed run: size the drafter's own static caches for sequences of up to
+        `max_positions` and capture its CUDA graphs. Returns the ms spent capturing."""
         return 0.0
 
     def begin(self, prompt_tokens: torch.Tensor, prompt_hidden: torch.Tensor | None) -> None:

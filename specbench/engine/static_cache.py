@@ -1,48 +1,120 @@
 """The fast engine's core: a preallocated KV cache and a decoder step over it.
 
 `StaticKV` keeps every layer's keys and values in one tensor
-[layers, 2, kv_heads, capacity, head_dim] allocated once per run (it grows,
-by doubling, only if a sequence outgrows it). Rolling back is moving a length
-pointer; keeping an accepted tree path is one in-place gather over all layers
-at once; nothing is concatenated per step.
+[layers, 2, kv_heads, capacity, head_dim]. Its capacity is planned at the start
+of a sequence for the most positions the sequence can reach (`StaticDecoder.plan`),
+so it never grows while a sequence runs; it is reused across sequences and grows
+only between them. Rolling back is moving a length pointer; keeping an accepted
+tree path is one in-place gather over all layers at once.
 
 `StaticDecoder` runs a transformers decoder stack (the model's `get_decoder()`)
-over a StaticKV for one "root + tree" forward: a causal chunk (prefill, a draft
-model's feed) is the chain-shaped tree. Per tree shape it builds once the
-additive mask block and the depth offsets; per step it only fills the mask
-row band and adds the context length. With `bucketed`, the query is padded to
-a bucket size (1, 2, 4, ..., 128) so that shapes repeat; with `graphs` (CUDA
-only) each bucket's forward is captured once as a CUDA graph and replayed,
-leaving no host-device sync inside the step.
+and an LM head over a StaticKV for one "root + tree" forward: a causal chunk (a
+prefill, a draft model's feed) is the chain-shaped tree. A sequence's first
+forward (at length 0: a prefill) runs at its exact size. Later forwards, with
+`bucketed`, run as a *step*: the query padded to a bucket size (1, 2, 4, ..., 128)
+and attention reading a *span* of the cache (the live length rounded up, see
+`span_for`), through static input buffers (ids, positions, slots, mask) kept per
+(bucket, span, taps). Per step only the mask band that changed is rewritten: the
+positions that became visible since the buffer's last use and the tree block at
+its new place. With `graphs` each step (decoder stack, taps and LM head) is
+captured once as a CUDA graph and replayed, leaving no host-device sync inside.
 
-The CUDA-graph path has not been run on a GPU yet (it was written on a CPU-only
-machine); on CPU the same bucketing, masks and cache run without capture and
-are tested against the eager engine token for token.
+Bounds: per taps tuple there are at most len(buckets) x MAX_SPANS graphs (8 x 16 =
+128 for trees up to 127 nodes); they share one private memory pool. Graphs read
+the KV storage by address, so when the storage is reallocated (growth between
+sequences) the graphs and their pool are dropped together (`GraphSet`) and the
+next capture gets a fresh pool: a pool whose graphs were all released is freed
+by the CUDA allocator, and capturing into it again fails.
+
+On CPU the same bucketing, spans, band updates and step functions run without
+capture and are tested against the eager engine token for token; the capture and
+replay bookkeeping is tested with a fake graph backend that recomputes a step
+from its static buffers on every replay (tests/test_fast_engine.py).
 """
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specbench.engine.compat import cache_kwargs
+from specbench.engine.protocol import Taps
 from specbench.engine.tree import DraftTree
-from specbench.errors import UserError
+from specbench.errors import SpecbenchWarning
 
-GRAPH_MAX_BUCKET = 128  # larger forwards (prefills) run uncaptured at their exact size
-CAPACITY_STEP = 256  # capacities are multiples of this, so regrowth is rare
+GRAPH_MAX_BUCKET = 128  # larger forwards (long prefills, huge trees) run uncaptured at their exact size
+SHAPE_CACHE = 512  # tree shapes whose masks are kept; dynamic trees (EAGLE-2) bring a new shape nearly every step
+CAPACITY_STEP = 256  # capacities are multiples of this
+SPAN_STEP = 256  # the smallest span step; spans are multiples of the span step (or the capacity)
+MAX_SPANS = 16  # at most this many spans per capacity: the span step grows with the capacity
+# bucket_size(q) - q < q and a bucket is at most 128, so padding adds at most 63 slots
+MAX_BUCKET_PADDING = GRAPH_MAX_BUCKET // 2 - 1
+# A switch, off by default: torch.compile of the step function, captured inside the CUDA graph
+# (fusing the transformers layers' small kernels). Off because it is unmeasured on a GPU, it
+# compiles once per (bucket, span) shape (up to 128 shapes: minutes before the first token),
+# fused kernels round differently from eager (fast == eager could break), and the transformers
+# stack with a custom cache and tap hooks may graph-break. FastHFTarget(compiled_step=True)
+# or scripts/bench_engine.py --compiled-step turn it on to measure it.
+COMPILED_STEP = False
+
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def bucket_size(q: int) -> int:
     """The padded query length for q tokens: the next power of two up to 128, then multiples of 128."""
     if q > GRAPH_MAX_BUCKET:
-        return -(-q // GRAPH_MAX_BUCKET) * GRAPH_MAX_BUCKET
+        return round_up(q, GRAPH_MAX_BUCKET)
     b = 1
     while b < q:
         b *= 2
     return b
+
+
+def buckets_up_to(rows: int) -> list[int]:
+    """Every bucket a forward of 1..rows tokens can use (capped at GRAPH_MAX_BUCKET)."""
+    top = bucket_size(min(max(rows, 1), GRAPH_MAX_BUCKET))
+    out, b = [], 1
+    while b <= top:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def span_step(capacity: int) -> int:
+    return max(SPAN_STEP, round_up(-(-capacity // MAX_SPANS), SPAN_STEP))
+
+
+def span_for(end: int, capacity: int) -> int:
+    """How many cache positions a step whose last written slot is end - 1 reads: `end`
+    rounded up to the span step (at most the capacity)."""
+    return min(capacity, round_up(end, span_step(capacity)))
+
+
+def all_spans(capacity: int) -> list[int]:
+    """Every span a capacity allows (at most MAX_SPANS)."""
+    step = span_step(capacity)
+    return sorted({min(capacity, step * i) for i in range(1, -(-capacity // step) + 1)})
+
+
+@dataclass
+class EngineEvents:
+    """Process-wide counts of the costly events of every StaticDecoder (target and draft
+    decoders alike), so a benchmark can tell the ones that happened while it was timing."""
+
+    captures: int = 0
+    capture_ms: float = 0.0
+    regrowths: int = 0  # storage grown while a sequence was running (its prefix copied)
+
+
+EVENTS = EngineEvents()
 
 
 class _Layer(CacheLayerMixin):
@@ -74,8 +146,8 @@ class _Layer(CacheLayerMixin):
 class StaticKV(Cache):
     """A preallocated KV cache for batch 1. `length` counts the valid positions
     (host side); a forward writes its keys/values at the slots in `slots` and
-    attention reads the first `span` positions (all `capacity` when None, as a
-    captured graph needs), masked by the caller."""
+    attention reads the first `span` positions (all `capacity` when None), masked
+    by the caller."""
 
     def __init__(self, num_layers: int, capacity: int = CAPACITY_STEP) -> None:
         super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
@@ -85,7 +157,7 @@ class StaticKV(Cache):
         self.length = 0
         self.slots: torch.Tensor | None = None  # [q] long: where this forward's keys/values go
         self.span: int | None = None
-        self.generation = 0  # bumped when storage is reallocated: captured graphs are then stale
+        self.generation = 0  # bumped when storage is reallocated: graphs captured over it are then stale
 
     def write(self, index: int, keys: torch.Tensor, values: torch.Tensor):
         if self.kv is None:
@@ -98,14 +170,17 @@ class StaticKV(Cache):
         return layer[0, :, :span][None], layer[1, :, :span][None]
 
     def reserve(self, tokens: int) -> None:
-        """Make room for `tokens` positions, keeping the valid ones (reallocates, so rarely)."""
+        """Make room for `tokens` positions, keeping the valid ones. Reallocates (at least
+        doubling, so it stays rare) and bumps `generation`; a StaticDecoder plans the
+        capacity between sequences so that this never happens while one runs."""
         if tokens <= self.capacity:
             return
-        capacity = max(tokens, 2 * self.capacity)
-        capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        capacity = round_up(max(tokens, 2 * self.capacity), CAPACITY_STEP)
         if self.kv is not None:
             grown = self.kv.new_zeros(*self.kv.shape[:3], capacity, self.kv.shape[-1])
-            grown[..., : self.length, :] = self.kv[..., : self.length, :]
+            if self.length:
+                grown[..., : self.length, :] = self.kv[..., : self.length, :]
+                EVENTS.regrowths += 1
             self.kv = grown
             self.generation += 1
         self.capacity = capacity
@@ -150,124 +225,313 @@ def shape_masks(parents: tuple[int, ...] | None, rows: int, bucket: int, dtype: 
     return ShapeMasks(rows, bucket, block.to(device), depths.to(device))
 
 
-class _Graph:
-    """One bucket's captured forward: static inputs filled before each replay, a static output."""
+def tapped_forward(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a transformers decoder stack; returns (last_hidden_state [1, L, H], the tapped
+    states [L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
+    state; j is the input of decoder layer j (HF's hidden_states[j]; j = number of layers
+    is HF's last entry, the final normed state). Several taps are concatenated in order."""
+    num_layers = len(backbone.layers)
+    for j in taps:
+        if j is not None and not 0 <= j <= num_layers:
+            raise ValueError(f"hidden-state tap {j} is outside 0..{num_layers}")
+    tapped: dict[int, torch.Tensor] = {}
+    hooks = [
+        # the hidden state entering layer j is the layer's first positional argument
+        backbone.layers[j].register_forward_pre_hook(lambda module, args, j=j: tapped.setdefault(j, args[0]))
+        for j in sorted({j for j in taps if j is not None and j < num_layers})
+    ]
+    try:
+        out = backbone(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not taps:
+        return out.last_hidden_state, None
+    final = out.last_hidden_state[0]
+    states = [final if j is None or j == num_layers else tapped[j][0] for j in taps]
+    return out.last_hidden_state, states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
-    def __init__(self, bucket: int, capacity: int, dtype: torch.dtype, device) -> None:
+
+# --- CUDA graphs: the backend and the bookkeeping of graphs and their pool ----------
+
+
+class CudaGraphs:
+    """Capture and replay with torch.cuda graphs (the backend a StaticDecoder uses on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def new_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, fn, pool):
+        """Run fn twice off the capture (lazy inits, kernel selection), then capture it into
+        `pool`. Returns (graph, fn's outputs: static tensors that each replay overwrites)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+        return graph, outputs
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+    def now(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() * 1000
+
+
+class GraphSet:
+    """A decoder's step buffers, its captured graphs and the one memory pool they share.
+
+    Invariant: `pool` is None or at least one graph captured into it is alive. The pool
+    is dropped with the last graph (`release_all`, a failed capture), so a capture never
+    receives the handle of a pool the allocator has freed."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.steps: dict[tuple, _Step] = {}
+        self.pool = None
+        self.generation = 0  # the cache generation the steps' buffers and graphs were built for
+
+    @property
+    def captured(self) -> int:
+        return sum(step.graph is not None for step in self.steps.values())
+
+    def pool_for_capture(self):
+        if self.pool is None:
+            self.pool = self.backend.new_pool()
+        return self.pool
+
+    def capture(self, step: _Step, fn) -> None:
+        pool = self.pool_for_capture()
+        try:
+            step.graph, step.outputs = self.backend.capture(fn, pool)
+        except RuntimeError:
+            step.graph, step.outputs = None, None
+            if not self.captured:
+                self.pool = None  # the failed graph may have been the pool's only user
+            raise
+
+    def release_all(self, generation: int) -> None:
+        """Drop every step buffer and graph, then the pool (the graphs' destructors release it)."""
+        for step in self.steps.values():
+            step.graph = step.outputs = None  # the graph object dies here, not whenever a cycle is collected
+        self.steps.clear()
+        self.pool = None
+        self.generation = generation
+
+
+class _Step:
+    """One (bucket, span, taps) forward: static inputs the caller fills, and the outputs
+    of the captured graph (None when not captured)."""
+
+    def __init__(self, bucket: int, span: int, taps: Taps, dtype: torch.dtype, device) -> None:
+        self.bucket, self.span, self.taps = bucket, span, taps
         self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
         self.positions = torch.zeros(bucket, dtype=torch.long, device=device)
-        self.slots = torch.zeros(bucket, dtype=torch.long, device=device)
-        self.mask = torch.zeros(1, 1, bucket, capacity, dtype=dtype, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.hidden: torch.Tensor | None = None
-        self.tapped: torch.Tensor | None = None
+        self.slots = torch.arange(bucket, dtype=torch.long, device=device)
+        self.mask = torch.full((1, 1, bucket, span), torch.finfo(dtype).min, dtype=dtype, device=device)
+        # the mask holds 0 before mask_start, a tree block at [mask_start, mask_start + bucket), min after
+        self.mask_start = 0
+        self.graph = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class StaticDecoder:
-    """A decoder stack over its own StaticKV. `forward(ids, parents)` runs root + tree
-    (parents=None: a causal chunk) at the current length and returns the final hidden
-    states [q, H]; the caller then commits (`cache.compact`) or advances `cache.length`.
+    """A decoder stack and its LM head over their own StaticKV. `forward(ids, parents, taps)`
+    runs root + tree (parents=None: a causal chunk) at the current length and returns
+    (logits [q, V] fp32, tapped hidden states [q, H * len(taps)] or None); the caller then
+    commits (`cache.compact`) or advances `cache.length`.
 
-    bucketed: pad queries to bucket sizes (needed by graphs; on CPU only to test padding).
-    graphs: capture each bucket's forward as a CUDA graph (CUDA only; UNTESTED ON GPU).
+    head: the LM head (None: logits are not computed, forward returns (None, hidden)).
+    bucketed: pad steps to bucket sizes and read spans (needed by graphs; on CPU to test them).
+    graphs: True for CUDA graphs, or a backend object (tests pass a fake one), or None/False.
+    compiled_step: torch.compile the step function (see COMPILED_STEP).
     """
 
-    def __init__(self, backbone, device: torch.device, dtype: torch.dtype, bucketed: bool = False, graphs: bool = False) -> None:
-        if graphs and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        self.backbone = backbone
+    def __init__(self, backbone, head, device: torch.device, dtype: torch.dtype, bucketed: bool = False, graphs=None,
+                 compiled_step: bool = COMPILED_STEP) -> None:
+        if graphs is True:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            graphs = CudaGraphs(device)
+        self.backbone, self.head = backbone, head
         self.device, self.dtype = device, dtype
         self.cache = StaticKV(backbone.config.num_hidden_layers)
-        self.bucketed = bucketed or graphs
-        self.graphs = graphs
+        self.graphs = graphs or None
+        self.bucketed = bucketed or self.graphs is not None
         self.min = torch.finfo(dtype).min
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
-        self._shapes: dict[tuple, ShapeMasks] = {}
-        self._graphs: dict[tuple, _Graph] = {}
-        self._pool = None
+        self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()  # least recently used first
+        self.graph_set = GraphSet(self.graphs)
+        self._compute = self._compute_step
+        if compiled_step:
+            from torch import _dynamo
+
+            # one compilation per (bucket, span, taps) step: raise dynamo's default limit of 8 (name varies by version)
+            for limit in ("recompile_limit", "cache_size_limit"):
+                if hasattr(_dynamo.config, limit):
+                    setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), 512))
+            self._compute = torch.compile(self._compute_step, dynamic=False)
+        self.captures = 0
+        self.capture_ms = 0.0
+
+    # --- capacity ---------------------------------------------------------------
+
+    def plan(self, positions: int) -> None:
+        """Size the cache for a sequence that reaches `positions` positions (prompt + output +
+        the largest verify), bucket padding included. Call between sequences: growing then
+        copies nothing and drops the graphs and their pool together."""
+        self.cache.reserve(positions + (MAX_BUCKET_PADDING if self.bucketed else 0))
+        self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        if self.graph_set.generation != self.cache.generation:
+            self.graph_set.release_all(self.cache.generation)
+
+    # --- the forward ------------------------------------------------------------
 
     def shape(self, parents: tuple[int, ...] | None, rows: int, bucket: int) -> ShapeMasks:
         key = (parents, rows, bucket)
         found = self._shapes.get(key)
-        if found is None:
-            found = shape_masks(parents, rows, bucket, self.dtype, self.device)
-            if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
-                self._shapes[key] = found
+        if found is not None:
+            self._shapes.move_to_end(key)
+            return found
+        found = shape_masks(parents, rows, bucket, self.dtype, self.device)
+        if bucket <= GRAPH_MAX_BUCKET:  # keep small shapes only: prefills vary in length
+            self._shapes[key] = found
+            if len(self._shapes) > SHAPE_CACHE:  # a shape changing every step must not grow this without bound
+                self._shapes.popitem(last=False)
         return found
 
-    def forward(self, ids: torch.Tensor, parents: tuple[int, ...] | None = None, tap: int | None = None):
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, parents: tuple[int, ...] | None = None, taps: Taps = ()):
         """ids [q] on the device (root first); parents: the tree's parent tuple, or None for causal.
-        Returns the final hidden states [q, H], or with `tap` = j the input of decoder layer j
-        as well: (final, tapped). A captured graph's outputs are overwritten by its next replay."""
+        Returns (logits [q, V] fp32, hidden [q, H * len(taps)] or None), fresh tensors."""
         q = ids.numel()
-        bucket = bucket_size(q) if self.bucketed and q <= GRAPH_MAX_BUCKET else q
-        shape = self.shape(parents, q, bucket)
         start = self.cache.length
-        self.cache.reserve(start + bucket)
-        if self.graphs and bucket <= GRAPH_MAX_BUCKET:
-            return self._replay(ids, shape, start, tap)
-        if bucket > q:
-            ids = torch.cat([ids, ids.new_zeros(bucket - q)])
-        span = start + bucket
-        mask = torch.full((1, 1, bucket, span), self.min, dtype=self.dtype, device=self.device)
+        stepped = self.bucketed and start > 0 and q <= GRAPH_MAX_BUCKET
+        bucket = bucket_size(q) if stepped else q
+        if start + bucket > self.cache.capacity:  # unplanned: grows mid-sequence (copies; counted)
+            self.cache.reserve(start + bucket)
+        self._drop_stale()
+        shape = self.shape(parents, q, bucket)
+        if not stepped:
+            return self._exact(ids, shape, start, taps)
+        step = self._step(bucket, span_for(start + bucket, self.cache.capacity), taps)
+        self._fill(step, ids, shape, start)
+        if self.graphs is None:
+            logits, hidden = self._compute(step)
+            return logits[:q], (hidden[:q] if hidden is not None else None)
+        if step.graph is None and not self._capture(step):  # failed: uncaptured from here on
+            logits, hidden = self._compute(step)
+            return logits[:q], (hidden[:q] if hidden is not None else None)
+        self.graphs.replay(step.graph)
+        logits, hidden = step.outputs
+        # the static outputs are overwritten by the next replay: hand out copies
+        return (logits[:q].clone() if logits is not None else None), (hidden[:q].clone() if hidden is not None else None)
+
+    def _exact(self, ids: torch.Tensor, shape: ShapeMasks, start: int, taps: Taps):
+        """A forward at its exact size, uncaptured (prefills; forwards over GRAPH_MAX_BUCKET)."""
+        q = ids.numel()
+        span = start + q
+        mask = torch.full((1, 1, q, span), self.min, dtype=self.dtype, device=self.device)
         mask[..., :start] = 0
         mask[0, 0, :, start:] = shape.block
-        slots = self.arange[:bucket] + start if bucket <= GRAPH_MAX_BUCKET else torch.arange(start, span, device=self.device)
+        slots = torch.arange(start, span, device=self.device)
+        return self._run(ids, shape.depths + start, slots, span, mask, taps)
+
+    def _step(self, bucket: int, span: int, taps: Taps) -> _Step:
+        key = (bucket, span, taps)
+        step = self.graph_set.steps.get(key)
+        if step is None:
+            step = self.graph_set.steps[key] = _Step(bucket, span, taps, self.dtype, self.device)
+        return step
+
+    def _fill(self, step: _Step, ids: torch.Tensor, shape: ShapeMasks, start: int) -> None:
+        """Write this forward into the step's static inputs. Padding rows keep whatever ids
+        they held (any token works: they see only the context and themselves). Only the
+        mask band between the old and the new tree block changes: [0, start) is visible,
+        the block sits at [start, start + bucket), everything after is masked."""
+        step.ids[: ids.numel()].copy_(ids)
+        torch.add(shape.depths, start, out=step.positions)
+        torch.add(self.arange[: step.bucket], start, out=step.slots)
+        old, bucket = step.mask_start, step.bucket
+        lo, hi = min(old, start), max(old, start) + bucket
+        band = step.mask[0, 0, :, lo:hi]
+        if start > lo:
+            band[:, : start - lo] = 0
+        band[:, start - lo : start - lo + bucket] = shape.block
+        if hi > start + bucket:
+            band[:, start - lo + bucket :] = self.min
+        step.mask_start = start
+
+    def _compute_step(self, step: _Step):
+        """The step function a graph captures: decoder stack, taps and LM head over the
+        step's static buffers."""
+        return self._run(step.ids, step.positions, step.slots, step.span, step.mask, step.taps)
+
+    def _run(self, ids, positions, slots, span, mask, taps: Taps):
         self.cache.slots, self.cache.span = slots, span
-        hidden, tapped = self._run(ids, shape.depths + start, mask, tap)
-        return hidden[:q] if tap is None else (hidden[:q], tapped[:q])
+        last, hidden = tapped_forward(
+            self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
+            **cache_kwargs(self.backbone, self.cache),
+        )
+        # the head sees [1, L, H], as in the model's own forward
+        logits = self.head(last)[0].float() if self.head is not None else None
+        return logits, hidden
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, tap: int | None = None):
-        tapped: list[torch.Tensor] = []
-        hook = None
-        if tap is not None:  # the hidden state entering layer `tap` (its first positional argument)
-            hook = self.backbone.layers[tap].register_forward_pre_hook(lambda module, args: tapped.append(args[0]))
+    # --- capture ----------------------------------------------------------------
+
+    def _capture(self, step: _Step) -> bool:
+        """Capture the step's graph; on failure (e.g. a collective that cannot be captured under
+        tensor parallelism) say so in one line and run the static path uncaptured from then on."""
+        t0 = self.graphs.now()
         try:
-            out = self.backbone(
-                input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True, **cache_kwargs(self.backbone, self.cache)
-            )
-        finally:
-            if hook is not None:
-                hook.remove()
-        return out.last_hidden_state[0], (tapped[0][0] if tapped else None)
+            self.graph_set.capture(step, lambda: self._compute(step))
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"CUDA graph capture failed ({reason}); the fast engine runs uncaptured (static KV cache, no graphs) "
+                          "from here on", SpecbenchWarning, stacklevel=2)
+            self.graph_set.release_all(self.graph_set.generation)
+            self.graphs = None
+            return False
+        ms = self.graphs.now() - t0
+        self.captures += 1
+        self.capture_ms += ms
+        EVENTS.captures += 1
+        EVENTS.capture_ms += ms
+        return True
 
-    # --- CUDA graphs (written without a GPU at hand: untested on GPU) ----------
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        """Between sequences: plan the capacity for `max_positions` (if given), then capture
+        the step of every bucket a forward of 1..max_rows tokens uses, at every span of the
+        capacity, for these taps. Returns the ms spent capturing (0 without graphs)."""
+        if max_positions:
+            self.plan(max_positions)
+        if self.graphs is None:
+            return 0.0
+        self.cache.truncate(0)
+        if self.cache.kv is None:  # allocate the storage with one exact forward
+            self.forward(torch.zeros(1, dtype=torch.long, device=self.device))
+        before = self.capture_ms
+        for bucket in buckets_up_to(max_rows):
+            shape = self.shape(None, bucket, bucket)
+            for span in all_spans(self.cache.capacity):
+                step = self._step(bucket, span, taps)
+                if step.graph is None:
+                    # any valid inputs: a graph records kernels, not values (slots [0, bucket) are scratch now)
+                    self._fill(step, step.ids, shape, 0)
+                    self._capture(step)
+        return self.capture_ms - before
 
-    def _replay(self, ids: torch.Tensor, shape: ShapeMasks, start: int, tap: int | None):
-        key = (shape.bucket, self.cache.generation, tap)
-        graph = self._graphs.get(key)
-        fresh = graph is None
-        if fresh:
-            for stale in [k for k in self._graphs if k[1] != self.cache.generation]:
-                del self._graphs[stale]  # captured over storage that was reallocated
-            graph = self._graphs[key] = _Graph(shape.bucket, self.cache.capacity, self.dtype, self.device)
-        q = ids.numel()
-        graph.ids.zero_()
-        graph.ids[:q].copy_(ids)
-        torch.add(shape.depths, start, out=graph.positions)
-        torch.add(self.arange[: shape.bucket], start, out=graph.slots)
-        graph.mask.fill_(self.min)
-        graph.mask[..., :start] = 0
-        graph.mask[0, 0, :, start : start + shape.bucket] = shape.block
-        if fresh:
-            try:
-                self._capture(graph, tap)
-            except RuntimeError as exc:
-                del self._graphs[key]
-                raise UserError(f"CUDA graph capture failed ({exc}); rerun with --engine eager") from exc
-        graph.graph.replay()
-        return graph.hidden[:q] if tap is None else (graph.hidden[:q], graph.tapped[:q])
-
-    def _capture(self, graph: _Graph, tap: int | None) -> None:
-        self.cache.slots, self.cache.span = graph.slots, None
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm up off the capture (lazy inits, autotuning)
-            for _ in range(2):
-                self._run(graph.ids, graph.positions, graph.mask, tap)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph.graph, pool=self._pool):
-            graph.hidden, graph.tapped = self._run(graph.ids, graph.positions, graph.mask, tap)
+    def stats(self) -> dict:
+        return {"graphs": self.graph_set.captured, "captures": self.captures, "capture_ms": round(self.capture_ms, 3),
+                "capacity": self.cache.capacity}

@@ -169,6 +169,8 @@ def validate_paths(paths, name: str) -> list[list[int]]:
         for p in paths
     ):
         raise UserError(f"tree '{name}' must be a list of non-empty paths of child ranks (ints >= 0), e.g. [[0], [1], [0, 0]]")
+    if not paths:
+        raise UserError(f"tree '{name}' has no paths: a tree needs at least one, e.g. [[0]] (or use chain:K)")
     paths = [list(p) for p in paths]
     seen = {tuple(p) for p in paths}
     if len(seen) != len(paths):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from specbench.errors import UserError
+from specbench.files import atomic_write
 from specbench.report import frames
 from specbench.report.collect import Group, group_runs, load_runs
 
@@ -24,6 +25,17 @@ class Report:
     def view(self, by: str) -> pd.DataFrame:
         """The frame `--by` selects (what --csv/--parquet write)."""
         return self.frames[VIEWS[by]]
+
+
+def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, html: Path | None, plot: Path | None) -> None:
+    """Every output can be written, and none is one of the runs' own record files, before anything is read."""
+    from specbench.checks import check_output_dir, check_output_file
+    from specbench.store import RUN_FILE, STEPS_FILE, TURNS_FILE
+
+    records = tuple(Path(p) / name for p in paths if (Path(p) / RUN_FILE).is_file() for name in (RUN_FILE, TURNS_FILE, STEPS_FILE))
+    for path, flag in ((csv, "--csv"), (parquet, "--parquet"), (html, "--html")):
+        check_output_file(path, flag, inputs=records)
+    check_output_dir(plot, "--plot")
 
 
 def build(paths: list[Path]) -> Report:
@@ -46,13 +58,11 @@ def build(paths: list[Path]) -> Report:
 def export(frame: pd.DataFrame, csv: Path | None, parquet: Path | None) -> list[Path]:
     written = []
     if csv:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(csv, index=False)
+        atomic_write(csv, lambda tmp: frame.to_csv(tmp, index=False))
         written.append(csv)
     if parquet:
-        parquet.parent.mkdir(parents=True, exist_ok=True)
         try:
-            frame.to_parquet(parquet, index=False)
+            atomic_write(parquet, lambda tmp: frame.to_parquet(tmp, index=False))
         except ImportError:
             raise UserError("--parquet needs pyarrow: `pip install pyarrow`") from None
         written.append(parquet)

@@ -29,6 +29,19 @@ class Run:
     steps: list[StepRecord]
     turns: list[TurnRecord]
 
+    @property
+    def coverage(self) -> tuple[int, int | None]:
+        """(prompts measured, prompts the run selected; None where run.json does not say)."""
+        workload = self.info.extra.get("workload") if isinstance(self.info.extra, dict) else None
+        selected = workload.get("prompts") if isinstance(workload, dict) else None
+        return len({t.prompt_id for t in self.turns}), selected if isinstance(selected, int) else None
+
+    @property
+    def unfinished(self) -> str | None:
+        """'2 of 4 prompts' for a run that measured fewer prompts than it selected, else None."""
+        measured, selected = self.coverage
+        return f"{measured} of {selected} prompts" if selected is not None and measured < selected else None
+
 
 @dataclass
 class Group:
@@ -90,15 +103,34 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
         if not turns:
             warnings.append(f"{directory}: no finished prompts yet; skipped")
             continue
+        turns, steps = _first_of_each(directory, turns, steps, warnings)
         finished = {(t.prompt_id, t.turn, t.mode) for t in turns}
         kept = [s for s in steps if (s.prompt_id, s.turn, s.mode) in finished]
         if len(kept) < len(steps):  # a run killed between writing a prompt's steps and its turns
             warnings.append(f"{directory}: {len(steps) - len(kept)} step record(s) of unfinished prompts left out "
                             f"(`specbench run --resume {directory}` measures those prompts again)")
-        runs.append(Run(directory, store.info, kept, turns))
+        run = Run(directory, store.info, kept, turns)
+        if run.unfinished:
+            warnings.append(f"{directory}: unfinished, {run.unfinished} measured; its numbers cover part of the workload "
+                            f"(`specbench run --resume {directory}` measures the rest)")
+        runs.append(run)
     if not runs:  # the warnings are not printed on this path: name the last reason in the one line
         raise UserError("no run with finished prompts to report" + (f" ({warnings[-1]})" if warnings else ""))
     return runs
+
+
+def _first_of_each(directory: Path, turns: list[TurnRecord], steps: list[StepRecord], warnings: list[str]):
+    """Keep the first record of each (prompt, turn, mode) and of each step of it, naming any
+    doubles: a run directory written twice over (two processes resuming it at once) must not
+    pool the second measurement with the first."""
+    seen_turns, seen_steps = set(), set()
+    unique_turns = [t for t in turns if not ((t.prompt_id, t.turn, t.mode) in seen_turns or seen_turns.add((t.prompt_id, t.turn, t.mode)))]
+    unique_steps = [s for s in steps if not ((k := (s.prompt_id, s.turn, s.mode, s.step)) in seen_steps or seen_steps.add(k))]
+    doubled_turns, doubled_steps = len(turns) - len(unique_turns), len(steps) - len(unique_steps)
+    if doubled_turns or doubled_steps:
+        warnings.append(f"{directory}: {doubled_turns} duplicate prompt record(s) and {doubled_steps} duplicate step record(s) "
+                        "(the run was written twice over); only the first of each is counted")
+    return unique_turns, unique_steps
 
 
 def hardware(environment: dict) -> str:

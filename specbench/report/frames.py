@@ -17,6 +17,7 @@ from specbench.report.collect import Group
 METRICS = [
     "tau", "acceptance_rate", "draft_ms_per_step", "verify_ms_per_step", "overhead_ms_per_step",
     "cost_coefficient", "tokens_per_s", "baseline_tokens_per_s", "speedup", "mbsu", "exact_match_rate",
+    "near_ties", "divergences",
 ]
 
 

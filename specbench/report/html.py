@@ -7,6 +7,7 @@ import html
 from datetime import datetime, timezone
 from pathlib import Path
 
+from specbench.files import atomic_write_text
 from specbench.report.build import Report
 
 STYLE = """
@@ -55,6 +56,5 @@ def page(report: Report, plots: list[Path]) -> str:
 
 
 def write_html(report: Report, plots: list[Path], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page(report, plots))
+    atomic_write_text(path, page(report, plots))
     return path

@@ -13,6 +13,23 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def exact_match(summary: Summary) -> str:
+    """e.g. "96.0% (2 near-ties, 0 divergences)": how the turns that differ were classified
+    (runs that classified none — sampling, or written before the classification — show the rate alone)."""
+    text = _fmt(summary.exact_match_rate, ".1%")
+    if not summary.near_ties and not summary.divergences:
+        return text
+    parts = [_count(summary.near_ties, "near-tie"), _count(summary.divergences, "divergence")]
+    unclassified = len(summary.diverged) - summary.near_ties - summary.divergences
+    if unclassified:
+        parts.append(f"{unclassified} not classified")
+    return f"{text} ({', '.join(parts)})"
+
+
 def summary_table(summary: Summary, title: str) -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("metric")
@@ -30,7 +47,7 @@ def summary_table(summary: Summary, title: str) -> Table:
         ("tokens/s, plain decoding (overall)", _fmt(summary.baseline_tokens_per_s, ".1f")),
         ("speedup", _fmt(summary.speedup, ".2f", "×")),
         ("MBSU = τ / (c·γ + 1), c from weight bytes (model)", _fmt(summary.mbsu, ".2f", "×")),
-        ("exact match vs plain decoding", _fmt(summary.exact_match_rate, ".1%")),
+        ("exact match vs plain decoding", exact_match(summary)),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -47,11 +64,17 @@ def position_table(summary: Summary) -> Table:
 
 
 def divergence_table(summary: Summary) -> Table:
-    table = Table(title="outputs that diverged from plain decoding", header_style="bold")
-    for column in ("prompt", "turn", "first diverging token"):
+    """One row per turn that differs from plain decoding: where, and the target's top-2 on each path there."""
+    table = Table(title="outputs that differ from plain decoding", header_style="bold")
+    columns = ("prompt", "turn", "first differing token", "kind", "plain top-2 ids", "plain margin",
+               "spec top-2 ids", "spec margin", "tie tolerance")
+    for column in columns:
         table.add_column(column, justify="right")
-    for prompt_id, turn, position in summary.diverged:
-        table.add_row(prompt_id, str(turn), str(position))
+    ids = lambda pair: "n/a" if pair is None else " > ".join(map(str, pair))  # noqa: E731
+    for d in summary.diverged:
+        table.add_row(d.prompt_id, str(d.turn), _fmt(d.position, "d"), d.kind or "not classified",
+                      ids(d.plain_top2), _fmt(d.plain_margin, ".3g"), ids(d.spec_top2), _fmt(d.spec_margin, ".3g"),
+                      _fmt(d.tolerance, ".3g"))
     return table
 
 
@@ -131,3 +154,30 @@ def comparison_table(frame, title: str = "setups compared") -> Table:
     for _, row in frame.iterrows():
         table.add_row(str(row["setup"]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
     return table
+
+
+def engine_line(extra: dict) -> str | None:
+    """The line `specbench run` shows about the fast engine's warm-up, apart from tokens/s."""
+    e = extra.get("engine") or {}
+    if e.get("engine") != "fast":
+        return None
+    capacity = f"KV cache {e['capacity']} positions" if e.get("capacity") else "KV cache"
+    if e.get("cuda_graphs"):
+        line = f"fast engine: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
+    else:
+        line = f"fast engine: static {capacity}, no CUDA graphs"
+    if e.get("timed_captures") or e.get("timed_regrowths"):
+        prompts = e.get("timed_capture_prompts", [])
+        line += (
+            f"; inside timed prompts: {e['timed_captures']} captures ({e['timed_capture_ms'] / 1000:.2f} s) and "
+            f"{e['timed_regrowths']} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
+            f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
+        )
+    return line
+
+
+def group_note(group) -> str:
+    """Which runs a setup's table pools, and which of them are unfinished (they cover part of the workload)."""
+    note = f"{len(group.runs)} runs merged" if len(group.runs) > 1 else str(group.runs[0].directory)
+    unfinished = [f"{r.directory.name}: {r.unfinished}" for r in group.runs if r.unfinished]
+    return note + ("; UNFINISHED " + ", ".join(unfinished) if unfinished else "")

@@ -20,13 +20,13 @@ iteration of the first prompt is dropped and the last iteration counted twice
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from specbench.errors import UserError
+from specbench.files import jsonl_rows, read_text
 from specbench.records import StepMeasure
 from specbench.simulate.log import LogHeader, LogTurn, TargetLog
 
@@ -38,7 +38,7 @@ def parse_tensor_dumps(path: Path) -> list[tuple[int, list[int]]]:
     if not path.is_file():
         raise UserError(f"DSD target log {path} does not exist")
     dumps, current, start = [], None, 0
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(read_text(path, "DSD target log").splitlines(), 1):
         line = raw.strip()
         if not line:
             continue
@@ -70,14 +70,8 @@ def read_prompts(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise UserError(f"DSD prompts file {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for number, row in jsonl_rows(read_text(path, "DSD prompts file").splitlines(), str(path)):
+        if not isinstance(row.get("prompt"), str):
             raise UserError(f"{path}:{number}: expected {{\"prompt\": \"...\"}}")
         prompts.append((number, row["prompt"]))
     return prompts
@@ -100,6 +94,8 @@ def read_dsd(log_path: Path, prompts_path: Path, tokenizer, vocab_size: int, tar
         if not ids:
             raise UserError(f"{log_path}:{line}: empty tensor")
         prompt_ids = list(tokenizer(text)["input_ids"])
+        if not prompt_ids:
+            raise UserError(f"{prompts_path}: prompt {index} encodes to no tokens; give it some text")
         turns.append(LogTurn(str(index), 0, "dsd", prompt_ids, ids))
     header = LogHeader(
         target=target, target_id=target, tokenizer=getattr(tokenizer, "name_or_path", target), vocab_size=vocab_size,

@@ -12,14 +12,21 @@ A versioned JSONL file:
   prefill's token), wall_ms and ttft_ms of the recording, and with --topk N
   topk_ids / topk_logprobs per output position (the distribution out[j] was
   chosen from).
-The hidden states (--hidden) go to a safetensors side file next to the log,
-one tensor per turn keyed "<prompt_id>#<turn>": the target's final (normed)
-hidden states over prompt + output[:-1], [P+N-1, H].
+The hidden states (--hidden, --hidden-taps) go to a safetensors side file next
+to the log, over prompt + output[:-1] ([P+N-1, H] per tensor): keyed
+"<prompt_id>#<turn>" the target's final (normed) hidden states, keyed
+"<prompt_id>#<turn>@<j>" the hidden state entering decoder layer j (what EAGLE-3
+drafts fuse). The header's `hidden_taps` lists what the side file holds (null for
+the final states); logs written before it existed hold the final states only.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import math
+import re
+import uuid
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 
 from specbench.errors import UserError
+from specbench.files import atomic_write, atomic_write_text, first_line, jsonl_rows, read_text, reading_weights
 
 FORMAT = "specbench-target-log"
 VERSION = 1
@@ -48,6 +56,7 @@ class LogHeader:
     topk: int | None = None
     hidden_file: str | None = None
     hidden_size: int | None = None
+    hidden_taps: list[int | None] | None = None  # what the side file holds: None = final states, j = input of layer j
     num_layers: int | None = None  # the target's decoder layers (drafters that tap layers need it)
     target_forward_bytes: int | None = None
     created: str = ""
@@ -115,27 +124,80 @@ class TargetLog:
     def hidden_path(self) -> Path | None:
         return self.path.parent / self.header.hidden_file if self.header.hidden_file else None
 
-    def hidden(self, turn: LogTurn) -> torch.Tensor:
+    @property
+    def recorded_taps(self) -> tuple[int | None, ...]:
+        """The hidden states the side file holds (None = the final states), in the drafter's `taps` terms."""
+        if not self.header.hidden_file:
+            return ()
+        return tuple(self.header.hidden_taps) if self.header.hidden_taps is not None else (None,)
+
+    def hidden(self, turn: LogTurn, taps: tuple[int | None, ...] = (None,)) -> torch.Tensor:
+        """The recorded states of `taps`, concatenated in that order ([P+N-1, H·len(taps)])."""
         from safetensors import safe_open
 
         path = self.hidden_path
         if path is None or not path.exists():
             raise UserError(f"{self.path}: its hidden-state side file {path} is missing; record again with --hidden")
-        with safe_open(str(path), framework="pt") as f:
-            if turn.key not in f.keys():
-                raise UserError(f"{path} holds no hidden states for prompt {turn.prompt_id} turn {turn.turn}; record again with --hidden")
-            return f.get_tensor(turn.key)
+        with reading_weights(path, "hidden-state side file"), safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            parts = []
+            for tap in taps:
+                key = hidden_key(turn.key, tap)
+                if key not in keys:
+                    what = "hidden states" if tap is None else f"hidden states entering layer {tap}"
+                    raise UserError(f"{path} holds no {what} for prompt {turn.prompt_id} turn {turn.turn}; record again with --hidden / --hidden-taps")
+                parts.append(f.get_tensor(key))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def hidden_file_for(log_path: Path) -> Path:
-    return log_path.with_name(log_path.stem + ".hidden.safetensors")
+def hidden_key(turn_key: str, tap: int | None) -> str:
+    """The side file's key of one turn's final states (tap None) or of the input of layer `tap`."""
+    return turn_key if tap is None else f"{turn_key}@{tap}"
 
 
-def write_log(path: Path, header: LogHeader, turns: list[LogTurn], profile: VerifyProfile | None = None) -> None:
+def hidden_file_for(log_path: Path, tag: str = "") -> Path:
+    """The side file of a log; `tag` tells apart the files of successive recordings to one path."""
+    return log_path.with_name(log_path.stem + (f".{tag}" if tag else "") + ".hidden.safetensors")
+
+
+def write_log(path: Path, header: LogHeader, turns: list[LogTurn], profile: VerifyProfile | None = None,
+              hidden_rows: dict | None = None) -> None:
+    """Write a log (and its hidden-state side file) so that a kill at any point leaves either the
+    old log, whole, or the new one, whole: the side file gets a name of its own, the log is renamed
+    into place last (that rename is the commit), and only then is the old side file removed."""
+    path = Path(path)
+    old_side = _side_file_of(path)
+    if hidden_rows is not None:
+        from safetensors.torch import save_file
+
+        side = hidden_file_for(path, uuid.uuid4().hex[:8])
+        atomic_write(side, lambda tmp: save_file(hidden_rows, str(tmp)))
+        header.hidden_file = side.name
     lines = [header.to_json()] + ([profile.to_json()] if profile else []) + [t.to_json() for t in turns]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in lines))
-    tmp.replace(path)
+    try:
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in lines))
+    except BaseException:
+        if hidden_rows is not None:
+            (path.parent / header.hidden_file).unlink(missing_ok=True)
+        raise
+    if old_side is not None and old_side.name != header.hidden_file:
+        old_side.unlink(missing_ok=True)
+    for stray in path.parent.glob(f"{glob.escape(path.stem)}.*.hidden.safetensors"):  # a recording killed before its commit
+        if stray.name != header.hidden_file and re.fullmatch(r"[0-9a-f]{8}", stray.name[len(path.stem) + 1 : -len(".hidden.safetensors")]):
+            stray.unlink(missing_ok=True)
+
+
+def _side_file_of(path: Path) -> Path | None:
+    """The side file an existing log at `path` names (None when there is no such log or it names none)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.loads(f.readline())
+        name = header.get("hidden_file") if isinstance(header, dict) and header.get("format") == FORMAT else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(name, str) or Path(name).name != name:
+        return None  # only ever a file beside the log
+    return path.parent / name
 
 
 def _check_ids(where: str, name: str, value, vocab_size: int) -> list[int]:
@@ -156,61 +218,108 @@ def _fields(cls, row: dict, where: str, what: str) -> dict:
     return {k: v for k, v in row.items() if k in names}
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_header(header: LogHeader, where: str) -> None:
+    if not isinstance(header.target, str) or not isinstance(header.target_id, str):
+        raise UserError(f"{where}: header 'target' and 'target_id' must be text")
+    if not isinstance(header.eos_token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in header.eos_token_ids):
+        raise UserError(f"{where}: header 'eos_token_ids' must be a list of integer token ids")
+    if header.hidden_file is not None and (not isinstance(header.hidden_file, str) or Path(header.hidden_file).name != header.hidden_file):
+        raise UserError(f"{where}: header 'hidden_file' must name a file beside the log")
+    for name in ("hidden_size", "topk", "target_forward_bytes"):
+        value = getattr(header, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{where}: header '{name}' must be a positive integer or null")
+    if not _number(header.temperature) or header.temperature < 0:
+        raise UserError(f"{where}: header 'temperature' must be a number >= 0")
+
+
+def _check_profile(profile: VerifyProfile, where: str) -> None:
+    if not isinstance(profile.ms, list) or not profile.ms or not all(_number(x) and x > 0 for x in profile.ms):
+        raise UserError(f"{where}: profile 'ms' must be a non-empty list of positive numbers")
+    if not isinstance(profile.context_tokens, int) or isinstance(profile.context_tokens, bool) or profile.context_tokens < 1:
+        raise UserError(f"{where}: profile 'context_tokens' must be a positive integer")
+
+
+def _check_turn(turn: LogTurn, where: str) -> None:
+    if not isinstance(turn.prompt_id, (str, int)) or isinstance(turn.prompt_id, bool):
+        raise UserError(f"{where}: 'prompt_id' must be text")
+    turn.prompt_id = str(turn.prompt_id)
+    if not isinstance(turn.turn, int) or isinstance(turn.turn, bool) or turn.turn < 0:
+        raise UserError(f"{where}: 'turn' must be an integer >= 0")
+    turn.category = str(turn.category)
+    for name in ("wall_ms", "ttft_ms"):
+        value = getattr(turn, name)
+        if value is not None and (not _number(value) or value < 0):
+            raise UserError(f"{where}: '{name}' must be a number >= 0 or null")
+
+
 def read_log(path: Path) -> TargetLog:
     """Read and validate a target log; any malformed line is one UserError naming it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"target log {path} does not exist; write one with `specbench record`")
     header, profile, turns, seen = None, None, [], set()
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            where = f"{path}:{number}"
-            if not line.strip():
-                continue
+    lines = read_text(path, "target log").splitlines()
+
+    def bad_line(number: int, why: str) -> None:
+        where = f"{path}:{number}"
+        if header is None and lines[number - 1].lstrip().startswith("tensor("):
+            raise UserError(
+                f"{path} is a DSD target log (tensor dumps, no prompts): pass --prompts PROMPTS.jsonl "
+                "(its prompts, matched by order) and --target NAME, or convert it with `specbench convert-log`"
+            )
+        if header is None:
+            raise UserError(f"{where}: not a specbench target log ({why}); write one with `specbench record`")
+        raise UserError(f"{where}: {why}; the log is corrupt or truncated")
+
+    for number, row in jsonl_rows(lines, str(path), bad_line):
+        where = f"{path}:{number}"
+        if header is None:
+            if row.get("format") != FORMAT:
+                raise UserError(f"{where}: not a specbench target log (no \"format\": \"{FORMAT}\" header); DSD logs: use --prompts or `specbench convert-log`")
+            version = row.get("version")
+            if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+                raise UserError(f"{where}: target log version {version} was written by a newer specbench (this one reads version {VERSION}); upgrade specbench to read it")
+            if version != VERSION:
+                raise UserError(f"{where}: target log version {version!r} is not supported (this specbench reads version {VERSION})")
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: not valid JSON ({exc.msg}); the log is corrupt or truncated") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object per line")
-            if header is None:
-                if row.get("format") != FORMAT:
-                    raise UserError(f"{where}: not a specbench target log (no \"format\": \"{FORMAT}\" header); DSD logs: use --prompts or `specbench convert-log`")
-                if row.get("version") != VERSION:
-                    raise UserError(f"{where}: target log version {row.get('version')} is not supported (this specbench reads version {VERSION})")
-                try:
-                    header = LogHeader(**_fields(LogHeader, row, where, "the header"))
-                except TypeError as exc:
-                    raise UserError(f"{where}: malformed header ({exc})") from None
-                if not isinstance(header.vocab_size, int) or header.vocab_size < 1:
-                    raise UserError(f"{where}: header 'vocab_size' must be a positive integer")
-                if not isinstance(header.max_new_tokens, int) or header.max_new_tokens < 1:
-                    raise UserError(f"{where}: header 'max_new_tokens' must be a positive integer")
-                continue
-            kind = row.get("type")
-            if kind == "profile":
-                try:
-                    profile = VerifyProfile(**_fields(VerifyProfile, row, where, "the profile"))
-                except TypeError as exc:
-                    raise UserError(f"{where}: malformed profile ({exc})") from None
-                if not profile.ms or not all(isinstance(x, (int, float)) and x > 0 for x in profile.ms):
-                    raise UserError(f"{where}: profile 'ms' must be a non-empty list of positive numbers")
-            elif kind == "turn":
-                turn = LogTurn(**_fields(LogTurn, row, where, "the turn record"))
-                _check_ids(where, "prompt_ids", turn.prompt_ids, header.vocab_size)
-                _check_ids(where, "output_ids", turn.output_ids, header.vocab_size)
-                if not turn.prompt_ids or not turn.output_ids:
-                    raise UserError(f"{where}: 'prompt_ids' and 'output_ids' must not be empty")
-                if len(turn.output_ids) > header.max_new_tokens:
-                    raise UserError(f"{where}: {len(turn.output_ids)} output ids exceed the header's max_new_tokens {header.max_new_tokens}")
-                if turn.topk_ids is not None and len(turn.topk_ids) != len(turn.output_ids):
-                    raise UserError(f"{where}: 'topk_ids' has {len(turn.topk_ids)} rows for {len(turn.output_ids)} output ids")
-                if (turn.prompt_id, turn.turn) in seen:
-                    raise UserError(f"{where}: prompt {turn.prompt_id} turn {turn.turn} appears twice")
-                seen.add((turn.prompt_id, turn.turn))
-                turns.append(turn)
-            else:
-                raise UserError(f"{where}: unknown record type {kind!r} (expected 'turn' or 'profile')")
+                header = LogHeader(**_fields(LogHeader, row, where, "the header"))
+            except TypeError as exc:
+                raise UserError(f"{where}: malformed header ({exc})") from None
+            if not isinstance(header.vocab_size, int) or header.vocab_size < 1:
+                raise UserError(f"{where}: header 'vocab_size' must be a positive integer")
+            if not isinstance(header.max_new_tokens, int) or header.max_new_tokens < 1:
+                raise UserError(f"{where}: header 'max_new_tokens' must be a positive integer")
+            _check_header(header, where)
+            continue
+        kind = row.get("type")
+        if kind == "profile":
+            try:
+                profile = VerifyProfile(**_fields(VerifyProfile, row, where, "the profile"))
+            except TypeError as exc:
+                raise UserError(f"{where}: malformed profile ({exc})") from None
+            _check_profile(profile, where)
+        elif kind == "turn":
+            turn = LogTurn(**_fields(LogTurn, row, where, "the turn record"))
+            _check_turn(turn, where)
+            _check_ids(where, "prompt_ids", turn.prompt_ids, header.vocab_size)
+            _check_ids(where, "output_ids", turn.output_ids, header.vocab_size)
+            if not turn.prompt_ids or not turn.output_ids:
+                raise UserError(f"{where}: 'prompt_ids' and 'output_ids' must not be empty")
+            if len(turn.output_ids) > header.max_new_tokens:
+                raise UserError(f"{where}: {len(turn.output_ids)} output ids exceed the header's max_new_tokens {header.max_new_tokens}")
+            if turn.topk_ids is not None and len(turn.topk_ids) != len(turn.output_ids):
+                raise UserError(f"{where}: 'topk_ids' has {len(turn.topk_ids)} rows for {len(turn.output_ids)} output ids")
+            if (turn.prompt_id, turn.turn) in seen:
+                raise UserError(f"{where}: prompt {turn.prompt_id} turn {turn.turn} appears twice")
+            seen.add((turn.prompt_id, turn.turn))
+            turns.append(turn)
+        else:
+            raise UserError(f"{where}: unknown record type {kind!r} (expected 'turn' or 'profile')")
     if header is None:
         raise UserError(f"{path}: empty target log")
     if not turns:
@@ -221,8 +330,10 @@ def read_log(path: Path) -> TargetLog:
 def read_profile(path: Path) -> VerifyProfile:
     """A profile written by `specbench profile --out FILE` (or the profile line of a log)."""
     try:
-        row = json.loads(Path(path).read_text())
+        row = json.loads(read_text(path, "profile"))
         row.pop("type", None)
-        return VerifyProfile(**row)
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise UserError(f"{path}: not a verify-latency profile ({exc}); write one with `specbench profile --out FILE`") from None
+        profile = VerifyProfile(**row)
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: not a verify-latency profile ({first_line(exc)}); write one with `specbench profile --out FILE`") from None
+    _check_profile(profile, str(path))
+    return profile

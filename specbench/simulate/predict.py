@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specbench.checks import check_number
 from specbench.errors import UserError
 from specbench.records import StepMeasure
 from specbench.simulate.log import VerifyProfile
@@ -29,8 +30,7 @@ class LatencyModel:
     @staticmethod
     def build(profile: VerifyProfile | None, bandwidth_gb_s: float | None, target_bytes: int | None) -> LatencyModel:
         if bandwidth_gb_s is not None:
-            if bandwidth_gb_s <= 0:
-                raise UserError("--bandwidth must be a positive number of GB/s")
+            check_number(bandwidth_gb_s, "--bandwidth", above=0)
             if not target_bytes:
                 raise UserError("--bandwidth needs the target's weight bytes, which this log does not record; pass --profile FILE instead")
             return LatencyModel("roofline", bandwidth_gb_s=bandwidth_gb_s, target_bytes=target_bytes)

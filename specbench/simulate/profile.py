@@ -10,27 +10,43 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from specbench.checks import check_count, check_output_file, context_window
 from specbench.engine.loop import Clock
+from specbench.engine.options import option
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
+from specbench.files import atomic_write_text
 from specbench.progress import SILENT, Progress
 from specbench.simulate.log import VerifyProfile
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
+
+
+def check_profile_window(window: int | None, context_tokens: int, max_tokens: int, model: str,
+                         flags: tuple[str, ...] = ("--context-tokens", "--max-tokens")) -> None:
+    """The longest profiled forward sees the context plus max_tokens positions: refused past the window."""
+    if window and context_tokens + max_tokens > window:
+        room = f"at most {window - max_tokens} context tokens" if window > max_tokens else f"{flags[1]} below {window}"
+        raise UserError(f"{flags[0]} {context_tokens} + {flags[1]} {max_tokens} needs {context_tokens + max_tokens} positions, "
+                        f"past the {window}-token context window of {model}: use {room}")
 
 
 @torch.inference_mode()
 def measure_profile(
-    target, context: list[int], context_tokens: int, max_tokens: int = 128, repeats: int = 3, device_name: str = ""
+    target, context: list[int], context_tokens: int, max_tokens: int = 128, repeats: int = 3, device_name: str = "",
+    flags: tuple[str, str, str] = ("--context-tokens", "--max-tokens", "--repeats"),
 ) -> VerifyProfile:
-    if max_tokens < 1 or repeats < 1 or context_tokens < 1:
-        raise UserError("profile: --max-tokens, --repeats and --context-tokens must be at least 1")
+    for value, flag in zip((context_tokens, max_tokens, repeats), flags):
+        check_count(value, flag)
     if not context:
         raise UserError("profile: need a non-empty context prompt")
+    check_profile_window(target.context_window(), context_tokens, max_tokens, target.name, flags)
     ids = (context * (context_tokens // len(context) + 1))[:context_tokens]
-    target.prefill(torch.tensor(ids))
+    target.prefill(torch.tensor(ids), max_positions=context_tokens + max_tokens)
     clock = Clock(target.device)
     filler = torch.tensor(ids * (max_tokens // len(ids) + 1))[: max_tokens - 1]
     root = ids[-1]
@@ -49,22 +65,39 @@ def measure_profile(
     return VerifyProfile(context_tokens=context_tokens, ms=ms, device_name=device_name, repeats=repeats)
 
 
-def profile_target(target_name: str, out: Path, workload: str = "builtin", context_tokens: int = 256, max_tokens: int = 128,
-                   repeats: int = 3, device: str = "auto", dtype: str = "auto", progress: Progress = SILENT) -> VerifyProfile:
+@dataclass
+class ProfileConfig:
+    """What `specbench profile` measures; each field's help is what `--help` shows."""
+
+    target: str = option("smollm2-135m", TARGET_HELP)
+    workload: str = option("builtin", "the context is its first prompt, repeated to --context-tokens")
+    context_tokens: int = option(256, "context length the forwards see", min=1)
+    max_tokens: int = option(128, "profile forwards of 1..N tokens", min=1)
+    repeats: int = option(3, "timed repeats per token count (median kept)", min=1)
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+
+
+def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT) -> VerifyProfile:
     """`specbench profile`: load the target and measure its profile over the workload's first prompt
     repeated to `context_tokens`; written to `out` as JSON."""
     from specbench.environment import environment
     from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.targets.loading import load_config, resolve_device, resolve_dtype
     from specbench.workloads import encode_turn, load_workload
 
-    dev = resolve_device(device)
-    with progress.status(f"loading {target_name}"):
-        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    c = config
+    check_output_file(out, "--out")
+    for value, flag in ((c.context_tokens, "--context-tokens"), (c.max_tokens, "--max-tokens"), (c.repeats, "--repeats")):
+        check_count(value, flag)
+    check_profile_window(context_window(load_config(c.target)), c.context_tokens, c.max_tokens, c.target)  # before the weights load
+    dev = resolve_device(c.device)
+    with progress.status(f"loading {c.target}"):
+        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
     if target.tokenizer is None:
-        raise UserError(f"target '{target_name}' has no tokenizer to encode the context prompt")
-    context = encode_turn(target.tokenizer, load_workload(workload)[0], 0, [])
+        raise UserError(f"target '{c.target}' has no tokenizer to encode the context prompt")
+    context = encode_turn(target.tokenizer, load_workload(c.workload)[0], 0, [])
     with progress.status("measuring"):
-        result = measure_profile(target, context, context_tokens, max_tokens, repeats, environment(dev)["device_name"])
-    Path(out).write_text(json.dumps(result.to_json()) + "\n")
+        result = measure_profile(target, context, c.context_tokens, c.max_tokens, c.repeats, environment(dev)["device_name"])
+    atomic_write_text(out, json.dumps(result.to_json()) + "\n")
     return result

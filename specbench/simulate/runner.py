@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,9 +24,11 @@ from typing import Any
 
 import torch
 
+from specbench.checks import check_count
 from specbench.drafters.registry import drafter_class
+from specbench.engine.options import option
 from specbench.engine.protocol import FINAL, TeacherForced
-from specbench.errors import UserError
+from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
 from specbench.progress import SILENT, Progress
 from specbench.records import (
@@ -78,8 +81,11 @@ class LoggedTarget:
     def context_window(self) -> int | None:
         return None
 
-    def warm_up(self, max_rows: int) -> float:
+    def warm_up(self, max_rows: int, taps=(), max_positions=None) -> float:
         return 0.0
+
+    def engine_stats(self) -> dict:
+        return {}
 
     def prefill(self, prompt, taps=(), max_positions=None):
         raise self._missing("forward pass")
@@ -108,13 +114,21 @@ class LoggedTarget:
 
 @dataclass
 class SimulateConfig:
-    drafter: str
+    """What `simulate` scores; each field with help is a flag of `specbench simulate`."""
+
+    drafter: str = option("prompt-lookup", "a name from `specbench drafters`")
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    shapes: list[Shape] = field(default_factory=list)
-    max_new_tokens: int | None = None  # default: the log's
-    limit: int | None = None
-    method: str = "auto"  # auto | teacher-forced | replay
-    latency_steps: int = 32  # proposals timed per shape
+    shapes: list[Shape] = field(default_factory=list)  # from --k and --tree
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
+    limit: int | None = option(None, "use only the first N logged turns")
+    method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay")
+    latency_steps: int = option(32, "proposals timed per shape for the draft latency")  # library callers may pass 0: untimed
+
+    def __post_init__(self) -> None:  # refused before anything loads
+        check_count(self.max_new_tokens, "--max-new-tokens")
+        check_count(self.limit, "--limit")
+        if self.method not in ("auto", TEACHER_FORCED, "replay"):
+            raise UserError(f"--method must be auto, teacher-forced or replay (got {self.method})")
 
 
 @dataclass
@@ -142,8 +156,6 @@ class Simulator:
         if not config.shapes:
             raise UserError("give at least one --k or --tree to score")
         self.max_new = config.max_new_tokens or log.header.max_new_tokens
-        if self.max_new < 1:
-            raise UserError("--max-new-tokens must be at least 1")
         if self.max_new > log.header.max_new_tokens:
             raise UserError(f"--max-new-tokens {self.max_new} exceeds the log's {log.header.max_new_tokens}: the log holds no tokens past that")
         if config.method not in ("auto", TEACHER_FORCED, "replay"):
@@ -162,6 +174,8 @@ class Simulator:
         if target is None:
             dtype = DTYPES.get(log.header.dtype, torch.float32)
             target = LoggedTarget(log, resolve_device(device), dtype)
+        else:
+            check_log_target(log, target)
         self.target = target
         self.drafter = cls.create(target, parsed)
         self.method = TEACHER_FORCED if cls.has_teacher_forced() and config.method != "replay" else STEP_REPLAY
@@ -178,14 +192,23 @@ class Simulator:
         return getattr(self.drafter, "device", None) or getattr(self.target, "device", torch.device("cpu"))
 
     def hidden_for(self, turn: LogTurn) -> torch.Tensor:
-        """The target's final hidden states over prompt + output[:-1] (log side file, else one target forward)."""
+        """The target's hidden states (the drafter's taps) over prompt + output[:-1]: from the
+        log's side file when it holds them all, else one target forward."""
         n = len(turn.prompt_ids) + len(turn.output_ids[: self.max_new]) - 1
         taps = self.drafter.taps
-        if self.log.header.hidden_file and taps == FINAL:  # final normed states: what the side file holds
-            self.hidden_source = f"log side file {self.log.header.hidden_file}"
-            return self.log.hidden(turn)[:n].to(self.drafter_device())
+        recorded = self.log.recorded_taps
+        if set(taps) <= set(recorded):
+            self.hidden_source = f"log side file {self.log.header.hidden_file}" + (f" (taps {list(taps)})" if taps != FINAL else "")
+            return self.log.hidden(turn, taps)[:n].to(self.drafter_device())
         if isinstance(self.target, LoggedTarget):
-            where = "record the log with --hidden, or " if taps == FINAL else f"the log holds final hidden states, not the taps {list(taps)}: "
+            layers = [t for t in taps if t is not None]
+            if not recorded:
+                where = "record the log with " + " ".join(
+                    (["--hidden"] if None in taps else []) + ([f"--hidden-taps {','.join(map(str, layers))}"] if layers else [])) + ", or "
+            else:
+                held = ", ".join("final" if t is None else str(t) for t in recorded)
+                where = (f"the log's side file holds the taps {held}, not {', '.join('final' if t is None else str(t) for t in taps)}: "
+                         f"record with --hidden-taps {','.join(map(str, layers))}, or ")
             raise UserError(
                 f"drafter '{self.config.drafter}' needs the target's hidden states: {where}pass --target so simulate "
                 "runs one teacher-forced target forward per sequence"
@@ -196,11 +219,20 @@ class Simulator:
         return hidden
 
     def _provider(self, turn: LogTurn) -> Callable[[], tuple[torch.Tensor, str]]:
+        """The turn's hidden states, computed once however many drafters ask."""
+        found: list[tuple[torch.Tensor, str]] = []
+
         def provide():
-            states = self.hidden_for(turn)
-            return states, self.hidden_source
+            if not found:
+                found.append((self.hidden_for(turn), self.hidden_source))
+            return found[0]
 
         return provide
+
+    def proposer_for(self, shape: Shape):
+        """The drafter whose teacher-forced pass scores `shape`: the main one fills any tree of
+        ranks; a drafter's own dynamic tree needs the drafter built for it."""
+        return self.drafter_for(shape) if shape.dynamic else self.drafter
 
     # --- scoring ----------------------------------------------------------------
     def proposals(self, depth: int) -> list[TeacherForced]:
@@ -216,9 +248,13 @@ class Simulator:
 
     def walk_turns(self, proposals: list[TeacherForced], shape: Shape) -> list[list[StepMeasure]]:
         """The steps the decode loop takes with `shape` over every logged turn (untimed)."""
-        if shape.tree is not None and not all(p.ranked for p in proposals):
-            raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
+        for p in proposals:
+            self._check_ranked(p, shape)
         return [walk(p, len(turn.output_ids[: self.max_new]), self.max_new, shape) for p, turn in zip(proposals, self.turns)]
+
+    def _check_ranked(self, proposals: TeacherForced, shape: Shape) -> None:
+        if not proposals.ranked and shape.tree is not None:
+            raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
 
     def draft_ms(self, shape: Shape, chain_ms: dict[int, float] | None = None) -> tuple[float, str]:
         """Mean ms of the drafter's proposals for `shape`, and how it was obtained. A chain drafter
@@ -233,14 +269,24 @@ class Simulator:
         return chain_ms[k], timed_over if shape.k else f"estimated: a chain of the tree's depth {k}"
 
     def score(self) -> Simulation:
-        shapes, depth = self.config.shapes, max(s.depth for s in self.config.shapes)
+        shapes, depth = self.config.shapes, max(1, *(s.depth for s in self.config.shapes))
         if self.method == TEACHER_FORCED:
             t0 = time.perf_counter()
-            proposals = self.proposals(depth)
-            per_shape = {shape: self.walk_turns(proposals, shape) for shape in shapes}
+            per_shape: dict[Shape, list] = {s: [] for s in shapes}
+            for turn in self.turns:
+                prompt, output = self._ids(turn)
+                provider, by_drafter = self._provider(turn), {}
+                for shape in shapes:
+                    drafter = self.proposer_for(shape)
+                    if id(drafter) not in by_drafter:
+                        by_drafter[id(drafter)] = drafter.teacher_forced(prompt, torch.tensor(output), depth, provider)
+                    proposals = by_drafter[id(drafter)]
+                    self._check_ranked(proposals, shape)
+                    self.hidden_source = proposals.hidden_source or self.hidden_source
+                    per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
             scoring_s = time.perf_counter() - t0
         else:
-            if any(s.tree is not None for s in shapes) and self.cls.drafts != "tree":
+            if any(s.tree is not None or s.dynamic for s in shapes) and self.cls.drafts != "tree":
                 raise UserError(f"step replay cannot impose a tree on drafter '{self.config.drafter}'; score trees with a drafter that has the teacher-forced hook")
             t0 = time.perf_counter()
             per_shape = {s: [self._replay(turn, s.k, drafter=self.drafter_for(s)) for turn in self.turns] for s in shapes}
@@ -261,7 +307,7 @@ class Simulator:
     def drafter_for(self, shape: Shape):
         """The drafter proposing `shape` online: drafters with a `tree` option (head drafters)
         are built with it; chain drafters are capped per step through ctx.max_tokens."""
-        if self.cls.drafts != "tree":
+        if self.cls.drafts != "tree" or shape.spec == self.options.get("tree"):
             return self.drafter
         if shape.spec not in self._by_shape:
             options = self.cls.Options.parse(self.config.drafter, {**self.options, "tree": shape.spec})
@@ -287,6 +333,29 @@ class Simulator:
             if len(times) >= budget:
                 break
         return sum(times) / len(times) if times else 0.0
+
+
+def check_log_target(log: TargetLog, target) -> None:
+    """The real target given with --target must be the one the log recorded: another vocabulary
+    or hidden size is refused; another model of the same shapes is named in a warning (its hidden
+    states would stand in for the logged target's)."""
+    h = log.header
+    if target.vocab_size != h.vocab_size:
+        raise UserError(f"--target '{target.name}' has {target.vocab_size} token ids, the log was recorded by '{h.target}' "
+                        f"with {h.vocab_size}; pass the target the log was recorded with")
+    if h.hidden_size and target.hidden_size != h.hidden_size:
+        raise UserError(f"--target '{target.name}' has hidden size {target.hidden_size}, the log's target '{h.target}' "
+                        f"{h.hidden_size}; pass the target the log was recorded with")
+    recorded = {h.target, h.target_id, _resolved(h.target_id)}
+    if not recorded & {target.name, target.model_id, _resolved(target.model_id)}:
+        warnings.warn(f"the log was recorded by '{h.target_id}', --target is '{target.model_id}' (same vocabulary size): "
+                      "its hidden states stand in for the recorded target's; pass the recording target if that is not meant",
+                      SpecbenchWarning, stacklevel=2)
+
+
+def _resolved(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def _mean_draft(per_turn: list[list[StepMeasure]]) -> float:
@@ -317,7 +386,8 @@ def write_runs(
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for result in sim.results:
         shape = result.shape
-        gamma = shape.depth if passes else 0  # sequential draft passes per step for this shape
+        # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
+        gamma = (simulator.drafter_for(shape).memory_model()[1] if shape.dynamic else shape.depth) if passes else 0
         draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)
         steps, turns = [], []
         for turn, walked in zip(simulator.turns, result.steps):
@@ -368,11 +438,11 @@ def write_runs(
                 "drafter": simulator.drafter.describe(),
             },
         )
-        directory = out / run_id
-        store = RunStore.create(directory, info)
-        store.append_prompt(steps, turns)
-        info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        store.write_info()
+        with RunStore.create_unique(out, info) as store:
+            store.append_prompt(steps, turns)
+            info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            store.write_info()
+        directory = store.directory
         memory = (draft_bytes / target_bytes, gamma) if target_bytes and draft_bytes is not None else None
         summary = summarise(steps, turns, memory)
         reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
@@ -400,6 +470,17 @@ def open_log(log: Path, prompts: Path | None = None, target: str | None = None) 
     return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
 
 
+def convert_dsd_log(log: Path, prompts: Path, target: str, out: Path) -> TargetLog:
+    """`specbench convert-log`: a DSD log (tensor dumps + prompts) written as a specbench target log."""
+    from specbench.checks import check_output_file
+    from specbench.simulate.log import write_log
+
+    check_output_file(out, "--out", inputs=(log, prompts))
+    converted = open_log(log, prompts, target)
+    write_log(out, converted.header, converted.turns)
+    return converted
+
+
 def shapes_from(ks: list[int], trees: list[str]) -> list[Shape]:
     """The shapes `--k` and `--tree` name, each once, chains first."""
     shapes = [Shape.chain(k) for k in dict.fromkeys(ks)]
@@ -416,6 +497,15 @@ class SimulateResult:
     reports: list[ShapeReport]
     latency: LatencyModel
 
+    def to_json(self) -> dict:
+        sim = self.simulation
+        return {
+            "log": str(self.log.path), "method": sim.method, "hidden_source": sim.hidden_source,
+            "scoring_s": sim.scoring_s, "latency_s": sim.latency_s,
+            "results": [{"shape": r.shape, "run": r.directory, "alpha_iid": r.alpha_iid, "leviathan_expected_speedup": r.leviathan_speedup,
+                         "draft_ms_source": r.draft_ms_source, **r.summary.to_json()} for r in self.reports],
+        }
+
 
 def simulate_log(
     log: TargetLog,
@@ -431,8 +521,11 @@ def simulate_log(
 ) -> SimulateResult:
     """`specbench simulate`: score the drafter on the log for every shape in one pass, predict
     throughput from the latency model, and write one run directory per shape under `out`."""
+    from specbench.checks import check_output_dir
     from specbench.simulate.log import read_profile
 
+    check_output_dir(out, "--out")
+    check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms
     if any(name in config.drafter_options for name in ("k", "tree")):
         raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
     latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)

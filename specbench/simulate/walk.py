@@ -8,7 +8,9 @@ plus the target's own next token: m advances by accepted + 1. A chain accepts
 min(run, k) where run = the number of leading draft positions whose true token
 has rank 0; a tree accepts depth d iff the true tokens' rank path (r1..rd) is
 one of its paths. Tokens past the log's end (after its EOS) never match, which
-is exactly how the loop counts a step that accepts an EOS.
+is exactly how the loop counts a step that accepts an EOS. A drafter that picks
+its own tree every step (EAGLE-2's dynamic tree, shape `dynamic`) reports each
+step's tree and accepted length itself (`TeacherForced.own_trees`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Shape:
     k: int | None = None
     tree: TreeShape | None = None
     spec: str = ""  # what `--tree` / a head drafter's `tree` option resolves to this shape
+    dynamic: bool = False  # the drafter's own tree per step (its bounds are the drafter's, not the shape's)
 
     @staticmethod
     def chain(k: int) -> Shape:
@@ -46,22 +49,38 @@ class Shape:
 
     @staticmethod
     def from_spec(spec: str) -> Shape:
-        """--tree NAME|chain:K|paths.json (see drafters/trees.py)."""
+        """--tree NAME|chain:K|paths.json (see drafters/trees.py), or `dynamic`."""
         from specbench.drafters.trees import resolve_tree
 
+        if spec == DYNAMIC:
+            return Shape("tree=dynamic", spec=DYNAMIC, dynamic=True)
         return Shape.of_tree(resolve_tree(spec), spec)
 
     @property
     def depth(self) -> int:
-        return self.k if self.k is not None else self.tree.depth
+        """Draft positions the shape needs scored by rank (0 for a dynamic tree, which needs none)."""
+        return self.k if self.k is not None else self.tree.depth if self.tree is not None else 0
 
     @property
     def size(self) -> int:
-        return self.k if self.k is not None else len(self.tree)
+        return self.k if self.k is not None else len(self.tree) if self.tree is not None else 0
+
+
+DYNAMIC = "dynamic"
 
 
 def walk(proposals: TeacherForced, n_out: int, max_new_tokens: int, shape: Shape) -> list[StepMeasure]:
     """The steps (tree size, depth, accepted; no timings) the loop takes over one logged sequence."""
+    if shape.dynamic:
+        own = proposals.own_trees
+        if own is None:
+            raise UserError("the drafter does not draft its own tree per step; --tree dynamic is for eagle and eagle3")
+        sizes, depths, accepted = own.sizes.tolist(), own.depths.tolist(), own.accepted.tolist()
+        steps, m = [], 1
+        while m < n_out:
+            steps.append(StepMeasure(0.0, 0.0, 0.0, sizes[m], depths[m], accepted[m]))
+            m += accepted[m] + 1
+        return steps
     if shape.depth > proposals.depth:
         raise ValueError("proposals were scored for fewer draft positions than the shape needs")
     ranks = proposals.ranks[:, : shape.depth]

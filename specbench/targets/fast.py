@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicLayer
 
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
-from specbench.engine.static_cache import StaticDecoder
+from specbench.engine.static_cache import COMPILED_STEP, StaticDecoder
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.hf import HFTarget
@@ -34,46 +34,49 @@ def check_full_attention(model, name: str) -> None:
 class FastHFTarget(HFTarget):
     engine = "fast"
 
-    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs: bool | None = None, bucketed: bool = False,
-                 **kwargs) -> None:
+    def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
+                 compiled_step: bool = COMPILED_STEP, **kwargs) -> None:
+        """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests)."""
         super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
-        self.decoder = StaticDecoder(self.backbone, self.device, self.dtype, bucketed=bucketed, graphs=graphs)
+        self.decoder = StaticDecoder(self.backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
+                                     compiled_step=compiled_step)
         self.cache = self.decoder.cache
-
-    def _run(self, ids: torch.Tensor, parents, taps: Taps):
-        if len(taps) > 1:
-            raise NotImplementedError("the fast engine taps one hidden state per forward")
-        tap = taps[0] if taps else None
-        out = self.decoder.forward(ids, parents, tap)
-        hidden, tapped = (out, None) if tap is None else out
-        logits = self.logits(hidden)
-        if not taps:
-            return logits, None
-        # a captured graph's outputs are overwritten by its next replay: hand out a copy
-        return logits, (tapped if tap is not None else hidden).clone()
 
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor, taps: Taps = (), max_positions: int | None = None):
+        """Start a sequence. max_positions (prompt + new tokens + the largest verify) sizes the
+        static cache now, between sequences, so that it never grows while the sequence runs."""
         self.cache.truncate(0)
-        if max_positions:
-            self.cache.reserve(max_positions)
         prompt = prompt.to(self.device)
-        out = self._run(prompt, None, taps)  # causal; uncaptured above 128 tokens
+        self.decoder.plan(max(max_positions or 0, prompt.numel()))
+        out = self.decoder.forward(prompt, None, taps)  # causal, exact size, uncaptured
         self.seq_len = self.cache.length = prompt.numel()
         return out
 
     @torch.inference_mode()
     def verify(self, root: int, tree: DraftTree, taps: Taps = ()):
         ids = torch.cat([torch.tensor([root], device=self.device), tree.tokens.to(self.device)])
-        return self._run(ids, tree.shape_key, taps)
+        return self.decoder.forward(ids, tree.shape_key, taps)
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: list[int]) -> None:
         keep = [0] + [n + 1 for n in accepted_nodes]
         kv.compact(self.cache, self.seq_len, keep)
         self.seq_len += len(keep)
+
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        """Between sequences: size the cache for max_positions and capture every bucket a verify
+        of 1..max_rows rows uses, at every span; returns the ms spent capturing (0 without graphs)."""
+        return self.decoder.warm_up(max_rows, taps, max_positions)
+
+    def engine_stats(self) -> dict:
+        return {"cuda_graphs": self.decoder.graphs is not None, **self.decoder.stats()}
+
+    def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
+        """A decoder for another model (a draft's) on this engine: bucketed and captured as the target's steps are."""
+        return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs)
 
 
 def target_class(engine: str) -> type[HFTarget]:

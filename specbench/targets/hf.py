@@ -15,9 +15,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from specbench.checks import context_window
 from specbench.engine import kv
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.protocol import Taps
+from specbench.engine.static_cache import tapped_forward
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -34,33 +36,6 @@ def forward_bytes(model, head: torch.nn.Module | None = None) -> int:
     if head is not None:
         total += sum(nbytes(p) for p in head.parameters()) - nbytes(out)
     return total
-
-
-class TapRecorder:
-    """Collects the hidden states a drafter asked for during one backbone forward:
-    None = the final normed output (filled in by the caller), j = the input of layer j."""
-
-    def __init__(self, backbone, taps: Taps) -> None:
-        self.taps = taps
-        self.seen: dict[int, torch.Tensor] = {}
-        self.hooks = [
-            backbone.layers[j].register_forward_pre_hook(lambda module, args, j=j: self.seen.__setitem__(j, args[0]))
-            for j in sorted({t for t in taps if t is not None})
-        ]
-
-    def __enter__(self) -> TapRecorder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hook in self.hooks:
-            hook.remove()
-
-    def states(self, final: torch.Tensor) -> torch.Tensor | None:
-        """The taps over this forward's rows ([q, H·len(taps)]), or None when none were asked for."""
-        if not self.taps:
-            return None
-        parts = [final if t is None else self.seen[t][0] for t in self.taps]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class HFTarget:
@@ -133,28 +108,24 @@ class HFTarget:
         return self._weight_bytes or forward_bytes(self.model)
 
     def context_window(self) -> int | None:
-        return getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        return context_window(self.config.get_text_config())
 
-    def warm_up(self, max_rows: int) -> float:
-        """Nothing to capture on the eager engine."""
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        """The eager engine captures nothing (FastHFTarget does): 0 ms."""
         return 0.0
+
+    def engine_stats(self) -> dict:
+        """What run.json records about the engine (the fast one: cache capacity, graphs)."""
+        return {}
 
     # --- decoding ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, taps: Taps):
-        with TapRecorder(self.backbone, taps) as recorder:
-            out = self.backbone(
-                input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
-                **cache_kwargs(self.backbone, self.cache),
-            )
-        logits = self.logits(out.last_hidden_state[0])
-        return logits, recorder.states(out.last_hidden_state[0])
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [q, V] of final hidden states [q, H]. The head sees [1, q, H], as in the
-        model's own forward: DeepSpeed's sharded head needs the batch dimension."""
-        return self._lm_head(hidden[None])[0].float()
+        last, hidden = tapped_forward(self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+                                      use_cache=True, **cache_kwargs(self.backbone, self.cache))
+        # the head sees [1, L, H], as in the model's own forward (DeepSpeed's sharded head needs it)
+        return self._lm_head(last)[0].float(), hidden
 
     def prefill(self, prompt: torch.Tensor, taps: Taps = (), max_positions: int | None = None):
         """Start a sequence. Returns (logits [L, V] fp32, hidden [L, H·len(taps)] or None)."""

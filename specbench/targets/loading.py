@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,11 @@ import torch
 from specbench.bundled import bundled_dir
 from specbench.catalogue import catalogue
 from specbench.errors import UserError
+from specbench.files import first_line, reading_weights, weights_error
+
+DEVICE_HELP = "auto (CUDA when there is a GPU), cpu, cuda, cuda:N"
+DTYPE_HELP = "auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16"
+TARGET_HELP = "alias (see catalogue/targets.toml), hub id or local directory"
 
 DTYPES = {
     "float32": torch.float32,
@@ -86,10 +93,13 @@ def resolve_source(name: str, table: str = "targets") -> ModelSource:
 
 
 def quiet_transformers() -> None:
-    """Keep load reports and progress bars out of the benchmark output."""
+    """Keep load reports and progress bars out of the benchmark output; offline, answer from the cache at once."""
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
+    from specbench.hub import prefer_cache
+
+    prefer_cache()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # offline, the hub client logs every retry before giving up
@@ -165,8 +175,9 @@ def _materialise_bundled(source: ModelSource) -> Path:
     base = Path(model_location(info["base_target"]))
     if not (base / "model.safetensors").exists():
         raise UserError(f"bundled draft '{source.name}' needs the weights of '{info['base_target']}' as one safetensors file in {base}")
-    state = {k: v.float() for k, v in load_file(bundle / BUNDLE_WEIGHTS).items()}
-    with safe_open(base / "model.safetensors", "pt") as f:
+    with reading_weights(bundle / BUNDLE_WEIGHTS, "bundled draft weights"):
+        state = {k: v.float() for k, v in load_file(bundle / BUNDLE_WEIGHTS).items()}
+    with reading_weights(base / "model.safetensors", "base target weights"), safe_open(base / "model.safetensors", "pt") as f:
         for key in info["from_base"]:
             state[key] = f.get_tensor(key).float()
     tmp = target_dir.with_name(target_dir.name + f".tmp{os.getpid()}")
@@ -189,26 +200,45 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: s
     source = resolve_source(name, table)
     location = _location(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    except OSError as exc:
-        raise _not_loadable(source, location, exc) from None
-    except (ValueError, KeyError) as exc:  # a config transformers knows no causal LM for
-        raise _not_a_causal_lm(location, exc) from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except (KeyboardInterrupt, MemoryError, UserError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every way a model fails to load is one line
+        raise _load_error(source, location, exc) from None
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError, TypeError):
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001 - a model without a (readable) tokenizer: callers that need one say so
         tokenizer = None
     return model, tokenizer, source
 
 
+def _load_error(source: ModelSource, location: str, exc: Exception) -> UserError:
+    """The one line for a model that does not load: unreadable weights, a config no causal LM
+    matches, a directory that is not a model, or a hub id neither cached nor reachable."""
+    text = str(exc)
+    weights = (pickle.UnpicklingError, EOFError, UnicodeDecodeError)
+    if isinstance(exc, weights) or "weights_only" in text or "safetensors" in type(exc).__module__ or "PytorchStreamReader" in text:
+        return weights_error(location, exc, "model")
+    if isinstance(exc, OSError):
+        return _not_loadable(source, location, exc)
+    if isinstance(exc, (ValueError, KeyError)):  # a config transformers knows no causal LM for
+        return _not_a_causal_lm(location, exc)
+    return UserError(f"cannot read model {location}: its files do not load ({type(exc).__name__}: {first_line(exc)}); "
+                     "they may be corrupt or truncated: fetch them again")
+
+
 def _not_a_causal_lm(location: str, exc: Exception) -> UserError:
-    return UserError(f"'{location}' is not a model transformers can load as a causal LM ({str(exc).splitlines()[0]})")
+    return UserError(f"'{location}' is not a model transformers can load as a causal LM ({first_line(exc)})")
 
 
 def _not_loadable(source: ModelSource, location: str, exc: OSError) -> UserError:
     if Path(location).exists():
-        return UserError(f"'{location}' is not a loadable transformers model directory ({exc})")
+        return UserError(f"'{location}' is not a loadable transformers model directory ({first_line(exc)})")
     return UserError(
         f"cannot load '{source.model_id}': it is not in the local Hugging Face cache and the hub "
         f"is unreachable; download it first (`hf download {source.model_id}`) or pass a local directory"
@@ -224,10 +254,10 @@ def load_config(name: str, table: str = "targets"):
     location = _location(source)
     try:
         return AutoConfig.from_pretrained(location)
-    except OSError as exc:
-        raise _not_loadable(source, location, exc) from None
-    except (ValueError, KeyError) as exc:
-        raise _not_a_causal_lm(location, exc) from None
+    except (KeyboardInterrupt, MemoryError, UserError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(source, location, exc) from None
 
 
 def load_tokenizer(*names: str | None):
@@ -240,6 +270,8 @@ def load_tokenizer(*names: str | None):
             continue
         try:
             return AutoTokenizer.from_pretrained(model_location(name))
-        except (OSError, ValueError, TypeError, UserError):
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001 - no usable tokenizer here: try the next name
             continue
     return None

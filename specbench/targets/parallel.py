@@ -69,9 +69,9 @@ class LeaderTarget:
         self._send(COMMIT, 0, 0, [torch.tensor(accepted_nodes, dtype=torch.long)])
         self.inner.commit(accepted_nodes)
 
-    def warm_up(self, max_rows: int) -> float:
-        self._send(WARM_UP, max_rows)  # captures happen on every rank together
-        return self.inner.warm_up(max_rows)
+    def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
+        self._send(WARM_UP, max_rows, max_positions or 0, [], taps)  # captures happen on every rank together
+        return self.inner.warm_up(max_rows, taps, max_positions)
 
     def stop(self) -> None:
         """Release the followers (once; safe to call again)."""
@@ -101,7 +101,7 @@ def follow(target: Target) -> None:
         elif op == COMMIT:
             target.commit(payload[:n].tolist())
         elif op == WARM_UP:
-            target.warm_up(scalar)
+            target.warm_up(scalar, taps, max_positions or None)
 
 
 def _leave_group() -> None:

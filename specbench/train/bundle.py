@@ -28,8 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specbench.drafters.files import INT8_SCALE, INT8_STORAGE
+from specbench.drafters.checkpoints import INT8_SCALE, INT8_STORAGE
 from specbench.errors import UserError
+from specbench.files import reading_weights
 from specbench.targets.loading import BUNDLE_INFO, BUNDLE_WEIGHTS, model_location
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bundled"
@@ -51,7 +52,8 @@ def quantize_int8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[d
 
 def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PACKAGE) -> Path:
     """Write dest/NAME: config.json, weights.safetensors (fp16, no vocabulary tables), bundle.json."""
-    state = load_file(checkpoint / "model.safetensors")
+    with reading_weights(checkpoint / "model.safetensors", "draft checkpoint"):
+        state = load_file(checkpoint / "model.safetensors")
     base_file = Path(model_location(base_target)) / "model.safetensors"
     from_base = []
     with safe_open(base_file, "pt") as base:
@@ -89,7 +91,8 @@ def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch
     weights = next((checkpoint / f for f in HEAD_FILES if (checkpoint / f).is_file()), None)
     if weights is None:
         raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    with reading_weights(weights, "head checkpoint"):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
     if int8 and any(isinstance(v, dict) for v in state.values()):
         raise UserError(f"'{weights}' nests modules (hydra-decoder layout); --int8 takes flat state dicts")
     out = dest / name

@@ -8,11 +8,13 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from specbench.checks import check_count, check_number
+from specbench.engine.options import option
 from specbench.errors import UserError
 from specbench.train.data import TrainData, load_data, prepare_out  # noqa: F401  (re-exported for the recipes)
 
@@ -21,23 +23,41 @@ TRAIN_LOG = "specbench_train.json"
 
 @dataclass
 class TrainConfig:
-    drafter: str
-    target: str
-    data: str
-    out: str
-    steps: int = 200
-    batch_tokens: int = 2048  # answer positions per optimiser step (sequences are packed up to this)
-    max_length: int = 1024  # longer sequences are cut
-    lr: float = 1e-3
-    warmup_steps: int = 20  # linear learning-rate warmup, then cosine decay
-    min_lr_ratio: float = 0.33  # cosine decay to this fraction of lr (Hydra++'s 0.33×)
+    """What `specbench train` trains and how; each field's help is what `--help` shows."""
+
+    drafter: str = option(MISSING, "what to train: a name from specbench.train.recipes (draft-model, medusa, hydra, hydra-decoder, ...)")
+    data: str = option(MISSING, "a data directory from `specbench train-data` (same target)")
+    out: str = option(MISSING, "the checkpoint directory to write")
+    target: str = option("smollm2-135m", "the frozen target the drafter is trained for")
+    steps: int = option(200, "optimiser steps", min=1)
+    batch_tokens: int = option(2048, "answer tokens per optimiser step (whole sequences, packed)", min=1)
+    max_length: int = option(1024, "cut sequences to this many tokens", min=1)
+    lr: float | None = option(None, "peak learning rate (AdamW); default per drafter (5e-4 for hydra, 1e-3 otherwise)", gt=0)
+    warmup_steps: int = option(20, "linear learning-rate warmup steps, then cosine decay", min=0)
+    min_lr_ratio: float = option(0.33, "the cosine ends at this fraction of --lr (Hydra++'s 0.33)", min=0, max=1)
     weight_decay: float = 0.0
-    eval_every: int = 50
-    eval_data: str | None = None  # a separate data directory (e.g. from pool-heldout); else a held-out fraction
-    eval_fraction: float = 0.1
-    seed: int = 0
-    train_vocab: str = "all"  # "seen": softmax over the token ids the training data contains (cheaper)
-    options: dict = field(default_factory=dict)  # recipe-specific (layers, heads, tie_lm_head, ...)
+    eval_every: int = option(50, "teacher-forced acceptance on held-out data every N steps", min=1)
+    eval_data: str | None = option(None, "held-out data directory (e.g. train-data on pool-heldout); default: hold out --eval-fraction of --data")
+    eval_fraction: float = option(0.1, "fraction of --data sequences held out when no --eval-data", gt=0, max=1)
+    seed: int = option(0, "seed for shuffling and initialisation")
+    train_vocab: str = option("all", "all: losses over the whole vocabulary; seen: only over ids the training data contains "
+                                     "(an order of magnitude cheaper on large vocabularies; evaluation stays full)", choices=("all", "seen"))
+    options: dict = field(default_factory=dict)  # the recipe's own (specbench.train.recipes.RecipeOptions)
+
+    def check(self) -> None:
+        """Refuse bad settings before the target loads: counts by the one count rule, rates finite and in range."""
+        for name in ("steps", "batch_tokens", "max_length", "eval_every"):
+            check_count(getattr(self, name), f"--{name.replace('_', '-')}")
+        check_count(self.warmup_steps, "--warmup-steps", minimum=0)
+        check_count(self.seed, "--seed", minimum=0, maximum=2**63 - 1)
+        check_number(self.lr, "--lr", above=0)  # None (the recipe's default) passes
+        check_number(self.min_lr_ratio, "--min-lr-ratio", minimum=0, maximum=1)
+        check_number(self.eval_fraction, "--eval-fraction", above=0, maximum=0.9)
+        for name, value in self.options.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                check_count(value, f"--{name.replace('_', '-')}", minimum=0 if name == "hydra_layers" else 1)
+        if self.train_vocab not in ("all", "seen"):
+            raise UserError(f"--train-vocab {self.train_vocab}: use all or seen")
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

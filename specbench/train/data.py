@@ -33,9 +33,13 @@ from pathlib import Path
 
 import torch
 
+from specbench.checks import check_count, check_number, check_output_dir, context_window
+from specbench.engine.options import option
 from specbench.errors import UserError
+from specbench.files import read_text, reading_weights
 from specbench.progress import SILENT, Progress
-from specbench.workloads import Prompt, encode_turn, load_workload, workload_hash
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
+from specbench.workloads import Prompt, check_prompts_fit, encode_turn, load_workload, select, workload_hash
 
 META = "meta.json"
 CONVERSATIONS = "conversations.jsonl"
@@ -49,11 +53,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def check_out(out: Path, overwrite: bool, what: str = "data directory") -> None:
+    """Refuse, before any work, an --out that cannot be written or holds something (unless `overwrite`)."""
+    check_output_dir(out, "--out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{what} '{out}' exists and is not empty; choose another --out or pass --overwrite")
+
+
 def prepare_out(out: Path, overwrite: bool, what: str = "data directory") -> None:
     """Create `out`, refusing to write into a non-empty directory unless `overwrite`."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{what} '{out}' exists and is not empty; choose another --out or pass --overwrite")
+    check_out(out, overwrite, what)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -111,13 +120,22 @@ def load_data(directory: Path, with_hidden: bool = True) -> TrainData:
     directory = Path(directory)
     if not (directory / META).exists() or not (directory / TOKENS).exists():
         raise UserError(f"'{directory}' is not a training data directory (no {META}/{TOKENS}); make one with `specbench train-data`")
-    meta = json.loads((directory / META).read_text())
-    tokens = load_file(directory / TOKENS)
+    try:
+        meta = json.loads(read_text(directory / META, "training data meta"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{directory / META} is not valid JSON ({exc.msg}); regenerate the data with `specbench train-data`") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise UserError(f"{directory / META} is not a training data description; regenerate the data with `specbench train-data`")
+    with reading_weights(directory / TOKENS, "training tokens"):
+        tokens = load_file(directory / TOKENS)
+    if not {"ids", "offsets", "starts"} <= set(tokens):
+        raise UserError(f"{directory / TOKENS} lacks ids/offsets/starts; regenerate the data with `specbench train-data`")
     if len(tokens["starts"]) == 0:
         raise UserError(f"data '{directory}' holds no sequences; regenerate it with a non-empty workload")
     hidden = None
     if with_hidden and (directory / HIDDEN).exists():
-        hidden = load_file(directory / HIDDEN)["hidden"]
+        with reading_weights(directory / HIDDEN, "cached hidden states"):
+            hidden = load_file(directory / HIDDEN)["hidden"]
     return TrainData(directory, meta, tokens["ids"].long(), tokens["offsets"], tokens["starts"], hidden)
 
 
@@ -192,15 +210,34 @@ def generate_answers(
     return results
 
 
-def make_data_for(target_name: str, workload: str, out: Path, device: str = "auto", dtype: str = "auto",
-                  progress: Progress = SILENT, **options) -> dict:
+@dataclass
+class DataConfig:
+    """What `specbench train-data` generates; each field's help is what `--help` shows."""
+
+    target: str = option("smollm2-135m", "the target whose own answers become the training data")
+    workload: str = option("pool-train", "prompts: pool-train (built-in, offline), a .jsonl workload or a ShareGPT-layout .json/.jsonl")
+    max_new_tokens: int = option(256, "answer length cap per turn", min=1)
+    temperature: float = option(0.0, "0 = greedy answers; > 0 = sampled", min=0)
+    batch_size: int = option(16, "prompts generated together", min=1)
+    limit: int | None = option(None, "use only the first N prompts", min=1)
+    cache_hidden: bool = option(True, "also store the target's final hidden states (fp16), so head training skips the target body")
+    seed: int = option(0, "seed for sampling")
+    dtype: str = option("auto", DTYPE_HELP)
+    device: str = option("auto", DEVICE_HELP)
+
+
+def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progress: Progress = SILENT, command: str = "") -> dict:
     """`specbench train-data`: load the target, then `make_data` with progress shown per stage."""
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
 
-    dev = resolve_device(device)
-    with progress.status(f"loading {target_name}"):
-        target = HFTarget.load(target_name, dev, resolve_dtype(dtype, dev))
+    c = config
+    check_out(out, overwrite)
+    for value, flag in ((c.max_new_tokens, "--max-new-tokens"), (c.batch_size, "--batch-size"), (c.limit, "--limit")):
+        check_count(value, flag)
+    dev = resolve_device(c.device)
+    with progress.status(f"loading {c.target}"):
+        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
     stages: dict[str, Callable] = {}
     done: dict[str, int] = {}
 
@@ -210,7 +247,8 @@ def make_data_for(target_name: str, workload: str, out: Path, device: str = "aut
         stages[stage](count - done[stage])
         done[stage] = count
 
-    return make_data(target, workload, out, on_progress=on_progress, **options)
+    return make_data(target, c.workload, out, max_new_tokens=c.max_new_tokens, temperature=c.temperature, batch_size=c.batch_size,
+                     seed=c.seed, limit=c.limit, cache_hidden=c.cache_hidden, overwrite=overwrite, command=command, on_progress=on_progress)
 
 
 def make_data(
@@ -233,9 +271,11 @@ def make_data(
 
     if target.tokenizer is None:
         raise UserError(f"target '{target.name}' has no tokenizer; train-data needs one to apply the chat template")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise UserError("--max-new-tokens and --batch-size must be at least 1")
-    prompts = load_workload(workload)[:limit]
+    check_count(max_new_tokens, "--max-new-tokens")
+    check_count(batch_size, "--batch-size")
+    check_number(temperature, "--temperature", minimum=0)
+    prompts = select(load_workload(workload), limit=limit)
+    check_prompts_fit(prompts, target.tokenizer, context_window(target.config), max_new_tokens, target.name)
     if not prompts:
         raise UserError(f"workload '{workload}' has no prompts to answer (is --limit 0?)")
     prepare_out(out, overwrite)

@@ -102,8 +102,8 @@ def _tensors(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class MedusaRecipe(HeadRecipe):
     def __init__(self, target, num_heads, tie_lm_head, options) -> None:
         super().__init__(target, num_heads, tie_lm_head, options)
-        from specbench.drafters.heads.modules import MedusaHeads
         from specbench.drafters.heads.medusa import fresh_medusa_heads
+        from specbench.drafters.heads.modules import MedusaHeads
 
         if tie_lm_head:
             with torch.random.fork_rng():

@@ -7,14 +7,27 @@ module; `train` loads the frozen target, runs it and reports progress.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from specbench.engine.options import option
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
+
+
+@dataclass
+class RecipeOptions:
+    """The options recipes read (each recipe names which in `Recipe.options`)."""
+
+    layers: int = option(1, "draft-model: how many of the target's first layers the draft keeps", min=1)
+    k: int = option(4, "draft-model: chain length the acceptance estimate assumes", min=1)
+    num_heads: int = option(4, "medusa/hydra/hydra-decoder: number of heads", min=1)
+    tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): small checkpoints")
+    decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
+    hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=0)
 
 
 @dataclass(frozen=True)
@@ -40,17 +53,20 @@ def recipe_for(drafter: str) -> Recipe:
     return RECIPES[drafter]
 
 
-def train(config: TrainConfig, device: str = "auto", dtype: str = "float32", overwrite: bool = False, progress: Progress = SILENT) -> Path:
+def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, device: str = "auto", dtype: str = "float32",
+          overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Train `config.drafter` for the frozen `config.target`; the checkpoint directory."""
     from specbench.targets.hf import HFTarget
     from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
-    if config.steps < 1 or config.batch_tokens < 1:
-        raise UserError("--steps and --batch-tokens must be at least 1")
-    if config.eval_every < 1:
-        raise UserError("--eval-every must be at least 1")
-    config.options = {k: v for k, v in config.options.items() if k in recipe.options}
+    given = asdict(recipe_options or RecipeOptions())
+    config.options = {k: v for k, v in given.items() if k in recipe.options}
+    config.check()
+    if config.lr is None:
+        config.lr = recipe.default_lr
+    check_out(Path(config.out), overwrite, "checkpoint directory")
     torch.manual_seed(config.seed)
     dev = resolve_device(device)
     with progress.status(f"loading {config.target}"):

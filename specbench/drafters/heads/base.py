@@ -85,7 +85,7 @@ class HeadDrafter(Drafter):
         self.target = target
         self.shape = tree
         self.num_heads = num_heads
-        self.typical_acceptance = typical
+        self.acceptance = typical
         self.taps = FINAL
         self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
         self.device = target.device
@@ -112,6 +112,10 @@ class HeadDrafter(Drafter):
     @property
     def max_draft_tokens(self) -> int:
         return len(self.shape)
+
+    @property
+    def max_draft_depth(self) -> int:
+        return self.shape.depth
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.pending = prompt_hidden

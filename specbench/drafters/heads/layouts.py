@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specbench.drafters.files import (
+from specbench.drafters.checkpoints import (
     Checkpoint,
     locate,
     read_config,

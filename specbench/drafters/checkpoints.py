@@ -22,6 +22,7 @@ import torch
 
 from specbench.drafters.unpickle import ModulePickle, flatten
 from specbench.errors import UserError
+from specbench.files import read_text, reading_weights
 
 
 @dataclass
@@ -50,6 +51,31 @@ def locate(spec: str, file_names: tuple[str, ...], what: str = "heads") -> tuple
     return download(spec, file_names, what), None
 
 
+def locate_first(spec: str, candidates: tuple[str, ...], what: str) -> tuple[Path, Path]:
+    """(directory, weights file) for a directory, a file or a hub id, taking the first of
+    `candidates` that exists; a hub repository is listed first, so only that one file
+    (and the JSON files) is downloaded, not every twin of it."""
+    path = Path(spec).expanduser()
+    if not path.exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        wanted = candidates
+        try:
+            from huggingface_hub import list_repo_files
+
+            present = set(list_repo_files(spec))
+            wanted = tuple(c for c in candidates if c in present)[:1] or candidates
+        except Exception:  # offline: a cached snapshot may still hold them
+            pass
+        directory = download(spec, wanted, what)
+    else:
+        directory, file = locate(spec, candidates, what)
+        if file is not None:
+            return directory, file
+    found = next((directory / c for c in candidates if (directory / c).is_file()), None)
+    if found is None:
+        raise UserError(f"no {what} weights in '{spec}': expected {' or '.join(candidates)} (with config.json)")
+    return directory, found
+
+
 def download(repo_id: str, file_names: tuple[str, ...], what: str = "heads") -> Path:
     from huggingface_hub import snapshot_download
 
@@ -65,14 +91,21 @@ def download(repo_id: str, file_names: tuple[str, ...], what: str = "heads") -> 
         ) from None
 
 
+def read_json(file: Path, what: str = "file") -> dict:
+    try:
+        data = json.loads(read_text(file, what))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return data
+
+
 def read_config(directory: Path) -> dict:
     file = directory / "config.json"
     if not file.is_file():
         return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON ({exc})") from None
+    return read_json(file, "checkpoint config")
 
 
 # --- reading tensors ----------------------------------------------------------
@@ -80,7 +113,7 @@ def read_config(directory: Path) -> dict:
 def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise UserError(f"checkpoint file {file} does not exist")
-    try:
+    with reading_weights(file, "checkpoint"):
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -95,10 +128,6 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
                 raise
             # pickled modules (decoder-layer Hydra): rebuild stand-ins, never run their code
             data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=ModulePickle)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     out: dict[str, torch.Tensor] = {}
     flatten(data, "", out)
     if not out:
@@ -136,7 +165,7 @@ def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = 
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index, "checkpoint index").get("weight_map", {})
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
     else:
         shards = [p.name for p in sorted(directory.glob("*.safetensors"))]
@@ -146,7 +175,7 @@ def read_safetensors_prefix(directory: Path, prefix: str, repo_id: str | None = 
             if repo_id is None:
                 raise UserError(f"{directory / shard} is listed in {index.name} but missing: copy the whole checkpoint")
             download(repo_id, (shard,))
-        with safe_open(str(directory / shard), framework="pt") as f:
+        with reading_weights(directory / shard, "checkpoint shard"), safe_open(str(directory / shard), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
                     out[key.removeprefix(prefix)] = f.get_tensor(key)

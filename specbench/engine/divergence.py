@@ -1,0 +1,115 @@
+"""Where two greedy decodes of one target differ: a near-tie rounding can flip, or a bug?
+
+Greedy speculative decoding emits plain greedy decoding's tokens in exact
+arithmetic. In floating point the two paths compute the same logits with
+different shapes (a root + tree forward against one token at a time, a
+compacted KV cache against an appended one), so the kernels sum in different
+orders and round differently. Where the target's two best tokens are closer
+than that rounding, the argmax can go either way, and from that token on the
+outputs differ for no fault of the drafter or the engine.
+
+The rule, applied at the first position where the outputs differ, to the
+logits rows that chose the two tokens there (`loop.Top2`). Call each path's
+margin m = logit of its chosen token − logit of its runner-up (≥ 0 for greedy).
+It is a **near-tie** when both hold:
+
+1. swapped: each path's chosen token is the other path's runner-up — the two
+   paths ranked the same two tokens, in opposite order;
+2. m_plain + m_spec ≤ tolerance = TIE_FACTOR · eps · s, where s is the larger
+   max |logit| of the two rows and eps the rounding unit of the computation:
+   eps(storage) + √n · eps(accumulation). Storage is the coarser of the
+   target's dtype and fp32 (the loop compares fp32 logits; TF32 where CUDA
+   runs fp32 matmuls in it); accumulation is fp32 (half-precision matmuls
+   accumulate in fp32), or the dtype itself when it is wider; n = hidden size.
+
+Anything else is a **divergence**: a difference rounding does not explain.
+
+Why the sum of margins: let d = l_a − l_b be the exact difference of the two
+tokens' logits, and e_plain, e_spec each path's error on it. Plain chose a
+(d + e_plain = m_plain) and the speculative path chose b (d + e_spec = −m_spec),
+so m_plain + m_spec = e_plain − e_spec: exactly how far the two paths disagree
+about l_a − l_b, whatever d is. That disagreement is what rounding must account for.
+
+Why this eps: each logit is stored with relative error up to eps/2, so the last
+rounding alone moves the pair difference of two paths by up to 2·eps·s. Errors
+from upstream add to it: in half precision they are of the same order (every
+layer rounds its activations to the dtype); in fp32 they are dominated by the
+summation order of length-n dot products, which grows like √n · eps(fp32).
+
+Why TIE_FACTOR = 16: measured on CPU with scripts/rounding_disagreement.py
+(12–16-token chains verified in one forward against one-token steps at the same
+positions, 34–39 positions each, SmolLM2-135M and random Llamas of 512 × 8,
+1024 × 24 and 2048 × 8), the two paths disagreed on the top pair's difference
+by at most 1.7 eps(dtype)·s in fp16 and bf16, and 20 eps(fp32)·s
+(0.45 √n eps(fp32)·s) in fp32: at most 10 % of the tolerance. 16 leaves an
+order of magnitude for other kernels (GPU GEMM tilings, fused attention). A bug
+(a wrong KV row, mask or position) moves logits by O(1) logit units: ~10^5 eps·s
+and more in fp32, tens to hundreds in fp16, only a few in bf16. For a 4096-wide
+model the tolerance is ~1.2e-4·s in fp32, ~1.6e-2·s in fp16 and ~1.3e-1·s in
+bf16: fp32's is ~130× smaller than fp16's, and bf16's is wide enough that a
+near-tie there deserves a rerun in fp16 or fp32.
+
+A near-tie says rounding *can* explain the flip, not that it did. To settle
+one, decode in a wider dtype: a near-tie moves or vanishes, a bug stays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from specbench.engine.loop import Top2
+from specbench.records import DIVERGENCE, NEAR_TIE
+
+TIE_FACTOR = 16
+TF32_EPS = 2.0**-10  # TF32 keeps 10 mantissa bits, as fp16 does
+
+
+def rounding_eps(dtype: torch.dtype, hidden_size: int, device: torch.device | None = None) -> float:
+    """eps(storage) + √n · eps(accumulation), as the module docstring defines them."""
+    fp32 = torch.finfo(torch.float32).eps
+    own = torch.finfo(dtype).eps if dtype.is_floating_point else fp32
+    if dtype == torch.float32 and device is not None and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        own = TF32_EPS
+    return max(own, fp32) + math.sqrt(hidden_size) * min(own, fp32)
+
+
+def margin(top: Top2) -> float:
+    return top.chosen_logit - top.runner_up_logit
+
+
+def tolerance(plain: Top2, spec: Top2, eps: float) -> float:
+    return TIE_FACTOR * eps * max(plain.scale, spec.scale)
+
+
+def classify(plain: Top2, spec: Top2, eps: float) -> str:
+    """NEAR_TIE or DIVERGENCE for the rows that chose the first differing token."""
+    swapped = plain.chosen == spec.runner_up and spec.chosen == plain.runner_up
+    return NEAR_TIE if swapped and margin(plain) + margin(spec) <= tolerance(plain, spec, eps) else DIVERGENCE
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The first differing position of two decodes and what the target's logits say about it."""
+
+    position: int
+    kind: str
+    plain_top2: list[int] | None  # [chosen, runner-up] on the plain path; None past its end
+    spec_top2: list[int] | None
+    plain_margin: float | None
+    spec_margin: float | None
+    tolerance: float | None
+
+
+def diagnose(position: int, plain: list[Top2], spec: list[Top2], eps: float) -> Diagnosis:
+    """Diagnosis at `position` (first_divergence of the two outputs). An output that ended
+    there has no row to compare (nor has a decode without top-2 records): a divergence."""
+    a = plain[position] if position < len(plain) else None
+    b = spec[position] if position < len(spec) else None
+    ids = lambda top: None if top is None else [top.chosen, top.runner_up]  # noqa: E731
+    gap = lambda top: None if top is None else margin(top)  # noqa: E731
+    if a is None or b is None:
+        return Diagnosis(position, DIVERGENCE, ids(a), ids(b), gap(a), gap(b), None)
+    return Diagnosis(position, classify(a, b, eps), ids(a), ids(b), gap(a), gap(b), tolerance(a, b, eps))

@@ -1,0 +1,114 @@
+"""Command-line flags generated from the declarations they come from, so each option is
+written once: the fields of a configuration dataclass (`option(default, help)`) and the
+options every installed drafter declares (engine/options.py), a plugin's included."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from typing import Annotated, Optional
+
+import typer
+
+from specbench.errors import UserError
+
+Option = Annotated[Optional[list[str]], typer.Option("--option", "-o", help="any drafter option as key=value")]
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    """`-o key=value`: the value stays text; the drafter's declared type parses it."""
+    if "=" not in text:
+        raise UserError(f"-o expects key=value (got '{text}')")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), value
+
+
+def with_drafter_flags(command):
+    """Give a command one typed `--flag` per drafter option any installed drafter declares; the
+    values given reach the command as `drafter_flags` (name -> value), with every `-o key=value`."""
+    from specbench.drafters.registry import option_flags
+
+    signature = inspect.signature(command, eval_str=True)
+    flags = {name: spec for name, spec in option_flags().items() if name not in signature.parameters}
+    generated = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[spec.type],  # noqa: UP045 - typer reads Optional
+            typer.Option(spec.flag, help=spec.help + (f" ({spec.bounds()})" if spec.bounds() else ""), rich_help_panel="Drafter options"),
+        ])
+        for name, spec in flags.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name, None) for name in flags}
+        given = {name: value for name, value in values.items() if value is not None}
+        given |= dict(parse_option(o) for o in kwargs.pop("option") or [])
+        return command(**kwargs, option=None, drafter_flags=given)
+
+    parameters = [p for p in signature.parameters.values() if p.name != "drafter_flags"]
+    wrapper.__signature__ = signature.replace(parameters=parameters + generated)
+    return wrapper
+
+
+def with_config(cls, name: str = "config", **defaults):
+    """Give a command one flag per field of the dataclass `cls` that declares help (`option(...)`);
+    the command receives `name=cls(**values)`. `defaults` overrides a field's default for this command."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+        generated = []
+        for f in fields:
+            kind = hints[f.name]
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None`: typer reads Optional
+                kind = Optional[next(a for a in typing.get_args(kind) if a is not type(None))]  # noqa: UP045
+            default = defaults.get(f.name, f.default)
+            required = default is dataclasses.MISSING
+            generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=... if required else default,
+                                               annotation=Annotated[kind, typer.Option(help=f.metadata["help"])]))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {f.name: kwargs.pop(f.name) for f in fields}
+            return command(**kwargs, **{name: cls(**values)})
+
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values() if p.name != name]
+        wrapper.__signature__ = signature.replace(parameters=generated + parameters)
+        return wrapper
+
+    return decorate
+
+
+def parse_ks(values: list[str] | None) -> list[int]:
+    """--k 1,2,3 --k 6 -> [1, 2, 3, 6]"""
+    ks = []
+    for part in split_list(values):
+        try:
+            ks.append(int(part))
+        except ValueError:
+            raise UserError(f"--k takes integers, comma-separated (got '{part}')") from None
+    return ks
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """--x a,b --x c -> [a, b, c]"""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+def explicit_flags(ctx: typer.Context, exclude: tuple[str, ...] = ()) -> dict[str, object]:
+    """The flags the user typed (not defaults) as '--flag' -> value: what a resumed run compares."""
+    given = {}
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        if name not in exclude and source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given["--" + name.replace("_", "-")] = value
+    return given
+
+
+def deprecated(old: str, new: str):
+    """A hidden option under an old name that still works for one release, with a one-line note."""
+    return typer.Option(old, hidden=True, help=f"deprecated spelling of {new}")

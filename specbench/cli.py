@@ -21,6 +21,7 @@ from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
 from specbench.simulate.runner import SimulateConfig
+from specbench.simulate.tune import TuneConfig
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.train.common import TrainConfig
 from specbench.train.data import DataConfig
@@ -233,57 +234,27 @@ def simulate(
 
 @app.command()
 @with_drafter_flags
+@with_config(TuneConfig, out=Path("tuned_tree.json"))
 def tune(
+    config: TuneConfig,
     log: Annotated[Path, typer.Option(help="the target log to tune on (`specbench record`; --hidden for head drafters)")],
-    drafter: Annotated[str, typer.Option(help="a name from `specbench drafters` (with the teacher-forced hook)")],
     option: Option = None,
-    profile: Annotated[Optional[Path], typer.Option(help="verify-latency profile from `specbench profile` (default: the log's)")] = None,
-    max_nodes: Annotated[Optional[int], typer.Option(help="the largest tree (nodes) or chain (k) considered; default 64 / 8")] = None,
-    max_depth: Annotated[Optional[int], typer.Option(help="trees no deeper than this (default: as deep as the heads)")] = None,
-    verify_log: Annotated[Optional[Path], typer.Option(help="a second log (other prompts, same target) the candidates are also walked over")] = None,
-    draft_ms: Annotated[Optional[float], typer.Option(help="a constant draft ms per step instead of timing the proposals (e.g. measured on other hardware)")] = None,
-    overhead_from: Annotated[Optional[Path], typer.Option(help="a run directory whose records give the per-step overhead (accept, KV, bookkeeping)")] = None,
-    overhead_ms: Annotated[Optional[float], typer.Option(help="a constant per-step overhead in ms (default: not modelled, 0)")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="use only the first N logged turns")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="cut the logged outputs to N tokens (default: the log's)")] = None,
-    latency_steps: Annotated[int, typer.Option(help="proposals timed per timed size")] = 32,
-    target: Annotated[Optional[str], typer.Option(help="the real target, for hidden states the log lacks")] = None,
-    device: Annotated[str, typer.Option(help="where the drafter runs: " + DEVICE)] = "auto",
-    dtype: Annotated[str, typer.Option(help="--target's dtype: auto, float32, float16, bfloat16")] = "auto",
-    out: Annotated[Path, typer.Option(help="where to write the chosen tree (a JSON file `--tree` accepts)")] = Path("tuned_tree.json"),
-    plot: Annotated[Optional[Path], typer.Option(help="also draw the frontier as a PNG")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the frontier as JSON")] = False,
     drafter_flags: dict[str, Any] | None = None,
 ) -> None:
-    """Pick the draft tree (or k) predicted fastest on this hardware from a log and a verify profile; write it and say how to verify it."""
-    from dataclasses import asdict
-
-    from specbench.drafters.registry import typed_options
-    from specbench.report.plots import tune_frontiers
-    from specbench.report.tables import frontier_table
+    """Pick the draft tree (or k) predicted fastest on this hardware from a log and a verify profile; write it, print how to verify it."""
+    from specbench.report.tables import tune_report
     from specbench.runner import command_line
-    from specbench.simulate.log import read_log
-    from specbench.simulate.tune import TuneConfig, tune_log
+    from specbench.simulate.tune import tune_log
 
-    config = TuneConfig(drafter, typed_options(drafter, drafter_flags or {}), max_nodes, max_depth, max_new_tokens, limit, latency_steps)
+    config.drafter_options = drafter_flags or {}  # typed by the library (flags and -o key=value text alike)
     with RichProgress() as progress:
-        result = tune_log(read_log(log), config, out, profile, read_log(verify_log) if verify_log else None, draft_ms, overhead_from,
-                          overhead_ms, target, device, dtype, progress, command_line())
-    frontier = result.frontier
-    if plot:
-        tune_frontiers([frontier], plot, f"{drafter}: tuned on {log}")
+        result = tune_log(log, config, progress, command_line())
+    report = tune_report(result, config.plot)  # draws the plot too
     if as_json:
-        print(json.dumps(asdict(result), indent=2))
-        return
-    console.print(frontier_table(frontier, escape(f"{drafter} on {log}: predicted per size (* = chosen; ~ = draft ms interpolated)")))
-    console.print(escape(f"latency: verify from {frontier.label}; draft {frontier.draft_source}; overhead {frontier.overhead_source}; "
-                         f"plain decoding {frontier.plain_tokens_per_s:.1f} tokens/s"), soft_wrap=True)
-    shape = f"k = {result.chosen.size}" if result.kind == "chain" else f"a {result.chosen.size}-node tree, depth {result.chosen.depth}"
-    console.print(escape(f"chosen: {shape}, τ {result.chosen.tau:.3f}, {result.chosen.speedup:.2f}× predicted; written to {result.out}"))
-    console.print(escape(f"verify it: {result.run_command}"), soft_wrap=True)
-    console.print(escape(f"simulate scores it: {result.simulate_command}"), soft_wrap=True)
-    if plot:
-        console.print(escape(f"wrote {plot}"))
+        return print(json.dumps(result.to_json(), indent=2))
+    for shown in report:
+        console.print(shown, soft_wrap=True)
 
 
 @app.command("convert-log")

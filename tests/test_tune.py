@@ -135,7 +135,7 @@ def test_chain_k_by_hand(tmp_path, table_drafters):
     # 9 logged outputs; rows m = 1..8 (depth 3); out[9] would lie past the log
     TableDrafter.rows = [[N, N, N], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, N], [0, N, N]]
     log = hand_log(tmp_path, 9, [10.0, 11.0, 12.0, 13.0])
-    result = tune_log(log, TuneConfig("test-table", max_nodes=3), out=tmp_path / "k.json", draft_ms=1.0)
+    result = tune_log(log, TuneConfig("test-table", max_nodes=3, draft_ms=1.0, out=tmp_path / "k.json"))
     points = result.frontier.points
     # k=1: m=1,3,5,7 accept 1 each: 4 steps, τ 2. k=2: m=1 (run 3) 2, m=4 (run 3) 2, m=7 (2 left, run 2) 2: τ 3.
     # k=3: m=1 3, m=5 (run 2) 2, m=8 (1 left: a 1-token draft) 1: τ 3, at a dearer verify
@@ -147,9 +147,9 @@ def test_chain_k_by_hand(tmp_path, table_drafters):
     assert "--k 2" in result.run_command and "--workload hand --limit 1 --max-new-tokens 9" in result.run_command
     # with a flat verify cost k=2 and k=3 cost and yield the same: ties go to the smaller
     flat = hand_log(tmp_path, 9, [10.0, 10.0, 10.0, 10.0])
-    assert tune_log(flat, TuneConfig("test-table", max_nodes=3), draft_ms=1.0).chosen.size == 2
+    assert tune_log(flat, TuneConfig("test-table", max_nodes=3, draft_ms=1.0)).chosen.size == 2
     # the overhead of a run's records counts per step, spec and plain alike
-    with_overhead = tune_log(log, TuneConfig("test-table", max_nodes=3), draft_ms=1.0, overhead_ms=2.0).frontier
+    with_overhead = tune_log(log, TuneConfig("test-table", max_nodes=3, draft_ms=1.0, overhead_ms=2.0)).frontier
     assert with_overhead.points[1].tokens_per_s == pytest.approx(9000 / 45) and with_overhead.plain_tokens_per_s == pytest.approx(1000 / 12)
 
 
@@ -159,7 +159,7 @@ def test_tree_tuner_on_a_hand_made_table(tmp_path, table_drafters):
     tuner = Tuner(log, TuneConfig("test-table-tree"))
     assert tuner.kind == "tree" and tuner.depth == 2
     assert tuner.paths(9) == [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [3, 0]]  # node order
-    result = tune_log(log, TuneConfig("test-table-tree"), out=tmp_path / "t.json", draft_ms=0.0)
+    result = tune_log(log, TuneConfig("test-table-tree", draft_ms=0.0, out=tmp_path / "t.json"))
     # walked by hand (11 outputs, so the step at m=10 may draft depth 1 only): steps per size 7, 6, 5, 5, 5, then (3) lets
     # m=10 accept: 5 steps emitting 11 tokens. Flat verify and no draft cost: speedup = τ, ties go to the smaller tree
     assert [p.tau for p in result.frontier.points] == pytest.approx([10 / 7, 10 / 6, 2.0, 2.0, 2.0, 2.2, 2.2, 2.2, 2.2])
@@ -191,10 +191,10 @@ def setup(tmp_path_factory):
 
 def test_predicted_tau_is_what_simulate_scores(setup, tmp_path):
     options = {"heads": str(setup["root"] / "medusa")}
-    tuner = Tuner(setup["tune"], TuneConfig("medusa", options, max_nodes=12, latency_steps=1))
+    tuner = Tuner(setup["tune"], TuneConfig("medusa", options, max_nodes=12, latency_steps=1, draft_ms=0.0))
     verify = tuner.over(setup["verify"])
     model = LatencyModel.build(setup["tune"].profile, None, None)
-    frontier = tuner.frontier(model, costs_for(tuner, 0.0, None, None), "tiny", verify)
+    frontier = tuner.frontier(model, costs_for(tuner), "tiny", verify)
     assert any(p.tau > 1 for p in frontier.points), "the heads never hit: the comparison proves little"
     # every candidate's predicted τ, on the tuning log and on the verification log, is what simulate scores, exactly
     for point in frontier.points:
@@ -204,8 +204,8 @@ def test_predicted_tau_is_what_simulate_scores(setup, tmp_path):
             simulation = Simulator(log, SimulateConfig("medusa", options, [Shape.from_spec(str(file))], latency_steps=0)).score()
             assert tau([s for turn in simulation.results[0].steps for s in turn]) == predicted, point.size
     # tune_log chooses on the tuning log alone: the same choice with or without a verification log
-    alone = tune_log(setup["tune"], TuneConfig("medusa", options, max_nodes=12), draft_ms=0.0)
-    both = tune_log(setup["tune"], TuneConfig("medusa", options, max_nodes=12), verify_log=setup["verify"], draft_ms=0.0)
+    alone = tune_log(setup["tune"], TuneConfig("medusa", options, max_nodes=12, draft_ms=0.0))
+    both = tune_log(setup["tune"], TuneConfig("medusa", options, max_nodes=12, draft_ms=0.0, verify_log=setup["verify"].path))
     assert alone.paths == both.paths and both.chosen.verify_tau is not None
 
 
@@ -235,3 +235,37 @@ def test_cli_writes_a_tree_run_accepts_and_run_measures_the_prediction(setup, tm
     code, out, err = run_cli(["tune", "--log", root / "tune.jsonl", "--drafter", "medusa", "--heads", root / "medusa", "--tree", "chain:2"],
                              capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "tune picks the tree" in err
+
+
+def test_chain_drafter_picks_k_as_simulate_scores_it(setup):
+    # prompt-lookup on the tiny target's log: tune's k = 1..6 walked as simulate walks --k 1..6
+    ks = range(1, 7)
+    result = tune_log(setup["tune"], TuneConfig("prompt-lookup", max_nodes=6, draft_ms=0.5, verify_log=setup["verify"].path))
+    points = result.frontier.points
+    assert result.kind == "chain" and [p.size for p in points] == list(ks)
+    simulation = Simulator(setup["tune"], SimulateConfig("prompt-lookup", {}, [Shape.chain(k) for k in ks], latency_steps=0)).score()
+    assert [tau([s for turn in r.steps for s in turn]) for r in simulation.results] == [p.tau for p in points]
+    assert any(p.tau > 1 for p in points), "prompt lookup never hit: the comparison proves little"
+    best = max(points, key=lambda p: p.speedup)
+    assert result.chosen.size == best.size and result.paths == [[0] * d for d in range(1, best.size + 1)]
+    assert f"--drafter prompt-lookup --k {best.size} --workload builtin --limit 3" in result.run_command
+
+
+def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    log = setup["root"] / "tune.jsonl"
+    base = ["tune", "--log", log, "--drafter", "prompt-lookup", "--draft-ms", 1]
+    cases = [
+        (["--max-nodes", 0], "--max-nodes must be at least 1"),
+        (["--overhead-ms", -1], "--overhead-ms must be at least 0"),
+        (["--out", tmp_path], "is a directory"),
+        (["--out", log], "is also an input"),
+        (["--verify-log", tmp_path / "missing.jsonl"], "does not exist"),
+        (["--overhead-ms", 1, "--overhead-from", tmp_path], "not both"),
+        (["--k", 3], "tune picks the tree (or k) itself"),
+    ]
+    for extra, message in cases:
+        code, out, err = run_cli(base + extra, capsys, monkeypatch)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (extra, err)
+    code, out, err = run_cli(["tune", "--log", tmp_path / "none.jsonl", "--drafter", "medusa"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+    assert not (tmp_path / "tuned_tree.json").exists()

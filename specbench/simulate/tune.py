@@ -30,9 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specbench.checks import check_count, check_number, check_output_file
+from specbench.engine.options import option
 from specbench.engine.protocol import RANK_NONE, TeacherForced
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
+from specbench.files import atomic_write_text
 from specbench.metrics import tau
 from specbench.progress import SILENT, Progress
 from specbench.records import BASELINE, SPEC, StepMeasure
@@ -40,6 +43,7 @@ from specbench.simulate.log import TargetLog, read_profile
 from specbench.simulate.predict import LatencyModel, timed
 from specbench.simulate.runner import TEACHER_FORCED, SimulateConfig, Simulator
 from specbench.simulate.walk import Shape
+from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 
 # tree sizes whose draft latency is timed (others are interpolated between the nearest timed ones)
 TIMED_SIZES = (*range(1, 17), 20, 24, 32, 40, 48, 64, 80, 96, 128)
@@ -193,14 +197,33 @@ def interpolate(timed_ms: dict[int, float], sizes: list[int]) -> dict[int, float
 
 @dataclass
 class TuneConfig:
-    drafter: str
+    """What `tune` searches and how it costs it; each field with help is a flag of `specbench tune`."""
+
+    drafter: str = field(metadata={"help": "a name from `specbench drafters` (one with the teacher-forced hook)"})
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    max_nodes: int | None = None  # tree nodes (chain: k); default MAX_NODES
-    max_depth: int | None = None  # default: the drafter's heads (tree), max_nodes (chain)
-    max_new_tokens: int | None = None
-    limit: int | None = None
-    latency_steps: int = 32  # proposals timed per timed size
+    max_nodes: int | None = option(None, "the largest tree (nodes) or chain (k) considered (default 64 / 8)")
+    max_depth: int | None = option(None, "trees no deeper than this (default: as deep as the heads)")
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
+    limit: int | None = option(None, "use only the first N logged turns")
+    latency_steps: int = option(32, "proposals timed per timed size")
+    draft_ms: float | None = option(None, "a constant draft ms per step instead of timing the proposals (e.g. measured elsewhere)")
+    overhead_ms: float | None = option(None, "a constant per-step overhead in ms (default: not modelled, 0; see --overhead-from)")
+    verify_log: Path | None = option(None, "a log of other prompts (same target) the candidates are also walked over")
+    profile: Path | None = option(None, "a verify-latency profile from `specbench profile` (default: the log's)")
+    overhead_from: Path | None = option(None, "a run directory whose records give the per-step overhead")
+    target: str | None = option(None, "the real target, for hidden states (or an LM head) the log lacks")
+    device: str = option("auto", "where the drafter runs: " + DEVICE_HELP)
+    dtype: str = option("auto", "--target's dtype: " + DTYPE_HELP)
+    out: Path | None = option(None, "where to write the chosen tree (a JSON file `--tree` accepts)")
+    plot: Path | None = option(None, "also draw the frontier (.png)")
     timed_sizes: tuple[int, ...] = TIMED_SIZES
+
+    def __post_init__(self) -> None:  # refused before anything loads
+        for value, flag in ((self.max_nodes, "--max-nodes"), (self.max_depth, "--max-depth"), (self.max_new_tokens, "--max-new-tokens"),
+                            (self.limit, "--limit"), (self.latency_steps, "--latency-steps")):
+            check_count(value, flag)
+        check_number(self.draft_ms, "--draft-ms", minimum=0)
+        check_number(self.overhead_ms, "--overhead-ms", minimum=0)
 
 
 @dataclass
@@ -223,12 +246,9 @@ class Tuner:
     def __init__(self, log: TargetLog, config: TuneConfig, target=None, device: str = "cpu", progress: Progress = SILENT) -> None:
         if any(name in config.drafter_options for name in ("k", "tree")):
             raise UserError("tune picks the tree (or k) itself; do not pass --k or --tree (bound it with --max-nodes / --max-depth)")
-        if config.max_nodes is not None and config.max_nodes < 1:
-            raise UserError("--max-nodes must be at least 1")
-        if config.max_depth is not None and config.max_depth < 1:
-            raise UserError("--max-depth must be at least 1")
-        from specbench.drafters.registry import drafter_class
+        from specbench.drafters.registry import drafter_class, typed_options
 
+        config.drafter_options = typed_options(config.drafter, config.drafter_options)
         self.kind = "tree" if drafter_class(config.drafter).drafts == "tree" else "chain"
         self.max_nodes = config.max_nodes or MAX_NODES[self.kind]
         self.config, self.target, self.device = config, target, device
@@ -238,7 +258,7 @@ class Tuner:
             raise UserError(f"drafter '{config.drafter}' has no teacher-forced hook (`Drafter.teacher_forced`): tune needs it")
         self.simulator = simulator
         if self.kind == "tree":  # as deep as the heads reach, or --max-depth
-            reach = getattr(simulator.drafter, "num_heads", None) or self.max_nodes
+            reach = simulator.drafter.num_heads if hasattr(simulator.drafter, "num_heads") else self.max_nodes
             self.depth = min(config.max_depth or reach, reach)
         else:
             self.depth = self.max_nodes
@@ -332,30 +352,31 @@ class TuneResult:
     def chosen(self) -> FrontierPoint:
         return self.frontier.chosen
 
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "chosen": asdict(self.chosen)}
+
 
 def check_same_target(log: TargetLog, other: TargetLog) -> None:
     if log.header.target_id != other.header.target_id or log.header.vocab_size != other.header.vocab_size:
         raise UserError(f"--verify-log {other.path} is a log of {other.header.target}, not of {log.header.target}: record both with the same target")
 
 
-def costs_for(tuner: Tuner, draft_ms: float | None, overhead_from: Path | None, overhead_ms: float | None,
-              progress: Progress = SILENT) -> Costs:
-    if draft_ms is not None:
-        if draft_ms < 0:
-            raise UserError("--draft-ms must be at least 0")
+def costs_for(tuner: Tuner, overhead_from: Path | None = None, progress: Progress = SILENT) -> Costs:
+    """Draft ms per candidate (timed along the log, or the config's constant) and the per-step
+    overhead (a run's records, the config's constant, or 0)."""
+    c = tuner.config
+    if c.draft_ms is not None:
         sizes = [s.size for s in tuner.candidates]
-        costs = Costs({n: draft_ms for n in sizes}, set(sizes), f"given: {draft_ms:g} ms per step (--draft-ms)")
+        costs = Costs({n: c.draft_ms for n in sizes}, set(sizes), f"given: {c.draft_ms:g} ms per step (--draft-ms)")
     else:
         per_size, timed_sizes = tuner.time_drafts(progress)
-        costs = Costs(per_size, timed_sizes, f"timed over {tuner.config.latency_steps} replayed steps at sizes "
+        costs = Costs(per_size, timed_sizes, f"timed over {c.latency_steps} replayed steps at sizes "
                                              f"{', '.join(map(str, sorted(timed_sizes)))}; linear in between")
-    if overhead_from is not None and overhead_ms is not None:
-        raise UserError("give --overhead-from RUN or --overhead-ms MS, not both")
     if overhead_from is not None:
         costs.overhead_spec_ms, costs.overhead_plain_ms, costs.overhead_source = overhead_from_run(overhead_from)
-    elif overhead_ms:
-        costs.overhead_spec_ms = costs.overhead_plain_ms = overhead_ms
-        costs.overhead_source = f"given: {overhead_ms:g} ms per step (--overhead-ms)"
+    elif c.overhead_ms:
+        costs.overhead_spec_ms = costs.overhead_plain_ms = c.overhead_ms
+        costs.overhead_source = f"given: {c.overhead_ms:g} ms per step (--overhead-ms)"
     return costs
 
 
@@ -386,42 +407,38 @@ def commands(log: TargetLog, drafter: str, options: dict[str, Any], kind: str, s
     return run, simulate
 
 
-def tune_log(
-    log: TargetLog,
-    config: TuneConfig,
-    out: Path | None = None,
-    profile: Path | None = None,
-    verify_log: TargetLog | None = None,
-    draft_ms: float | None = None,
-    overhead_from: Path | None = None,
-    overhead_ms: float | None = None,
-    target: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    progress: Progress = SILENT,
-    command: str = "",
-) -> TuneResult:
-    """`specbench tune`: choose the shape on `log`, walk the candidates over `verify_log` too,
-    and write the chosen tree to `out` (a file `--tree` accepts)."""
-    model = LatencyModel.build(read_profile(profile) if profile else log.profile, None, None)
+def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SILENT, command: str = "") -> TuneResult:
+    """`specbench tune`: choose the shape on `log`, walk the candidates over the config's
+    verification log too, and write the chosen tree to the config's `out` (a file `--tree`
+    accepts). Its `plot` is only checked here (report.tables.tune_report draws it), so a bad
+    path fails before any work."""
+    from specbench.simulate.log import read_log
+
+    c, log = config, log if isinstance(log, TargetLog) else read_log(log)
+    check_output_file(c.out, "--out", inputs=(log.path, c.verify_log, c.profile))
+    check_output_file(c.plot, "--plot")
+    if c.overhead_from is not None and c.overhead_ms is not None:
+        raise UserError("give --overhead-from RUN or --overhead-ms MS, not both")
+    model = LatencyModel.build(read_profile(c.profile) if c.profile else log.profile, None, None)
+    verify_log = read_log(c.verify_log) if c.verify_log else None
     if verify_log is not None:
         check_same_target(log, verify_log)
     real_target = None
-    if target:
+    if c.target:
         from specbench.targets.hf import HFTarget
         from specbench.targets.loading import resolve_device, resolve_dtype
 
-        dev = resolve_device(device)
-        with progress.status(f"loading {target}"):
-            real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
-    tuner = Tuner(log, config, real_target, device if real_target is None else str(real_target.device), progress)
+        dev = resolve_device(c.device)
+        with progress.status(f"loading {c.target}"):
+            real_target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+    tuner = Tuner(log, config, real_target, c.device if real_target is None else str(real_target.device), progress)
     verify = None
     if verify_log is not None:
         with progress.status(f"teacher-forced pass over {verify_log.path}"):
             verify = tuner.over(verify_log)
-    costs = costs_for(tuner, draft_ms, overhead_from, overhead_ms, progress)
-    frontier = tuner.frontier(model, costs, label=str(profile or f"{log.path} (its profile)"), verify=verify)
-    return choose(tuner, frontier, log, verify_log, out, command)
+    costs = costs_for(tuner, c.overhead_from, progress)
+    frontier = tuner.frontier(model, costs, label=str(c.profile or f"{log.path} (its profile)"), verify=verify)
+    return choose(tuner, frontier, log, verify_log, c.out, command)
 
 
 def choose(tuner: Tuner, frontier: Frontier, log: TargetLog, verify_log: TargetLog | None, out: Path | None,
@@ -444,6 +461,4 @@ def choose(tuner: Tuner, frontier: Frontier, log: TargetLog, verify_log: TargetL
 
 def write_tree(out: Path, paths: list[list[int]], about: dict[str, Any]) -> None:
     """A tree file `--tree FILE` reads: {"paths": [...]} plus how it was chosen."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"paths": paths, **about}, indent=1) + "\n")
+    atomic_write_text(out, json.dumps({"paths": paths, **about}, indent=1) + "\n")

@@ -35,7 +35,7 @@ from specbench.runner import RunConfig, start_run
 from specbench.simulate.log import VerifyProfile, read_log, read_profile
 from specbench.simulate.predict import LatencyModel
 from specbench.simulate.profile import measure_profile
-from specbench.simulate.record import record_workload
+from specbench.simulate.record import RecordConfig, record_workload
 from specbench.simulate.runner import SimulateConfig, Simulator
 from specbench.simulate.tune import (
     Costs,
@@ -57,10 +57,11 @@ DEFAULTS = {"medusa": {"tree": "mc_sim_7b_63_depth3"}, "hydra": {"tree": "mc_sim
 def record_logs(args, work: Path) -> tuple[Path, Path]:
     train, heldout = work / "pool-train.jsonl", work / "pool-heldout.jsonl"
     if not (args.reuse and train.exists()):
-        record_workload("smollm2-135m", "pool-train", train, args.train_limit, args.max_new_tokens, None, True, True, 128, 3, "cpu", "auto")
+        record_workload(RecordConfig(workload="pool-train", limit=args.train_limit, max_new_tokens=args.max_new_tokens, hidden=True,
+                                     profile=True, profile_max_tokens=128, device="cpu"), train)
     if not (args.reuse and heldout.exists()):
-        record_workload("smollm2-135m", "pool-heldout", heldout, args.heldout_limit, args.max_new_tokens, None, True, False, 128, 3,
-                        "cpu", "auto")
+        record_workload(RecordConfig(workload="pool-heldout", limit=args.heldout_limit, max_new_tokens=args.max_new_tokens, hidden=True,
+                                     profile=False, device="cpu"), heldout)
     return train, heldout
 
 
@@ -116,12 +117,16 @@ def main() -> None:
     parser.add_argument("--profile", choices=("fresh", "log"), default="fresh",
                         help="CPU verify profile: measured now, before tuning (default), or the pool-train log's")
     parser.add_argument("--reuse", action="store_true", help="keep logs and runs already in --work")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a machine shared with other jobs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = args.work
     (work / "trees").mkdir(parents=True, exist_ok=True)
 
     train_path, heldout_path = record_logs(args, work)
     train, heldout = read_log(train_path), read_log(heldout_path)
+    heldout.turns = heldout.turns[: args.heldout_limit]  # the prompts the runs measure (a reused log may hold more)
     target = HFTarget.load("smollm2-135m", torch.device("cpu"), torch.float32)  # heads tied to its LM head need it
     cpu = LatencyModel.build(cpu_profile(args, work, train, target), None, None)
     gpu = LatencyModel.build(read_profile(args.gpu_profile), None, None)
@@ -135,7 +140,7 @@ def main() -> None:
         tuner = Tuner(train, TuneConfig(drafter, max_nodes=8 if chain else args.max_nodes, latency_steps=args.latency_steps),
                       target)
         verify = tuner.over(heldout)
-        costs = costs_for(tuner, None, calibration, None)
+        costs = costs_for(tuner, calibration)
         frontier = tuner.frontier(cpu, costs, f"this CPU: {train_path.name}'s profile", verify)
         out = work / "trees" / f"{drafter}.json"
         result = choose(tuner, frontier, train, heldout, out, "scripts/bench_tune.py")

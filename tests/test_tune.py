@@ -269,3 +269,23 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["tune", "--log", tmp_path / "none.jsonl", "--drafter", "medusa"], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
     assert not (tmp_path / "tuned_tree.json").exists()
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "hydra"])
+def test_embedded_default_runs_the_cpu_tuned_tree_on_cpu(drafter):
+    # the catalogue's CPU default for the bundled heads is the tree tune chose on pool-train (docs/tune.md);
+    # on a GPU the published tree stays the default, and the published trees stay reachable by name
+    from types import SimpleNamespace
+
+    from specbench.drafters.registry import drafter_class
+    from specbench.drafters.trees import resolve_tree
+
+    cls = drafter_class(drafter)
+    published = {"medusa": "mc_sim_7b_63", "hydra": "mc_sim_7b_63_depth3"}[drafter]
+    for device, tree in (("cpu", f"smollm2_{drafter}_cpu_tuned"), ("cuda", published)):
+        target = SimpleNamespace(name="smollm2-135m", model_id="smollm2-135m", device=torch.device(device))
+        assert cls.settings(target, cls.Options()).tree.name == tree
+    on_cpu = SimpleNamespace(name="smollm2-135m", model_id="smollm2-135m", device=torch.device("cpu"))
+    assert cls.settings(on_cpu, cls.Options(tree=published)).tree.name == published
+    tuned = resolve_tree(f"smollm2_{drafter}_cpu_tuned")
+    assert len(tuned) < len(resolve_tree(published))  # 2 CPU cores pay for every verified token

@@ -141,7 +141,8 @@ def main() -> None:
                       target)
         verify = tuner.over(heldout)
         costs = costs_for(tuner, calibration)
-        frontier = tuner.frontier(cpu, costs, f"this CPU: {train_path.name}'s profile", verify)
+        frontier = tuner.frontier(cpu, costs, "this CPU: " + ("the pool-train log's profile" if args.profile == "log" else
+                                                                "profile measured before tuning"), verify)
         out = work / "trees" / f"{drafter}.json"
         result = choose(tuner, frontier, train, heldout, out, "scripts/bench_tune.py")
         frontiers = [frontier]

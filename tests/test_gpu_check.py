@@ -146,3 +146,56 @@ def test_a_crash_inside_a_timed_decode_keeps_no_partial_numbers(tmp_path, capsys
     assert cells["eager", "late"]["error"] == "RuntimeError: planted fault on the second prompt"
     assert cells["eager", "late"]["prompts"] == 0 and cells["eager", "late"]["spec_vs_plain"] is None
     assert cells["fast", "late"]["error"] is None and cells["fast", "late"]["prompts"] == 2  # a new drafter per engine
+
+
+def with_fake_graphs(script, monkeypatch, **backend):
+    """The script's fast engine with tests/fake_graphs.py standing in for CUDA graphs (capture, replay,
+    pool bookkeeping), so the check's graph path (warm-up captures, nothing captured while timed) runs here."""
+    from fake_graphs import FakeGraphs
+
+    from specbench.targets.fast import FastHFTarget
+
+    monkeypatch.setattr(script, "FastHFTarget", lambda model, **kw: FastHFTarget(model, graphs=FakeGraphs(**backend), **kw))
+
+
+def test_with_graphs_every_bucket_is_captured_before_timing(tmp_path, capsys, monkeypatch):
+    script = load_script()
+    with_fake_graphs(script, monkeypatch)
+    code = script.main([*SMALL, "--no-deepspeed", "--out", str(tmp_path / "c.json")])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert code == 0, report["failures"]
+    assert report["setup"]["fast_engine"] == "bucketed, CUDA graphs"
+    for cell in report["cells"]:
+        where = f"{cell['engine']}/{cell['drafter']}"
+        assert cell["error"] is None and not cell["warnings"], where
+        # the warm-up captured every bucket plain decoding, the drafter (and a draft model's own decoder) use
+        assert cell["timed_captures"] == 0 and cell["timed_regrowths"] == 0, where
+        if cell["engine"] == "fast":
+            assert cell["fast_vs_eager"]["equal"] == 2, where
+        if cell["drafter"] != "plain":
+            assert cell["spec_vs_plain"]["equal"] == 2, where
+    fast = {c["drafter"]: c for c in report["cells"] if c["engine"] == "fast"}
+    assert fast["plain"]["warm_up_graphs"] > 0  # the first warm-up captures the one-row bucket
+    assert fast["medusa"]["warm_up_graphs"] > 0 and fast["draft-model"]["warm_up_graphs"] > 0  # new taps; the draft's decoder
+    capture = report["sections"]["capture"]
+    assert capture["cuda_graphs"] and capture["warm_up_graphs"] == sum(c["warm_up_graphs"] for c in fast.values())
+    assert capture["timed_captures"] == 0 and capture["target"]["graphs"] > 0
+    assert "capture (fast engine, CUDA graphs on)" in printed and "inside timed decodes: 0 captures, 0 cache regrowths" in printed
+
+
+def test_a_failed_capture_is_a_failure(tmp_path, capsys, monkeypatch):
+    """With graphs, a capture that fails leaves the fast engine uncaptured: flagged in its cell, exit 1."""
+    script = load_script()
+    with_fake_graphs(script, monkeypatch, fail_on_capture=2)
+    monkeypatch.setattr(script, "DRAFTERS", script.DRAFTERS[:2])
+    code = script.main([*SMALL, "--no-deepspeed", "--out", str(tmp_path / "c.json")])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert code == 1
+    cells = {(c["engine"], c["drafter"]): c for c in report["cells"]}
+    failed = [c for c in cells.values() if c["warnings"]]
+    assert len(failed) == 1 and failed[0]["engine"] == "fast" and "CUDA graph capture failed" in failed[0]["warnings"][0]
+    assert all(c["error"] is None and c["prompts"] == 2 for c in cells.values())  # it still ran, uncaptured
+    assert report["sections"]["capture"]["cuda_graphs"] is False
+    assert "CUDA graphs OFF: a capture failed" in printed and "result: 2 FAILED" in printed

@@ -372,9 +372,9 @@ def check_lines(report: dict) -> list[str]:
     elif p:
         for engine, ms in p["ms"].items():
             shown = [n for n in SPEEDS if n in ms]
-            first = ms[min(ms)]
-            lines.append(f"t(n) ms {engine:5}: " + "  ".join(f"{n}:{ms[n]:.2f}" for n in shown)
-                         + f"  (t({shown[-1]})/t(1) = {ms[shown[-1]] / first:.2f})")
+            first = min(ms)
+            ratios = ", ".join(f"t({n})/t({first}) = {ms[n] / ms[first]:.2f}" for n in sorted({64, max(ms)}) if n in ms and n != first)
+            lines.append(f"t(n) ms {engine:5}: " + "  ".join(f"{n}:{ms[n]:.2f}" for n in shown) + (f"  ({ratios})" if ratios else ""))
     c = sections.get("capture", {})
     if c.get("error"):
         lines.append(f"capture: CRASHED {c['error']}")
@@ -474,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UserError as exc:
+        parser.error(str(exc))
     cuda = device.type == "cuda"
     shape = args.shape or ("vicuna-7b" if cuda else "tiny")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)

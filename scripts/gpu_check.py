@@ -27,6 +27,7 @@ import copy
 import gc
 import json
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -37,6 +38,8 @@ from pathlib import Path
 import torch
 
 from specbench.drafters.draft_model import DraftModelDrafter
+from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
+from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.drafters.registry import drafter_class
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.loop import Decoded, decode, warm_up_engines
@@ -74,12 +77,46 @@ class Setup:
     new_tokens: int
     model: torch.nn.Module
     _draft: torch.nn.Module | None = None
+    _eagles: dict[int, Path] = field(default_factory=dict)
+    _folder: tempfile.TemporaryDirectory | None = None
 
     def draft_model(self) -> torch.nn.Module:
         """One random small draft, shared by both engines (its weights are only read)."""
         if self._draft is None:
             self._draft = random_model(DRAFT_SHAPE[self.shape], self.device, self.dtype, seed=1)
         return self._draft
+
+    def eagle_checkpoint(self, version: int) -> Path:
+        """A random one-layer EAGLE-`version` draft of the target's shape, written once in its
+        published layout, so both engines load it as a user's checkpoint is loaded."""
+        if version not in self._eagles:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="gpu_check_eagle_")
+            self._eagles[version] = write_random_eagle(Path(self._folder.name) / f"eagle{version}", self.model, version, self.dtype)
+        return self._eagles[version]
+
+
+def write_random_eagle(directory: Path, model: torch.nn.Module, version: int, dtype: torch.dtype) -> Path:
+    """EAGLE-1 (the target's embeddings and LM head, none of its own) or EAGLE-3 (its own head over
+    a draft vocabulary of a quarter of the target's, a random subset mapped through d2t/t2d, as the
+    published EAGLE-3 drafts have), with PyTorch's random init."""
+    c = model.config
+    vocab, layers = c.vocab_size, c.num_hidden_layers
+    config = EagleConfig(version=version, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                         head_dim=c.hidden_size // c.num_attention_heads, vocab_size=vocab,
+                         draft_vocab_size=vocab if version == 1 else vocab // 4, target_hidden_size=c.hidden_size,
+                         rms_norm_eps=c.rms_norm_eps, rope_theta=float(getattr(c, "rope_theta", None) or 10000.0))
+    generator = torch.Generator().manual_seed(version)
+    net = EagleNet(config, embedding=torch.nn.Embedding(1, 1))  # a stand-in: the target's table is not written
+    if version == 3:
+        ids = torch.randperm(vocab, generator=generator)[: config.draft_vocab_size].sort().values
+        net.d2t.copy_(ids - torch.arange(config.draft_vocab_size))
+        net.t2d.zero_()
+        net.t2d[ids] = True
+    # the reference's tap rule (2, L//2, L-3) needs 6 layers; a smaller shape taps its last three
+    taps = None if version == 1 or layers >= 6 else (layers - 3, layers - 2, layers - 1)
+    return write_checkpoint(directory, net.to(dtype), EAGLE3 if version == 3 else EAGLE1, taps=taps)
 
 
 @dataclass(frozen=True)
@@ -91,6 +128,12 @@ class DrafterCheck:
 def registered(name: str, **options) -> Callable[[Target, Setup], Drafter]:
     """A drafter built through its entry point, with options as `-o key=value` gives them."""
     return lambda target, setup: drafter_class(name).build(target, **options)
+
+
+def random_eagle(version: int) -> Callable[[Target, Setup], Drafter]:
+    """EAGLE-2's dynamic tree (its published defaults) over a random EAGLE-`version` checkpoint."""
+    name = "eagle" if version == 1 else "eagle3"
+    return lambda target, setup: drafter_class(name).build(target, heads=str(setup.eagle_checkpoint(version)))
 
 
 def random_draft(target: Target, setup: Setup) -> Drafter:
@@ -105,6 +148,8 @@ DRAFTERS = [
     DrafterCheck("medusa", registered("medusa", heads="fresh", tree=TREE, num_heads=5)),
     DrafterCheck("hydra", registered("hydra", heads="fresh", tree=TREE, num_heads=4)),
     DrafterCheck("hydra-decoder", registered("hydra-decoder", heads="fresh", tree=TREE, decoder_layers=1)),
+    DrafterCheck("eagle", random_eagle(1)),
+    DrafterCheck("eagle3", random_eagle(3)),
 ]
 
 
@@ -131,7 +176,7 @@ def guarded(outcome: Outcome, what: str):
         warnings.simplefilter("always", SpecbenchWarning)
         try:
             yield
-        except Exception as exc:  # noqa: BLE001 - every crash is a result of this script
+        except Exception as exc:
             outcome.error = one_line(exc)
             print(f"[gpu_check] {what} crashed:", file=sys.stderr)
             traceback.print_exc()
@@ -170,7 +215,7 @@ class Cell:
         steps = [s for d in self.outputs for s in d.steps]
         tokens = sum(len(d.output_ids) for d in self.outputs)
         wall_ms = sum(d.wall_ms for d in self.outputs)
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
         return {
             "prompts": len(self.outputs),
             "new_tokens": tokens,

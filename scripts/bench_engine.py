@@ -21,73 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
-from specbench.engine import kv
-from specbench.engine.loop import Clock, decode
+from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
+from specbench.engine.speed import copy_bandwidth, median, verify_profile
 from specbench.engine.static_cache import bucket_size
-from specbench.engine.tree import DraftTree
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import DTYPES, load_causal_lm, resolve_device
+from specbench.targets.synthetic import SHAPES, random_model
 
-SHAPES = {  # LlamaConfig fields of random-weight models
-    "vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
-}
 PROFILE_SIZES = "1,2,4,8,16,24,32,48,64,96,128"
-
-
-def random_model(shape: str, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval()
-
-
-def median(values) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted, as a forward reads weights once)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
-    return 2 * nbytes * reps / (time.perf_counter() - start)
-
-
-def forget_verify(target) -> None:
-    """Drop what a verify wrote, so the next one sees the same context (no commit)."""
-    kv.truncate(target.cache, target.seq_len)
-
-
-def verify_profile(targets: dict, prompt: torch.Tensor, sizes: list[int], reps: int) -> dict[str, dict[int, float]]:
-    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in targets}
-    for target in targets.values():
-        target.prefill(prompt, max_positions=prompt.numel() + max(sizes))
-    for _ in range(reps + 1):  # the first round warms up (and, on CUDA, captures graphs): not kept
-        for n in sizes:
-            tree = DraftTree.chain(torch.randint(3, 200, (n - 1,), device=prompt.device))
-            for name, target in targets.items():
-                clock = Clock(target.device)
-                t0 = clock.now()
-                target.verify(int(prompt[-1]), tree)
-                times[name][n].append(clock.now() - t0)
-                forget_verify(target)
-    return {name: {n: median(ts[1:]) for n, ts in per.items()} for name, per in times.items()}
 
 
 def decode_runs(targets: dict, make_drafter, prompt: torch.Tensor, new_tokens: int, reps: int):

@@ -30,24 +30,15 @@ from specbench.engine.loop import decode
 from specbench.metrics import tau
 from specbench.report.build import run_summary
 from specbench.runner import RunConfig, load, start_run
+from specbench.targets.synthetic import SHAPES, random_model
 
-SHAPES = {
-    # lmsys/vicuna-7b-v1.3's config
-    "vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048),
-}
 DRAFTERS = ("medusa", "hydra", "hydra-decoder")
 
 
 def random_target(shape: str, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from specbench.targets.hf import HFTarget
 
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    target = HFTarget(model, name=f"random-{shape}")
+    target = HFTarget(random_model(shape, device, dtype), name=f"random-{shape}")
     target.eos_token_ids = set()  # random weights: decode the full length
     return target
 

@@ -24,7 +24,7 @@ from specbench.checks import check_count, check_fits, check_number, check_output
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
-from specbench.engine.loop import Decoded, decode
+from specbench.engine.loop import Decoded, decode, warm_up_engines
 from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.static_cache import EVENTS
@@ -197,9 +197,7 @@ class Benchmark:
         Returns what the warm-up captured, for run.json."""
         before = replace(EVENTS)
         positions = self.longest_sequence()
-        self.target.warm_up(1, (), positions)  # plain decoding verifies the root alone
-        self.target.warm_up(1 + self.drafter.max_draft_tokens, self.drafter.taps, positions)
-        self.drafter.warm_up(positions)
+        warm_up_engines(self.target, self.drafter, positions)
         saved = self.config.max_new_tokens
         self.config.max_new_tokens = min(saved, WARMUP_TOKENS)
         try:

@@ -354,6 +354,21 @@ def test_a_failed_capture_is_one_line_and_the_run_goes_on_uncaptured(tiny):
     torch.testing.assert_close(fast.verify(7, DraftTree.empty())[0], eager.verify(7, DraftTree.empty())[0], rtol=0, atol=1e-9)
 
 
+def test_a_capture_failing_during_the_warm_up_leaves_it_uncaptured(tiny):
+    """The warm-up captures many steps; once one fails (one warning) it stops capturing, and
+    decoding runs the static path uncaptured with the eager engine's logits."""
+    model, _ = tiny
+    fast, eager = FastHFTarget(model, graphs=FakeGraphs(fail_on_capture=2)), HFTarget(model)
+    with pytest.warns(SpecbenchWarning, match="CUDA graph capture failed") as caught:
+        fast.warm_up(8, (), 100)
+    assert len([w for w in caught if issubclass(w.category, SpecbenchWarning)]) == 1
+    assert fast.decoder.graphs is None and fast.decoder.graph_set.captured == 0
+    prompt = prompts(1)[0]
+    fast.prefill(prompt), eager.prefill(prompt)
+    tree = DraftTree.chain(torch.tensor([5, 6, 7]))
+    torch.testing.assert_close(fast.verify(4, tree)[0], eager.verify(4, tree)[0], rtol=0, atol=1e-9)
+
+
 # --- masks, buckets and spans --------------------------------------------------------
 
 def reference_mask(block: torch.Tensor, start: int, span: int) -> torch.Tensor:

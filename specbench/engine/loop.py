@@ -71,6 +71,15 @@ class Decoded:
     top2: list[Top2] = field(default_factory=list)  # aligned with output_ids
 
 
+def warm_up_engines(target: Target, drafter: Drafter, max_positions: int) -> None:
+    """Before anything is timed: size the static caches for sequences of up to `max_positions`
+    and capture every bucket that plain decoding (the root alone) and `drafter` (the root and
+    its largest proposal, with its taps) verify, and the drafter's own (a draft model's feeds)."""
+    target.warm_up(1, (), max_positions)
+    target.warm_up(1 + drafter.max_draft_tokens, drafter.taps, max_positions)
+    drafter.warm_up(max_positions)
+
+
 @torch.inference_mode()  # caches are inference tensors; compaction writes into them
 def decode(
     target: Target,

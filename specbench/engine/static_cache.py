@@ -525,6 +525,8 @@ class StaticDecoder:
         for bucket in buckets_up_to(max_rows):
             shape = self.shape(None, bucket, bucket)
             for span in all_spans(self.cache.capacity):
+                if self.graphs is None:  # a capture failed (one warning): uncaptured from here on
+                    return self.capture_ms - before
                 step = self._step(bucket, span, taps)
                 if step.graph is None:
                     # any valid inputs: a graph records kernels, not values (slots [0, bucket) are scratch now)

@@ -128,13 +128,9 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def load(name: str, device: torch.device, dtype: torch.dtype, tp: int, engine: str):
-    """This rank's target: the model sharded by AutoTP over `tp` ranks, on `engine` (the same
-    target classes as the hf backend). Under the launcher each rank calls this; one rank
-    (`--tp 1`) forms its own one-process group."""
-    from specbench.targets.fast import target_class
-    from specbench.targets.loading import load_causal_lm
-
+def join_group(device: torch.device, tp: int) -> torch.device:
+    """Join the tensor-parallel group of `tp` ranks (one rank, `--tp 1`, forms its own);
+    returns this rank's device. Under the launcher each rank calls this first."""
     deepspeed = _import_deepspeed(device)
     if needs_launcher(tp):
         raise UserError(f"--tp {tp} runs under the `deepspeed` launcher: use `specbench run --backend deepspeed --tp {tp}`")
@@ -152,10 +148,28 @@ def load(name: str, device: torch.device, dtype: torch.dtype, tp: int, engine: s
     else:  # ranks on one host share its cores
         local = int(os.environ.get("LOCAL_SIZE", tp))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return device
+
+
+def shard(model, device: torch.device, dtype: torch.dtype, tp: int):
+    """This rank's shard of a whole transformers model (on the host, or any device), by AutoTP
+    over the `tp` ranks of the group joined with `join_group`, moved to `device`."""
+    deepspeed = _import_deepspeed(device)
+    with contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan; stdout is for results (--json)
+        inference = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False)
+    return inference.module.to(device).eval()
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype, tp: int, engine: str):
+    """This rank's target: the model sharded by AutoTP over `tp` ranks, on `engine` (the same
+    target classes as the hf backend). Under the launcher each rank calls this; one rank
+    (`--tp 1`) forms its own one-process group."""
+    from specbench.targets.fast import target_class
+    from specbench.targets.loading import load_causal_lm
+
+    device = join_group(device, tp)
     # the full model on the host; AutoTP keeps this rank's shard and moves it to the device
     model, tokenizer, source = load_causal_lm(name, torch.device("cpu"), dtype)
     total = forward_bytes(model)
-    with contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan; stdout is for results (--json)
-        inference = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False)
-    module = inference.module.to(device).eval()
+    module = shard(model, device, dtype, tp)
     return target_class(engine)(module, tokenizer, name=name, model_id=source.model_id, backend="deepspeed", weight_bytes=total)

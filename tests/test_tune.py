@@ -264,9 +264,9 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
         (["--k", 3], "tune picks the tree (or k) itself"),
     ]
     for extra, message in cases:
-        code, out, err = run_cli(base + extra, capsys, monkeypatch)
+        code, _, err = run_cli(base + extra, capsys, monkeypatch)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (extra, err)
-    code, out, err = run_cli(["tune", "--log", tmp_path / "none.jsonl", "--drafter", "medusa"], capsys, monkeypatch)
+    code, _, err = run_cli(["tune", "--log", tmp_path / "none.jsonl", "--drafter", "medusa"], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
     assert not (tmp_path / "tuned_tree.json").exists()
 

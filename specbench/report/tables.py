@@ -124,8 +124,8 @@ def tune_report(result, plot=None) -> list:
         tune_frontiers([f], plot, f"{result.drafter}: tuned on {result.log}")
     shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}"
     shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted per size (* = chosen; ~ = draft ms interpolated)"),
-             f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
-             f"plain decoding {f.plain_tokens_per_s:.1f} tokens/s",
+             (f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
+              f"plain decoding {f.plain_tokens_per_s:.1f} tokens/s"),
              f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else ""),
              f"verify it: {result.run_command}"]
     if result.simulate_command:

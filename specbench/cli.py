@@ -21,6 +21,7 @@ from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
 from specbench.simulate.runner import SimulateConfig
+from specbench.simulate.tune import TuneConfig
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.train.common import TrainConfig
 from specbench.train.data import DataConfig
@@ -229,6 +230,31 @@ def simulate(
     if sim.hidden_source:
         console.print(f"target hidden states: {sim.hidden_source}")
     console.print(f"scoring {sim.scoring_s:.2f} s, draft-latency timing {sim.latency_s:.2f} s; records: {out}/")
+
+
+@app.command()
+@with_drafter_flags
+@with_config(TuneConfig, out=Path("tuned_tree.json"))
+def tune(
+    config: TuneConfig,
+    log: Annotated[Path, typer.Option(help="the target log to tune on (`specbench record`; --hidden for head drafters)")],
+    option: Option = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the frontier as JSON")] = False,
+    drafter_flags: dict[str, Any] | None = None,
+) -> None:
+    """Pick the draft tree (or k) predicted fastest on this hardware from a log and a verify profile; write it, print how to verify it."""
+    from specbench.report.tables import tune_report
+    from specbench.runner import command_line
+    from specbench.simulate.tune import tune_log
+
+    config.drafter_options = drafter_flags or {}  # typed by the library (flags and -o key=value text alike)
+    with RichProgress() as progress:
+        result = tune_log(log, config, progress, command_line())
+    report = tune_report(result, config.plot)  # draws the plot too
+    if as_json:
+        return print(json.dumps(result.to_json(), indent=2))
+    for shown in report:
+        console.print(shown, soft_wrap=True)
 
 
 @app.command("convert-log")

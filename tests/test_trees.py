@@ -23,7 +23,8 @@ def medusa_attention_mask(choices):
 @pytest.mark.parametrize("name", sorted(named_trees()))
 def test_published_trees_load_and_match_medusas_mask(name):
     shape = resolve_tree(name)
-    assert len(shape) == 63
+    tuned = name.endswith("_tuned")  # chosen by `specbench tune` (docs/tune.md); the published trees have 63 nodes
+    assert len(shape) == (len(named_trees()[name]["paths"]) if tuned else 63)
     assert shape.depth == max(len(p) for p in named_trees()[name]["paths"]) <= 4
     assert shape.paths == sorted(shape.paths, key=lambda p: (len(p), p))
     tree = shape.draft_tree([torch.zeros(len(nodes), dtype=torch.long) for nodes in shape.level_nodes[1:]])

@@ -126,3 +126,28 @@ def write_plots(frames: dict[str, pd.DataFrame], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = [plot(frames[frame], directory / name) for name, (frame, plot) in PLOTS.items()]
     return [path for path in written if path is not None]
+
+
+def tune_frontiers(frontiers, path: Path, title: str = "") -> Path:
+    """`specbench tune`: predicted τ and speedup against tree size (or k), one line per frontier
+    (e.g. one per latency profile), the chosen size of each marked."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, frontier in enumerate(frontiers):
+        colour = f"C{i % 10}"
+        sizes = [p.size for p in frontier.points]
+        label = _short(frontier.label, 60)
+        left.plot(sizes, [p.tau for p in frontier.points], color=colour, marker=".", label=label)
+        if frontier.points[0].verify_tau is not None:
+            left.plot(sizes, [p.verify_tau for p in frontier.points], color=colour, linestyle="--", label="verification log")
+        right.plot(sizes, [p.speedup for p in frontier.points], color=colour, marker=".", label=label)
+        chosen = frontier.chosen
+        right.scatter([chosen.size], [chosen.speedup], color=colour, s=90, marker="*", zorder=3)
+        right.annotate(f"n={chosen.size}: {chosen.speedup:.2f}×", (chosen.size, chosen.speedup), fontsize=8,
+                       xytext=(5, 5), textcoords="offset points", color=colour)
+    right.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    for ax, ylabel in ((left, "τ predicted (tokens per step)"), (right, "speedup predicted vs plain (×)")):
+        ax.set_xlabel("draft size (tree nodes, or chain k)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "specbench tune: the frontier per latency profile")
+    return _save(fig, path)

@@ -96,6 +96,43 @@ def simulation_table(reports, title: str) -> Table:
     return table
 
 
+def frontier_table(frontier, title: str) -> Table:
+    """`specbench tune`: one row per candidate size (simulate/tune.py), the chosen one marked."""
+    table = Table(title=title, header_style="bold")
+    verified = frontier.points and frontier.points[0].verify_tau is not None
+    columns = ["size", "depth", "τ (pred.)", "draft ms", "verify ms", "tokens/s (pred.)", "speedup (pred.)"]
+    columns += ["τ verify log", "speedup verify log"] if verified else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for i, p in enumerate(frontier.points):
+        row = [("* " if i == frontier.best else "") + str(p.size), str(p.depth), _fmt(p.tau, ".3f"),
+               _fmt(p.draft_ms) + ("" if p.draft_timed else "~"), _fmt(p.verify_ms), _fmt(p.tokens_per_s, ".1f"),
+               _fmt(p.speedup, ".2f", "×")]
+        if verified:
+            row += [_fmt(p.verify_tau, ".3f"), _fmt(p.verify_speedup, ".2f", "×")]
+        table.add_row(*row)
+    return table
+
+
+def tune_report(result, plot=None) -> list:
+    """`specbench tune`: the frontier table, where the costs came from, the choice and the commands
+    that check it; with `plot`, the frontier drawn there too."""
+    from specbench.report.plots import tune_frontiers
+
+    f, chosen = result.frontier, result.chosen
+    if plot:
+        tune_frontiers([f], plot, f"{result.drafter}: tuned on {result.log}")
+    shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}"
+    shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted per size (* = chosen; ~ = draft ms interpolated)"),
+             (f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
+              f"plain decoding {f.plain_tokens_per_s:.1f} tokens/s"),
+             f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else ""),
+             f"verify it: {result.run_command}"]
+    if result.simulate_command:
+        shown.append(f"simulate scores it: {result.simulate_command}")
+    return shown + ([f"wrote {plot}"] if plot else [])
+
+
 # columns of a breakdown table: (frame column, header, format)
 BREAKDOWN = [
     ("prompts", "prompts", "d"),

@@ -75,6 +75,7 @@ class VerifyProfile:
     ms: list[float]
     device_name: str = ""
     repeats: int = 1
+    note: str = ""  # how it was obtained when not by `specbench profile` here (e.g. measured elsewhere, interpolated)
 
     def verify_ms(self, tokens: int) -> float:
         """ms for a forward of `tokens` tokens; linear beyond the measured range."""

@@ -27,7 +27,7 @@ import torch
 from specbench.checks import check_count
 from specbench.drafters.registry import drafter_class
 from specbench.engine.options import option
-from specbench.engine.protocol import FINAL
+from specbench.engine.protocol import FINAL, TeacherForced
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
 from specbench.progress import SILENT, Progress
@@ -235,6 +235,39 @@ class Simulator:
         return self.drafter_for(shape) if shape.dynamic else self.drafter
 
     # --- scoring ----------------------------------------------------------------
+    def proposals(self, depth: int) -> list[TeacherForced]:
+        """One teacher-forced pass per logged turn: the rank of every true token under each of
+        `depth` draft positions at every step (what `walk` scores any shape from)."""
+        found = []
+        for turn in self.turns:
+            prompt, output = self._ids(turn)
+            proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
+            self.hidden_source = proposals.hidden_source or self.hidden_source
+            found.append(proposals)
+        return found
+
+    def walk_turns(self, proposals: list[TeacherForced], shape: Shape) -> list[list[StepMeasure]]:
+        """The steps the decode loop takes with `shape` over every logged turn (untimed)."""
+        for p in proposals:
+            self._check_ranked(p, shape)
+        return [walk(p, len(turn.output_ids[: self.max_new]), self.max_new, shape) for p, turn in zip(proposals, self.turns)]
+
+    def _check_ranked(self, proposals: TeacherForced, shape: Shape) -> None:
+        if not proposals.ranked and shape.tree is not None:
+            raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
+
+    def draft_ms(self, shape: Shape, chain_ms: dict[int, float] | None = None) -> tuple[float, str]:
+        """Mean ms of the drafter's proposals for `shape`, and how it was obtained. A chain drafter
+        scored on a tree is timed as a chain of the tree's depth; `chain_ms` caches chain timings."""
+        timed_over = f"timed over {self.config.latency_steps} replayed steps"
+        if self.cls.drafts == "tree":  # the drafter drafts this very shape
+            return self.time_drafts(shape.k, self.drafter_for(shape)), timed_over
+        chain_ms = {} if chain_ms is None else chain_ms
+        k = shape.depth
+        if k not in chain_ms:
+            chain_ms[k] = self.time_drafts(k, self.drafter)
+        return chain_ms[k], timed_over if shape.k else f"estimated: a chain of the tree's depth {k}"
+
     def score(self) -> Simulation:
         shapes, depth = self.config.shapes, max(1, *(s.depth for s in self.config.shapes))
         if self.method == TEACHER_FORCED:
@@ -248,8 +281,7 @@ class Simulator:
                     if id(drafter) not in by_drafter:
                         by_drafter[id(drafter)] = drafter.teacher_forced(prompt, torch.tensor(output), depth, provider)
                     proposals = by_drafter[id(drafter)]
-                    if not proposals.ranked and shape.tree is not None:
-                        raise UserError(f"drafter '{self.config.drafter}' proposes one token per position: it can be scored for --k, not --tree")
+                    self._check_ranked(proposals, shape)
                     self.hidden_source = proposals.hidden_source or self.hidden_source
                     per_shape[shape].append(walk(proposals, len(output), self.max_new, shape))
             scoring_s = time.perf_counter() - t0
@@ -267,14 +299,7 @@ class Simulator:
                 ms = _mean_draft(per_shape[shape])
                 results.append(ShapeResult(shape, per_shape[shape], ms, "timed over the whole step replay"))
                 continue
-            if self.cls.drafts == "tree":  # the drafter drafts this very shape
-                ms, source = self.time_drafts(shape.k, self.drafter_for(shape)), f"timed over {self.config.latency_steps} replayed steps"
-            else:
-                k = shape.depth
-                if k not in chain_ms:
-                    chain_ms[k] = self.time_drafts(k, self.drafter)
-                ms = chain_ms[k]
-                source = f"timed over {self.config.latency_steps} replayed steps" if shape.k else f"estimated: a chain of the tree's depth {k}"
+            ms, source = self.draft_ms(shape, chain_ms)
             results.append(ShapeResult(shape, per_shape[shape], ms, source))
         latency_s = time.perf_counter() - t0
         return Simulation(self.method, self.hidden_source, scoring_s, latency_s, results)

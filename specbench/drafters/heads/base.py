@@ -107,7 +107,10 @@ class HeadDrafter(Drafter):
         spec = resolve_bundled(spec)
         if options.num_heads is not None and spec != FRESH:
             raise UserError("num_heads only applies to --heads fresh; with a checkpoint the tree's depth decides how many heads run")
-        return HeadSettings(spec, resolve_tree(options.tree or entry.get("tree") or DEFAULT_TREE), entry)
+        # an entry may name a tree per device type (`tree_cpu`: tuned for CPUs by `specbench tune`), else `tree`
+        device = getattr(getattr(target, "device", None), "type", None)
+        default = entry.get(f"tree_{device}") or entry.get("tree") or DEFAULT_TREE
+        return HeadSettings(spec, resolve_tree(options.tree or default), entry)
 
     @property
     def max_draft_tokens(self) -> int:

@@ -338,7 +338,8 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
               says, watch=(m[key],))
     s.bad("run --target ./missing", ["run", "--target", "./missing/model", "--out", out], "does not exist")
     s.bad("run --target hub id offline", ["run", "--target", "nobody/not-cached-model", "--out", out], "nobody/not-cached-model", limit_s=15)
-    s.bad("run --heads corrupt .pt", ["run", *T, "--drafter", "medusa", "--heads", extra["heads_notzip"], "--out", out], "head checkpoint")
+    s.bad("run --heads corrupt .pt", ["run", *T, "--drafter", "medusa", "--heads", extra["heads_notzip"], "--out", out],
+          "it is corrupt")
     s.bad("run --heads pickle with code", ["run", *T, "--drafter", "medusa", "--heads", extra["heads_pickle"], "--out", out], "never runs code")
     s.bad("run --heads corrupt .safetensors", ["run", *T, "--drafter", "hydra", "--heads", extra["heads_st"], "--out", out], "safetensors")
     s.bad("run --heads hub id offline", ["run", *T, "--drafter", "medusa", "--heads", "nobody/heads", "--out", out], "nobody/heads", limit_s=15)
@@ -445,6 +446,26 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("simulate --out a file", [*sim[:-2], "--out", w["good"]], "is a file", watch=(w["good"],))
     s.bad("simulate --target another vocabulary", [*sim, "--target", extra["other_vocab"]], "token ids")
 
+    # tune
+    tune = ["tune", "--log", log, "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{case}/tree.json"]
+    for flag, value in (("--max-nodes", 0), ("--max-nodes", 10**12), ("--max-depth", 0), ("--latency-steps", 0), ("--limit", -1)):
+        s.bad(f"tune {flag} {value}", [*tune, flag, value], flag, watch=(log,))
+    for flag, value in (("--draft-ms", "nan"), ("--draft-ms", "inf"), ("--overhead-ms", -1)):
+        s.bad(f"tune {flag} {value}", [*tune, flag, value], flag)
+    s.bad("tune --k 3", [*tune, "--k", 3], "picks the tree")
+    s.bad("tune --out = its --log", [*tune[:-2], "--out", log], "is also an input", watch=(log,))
+    s.bad("tune --out a directory", [*tune[:-2], "--out", w["dir"]], "is a directory")
+    s.bad("tune --plot frontier.txt", [*tune, "--plot", "{case}/frontier.txt"], "--plot")
+    s.bad("tune --plot a directory", [*tune, "--plot", w["dir"]], "is a directory")
+    s.bad("tune --profile not JSON", [*tune, "--profile", w["good"]], "not a verify-latency profile")
+    s.bad("tune --profile with NaN", [*tune, "--profile", extra["profile_nan"]], "positive numbers")
+    s.bad("tune --verify-log missing", [*tune, "--verify-log", "{case}/none.jsonl"], "does not exist")
+    s.bad("tune --log /dev/zero", ["tune", "--log", "/dev/zero", "--drafter", "prompt-lookup", "--out", "{case}/t.json"],
+          "not a regular file", limit_s=15)
+    s.bad("tune --log truncated", ["tune", "--log", extra["log_truncated"], "--drafter", "prompt-lookup", "--out", "{case}/t.json"],
+          "corrupt or truncated", watch=(extra["log_truncated"],))
+    s.bad("tune --overhead-ms and --overhead-from", [*tune, "--overhead-ms", 1, "--overhead-from", w["dir"]], "not both")
+
     # convert-log
     conv = ["convert-log", "--log", extra["dsd_log"], "--prompts", extra["dsd_prompts"], "--target", m["target"]]
     s.bad("convert-log --out = its --prompts", [*conv, "--out", extra["dsd_prompts"]], "input", watch=(extra["dsd_prompts"],))
@@ -494,8 +515,8 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("train-data --out a file", ["train-data", *T, "--out", w["good"]], "is a file", watch=(w["good"],))
     s.bad("train-data --out not empty", ["train-data", *T, "--out", w["dir"]], "not empty", watch=(w["dir"],))
     tr = ["train", "--drafter", "medusa", *T, "--data", extra["data"], "--out", "{case}/ckpt", "--steps", 1]
-    for flag, value in (("--steps", 0), ("--batch-tokens", -1), ("--max-length", 0), ("--eval-every", 0), ("--warmup", -1),
-                        ("--heads", 0)):
+    for flag, value in (("--steps", 0), ("--batch-tokens", -1), ("--max-length", 0), ("--eval-every", 0), ("--warmup-steps", -1),
+                        ("--num-heads", 0)):
         s.bad(f"train {flag} {value}", [*tr, flag, value], flag)
     for flag, value in (("--lr", "nan"), ("--lr", -1), ("--min-lr-ratio", 2), ("--eval-fraction", 0)):
         s.bad(f"train {flag} {value}", [*tr, flag, value], flag)

@@ -117,20 +117,30 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 # --- weights ---------------------------------------------------------------------------
 
+# torch's weights-only loader wraps the real reason in advice that does not apply here (to load with weights_only=False)
+TORCH_PREAMBLE = ("Weights only load failed", "Please file an issue", "WeightsUnpickler error", "Check the documentation")
+
+
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(TORCH_PREAMBLE)]
+    return reasons[0] if reasons else type(exc).__name__
 
 
 def weights_error(path: Path | str, exc: BaseException, what: str = "weights") -> UserError:
     """One line for a weights file that cannot be read: what is wrong with it and what to do."""
     name, text = type(exc).__name__, str(exc)
     head = f"cannot read {what} {path}"
-    if "weights_only" in text or "Weights only load failed" in text:
+    carries_code = "GLOBAL" in text or "Unsupported global" in text or "refusing to load global" in text
+    if carries_code:
         return UserError(f"{head}: a pickled checkpoint that holds more than plain tensors; specbench never runs code "
                          "from a checkpoint: use a safetensors copy of it (or one saved as plain tensors)")
     if name == "SafetensorError" or "safetensors" in type(exc).__module__:
         return UserError(f"{head}: not a valid safetensors file ({first_line(exc)}); it is corrupt or truncated: fetch it again")
+    if "Weights only load failed" in text:  # an opcode the safe loader refuses: a corrupt file or a raw (non-torch) pickle
+        return UserError(f"{head}: not a torch checkpoint of plain tensors ({first_line(exc)}); it is corrupt, or a raw pickle, "
+                         "which specbench never unpickles as it never runs code from a checkpoint: fetch it again or use a "
+                         "safetensors copy")
     if isinstance(exc, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in text or "zip archive" in text:
         return UserError(f"{head}: not a readable torch checkpoint ({first_line(exc)}); it is corrupt, truncated or another "
                          "kind of file: fetch it again")

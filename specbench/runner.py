@@ -74,8 +74,8 @@ class RunConfig:
     warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
 
     def __post_init__(self) -> None:
-        if self.categories:  # `--categories a,b --categories c`
-            self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()] or None
+        if self.categories is not None:  # `--categories a,b --categories c`; `--categories ,` names none and is refused
+            self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()]
 
 
 def check(config: RunConfig) -> None:

@@ -135,13 +135,26 @@ def test_unreadable_weights_are_one_line(env, tmp_path, capsys, monkeypatch, fla
     assert not (tmp_path / "out").exists()
 
 
+# torch's weights-only loader's message (2.6 and later) around the reason it gives
+TORCH_REFUSED = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in `torch.load` "
+                 "from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it can "
+                 "result in arbitrary code execution. Do it only if you got the file from a trusted source.\n{}\n\nCheck the "
+                 "documentation of torch.load to learn more about types accepted by default with weights_only "
+                 "https://pytorch.org/docs/stable/generated/torch.load.html.")
+
+
 def test_weights_helper_names_every_loader_failure():
     from safetensors import SafetensorError
 
     from specbench.files import reading_weights
 
     for exc, says in ((SafetensorError("header too large"), "not a valid safetensors file"),
-                      (pickle.UnpicklingError("Weights only load failed ... weights_only=False"), "never runs code"),
+                      (pickle.UnpicklingError(TORCH_REFUSED.format("Trying to load unsupported GLOBAL posix.system whose module posix "
+                                                                   "is blocked.")), "never runs code"),
+                      (pickle.UnpicklingError(TORCH_REFUSED.format("Please file an issue with the following so that we can make "
+                                                                   "`weights_only=True` compatible with your use case: WeightsUnpickler "
+                                                                   "error: \n\nUnsupported operand 149")),
+                       r"\(Unsupported operand 149\); it is corrupt, or a raw pickle, which specbench never unpickles"),
                       (pickle.UnpicklingError("invalid load key, 'n'."), "not a readable torch checkpoint"),
                       (RuntimeError("PytorchStreamReader failed reading zip archive"), "not a readable torch checkpoint")):
         with pytest.raises(UserError, match=says) as info, reading_weights("w.bin", "head checkpoint"):

@@ -262,6 +262,7 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):
         (["--verify-log", tmp_path / "missing.jsonl"], "does not exist"),
         (["--overhead-ms", 1, "--overhead-from", tmp_path], "not both"),
         (["--k", 3], "tune picks the tree (or k) itself"),
+        (["--plot", tmp_path / "frontier.txt"], "end the name in one of"),
     ]
     for extra, message in cases:
         code, _, err = run_cli(base + extra, capsys, monkeypatch)

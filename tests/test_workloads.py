@@ -6,6 +6,7 @@ import pytest
 from test_cli import run_cli
 
 from specbench.errors import UserError
+from specbench.runner import RunConfig
 from specbench.workloads import (
     encode_turn,
     open_workload,
@@ -110,6 +111,8 @@ def test_selection_categories_limit_shard():
     "call, message",
     [
         (lambda: select(open_workload().prompts, ["nope"]), "unknown category nope: this workload has"),
+        # `--categories ,` names no category: refused, not read as "all categories"
+        (lambda: select(open_workload().prompts, RunConfig(categories=[","]).categories), "--categories names no category"),
         (lambda: parse_shard("0/2"), "i must be between 1 and n"),
         (lambda: parse_shard("x"), "--shard expects i/n"),
         (lambda: open_workload("nope"), "unknown workload 'nope': use one of builtin, builtin-completion, pool-train, pool-heldout, mt-bench"),

@@ -407,6 +407,9 @@ def commands(log: TargetLog, drafter: str, options: dict[str, Any], kind: str, s
     return run, simulate
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
+
+
 def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SILENT, command: str = "") -> TuneResult:
     """`specbench tune`: choose the shape on `log`, walk the candidates over the config's
     verification log too, and write the chosen tree to the config's `out` (a file `--tree`
@@ -417,6 +420,8 @@ def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SIL
     c, log = config, log if isinstance(log, TargetLog) else read_log(log)
     check_output_file(c.out, "--out", inputs=(log.path, c.verify_log, c.profile))
     check_output_file(c.plot, "--plot")
+    if c.plot is not None and c.plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {c.plot}: end the name in one of {', '.join(PLOT_SUFFIXES)} (matplotlib draws the format the suffix names)")
     if c.overhead_from is not None and c.overhead_ms is not None:
         raise UserError("give --overhead-from RUN or --overhead-ms MS, not both")
     model = LatencyModel.build(read_profile(c.profile) if c.profile else log.profile, None, None)

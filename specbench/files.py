@@ -133,7 +133,7 @@ def weights_error(path: Path | str, exc: BaseException, what: str = "weights") -
     head = f"cannot read {what} {path}"
     carries_code = "GLOBAL" in text or "Unsupported global" in text or "refusing to load global" in text
     if carries_code:
-        return UserError(f"{head}: a pickled checkpoint that holds more than plain tensors; specbench never runs code "
+        return UserError(f"{head}: a pickled checkpoint that holds more than plain tensors ({first_line(exc)}); specbench never runs code "
                          "from a checkpoint: use a safetensors copy of it (or one saved as plain tensors)")
     if name == "SafetensorError" or "safetensors" in type(exc).__module__:
         return UserError(f"{head}: not a valid safetensors file ({first_line(exc)}); it is corrupt or truncated: fetch it again")

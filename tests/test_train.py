@@ -277,6 +277,20 @@ def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_lossles
         for prompt in load_workload("pool-heldout")[:2]:
             ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
             assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
+    if kind == "eagle3":  # bundled with --int8: matrices int8 + row scales, d2t/t2d kept exactly, loads and stays lossless
+        from safetensors import safe_open
+
+        from specbench.train.bundle import bundle_eagle
+
+        bundled = bundle_eagle(out, "tiny-eagle3", dest=tmp_path / "bundled", int8=True)
+        with safe_open(str(bundled / "model.safetensors"), "pt") as stored:
+            assert stored.get_tensor("midlayer.self_attn.q_proj.weight").dtype == torch.int8
+            assert torch.equal(stored.get_tensor("d2t"), state["d2t"]) and torch.equal(stored.get_tensor("t2d"), state["t2d"])
+        drafter = build_drafter(kind, target, {"heads": str(bundled), "tree": "chain:3"})
+        assert drafter.describe()["format"] == EAGLE3
+        for prompt in load_workload("pool-heldout")[:2]:
+            ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
+            assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
 
 
 def test_old_train_spellings_work_for_one_release_with_a_line_each(setup, data, tmp_path, capsys, monkeypatch):

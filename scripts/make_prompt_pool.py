@@ -1,6 +1,6 @@
 """Compose the offline prompt pool for self-distillation (`specbench train-data`).
 
-Writes specbench/workloads/data/pool-train.jsonl and pool-heldout.jsonl: several
+Writes workloads/pool-train/prompts.jsonl and workloads/pool-heldout/prompts.jsonl: several
 hundred instructions across the eight MT-Bench categories, composed from the
 templates and subject lists below (written for specbench), deterministically
 (fixed seed), with about one prompt in ten held out, in a shuffled order so that the first N
@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "specbench" / "workloads" / "data"
+WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
 SEED = 6
 HELDOUT_EVERY = 10  # one prompt in ten, after a seeded shuffle
 
@@ -268,7 +268,7 @@ def main() -> None:
         "humanities": explained(HUMANITIES_TOPICS, HUMANITIES_FORMS, rng, 3),
     }
     builtin = {
-        turn for line in (DATA / "builtin.jsonl").read_text().splitlines() if line.strip() for turn in json.loads(line)["turns"]
+        turn for line in (WORKLOADS / "builtin" / "prompts.jsonl").read_text().splitlines() if line.strip() for turn in json.loads(line)["turns"]
     }
     rows, seen = [], set(builtin)
     for category, texts in pool.items():
@@ -280,9 +280,9 @@ def main() -> None:
     rng.shuffle(rows)
     heldout = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY == 0]
     train = [r for i, r in enumerate(rows) if i % HELDOUT_EVERY != 0]
-    for name, split in (("pool-train.jsonl", train), ("pool-heldout.jsonl", heldout)):
+    for name, split in (("pool-train", train), ("pool-heldout", heldout)):
         # shuffled order, so `--limit N` takes a mix of all categories
-        (DATA / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split))
+        (WORKLOADS / name / "prompts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split))
     counts = {c: sum(r["category"] == c for r in rows) for c in pool}
     print(f"{len(train)} training prompts, {len(heldout)} held out; per category {counts}")
 

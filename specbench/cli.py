@@ -248,7 +248,7 @@ def convert_log(
 
 @app.command()
 def workloads() -> None:
-    """List the workloads (catalogue/workloads.toml) and where each one's data comes from."""
+    """List the workloads (a folder each under workloads/) and where each one's data comes from."""
     from specbench.workloads import describe_sources
 
     for name, summary, where in describe_sources():

@@ -5,6 +5,9 @@
 - `atomic_write` / `atomic_write_text`: the output goes to a temporary file in the target's
   own directory and is renamed over the target only once complete and synced; a kill or an
   error at any point leaves the previous file as it was. A symlink is written through.
+- `jsonl_rows`: the one JSON Lines reader (run records, target logs, workloads, DSD prompts,
+  VocabTrim calibration): a (line number, object) per non-blank line, a bad line either one
+  line naming file:line or, where a reader tolerates it, reported and skipped.
 - `reading_weights`: every way a weights file can fail to load (corrupt safetensors, a pickle
   holding more than tensors, a truncated zip, bytes that are not text) becomes one line. Torch's
   advice to retry with `weights_only=False` (which runs whatever code the pickle holds) never
@@ -13,11 +16,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +52,33 @@ def read_text(path: Path | str, what: str = "file") -> str:
     except OSError as exc:
         raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
     return decode_utf8(data, str(path))
+
+
+def jsonl_rows(lines: Iterable[str | bytes], source: str,
+               bad_line: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of JSON Lines. A line that is not UTF-8 text
+    or not a JSON object calls `bad_line(number, why)` (which may raise its own message, or record
+    and return to skip the line); without it, one UserError naming `source:number`."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = decode_utf8(line, f"{source}:{number}") if isinstance(line, bytes) else line
+            row = json.loads(text)
+            if not isinstance(row, dict):
+                raise ValueError("expected a JSON object per line")
+        except UserError as exc:  # not UTF-8: the message already names the place
+            if bad_line is None:
+                raise
+            bad_line(number, str(exc))
+            continue
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            why = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            if bad_line is None:
+                raise UserError(f"{source}:{number}: {why}") from None
+            bad_line(number, why)
+            continue
+        yield number, row
 
 
 def _umask() -> int:

@@ -21,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.files import atomic_write_text, decode_utf8, first_line
+from specbench.files import atomic_write_text, decode_utf8, first_line, jsonl_rows
 from specbench.records import SCHEMA_VERSION, RunInfo, StepRecord, TurnRecord
 
 try:
@@ -39,27 +39,20 @@ INFO_TYPES = {"run_id": str, "command": str, "target": str, "target_id": str, "d
 def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> list:
     """Records of a JSONL file; a corrupt or truncated line is skipped and named in `warnings`.
     Fields this version does not know (a newer writer's) are ignored."""
-    records = []
     if not path.exists():
-        return records
+        return []
     known = {f.name for f in fields(record_type)}
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-        if not raw.strip():
-            continue
+
+    def skip(number: int, why: str) -> None:
+        if warnings is not None:
+            warnings.append(f"{path}:{number}: skipped a corrupt record ({why})")
+
+    records = []
+    for number, row in jsonl_rows(path.read_bytes().splitlines(), str(path), skip):
         try:
-            line = decode_utf8(raw, f"{path}:{number}")
-        except UserError as exc:
-            if warnings is not None:
-                warnings.append(f"{path}:{number}: skipped a corrupt record ({exc})")
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise TypeError("not a JSON object")
             records.append(record_type(**{k: v for k, v in row.items() if k in known}))
-        except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            if warnings is not None:
-                warnings.append(f"{path}:{number}: skipped a corrupt record ({exc})")
+        except TypeError as exc:  # a row missing fields: a torn write
+            skip(number, str(exc))
     return records
 
 

@@ -4,7 +4,8 @@
 - `draft_models.toml`: draft-model aliases and which target each serves by default.
 - `heads.toml`: which published (or bundled) head checkpoint and tree serve a drafter on a target.
 - `trees.json`: the published Medusa/Hydra trees, by name.
-- `workloads.toml`: the named workloads.
+
+The named workloads have a folder each in the top-level `workloads/`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from importlib.resources import files
 
 @cache
 def catalogue(name: str) -> dict[str, dict]:
-    """A TOML table of the catalogue (targets, draft_models, heads, workloads)."""
+    """A TOML table of the catalogue (targets, draft_models, heads)."""
     return tomllib.loads(files("specbench.catalogue").joinpath(f"{name}.toml").read_text())
 
 

@@ -22,62 +22,64 @@ from torch import nn
 
 from specbench.checks import check_count
 from specbench.errors import UserError
-from specbench.files import atomic_write_text, read_text
+from specbench.files import atomic_write_text, jsonl_rows, read_text
 
 FORMAT = "specbench-vocab-trim/1"
 
 
-def _count_run(directory: Path) -> Counter:
+def _run_sequences(directory: Path) -> list[list[int]]:
     """Output ids of a run's plain-decoding turns (the target's own generations)."""
     from specbench.records import BASELINE
     from specbench.store import RunStore
 
     _, turns = RunStore.open(directory).load()
     own = [t for t in turns if t.mode == BASELINE] or turns  # without a baseline the spec outputs are the target's too (greedy)
-    return Counter(token for t in own for token in t.output_ids)
+    return [list(t.output_ids) for t in own]
 
 
-def _count_log(path: Path) -> Counter:
+def _log_sequences(path: Path) -> list[list[int]]:
     """A JSONL target log: every row's generated ids (rows without them, like a header, are skipped)."""
-    counts: Counter = Counter()
-    for number, line in enumerate(read_text(path, "target log").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number}: not valid JSON; --vocab-trim-from takes a run directory, a target log, a workload or an id list") from None
+    sequences = []
+
+    def bad_line(number: int, why: str) -> None:
+        raise UserError(f"{path}:{number}: {why}; --vocab-trim-from takes a run directory, a target log, a workload or an id list")
+
+    for number, row in jsonl_rows(read_text(path, "target log").splitlines(), str(path), bad_line):
         for key in ("output_ids", "continuation_ids", "target_ids"):
-            if isinstance(row, dict) and isinstance(row.get(key), list):
-                counts.update(t for t in row[key] if isinstance(t, int) and not isinstance(t, bool))
-    if not counts:
+            if isinstance(row.get(key), list):
+                sequences.append([t for t in row[key] if isinstance(t, int) and not isinstance(t, bool)])
+    if not any(sequences):
         raise UserError(f"{path}: no generated token ids found (expected 'output_ids' or 'continuation_ids' per row)")
-    return counts
+    return sequences
 
 
-def _count_workload(name: str, tokenizer) -> Counter:
+def _workload_sequences(name: str, tokenizer) -> list[list[int]]:
     from specbench.workloads import load_workload
 
     if tokenizer is None:
         raise UserError("counting a workload's tokens needs the target's tokenizer")
-    counts: Counter = Counter()
-    for prompt in load_workload(name):
-        for turn in prompt.turns:
-            counts.update(tokenizer(turn)["input_ids"])
-    return counts
+    return [tokenizer(turn)["input_ids"] for prompt in load_workload(name) for turn in prompt.turns]
+
+
+def token_sequences(source: str, tokenizer) -> tuple[list[list[int]], str]:
+    """(token id sequences, what was read) from calibration text: a run directory or a target log
+    (.jsonl), whose sequences are the target's own generations, or a workload (its prompts'
+    turns, tokenised). VocabTrim counts tokens in them; plugin drafters may read them too."""
+    path = Path(source)
+    if path.is_dir():
+        return _run_sequences(path), f"run {path}"
+    if path.is_file() and path.suffix == ".jsonl":
+        try:
+            return _log_sequences(path), f"log {path}"
+        except UserError:
+            return _workload_sequences(source, tokenizer), f"workload {path}"
+    return _workload_sequences(source, tokenizer), f"workload {source}"
 
 
 def token_counts(source: str, tokenizer) -> tuple[Counter, str]:
     """(counts, what was counted) from a run directory, a target log (.jsonl) or a workload."""
-    path = Path(source)
-    if path.is_dir():
-        return _count_run(path), f"run {path}"
-    if path.is_file() and path.suffix == ".jsonl":
-        try:
-            return _count_log(path), f"log {path}"
-        except UserError:
-            return _count_workload(source, tokenizer), f"workload {path}"
-    return _count_workload(source, tokenizer), f"workload {source}"
+    sequences, counted = token_sequences(source, tokenizer)
+    return Counter(token for sequence in sequences for token in sequence), counted
 
 
 def ranked_ids(counts: Counter, vocab_size: int) -> list[int]:

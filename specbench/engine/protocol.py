@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 
 import torch
 
-from specbench.engine.acceptance import AcceptanceRule, TypicalAcceptance
+from specbench.engine.acceptance import AcceptanceRule
 from specbench.engine.options import DrafterOptions
 from specbench.engine.tree import DraftTree
 
@@ -244,15 +244,6 @@ class Drafter:
     taps: Taps = ()
     # the acceptance rule at temperature > 0 (None: speculative sampling, for chains)
     acceptance: AcceptanceRule | None = None
-
-    @property
-    def typical_acceptance(self) -> TypicalAcceptance | None:
-        """The typical-acceptance rule, when that is the drafter's rule (the older name)."""
-        return self.acceptance if isinstance(self.acceptance, TypicalAcceptance) else None
-
-    @typical_acceptance.setter
-    def typical_acceptance(self, rule: TypicalAcceptance | None) -> None:
-        self.acceptance = rule
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target

@@ -20,14 +20,13 @@ iteration of the first prompt is dropped and the last iteration counted twice
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from specbench.errors import UserError
-from specbench.files import read_text
+from specbench.files import jsonl_rows, read_text
 from specbench.records import StepMeasure
 from specbench.simulate.log import LogHeader, LogTurn, TargetLog
 
@@ -71,14 +70,8 @@ def read_prompts(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise UserError(f"DSD prompts file {path} does not exist")
     prompts = []
-    for number, line in enumerate(read_text(path, "DSD prompts file").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for number, row in jsonl_rows(read_text(path, "DSD prompts file").splitlines(), str(path)):
+        if not isinstance(row.get("prompt"), str):
             raise UserError(f"{path}:{number}: expected {{\"prompt\": \"...\"}}")
         prompts.append((number, row["prompt"]))
     return prompts

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from specbench.errors import UserError
-from specbench.files import atomic_write, atomic_write_text, first_line, read_text, reading_weights
+from specbench.files import atomic_write, atomic_write_text, first_line, jsonl_rows, read_text, reading_weights
 
 FORMAT = "specbench-target-log"
 VERSION = 1
@@ -262,23 +262,21 @@ def read_log(path: Path) -> TargetLog:
     if not path.exists():
         raise UserError(f"target log {path} does not exist; write one with `specbench record`")
     header, profile, turns, seen = None, None, [], set()
-    for number, line in enumerate(read_text(path, "target log").splitlines(), 1):
+    lines = read_text(path, "target log").splitlines()
+
+    def bad_line(number: int, why: str) -> None:
         where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if header is None and line.lstrip().startswith("tensor("):
-                raise UserError(
-                    f"{path} is a DSD target log (tensor dumps, no prompts): pass --prompts PROMPTS.jsonl "
-                    "(its prompts, matched by order) and --target NAME, or convert it with `specbench convert-log`"
-                ) from None
-            if header is None:
-                raise UserError(f"{where}: not a specbench target log (not JSON: {exc.msg}); write one with `specbench record`") from None
-            raise UserError(f"{where}: not valid JSON ({exc.msg}); the log is corrupt or truncated") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object per line")
+        if header is None and lines[number - 1].lstrip().startswith("tensor("):
+            raise UserError(
+                f"{path} is a DSD target log (tensor dumps, no prompts): pass --prompts PROMPTS.jsonl "
+                "(its prompts, matched by order) and --target NAME, or convert it with `specbench convert-log`"
+            )
+        if header is None:
+            raise UserError(f"{where}: not a specbench target log ({why}); write one with `specbench record`")
+        raise UserError(f"{where}: {why}; the log is corrupt or truncated")
+
+    for number, row in jsonl_rows(lines, str(path), bad_line):
+        where = f"{path}:{number}"
         if header is None:
             if row.get("format") != FORMAT:
                 raise UserError(f"{where}: not a specbench target log (no \"format\": \"{FORMAT}\" header); DSD logs: use --prompts or `specbench convert-log`")

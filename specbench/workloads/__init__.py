@@ -1,4 +1,4 @@
-"""Workloads: named prompt sets (declared in specbench/catalogue/workloads.toml), and any JSONL file of prompts.
+"""Workloads: named prompt sets (one folder each under the top-level workloads/), and any JSONL file of prompts.
 
 A workload is a list of `Prompt`s. Chat prompts hold one or more user turns
 (a later turn is asked after the model's own answer to the earlier ones, in the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from specbench.checks import check_count, check_fits, tokens_at_least
 from specbench.errors import UserError
-from specbench.files import read_text
+from specbench.files import jsonl_rows, read_text
 from specbench.workloads import formats
 
 
@@ -47,10 +47,16 @@ class Workload:
                 f"read from {self.source} as {formats.LABELS[self.format]}")
 
 
+# the top-level workloads/ folder, installed inside the package (setup.py maps it)
+SHIPPED = "specbench.workloads.shipped"
+
+
 @cache
 def registry() -> dict[str, dict]:
-    """The declared workloads, name -> entry (see catalogue/workloads.toml)."""
-    return tomllib.loads(files("specbench.catalogue").joinpath("workloads.toml").read_text())
+    """The declared workloads, name -> spec: workloads/NAME/workload.toml, in their `order`."""
+    specs = {folder.name: tomllib.loads(folder.joinpath("workload.toml").read_text())
+             for folder in files(SHIPPED).iterdir() if folder.joinpath("workload.toml").is_file()}
+    return dict(sorted(specs.items(), key=lambda item: (item[1].get("order", len(specs)), item[0])))
 
 
 def describe_sources() -> list[tuple[str, str, str]]:
@@ -111,18 +117,7 @@ def parse_rows(rows: list[tuple[int, dict]], source: str, fmt: str | None = None
 
 
 def read_rows(lines: list[str], source: str) -> list[tuple[int, dict]]:
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{source}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{source}:{number}: expected a JSON object per line")
-        rows.append((number, row))
-    return rows
+    return list(jsonl_rows(lines, source))
 
 
 def rows_of(text: str, source: str) -> list[tuple[int, dict]]:
@@ -195,9 +190,9 @@ def open_workload(name: str = "builtin", file: str | Path | None = None) -> Work
     if file is not None:
         return read_file(Path(file), name)
     if "file" in entry:
-        text = files("specbench.workloads").joinpath("data", entry["file"]).read_text(encoding="utf-8")
+        text = files(SHIPPED).joinpath(name, entry["file"]).read_text(encoding="utf-8")
         prompts, fmt = parse_rows(read_rows(text.splitlines(), name), name)
-        return Workload(name, prompts, fmt, f"specbench/workloads/data/{entry['file']}")
+        return Workload(name, prompts, fmt, f"workloads/{name}/{entry['file']}")
     local = data_dir() / entry["local"]
     if local.is_file():
         return read_file(local, name)

@@ -50,6 +50,18 @@ def data(setup):
     return out
 
 
+@pytest.fixture(scope="module")
+def heldout(setup, data):
+    """The same target's answers to 6 pool-heldout prompts: data no recipe trains on."""
+    from specbench.train.data import make_data
+
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name=str(setup["target"]), model_id=source.model_id)
+    out = setup["root"] / "heldout"
+    make_data(target, "pool-heldout", out, max_new_tokens=24, batch_size=4, limit=6, hidden_taps="eagle3")
+    return out
+
+
 def test_prompt_pool_is_varied_and_heldout_is_disjoint():
     train, heldout = load_workload("pool-train"), load_workload("pool-heldout")
     assert len(train) >= 300 and len(heldout) >= 30
@@ -221,12 +233,13 @@ def test_unrolled_draft_steps_are_the_drafters_true_path_nodes():
 
 
 @pytest.mark.parametrize("kind", ["eagle", "eagle3"])
-def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_losslessly(setup, data, kind, tmp_path, capsys, monkeypatch):
-    """A few steps on the tiny target: the training loss falls; the checkpoint is in the published
-    layout (no embedding: the target's; EAGLE-1: no LM head, fc with a bias; EAGLE-3: midlayer.*,
+def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_losslessly(setup, data, heldout, kind, tmp_path, capsys, monkeypatch):
+    """A few steps on the tiny target: the training loss and the loss on held-out data (other prompts,
+    never trained on) fall; the checkpoint is in the published layout (no embedding: the target's; EAGLE-1: no LM head, fc with a bias; EAGLE-3: midlayer.*,
     d2t = the most frequent answer ids sorted ascending, as offsets, t2d marking them); the drafter
     loads it strictly and greedy output equals plain decoding on a static tree, a chain and the
-    dynamic tree."""
+    dynamic tree; simulate (from a log with the states the draft reads) scores every step exactly as
+    the online run does."""
     from collections import Counter
 
     from safetensors.torch import load_file
@@ -236,7 +249,7 @@ def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_lossles
 
     out = tmp_path / kind
     vocab_size = 24
-    args = ["train", "--drafter", kind, "--target", setup["target"], "--data", data, "--eval-data", data, "--out", out, "--steps", 16,
+    args = ["train", "--drafter", kind, "--target", setup["target"], "--data", data, "--eval-data", heldout, "--out", out, "--steps", 16,
             "--batch-tokens", 64, "--lr", 1e-2, "--warmup-steps", 2, "--eval-every", 8, "--dtype", "float64",
             "--draft-vocab", vocab_size, "--ttt-steps", 3]
     code, _, err = run_cli(args, capsys, monkeypatch)
@@ -244,7 +257,8 @@ def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_lossles
     log = json.loads((out / "specbench_train.json").read_text())
     first, last = log["history"][:4], log["history"][-4:]
     assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)  # training loss falls
-    assert [e["step"] for e in log["evals"]] == [0, 8, 16] and log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+    assert [e["step"] for e in log["evals"]] == [0, 8, 16] and log["evals"][-1]["loss"] < log["evals"][0]["loss"]  # held out
+    assert log["evals"][-1]["positions"] > 0
     parts = {"eagle": {"regression", "token"}, "eagle3": {"step0", "step1", "step2"}}[kind]
     assert set(log["history"][0]) >= parts and len(log["evals"][-1]["chain_accept_per_depth"]) == 4
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "specbench_train.json"}
@@ -277,6 +291,37 @@ def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_lossles
         for prompt in load_workload("pool-heldout")[:2]:
             ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
             assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
+    # simulate == online for the trained draft: a log of the target with the states the draft reads
+    # (final states / the EAGLE-3 taps), every step's accepted length and tree, chain, static and dynamic tree
+    from specbench.metrics import per_position, tau
+    from specbench.runner import Benchmark, RunConfig
+    from specbench.simulate.log import read_log
+    from specbench.simulate.record import parse_hidden_taps, record
+    from specbench.simulate.runner import SimulateConfig, Simulator
+    from specbench.simulate.walk import Shape
+
+    prompts = load_workload("pool-heldout")[:3]
+    record(target, prompts, "pool-heldout", 20, tmp_path / "log.jsonl", hidden=kind == "eagle",
+           hidden_layers=parse_hidden_taps("eagle3", target.num_layers) if kind == "eagle3" else ())
+    options = {"heads": str(out)}
+    shapes = [Shape.chain(3), Shape.from_spec("mc_sim_7b_63"), Shape.from_spec("dynamic")]
+    simulation = Simulator(read_log(tmp_path / "log.jsonl"), SimulateConfig(kind, options, shapes, latency_steps=1), target).score()
+    assert simulation.method == "teacher-forced" and simulation.hidden_source.startswith("log side file")
+    deep = 0
+    for result in simulation.results:
+        config = RunConfig(target=str(setup["target"]), drafter=kind, drafter_options={**options, "tree": result.shape.spec},
+                           workload="pool-heldout", limit=3, max_new_tokens=20, dtype="float64", device="cpu", baseline=False, warmup=False)
+        bench = Benchmark(config, target=target)
+        online = []
+        for prompt in bench.prompts:
+            steps, _ = bench.measure_prompt(prompt)
+            online += [[s for s in steps if s.turn == t] for t in range(len(prompt.turns))]
+        shape = lambda steps: [(s.tree_size, s.tree_depth, s.accepted) for s in steps]  # noqa: E731
+        assert [shape(t) for t in result.steps] == [shape(t) for t in online], result.shape.name
+        flat_sim, flat_online = [s for t in result.steps for s in t], [s for t in online for s in t]
+        assert tau(flat_sim) == tau(flat_online) and per_position(flat_sim) == per_position(flat_online)
+        deep = max(deep, *(s.accepted for s in flat_online))
+    assert deep >= 2, "no step accepted two drafted tokens: deeper levels were not compared"
     if kind == "eagle3":  # bundled with --int8: matrices int8 + row scales, d2t/t2d kept exactly, loads and stays lossless
         from safetensors import safe_open
 

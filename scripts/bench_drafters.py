@@ -10,8 +10,9 @@ Each drafter runs with its catalogue defaults for the target (the bundled draft 
 Medusa and Hydra heads, and EAGLE drafters where the catalogue has them; the EAGLE
 drafters draft EAGLE-2's dynamic tree unless `--eagle-tree` says otherwise). The runs
 land under `--out` (one directory per drafter and workload) and can be read again with
-`specbench report DIR`. Timings on a shared machine are noisy: compare drafters within
-one invocation, never across machines.
+`specbench report DIR`; each workload's table covers every run under `--out/WORKLOAD`, so a
+second invocation with other `--drafters` adds its rows (use a fresh `--out` to start over).
+Timings on a shared machine are noisy: compare drafters measured together, never across machines.
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ def drafter_options(name: str, args) -> dict:
     return options
 
 
-def workload_table(directories: list[Path], title: str) -> Table:
-    """What `specbench report DIRS` computes for these runs (one setup each), one line per drafter."""
-    result = build(directories)
+def workload_table(folder: Path, title: str) -> Table:
+    """What `specbench report FOLDER` computes for the runs under `folder`, one line per setup."""
+    result = build([folder])
     table = Table(title=title, header_style="bold")
     columns = ["drafter", "τ", *(f"acc@{p}" for p in range(1, POSITIONS + 1)), "draft ms", "verify ms", "tok/s", "plain tok/s",
                "speedup", "exact"]
     for column in columns:
         table.add_column(column, justify="right")
     cell = lambda v, spec: "n/a" if v is None else f"{v:{spec}}"  # noqa: E731
-    for group in result.groups:
+    order = {name: i for i, name in enumerate(DRAFTERS)}
+    for group in sorted(result.groups, key=lambda g: order.get(g.setup["drafter"], len(order))):
         summary = group_summary(group)
         positions = {rate.position: rate.conditional for rate in summary.per_position}
         table.add_row(group.setup["drafter"], cell(summary.tau, ".2f"), *(cell(positions.get(p), ".0%") for p in range(1, POSITIONS + 1)),
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench_drafters"))
     args = parser.parse_args()
 
-    console = Console()
+    console = Console(width=200)  # the table whole, also when piped into a file
     target = None
     for workload in args.workloads.split(","):
         directories = []
@@ -91,7 +93,7 @@ def main() -> None:
         env = info.environment
         title = (f"{args.target} on {workload} (--limit {args.limit}, {args.max_new_tokens} new tokens; {env.get('device_name')}, "
                  f"{env.get('cpu_threads')} threads, {info.decode.get('dtype')}): acc@p = conditional acceptance at draft position p")
-        console.print(workload_table(directories, title))
+        console.print(workload_table(args.out / workload, title))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,13 @@ python -m specbench.train.bundle "$WORK/medusa" smollm2-135m-medusa
 python -m specbench.train.bundle "$WORK/hydra" smollm2-135m-hydra --int8
 
 # 6. EAGLE-1 and EAGLE-3 drafts (one decoder layer of the target's shape; embedding, and for
-#    EAGLE-1 the LM head, the target's), each thread-limited so both train side by side
+#    EAGLE-1 the LM head, the target's), one thread each (on 2026-11-26 they ran side by side); 120 steps is what
+#    fitted the shared machine on 2026-11-26 (docs/eagle.md): not enough to beat the bundled Hydra, so not bundled
 OMP_NUM_THREADS=1 specbench train --drafter eagle3 --target smollm2-135m --data "$WORK/data" --draft-vocab 4096 --ttt-steps 3 \
-  --steps 300 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 150 --eval-fraction 0.05 \
+  --steps 120 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 60 --eval-fraction 0.05 \
   --out "$WORK/eagle3" --overwrite
 OMP_NUM_THREADS=1 specbench train --drafter eagle --target smollm2-135m --data "$WORK/data" --feature-noise 0.1 \
-  --steps 300 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 150 --eval-fraction 0.05 --train-vocab seen \
+  --steps 120 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 60 --eval-fraction 0.05 --train-vocab seen \
   --out "$WORK/eagle" --overwrite
 
 # 7. held-out τ: the target's log on pool-heldout (final states and EAGLE-3's taps), then simulate

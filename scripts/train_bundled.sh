@@ -9,9 +9,10 @@ set -euo pipefail
 WORK=${WORK:-train-work}
 mkdir -p "$WORK"
 
-# 1. the target's own greedy answers to all 392 prompts of pool-train (hidden states cached)
+# 1. the target's own greedy answers to all 392 prompts of pool-train (hidden states cached;
+#    --hidden-taps eagle3 also caches the states entering layers 2, 15, 27, which eagle3 reads)
 specbench train-data --target smollm2-135m --workload pool-train --max-new-tokens 128 \
-  --batch-size 32 --out "$WORK/data" --overwrite
+  --batch-size 32 --hidden-taps eagle3 --out "$WORK/data" --overwrite
 
 # 2. Hydra++ heads (prefix-mlp), 3 heads x 1 layer, LM head and embeddings tied to the target's
 specbench train --drafter hydra --target smollm2-135m --data "$WORK/data" --heads 3 --hydra-layers 1 --tie-lm-head \
@@ -32,3 +33,22 @@ specbench train --drafter draft-model --target smollm2-135m --data "$WORK/data" 
 python -m specbench.train.bundle "$WORK/draft" smollm2-135m-draft --base smollm2-135m
 python -m specbench.train.bundle "$WORK/medusa" smollm2-135m-medusa
 python -m specbench.train.bundle "$WORK/hydra" smollm2-135m-hydra --int8
+
+# 6. EAGLE-1 and EAGLE-3 drafts (one decoder layer of the target's shape; embedding, and for
+#    EAGLE-1 the LM head, the target's), one thread each (on 2026-11-26 they ran side by side); 120 steps is what
+#    fitted the shared machine on 2026-11-26 (docs/eagle.md): not enough to beat the bundled Hydra, so not bundled
+OMP_NUM_THREADS=1 specbench train --drafter eagle3 --target smollm2-135m --data "$WORK/data" --draft-vocab 4096 --ttt-steps 3 \
+  --steps 120 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 60 --eval-fraction 0.05 \
+  --out "$WORK/eagle3" --overwrite
+OMP_NUM_THREADS=1 specbench train --drafter eagle --target smollm2-135m --data "$WORK/data" --feature-noise 0.1 \
+  --steps 120 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 60 --eval-fraction 0.05 --train-vocab seen \
+  --out "$WORK/eagle" --overwrite
+
+# 7. held-out τ: the target's log on pool-heldout (final states and EAGLE-3's taps), then simulate
+specbench record --target smollm2-135m --workload pool-heldout --max-new-tokens 96 --hidden --hidden-taps eagle3 \
+  --out "$WORK/heldout.jsonl"
+specbench simulate --log "$WORK/heldout.jsonl" --target smollm2-135m --drafter hydra --tree mc_sim_7b_63_depth3 --out "$WORK/sim"
+specbench simulate --log "$WORK/heldout.jsonl" --target smollm2-135m --drafter eagle --heads "$WORK/eagle" \
+  --tree dynamic,mc_sim_7b_63_depth3,mc_sim_7b_63 --out "$WORK/sim"
+specbench simulate --log "$WORK/heldout.jsonl" --target smollm2-135m --drafter eagle3 --heads "$WORK/eagle3" \
+  --tree dynamic,mc_sim_7b_63_depth3,mc_sim_7b_63 --out "$WORK/sim"

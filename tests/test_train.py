@@ -46,7 +46,19 @@ def data(setup):
     model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
     target = HFTarget(model, tokenizer, name=str(setup["target"]), model_id=source.model_id)
     out = setup["root"] / "data"
-    make_data(target, "pool-train", out, max_new_tokens=24, batch_size=4, limit=12)
+    make_data(target, "pool-train", out, max_new_tokens=24, batch_size=4, limit=12, hidden_taps="eagle3")
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout(setup, data):
+    """The same target's answers to 6 pool-heldout prompts: data no recipe trains on."""
+    from specbench.train.data import make_data
+
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name=str(setup["target"]), model_id=source.model_id)
+    out = setup["root"] / "heldout"
+    make_data(target, "pool-heldout", out, max_new_tokens=24, batch_size=4, limit=6, hidden_taps="eagle3")
     return out
 
 
@@ -80,6 +92,17 @@ def test_train_data_writes_chat_answers_tokens_and_hidden(setup, data):
         with torch.no_grad():
             reference = model.model(input_ids=ids[None]).last_hidden_state[0]
         torch.testing.assert_close(loaded.hidden_of(i)[:-1].double(), reference[:-1], atol=2e-2, rtol=1e-2)
+    # --hidden-taps eagle3 on 3 layers: the states ENTERING layers 2, 1, 0 (HF's hidden_states[j]), same zero last row
+    assert meta["taps"] == [2, 1, 0] and (data / "taps.safetensors").is_file()
+    loaded = load_data(data, with_taps=True)
+    for i in range(3):
+        ids, _ = loaded.sequence(i)
+        with torch.no_grad():
+            states = model.model(input_ids=ids[None], output_hidden_states=True).hidden_states
+        taps = loaded.taps_of(i, (0, 2))
+        reference = torch.cat([states[0][0], states[2][0]], dim=-1)
+        torch.testing.assert_close(taps[:-1].double(), reference[:-1], atol=2e-2, rtol=1e-2)
+        assert not taps[-1].any()
 
 
 def test_train_draft_model_loss_falls_and_checkpoint_drafts_losslessly(setup, data, capsys, monkeypatch):
@@ -109,12 +132,20 @@ def test_train_draft_model_loss_falls_and_checkpoint_drafts_losslessly(setup, da
 
 
 def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    shutil.copytree(data, setup["root"] / "data-no-taps", ignore=shutil.ignore_patterns("taps.safetensors"), dirs_exist_ok=True)
     base = ["train", "--drafter", "draft-model", "--data", data, "--steps", 1]
     cases = [
         (base + ["--target", setup["other"], "--out", tmp_path / "a"], "regenerate it with `specbench train-data --target"),
         (base + ["--target", setup["target"], "--out", setup["root"] / "data"], "exists and is not empty"),
         (["train", "--drafter", "draft-model", "--target", setup["target"], "--data", tmp_path, "--out", tmp_path / "b"], "is not a training data directory"),
-        (["train", "--drafter", "eagle", "--target", setup["target"], "--data", data, "--out", tmp_path / "c"], "cannot train drafter 'eagle'"),
+        (["train", "--drafter", "prompt-lookup", "--target", setup["target"], "--data", data, "--out", tmp_path / "c"],
+         "cannot train drafter 'prompt-lookup'"),
+        (["train", "--drafter", "eagle3", "--target", setup["target"], "--data", setup["root"] / "data-no-taps", "--out", tmp_path / "h"],
+         "regenerate it with `specbench train-data --hidden-taps eagle3`"),
+        (["train", "--drafter", "eagle3", "--target", setup["target"], "--data", data, "--out", tmp_path / "i", "--draft-vocab", 10**6],
+         "--draft-vocab must be between 1 and the target's"),
         (base + ["--target", setup["target"], "--out", tmp_path / "d", "--layers", 3], "--layers must be between 1 and 2"),
         (["train", "--drafter", "hydra", "--target", setup["target"], "--data", data, "--out", tmp_path / "g", "--hydra-layers", 0],
          "--hydra-layers must be at least 1"),
@@ -169,6 +200,142 @@ def test_train_heads_loss_falls_and_checkpoint_loads_through_the_drafter(setup, 
     for prompt in load_workload("pool-heldout")[:2]:
         ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
         assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
+
+
+def test_unrolled_draft_steps_are_the_drafters_true_path_nodes():
+    """EagleNet.unrolled (EAGLE-3's training-time test, and the eagle recipes' held-out scoring)
+    computes, for every context position at once, what the drafter computes online: the
+    context through the draft's KV cache, then the nodes on the true path, each seeing the
+    context and its ancestors. Both versions, a GQA draft, float64."""
+    from specbench.drafters.eagle.model import DraftKV, EagleConfig, EagleNet
+
+    torch.manual_seed(0)
+    for version in (1, 3):
+        config = EagleConfig(version=version, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2, head_dim=8,
+                             vocab_size=50, draft_vocab_size=50, target_hidden_size=32, fc_bias=version == 1, rope_theta=500.0)
+        net = EagleNet(config).double()
+        for p in net.parameters():
+            p.data.normal_(0, 0.3)
+        net.set_head(net.lm_head if version == 3 else torch.nn.Linear(32, 50, bias=False).double(), None)
+        n, steps = 11, 3
+        tokens = torch.randint(0, 50, (n,))
+        stream = torch.randn(n - 1, config.fc_in if version == 3 else 32, dtype=torch.float64) * 2
+        unrolled = net.unrolled(tokens, stream, steps)
+        assert [tuple(o.shape) for o in unrolled] == [(n - 1, 32)] * steps
+        for i in range(n - 1 - steps):
+            kv = DraftKV(config, torch.float64, torch.device("cpu"))
+            out = net.context(tokens[1 : i + 2], stream[: i + 1], kv)[-1:]  # context positions 0..i, as the catch-up runs them
+            torch.testing.assert_close(unrolled[0][i : i + 1], out)
+            own = None
+            for s in range(1, steps):  # the depth-(s+1) node: token x_{i+1+s}, its parent's output, position i+s
+                out, own = net.nodes(tokens[i + 1 + s : i + 2 + s], out, torch.tensor([i + s]), kv, torch.tensor([i + 1]), own)
+                torch.testing.assert_close(unrolled[s][i : i + 1], out)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_losslessly(setup, data, heldout, kind, tmp_path, capsys, monkeypatch):
+    """A few steps on the tiny target: the training loss and the loss on held-out data (other prompts,
+    never trained on) fall; the checkpoint is in the published layout (no embedding: the target's; EAGLE-1: no LM head, fc with a bias; EAGLE-3: midlayer.*,
+    d2t = the most frequent answer ids sorted ascending, as offsets, t2d marking them); the drafter
+    loads it strictly and greedy output equals plain decoding on a static tree, a chain and the
+    dynamic tree; simulate (from a log with the states the draft reads) scores every step exactly as
+    the online run does."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, build_net, read_checkpoint
+    from specbench.drafters.registry import build_drafter
+
+    out = tmp_path / kind
+    vocab_size = 24
+    args = ["train", "--drafter", kind, "--target", setup["target"], "--data", data, "--eval-data", heldout, "--out", out, "--steps", 16,
+            "--batch-tokens", 64, "--lr", 1e-2, "--warmup-steps", 2, "--eval-every", 8, "--dtype", "float64",
+            "--draft-vocab", vocab_size, "--ttt-steps", 3]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    log = json.loads((out / "specbench_train.json").read_text())
+    first, last = log["history"][:4], log["history"][-4:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)  # training loss falls
+    assert [e["step"] for e in log["evals"]] == [0, 8, 16] and log["evals"][-1]["loss"] < log["evals"][0]["loss"]  # held out
+    assert log["evals"][-1]["positions"] > 0
+    parts = {"eagle": {"regression", "token"}, "eagle3": {"step0", "step1", "step2"}}[kind]
+    assert set(log["history"][0]) >= parts and len(log["evals"][-1]["chain_accept_per_depth"]) == 4
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "specbench_train.json"}
+    state = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert "embed_tokens.weight" not in state  # the target's embedding, not stored
+    if kind == "eagle":
+        assert config["bias"] is True and "fc.bias" in state and "lm_head.weight" not in state
+        assert set(state) == {"fc.weight", "fc.bias", "layers.0.post_attention_layernorm.weight",
+                              *(f"layers.0.self_attn.{w}_proj.weight" for w in "qkvo"),
+                              *(f"layers.0.mlp.{w}_proj.weight" for w in ("gate", "up", "down"))}
+    else:
+        assert config["draft_vocab_size"] == vocab_size and "midlayer.hidden_norm.weight" in state and "fc.bias" not in state
+        counts = Counter()  # --eval-data given: every sequence of --data trains, and its answer tokens are counted
+        tokens = load_file(data / "tokens.safetensors")
+        for a, b, start in zip(tokens["offsets"][:-1].tolist(), tokens["offsets"][1:].tolist(), tokens["starts"].tolist()):
+            counts.update(tokens["ids"][start:b].tolist())
+        assert len(counts) > vocab_size  # the choice is a real one
+        chosen = sorted(sorted(counts, key=lambda t: (-counts[t], t))[:vocab_size])
+        assert (torch.arange(vocab_size) + state["d2t"]).tolist() == chosen
+        assert state["t2d"].nonzero().flatten().tolist() == chosen and state["d2t"].dtype == torch.int64
+        assert log["draft_vocab"] == vocab_size and 0 < log["draft_vocab_coverage"] < 1
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name="tiny", model_id=source.model_id)
+    checkpoint = read_checkpoint(str(out))
+    assert checkpoint.layout == (EAGLE1 if kind == "eagle" else EAGLE3)
+    build_net(checkpoint, target)  # strict: every key the layout holds, nothing else
+    for tree in ("mc_sim_7b_63_depth3", "chain:3", "dynamic"):
+        drafter = build_drafter(kind, target, {"heads": str(out), "tree": tree, "total_tokens": 12, "depth": 3, "top_k": 3})
+        for prompt in load_workload("pool-heldout")[:2]:
+            ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
+            assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
+    # simulate == online for the trained draft: a log of the target with the states the draft reads
+    # (final states / the EAGLE-3 taps), every step's accepted length and tree, chain, static and dynamic tree
+    from specbench.metrics import per_position, tau
+    from specbench.runner import Benchmark, RunConfig
+    from specbench.simulate.log import read_log
+    from specbench.simulate.record import parse_hidden_taps, record
+    from specbench.simulate.runner import SimulateConfig, Simulator
+    from specbench.simulate.walk import Shape
+
+    prompts = load_workload("pool-heldout")[:3]
+    record(target, prompts, "pool-heldout", 20, tmp_path / "log.jsonl", hidden=kind == "eagle",
+           hidden_layers=parse_hidden_taps("eagle3", target.num_layers) if kind == "eagle3" else ())
+    options = {"heads": str(out)}
+    shapes = [Shape.chain(3), Shape.from_spec("mc_sim_7b_63"), Shape.from_spec("dynamic")]
+    simulation = Simulator(read_log(tmp_path / "log.jsonl"), SimulateConfig(kind, options, shapes, latency_steps=1), target).score()
+    assert simulation.method == "teacher-forced" and simulation.hidden_source.startswith("log side file")
+    deep = 0
+    for result in simulation.results:
+        config = RunConfig(target=str(setup["target"]), drafter=kind, drafter_options={**options, "tree": result.shape.spec},
+                           workload="pool-heldout", limit=3, max_new_tokens=20, dtype="float64", device="cpu", baseline=False, warmup=False)
+        bench = Benchmark(config, target=target)
+        online = []
+        for prompt in bench.prompts:
+            steps, _ = bench.measure_prompt(prompt)
+            online += [[s for s in steps if s.turn == t] for t in range(len(prompt.turns))]
+        shape = lambda steps: [(s.tree_size, s.tree_depth, s.accepted) for s in steps]  # noqa: E731
+        assert [shape(t) for t in result.steps] == [shape(t) for t in online], result.shape.name
+        flat_sim, flat_online = [s for t in result.steps for s in t], [s for t in online for s in t]
+        assert tau(flat_sim) == tau(flat_online) and per_position(flat_sim) == per_position(flat_online)
+        deep = max(deep, *(s.accepted for s in flat_online))
+    assert deep >= 2, "no step accepted two drafted tokens: deeper levels were not compared"
+    if kind == "eagle3":  # bundled with --int8: matrices int8 + row scales, d2t/t2d kept exactly, loads and stays lossless
+        from safetensors import safe_open
+
+        from specbench.train.bundle import bundle_eagle
+
+        bundled = bundle_eagle(out, "tiny-eagle3", dest=tmp_path / "bundled", int8=True)
+        with safe_open(str(bundled / "model.safetensors"), "pt") as stored:
+            assert stored.get_tensor("midlayer.self_attn.q_proj.weight").dtype == torch.int8
+            assert torch.equal(stored.get_tensor("d2t"), state["d2t"]) and torch.equal(stored.get_tensor("t2d"), state["t2d"])
+        drafter = build_drafter(kind, target, {"heads": str(bundled), "tree": "chain:3"})
+        assert drafter.describe()["format"] == EAGLE3
+        for prompt in load_workload("pool-heldout")[:2]:
+            ids = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": prompt.turns[0]}], add_generation_prompt=True, tokenize=True)["input_ids"])
+            assert decode(target, drafter, ids, 20).output_ids == decode(target, PlainDecoding(target), ids, 20).output_ids
 
 
 def test_old_train_spellings_work_for_one_release_with_a_line_each(setup, data, tmp_path, capsys, monkeypatch):

@@ -139,7 +139,7 @@ def read_tensors(file: Path, allow_pickled_modules: bool = False) -> dict[str, t
 # Bundled heads must fit the package's size budget, so their matrices are stored
 # as int8 with one scale per output row and rebuilt in the recorded dtype on load
 # (the writer is specbench/train/bundle.py): the module, keys and layout stay the
-# published ones. Vectors (biases, norms) stay as they are.
+# published ones. Vectors (biases, norms) stay as they are, integer maps too.
 
 INT8_STORAGE = "specbench_int8_rowwise"  # safetensors metadata key: the dtype to rebuild in
 INT8_SCALE = ".int8_scale"
@@ -152,7 +152,10 @@ def dequantize_int8(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
         if key.endswith(INT8_SCALE):
             continue
         scale = tensors.get(key + INT8_SCALE)
-        out[key] = (value.float() * scale[:, None]).to(dtype) if scale is not None else value.to(dtype)
+        if scale is not None:
+            out[key] = (value.float() * scale[:, None]).to(dtype)
+        else:  # vectors in the stored float dtype; integer and bool tensors (EAGLE-3's d2t/t2d) as they are
+            out[key] = value.to(dtype) if value.is_floating_point() else value
     return out
 
 

@@ -14,6 +14,11 @@ fp16, and names the base target whose tables complete it at load time
 (`specbench.targets.loading`). For SmolLM2-135M the tied 49152×576 table is 28M
 of a 1-layer draft's 32M parameters: 7 MB bundled instead of 130 MB.
 
+An EAGLE checkpoint from `specbench train --drafter eagle|eagle3` already leaves out
+the target's embedding (and EAGLE-1 its LM head); it is bundled in its published
+layout (config.json + model.safetensors), in bf16 or, with `--int8`, with its
+matrices int8 + per-row scales (d2t/t2d untouched), which the EAGLE loader rebuilds.
+
     python -m specbench.train.bundle CHECKPOINT_DIR NAME --base smollm2-135m
 """
 
@@ -45,8 +50,8 @@ def quantize_int8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[d
             scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
             out[key] = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             out[key + INT8_SCALE] = scale.to(torch.float32).contiguous()
-        else:
-            out[key] = value.to(dtype).contiguous()
+        else:  # vectors in `dtype`; integer and bool tensors (EAGLE-3's d2t, t2d) as they are
+            out[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
     return out, {"format": "pt", INT8_STORAGE: str(dtype).removeprefix("torch.")}
 
 
@@ -114,14 +119,56 @@ def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch
     return out
 
 
+def _train_info(checkpoint: Path) -> dict:
+    log = checkpoint / "specbench_train.json"
+    train = json.loads(log.read_text()) if log.exists() else {}
+    return {"kind": train.get("kind"), "config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1],
+            "seconds": train.get("seconds")}
+
+
+def is_eagle_checkpoint(checkpoint: Path) -> bool:
+    log = checkpoint / "specbench_train.json"
+    kind = json.loads(log.read_text()).get("kind") if log.exists() else None
+    return kind in ("eagle", "eagle3")
+
+
+def bundle_eagle(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16, int8: bool = False) -> Path:
+    """Copy an EAGLE checkpoint in its layout (config.json + model.safetensors), float tensors
+    in `dtype`, or with `int8` its matrices as int8 + per-row scales (rebuilt in `dtype` on load)."""
+    from specbench.drafters.checkpoints import read_tensors
+
+    weights = checkpoint / "model.safetensors"
+    state = read_tensors(weights)
+    if "embed_tokens.weight" in state:
+        raise UserError(f"'{weights}' carries its own embedding table; a bundle takes the target's (train writes none)")
+    out = dest / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if int8:
+        tensors, metadata = quantize_int8(state, dtype)
+    else:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+        metadata = {"format": "pt"}
+    save_file(tensors, out / "model.safetensors", metadata=metadata)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    info = {"kind": _train_info(checkpoint)["kind"], "dtype": ("int8 per-row, rebuilt as " if int8 else "") + str(dtype).removeprefix("torch."),
+            "trained": {k: v for k, v in _train_info(checkpoint).items() if k != "kind"}}
+    (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("name")
     parser.add_argument("--base", default="smollm2-135m", help="the target whose vocabulary tables complete the draft")
-    parser.add_argument("--int8", action="store_true", help="heads: store matrices as int8 with per-row scales")
+    parser.add_argument("--int8", action="store_true", help="heads and EAGLE drafts: store matrices as int8 with per-row scales")
     args = parser.parse_args()
-    if (args.checkpoint / "model.safetensors").exists():
+    if is_eagle_checkpoint(args.checkpoint):
+        print(bundle_eagle(args.checkpoint, args.name, int8=args.int8))
+    elif (args.checkpoint / "model.safetensors").exists():
         print(bundle_draft(args.checkpoint, args.name, args.base))
     else:
         print(bundle_heads(args.checkpoint, args.name, int8=args.int8))

@@ -25,14 +25,14 @@ TRAIN_LOG = "specbench_train.json"
 class TrainConfig:
     """What `specbench train` trains and how; each field's help is what `--help` shows."""
 
-    drafter: str = option(MISSING, "what to train: a name from specbench.train.recipes (draft-model, medusa, hydra, hydra-decoder, ...)")
+    drafter: str = option(MISSING, "what to train: a name from specbench.train.recipes (draft-model, medusa, hydra, hydra-decoder, eagle, eagle3)")
     data: str = option(MISSING, "a data directory from `specbench train-data` (same target)")
     out: str = option(MISSING, "the checkpoint directory to write")
     target: str = option("smollm2-135m", "the frozen target the drafter is trained for")
     steps: int = option(200, "optimiser steps", min=1)
     batch_tokens: int = option(2048, "answer tokens per optimiser step (whole sequences, packed)", min=1)
     max_length: int = option(1024, "cut sequences to this many tokens", min=1)
-    lr: float | None = option(None, "peak learning rate (AdamW); default per drafter (5e-4 for hydra, 1e-3 otherwise)", gt=0)
+    lr: float | None = option(None, "peak learning rate (AdamW); default per drafter (specbench.train.recipes)", gt=0)
     warmup_steps: int = option(20, "linear learning-rate warmup steps, then cosine decay", min=0)
     min_lr_ratio: float = option(0.33, "the cosine ends at this fraction of --lr (Hydra++'s 0.33)", min=0, max=1)
     weight_decay: float = 0.0
@@ -68,12 +68,12 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def split_data(config: TrainConfig, target, need_hidden: bool) -> tuple[TrainData, list[int], TrainData, list[int]]:
+def split_data(config: TrainConfig, target, need_hidden: bool, need_taps: bool = False) -> tuple[TrainData, list[int], TrainData, list[int]]:
     """(train data, its sequence indices, eval data, its sequence indices)."""
-    data = load_data(Path(config.data), with_hidden=need_hidden)
+    data = load_data(Path(config.data), with_hidden=need_hidden, with_taps=need_taps)
     data.check_target(target)
     if config.eval_data:
-        evald = load_data(Path(config.eval_data), with_hidden=need_hidden)
+        evald = load_data(Path(config.eval_data), with_hidden=need_hidden, with_taps=need_taps)
         evald.check_target(target)
         return data, list(range(len(data))), evald, list(range(len(evald)))
     order = list(range(len(data)))

@@ -28,6 +28,10 @@ class RecipeOptions:
     tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): small checkpoints")
     decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
     hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=0)
+    draft_vocab: int = option(8192, "eagle3: draft vocabulary size, the N most frequent answer tokens of the data (d2t)", min=1)
+    ttt_steps: int = option(4, "eagle3: draft steps unrolled in training-time test, each fed its own previous output "
+                               "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
+    feature_noise: float = option(0.1, "eagle: uniform noise U(-a, a) added to the target's features in training (the paper's 0.1)", min=0)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ RECIPES = {
     "medusa": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head")),
     "hydra": Recipe(_HEADS, "train_heads", 5e-4, ("num_heads", "tie_lm_head", "hydra_layers")),  # Hydra++'s rate
     "hydra-decoder": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head", "decoder_layers")),
+    "eagle": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("feature_noise",)),
+    "eagle3": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("draft_vocab", "ttt_steps")),
 }
 
 

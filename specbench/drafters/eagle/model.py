@@ -373,6 +373,39 @@ class EagleNet(nn.Module):
         out = self._run(tokens, hidden, positions, False, attend)
         return out, grown
 
+    def unrolled(self, tokens: torch.Tensor, stream: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """EAGLE-3's training-time test, and the chain a draft follows along a known text:
+        `steps` draft passes over a sequence x_0..x_{n-1}, with autograd, nothing cached.
+        Row i (0..n-2) of step 0 is context position i: the token x_{i+1} with the target's
+        state `stream[i]`. Step s >= 1 feeds row i the token x_{i+1+s} (the last token again
+        past the end; callers mask those rows) with step s-1's own output at row i, at
+        position i + s: the depth-(s+1) node on the true path of a draft from context
+        position i. It sees step 0's keys at rows 0..i (the accepted context) and its own
+        keys of steps 1..s (its ancestors and itself), exactly what the drafter shows that
+        node. Returns each step's outputs [n-1, H]."""
+        rows = stream.shape[0]
+        index = torch.arange(rows, device=tokens.device)
+        lengths = index + 1
+        context: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        chain: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        outputs, hidden = [], stream
+
+        for step in range(steps):
+            def attend(layer, qs, keys, values, step=step):
+                if step == 0:
+                    context[layer] = (keys.transpose(0, 1), values.transpose(0, 1))
+                    return attention(qs, context[layer], lengths, None, self.scale)
+                mine = (keys[:, None], values[:, None])
+                if layer in chain:
+                    mine = (torch.cat([chain[layer][0], mine[0]], dim=1), torch.cat([chain[layer][1], mine[1]], dim=1))
+                chain[layer] = mine
+                return attention(qs, context[layer], lengths, mine, self.scale)
+
+            ids = tokens[(index + 1 + step).clamp(max=tokens.numel() - 1)]
+            hidden = self._run(ids, hidden, index + step, step == 0, attend)
+            outputs.append(hidden)
+        return outputs
+
     def weight_bytes(self) -> int:
         """Bytes of weights one draft pass reads (the embedding lookup reads a row per token, so it
         is left out, as for targets), the LM head in use included."""

@@ -1,0 +1,100 @@
+"""Every drafter family on the embedded default, one machine, one process: `specbench run`
+for each drafter on each workload, then one `specbench report` table per workload —
+τ, per-position acceptance, draft ms, verify ms, speedup, exact match.
+
+    python scripts/bench_drafters.py                        # builtin and pool-heldout, --limit 4, 64 new tokens
+    python scripts/bench_drafters.py --eagle-heads DIR --eagle3-heads DIR   # trained drafters not in the catalogue
+    python scripts/bench_drafters.py --drafters hydra,eagle3 --workloads pool-heldout --limit 10
+
+Each drafter runs with its catalogue defaults for the target (the bundled draft model,
+Medusa and Hydra heads, and EAGLE drafters where the catalogue has them; the EAGLE
+drafters draft EAGLE-2's dynamic tree unless `--eagle-tree` says otherwise). The runs
+land under `--out` (one directory per drafter and workload) and can be read again with
+`specbench report DIR`; each workload's table covers every run under `--out/WORKLOAD`, so a
+second invocation with other `--drafters` adds its rows (use a fresh `--out` to start over).
+Timings on a shared machine are noisy: compare drafters measured together, never across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from specbench.report.build import build, run_summary
+from specbench.report.frames import group_summary
+from specbench.report.tables import exact_match
+from specbench.runner import RunConfig, load, start_run
+
+DRAFTERS = ("prompt-lookup", "draft-model", "medusa", "hydra", "eagle", "eagle3")
+POSITIONS = 4  # per-position (conditional) acceptance columns shown
+
+
+def drafter_options(name: str, args) -> dict:
+    options: dict = {}
+    if name in ("eagle", "eagle3"):
+        heads = args.eagle_heads if name == "eagle" else args.eagle3_heads
+        if heads:
+            options["heads"] = heads
+        if args.eagle_tree:
+            options["tree"] = args.eagle_tree
+    return options
+
+
+def workload_table(folder: Path, title: str) -> Table:
+    """What `specbench report FOLDER` computes for the runs under `folder`, one line per setup."""
+    result = build([folder])
+    table = Table(title=title, header_style="bold")
+    columns = ["drafter", "τ", *(f"acc@{p}" for p in range(1, POSITIONS + 1)), "draft ms", "verify ms", "tok/s", "plain tok/s",
+               "speedup", "exact"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    cell = lambda v, spec: "n/a" if v is None else f"{v:{spec}}"  # noqa: E731
+    order = {name: i for i, name in enumerate(DRAFTERS)}
+    for group in sorted(result.groups, key=lambda g: order.get(g.setup["drafter"], len(order))):
+        summary = group_summary(group)
+        positions = {rate.position: rate.conditional for rate in summary.per_position}
+        table.add_row(group.setup["drafter"], cell(summary.tau, ".2f"), *(cell(positions.get(p), ".0%") for p in range(1, POSITIONS + 1)),
+                      cell(summary.draft_ms_per_step, ".2f"), cell(summary.verify_ms_per_step, ".2f"),
+                      cell(summary.tokens_per_s, ".1f"), cell(summary.baseline_tokens_per_s, ".1f"), cell(summary.speedup, ".2f") + "×",
+                      exact_match(summary))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--drafters", default=",".join(DRAFTERS))
+    parser.add_argument("--workloads", default="builtin,pool-heldout")
+    parser.add_argument("--limit", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--eagle-heads", help="EAGLE-1 checkpoint directory (default: the catalogue's for the target)")
+    parser.add_argument("--eagle3-heads", help="EAGLE-3 checkpoint directory (default: the catalogue's for the target)")
+    parser.add_argument("--eagle-tree", help="tree for eagle/eagle3 (default: their own, EAGLE-2's dynamic tree)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_drafters"))
+    args = parser.parse_args()
+
+    console = Console(width=200)  # the table whole, also when piped into a file
+    target = None
+    for workload in args.workloads.split(","):
+        directories = []
+        for name in args.drafters.split(","):
+            config = RunConfig(target=args.target, drafter=name, drafter_options=drafter_options(name, args), workload=workload,
+                               limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
+            target = target or load(config)
+            directory = start_run(config, args.out / workload, command="scripts/bench_drafters.py", target=target)
+            directories.append(directory)
+            console.print(f"{workload} {name}: {directory}")
+        info = run_summary(directories[0])[0]
+        env = info.environment
+        title = (f"{args.target} on {workload} (--limit {args.limit}, {args.max_new_tokens} new tokens; {env.get('device_name')}, "
+                 f"{env.get('cpu_threads')} threads, {info.decode.get('dtype')}): acc@p = conditional acceptance at draft position p")
+        console.print(workload_table(args.out / workload, title))
+
+
+if __name__ == "__main__":
+    main()

@@ -522,7 +522,8 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
         s.bad(f"train {flag} {value}", [*tr, flag, value], flag)
     s.bad("train --data missing", [*tr[:-4], "--data", "{case}/none", "--out", "{case}/ckpt"], "not a training data directory")
     s.bad("train --data corrupt tokens", [*tr[:-4], "--data", extra["data_corrupt"], "--out", "{case}/ckpt"], "safetensors")
-    s.bad("train --drafter eagle", ["train", "--drafter", "eagle", *T, "--data", extra["data"], "--out", "{case}/ckpt"], "eagle")
+    s.bad("train --drafter eagle3 on a 2-layer target", ["train", "--drafter", "eagle3", *T, "--data", extra["data"], "--out",
+                                                          "{case}/ckpt"], "too few for EAGLE-3")
     s.bad("train --out a file", [*tr[:-4], "--out", w["good"]], "is a file", watch=(w["good"],))
 
     if m["pwned"].exists():  # a pickle payload ran: the worst finding there is

@@ -73,14 +73,13 @@ def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PAC
     out.mkdir(parents=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, out / BUNDLE_WEIGHTS, metadata={"format": "pt"})
     shutil.copy(checkpoint / "config.json", out / "config.json")
-    log = checkpoint / "specbench_train.json"
-    train = json.loads(log.read_text()) if log.exists() else {}
+    train = train_log(checkpoint)
     info = {
         "kind": "draft-model",
         "base_target": base_target,
         "from_base": sorted(from_base),
         "dtype": "float16",
-        "trained": {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")},
+        "trained": trained_summary(train),
     }
     (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return out
@@ -110,26 +109,27 @@ def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch
         cast = lambda obj: {k: cast(v) for k, v in obj.items()} if isinstance(obj, dict) else obj.to(dtype).contiguous()  # noqa: E731
         torch.save(cast(state), out / weights.name)
     shutil.copy(checkpoint / "config.json", out / "config.json")
-    log = checkpoint / "specbench_train.json"
-    train = json.loads(log.read_text()) if log.exists() else {}
+    train = train_log(checkpoint)
     stored = "int8 per-row, rebuilt as " if int8 else ""
     info = {"kind": train.get("kind"), "dtype": stored + str(dtype).removeprefix("torch."),
-            "trained": {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")}}
+            "trained": trained_summary(train)}
     (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return out
 
 
-def _train_info(checkpoint: Path) -> dict:
+def train_log(checkpoint: Path) -> dict:
+    """The log `specbench train` writes beside a checkpoint ({} for a checkpoint made elsewhere)."""
     log = checkpoint / "specbench_train.json"
-    train = json.loads(log.read_text()) if log.exists() else {}
-    return {"kind": train.get("kind"), "config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1],
-            "seconds": train.get("seconds")}
+    return json.loads(log.read_text()) if log.exists() else {}
+
+
+def trained_summary(train: dict) -> dict:
+    """What bundle.json keeps of the training log."""
+    return {"config": train.get("config"), "final_eval": (train.get("evals") or [None])[-1], "seconds": train.get("seconds")}
 
 
 def is_eagle_checkpoint(checkpoint: Path) -> bool:
-    log = checkpoint / "specbench_train.json"
-    kind = json.loads(log.read_text()).get("kind") if log.exists() else None
-    return kind in ("eagle", "eagle3")
+    return train_log(checkpoint).get("kind") in ("eagle", "eagle3")
 
 
 def bundle_eagle(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch.dtype = torch.bfloat16, int8: bool = False) -> Path:
@@ -153,8 +153,9 @@ def bundle_eagle(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch
     config = json.loads((checkpoint / "config.json").read_text())
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    info = {"kind": _train_info(checkpoint)["kind"], "dtype": ("int8 per-row, rebuilt as " if int8 else "") + str(dtype).removeprefix("torch."),
-            "trained": {k: v for k, v in _train_info(checkpoint).items() if k != "kind"}}
+    train = train_log(checkpoint)
+    info = {"kind": train.get("kind"), "dtype": ("int8 per-row, rebuilt as " if int8 else "") + str(dtype).removeprefix("torch."),
+            "trained": trained_summary(train)}
     (out / BUNDLE_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return out
 

@@ -49,12 +49,7 @@ NOISE = 0.005
 DRAFT_VOCAB = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_target(directory: Path, layers: int, rope_theta: float, embed_scale: float, inert_after_first: bool, seed: int = 0) -> Path:

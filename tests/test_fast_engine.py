@@ -65,12 +65,7 @@ def make_drafter(name: str, target, draft=None):
     return HydraDecoderDrafter.build(target, heads="fresh", decoder_layers=1, tree="mc_sim_7b_63")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,7 @@ from specbench.workloads import load_workload
 N = RANK_NONE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- hand-made tables --------------------------------------------------------------------------

@@ -243,6 +243,7 @@ def tune(
     drafter_flags: dict[str, Any] | None = None,
 ) -> None:
     """Pick the draft tree (or k) predicted fastest on this hardware from a log and a verify profile; write it, print how to verify it."""
+    from specbench.report.plots import tuned_frontier
     from specbench.report.tables import tune_report
     from specbench.runner import command_line
     from specbench.simulate.tune import tune_log
@@ -250,10 +251,11 @@ def tune(
     config.drafter_options = drafter_flags or {}  # typed by the library (flags and -o key=value text alike)
     with RichProgress() as progress:
         result = tune_log(log, config, progress, command_line())
-    report = tune_report(result, config.plot)  # draws the plot too
+    if config.plot:
+        tuned_frontier(result, config.plot)
     if as_json:
         return print(json.dumps(result.to_json(), indent=2))
-    for shown in report:
+    for shown in tune_report(result) + ([f"wrote {config.plot}"] if config.plot else []):
         console.print(shown, soft_wrap=True)
 
 

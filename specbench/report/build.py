@@ -1,30 +1,21 @@
-"""`specbench report`: runs → groups → frames → tables, CSV/parquet, plots, HTML."""
+"""`specbench report`, the top of report/: runs → groups → frames, then CSV/parquet, plots and HTML written.
+
+The modules under it read and compute (collect, frames) or show (columns, tables, plots,
+html) and import nothing from here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from specbench.errors import UserError
 from specbench.files import atomic_write
-from specbench.report import frames
-from specbench.report.collect import Group, group_runs, load_runs
+from specbench.report.collect import group_runs, load_runs, setup_names
+from specbench.report.frames import VIEWS, Report, report_frames
 
-# --by value -> the frame it shows
-VIEWS = {"setup": "overview", "category": "categories", "task": "tasks", "position": "positions"}
-
-
-@dataclass
-class Report:
-    groups: list[Group]
-    frames: dict[str, pd.DataFrame]
-    warnings: list[str] = field(default_factory=list)
-
-    def view(self, by: str) -> pd.DataFrame:
-        """The frame `--by` selects (what --csv/--parquet write)."""
-        return self.frames[VIEWS[by]]
+__all__ = ["VIEWS", "Report", "build", "check_outputs", "export", "write_outputs", "run_summary"]
 
 
 def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, html: Path | None, plot: Path | None) -> None:
@@ -41,18 +32,7 @@ def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, htm
 def build(paths: list[Path]) -> Report:
     warnings: list[str] = []
     groups = group_runs(load_runs(paths, warnings), warnings)
-    return Report(
-        groups,
-        {
-            "overview": frames.overview(groups),
-            "categories": frames.by_category(groups, "category"),
-            "tasks": frames.by_category(groups, "task"),
-            "positions": frames.by_position(groups),
-            "prompts": frames.per_prompt(groups),
-            "step_times": frames.step_times(groups),
-        },
-        warnings,
-    )
+    return Report(groups, report_frames(groups), warnings)
 
 
 def export(frame: pd.DataFrame, csv: Path | None, parquet: Path | None) -> list[Path]:
@@ -78,7 +58,7 @@ def write_outputs(report: Report, plot: Path | None, html: Path | None) -> list[
     from specbench.report.plots import write_plots
 
     lines = []
-    plots = write_plots(report.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")))
+    plots = write_plots(report.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")), setup_names(report.groups)[1])
     if plot:
         lines.append(f"wrote {len(plots)} plots to {plot}")
     if html:

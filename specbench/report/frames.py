@@ -7,6 +7,7 @@ exports, plots and the HTML page all read these frames, so they agree.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -19,6 +20,34 @@ METRICS = [
     "cost_coefficient", "tokens_per_s", "baseline_tokens_per_s", "speedup", "mbsu", "exact_match_rate",
     "near_ties", "divergences",
 ]
+
+
+# --by value -> the frame it shows
+VIEWS = {"setup": "overview", "category": "categories", "task": "tasks", "position": "positions"}
+
+
+@dataclass
+class Report:
+    """What `report` shows: the setups, their frames (named below) and what was skipped or doubtful on the way."""
+
+    groups: list[Group]
+    frames: dict[str, pd.DataFrame]
+    warnings: list[str] = field(default_factory=list)
+
+    def view(self, by: str) -> pd.DataFrame:
+        """The frame `--by` selects (what --csv/--parquet write)."""
+        return self.frames[VIEWS[by]]
+
+
+def report_frames(groups: list[Group]) -> dict[str, pd.DataFrame]:
+    return {
+        "overview": overview(groups),
+        "categories": by_category(groups, "category"),
+        "tasks": by_category(groups, "task"),
+        "positions": by_position(groups),
+        "prompts": per_prompt(groups),
+        "step_times": step_times(groups),
+    }
 
 
 def group_summary(group: Group, steps=None, turns=None) -> Summary:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from rich.table import Table
 
 from specbench.metrics import Summary
+from specbench.report import columns
 
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
@@ -114,14 +113,10 @@ def frontier_table(frontier, title: str) -> Table:
     return table
 
 
-def tune_report(result, plot=None) -> list:
+def tune_report(result) -> list:
     """`specbench tune`: the frontier table, where the costs came from, the choice and the commands
-    that check it; with `plot`, the frontier drawn there too."""
-    from specbench.report.plots import tune_frontiers
-
+    that check it (the frontier's plot is `plots.tuned_frontier`, drawn by the caller)."""
     f, chosen = result.frontier, result.chosen
-    if plot:
-        tune_frontiers([f], plot, f"{result.drafter}: tuned on {result.log}")
     shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}"
     shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted per size (* = chosen; ~ = draft ms interpolated)"),
              (f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
@@ -130,49 +125,32 @@ def tune_report(result, plot=None) -> list:
              f"verify it: {result.run_command}"]
     if result.simulate_command:
         shown.append(f"simulate scores it: {result.simulate_command}")
-    return shown + ([f"wrote {plot}"] if plot else [])
+    return shown
 
 
-# columns of a breakdown table: (frame column, header, format)
-BREAKDOWN = [
-    ("prompts", "prompts", "d"),
-    ("tau", "τ", ".2f"),
-    ("acceptance_rate", "acceptance", ".1%"),
-    ("draft_ms_per_step", "draft ms", ".2f"),
-    ("verify_ms_per_step", "verify ms", ".2f"),
-    ("tokens_per_s", "tok/s", ".1f"),
-    ("baseline_tokens_per_s", "plain tok/s", ".1f"),
-    ("speedup", "speedup", ".2f"),
-    ("exact_match_rate", "exact", ".0%"),
-]
+# the columns of a breakdown and a comparison table, in order (headers and formats: report/columns.py)
+BREAKDOWN = ["prompts", "tau", "acceptance_rate", "draft_ms_per_step", "verify_ms_per_step", "tokens_per_s",
+             "baseline_tokens_per_s", "speedup", "exact_match_rate"]
 
 
-def _cell(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{int(value) if spec == 'd' else value:{spec}}"
+def _frame_table(frame, first: str, header: str, title: str) -> Table:
+    table = Table(title=title, header_style="bold")
+    table.add_column(header)
+    for key in BREAKDOWN:
+        table.add_column(columns.header(key), justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(str(row[first]), *(columns.cell(key, row[key]) for key in BREAKDOWN))
+    return table
 
 
 def breakdown_table(frame, key: str, title: str) -> Table:
     """Rows of one setup from a `frames.by_category` frame: one line per category (or task)."""
-    table = Table(title=title, header_style="bold")
-    table.add_column(key)
-    for _, header, _ in BREAKDOWN:
-        table.add_column(header, justify="right")
-    for _, row in frame.iterrows():
-        table.add_row(str(row[key]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
-    return table
+    return _frame_table(frame, key, key, title)
 
 
 def comparison_table(frame, title: str = "setups compared") -> Table:
     """One line per setup from a `frames.overview` frame."""
-    table = Table(title=title, header_style="bold")
-    table.add_column("setup")
-    for _, header, _ in BREAKDOWN:
-        table.add_column(header, justify="right")
-    for _, row in frame.iterrows():
-        table.add_row(str(row["setup"]), *(_cell(row[c], spec) for c, _, spec in BREAKDOWN))
-    return table
+    return _frame_table(frame, "setup", "setup", title)
 
 
 def engine_line(extra: dict) -> str | None:

@@ -413,7 +413,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
 def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SILENT, command: str = "") -> TuneResult:
     """`specbench tune`: choose the shape on `log`, walk the candidates over the config's
     verification log too, and write the chosen tree to the config's `out` (a file `--tree`
-    accepts). Its `plot` is only checked here (report.tables.tune_report draws it), so a bad
+    accepts). Its `plot` is only checked here (the CLI draws it: report.plots.tuned_frontier), so a bad
     path fails before any work."""
     from specbench.simulate.log import read_log
 

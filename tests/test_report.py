@@ -1,6 +1,7 @@
 """`specbench report` on stores built from known records: every printed figure checked against a hand computation."""
 
 import json
+from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
@@ -88,9 +89,9 @@ def test_by_category(tmp_path, capsys, monkeypatch, wide):
     math = next(line for line in out.splitlines() if line.startswith("│ math"))
     cells = [c.strip() for c in math.split("│")[1:-1]]
     # math: τ = 10/4 = 2.50, acceptance 6/12 = 50.0%, tok/s 11/0.4 = 27.5, plain 11/1.0 = 11.0, speedup 2.50×, exact 100%
-    assert cells == ["math", "1", "2.50", "50.0%", "2.00", "10.00", "27.5", "11.0", "2.50", "100%"]
+    assert cells == ["math", "1", "2.50", "50.0%", "2.00", "10.00", "27.5", "11.0", "2.50×", "100.0%"]
     writing = [c.strip() for c in next(line for line in out.splitlines() if line.startswith("│ writing")).split("│")[1:-1]]
-    assert writing == ["writing", "1", "1.00", "0.0%", "2.00", "10.00", "30.0", "30.0", "1.00", "0%"]
+    assert writing == ["writing", "1", "1.00", "0.0%", "2.00", "10.00", "30.0", "30.0", "1.00×", "0.0%"]
     frame = pd.read_csv(tmp_path / "c.csv")
     assert list(frame.category) == ["math", "writing"]
 
@@ -206,3 +207,66 @@ def test_run_json_that_is_not_a_run_is_one_line(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)
     assert code != 0 and "Traceback" not in err
     assert "run.json is corrupt" in err
+
+
+class Tables(HTMLParser):
+    """The cells of every <table> of a page, as text: [table][row][cell]."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell.strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def html_tables(page: str) -> list[list[list[str]]]:
+    parser = Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def test_html_leads_with_speedup_tau_and_exact_per_drafter(tmp_path, capsys, monkeypatch):
+    make_run(tmp_path, "a", [P1, P2])  # speedup 2.20×
+    make_run(tmp_path, "b", [P1], drafter="prompt-lookup", options={"k": 5})  # 11 / 0.4 s ÷ 11 / 1.0 s = 2.50×
+    make_run(tmp_path, "c", [P1, P2], device="Other GPU")
+    code, out, err = run_cli(["report", tmp_path, "--html", tmp_path / "r.html"], capsys, monkeypatch)
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    headline = html_tables(page)[0]
+    assert headline[0] == ["drafter", "speedup", "τ", "exact", "acceptance", "tokens/s", "plain tokens/s", "prompts"]
+    # the fastest first; what all three share (target, workload, decode settings) is said once above, not in a row;
+    # what tells two setups apart (the device) stays in their names
+    assert [row[0] for row in headline[1:]] == ["prompt-lookup (k=5) · on Test CPU", "draft-model (k=3) · on Test CPU",
+                                                "draft-model (k=3) · on Other GPU"]
+    assert headline[1][1:] == ["2.50×", "2.50", "100.0%", "50.0%", "27.5", "11.0", "1"]
+    assert headline[2][1:] == ["2.20×", "2.00", "50.0%", "33.3%", "28.0", "12.7", "2"]
+    assert "target tiny/target" in page.split("<table")[0]
+    headers = [cell for table in html_tables(page) for cell in table[0]]
+    assert not [h for h in headers if "_" in h], "a raw field name is shown as a header"
+    assert "draft ms/step" in headers
+
+
+def test_html_escapes_every_text_from_a_run(tmp_path, capsys, monkeypatch):
+    make_run(tmp_path, "a", [P1, P2], options={"k": 3, "heads": "<script>alert(1)</script>"}, device="<img src=x onerror=alert(2)>")
+    make_run(tmp_path, "b", [P1], drafter="x</td><script>alert(3)</script>")
+    code, out, err = run_cli(["report", tmp_path, "--html", tmp_path / "r.html"], capsys, monkeypatch)
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "<script>" not in page and "<img src=x" not in page and "</td><script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert "x&lt;/td&gt;&lt;script&gt;alert(3)" in page

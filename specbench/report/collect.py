@@ -76,6 +76,36 @@ class Group:
         return dict(sorted(out.items()))
 
 
+def _facets(group: Group) -> dict[str, str]:
+    """What defines a setup beside its drafter, each as the words a reader sees."""
+    s = group.setup
+    facets = {"target": f"target {s['target']}", "device": f"on {s['device']}", "workload": f"workload {s['workload']}",
+              "selection": f"selection {str(s['selection'])[:12]}"}
+    for key, value in s["decode"].items():
+        facets[f"decode.{key}"] = "simulated" if key == "simulated" and value else f"{key.replace('_', ' ')} {value}"
+    return facets
+
+
+def _drafter(group: Group) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in group.setup["drafter_options"].items())
+    return f"{group.setup['drafter']} ({options})" if options else group.setup["drafter"]
+
+
+def setup_names(groups: list[Group]) -> tuple[list[str], dict[str, str]]:
+    """(the facets every setup shares, said once; each setup's label → its short name: the drafter
+    with its options and whatever else differs between the setups)."""
+    facets = [_facets(g) for g in groups]
+    keys = list(dict.fromkeys(k for f in facets for k in f))
+    shared = [k for k in keys if len({f.get(k) for f in facets}) == 1]
+    names = {}
+    for group, own in zip(groups, facets):
+        differing = [own[k] for k in keys if k not in shared and k in own and k != "selection"]
+        if "selection" not in shared:  # the same drafter on another prompt selection: name the selection last
+            differing.append(own["selection"])
+        names[group.label] = " · ".join([_drafter(group), *differing])
+    return [facets[0][k] for k in shared if k != "selection"] if facets else [], names
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
     """Run directories: each path is one, or a folder searched for them."""
     found: list[Path] = []

@@ -121,10 +121,12 @@ PLOTS = {
 }
 
 
-def write_plots(frames: dict[str, pd.DataFrame], directory: Path) -> list[Path]:
-    """The plots the runs can show (a plot with nothing measured to draw is left out)."""
+def write_plots(frames: dict[str, pd.DataFrame], directory: Path, names: dict[str, str] | None = None) -> list[Path]:
+    """The plots the runs can show (a plot with nothing measured to draw is left out); `names`
+    (setup label → short name, collect.setup_names) names the setups in the legends."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = [plot(frames[frame], directory / name) for name, (frame, plot) in PLOTS.items()]
+    rename = (lambda frame: frame.assign(setup=frame["setup"].map(lambda s: names.get(s, s)))) if names else (lambda frame: frame)
+    written = [plot(rename(frames[frame]), directory / name) for name, (frame, plot) in PLOTS.items()]
     return [path for path in written if path is not None]
 
 
@@ -151,3 +153,8 @@ def tune_frontiers(frontiers, path: Path, title: str = "") -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(title or "specbench tune: the frontier per latency profile")
     return _save(fig, path)
+
+
+def tuned_frontier(result, path: Path) -> Path:
+    """`specbench tune --plot`: the frontier of one tuning result."""
+    return tune_frontiers([result.frontier], path, f"{result.drafter}: tuned on {result.log}")

@@ -82,7 +82,11 @@ def _facets(group: Group) -> dict[str, str]:
     facets = {"target": f"target {s['target']}", "device": f"on {s['device']}", "workload": f"workload {s['workload']}",
               "selection": f"selection {str(s['selection'])[:12]}"}
     for key, value in s["decode"].items():
-        facets[f"decode.{key}"] = "simulated" if key == "simulated" and value else f"{key.replace('_', ' ')} {value}"
+        words = key.replace("_", " ")
+        if isinstance(value, bool):  # baseline, simulated
+            facets[f"decode.{key}"] = words if value else f"no {words}"
+        elif value is not None:  # unset (categories, workload_file, ...): nothing to say
+            facets[f"decode.{key}"] = f"{words} {value}"
     return facets
 
 
@@ -91,9 +95,10 @@ def _drafter(group: Group) -> str:
     return f"{group.setup['drafter']} ({options})" if options else group.setup["drafter"]
 
 
-def setup_names(groups: list[Group]) -> tuple[list[str], dict[str, str]]:
-    """(the facets every setup shares, said once; each setup's label → its short name: the drafter
-    with its options and whatever else differs between the setups)."""
+def setup_names(groups: list[Group]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the facets every setup shares, to be said once: key → words, decode settings keyed
+    "decode.NAME"; each setup's label → its short name: the drafter with its options and
+    whatever else differs between the setups)."""
     facets = [_facets(g) for g in groups]
     keys = list(dict.fromkeys(k for f in facets for k in f))
     shared = [k for k in keys if len({f.get(k) for f in facets}) == 1]
@@ -103,7 +108,7 @@ def setup_names(groups: list[Group]) -> tuple[list[str], dict[str, str]]:
         if "selection" not in shared:  # the same drafter on another prompt selection: name the selection last
             differing.append(own["selection"])
         names[group.label] = " · ".join([_drafter(group), *differing])
-    return [facets[0][k] for k in shared if k != "selection"] if facets else [], names
+    return {k: facets[0][k] for k in shared if k != "selection"} if facets else {}, names
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

@@ -128,8 +128,9 @@ def page(report: Report, plots: list[Path]) -> str:
         f"<title>specbench report</title><style>{STYLE}</style></head><body>",
         "<h1>specbench report</h1>",
         f"<p class=setup>{len(report.groups)} setup(s) from {n_runs} run(s)"
-        + (": " + " · ".join(f"<b>{html.escape(s)}</b>" for s in shared) if shared else "")
-        + f". Generated {generated}.</p>",
+        + (": " + " · ".join(f"<b>{html.escape(w)}</b>" for k, w in shared.items() if not k.startswith("decode.")) if shared else "")
+        + f". Generated {generated}.<br>"
+        + " · ".join(html.escape(w) for k, w in shared.items() if k.startswith("decode.")) + "</p>",
     ]
     parts += [f"<p class=warn>warning: {html.escape(w)}</p>" for w in report.warnings]
     parts += ["<h2>Per drafter</h2>", setup_table(overview, HEADLINE, names, best=True), _definitions(HEADLINE)]

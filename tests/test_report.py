@@ -256,6 +256,15 @@ def test_html_leads_with_speedup_tau_and_exact_per_drafter(tmp_path, capsys, mon
     assert headline[1][1:] == ["2.50×", "2.50", "100.0%", "50.0%", "27.5", "11.0", "1"]
     assert headline[2][1:] == ["2.20×", "2.00", "50.0%", "33.3%", "28.0", "12.7", "2"]
     assert "target tiny/target" in page.split("<table")[0]
+    # an answer that differs, classified by the run, says how in the exact column
+    lines = (tmp_path / "c" / "prompts.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        if row["exact_match"] is False:
+            row["divergence_kind"] = "near-tie"
+    (tmp_path / "c" / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = run_cli(["report", tmp_path, "--html", tmp_path / "r2.html"], capsys, monkeypatch)
+    assert html_tables((tmp_path / "r2.html").read_text())[0][3][3] == "50.0% (1 near-tie)"
     headers = [cell for table in html_tables(page) for cell in table[0]]
     assert not [h for h in headers if "_" in h], "a raw field name is shown as a header"
     assert "draft ms/step" in headers

@@ -47,8 +47,13 @@ BREAKDOWN = ["speedup", "tau", "exact_match_rate", "acceptance_rate", "tokens_pe
              "draft_ms_per_step", "verify_ms_per_step", "prompts"]
 
 
-def _cell(key: str, value) -> str:
-    return f"<td{' class=lead' if key in ('speedup', 'tau', 'exact_match_rate') else ''}>{html.escape(columns.cell(key, value))}</td>"
+def _cell(key: str, value, row=None) -> str:
+    text = columns.cell(key, value)
+    if key == "exact_match_rate" and row is not None:  # how the answers that differ were classified, where they were
+        kinds = [f"{int(row[k])} {word}{'' if row[k] == 1 else 's'}" for k, word in (("near_ties", "near-tie"), ("divergences", "divergence"))
+                 if k in row and row[k] and row[k] == row[k]]
+        text += f" ({', '.join(kinds)})" if kinds else ""
+    return f"<td{' class=lead' if key in ('speedup', 'tau', 'exact_match_rate') else ''}>{html.escape(text)}</td>"
 
 
 def _head(first: str, keys: list[str]) -> str:
@@ -67,7 +72,7 @@ def setup_table(frame: pd.DataFrame, keys: list[str], names: dict[str, str], bes
     for index, row in frame.iterrows():
         shade = " class=best" if index == top else ""
         name = html.escape(names.get(row["setup"], row["setup"]))
-        rows.append(f"<tr{shade}><td class=name>{name}</td>{''.join(_cell(k, row.get(k)) for k in keys)}</tr>")
+        rows.append(f"<tr{shade}><td class=name>{name}</td>{''.join(_cell(k, row.get(k), row) for k in keys)}</tr>")
     return f"<table>{_head('drafter', keys)}<tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -81,7 +86,7 @@ def grouped_table(frame: pd.DataFrame, key: str, keys: list[str], names: dict[st
         for _, row in part.iterrows():
             first = row[key]
             shown = columns.cell(key, first) if key in columns.COLUMNS else str(first)
-            rows.append(f"<tr><td class=name>{html.escape(shown)}</td>{''.join(_cell(k, row[k]) for k in keys)}</tr>")
+            rows.append(f"<tr><td class=name>{html.escape(shown)}</td>{''.join(_cell(k, row[k], row) for k in keys)}</tr>")
     return f"<table>{_head(key, keys)}<tbody>{''.join(rows)}</tbody></table>"
 
 

@@ -15,7 +15,7 @@ from specbench.files import atomic_write
 from specbench.report.collect import group_runs, load_runs, setup_names
 from specbench.report.frames import VIEWS, Report, report_frames
 
-__all__ = ["VIEWS", "Report", "build", "check_outputs", "export", "write_outputs", "run_summary"]
+__all__ = ["VIEWS", "Report", "build", "check_outputs", "export", "run_summary", "write_outputs"]
 
 
 def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, html: Path | None, plot: Path | None) -> None:

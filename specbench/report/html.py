@@ -50,8 +50,8 @@ BREAKDOWN = ["speedup", "tau", "exact_match_rate", "acceptance_rate", "tokens_pe
 def _cell(key: str, value, row=None) -> str:
     text = columns.cell(key, value)
     if key == "exact_match_rate" and row is not None:  # how the answers that differ were classified, where they were
-        kinds = [f"{int(row[k])} {word}{'' if row[k] == 1 else 's'}" for k, word in (("near_ties", "near-tie"), ("divergences", "divergence"))
-                 if k in row and row[k] and row[k] == row[k]]
+        counts = (("near_ties", "near-tie"), ("divergences", "divergence"))
+        kinds = [f"{int(row[k])} {word}{'' if row[k] == 1 else 's'}" for k, word in counts if k in row and row[k] and row[k] == row[k]]
         text += f" ({', '.join(kinds)})" if kinds else ""
     return f"<td{' class=lead' if key in ('speedup', 'tau', 'exact_match_rate') else ''}>{html.escape(text)}</td>"
 
@@ -129,8 +129,8 @@ def page(report: Report, plots: list[Path]) -> str:
     n_runs = sum(len(g.runs) for g in report.groups)
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-        f"<title>specbench report</title><style>{STYLE}</style></head><body>",
+        ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+         f"<title>specbench report</title><style>{STYLE}</style></head><body>"),
         "<h1>specbench report</h1>",
         f"<p class=setup>{len(report.groups)} setup(s) from {n_runs} run(s)"
         + (": " + " · ".join(f"<b>{html.escape(w)}</b>" for k, w in shared.items() if not k.startswith("decode.")) if shared else "")

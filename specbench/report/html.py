@@ -51,7 +51,7 @@ def _cell(key: str, value, row=None) -> str:
     text = columns.cell(key, value)
     if key == "exact_match_rate" and row is not None:  # how the answers that differ were classified, where they were
         counts = (("near_ties", "near-tie"), ("divergences", "divergence"))
-        kinds = [f"{int(row[k])} {word}{'' if row[k] == 1 else 's'}" for k, word in counts if k in row and row[k] and row[k] == row[k]]
+        kinds = [f"{int(row[k])} {word}{'' if row[k] == 1 else 's'}" for k, word in counts if k in row and pd.notna(row[k]) and row[k]]
         text += f" ({', '.join(kinds)})" if kinds else ""
     return f"<td{' class=lead' if key in ('speedup', 'tau', 'exact_match_rate') else ''}>{html.escape(text)}</td>"
 

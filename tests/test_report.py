@@ -279,3 +279,17 @@ def test_html_escapes_every_text_from_a_run(tmp_path, capsys, monkeypatch):
     assert "<script>" not in page and "<img src=x" not in page and "</td><script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
     assert "x&lt;/td&gt;&lt;script&gt;alert(3)" in page
+
+
+def test_setup_names_say_once_what_is_shared_and_keep_what_differs(tmp_path):
+    from specbench.report.collect import group_runs, load_runs, setup_names
+
+    make_run(tmp_path, "measured", [P1, P2])
+    make_run(tmp_path, "sim", [P1], simulated=True)
+    make_run(tmp_path, "pl", [P1], drafter="prompt-lookup", options={"k": 5, "max_ngram": 3})
+    warnings = []
+    groups = group_runs(load_runs([tmp_path], warnings), warnings)
+    shared, names = setup_names(groups)
+    assert shared["target"] == "target tiny/target" and shared["decode.max_new_tokens"] == "max new tokens 16"
+    assert shared["decode.temperature"] == "temperature 0.0" and "decode.simulated" not in shared
+    assert sorted(names.values()) == ["draft-model (k=3)", "draft-model (k=3) · simulated", "prompt-lookup (k=5, max_ngram=3)"]

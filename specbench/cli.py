@@ -320,7 +320,7 @@ def report(
             frame = result.frames[key]
             console.print(breakdown_table(frame[frame.setup == group.label], by, f"by {by}"))
     if len(result.groups) > 1:
-        console.print(comparison_table(result.frames["overview"]))
+        console.print(comparison_table(result.frames["overview"], result.groups))
     for path in export(result.view(by), csv, parquet):
         console.print(f"wrote {path}")
     for line in write_outputs(result, plot, html):

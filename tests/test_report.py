@@ -106,7 +106,9 @@ def test_shards_merge_and_hardware_never_averages(tmp_path, capsys, monkeypatch,
     assert sorted(frame.device) == ["Other GPU", "Test CPU"]
     merged = frame[frame.device == "Test CPU"].iloc[0]
     assert merged.runs == 2 and merged.prompts == 2 and merged.tau == pytest.approx(2.0)
-    assert "2 runs merged" in out and "setups compared" in out
+    assert "2 runs merged" in out and "setups compared: target tiny/target · workload builtin" in out
+    compared = [line.split("│")[1].strip() for line in out.split("setups compared")[1].splitlines() if line.startswith("│ draft")]
+    assert compared == ["draft-model (k=3) · on Other GPU", "draft-model (k=3) · on Test CPU"]
 
 
 def test_plots_html_parquet(tmp_path, capsys, monkeypatch, wide):

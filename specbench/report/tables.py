@@ -6,6 +6,7 @@ from rich.table import Table
 
 from specbench.metrics import Summary
 from specbench.report import columns
+from specbench.report.collect import setup_names
 
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
@@ -133,13 +134,14 @@ BREAKDOWN = ["prompts", "tau", "acceptance_rate", "draft_ms_per_step", "verify_m
              "baseline_tokens_per_s", "speedup", "exact_match_rate"]
 
 
-def _frame_table(frame, first: str, header: str, title: str) -> Table:
+def _frame_table(frame, first: str, header: str, title: str, names: dict[str, str] | None = None) -> Table:
     table = Table(title=title, header_style="bold")
     table.add_column(header)
     for key in BREAKDOWN:
         table.add_column(columns.header(key), justify="right")
     for _, row in frame.iterrows():
-        table.add_row(str(row[first]), *(columns.cell(key, row[key]) for key in BREAKDOWN))
+        name = str(row[first])
+        table.add_row((names or {}).get(name, name), *(columns.cell(key, row[key]) for key in BREAKDOWN))
     return table
 
 
@@ -148,9 +150,12 @@ def breakdown_table(frame, key: str, title: str) -> Table:
     return _frame_table(frame, key, key, title)
 
 
-def comparison_table(frame, title: str = "setups compared") -> Table:
-    """One line per setup from a `frames.overview` frame."""
-    return _frame_table(frame, "setup", "setup", title)
+def comparison_table(frame, groups) -> Table:
+    """One line per setup from a `frames.overview` frame, named by what tells it apart; what
+    every setup shares is said once, in the title."""
+    shared, names = setup_names(groups)
+    said_once = " · ".join(words for key, words in shared.items() if not key.startswith("decode."))
+    return _frame_table(frame, "setup", "setup", "setups compared" + (f": {said_once}" if said_once else ""), names)
 
 
 def engine_line(extra: dict) -> str | None:

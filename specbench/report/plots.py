@@ -90,7 +90,7 @@ def time_per_step(step_times: pd.DataFrame, path: Path) -> Path:
         left = [a + b for a, b in zip(left, rows[column])]
     ax.set_xlabel("ms per verification step")
     ax.set_title("Time per step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below the axis: the bars fill it
     ax.tick_params(axis="y", labelsize=7)
     return _save(fig, path)
 
@@ -104,10 +104,10 @@ def tokens_per_s_distribution(prompts: pd.DataFrame, path: Path) -> Path:
             if len(values):
                 data.append(values)
                 names.append(f"{_short(setup, 34)}\n{name}")
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(data)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(max(6, 0.9 * len(data)), 10), 4.5))  # at most 10 in: legible in the page's half width
     ax.boxplot(data, tick_labels=names)
     ax.set_ylabel("tokens/s per prompt")
-    ax.tick_params(axis="x", labelsize=6)
+    ax.tick_params(axis="x", labelsize=7, labelrotation=30)
     ax.set_title("tokens/s over prompts")
     return _save(fig, path)
 

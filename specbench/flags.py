@@ -36,7 +36,7 @@ def with_drafter_flags(command):
     generated = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[spec.type],  # noqa: UP045 - typer reads Optional
-            typer.Option(spec.flag, help=spec.help + (f" ({spec.bounds()})" if spec.bounds() else ""), rich_help_panel="Drafter options"),
+            typer.Option(spec.flag, help=_with_bounds(spec.help, spec.bounds()), rich_help_panel="Drafter options"),
         ])
         for name, spec in flags.items()
     ]
@@ -54,8 +54,15 @@ def with_drafter_flags(command):
 
 
 def with_config(cls, name: str = "config", **defaults):
-    """Give a command one flag per field of the dataclass `cls` that declares help (`option(...)`);
-    the command receives `name=cls(**values)`. `defaults` overrides a field's default for this command."""
+    """Give a command one flag per field of the dataclass `cls` that declares help (`option(...)`),
+    its declared bounds shown in --help; the command receives `name=cls(**values)`, which refuses
+    values outside those bounds (engine.options.CommandConfig). `defaults` overrides a field's
+    default for this command."""
+    from specbench.engine.options import CommandConfig, bounds_text
+
+    if not issubclass(cls, CommandConfig):  # the bounds its flags show must be the bounds it enforces
+        raise TypeError(f"{cls.__name__} must subclass engine.options.CommandConfig to be a command's config")
+
     hints = typing.get_type_hints(cls)
 
     def decorate(command):
@@ -69,7 +76,7 @@ def with_config(cls, name: str = "config", **defaults):
             default = defaults.get(f.name, f.default)
             required = default is dataclasses.MISSING
             generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=... if required else default,
-                                               annotation=Annotated[kind, typer.Option(help=f.metadata["help"])]))
+                                               annotation=Annotated[kind, typer.Option(help=_with_bounds(f.metadata["help"], bounds_text(f.metadata)))]))
 
         @functools.wraps(command)
         def wrapper(**kwargs):
@@ -81,6 +88,10 @@ def with_config(cls, name: str = "config", **defaults):
         return wrapper
 
     return decorate
+
+
+def _with_bounds(help: str, bounds: str) -> str:
+    return help + (f" ({bounds})" if bounds else "")
 
 
 def parse_ks(values: list[str] | None) -> list[int]:

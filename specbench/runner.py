@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from specbench.checks import check_count, check_fits, check_number, check_output_dir, context_window
+from specbench.checks import check_fits, check_output_dir, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.static_cache import EVENTS
 from specbench.environment import environment
@@ -50,7 +50,7 @@ ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a 
 
 
 @dataclass
-class RunConfig:
+class RunConfig(CommandConfig):
     """A run's configuration; each field's help is what `specbench run --help` shows."""
 
     target: str = option("smollm2-135m", TARGET_HELP)
@@ -59,33 +59,29 @@ class RunConfig:
     workload: str = option("builtin", "a name from `specbench workloads`, or a .jsonl file (format detected)")
     workload_file: str | None = option(None, "the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")
     categories: list[str] | None = option(None, "keep only these categories or tasks (comma-separated or repeated)")
-    limit: int | None = option(None, "use only the first N prompts")
+    limit: int | None = option(None, "use only the first N prompts", min=1)
     shard: str | None = option(None, "i/n: measure every n-th prompt from the i-th (after --categories and --limit); `report` merges the shards")
-    max_new_tokens: int = option(128, "new tokens per turn at most")
+    max_new_tokens: int = option(128, "new tokens per turn at most", min=1)
     temperature: float = option(0.0, "0 = greedy (lossless); > 0 = speculative sampling (chains), typical acceptance (medusa/hydra trees, lossy) "
-                                     "or tree sampling (eagle trees, lossless)")
-    seed: int = option(0, "seed for sampling")
+                                     "or tree sampling (eagle trees, lossless)", min=0)
+    seed: int = option(0, "seed for sampling", min=0, max=2**63 - 1)
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
     engine: str = option("auto", "auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA); the baseline runs on the same engine")
     backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
-    tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")
+    tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)", min=1)
     baseline: bool = option(True, "also run plain decoding on the same prompts")
     warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
 
     def __post_init__(self) -> None:
         if self.categories is not None:  # `--categories a,b --categories c`; `--categories ,` names none and is refused
             self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()]
+        super().__post_init__()
 
 
 def check(config: RunConfig) -> None:
     """Everything about a configuration that can be refused before any weights load."""
-    parse_options(config.drafter, config.drafter_options)
-    check_count(config.max_new_tokens, "--max-new-tokens")
-    check_count(config.limit, "--limit")
-    check_count(config.tp, "--tp")
-    check_count(config.seed, "--seed", minimum=0, maximum=2**63 - 1)
-    check_number(config.temperature, "--temperature", minimum=0)
+    parse_options(config.drafter, config.drafter_options)  # the settings were checked when the config was made
     if config.engine not in ENGINES:
         raise UserError(f"unknown engine '{config.engine}': use {', '.join(ENGINES)}")
     if config.backend not in BACKENDS:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
-from specbench.checks import MAX_COUNT
+from specbench.checks import MAX_COUNT, check_count, check_number
 from specbench.errors import UserError
 
 SIMPLE_TYPES: tuple[type, ...] = (bool, int, float, str)
@@ -30,9 +30,58 @@ _TRUE, _FALSE, _NONE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}, 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None, gt: float | None = None,
            choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field for one drafter option: default, help text and bounds (min/max inclusive,
-    gt exclusive, choices for text)."""
+    """A dataclass field for one drafter option or one command flag: default, help text and bounds
+    (min/max inclusive, gt exclusive, choices for text). Drafter options are checked by
+    `DrafterOptions.parse`, command flags by `CommandConfig` when the config is made."""
     return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "gt": gt, "choices": choices})
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def bounds_text(meta: Mapping[str, Any]) -> str:
+    """A field's declared bounds in words (`>= 1 and <= 0.9`), '' where it declares none."""
+    parts = []
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']:g}")
+    if meta.get("min") is not None:
+        parts.append(f">= {meta['min']:g}")
+    if meta.get("max") is not None:
+        parts.append(f"<= {meta['max']:g}")
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(meta["choices"]))
+    return " and ".join(parts)
+
+
+@dataclass
+class CommandConfig:
+    """Base of every command's configuration dataclass. Each field declared with `option(...)` is
+    a flag of the command (flags.with_config) and is checked against its declared type and bounds
+    when the config is made, so the command line and library callers are refused alike, before any
+    work: an int is a count (checks.check_count: at least 1 unless `min` says otherwise), a float
+    finite and in range, text one of its `choices`. Subclasses that define `__post_init__` call super."""
+
+    def __post_init__(self) -> None:
+        check_declared(self)
+
+
+def check_declared(config) -> None:
+    """Refuse, as one line naming the flag, a field of `config` outside what its `option(...)` declares."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        value, flag = getattr(config, f.name), flag_of(f.name)
+        kind, _ = _simple_type(hints[f.name])
+        if kind is int:
+            low = 1 if meta.get("min") is None else meta["min"]
+            check_count(value, flag, minimum=low, maximum=meta.get("max"))
+        elif kind is float:
+            check_number(value, flag, minimum=meta.get("min"), maximum=meta.get("max"), above=meta.get("gt"))
+        elif meta.get("choices") and value is not None and value not in meta["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(meta['choices'])} (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -51,23 +100,14 @@ class OptionSpec:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_of(self.name)
 
     @property
     def type_name(self) -> str:
         return self.type.__name__ + (" or none" if self.optional else "")
 
     def bounds(self) -> str:
-        parts = []
-        if self.gt is not None:
-            parts.append(f"> {self.gt:g}")
-        if self.min is not None:
-            parts.append(f">= {self.min:g}")
-        if self.max is not None:
-            parts.append(f"<= {self.max:g}")
-        if self.choices:
-            parts.append("one of " + ", ".join(self.choices))
-        return " and ".join(parts)
+        return bounds_text({"gt": self.gt, "min": self.min, "max": self.max, "choices": self.choices})
 
     def describe(self) -> str:
         """`name: type = default (bounds) - help`, for listings."""

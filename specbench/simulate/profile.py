@@ -17,7 +17,7 @@ import torch
 
 from specbench.checks import check_count, check_output_file, context_window
 from specbench.engine.loop import Clock
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.files import atomic_write_text
@@ -66,7 +66,7 @@ def measure_profile(
 
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(CommandConfig):
     """What `specbench profile` measures; each field's help is what `--help` shows."""
 
     target: str = option("smollm2-135m", TARGET_HELP)
@@ -86,10 +86,8 @@ def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT
     from specbench.targets.loading import load_config, resolve_device, resolve_dtype
     from specbench.workloads import encode_turn, load_workload
 
-    c = config
+    c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out")
-    for value, flag in ((c.context_tokens, "--context-tokens"), (c.max_tokens, "--max-tokens"), (c.repeats, "--repeats")):
-        check_count(value, flag)
     check_profile_window(context_window(load_config(c.target)), c.context_tokens, c.max_tokens, c.target)  # before the weights load
     dev = resolve_device(c.device)
     with progress.status(f"loading {c.target}"):

@@ -18,7 +18,7 @@ import torch
 
 from specbench.checks import check_count, check_fits
 from specbench.engine.loop import decode
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Taps
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -165,7 +165,7 @@ def record(
 
 
 @dataclass
-class RecordConfig:
+class RecordConfig(CommandConfig):
     """What `specbench record` records; each field's help is what `--help` shows."""
 
     target: str = option("smollm2-135m", TARGET_HELP)
@@ -192,11 +192,8 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
     from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.workloads import open_workload, select
 
-    c = config
+    c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out", inputs=(c.workload,))
-    for value, flag in ((c.limit, "--limit"), (c.max_new_tokens, "--max-new-tokens"), (c.topk, "--topk"),
-                        (c.profile_max_tokens, "--profile-max-tokens"), (c.profile_repeats, "--profile-repeats")):
-        check_count(value, flag)
     try:
         prompts = select(open_workload(c.workload).prompts, limit=c.limit)
         dev = resolve_device(c.device)

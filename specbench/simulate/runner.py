@@ -26,7 +26,7 @@ import torch
 
 from specbench.checks import check_count
 from specbench.drafters.registry import drafter_class
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import FINAL, TeacherForced
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
@@ -113,22 +113,18 @@ class LoggedTarget:
 
 
 @dataclass
-class SimulateConfig:
+class SimulateConfig(CommandConfig):
     """What `simulate` scores; each field with help is a flag of `specbench simulate`."""
 
     drafter: str = option("prompt-lookup", "a name from `specbench drafters`")
     drafter_options: dict[str, Any] = field(default_factory=dict)
     shapes: list[Shape] = field(default_factory=list)  # from --k and --tree
-    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
-    limit: int | None = option(None, "use only the first N logged turns")
-    method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay")
-    latency_steps: int = option(32, "proposals timed per shape for the draft latency")  # library callers may pass 0: untimed
-
-    def __post_init__(self) -> None:  # refused before anything loads
-        check_count(self.max_new_tokens, "--max-new-tokens")
-        check_count(self.limit, "--limit")
-        if self.method not in ("auto", TEACHER_FORCED, "replay"):
-            raise UserError(f"--method must be auto, teacher-forced or replay (got {self.method})")
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)", min=1)
+    limit: int | None = option(None, "use only the first N logged turns", min=1)
+    method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay",
+                         choices=("auto", TEACHER_FORCED, "replay"))
+    # 0 leaves the proposals untimed (scoring only): library callers may; `simulate_log`, which predicts from them, may not
+    latency_steps: int = option(32, "proposals timed per shape for the draft latency", min=0)
 
 
 @dataclass
@@ -158,8 +154,6 @@ class Simulator:
         self.max_new = config.max_new_tokens or log.header.max_new_tokens
         if self.max_new > log.header.max_new_tokens:
             raise UserError(f"--max-new-tokens {self.max_new} exceeds the log's {log.header.max_new_tokens}: the log holds no tokens past that")
-        if config.method not in ("auto", TEACHER_FORCED, "replay"):
-            raise UserError(f"--method must be auto, teacher-forced or replay (got {config.method})")
         self.turns = log.turns[: config.limit] if config.limit else log.turns
         options = dict(config.drafter_options)
         cls = drafter_class(config.drafter)
@@ -525,7 +519,7 @@ def simulate_log(
     from specbench.simulate.log import read_profile
 
     check_output_dir(out, "--out")
-    check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms
+    check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms (declared min 0 is for scoring only)
     if any(name in config.drafter_options for name in ("k", "tree")):
         raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
     latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specbench.checks import check_count, check_number, check_output_file
-from specbench.engine.options import option
+from specbench.checks import check_output_file
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, TeacherForced
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
@@ -196,18 +196,18 @@ def interpolate(timed_ms: dict[int, float], sizes: list[int]) -> dict[int, float
 # --- 1-5 together --------------------------------------------------------------------------------
 
 @dataclass
-class TuneConfig:
+class TuneConfig(CommandConfig):
     """What `tune` searches and how it costs it; each field with help is a flag of `specbench tune`."""
 
     drafter: str = field(metadata={"help": "a name from `specbench drafters` (one with the teacher-forced hook)"})
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    max_nodes: int | None = option(None, "the largest tree (nodes) or chain (k) considered (default 64 / 8)")
-    max_depth: int | None = option(None, "trees no deeper than this (default: as deep as the heads)")
-    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
-    limit: int | None = option(None, "use only the first N logged turns")
-    latency_steps: int = option(32, "proposals timed per timed size")
-    draft_ms: float | None = option(None, "a constant draft ms per step instead of timing the proposals (e.g. measured elsewhere)")
-    overhead_ms: float | None = option(None, "a constant per-step overhead in ms (default: not modelled, 0; see --overhead-from)")
+    max_nodes: int | None = option(None, "the largest tree (nodes) or chain (k) considered (default 64 / 8)", min=1)
+    max_depth: int | None = option(None, "trees no deeper than this (default: as deep as the heads)", min=1)
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)", min=1)
+    limit: int | None = option(None, "use only the first N logged turns", min=1)
+    latency_steps: int = option(32, "proposals timed per timed size", min=1)
+    draft_ms: float | None = option(None, "a constant draft ms per step instead of timing the proposals (e.g. measured elsewhere)", min=0)
+    overhead_ms: float | None = option(None, "a constant per-step overhead in ms (default: not modelled, 0; see --overhead-from)", min=0)
     verify_log: Path | None = option(None, "a log of other prompts (same target) the candidates are also walked over")
     profile: Path | None = option(None, "a verify-latency profile from `specbench profile` (default: the log's)")
     overhead_from: Path | None = option(None, "a run directory whose records give the per-step overhead")
@@ -217,13 +217,6 @@ class TuneConfig:
     out: Path | None = option(None, "where to write the chosen tree (a JSON file `--tree` accepts)")
     plot: Path | None = option(None, "also draw the frontier (.png)")
     timed_sizes: tuple[int, ...] = TIMED_SIZES
-
-    def __post_init__(self) -> None:  # refused before anything loads
-        for value, flag in ((self.max_nodes, "--max-nodes"), (self.max_depth, "--max-depth"), (self.max_new_tokens, "--max-new-tokens"),
-                            (self.limit, "--limit"), (self.latency_steps, "--latency-steps")):
-            check_count(value, flag)
-        check_number(self.draft_ms, "--draft-ms", minimum=0)
-        check_number(self.overhead_ms, "--overhead-ms", minimum=0)
 
 
 @dataclass

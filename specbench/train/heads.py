@@ -193,9 +193,7 @@ class HydraRecipe(HeadRecipe):
         super().__init__(target, num_heads, tie_lm_head, options)
         from specbench.drafters.heads.hydra import fresh_hydra_heads
 
-        self.num_layers = int(options.get("hydra_layers", 4))
-        if self.num_layers < 1:
-            raise UserError(f"--hydra-layers must be at least 1 (got {self.num_layers})")
+        self.num_layers = int(options.get("hydra_layers", 4))  # at least 1: RecipeOptions declares it
         self.heads, self.prefix = fresh_hydra_heads(target, num_heads, self.num_layers, tie_lm_head=tie_lm_head)
         self.prefix = self.prefix.to(target.device, target.dtype)
         self.heads.requires_grad_(True)
@@ -268,9 +266,7 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
 
 def train_heads(config: TrainConfig, target, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
-    num_heads = int(options.get("num_heads", 4))
-    if num_heads < 1:
-        raise UserError(f"--num-heads must be at least 1 (got {num_heads})")
+    num_heads = int(options.get("num_heads", 4))  # at least 1: RecipeOptions declares it
     out = Path(config.out)
     recipe_cls = RECIPES[config.drafter]
     data, train_idx, evald, eval_idx = split_data(config, target, need_hidden=recipe_cls is not DecoderRecipe)

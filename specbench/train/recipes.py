@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
 
 
 @dataclass
-class RecipeOptions:
+class RecipeOptions(CommandConfig):
     """The options recipes read (each recipe names which in `Recipe.options`)."""
 
     layers: int = option(1, "draft-model: how many of the target's first layers the draft keeps", min=1)
@@ -27,7 +27,7 @@ class RecipeOptions:
     num_heads: int = option(4, "medusa/hydra/hydra-decoder: number of heads", min=1)
     tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): small checkpoints")
     decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
-    hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=0)
+    hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=1)
     draft_vocab: int = option(8192, "eagle3: draft vocabulary size, the N most frequent answer tokens of the data (d2t)", min=1)
     ttt_steps: int = option(4, "eagle3: draft steps unrolled in training-time test, each fed its own previous output "
                                "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
@@ -68,8 +68,7 @@ def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, devi
 
     recipe = recipe_for(config.drafter)
     given = asdict(recipe_options or RecipeOptions())
-    config.options = {k: v for k, v in given.items() if k in recipe.options}
-    config.check()
+    config.options = {k: v for k, v in given.items() if k in recipe.options}  # both checked when made (CommandConfig)
     if config.lr is None:
         config.lr = recipe.default_lr
     check_out(Path(config.out), overwrite, "checkpoint directory")

@@ -171,8 +171,11 @@ def _shown(text: str) -> str:
 class DrafterOptions:
     """Base of every drafter's options dataclass. Subclasses declare fields with `option(...)`."""
 
-    # options `simulate` sets per scored shape rather than taking from the user
-    SHAPE_OPTIONS: ClassVar[tuple[str, ...]] = ("k", "tree")
+    # the option that sets the draft's shape (a chain drafter's length, an int; a tree drafter's
+    # tree, text a tree spec resolves from): `simulate` and `tune` set it per scored shape, and it
+    # is not the user's to give them. None: no option sets the shape (chains are capped per step
+    # through ctx.max_tokens). `Drafter.shape_spec` checks it.
+    shape_option: ClassVar[str | None] = None
 
     def check(self, drafter: str) -> None:
         """Rules across fields; raise UserError. Subclasses extend it (call super)."""
@@ -230,6 +233,7 @@ def _simple_type(hint) -> tuple[type | None, bool]:
 class ChainOptions(DrafterOptions):
     """Drafters that propose a chain of up to k tokens."""
 
+    shape_option: ClassVar[str | None] = "k"
     k: int = option(4, "tokens drafted per step", min=1)
 
 

@@ -30,9 +30,11 @@ Optional, for `specbench simulate`: `teacher_forced(prompt, output, depth, hidde
 scores a whole logged sequence in one pass (a `TeacherForced`); drafters
 without it are simulated by step replay, which is slower and labelled so.
 
-Capabilities a drafter declares: `drafts` ("chain": takes `k`, drafts one
-token per depth; "tree": takes `tree`, drafts the top-ranked tokens per
-node, so any tree of ranks can be scored), `taps` (which hidden states it
+Capabilities a drafter declares: `drafts` ("chain": drafts one token per
+depth; "tree": drafts the top-ranked tokens per node, so any tree of ranks
+can be scored), the option that sets that shape (`Options.shape_option`: an
+int length for a chain, e.g. `k`; a tree spec for a tree, e.g. `tree`;
+simulate and tune set it per shape, `shape_spec` checks it), `taps` (which hidden states it
 reads), `acceptance` (its acceptance rule at temperature > 0, from
 engine/acceptance.py: typical acceptance for Medusa/Hydra, tree sampling for
 EAGLE trees; None = speculative sampling) and `max_draft_tokens` (the largest
@@ -49,8 +51,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import torch
 
 from specbench.engine.acceptance import AcceptanceRule
-from specbench.engine.options import DrafterOptions
+from specbench.engine.options import DrafterOptions, OptionSpec
 from specbench.engine.tree import DraftTree
+from specbench.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -253,6 +256,21 @@ class Drafter:
     def create(cls, target: Target, options: DrafterOptions) -> Drafter:
         """Build from the target and the parsed options (`cls.Options`)."""
         return cls(target, options)
+
+    @classmethod
+    def shape_spec(cls) -> OptionSpec | None:
+        """The option that sets this drafter's draft shape (`Options.shape_option`), checked to be
+        one: an int length for a chain drafter, text (a tree spec) for a tree drafter."""
+        name = cls.Options.shape_option
+        if name is None:
+            return None
+        spec = cls.Options.specs().get(name)
+        wanted = int if cls.drafts == "chain" else str
+        if spec is None or spec.type is not wanted:
+            what = "not one of its options" if spec is None else f"a {spec.type.__name__} option"
+            raise UserError(f"drafter '{cls.name}' names '{name}' its shape option ({cls.Options.__name__}.shape_option), which is {what}: "
+                            f"a {cls.drafts} drafter's shape option must be a {wanted.__name__} option; fix the drafter")
+        return spec
 
     @classmethod
     def build(cls, target: Target, **given: Any) -> Drafter:

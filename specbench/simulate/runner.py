@@ -157,11 +157,11 @@ class Simulator:
         self.turns = log.turns[: config.limit] if config.limit else log.turns
         options = dict(config.drafter_options)
         cls = drafter_class(config.drafter)
-        specs = cls.Options.specs()
-        if "k" in specs and "k" not in options:
-            options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
-        if cls.drafts == "tree" and "tree" in specs and "tree" not in options:  # any shape as deep as the deepest
-            options["tree"] = max(config.shapes, key=lambda s: s.depth).spec
+        self.shape_spec = cls.shape_spec()  # the option that sets the drafter's shape, if one does
+        if self.shape_spec is not None and self.shape_spec.name not in options:
+            deepest = max(config.shapes, key=lambda s: s.depth)
+            # a chain as long as the deepest shape (capped per shape through ctx.max_tokens); a tree: any shape as deep
+            options[self.shape_spec.name] = deepest.depth if cls.drafts == "chain" else deepest.spec
         self.options = options
         self.cls = cls
         parsed = cls.Options.parse(config.drafter, options)  # checked before any weights load
@@ -299,14 +299,25 @@ class Simulator:
         return Simulation(self.method, self.hidden_source, scoring_s, latency_s, results)
 
     def drafter_for(self, shape: Shape):
-        """The drafter proposing `shape` online: drafters with a `tree` option (head drafters)
-        are built with it; chain drafters are capped per step through ctx.max_tokens."""
-        if self.cls.drafts != "tree" or shape.spec == self.options.get("tree"):
+        """The drafter proposing `shape` online: a tree drafter is built with the shape as its shape
+        option; chain drafters are capped per step through ctx.max_tokens."""
+        if self.cls.drafts != "tree" or self.shape_spec is None or shape.spec == self.options.get(self.shape_spec.name):
             return self.drafter
         if shape.spec not in self._by_shape:
-            options = self.cls.Options.parse(self.config.drafter, {**self.options, "tree": shape.spec})
+            options = self.cls.Options.parse(self.config.drafter, self.options_for(shape))
             self._by_shape[shape.spec] = self.cls.create(self.target, options)
         return self._by_shape[shape.spec]
+
+    def options_for(self, shape: Shape) -> dict[str, Any]:
+        """The drafter options that draft `shape` online (what its run.json records). A chain
+        drafter scored on a tree has no option that draws it: the tree is recorded under
+        simulate's own flag name, so its setups stay apart in reports."""
+        name = self.shape_spec.name if self.shape_spec is not None else None
+        if name and self.cls.drafts == "tree":
+            return {**self.options, name: shape.spec}
+        if name and shape.k is not None:
+            return {**self.options, name: shape.k}
+        return {**self.options, "tree": shape.spec}
 
     def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None, drafter=None) -> list[StepMeasure]:
         drafter = drafter or self.drafter
@@ -327,6 +338,13 @@ class Simulator:
             if len(times) >= budget:
                 break
         return sum(times) / len(times) if times else 0.0
+
+
+def check_shape_not_given(drafter: str, options: dict[str, Any], why: str) -> None:
+    """`simulate` and `tune` set the drafter's shape option themselves: one line if the user gave it."""
+    spec = drafter_class(drafter).shape_spec()
+    if spec is not None and spec.name in options:
+        raise UserError(f"{why}; do not pass {spec.flag} (-o {spec.name}=...): it is the shape option of drafter '{drafter}'")
 
 
 def check_log_target(log: TargetLog, target) -> None:
@@ -406,7 +424,7 @@ def write_runs(
             leviathan = expected_speedup(alpha, shape.k, c)
         target_name = Path(log.header.target).name or log.header.target
         run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stamp}-sim-{target_name}-{config.drafter}-{shape.name.replace('=', '')}")
-        options = {**simulator.options, **({"k": shape.k} if shape.k and "k" in simulator.options else {"tree": shape.spec})}
+        options = simulator.options_for(shape)
         info = RunInfo(
             run_id=run_id, command=command, target=log.header.target, target_id=log.header.target_id,
             drafter=config.drafter, drafter_options=options, workload=log.header.workload,
@@ -520,8 +538,7 @@ def simulate_log(
 
     check_output_dir(out, "--out")
     check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms (declared min 0 is for scoring only)
-    if any(name in config.drafter_options for name in ("k", "tree")):
-        raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
+    check_shape_not_given(config.drafter, config.drafter_options, "simulate scores the shapes given with --k and --tree")
     latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)
     real_target = None
     if target:

@@ -41,7 +41,7 @@ from specbench.progress import SILENT, Progress
 from specbench.records import BASELINE, SPEC, StepMeasure
 from specbench.simulate.log import TargetLog, read_profile
 from specbench.simulate.predict import LatencyModel, timed
-from specbench.simulate.runner import TEACHER_FORCED, SimulateConfig, Simulator
+from specbench.simulate.runner import TEACHER_FORCED, SimulateConfig, Simulator, check_shape_not_given
 from specbench.simulate.walk import Shape
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 
@@ -237,12 +237,16 @@ class Tuner:
     (nested greedy trees, or chains), ready to be costed under any latency model."""
 
     def __init__(self, log: TargetLog, config: TuneConfig, target=None, device: str = "cpu", progress: Progress = SILENT) -> None:
-        if any(name in config.drafter_options for name in ("k", "tree")):
-            raise UserError("tune picks the tree (or k) itself; do not pass --k or --tree (bound it with --max-nodes / --max-depth)")
         from specbench.drafters.registry import drafter_class, typed_options
 
+        check_shape_not_given(config.drafter, config.drafter_options, "tune picks the tree (or k) itself (bound it with --max-nodes / --max-depth)")
+
         config.drafter_options = typed_options(config.drafter, config.drafter_options)
-        self.kind = "tree" if drafter_class(config.drafter).drafts == "tree" else "chain"
+        cls = drafter_class(config.drafter)
+        if cls.shape_spec() is None:
+            raise UserError(f"drafter '{config.drafter}' has no option that sets its draft's shape ({cls.Options.__name__}.shape_option): "
+                            "tune has nothing to choose")
+        self.kind = "tree" if cls.drafts == "tree" else "chain"
         self.max_nodes = config.max_nodes or MAX_NODES[self.kind]
         self.config, self.target, self.device = config, target, device
         with progress.status(f"loading {config.drafter}"):
@@ -390,13 +394,17 @@ def option_flags(drafter: str, options: dict[str, Any]) -> str:
 
 def commands(log: TargetLog, drafter: str, options: dict[str, Any], kind: str, size: int, out: Path | None,
              max_new: int) -> tuple[str, str | None]:
-    """The `specbench run` that measures the choice on the log's prompts, and the `simulate` that scores it there."""
-    shape = f"--k {size}" if kind == "chain" else f"--tree {out}"
+    """The `specbench run` that measures the choice on the log's prompts (the drafter's shape option
+    set to it), and the `simulate` that scores it there (simulate's own --k / --tree)."""
+    from specbench.drafters.registry import drafter_class
+
+    value = size if kind == "chain" else out
+    shape_flag = drafter_class(drafter).shape_spec().flag
     prompts = len({t.prompt_id for t in log.turns})
     flags = option_flags(drafter, options)
-    run = (f"specbench run --target {log.header.target} --drafter {drafter} {flags + ' ' if flags else ''}{shape} "
+    run = (f"specbench run --target {log.header.target} --drafter {drafter} {flags + ' ' if flags else ''}{shape_flag} {value} "
            f"--workload {log.header.workload} --limit {prompts} --max-new-tokens {max_new}")
-    simulate = f"specbench simulate --log {log.path} --drafter {drafter} {flags + ' ' if flags else ''}{shape}"
+    simulate = f"specbench simulate --log {log.path} --drafter {drafter} {flags + ' ' if flags else ''}{'--k' if kind == 'chain' else '--tree'} {value}"
     return run, simulate
 
 

@@ -47,6 +47,7 @@ TOTAL_TOKENS, DEPTH, TOP_K = 60, 7, 10
 
 @dataclass
 class EagleOptions(VocabTrimOptions):
+    shape_option: ClassVar[str | None] = "tree"
     heads: str | None = option(
         None, "the drafter's weights: a checkpoint directory, weights file or hub id (medusa/hydra also take 'fresh'); "
         "default from catalogue/heads.toml")

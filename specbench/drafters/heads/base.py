@@ -38,6 +38,7 @@ _TYPICAL = TypicalAcceptance()  # the references' defaults, declared once in eng
 class HeadOptions(VocabTrimOptions):
     """Options every head drafter takes."""
 
+    shape_option: ClassVar[str | None] = "tree"
     heads: str | None = option(
         None, "head checkpoint (directory, file or hub id), or 'fresh' (reference init); default from catalogue/heads.toml")
     tree: str | None = option(

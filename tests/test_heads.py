@@ -347,6 +347,16 @@ def test_fresh_heads_build_for_any_target(target, plain_outputs):
         HydraDecoderDrafter.build(target, heads="fresh", decoder_layers=3)
 
 
+def test_head_drafters_keep_their_options_and_leave_the_callers_alone(target):
+    for cls, given in ((MedusaDrafter, {"heads": "fresh", "tree": "chain:2", "posterior_alpha": 0.2}),
+                       (HydraDecoderDrafter, {"decoder_layers": 1, "tree": "chain:2", "posterior_alpha": 0.2})):
+        options = cls.Options.parse(cls.name, given)
+        before = options.to_json()
+        drafter = cls.create(target, options)
+        assert drafter.options.posterior_alpha == 0.2 and drafter.acceptance.posterior_alpha == 0.2
+        assert options.to_json() == before  # hydra-decoder's fresh trunk on an uncatalogued target: its own copy says heads=fresh
+
+
 # --- the command line ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

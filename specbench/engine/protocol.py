@@ -52,7 +52,7 @@ import torch
 
 from specbench.engine.acceptance import AcceptanceRule
 from specbench.engine.options import DrafterOptions, OptionSpec
-from specbench.engine.tree import DraftTree
+from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
 
 if TYPE_CHECKING:
@@ -151,6 +151,11 @@ class VerifyOutcome:
     accepted_nodes: list[int]  # node indices on the accepted path, root excluded
     emitted: list[int]  # accepted draft tokens then the target's bonus token
     hidden: torch.Tensor | None  # [1 + n, H·len(taps)] the target's states, root first
+
+    @property
+    def kept_hidden(self) -> torch.Tensor:
+        """The target's states at the root and the accepted nodes (what the target kept)."""
+        return self.hidden[kept_rows(self.accepted_nodes)]
 
 
 # --- simulation: what one teacher-forced pass over a logged sequence yields ----------

@@ -210,7 +210,7 @@ class EagleDrafter(Drafter):
         self.pending = prompt_hidden
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
-        rows = outcome.hidden[[0] + [n + 1 for n in outcome.accepted_nodes]]  # the root and the accepted nodes
+        rows = outcome.kept_hidden
         self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
 
     def catch_up(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -80,13 +80,13 @@ class HeadDrafter(Drafter):
     drafts: ClassVar[str] = "tree"
     Options = HeadOptions
 
-    def __init__(self, target, tree: TreeShape, num_heads: int, typical: TypicalAcceptance, info: dict[str, Any]) -> None:
+    def __init__(self, target, tree: TreeShape, num_heads: int, options: HeadOptions | None, info: dict[str, Any]) -> None:
         if tree.depth > num_heads:
             raise UserError(f"tree '{tree.name}' is {tree.depth} deep but there are only {num_heads} heads; pick a shallower --tree (e.g. chain:{num_heads})")
-        self.target = target
+        super().__init__(target, options)
         self.shape = tree
         self.num_heads = num_heads
-        self.acceptance = typical
+        self.acceptance = self.options.typical
         self.taps = FINAL
         self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
         self.device = target.device
@@ -125,7 +125,7 @@ class HeadDrafter(Drafter):
         self.pending = prompt_hidden
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.pending = outcome.hidden[self.accepted_rows(outcome)]
+        self.pending = outcome.kept_hidden
 
     def consume(self, rows: torch.Tensor) -> torch.Tensor:
         """The heads' input state at the last of the newly accepted `rows`."""
@@ -135,11 +135,6 @@ class HeadDrafter(Drafter):
         if self.pending is not None:
             self.last_hidden = self.consume(self.pending)
             self.pending = None
-
-    @staticmethod
-    def accepted_rows(outcome: VerifyOutcome) -> list[int]:
-        """Rows of the verify output that the target kept: the root and the accepted nodes."""
-        return [0] + [n + 1 for n in outcome.accepted_nodes]
 
     def describe(self) -> dict:
         return self.info

@@ -35,7 +35,6 @@ from specbench.drafters.heads.layouts import (
     load_hydra_state,
 )
 from specbench.drafters.heads.modules import HydraHeads, OwnDecoder
-from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.protocol import DraftContext
 from specbench.engine.tree import DraftTree, TreeShape
 
@@ -52,10 +51,10 @@ class HydraDrafter(HeadDrafter):
         embed: nn.Embedding,
         prefix: OwnDecoder | None = None,
         hidden_state_offset: int = 0,
-        typical: TypicalAcceptance | None = None,
+        options: HeadOptions | None = None,
         info: dict | None = None,
     ) -> None:
-        super().__init__(target, tree, heads.num_heads, typical or TypicalAcceptance(), {"arch": heads.arch, **(info or {})})
+        super().__init__(target, tree, heads.num_heads, options, {"arch": heads.arch, **(info or {})})
         self.heads = heads.to(target.device).eval()
         self.embed = embed.to(target.device).eval()
         self.prefix = prefix.to(target.device, target.dtype).eval() if prefix is not None else None
@@ -68,7 +67,7 @@ class HydraDrafter(HeadDrafter):
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
             module, prefix = fresh_hydra_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
-            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options.typical, {"heads": FRESH})
+            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options, {"heads": FRESH})
             return drafter.apply_vocab_trim(options)
         spec = settings.heads
         checkpoint, layout = load_hydra(spec, target)
@@ -90,7 +89,7 @@ class HydraDrafter(HeadDrafter):
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded,
                 "hidden_state_offset": layout.hidden_state_offset, "own_lm_head": not layout.tied_lm_head}
-        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options.typical, info)
+        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options, info)
         return drafter.apply_vocab_trim(options)
 
     def lm_head_slots(self) -> list[tuple]:

@@ -98,8 +98,7 @@ def check(config: RunConfig) -> None:
 
 def load(config: RunConfig) -> Target:
     """The run's target (this rank's shard, under tensor parallelism)."""
-    device = resolve_device(config.device)
-    return load_target(config.target, device, resolve_dtype(config.dtype, device), config.engine, config.backend, config.tp)
+    return load_target(config.target, config.device, config.dtype, config.engine, config.backend, config.tp)
 
 
 def run_id_for(config: RunConfig) -> str:

@@ -542,12 +542,9 @@ def simulate_log(
     latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)
     real_target = None
     if target:
-        from specbench.targets.hf import HFTarget
-        from specbench.targets.loading import resolve_device, resolve_dtype
+        from specbench.targets import load_target
 
-        dev = resolve_device(device)
-        with progress.status(f"loading {target}"):
-            real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+        real_target = load_target(target, device, dtype, "eager", progress=progress)
     with progress.status(f"loading {config.drafter}"):
         simulator = Simulator(log, config, real_target, device)
     with progress.status(f"scoring {len(config.shapes)} shape(s) over {len(simulator.turns)} logged turns"):

@@ -431,12 +431,9 @@ def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SIL
         check_same_target(log, verify_log)
     real_target = None
     if c.target:
-        from specbench.targets.hf import HFTarget
-        from specbench.targets.loading import resolve_device, resolve_dtype
+        from specbench.targets import load_target
 
-        dev = resolve_device(c.device)
-        with progress.status(f"loading {c.target}"):
-            real_target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+        real_target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
     tuner = Tuner(log, config, real_target, c.device if real_target is None else str(real_target.device), progress)
     verify = None
     if verify_log is not None:

@@ -278,14 +278,11 @@ class DataConfig(CommandConfig):
 
 def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progress: Progress = SILENT, command: str = "") -> dict:
     """`specbench train-data`: load the target, then `make_data` with progress shown per stage."""
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.targets import load_target
 
     c = config  # its counts were checked when it was made (CommandConfig)
     check_out(out, overwrite)
-    dev = resolve_device(c.device)
-    with progress.status(f"loading {c.target}"):
-        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+    target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
     stages: dict[str, Callable] = {}
     done: dict[str, int] = {}
 

@@ -62,8 +62,7 @@ def recipe_for(drafter: str) -> Recipe:
 def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, device: str = "auto", dtype: str = "float32",
           overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Train `config.drafter` for the frozen `config.target`; the checkpoint directory."""
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.targets import load_target
     from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
@@ -73,9 +72,7 @@ def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, devi
         config.lr = recipe.default_lr
     check_out(Path(config.out), overwrite, "checkpoint directory")
     torch.manual_seed(config.seed)
-    dev = resolve_device(device)
-    with progress.status(f"loading {config.target}"):
-        target = HFTarget.load(config.target, dev, resolve_dtype(dtype, dev))
+    target = load_target(config.target, device, dtype, "eager", progress=progress)
     target.model.requires_grad_(False)
     function = getattr(importlib.import_module(recipe.module), recipe.function)
     advance = progress.task(f"train {config.drafter}", config.steps)

@@ -16,7 +16,7 @@ import typer
 
 from specbench.console import RichProgress, console, run_app, styled, warn
 from specbench.errors import UserError
-from specbench.flags import Option, deprecated, explicit_flags, parse_ks, split_list, with_config, with_drafter_flags
+from specbench.flags import Option, deprecated, parse_ks, split_list, typed_params, with_config, with_drafter_flags
 from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
@@ -48,9 +48,8 @@ def run(
     from specbench.drafters.registry import typed_options
     from specbench.targets import deepspeed
 
-    if resume:  # the run's own configuration; flags the user typed must agree with it (runner.resume_run)
-        given = explicit_flags(ctx, exclude=("resume", "as_json", "option"))
-        given |= {f"-o {key}": value for key, value in (drafter_flags or {}).items() if f"--{key.replace('_', '-')}" not in given}
+    if resume:  # the run's own configuration; what the user typed must agree with it (runner.resume_run)
+        settings = {name: value for name, value in typed_params(ctx).items() if name in RunConfig.__dataclass_fields__ or name == "out"}
         config = runner.config_from_info(runner.RunStore.open(resume).info)
     else:
         config.drafter_options = typed_options(config.drafter, drafter_flags or {})
@@ -58,7 +57,7 @@ def run(
         runner.check(config)  # bad input fails here, as one line, not once per rank
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
     with RichProgress() as progress:
-        directory = runner.resume_run(resume, given, progress) if resume else runner.start_run(config, out, progress)
+        directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
     if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
         show_run(directory, as_json)
 

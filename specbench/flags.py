@@ -110,13 +110,13 @@ def split_list(values: list[str] | None) -> list[str]:
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
 
 
-def explicit_flags(ctx: typer.Context, exclude: tuple[str, ...] = ()) -> dict[str, object]:
-    """The flags the user typed (not defaults) as '--flag' -> value: what a resumed run compares."""
+def typed_params(ctx: typer.Context) -> dict[str, object]:
+    """The parameters the user typed (not defaults), by name: what a resumed run compares."""
     given = {}
     for name, value in ctx.params.items():
         source = ctx.get_parameter_source(name)
-        if name not in exclude and source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            given["--" + name.replace("_", "-")] = value
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[name] = value
     return given
 
 

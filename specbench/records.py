@@ -10,7 +10,9 @@ SCHEMA_VERSION when a field changes meaning.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -96,6 +98,13 @@ class RunInfo:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def starting(cls, label: list[str], **fields: Any) -> RunInfo:
+        """The record of a run starting now (measured or simulated): its id, made here alone, is the
+        local start time and `label` (target, drafter, ...), safe as a directory name."""
+        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), *label]))
+        return cls(run_id=run_id, started=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields)
 
 
 def first_divergence(spec: list[int], baseline: list[int]) -> int | None:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -395,7 +394,6 @@ def write_runs(
     target_bytes = log.header.target_forward_bytes
     base_ms = model.verify_ms(1)
     reports = []
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for result in sim.results:
         shape = result.shape
         # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
@@ -423,16 +421,15 @@ def write_runs(
             c = draft_ms / (shape.k * base_ms) if gamma else 0.0  # one draft pass / one target forward
             leviathan = expected_speedup(alpha, shape.k, c)
         target_name = Path(log.header.target).name or log.header.target
-        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stamp}-sim-{target_name}-{config.drafter}-{shape.name.replace('=', '')}")
         options = simulator.options_for(shape)
-        info = RunInfo(
-            run_id=run_id, command=command, target=log.header.target, target_id=log.header.target_id,
+        info = RunInfo.starting(
+            ["sim", target_name, config.drafter, shape.name.replace("=", "")], command=command, target=log.header.target,
+            target_id=log.header.target_id,
             drafter=config.drafter, drafter_options=options, workload=log.header.workload,
             workload_hash=log.header.workload_hash,
             decode={"max_new_tokens": simulator.max_new, "temperature": 0.0, "dtype": log.header.dtype,
                     "device": log.header.device, "simulated": True},
             environment=environment(torch.device("cpu")),
-            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "simulated": True,
                 "method": sim.method,

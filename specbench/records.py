@@ -80,6 +80,17 @@ class TurnRecord:
 
 
 @dataclass
+class MemoryFacts:
+    """What the memory-bound speedup model (metrics.memory_model) reads from a run, kept in run.json's
+    `extra` under these names: the bytes one target forward reads, the bytes one draft pass reads,
+    and the sequential draft passes per step (None where a run did not record them)."""
+
+    target_forward_bytes: int | None = None
+    draft_forward_bytes: int | None = None
+    draft_passes_per_step: int | None = None
+
+
+@dataclass
 class RunInfo:
     run_id: str
     command: str
@@ -98,6 +109,15 @@ class RunInfo:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def memory(self) -> MemoryFacts:
+        return MemoryFacts(**{name: (self.extra or {}).get(name) for name in MemoryFacts.__dataclass_fields__})
+
+    @property
+    def simulated(self) -> bool:
+        """Written by `simulate` (predicted from a log), not measured."""
+        return bool((self.extra or {}).get("simulated"))
 
     @classmethod
     def starting(cls, label: list[str], **fields: Any) -> RunInfo:

@@ -33,6 +33,7 @@ from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
+    MemoryFacts,
     RunInfo,
     StepRecord,
     TurnRecord,
@@ -141,9 +142,7 @@ class Benchmark:
             decode=decode_settings,
             environment=environment(self.target.device),
             extra={
-                "target_forward_bytes": self.target.forward_bytes(),
-                "draft_forward_bytes": self.drafter.memory_model()[0],
-                "draft_passes_per_step": self.drafter.memory_model()[1],
+                **asdict(MemoryFacts(self.target.forward_bytes(), *self.drafter.memory_model())),
                 "drafter": self.drafter.describe(),
                 "workload": {
                     "format": self.workload.format,
@@ -365,7 +364,7 @@ def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_
     if not under_launcher() or os.environ.get("RANK", "0") == "0":  # tensor-parallel followers never write
         store.lock()
     with store:
-        if store.info.extra.get("simulated"):
+        if store.info.simulated:
             raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")
         conflicts = resume_conflicts(store.info, settings or {}, drafter_options or {})
         if conflicts:

@@ -28,11 +28,12 @@ from specbench.drafters.registry import drafter_class
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import FINAL, TeacherForced
 from specbench.errors import SpecbenchWarning, UserError
-from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
+from specbench.metrics import Summary, alpha_iid, expected_speedup, memory_model, summarise
 from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
+    MemoryFacts,
     RunInfo,
     StepMeasure,
     StepRecord,
@@ -439,9 +440,7 @@ def write_runs(
                 "latency_model": model.describe(),
                 "draft_ms_per_step": draft_ms,
                 "draft_ms_source": result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
-                "target_forward_bytes": target_bytes,
-                "draft_forward_bytes": draft_bytes,
-                "draft_passes_per_step": gamma,
+                **asdict(MemoryFacts(target_bytes, draft_bytes, gamma)),
                 "alpha_iid": alpha,
                 "leviathan_expected_speedup": leviathan,
                 "drafter": simulator.drafter.describe(),
@@ -452,8 +451,7 @@ def write_runs(
             info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             store.write_info()
         directory = store.directory
-        memory = (draft_bytes / target_bytes, gamma) if target_bytes and draft_bytes is not None else None
-        summary = summarise(steps, turns, memory)
+        summary = summarise(steps, turns, memory_model(info.memory))
         reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
     return reports
 

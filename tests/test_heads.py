@@ -438,7 +438,7 @@ def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, ch
     save_ids(ids_file, ranked[1:] + ranked[:1], "tiny", target.vocab_size, "test")  # the most frequent id ranked last
     cls = {"medusa": MedusaDrafter, "hydra-decoder": HydraDecoderDrafter}.get(name, HydraDrafter)
     drafter = cls.build(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=30, vocab_trim_from=str(ids_file))
-    kept = set(drafter.kept_ids.tolist())
+    kept = set(drafter.head_ids.tolist())
     assert len(kept) == 30 and ranked[0] not in kept
     assert drafter.describe()["vocab_trim"] == 30
     drafted, accepted = set(), 0

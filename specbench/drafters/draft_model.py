@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
+from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
 from specbench.engine.compat import cache_kwargs
@@ -97,8 +97,8 @@ class DraftModelDrafter(Drafter):
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
         trim, trim_info = None, None
-        if options.vocab_trim_from:
-            kept, trim_info = keep_ids(options.vocab_trim, options.vocab_trim_from, target.tokenizer, target.vocab_size)
+        if asked := asked_trim(options, target):
+            kept, trim_info = asked
             trim = TrimmedHead(model.get_output_embeddings(), kept)
         return cls(target, model, k=options.k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
 
@@ -168,7 +168,7 @@ class DraftModelDrafter(Drafter):
                 probs.append(self.trim.to_vocab_probs(q) if self.trim is not None else q)
             else:
                 index = int(logits.argmax())
-            token = int(self.trim.kept[index]) if self.trim is not None else index
+            token = int(self.trim.head_ids[index]) if self.trim is not None else index
             drafted.append(token)
             if i + 1 < k:  # the last draft token's successor is never needed
                 logits = self._logits([token])
@@ -185,6 +185,6 @@ class DraftModelDrafter(Drafter):
         logits = self.head(out.last_hidden_state[0])
         true = sequence[1:]
         if self.trim is not None:
-            true = kept_index(true, self.trim.kept, self.trim.vocab_size)
+            true = head_rows(true, self.trim.head_ids, self.trim.vocab_size)
         ranks = true_ranks(logits, true)
         return TeacherForced(autoregressive_ranks(ranks, prompt.numel(), output.numel(), depth))

@@ -24,7 +24,7 @@ from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_ch
 from specbench.drafters.eagle.model import DraftKV, EagleNet
 from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, select
 from specbench.drafters.trees import resolve_tree
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
+from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows, to_vocab_probs
 from specbench.engine.acceptance import TreeSampling, sample
 from specbench.engine.options import VocabTrimOptions, option
 from specbench.engine.protocol import (
@@ -179,9 +179,10 @@ class EagleDrafter(Drafter):
         """Keep only the head rows whose target ids are among the N most frequent target
         tokens: EAGLE-1's rows of the target's LM head; EAGLE-3's draft vocabulary (already
         a trim of the target's) cut further to the ids in the top N."""
-        if not options.vocab_trim_from:
+        asked = asked_trim(options, self.target)
+        if asked is None:
             return
-        kept, info = keep_ids(options.vocab_trim, options.vocab_trim_from, self.target.tokenizer, self.target.vocab_size)
+        kept, info = asked
         kept = kept.to(self.device)
         current = self.net.head_ids if self.net.head_ids is not None else torch.arange(self.net.head.weight.shape[0], device=self.device)
         rows = torch.isin(current, kept).nonzero().flatten()
@@ -194,15 +195,13 @@ class EagleDrafter(Drafter):
         """The head row of each target id, -1 where the draft cannot propose it."""
         if self.net.head_ids is None:
             return tokens
-        lookup = torch.full((self.target.vocab_size,), -1, dtype=torch.long, device=self.device)
-        lookup[self.net.head_ids] = torch.arange(self.net.head_ids.numel(), device=self.device)
-        return lookup[tokens.to(self.device)]
+        return head_rows(tokens.to(self.device), self.net.head_ids, self.target.vocab_size)
 
     def vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """A distribution over head rows as one over the target's vocabulary."""
         if self.net.head_ids is None:
             return probs
-        return probs.new_zeros(self.target.vocab_size).index_copy_(0, self.net.head_ids, probs)
+        return to_vocab_probs(probs, self.net.head_ids, self.target.vocab_size)
 
     # --- one sequence ------------------------------------------------------------------
     def begin(self, prompt_tokens, prompt_hidden) -> None:

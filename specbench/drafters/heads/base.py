@@ -15,7 +15,7 @@ import torch
 from specbench.bundled import resolve_bundled
 from specbench.catalogue import drafter_entry
 from specbench.drafters.trees import resolve_tree
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
+from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.options import VocabTrimOptions, option
 from specbench.engine.protocol import (
@@ -162,7 +162,7 @@ class HeadDrafter(Drafter):
         base = self.teacher_base(states.to(self.device))[p - 1 : p + n - 2]  # row j: step m = j + 1
         output = output.to(self.device)
         # trimmed heads rank over the kept ids: the true token's index there, -1 where it cannot be drafted
-        true = output if self.kept_ids is None else kept_index(output, self.kept_ids, self.target.vocab_size)
+        true = output if self.head_ids is None else head_rows(output, self.head_ids, self.target.vocab_size)
         for d in range(1, depth + 1):
             m = torch.arange(1, n - d + 1, device=self.device)  # steps whose level-d true token is logged
             if not m.numel():
@@ -172,23 +172,24 @@ class HeadDrafter(Drafter):
 
     # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
 
-    kept_ids: torch.Tensor | None = None  # target id of each trimmed-head index
+    head_ids: torch.Tensor | None = None  # target id of each trimmed-head row (vocab_trim.py)
 
     def lm_head_slots(self) -> list[tuple[Any, int]]:
         """(container, index) of every LM head the drafter reads, for swapping in a trimmed one."""
         raise NotImplementedError
 
     def apply_vocab_trim(self, options: HeadOptions) -> HeadDrafter:
-        if not options.vocab_trim_from:
+        asked = asked_trim(options, self.target)
+        if asked is None:
             return self
-        kept, info = keep_ids(options.vocab_trim, options.vocab_trim_from, self.target.tokenizer, self.target.vocab_size)
+        kept, info = asked
         if len(kept) < max(self.shape.level_topk):
             raise UserError(f"--vocab-trim {len(kept)} keeps fewer tokens than tree '{self.shape.name}' drafts per node ({max(self.shape.level_topk)})")
         for container, index in self.lm_head_slots():
             container[index] = TrimmedHead(container[index], kept)
-        self.kept_ids = kept.to(self.device)
+        self.head_ids = kept.to(self.device)
         self.info |= info
         return self
 
     def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.kept_ids[indices] if self.kept_ids is not None else indices
+        return self.head_ids[indices] if self.head_ids is not None else indices

@@ -77,4 +77,4 @@ def typed_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options the user gave, each converted to its declared type (text from -o or a flag
     becomes an int, a bool...), checked as a whole: what a run records and resumes from."""
     cls, options = parse_options(name, given)
-    return {key: getattr(options, key) for key in given}
+    return {key: getattr(options, key) for key in cls.Options.current_names(name, given, note=False)}

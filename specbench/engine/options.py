@@ -16,13 +16,14 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
 from specbench.checks import MAX_COUNT, check_count, check_number
-from specbench.errors import UserError
+from specbench.errors import SpecbenchWarning, UserError
 
 SIMPLE_TYPES: tuple[type, ...] = (bool, int, float, str)
 _TRUE, _FALSE, _NONE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}, {"none", "null"}
@@ -176,6 +177,8 @@ class DrafterOptions:
     # is not the user's to give them. None: no option sets the shape (chains are capped per step
     # through ctx.max_tokens). `Drafter.shape_spec` checks it.
     shape_option: ClassVar[str | None] = None
+    # options renamed: the old name still works for one release, with a one-line note (old -> new)
+    renamed: ClassVar[dict[str, str]] = {}
 
     def check(self, drafter: str) -> None:
         """Rules across fields; raise UserError. Subclasses extend it (call super)."""
@@ -187,6 +190,7 @@ class DrafterOptions:
     @classmethod
     def parse(cls, drafter: str, given: Mapping[str, Any]):
         """An instance from user-given values (text or typed), refusing unknown names and misfits."""
+        given = cls.current_names(drafter, given)
         specs = cls.specs()
         unknown = sorted(set(given) - set(specs))
         if unknown:
@@ -198,6 +202,21 @@ class DrafterOptions:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def current_names(cls, drafter: str, given: Mapping[str, Any], note: bool = True) -> dict[str, Any]:
+        """`given` with every renamed option under its current name (one deprecation line each)."""
+        current = dict(given)
+        for old, new in cls.renamed.items():
+            if old not in current:
+                continue
+            if new in current:
+                raise UserError(f"drafter '{drafter}': give {flag_of(new)} only ({flag_of(old)} is its old name)")
+            if note:
+                warnings.warn(f"drafter '{drafter}' option {old} is deprecated and goes in the next release: use {flag_of(new)} "
+                              f"(-o {new}=...)", SpecbenchWarning)
+            current[new] = current.pop(old)
+        return current
 
 
 @cache

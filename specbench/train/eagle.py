@@ -1,6 +1,6 @@
 """`specbench train --drafter eagle|eagle3`: self-distilled EAGLE-1 and EAGLE-3 drafts
 on a frozen target, written in the published layouts (`drafters/eagle/layouts.py`),
-so `--drafter eagle|eagle3 --heads DIR` loads them as it loads the published ones.
+so `--drafter eagle|eagle3 --weights DIR` loads them as it loads the published ones.
 
 The network is the drafter's own (`drafters/eagle/model.EagleNet`), one layer of the
 target's shape (hidden size, heads, MLP width, rotary base), its Linears drawn from

@@ -18,15 +18,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.bundled import resolve_bundled
-from specbench.catalogue import drafter_entry
+from specbench.drafters.catalogued import TREE_HELP, TreeOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_checkpoint
 from specbench.drafters.eagle.model import DraftKV, EagleNet
 from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, select
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows, to_vocab_probs
 from specbench.engine.acceptance import TreeSampling, sample
-from specbench.engine.options import VocabTrimOptions, option
+from specbench.engine.options import option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -46,14 +45,12 @@ TOTAL_TOKENS, DEPTH, TOP_K = 60, 7, 10
 
 
 @dataclass
-class EagleOptions(VocabTrimOptions):
-    shape_option: ClassVar[str | None] = "tree"
-    heads: str | None = option(
-        None, "the drafter's weights: a checkpoint directory, weights file or hub id (medusa/hydra also take 'fresh'); "
-        "default from catalogue/heads.toml")
-    tree: str | None = option(
-        None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; eagle/eagle3 also "
-        "take 'dynamic' (EAGLE-2's context-aware tree, their default); default from the catalogue")
+class EagleOptions(TreeOptions):
+    renamed: ClassVar[dict[str, str]] = {"heads": "weights"}  # an EAGLE draft is no heads
+    tree: str | None = option(None, TREE_HELP + "; eagle/eagle3 also take 'dynamic' (EAGLE-2's context-aware tree, their "
+                                                "default); default from the catalogue")
+    weights: str | None = option(None, "the EAGLE draft's weights: a checkpoint directory, weights file or hub id; default from "
+                                     "catalogue/heads.toml")
     total_tokens: int = option(TOTAL_TOKENS, "dynamic tree: tokens verified per step, the root included (total_tokens - 1 drafted)", min=2)
     depth: int = option(DEPTH, "dynamic tree: expansion rounds (the longest draft is depth + 1 tokens)", min=1)
     top_k: int = option(TOP_K, "dynamic tree: children per node and beam width", min=1)
@@ -143,18 +140,14 @@ class EagleDrafter(Drafter):
 
     @classmethod
     def create(cls, target, options: EagleOptions) -> EagleDrafter:
-        entry = drafter_entry(cls.name, target.name, target.model_id)
-        spec = options.heads or entry.get("heads")
-        if not spec:
-            raise UserError(f"no published {cls.name} draft for target '{target.name}' in the catalogue: pass --heads PATH|ID "
-                            "(an EAGLE checkpoint directory, weights file or hub id)")
-        spec = resolve_bundled(spec)
+        spec, entry = catalogued_weights(cls.name, target, options.weights, "draft",
+                                         "pass --weights PATH|ID (an EAGLE checkpoint directory, weights file or hub id)")
         checkpoint = read_checkpoint(spec)
         if checkpoint.config.version != cls.version:
             other = "eagle3" if checkpoint.config.version == 3 else "eagle"
             raise UserError(f"'{spec}' is an EAGLE-{checkpoint.config.version} checkpoint ({checkpoint.layout} layout): use --drafter {other}")
         net = build_net(checkpoint, target)
-        return cls(target, net, checkpoint, options, options.tree or entry.get("tree") or DYNAMIC)
+        return cls(target, net, checkpoint, options, catalogued_tree(entry, target, options.tree, DYNAMIC))
 
     # --- what the loop and the reports ask --------------------------------------------
     @property

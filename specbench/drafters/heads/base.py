@@ -12,12 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.bundled import resolve_bundled
-from specbench.catalogue import drafter_entry
+from specbench.drafters.catalogued import TreeOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine.acceptance import TypicalAcceptance
-from specbench.engine.options import VocabTrimOptions, option
+from specbench.engine.options import option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -35,14 +34,11 @@ _TYPICAL = TypicalAcceptance()  # the references' defaults, declared once in eng
 
 
 @dataclass
-class HeadOptions(VocabTrimOptions):
+class HeadOptions(TreeOptions):
     """Options every head drafter takes."""
 
-    shape_option: ClassVar[str | None] = "tree"
     heads: str | None = option(
         None, "head checkpoint (directory, file or hub id), or 'fresh' (reference init); default from catalogue/heads.toml")
-    tree: str | None = option(
-        None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; default from the catalogue")
     num_heads: int | None = option(None, "with --heads fresh: how many heads to initialise", min=1)
     posterior_threshold: float = option(_TYPICAL.posterior_threshold, "typical acceptance at --temperature > 0: threshold", gt=0, max=1)
     posterior_alpha: float = option(_TYPICAL.posterior_alpha, "typical acceptance at --temperature > 0: entropy factor", gt=0, max=1)
@@ -98,20 +94,11 @@ class HeadDrafter(Drafter):
 
     @classmethod
     def settings(cls, target, options: HeadOptions) -> HeadSettings:
-        entry = drafter_entry(cls.name, target.name, target.model_id)
-        spec = options.heads or entry.get("heads")
-        if not spec:
-            raise UserError(
-                f"no published {cls.name} heads for target '{target.name}' in the catalogue: pass --heads PATH|ID, "
-                f"or --heads fresh for heads initialised as the reference initialises them"
-            )
-        spec = resolve_bundled(spec)
+        spec, entry = catalogued_weights(cls.name, target, options.heads, "heads",
+                                         "pass --heads PATH|ID, or --heads fresh for heads initialised as the reference initialises them")
         if options.num_heads is not None and spec != FRESH:
             raise UserError("num_heads only applies to --heads fresh; with a checkpoint the tree's depth decides how many heads run")
-        # an entry may name a tree per device type (`tree_cpu`: tuned for CPUs by `specbench tune`), else `tree`
-        device = getattr(getattr(target, "device", None), "type", None)
-        default = entry.get(f"tree_{device}") or entry.get("tree") or DEFAULT_TREE
-        return HeadSettings(spec, resolve_tree(options.tree or default), entry)
+        return HeadSettings(spec, resolve_tree(catalogued_tree(entry, target, options.tree, DEFAULT_TREE)), entry)
 
     @property
     def max_draft_tokens(self) -> int:

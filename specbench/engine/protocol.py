@@ -228,6 +228,23 @@ def true_ranks(logits: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, rank, torch.full_like(rank, RANK_NONE)).long().cpu()
 
 
+def context_only_ranks(output: torch.Tensor, depth: int, draft: Callable[[int], list[int]]) -> TeacherForced:
+    """The teacher-forced pass of a drafter whose proposal is a function of the context alone
+    (prompt lookup, n-gram tables): `draft(m)` is what it drafts, up to `depth` tokens, at the step
+    taken with m tokens emitted (the context: prompt + output[:m]). Ranks are 0 where a drafted
+    token is the logged one and RANK_NONE elsewhere (one token per position: ranked=False)."""
+    logged, n_out = output.reshape(-1).tolist(), output.numel()
+    ranks = torch.full((n_out, depth), RANK_NONE, dtype=torch.long)
+    lengths = torch.zeros(n_out, dtype=torch.long)
+    for m in range(1, n_out):
+        drafted = draft(m)[:depth]
+        lengths[m] = len(drafted)
+        for i, token in enumerate(drafted[: n_out - m]):
+            if token == logged[m + i]:
+                ranks[m, i] = 0
+    return TeacherForced(ranks, lengths, ranked=False)
+
+
 def autoregressive_ranks(position_ranks: torch.Tensor, prompt_len: int, n_out: int, depth: int) -> torch.Tensor:
     """[N, depth] ranks for an autoregressive drafter from its per-position ranks.
 

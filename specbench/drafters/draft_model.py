@@ -21,6 +21,7 @@ from specbench.engine.options import ChainOptions, VocabTrimOptions, option
 from specbench.engine.protocol import (
     DraftContext,
     Drafter,
+    FastEngineTarget,
     TeacherForced,
     autoregressive_ranks,
     true_ranks,
@@ -84,7 +85,8 @@ class DraftModelDrafter(Drafter):
         if target.engine == "fast":
             check_full_attention(model, self.model_name)
             dtype = next(model.parameters()).dtype
-            self.fast = target.static_decoder(self.backbone, self.head, self.device, dtype)  # bucketed and captured as the target's
+            fast_target: FastEngineTarget = target  # the contract a fast-engine target keeps (engine/protocol.py)
+            self.fast = fast_target.static_decoder(self.backbone, self.head, self.device, dtype)
         self.cache: DynamicCache | StaticKV | None = self.fast.cache if self.fast else None
         self.cached: list[int] = []  # the tokens whose KV is in self.cache
 

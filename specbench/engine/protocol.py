@@ -136,6 +136,25 @@ class Target(Protocol):
         ...
 
 
+@runtime_checkable
+class FastEngineTarget(Target, Protocol):
+    """A target on the fast engine (`engine == "fast"`): a drafter that runs a model of its own
+    (draft-model) runs it on the same engine, bucketed and captured as the target's steps are."""
+
+    def static_decoder(self, backbone: nn.Module, head: nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
+        """An engine.static_cache.StaticDecoder for `backbone` + `head`, on this target's buckets and graphs."""
+        ...
+
+
+@runtime_checkable
+class TrainableTarget(Target, Protocol):
+    """A target `specbench train` and `train-data` can use (the `hf` backend): the transformers
+    model itself, which they run frozen (its answers, hidden states and logits) and copy
+    layers and embeddings from. Decoding never touches it."""
+
+    model: nn.Module
+
+
 @dataclass
 class DraftContext:
     tokens: torch.Tensor  # [L] prompt + emitted tokens; the last one is the root

@@ -41,6 +41,7 @@ import torch
 
 from specbench.checks import check_count, check_number, check_output_dir, context_window
 from specbench.engine.options import CommandConfig, option
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.files import read_text, reading_weights
 from specbench.progress import SILENT, Progress
@@ -182,7 +183,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 @torch.inference_mode()
 def generate_answers(
-    target,
+    target: TrainableTarget,
     prompts: list[Prompt],
     max_new_tokens: int,
     temperature: float,
@@ -282,7 +283,7 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
 
     c = config  # its counts were checked when it was made (CommandConfig)
     check_out(out, overwrite)
-    target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
+    target: TrainableTarget = load_target(c.target, c.device, c.dtype, "eager", progress=progress)  # generate_answers reads target.model
     stages: dict[str, Callable] = {}
     done: dict[str, int] = {}
 
@@ -298,7 +299,7 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
 
 
 def make_data(
-    target,
+    target: TrainableTarget,
     workload: str,
     out: Path,
     max_new_tokens: int = 256,

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.train.common import (
     TrainConfig,
@@ -264,7 +265,7 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
     return out
 
 
-def train_heads(config: TrainConfig, target, overwrite: bool = False, on_step=None) -> dict:
+def train_heads(config: TrainConfig, target: TrainableTarget, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
     num_heads = int(options.get("num_heads", 4))  # at least 1: RecipeOptions declares it
     out = Path(config.out)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from specbench.engine.options import CommandConfig, option
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
@@ -72,7 +73,7 @@ def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, devi
         config.lr = recipe.default_lr
     check_out(Path(config.out), overwrite, "checkpoint directory")
     torch.manual_seed(config.seed)
-    target = load_target(config.target, device, dtype, "eager", progress=progress)
+    target: TrainableTarget = load_target(config.target, device, dtype, "eager", progress=progress)  # recipes read target.model
     target.model.requires_grad_(False)
     function = getattr(importlib.import_module(recipe.module), recipe.function)
     advance = progress.task(f"train {config.drafter}", config.steps)

@@ -213,7 +213,8 @@ def simulate(
     from specbench.drafters.registry import typed_options
     from specbench.report.tables import simulation_table
     from specbench.runner import command_line
-    from specbench.simulate.runner import open_log, shapes_from, simulate_log
+    from specbench.simulate.dsd import open_log
+    from specbench.simulate.runner import shapes_from, simulate_log
 
     target_log = open_log(log, prompts, target)
     config.shapes = shapes_from(parse_ks(k), split_list(tree))
@@ -264,7 +265,7 @@ def convert_log(
     out: Annotated[Path, typer.Option(help="the specbench target log to write (.jsonl)")],
 ) -> None:
     """Convert a Decoding-Speculative-Decoding log (prompts JSONL + tensor dumps) into a specbench target log."""
-    from specbench.simulate.runner import convert_dsd_log
+    from specbench.simulate.dsd import convert_dsd_log
 
     converted = convert_dsd_log(log, prompts, target, out)
     console.print(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens "

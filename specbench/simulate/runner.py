@@ -40,76 +40,13 @@ from specbench.records import (
     TurnRecord,
 )
 from specbench.simulate.log import LogTurn, TargetLog
+from specbench.simulate.logged_target import LoggedTarget
 from specbench.simulate.predict import LatencyModel, timed
 from specbench.simulate.replay import replay
 from specbench.simulate.walk import Shape, walk
 from specbench.store import RunStore
 
 TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
-
-
-class NotInLog(UserError):
-    """A drafter asked the stand-in target for something only the real target has."""
-
-
-class LoggedTarget:
-    """The `Target` contract as far as a log can honour it: the logged target's identity,
-    vocabulary, tokenizer, EOS ids and weight bytes. It runs no forward and holds no
-    weights: asking for them is one line naming --target, which loads the real one."""
-
-    backend = "log"
-    engine = "log"
-
-    def __init__(self, log: TargetLog, device: torch.device, dtype: torch.dtype) -> None:
-        from specbench.targets.loading import load_tokenizer
-
-        h = log.header
-        self.name, self.model_id = h.target, h.target_id
-        self.vocab_size, self.hidden_size = h.vocab_size, h.hidden_size
-        self.num_layers = h.num_layers
-        self.eos_token_ids = set(h.eos_token_ids)
-        self.device, self.dtype = device, dtype
-        self.tokenizer = load_tokenizer(h.target, h.tokenizer)
-        self._bytes = h.target_forward_bytes
-
-    def _missing(self, what: str) -> NotInLog:
-        return NotInLog(f"the drafter needs the target's {what}, which a log does not hold; pass --target so simulate can load it")
-
-    def forward_bytes(self) -> int | None:
-        return self._bytes
-
-    def context_window(self) -> int | None:
-        return None
-
-    def warm_up(self, max_rows: int, taps=(), max_positions=None) -> float:
-        return 0.0
-
-    def engine_stats(self) -> dict:
-        return {}
-
-    def prefill(self, prompt, taps=(), max_positions=None):
-        raise self._missing("forward pass")
-
-    def verify(self, root, tree, taps=()):
-        raise self._missing("forward pass")
-
-    def commit(self, accepted_nodes) -> None:
-        raise self._missing("KV cache")
-
-    @property
-    def config(self):
-        raise self._missing("config")
-
-    @property
-    def lm_head(self):
-        raise self._missing("LM head")
-
-    @property
-    def input_embeddings(self):
-        raise self._missing("input embeddings")
-
-    def decoder_layer_state(self, last: int):
-        raise self._missing("decoder layers")
 
 
 @dataclass
@@ -454,38 +391,6 @@ def write_runs(
         summary = summarise(steps, turns, memory_model(info.memory))
         reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
     return reports
-
-
-
-
-def open_log(log: Path, prompts: Path | None = None, target: str | None = None) -> TargetLog:
-    """A specbench target log, or with `prompts` a Decoding-Speculative-Decoding log
-    (tensor dumps matched by order to a prompts JSONL, tokenised by `target`'s tokenizer)."""
-    from specbench.simulate.log import read_log
-
-    if prompts is None:
-        return read_log(log)
-    from specbench.simulate.dsd import read_dsd
-    from specbench.targets.loading import load_tokenizer
-
-    if not target:
-        raise UserError("a DSD log has text prompts: pass --target NAME (its tokenizer tokenises them)")
-    tokenizer = load_tokenizer(target)
-    if tokenizer is None:
-        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
-
-
-def convert_dsd_log(log: Path, prompts: Path, target: str, out: Path) -> TargetLog:
-    """`specbench convert-log`: a DSD log (tensor dumps + prompts) written as a specbench target log."""
-    from specbench.checks import check_output_file
-    from specbench.simulate.log import write_log
-
-    check_output_file(out, "--out", inputs=(log, prompts))
-    converted = open_log(log, prompts, target)
-    write_log(out, converted.header, converted.turns)
-    return converted
 
 
 def shapes_from(ks: list[int], trees: list[str]) -> list[Shape]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -150,8 +151,10 @@ def train(
     for old, new, value in (("--heads", "--num-heads", old_heads), ("--warmup", "--warmup-steps", old_warmup)):
         if value is not None:
             warn(f"train {old} is deprecated and goes in the next release: use {new}")
-    recipe.num_heads = recipe.num_heads if old_heads is None else old_heads
-    config.warmup_steps = config.warmup_steps if old_warmup is None else old_warmup
+    if old_heads is not None:  # replace(): the old spelling's value is checked as the new one's is
+        recipe = replace(recipe, num_heads=old_heads)
+    if old_warmup is not None:
+        config = replace(config, warmup_steps=old_warmup)
     with RichProgress() as progress:
         written = train_drafter(config, recipe, device, dtype, overwrite, progress)
     console.print(f"{written}: trained {config.drafter} for {config.target} (log: {written / 'specbench_train.json'})")

@@ -22,6 +22,7 @@ from specbench.engine.protocol import (
     DraftContext,
     Drafter,
     FastEngineTarget,
+    TrainRecipe,
     TeacherForced,
     autoregressive_ranks,
     true_ranks,
@@ -67,6 +68,7 @@ class DraftModelOptions(ChainOptions, VocabTrimOptions):
 
 class DraftModelDrafter(Drafter):
     name = "draft-model"
+    recipe = TrainRecipe("specbench.train.draft:train_draft_model", 1e-3, ("layers", "k"))
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
     Options = DraftModelOptions
 

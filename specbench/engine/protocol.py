@@ -278,6 +278,18 @@ def autoregressive_ranks(position_ranks: torch.Tensor, prompt_len: int, n_out: i
 # --- drafters ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How `specbench train` trains a drafter, declared by the drafter (a plugin's too): the
+    function `(TrainConfig, target, overwrite, on_step) -> dict`, named `module:function` as an
+    entry point is and imported only when training starts; its peak learning rate when --lr is
+    not given; the recipe options (specbench.train.recipes.RecipeOptions) it reads."""
+
+    function: str
+    default_lr: float
+    options: tuple[str, ...] = ()
+
+
 class Drafter:
     """Base class for drafters. Subclasses set `name`, `summary` and `Options`, and implement `propose`."""
 
@@ -288,6 +300,7 @@ class Drafter:
     taps: Taps = ()
     # the acceptance rule at temperature > 0 (None: speculative sampling, for chains)
     acceptance: AcceptanceRule | None = None
+    recipe: ClassVar[TrainRecipe | None] = None  # how `specbench train` trains it; None: it is not trained
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target

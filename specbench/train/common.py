@@ -24,7 +24,7 @@ TRAIN_LOG = "specbench_train.json"
 class TrainConfig(CommandConfig):
     """What `specbench train` trains and how; each field's help is what `--help` shows."""
 
-    drafter: str = option(MISSING, "what to train: a name from specbench.train.recipes (draft-model, medusa, hydra, hydra-decoder, eagle, eagle3)")
+    drafter: str = option(MISSING, "what to train: a drafter that declares a training recipe (draft-model, medusa, hydra, hydra-decoder, eagle, eagle3)")
     data: str = option(MISSING, "a data directory from `specbench train-data` (same target)")
     out: str = option(MISSING, "the checkpoint directory to write")
     target: str = option("smollm2-135m", "the frozen target the drafter is trained for")

@@ -1,7 +1,9 @@
-"""`specbench train`: which drafters can be trained, by which recipe, with which defaults.
+"""`specbench train`: the options recipes read, and the command that runs one.
 
-A recipe is a function `(TrainConfig, target, overwrite, on_step) -> dict` in its own
-module; `train` loads the frozen target, runs it and reports progress.
+A drafter declares its recipe (`Drafter.recipe`, engine/protocol.py): a function
+`(TrainConfig, target, overwrite, on_step) -> dict`, found through the drafter's entry
+point like everything else about it; `train` loads the frozen target, runs it and
+reports progress.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 
 from specbench.engine.options import CommandConfig, option
-from specbench.engine.protocol import TrainableTarget
+from specbench.engine.protocol import TrainableTarget, TrainRecipe
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
@@ -35,29 +37,18 @@ class RecipeOptions(CommandConfig):
     feature_noise: float = option(0.1, "eagle: uniform noise U(-a, a) added to the target's features in training (the paper's 0.1)", min=0)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    module: str
-    function: str
-    default_lr: float  # peak AdamW learning rate when --lr is not given
-    options: tuple[str, ...]  # the recipe-specific options it reads from TrainConfig.options
+def recipe_for(drafter: str) -> TrainRecipe:
+    """The recipe `drafter` declares; one line naming the trainable drafters if it declares none."""
+    from specbench.drafters.registry import drafter_class, loadable_drafters
 
-
-_HEADS = "specbench.train.heads"
-RECIPES = {
-    "draft-model": Recipe("specbench.train.draft", "train_draft_model", 1e-3, ("layers", "k")),
-    "medusa": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head")),
-    "hydra": Recipe(_HEADS, "train_heads", 5e-4, ("num_heads", "tie_lm_head", "hydra_layers")),  # Hydra++'s rate
-    "hydra-decoder": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head", "decoder_layers")),
-    "eagle": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("feature_noise",)),
-    "eagle3": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("draft_vocab", "ttt_steps")),
-}
-
-
-def recipe_for(drafter: str) -> Recipe:
-    if drafter not in RECIPES:
-        raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(RECIPES)}")
-    return RECIPES[drafter]
+    recipe = drafter_class(drafter).recipe
+    if recipe is None:
+        trainable = [name for name, cls in loadable_drafters().items() if cls.recipe is not None]
+        raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(trainable)}")
+    unknown = set(recipe.options) - set(RecipeOptions.__dataclass_fields__)
+    if unknown:  # a plugin's recipe naming an option `train` has no flag for
+        raise UserError(f"drafter '{drafter}' declares a recipe reading {', '.join(sorted(unknown))}, which `specbench train` does not take")
+    return recipe
 
 
 def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, device: str = "auto", dtype: str = "float32",
@@ -75,7 +66,8 @@ def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, devi
     torch.manual_seed(config.seed)
     target: TrainableTarget = load_target(config.target, device, dtype, "eager", progress=progress)  # recipes read target.model
     target.model.requires_grad_(False)
-    function = getattr(importlib.import_module(recipe.module), recipe.function)
+    module, _, name = recipe.function.partition(":")
+    function = getattr(importlib.import_module(module), name)
     advance = progress.task(f"train {config.drafter}", config.steps)
 
     def on_step(step: int, row: dict) -> None:

@@ -33,6 +33,7 @@ from specbench.engine.protocol import (
     Drafter,
     OwnTrees,
     TeacherForced,
+    TrainRecipe,
     VerifyOutcome,
     true_ranks,
 )
@@ -98,6 +99,7 @@ def eagle3_taps(given: str | None, checkpoint: tuple[int, ...] | None, num_layer
 
 class EagleDrafter(Drafter):
     name = "eagle"
+    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, ("feature_noise",))
     summary = ("EAGLE-1/2: a one-layer draft on the target's final hidden state and the next token; EAGLE-2's dynamic tree "
                "(or any tree), tree sampling at T > 0")
     Options = EagleOptions
@@ -330,6 +332,7 @@ class EagleDrafter(Drafter):
 
 class Eagle3Drafter(EagleDrafter):
     name = "eagle3"
+    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, ("draft_vocab", "ttt_steps"))
     summary = ("EAGLE-3: a one-layer draft fusing three target layers' hidden states, its own reduced vocabulary (d2t); "
                "EAGLE-2's dynamic tree (or any tree), tree sampling at T > 0")
     version = 3

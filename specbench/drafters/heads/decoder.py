@@ -23,6 +23,7 @@ from specbench.drafters.heads.layouts import (
 from specbench.drafters.heads.medusa import MedusaDrafter, fresh_medusa_heads
 from specbench.drafters.heads.modules import MedusaHeads, OwnDecoder
 from specbench.engine.options import option
+from specbench.engine.protocol import TrainRecipe
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
 
@@ -34,6 +35,7 @@ class DecoderOptions(HeadOptions):
 
 class HydraDecoderDrafter(MedusaDrafter):
     name = "hydra-decoder"
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, ("num_heads", "tie_lm_head", "decoder_layers"))
     summary = "decoder-layer Hydra: a trunk of N decoder layers (copied from the target's last N, own KV cache) in front of Medusa heads"
     Options = DecoderOptions
 

@@ -35,12 +35,13 @@ from specbench.drafters.heads.layouts import (
     load_hydra_state,
 )
 from specbench.drafters.heads.modules import HydraHeads, OwnDecoder
-from specbench.engine.protocol import DraftContext
+from specbench.engine.protocol import DraftContext, TrainRecipe
 from specbench.engine.tree import DraftTree, TreeShape
 
 
 class HydraDrafter(HeadDrafter):
     name = "hydra"
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 5e-4, ("num_heads", "tie_lm_head", "hydra_layers"))  # Hydra++'s rate
     summary = "Hydra / Hydra++ heads: each head sees the tokens drafted before it on the branch; drafted level by level"
 
     def __init__(

@@ -24,12 +24,13 @@ from specbench.drafters.heads.layouts import (
     load_medusa_state,
 )
 from specbench.drafters.heads.modules import MedusaHeads
-from specbench.engine.protocol import DraftContext
+from specbench.engine.protocol import DraftContext, TrainRecipe
 from specbench.engine.tree import DraftTree, TreeShape
 
 
 class MedusaDrafter(HeadDrafter):
     name = "medusa"
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, ("num_heads", "tie_lm_head"))
     summary = "Medusa heads on the target's last hidden state (independent heads), a token tree, typical acceptance at T > 0"
 
     def __init__(self, target, heads: MedusaHeads, tree: TreeShape, options: HeadOptions | None = None, info: dict | None = None) -> None:

@@ -151,10 +151,8 @@ def train(
     for old, new, value in (("--heads", "--num-heads", old_heads), ("--warmup", "--warmup-steps", old_warmup)):
         if value is not None:
             warn(f"train {old} is deprecated and goes in the next release: use {new}")
-    if old_heads is not None:  # replace(): the old spelling's value is checked as the new one's is
-        recipe = replace(recipe, num_heads=old_heads)
-    if old_warmup is not None:
-        config = replace(config, warmup_steps=old_warmup)
+    recipe = recipe if old_heads is None else replace(recipe, num_heads=old_heads)  # replace(): checked as the new flag is
+    config = config if old_warmup is None else replace(config, warmup_steps=old_warmup)
     with RichProgress() as progress:
         written = train_drafter(config, recipe, device, dtype, overwrite, progress)
     console.print(f"{written}: trained {config.drafter} for {config.target} (log: {written / 'specbench_train.json'})")

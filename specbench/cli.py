@@ -17,7 +17,7 @@ import typer
 
 from specbench.console import RichProgress, console, run_app, styled, warn
 from specbench.errors import UserError
-from specbench.flags import Option, deprecated, parse_ks, split_list, typed_params, with_config, with_drafter_flags
+from specbench.flags import Option, deprecated, parse_ks, split_list, typed_params, with_config, with_drafter_flags, with_recipe_flags
 from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
@@ -26,7 +26,6 @@ from specbench.simulate.tune import TuneConfig
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.train.common import TrainConfig
 from specbench.train.data import DataConfig
-from specbench.train.recipes import RecipeOptions
 
 app = typer.Typer(help="Benchmark draft models for speculative decoding.", no_args_is_help=True, pretty_exceptions_enable=False,
                   add_completion=False)
@@ -134,16 +133,16 @@ def train_data(
 
 
 @app.command()
-@with_config(RecipeOptions, "recipe")
+@with_recipe_flags
 @with_config(TrainConfig)
 def train(
     config: TrainConfig,
-    recipe: RecipeOptions,
     dtype: Annotated[str, typer.Option(help="float32 (default for training), bfloat16, float16")] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint directory")] = False,
     old_heads: Annotated[Optional[int], deprecated("--heads", "--num-heads")] = None,
     old_warmup: Annotated[Optional[int], deprecated("--warmup", "--warmup-steps")] = None,
+    recipe_flags: dict[str, Any] | None = None,
 ) -> None:
     """Train a drafter for a frozen target on its own answers (self-distillation)."""
     from specbench.train.recipes import train as train_drafter
@@ -151,8 +150,8 @@ def train(
     for old, new, value in (("--heads", "--num-heads", old_heads), ("--warmup", "--warmup-steps", old_warmup)):
         if value is not None:
             warn(f"train {old} is deprecated and goes in the next release: use {new}")
-    recipe = recipe if old_heads is None else replace(recipe, num_heads=old_heads)  # replace(): checked as the new flag is
-    config = config if old_warmup is None else replace(config, warmup_steps=old_warmup)
+    recipe = (recipe_flags or {}) | ({} if old_heads is None else {"num_heads": old_heads})
+    config = config if old_warmup is None else replace(config, warmup_steps=old_warmup)  # replace(): checked as the new flag is
     with RichProgress() as progress:
         written = train_drafter(config, recipe, device, dtype, overwrite, progress)
     console.print(f"{written}: trained {config.drafter} for {config.target} (log: {written / 'specbench_train.json'})")

@@ -31,12 +31,24 @@ def with_drafter_flags(command):
     values given reach the command as `drafter_flags` (name -> value), with every `-o key=value`."""
     from specbench.drafters.registry import option_flags
 
+    return _with_generated_flags(command, option_flags(), "drafter_flags", "Drafter options")
+
+
+def with_recipe_flags(command):
+    """Give `train` one typed `--flag` per training option any installed drafter's recipe declares
+    (Drafter.recipe); the values given reach it as `recipe_flags` (name -> value)."""
+    from specbench.drafters.registry import recipe_option_flags
+
+    return _with_generated_flags(command, recipe_option_flags(), "recipe_flags", "Recipe options")
+
+
+def _with_generated_flags(command, specs: dict, receiver: str, panel: str):
     signature = inspect.signature(command, eval_str=True)
-    flags = {name: spec for name, spec in option_flags().items() if name not in signature.parameters}
+    flags = {name: spec for name, spec in specs.items() if name not in signature.parameters}
     generated = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[spec.type],  # noqa: UP045 - typer reads Optional
-            typer.Option(spec.flag, help=_with_bounds(spec.help, spec.bounds()), rich_help_panel="Drafter options"),
+            typer.Option(spec.flag, help=_with_bounds(spec.help, spec.bounds()), rich_help_panel=panel),
         ])
         for name, spec in flags.items()
     ]
@@ -45,10 +57,12 @@ def with_drafter_flags(command):
     def wrapper(**kwargs):
         values = {name: kwargs.pop(name, None) for name in flags}
         given = {name: value for name, value in values.items() if value is not None}
-        given |= dict(parse_option(o) for o in kwargs.pop("option") or [])
-        return command(**kwargs, option=None, drafter_flags=given)
+        if "option" in kwargs:  # -o key=value, where the command takes it
+            given |= dict(parse_option(o) for o in kwargs.pop("option") or [])
+            kwargs["option"] = None
+        return command(**kwargs, **{receiver: given})
 
-    parameters = [p for p in signature.parameters.values() if p.name != "drafter_flags"]
+    parameters = [p for p in signature.parameters.values() if p.name != receiver]
     wrapper.__signature__ = signature.replace(parameters=parameters + generated)
     return wrapper
 

@@ -17,7 +17,7 @@ from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
 from specbench.engine.compat import cache_kwargs
-from specbench.engine.options import ChainOptions, VocabTrimOptions, option
+from specbench.engine.options import ChainOptions, CommandConfig, VocabTrimOptions, option
 from specbench.engine.protocol import (
     DraftContext,
     Drafter,
@@ -66,9 +66,17 @@ class DraftModelOptions(ChainOptions, VocabTrimOptions):
     draft_model: str | None = option(None, "the draft: alias (catalogue/draft_models.toml), hub id or local directory; default from the catalogue")
 
 
+@dataclass
+class DraftModelTraining(CommandConfig):
+    """`specbench train --drafter draft-model`'s own options."""
+
+    layers: int = option(1, "draft-model: how many of the target's first layers the draft keeps", min=1)
+    k: int = option(4, "draft-model: chain length the acceptance estimate assumes", min=1)
+
+
 class DraftModelDrafter(Drafter):
     name = "draft-model"
-    recipe = TrainRecipe("specbench.train.draft:train_draft_model", 1e-3, ("layers", "k"))
+    recipe = TrainRecipe("specbench.train.draft:train_draft_model", 1e-3, DraftModelTraining)
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
     Options = DraftModelOptions
 

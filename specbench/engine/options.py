@@ -185,7 +185,7 @@ class DrafterOptions:
 
     @classmethod
     def specs(cls) -> dict[str, OptionSpec]:
-        return _specs(cls)
+        return option_specs(cls)
 
     @classmethod
     def parse(cls, drafter: str, given: Mapping[str, Any]):
@@ -220,7 +220,8 @@ class DrafterOptions:
 
 
 @cache
-def _specs(cls: type[DrafterOptions]) -> dict[str, OptionSpec]:
+def option_specs(cls: type) -> dict[str, OptionSpec]:
+    """What each field of an options dataclass (drafter options, a recipe's training options) declares."""
     hints = typing.get_type_hints(cls)
     specs = {}
     for f in dataclasses.fields(cls):

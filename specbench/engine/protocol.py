@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import torch
 
 from specbench.engine.acceptance import AcceptanceRule
-from specbench.engine.options import DrafterOptions, OptionSpec
+from specbench.engine.options import CommandConfig, DrafterOptions, OptionSpec
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
 
@@ -283,11 +283,12 @@ class TrainRecipe:
     """How `specbench train` trains a drafter, declared by the drafter (a plugin's too): the
     function `(TrainConfig, target, overwrite, on_step) -> dict`, named `module:function` as an
     entry point is and imported only when training starts; its peak learning rate when --lr is
-    not given; the recipe options (specbench.train.recipes.RecipeOptions) it reads."""
+    not given; its own training options (a CommandConfig dataclass: `train` makes them flags,
+    checks them, and hands them to the function as TrainConfig.options)."""
 
     function: str
     default_lr: float
-    options: tuple[str, ...] = ()
+    Options: type[CommandConfig] = CommandConfig
 
 
 class Drafter:

@@ -42,7 +42,7 @@ class TrainConfig(CommandConfig):
     seed: int = option(0, "seed for shuffling and initialisation", min=0, max=2**63 - 1)
     train_vocab: str = option("all", "all: losses over the whole vocabulary; seen: only over ids the training data contains "
                                      "(an order of magnitude cheaper on large vocabularies; evaluation stays full)", choices=("all", "seen"))
-    options: dict = field(default_factory=dict)  # the recipe's own (specbench.train.recipes.RecipeOptions)
+    options: dict = field(default_factory=dict)  # the recipe's own options (Drafter.recipe.Options), checked
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

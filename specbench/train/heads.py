@@ -194,7 +194,7 @@ class HydraRecipe(HeadRecipe):
         super().__init__(target, num_heads, tie_lm_head, options)
         from specbench.drafters.heads.hydra import fresh_hydra_heads
 
-        self.num_layers = int(options.get("hydra_layers", 4))  # at least 1: RecipeOptions declares it
+        self.num_layers = int(options.get("hydra_layers", 4))  # at least 1: HydraTraining declares it
         self.heads, self.prefix = fresh_hydra_heads(target, num_heads, self.num_layers, tie_lm_head=tie_lm_head)
         self.prefix = self.prefix.to(target.device, target.dtype)
         self.heads.requires_grad_(True)
@@ -267,7 +267,7 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
 
 def train_heads(config: TrainConfig, target: TrainableTarget, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
-    num_heads = int(options.get("num_heads", 4))  # at least 1: RecipeOptions declares it
+    num_heads = int(options.get("num_heads", 4))  # at least 1: HeadTraining declares it
     out = Path(config.out)
     recipe_cls = RECIPES[config.drafter]
     data, train_idx, evald, eval_idx = split_data(config, target, need_hidden=recipe_cls is not DecoderRecipe)

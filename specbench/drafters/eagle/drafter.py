@@ -25,7 +25,7 @@ from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, gr
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows, to_vocab_probs
 from specbench.engine.acceptance import TreeSampling, sample
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -97,9 +97,25 @@ def eagle3_taps(given: str | None, checkpoint: tuple[int, ...] | None, num_layer
     return layers, source
 
 
+@dataclass
+class EagleTraining(CommandConfig):
+    """`specbench train --drafter eagle`'s own options."""
+
+    feature_noise: float = option(0.1, "eagle: uniform noise U(-a, a) added to the target's features in training (the paper's 0.1)", min=0)
+
+
+@dataclass
+class Eagle3Training(CommandConfig):
+    """`specbench train --drafter eagle3`'s own options."""
+
+    draft_vocab: int = option(8192, "eagle3: draft vocabulary size, the N most frequent answer tokens of the data (d2t)", min=1)
+    ttt_steps: int = option(4, "eagle3: draft steps unrolled in training-time test, each fed its own previous output "
+                               "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
+
+
 class EagleDrafter(Drafter):
     name = "eagle"
-    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, ("feature_noise",))
+    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, EagleTraining)
     summary = ("EAGLE-1/2: a one-layer draft on the target's final hidden state and the next token; EAGLE-2's dynamic tree "
                "(or any tree), tree sampling at T > 0")
     Options = EagleOptions
@@ -332,7 +348,7 @@ class EagleDrafter(Drafter):
 
 class Eagle3Drafter(EagleDrafter):
     name = "eagle3"
-    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, ("draft_vocab", "ttt_steps"))
+    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, Eagle3Training)
     summary = ("EAGLE-3: a one-layer draft fusing three target layers' hidden states, its own reduced vocabulary (d2t); "
                "EAGLE-2's dynamic tree (or any tree), tree sampling at T > 0")
     version = 3

@@ -16,7 +16,7 @@ from specbench.drafters.catalogued import TreeOptions, catalogued_tree, catalogu
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine.acceptance import TypicalAcceptance
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -46,6 +46,15 @@ class HeadOptions(TreeOptions):
     @property
     def typical(self) -> TypicalAcceptance:
         return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
+
+
+@dataclass
+class HeadTraining(CommandConfig):
+    """`specbench train`'s options for every head drafter."""
+
+    num_heads: int = option(4, "medusa/hydra/hydra-decoder: number of heads", min=1)
+    tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): "
+                                      "small checkpoints")
 
 
 def module_bytes(*modules) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from specbench.catalogue import drafter_entry
-from specbench.drafters.heads.base import FRESH, HeadOptions, module_bytes
+from specbench.drafters.heads.base import FRESH, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
     load_hydra_decoder,
@@ -33,9 +33,14 @@ class DecoderOptions(HeadOptions):
     decoder_layers: int | None = option(None, "with fresh heads: trunk layers copied from the target's last N", min=1)
 
 
+@dataclass
+class DecoderTraining(HeadTraining):
+    decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
+
+
 class HydraDecoderDrafter(MedusaDrafter):
     name = "hydra-decoder"
-    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, ("num_heads", "tie_lm_head", "decoder_layers"))
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, DecoderTraining)
     summary = "decoder-layer Hydra: a trunk of N decoder layers (copied from the target's last N, own KV cache) in front of Medusa heads"
     Options = DecoderOptions
 

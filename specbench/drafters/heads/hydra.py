@@ -24,10 +24,12 @@ untouched, so the target's outputs (and plain decoding) are unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, module_bytes
+from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
     check_shape,
@@ -35,13 +37,19 @@ from specbench.drafters.heads.layouts import (
     load_hydra_state,
 )
 from specbench.drafters.heads.modules import HydraHeads, OwnDecoder
+from specbench.engine.options import option
 from specbench.engine.protocol import DraftContext, TrainRecipe
 from specbench.engine.tree import DraftTree, TreeShape
 
 
+@dataclass
+class HydraTraining(HeadTraining):
+    hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=1)
+
+
 class HydraDrafter(HeadDrafter):
     name = "hydra"
-    recipe = TrainRecipe("specbench.train.heads:train_heads", 5e-4, ("num_heads", "tie_lm_head", "hydra_layers"))  # Hydra++'s rate
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 5e-4, HydraTraining)  # Hydra++'s rate
     summary = "Hydra / Hydra++ heads: each head sees the tokens drafted before it on the branch; drafted level by level"
 
     def __init__(

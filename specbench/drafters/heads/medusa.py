@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, module_bytes
+from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
     load_medusa,
@@ -30,7 +30,7 @@ from specbench.engine.tree import DraftTree, TreeShape
 
 class MedusaDrafter(HeadDrafter):
     name = "medusa"
-    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, ("num_heads", "tie_lm_head"))
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, HeadTraining)
     summary = "Medusa heads on the target's last hidden state (independent heads), a token tree, typical acceptance at T > 0"
 
     def __init__(self, target, heads: MedusaHeads, tree: TreeShape, options: HeadOptions | None = None, info: dict | None = None) -> None:

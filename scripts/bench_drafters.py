@@ -37,7 +37,7 @@ def drafter_options(name: str, args) -> dict:
     if name in ("eagle", "eagle3"):
         heads = args.eagle_heads if name == "eagle" else args.eagle3_heads
         if heads:
-            options["heads"] = heads
+            options["weights"] = heads
         if args.eagle_tree:
             options["tree"] = args.eagle_tree
     return options

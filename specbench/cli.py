@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,7 +17,7 @@ import typer
 
 from specbench.console import RichProgress, console, run_app, styled, warn
 from specbench.errors import UserError
-from specbench.flags import Option, deprecated, explicit_flags, parse_ks, split_list, with_config, with_drafter_flags
+from specbench.flags import Option, deprecated, parse_ks, split_list, typed_params, with_config, with_drafter_flags, with_recipe_flags
 from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
@@ -25,7 +26,6 @@ from specbench.simulate.tune import TuneConfig
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.train.common import TrainConfig
 from specbench.train.data import DataConfig
-from specbench.train.recipes import RecipeOptions
 
 app = typer.Typer(help="Benchmark draft models for speculative decoding.", no_args_is_help=True, pretty_exceptions_enable=False,
                   add_completion=False)
@@ -48,9 +48,8 @@ def run(
     from specbench.drafters.registry import typed_options
     from specbench.targets import deepspeed
 
-    if resume:  # the run's own configuration; flags the user typed must agree with it (runner.resume_run)
-        given = explicit_flags(ctx, exclude=("resume", "as_json", "option"))
-        given |= {f"-o {key}": value for key, value in (drafter_flags or {}).items() if f"--{key.replace('_', '-')}" not in given}
+    if resume:  # the run's own configuration; what the user typed must agree with it (runner.resume_run)
+        settings = {name: value for name, value in typed_params(ctx).items() if name in RunConfig.__dataclass_fields__ or name == "out"}
         config = runner.config_from_info(runner.RunStore.open(resume).info)
     else:
         config.drafter_options = typed_options(config.drafter, drafter_flags or {})
@@ -58,7 +57,7 @@ def run(
         runner.check(config)  # bad input fails here, as one line, not once per rank
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
     with RichProgress() as progress:
-        directory = runner.resume_run(resume, given, progress) if resume else runner.start_run(config, out, progress)
+        directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
     if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
         show_run(directory, as_json)
 
@@ -134,16 +133,16 @@ def train_data(
 
 
 @app.command()
-@with_config(RecipeOptions, "recipe")
+@with_recipe_flags
 @with_config(TrainConfig)
 def train(
     config: TrainConfig,
-    recipe: RecipeOptions,
     dtype: Annotated[str, typer.Option(help="float32 (default for training), bfloat16, float16")] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint directory")] = False,
     old_heads: Annotated[Optional[int], deprecated("--heads", "--num-heads")] = None,
     old_warmup: Annotated[Optional[int], deprecated("--warmup", "--warmup-steps")] = None,
+    recipe_flags: dict[str, Any] | None = None,
 ) -> None:
     """Train a drafter for a frozen target on its own answers (self-distillation)."""
     from specbench.train.recipes import train as train_drafter
@@ -151,8 +150,8 @@ def train(
     for old, new, value in (("--heads", "--num-heads", old_heads), ("--warmup", "--warmup-steps", old_warmup)):
         if value is not None:
             warn(f"train {old} is deprecated and goes in the next release: use {new}")
-    recipe.num_heads = recipe.num_heads if old_heads is None else old_heads
-    config.warmup_steps = config.warmup_steps if old_warmup is None else old_warmup
+    recipe = (recipe_flags or {}) | ({} if old_heads is None else {"num_heads": old_heads})
+    config = config if old_warmup is None else replace(config, warmup_steps=old_warmup)  # replace(): checked as the new flag is
     with RichProgress() as progress:
         written = train_drafter(config, recipe, device, dtype, overwrite, progress)
     console.print(f"{written}: trained {config.drafter} for {config.target} (log: {written / 'specbench_train.json'})")
@@ -214,7 +213,8 @@ def simulate(
     from specbench.drafters.registry import typed_options
     from specbench.report.tables import simulation_table
     from specbench.runner import command_line
-    from specbench.simulate.runner import open_log, shapes_from, simulate_log
+    from specbench.simulate.dsd import open_log
+    from specbench.simulate.runner import shapes_from, simulate_log
 
     target_log = open_log(log, prompts, target)
     config.shapes = shapes_from(parse_ks(k), split_list(tree))
@@ -267,7 +267,7 @@ def convert_log(
     out: Annotated[Path, typer.Option(help="the specbench target log to write (.jsonl)")],
 ) -> None:
     """Convert a Decoding-Speculative-Decoding log (prompts JSONL + tensor dumps) into a specbench target log."""
-    from specbench.simulate.runner import convert_dsd_log
+    from specbench.simulate.dsd import convert_dsd_log
 
     converted = convert_dsd_log(log, prompts, target, out)
     console.print(f"{out}: {len(converted.turns)} prompts, {sum(len(t.output_ids) for t in converted.turns)} target tokens "

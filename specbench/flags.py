@@ -31,12 +31,24 @@ def with_drafter_flags(command):
     values given reach the command as `drafter_flags` (name -> value), with every `-o key=value`."""
     from specbench.drafters.registry import option_flags
 
+    return _with_generated_flags(command, option_flags(), "drafter_flags", "Drafter options")
+
+
+def with_recipe_flags(command):
+    """Give `train` one typed `--flag` per training option any installed drafter's recipe declares
+    (Drafter.recipe); the values given reach it as `recipe_flags` (name -> value)."""
+    from specbench.drafters.registry import recipe_option_flags
+
+    return _with_generated_flags(command, recipe_option_flags(), "recipe_flags", "Recipe options")
+
+
+def _with_generated_flags(command, specs: dict, receiver: str, panel: str):
     signature = inspect.signature(command, eval_str=True)
-    flags = {name: spec for name, spec in option_flags().items() if name not in signature.parameters}
+    flags = {name: spec for name, spec in specs.items() if name not in signature.parameters}
     generated = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Optional[spec.type],  # noqa: UP045 - typer reads Optional
-            typer.Option(spec.flag, help=spec.help + (f" ({spec.bounds()})" if spec.bounds() else ""), rich_help_panel="Drafter options"),
+            typer.Option(spec.flag, help=_with_bounds(spec.help, spec.bounds()), rich_help_panel=panel),
         ])
         for name, spec in flags.items()
     ]
@@ -45,17 +57,26 @@ def with_drafter_flags(command):
     def wrapper(**kwargs):
         values = {name: kwargs.pop(name, None) for name in flags}
         given = {name: value for name, value in values.items() if value is not None}
-        given |= dict(parse_option(o) for o in kwargs.pop("option") or [])
-        return command(**kwargs, option=None, drafter_flags=given)
+        if "option" in kwargs:  # -o key=value, where the command takes it
+            given |= dict(parse_option(o) for o in kwargs.pop("option") or [])
+            kwargs["option"] = None
+        return command(**kwargs, **{receiver: given})
 
-    parameters = [p for p in signature.parameters.values() if p.name != "drafter_flags"]
+    parameters = [p for p in signature.parameters.values() if p.name != receiver]
     wrapper.__signature__ = signature.replace(parameters=parameters + generated)
     return wrapper
 
 
 def with_config(cls, name: str = "config", **defaults):
-    """Give a command one flag per field of the dataclass `cls` that declares help (`option(...)`);
-    the command receives `name=cls(**values)`. `defaults` overrides a field's default for this command."""
+    """Give a command one flag per field of the dataclass `cls` that declares help (`option(...)`),
+    its declared bounds shown in --help; the command receives `name=cls(**values)`, which refuses
+    values outside those bounds (engine.options.CommandConfig). `defaults` overrides a field's
+    default for this command."""
+    from specbench.engine.options import CommandConfig, bounds_text
+
+    if not issubclass(cls, CommandConfig):  # the bounds its flags show must be the bounds it enforces
+        raise TypeError(f"{cls.__name__} must subclass engine.options.CommandConfig to be a command's config")
+
     hints = typing.get_type_hints(cls)
 
     def decorate(command):
@@ -69,7 +90,7 @@ def with_config(cls, name: str = "config", **defaults):
             default = defaults.get(f.name, f.default)
             required = default is dataclasses.MISSING
             generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=... if required else default,
-                                               annotation=Annotated[kind, typer.Option(help=f.metadata["help"])]))
+                                               annotation=Annotated[kind, typer.Option(help=_with_bounds(f.metadata["help"], bounds_text(f.metadata)))]))
 
         @functools.wraps(command)
         def wrapper(**kwargs):
@@ -81,6 +102,10 @@ def with_config(cls, name: str = "config", **defaults):
         return wrapper
 
     return decorate
+
+
+def _with_bounds(help: str, bounds: str) -> str:
+    return help + (f" ({bounds})" if bounds else "")
 
 
 def parse_ks(values: list[str] | None) -> list[int]:
@@ -99,13 +124,13 @@ def split_list(values: list[str] | None) -> list[str]:
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
 
 
-def explicit_flags(ctx: typer.Context, exclude: tuple[str, ...] = ()) -> dict[str, object]:
-    """The flags the user typed (not defaults) as '--flag' -> value: what a resumed run compares."""
+def typed_params(ctx: typer.Context) -> dict[str, object]:
+    """The parameters the user typed (not defaults), by name: what a resumed run compares."""
     given = {}
     for name, value in ctx.params.items():
         source = ctx.get_parameter_source(name)
-        if name not in exclude and source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            given["--" + name.replace("_", "-")] = value
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[name] = value
     return given
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from specbench.records import BASELINE, DIVERGENCE, NEAR_TIE, SPEC, StepMeasure, StepRecord, TurnRecord
+from specbench.records import BASELINE, DIVERGENCE, NEAR_TIE, SPEC, MemoryFacts, StepMeasure, StepRecord, TurnRecord
 
 
 @dataclass
@@ -152,13 +152,11 @@ def summarise(
     return summary
 
 
-def memory_model(run_extra: dict) -> tuple[float, int] | None:
-    """(c, γ) from a run's recorded forward bytes, or None for runs that lack them."""
-    target_bytes = run_extra.get("target_forward_bytes")
-    draft_bytes, passes = run_extra.get("draft_forward_bytes"), run_extra.get("draft_passes_per_step")
-    if not target_bytes or draft_bytes is None or passes is None:
+def memory_model(facts: MemoryFacts) -> tuple[float, int] | None:
+    """(c, γ) from a run's recorded forward bytes (RunInfo.memory), or None for runs that lack them."""
+    if not facts.target_forward_bytes or facts.draft_forward_bytes is None or facts.draft_passes_per_step is None:
         return None
-    return draft_bytes / target_bytes, passes
+    return facts.draft_forward_bytes / facts.target_forward_bytes, facts.draft_passes_per_step
 
 
 def expected_tokens(alpha: float, k: int) -> float:

@@ -10,7 +10,9 @@ SCHEMA_VERSION when a field changes meaning.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -78,6 +80,17 @@ class TurnRecord:
 
 
 @dataclass
+class MemoryFacts:
+    """What the memory-bound speedup model (metrics.memory_model) reads from a run, kept in run.json's
+    `extra` under these names: the bytes one target forward reads, the bytes one draft pass reads,
+    and the sequential draft passes per step (None where a run did not record them)."""
+
+    target_forward_bytes: int | None = None
+    draft_forward_bytes: int | None = None
+    draft_passes_per_step: int | None = None
+
+
+@dataclass
 class RunInfo:
     run_id: str
     command: str
@@ -96,6 +109,22 @@ class RunInfo:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def memory(self) -> MemoryFacts:
+        return MemoryFacts(**{name: (self.extra or {}).get(name) for name in MemoryFacts.__dataclass_fields__})
+
+    @property
+    def simulated(self) -> bool:
+        """Written by `simulate` (predicted from a log), not measured."""
+        return bool((self.extra or {}).get("simulated"))
+
+    @classmethod
+    def starting(cls, label: list[str], **fields: Any) -> RunInfo:
+        """The record of a run starting now (measured or simulated): its id, made here alone, is the
+        local start time and `label` (target, drafter, ...), safe as a directory name."""
+        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), *label]))
+        return cls(run_id=run_id, started=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields)
 
 
 def first_divergence(spec: list[int], baseline: list[int]) -> int | None:

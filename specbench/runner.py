@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -20,12 +19,12 @@ from typing import Any
 
 import torch
 
-from specbench.checks import check_count, check_fits, check_number, check_output_dir, context_window
+from specbench.checks import check_fits, check_output_dir, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, flag_of, option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.static_cache import EVENTS
 from specbench.environment import environment
@@ -34,6 +33,7 @@ from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
+    MemoryFacts,
     RunInfo,
     StepRecord,
     TurnRecord,
@@ -50,7 +50,7 @@ ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a 
 
 
 @dataclass
-class RunConfig:
+class RunConfig(CommandConfig):
     """A run's configuration; each field's help is what `specbench run --help` shows."""
 
     target: str = option("smollm2-135m", TARGET_HELP)
@@ -59,33 +59,29 @@ class RunConfig:
     workload: str = option("builtin", "a name from `specbench workloads`, or a .jsonl file (format detected)")
     workload_file: str | None = option(None, "the published file a named workload reads (e.g. FastChat's question.jsonl for mt-bench)")
     categories: list[str] | None = option(None, "keep only these categories or tasks (comma-separated or repeated)")
-    limit: int | None = option(None, "use only the first N prompts")
+    limit: int | None = option(None, "use only the first N prompts", min=1)
     shard: str | None = option(None, "i/n: measure every n-th prompt from the i-th (after --categories and --limit); `report` merges the shards")
-    max_new_tokens: int = option(128, "new tokens per turn at most")
+    max_new_tokens: int = option(128, "new tokens per turn at most", min=1)
     temperature: float = option(0.0, "0 = greedy (lossless); > 0 = speculative sampling (chains), typical acceptance (medusa/hydra trees, lossy) "
-                                     "or tree sampling (eagle trees, lossless)")
-    seed: int = option(0, "seed for sampling")
+                                     "or tree sampling (eagle trees, lossless)", min=0)
+    seed: int = option(0, "seed for sampling", min=0, max=2**63 - 1)
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
     engine: str = option("auto", "auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA); the baseline runs on the same engine")
     backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
-    tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")
+    tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)", min=1)
     baseline: bool = option(True, "also run plain decoding on the same prompts")
     warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
 
     def __post_init__(self) -> None:
         if self.categories is not None:  # `--categories a,b --categories c`; `--categories ,` names none and is refused
             self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()]
+        super().__post_init__()
 
 
 def check(config: RunConfig) -> None:
     """Everything about a configuration that can be refused before any weights load."""
-    parse_options(config.drafter, config.drafter_options)
-    check_count(config.max_new_tokens, "--max-new-tokens")
-    check_count(config.limit, "--limit")
-    check_count(config.tp, "--tp")
-    check_count(config.seed, "--seed", minimum=0, maximum=2**63 - 1)
-    check_number(config.temperature, "--temperature", minimum=0)
+    parse_options(config.drafter, config.drafter_options)  # the settings were checked when the config was made
     if config.engine not in ENGINES:
         raise UserError(f"unknown engine '{config.engine}': use {', '.join(ENGINES)}")
     if config.backend not in BACKENDS:
@@ -102,14 +98,7 @@ def check(config: RunConfig) -> None:
 
 def load(config: RunConfig) -> Target:
     """The run's target (this rank's shard, under tensor parallelism)."""
-    device = resolve_device(config.device)
-    return load_target(config.target, device, resolve_dtype(config.dtype, device), config.engine, config.backend, config.tp)
-
-
-def run_id_for(config: RunConfig) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{config.target}-{config.drafter}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return load_target(config.target, config.device, config.dtype, config.engine, config.backend, config.tp)
 
 
 def turn_seed(seed: int, prompt_id: str, turn: int) -> int:
@@ -141,8 +130,8 @@ class Benchmark:
         decode_settings = {k: v for k, v in asdict(c).items() if k not in ("target", "drafter", "drafter_options", "workload")}
         decode_settings["dtype"] = str(self.target.dtype).removeprefix("torch.")
         decode_settings["engine"] = self.target.engine
-        return RunInfo(
-            run_id=run_id_for(c),
+        return RunInfo.starting(
+            [c.target, c.drafter],
             command=command,
             target=c.target,
             target_id=self.target.model_id,
@@ -152,11 +141,8 @@ class Benchmark:
             workload_hash=workload_hash(self.prompts),
             decode=decode_settings,
             environment=environment(self.target.device),
-            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra={
-                "target_forward_bytes": self.target.forward_bytes(),
-                "draft_forward_bytes": self.drafter.memory_model()[0],
-                "draft_passes_per_step": self.drafter.memory_model()[1],
+                **asdict(MemoryFacts(self.target.forward_bytes(), *self.drafter.memory_model())),
                 "drafter": self.drafter.describe(),
                 "workload": {
                     "format": self.workload.format,
@@ -168,15 +154,17 @@ class Benchmark:
             },
         )
 
-    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
+    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int | None = None):
+        """One turn decoded; `max_new_tokens` cuts it shorter than the run's (the warm-up)."""
+        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         ids = encode_turn(self.target.tokenizer, prompt, turn, answers)
         # later turns hold the model's own answers: known only now, checked before their prefill
-        check_fits(len(ids), self.config.max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
+        check_fits(len(ids), max_new, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
                    self.draft_reach if drafter is self.drafter else 0)
         generator = None
         if self.config.temperature > 0:
             generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
-        result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
+        result = decode(self.target, drafter, torch.tensor(ids), max_new, self.config.temperature, generator)
         return ids, result
 
     def longest_sequence(self) -> int:
@@ -198,13 +186,8 @@ class Benchmark:
         before = replace(EVENTS)
         positions = self.longest_sequence()
         warm_up_engines(self.target, self.drafter, positions)
-        saved = self.config.max_new_tokens
-        self.config.max_new_tokens = min(saved, WARMUP_TOKENS)
-        try:
-            for drafter in (self.plain, self.drafter):
-                self._decode(drafter, self.prompts[0], 0, [])
-        finally:
-            self.config.max_new_tokens = saved
+        for drafter in (self.plain, self.drafter):
+            self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
         return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
                 "planned_positions": positions}
 
@@ -369,19 +352,21 @@ def start_run(config: RunConfig, out: Path, progress: Progress = SILENT, command
         return _measure(bench, store, progress)
 
 
-def resume_run(directory: Path, given: dict[str, Any] | None = None, progress: Progress = SILENT) -> Path | None:
+def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_options: dict[str, Any] | None = None,
+               progress: Progress = SILENT) -> Path | None:
     """Measure the prompts an interrupted run did not finish, on the machine that started it, with
-    the run's own configuration: its write lock taken (a second writer is refused), and every flag
-    the user typed (`given`: flag as typed -> value) checked against it; a conflict is refused, named."""
+    the run's own configuration: its write lock taken (a second writer is refused), and what the
+    user gave beside it (`settings`: RunConfig field or `out` -> value; `drafter_options`: option ->
+    value) checked against it; a conflict is refused, named."""
     from specbench.targets.deepspeed import under_launcher
 
     store = RunStore.open(Path(directory))
     if not under_launcher() or os.environ.get("RANK", "0") == "0":  # tensor-parallel followers never write
         store.lock()
     with store:
-        if store.info.extra.get("simulated"):
+        if store.info.simulated:
             raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")
-        conflicts = resume_conflicts(store.info, given or {})
+        conflicts = resume_conflicts(store.info, settings or {}, drafter_options or {})
         if conflicts:
             raise UserError(f"--resume {directory} continues the run as it was started; these flags would change it: "
                             f"{'; '.join(conflicts)}. Drop them, or start a new run")
@@ -418,30 +403,28 @@ def config_from_info(info: RunInfo) -> RunConfig:
 RESOLVED_AT_START = ("dtype", "engine")
 
 
-def resume_conflicts(info: RunInfo, given: dict[str, Any]) -> list[str]:
-    """The flags in `given` (the flag as typed -> its value: '--max-new-tokens' -> 8, '-o k' -> 3;
-    only flags the user typed) that disagree with the stored run, each as 'FLAG VALUE (the run has
-    STORED)'. Run settings are compared with its configuration, anything else with its drafter options."""
+def resume_conflicts(info: RunInfo, settings: dict[str, Any], drafter_options: dict[str, Any]) -> list[str]:
+    """What the user gave beside --resume that disagrees with the stored run, each as 'FLAG VALUE
+    (the run has STORED)': `settings` (RunConfig field or `out` -> value) against its configuration,
+    `drafter_options` (name -> value, text or typed) against its drafter options."""
     config = config_from_info(info)
-    fields = RunConfig.__dataclass_fields__
     conflicts = []
-    for flag, value in given.items():
-        name = flag.removeprefix("-o ").lstrip("-").replace("-", "_")
+    for name, value in settings.items():
         if name == "out":
             conflicts.append(f"--out {value} (a resumed run stays in its own directory)")
             continue
-        if name in fields and name != "drafter_options" and not flag.startswith("-o "):
-            stored = getattr(config, name)
-            if name in RESOLVED_AT_START and value == "auto":
-                continue
-        else:
-            stored = config.drafter_options.get(name)
-            specs = drafter_class(config.drafter).Options.specs()
-            if name in specs:  # `-o k=3` arrives as text: compare it as the option's type
-                value = specs[name].convert(config.drafter, value)
+        if name in RESOLVED_AT_START and value == "auto":
+            continue
+        stored = getattr(config, name)
         if _comparable(value) != _comparable(stored):
-            typed = f"-o {name}={_shown(value)}" if flag.startswith("-o ") else f"{flag} {_shown(value)}"
-            conflicts.append(f"{typed} (the run has {_shown(stored)})")
+            conflicts.append(f"{flag_of(name)} {_shown(value)} (the run has {_shown(stored)})")
+    specs = drafter_class(config.drafter).Options.specs()
+    for name, value in drafter_options.items():
+        stored = config.drafter_options.get(name)
+        if name in specs:  # `-o k=3` arrives as text: compare it as the option's type
+            value = specs[name].convert(config.drafter, value)
+        if _comparable(value) != _comparable(stored):
+            conflicts.append(f"-o {name}={_shown(value)} (the run has {_shown(stored)})")
     return conflicts
 
 

@@ -104,7 +104,7 @@ LAYOUTS = {"vicuna": ("t1", EagleDrafter), "llama3": ("t1", EagleDrafter), "eagl
 
 def build(setup, layout, **options):
     target_key, cls = LAYOUTS[layout]
-    return cls.build(setup[target_key], heads=str(setup["root"] / layout), **options)
+    return cls.build(setup[target_key], weights=str(setup["root"] / layout), **options)
 
 
 def chat_prompts(n: int = 3) -> list[torch.Tensor]:
@@ -153,12 +153,12 @@ def test_format_is_told_by_keys_not_architectures(setup, tmp_path):
     shutil.copytree(setup["root"] / "llama3", copy)
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLMEagle3"]}))
-    drafter = EagleDrafter.build(setup["t1"], heads=str(copy), tree="chain:2")
+    drafter = EagleDrafter.build(setup["t1"], weights=str(copy), tree="chain:2")
     assert drafter.describe()["format"] == "eagle"
     with pytest.raises(UserError, match="EAGLE-1 checkpoint .*use --drafter eagle$"):
-        Eagle3Drafter.build(setup["t1"], heads=str(copy))
+        Eagle3Drafter.build(setup["t1"], weights=str(copy))
     with pytest.raises(UserError, match="EAGLE-3 checkpoint .*use --drafter eagle3$"):
-        EagleDrafter.build(setup["t3"], heads=str(setup["root"] / "eagle3"))
+        EagleDrafter.build(setup["t3"], weights=str(setup["root"] / "eagle3"))
 
 
 def plant(source: Path, directory: Path, change) -> Path:
@@ -187,7 +187,7 @@ def test_loading_is_strict_one_line(setup, tmp_path, layout, change, message):
     directory = plant(setup["root"] / layout, tmp_path / "planted", change)
     target_key, cls = LAYOUTS[layout]
     with pytest.raises(UserError, match=message) as info:
-        cls.build(setup[target_key], heads=str(directory))
+        cls.build(setup[target_key], weights=str(directory))
     assert "\n" not in str(info.value)
 
 
@@ -195,7 +195,7 @@ def test_optional_keys_are_optional(setup, tmp_path):
     """embed_tokens (EAGLE-1 files carry one, the target's serves otherwise), rotary buffers (the
     Vicuna file has one) and d2t/t2d when the draft vocabulary is the target's."""
     no_embedding = plant(setup["root"] / "llama3", tmp_path / "no-embed", lambda s: s.pop("embed_tokens.weight"))
-    drafter = EagleDrafter.build(setup["t1"], heads=str(no_embedding), tree="chain:2")
+    drafter = EagleDrafter.build(setup["t1"], weights=str(no_embedding), tree="chain:2")
     assert not drafter.net.own_embedding and "embed_tokens.weight" not in drafter.net.state_dict()
     full = tmp_path / "full-vocab"
     full.mkdir()
@@ -204,25 +204,25 @@ def test_optional_keys_are_optional(setup, tmp_path):
     config = json.loads((setup["root"] / "eagle3" / "config.json").read_text()) | {"draft_vocab_size": t3.vocab_size}
     (full / "config.json").write_text(json.dumps(config))
     torch.save({k: v for k, v in state.items() if k not in ("d2t", "t2d")}, full / "pytorch_model.bin")
-    assert Eagle3Drafter.build(t3, heads=str(full), tree="chain:2").net.head_ids is None  # the identity map
+    assert Eagle3Drafter.build(t3, weights=str(full), tree="chain:2").net.head_ids is None  # the identity map
     torch.save(state, full / "pytorch_model.bin")  # present but unused when Vd == V, as the reference deletes them
-    assert Eagle3Drafter.build(t3, heads=str(full), tree="chain:2").net.head_ids is None
+    assert Eagle3Drafter.build(t3, weights=str(full), tree="chain:2").net.head_ids is None
 
 
 def test_a_checkpoint_for_another_target_is_one_line(setup, tmp_path):
     with pytest.raises(UserError, match="^hidden-size mismatch: .* width 48, target .* hidden size 32"):
         other = HFTarget(LlamaForCausalLM(LlamaConfig(vocab_size=setup["t1"].vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                       num_attention_heads=4, num_key_value_heads=2)).double(), name="other")
-        EagleDrafter.build(other, heads=str(setup["root"] / "llama3"))
+        EagleDrafter.build(other, weights=str(setup["root"] / "llama3"))
     with pytest.raises(UserError, match="^vocabulary mismatch: .* 100 tokens, target .* has 96"):
         other = HFTarget(LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=6,
                                                       num_attention_heads=4, num_key_value_heads=2)).double(), name="other")
-        Eagle3Drafter.build(other, heads=str(setup["root"] / "eagle3"))
+        Eagle3Drafter.build(other, weights=str(setup["root"] / "eagle3"))
     with pytest.raises(UserError, match="--tap-layers is for eagle3"):
-        EagleDrafter.build(setup["t1"], heads=str(setup["root"] / "llama3"), tap_layers="0,0,0")
+        EagleDrafter.build(setup["t1"], weights=str(setup["root"] / "llama3"), tap_layers="0,0,0")
     with pytest.raises(UserError, match="fall outside the target's 6 layers"):
-        Eagle3Drafter.build(setup["t3"], heads=str(setup["root"] / "eagle3"), tap_layers="2,3,6")
-    with pytest.raises(UserError, match="no published eagle draft for target 'tiny' in the catalogue: pass --heads"):
+        Eagle3Drafter.build(setup["t3"], weights=str(setup["root"] / "eagle3"), tap_layers="2,3,6")
+    with pytest.raises(UserError, match="no published eagle draft for target 'tiny' in the catalogue: pass --weights"):
         EagleDrafter.build(HFTarget(setup["t1"].model, name="tiny"))
 
 
@@ -236,7 +236,7 @@ def test_rotary_base_comes_from_the_draft_config(setup, tmp_path):
         directory = tmp_path / name
         shutil.copytree(setup["root"] / "llama3", directory)
         (directory / "config.json").write_text(json.dumps(change(json.loads((directory / "config.json").read_text()))))
-        drafter = EagleDrafter.build(setup["t1"], heads=str(directory), tree="mc_sim_7b_63")
+        drafter = EagleDrafter.build(setup["t1"], weights=str(directory), tree="mc_sim_7b_63")
         assert drafter.net.config.rope_theta == (10000.0 if name == "absent" else ROPE)
         steps = [s for p in chat_prompts() for s in decode(setup["t1"], drafter, p, MAX_NEW).steps]
         trees[name] = tau(steps)
@@ -274,7 +274,7 @@ def test_hub_id_fetches_one_weights_file(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(files, "download", fake_download)
     monkeypatch.setattr("huggingface_hub.list_repo_files", lambda repo_id: [f.name for f in hub.iterdir()])
-    drafter = EagleDrafter.build(setup["t1"], heads="yuhuili/EAGLE-tiny", tree="chain:2")
+    drafter = EagleDrafter.build(setup["t1"], weights="yuhuili/EAGLE-tiny", tree="chain:2")
     assert sorted(fetched) == ["config.json", "model.safetensors"] and drafter.describe()["head_files"] == ["model.safetensors"]
 
 
@@ -286,7 +286,7 @@ def test_writer_round_trip(setup, tmp_path, layout):
     target = setup["t1"] if layout == "eagle" else setup["t3"]
     weights = "pytorch_model.bin" if layout != "speculators-eagle3" else "model.safetensors"
     layouts.write_checkpoint(tmp_path / "out", drafter.net, layout, taps=drafter.taps if layout != "eagle" else None, weights_file=weights)
-    again = (EagleDrafter if layout == "eagle" else Eagle3Drafter).build(target, heads=str(tmp_path / "out"))
+    again = (EagleDrafter if layout == "eagle" else Eagle3Drafter).build(target, weights=str(tmp_path / "out"))
     assert again.describe()["format"] == layout
     assert {k: v for k, v in again.net.state_dict().items()}.keys() == drafter.net.state_dict().keys()
     assert all(torch.equal(again.net.state_dict()[k], v) for k, v in drafter.net.state_dict().items())
@@ -434,7 +434,7 @@ def test_speculators_copy_drafts_what_the_original_drafts(setup, tmp_path):
     t3 = setup["t3"]
 
     def trees_of(layout_dir):
-        drafter = Eagle3Drafter.build(t3, heads=str(layout_dir), tree="dynamic")
+        drafter = Eagle3Drafter.build(t3, weights=str(layout_dir), tree="dynamic")
         trees = []
         original = drafter.propose
         drafter.propose = lambda ctx: trees.append(original(ctx)) or trees[-1]
@@ -445,7 +445,7 @@ def test_speculators_copy_drafts_what_the_original_drafts(setup, tmp_path):
     original = trees_of(setup["root"] / "eagle3")
     assert trees_of(setup["root"] / "speculators") == original
     write_speculators(tmp_path / "no-key", setup["root"] / "eagle3", str(setup["root"] / "target3"), norm_before_residual=None)
-    assert Eagle3Drafter.build(t3, heads=str(tmp_path / "no-key")).net.config.norm_before_residual
+    assert Eagle3Drafter.build(t3, weights=str(tmp_path / "no-key")).net.config.norm_before_residual
     assert trees_of(tmp_path / "no-key") != original
 
 
@@ -462,7 +462,7 @@ def test_fast_engine_runs_dynamic_trees_in_buckets(setup, layout):
     name, cls = LAYOUTS[layout]
     target = setup[name]
     for fast in (FastHFTarget(target.model, name="fast", bucketed=True), FastHFTarget(target.model, name="fast", graphs=FakeGraphs())):
-        drafter = cls.build(fast, heads=str(setup["root"] / layout), tree="dynamic", total_tokens=20, depth=4, top_k=4)
+        drafter = cls.build(fast, weights=str(setup["root"] / layout), tree="dynamic", total_tokens=20, depth=4, top_k=4)
         assert drafter.max_draft_tokens == 19 and len(drafter.taps) == (3 if layout == "eagle3" else 1)
         fast.warm_up(1 + drafter.max_draft_tokens, drafter.taps, 512)
         captured = fast.decoder.graph_set.captured
@@ -630,7 +630,7 @@ def test_simulate_equals_online(setup, drafter, layout, log, options):
     """Every step's accepted length, τ and per-position acceptance, for a static tree, a chain and the
     dynamic tree, from the log's side file (final states / the EAGLE-3 taps) and the real target's weights."""
     target_key = "t1" if log == "log1" else "t3"
-    options = {"heads": str(setup["root"] / layout), **{k: str(setup["root"] / f"{log}.jsonl") if v == "LOG" else v for k, v in options.items()}}
+    options = {"weights": str(setup["root"] / layout), **{k: str(setup["root"] / f"{log}.jsonl") if v == "LOG" else v for k, v in options.items()}}
     shapes = [Shape.chain(3), Shape.from_spec("mc_sim_7b_63"), Shape.from_spec("dynamic")]
     simulator = Simulator(setup[log], SimulateConfig(drafter, options, shapes, latency_steps=2), setup[target_key])
     simulation = simulator.score()
@@ -656,7 +656,7 @@ def test_simulate_eagle3_from_the_log_alone(setup, tmp_path, capsys, monkeypatch
     state = load_file(str(directory / "model.safetensors"))
     state["embed_tokens.weight"] = t3.input_embeddings.weight.detach().clone()
     save_file(state, str(directory / "model.safetensors"))
-    code, out, err = run_cli(["simulate", "--log", setup["root"] / "log3.jsonl", "--drafter", "eagle3", "--heads", directory,
+    code, out, err = run_cli(["simulate", "--log", setup["root"] / "log3.jsonl", "--drafter", "eagle3", "--weights", directory,
                               "--tree", "dynamic,mc_sim_7b_63", "--depth", 3, "--bandwidth", 100, "--latency-steps", 1,
                               "--device", "cpu", "--out", tmp_path / "runs", "--json"], capsys, monkeypatch)
     assert code == 0, err
@@ -668,7 +668,7 @@ def test_simulate_eagle3_from_the_log_alone(setup, tmp_path, capsys, monkeypatch
     assert info["extra"]["draft_passes_per_step"] == 4 and info["extra"]["drafter"]["draft_vocab"] == DRAFT_VOCAB
     # a log holding only the final states: one line naming the fix
     record(t3, load_workload(WORKLOAD)[:1], WORKLOAD, 8, tmp_path / "final.jsonl", hidden=True)
-    code, out, err = run_cli(["simulate", "--log", tmp_path / "final.jsonl", "--drafter", "eagle3", "--heads", directory,
+    code, out, err = run_cli(["simulate", "--log", tmp_path / "final.jsonl", "--drafter", "eagle3", "--weights", directory,
                               "--tree", "dynamic", "--bandwidth", 100, "--device", "cpu", "--out", tmp_path / "runs"], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "holds the taps final, not 2, 3, 3: record with --hidden-taps 2,3,3, or pass --target" in err, err
@@ -721,6 +721,7 @@ def test_vocab_trim_drafts_only_kept_ids(setup):
 
 
 def test_cli_runs_eagle3_and_reports_it(setup, tmp_path, capsys, monkeypatch):
+    # `--heads`, EAGLE's old name for its weights, still works: one deprecation line, and the run records `weights`
     code, out, err = run_cli(["run", "--target", setup["root"] / "target3", "--drafter", "eagle3", "--heads", setup["root"] / "eagle3",
                               "--total-tokens", 12, "--depth", 3, "--top-k", 3, "--limit", 1, "--max-new-tokens", 12,
                               "--dtype", "float64", "--device", "cpu", "--out", tmp_path, "--json"], capsys, monkeypatch)
@@ -729,11 +730,12 @@ def test_cli_runs_eagle3_and_reports_it(setup, tmp_path, capsys, monkeypatch):
     assert summary["exact_match_rate"] == 1.0
     info = json.loads((Path(summary["run"]) / "run.json").read_text())
     assert info["extra"]["drafter"]["taps"] == [2, 3, 3] and info["extra"]["draft_passes_per_step"] == 4
+    assert err.count("option heads is deprecated") == 1 and "use --weights" in err and "weights" in info["drafter_options"]
     # in the report like any drafter: τ, per position, the DSD view (τ against draft latency)
     code, out, err = run_cli(["report", summary["run"], "--by", "position", "--csv", tmp_path / "p.csv", "--plot", tmp_path / "plots"],
                              capsys, monkeypatch)
     assert code == 0, err
     assert "eagle3" in (tmp_path / "p.csv").read_text() and (tmp_path / "plots" / "tau_vs_draft_ms.png").is_file()
-    code, out, err = run_cli(["run", "--target", setup["root"] / "target3", "--drafter", "eagle3", "--heads", setup["root"] / "llama3",
+    code, out, err = run_cli(["run", "--target", setup["root"] / "target3", "--drafter", "eagle3", "--weights", setup["root"] / "llama3",
                               "--limit", 1, "--device", "cpu", "--out", tmp_path], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "use --drafter eagle" in err, err

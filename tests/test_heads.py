@@ -411,6 +411,16 @@ def test_fresh_heads_build_for_any_target(target, plain_outputs):
         HydraDecoderDrafter.build(target, heads="fresh", decoder_layers=3)
 
 
+def test_head_drafters_keep_their_options_and_leave_the_callers_alone(target):
+    for cls, given in ((MedusaDrafter, {"heads": "fresh", "tree": "chain:2", "posterior_alpha": 0.2}),
+                       (HydraDecoderDrafter, {"decoder_layers": 1, "tree": "chain:2", "posterior_alpha": 0.2})):
+        options = cls.Options.parse(cls.name, given)
+        before = options.to_json()
+        drafter = cls.create(target, options)
+        assert drafter.options.posterior_alpha == 0.2 and drafter.acceptance.posterior_alpha == 0.2
+        assert options.to_json() == before  # hydra-decoder's fresh trunk on an uncatalogued target: its own copy says heads=fresh
+
+
 # --- the command line ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -492,7 +502,7 @@ def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, ch
     save_ids(ids_file, ranked[1:] + ranked[:1], "tiny", target.vocab_size, "test")  # the most frequent id ranked last
     cls = {"medusa": MedusaDrafter, "hydra-decoder": HydraDecoderDrafter}.get(name, HydraDrafter)
     drafter = cls.build(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=30, vocab_trim_from=str(ids_file))
-    kept = set(drafter.kept_ids.tolist())
+    kept = set(drafter.head_ids.tolist())
     assert len(kept) == 30 and ranked[0] not in kept
     assert drafter.describe()["vocab_trim"] == 30
     drafted, accepted = set(), 0

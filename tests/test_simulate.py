@@ -10,7 +10,7 @@ from test_cli import run_cli
 from tiny import char_tokenizer, perturbed, save_tiny_model, tiny_llama
 
 from specbench.drafters import registry
-from specbench.engine.options import ChainOptions
+from specbench.engine.options import ChainOptions, DrafterOptions, option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -72,8 +72,9 @@ def assert_simulate_equals_online(setup, drafter, options, ks, target=None, tree
     simulator = Simulator(setup["log"], SimulateConfig(drafter, options, shapes, latency_steps=2), target)
     simulation = simulator.score()
     accepted_somewhere = False
+    name = registry.drafter_class(drafter).shape_spec().name  # the option the drafter's shape contract names
     for result in simulation.results:
-        shape_option = {"k": result.shape.k} if "tree" not in tree_options else {"tree": result.shape.spec}
+        shape_option = {name: result.shape.k} if "tree" not in tree_options else {name: result.shape.spec}
         online = online_steps(setup, drafter, {**options, **shape_option})
         assert [shape_of(t) for t in result.steps] == [shape_of(t) for t in online], result.shape
         flat_sim = [s for t in result.steps for s in t]
@@ -117,7 +118,7 @@ class HeadDrafter(Drafter):
 
     def __init__(self, target, options=None) -> None:
         super().__init__(target, options)
-        self.k = self.options.k
+        self.k = getattr(self.options, self.Options.shape_option)
         g = torch.Generator().manual_seed(5)
         # head 0 is close to the target's own head shifted by one step: often right, not always
         self.heads = torch.randn(8, target.vocab_size, target.hidden_size, generator=g, dtype=torch.float64)
@@ -150,6 +151,20 @@ class HookedHeadDrafter(HeadDrafter):
 
 
 @dataclass
+class WindowOptions(DrafterOptions):
+    shape_option = "window"
+    window: int = option(3, "tokens drafted per step", min=1)
+
+
+class WindowHeadDrafter(HookedHeadDrafter):
+    """The hooked heads with their chain length named `window`: simulate and tune must find it
+    through the drafter's shape contract, not by the name k."""
+
+    name = "test-window"
+    Options = WindowOptions
+
+
+@dataclass
 class FakeEntryPoint:
     cls: type
     value: str = "tests:HeadDrafter"
@@ -161,7 +176,8 @@ class FakeEntryPoint:
 @pytest.fixture
 def head_drafters(monkeypatch):
     installed = registry.installed_drafters()
-    installed.update({"test-heads": FakeEntryPoint(HeadDrafter), "test-heads-hooked": FakeEntryPoint(HookedHeadDrafter)})
+    installed.update({"test-heads": FakeEntryPoint(HeadDrafter), "test-heads-hooked": FakeEntryPoint(HookedHeadDrafter),
+                      "test-window": FakeEntryPoint(WindowHeadDrafter)})
     monkeypatch.setattr(registry, "installed_drafters", lambda: installed)
 
 
@@ -172,6 +188,30 @@ def test_hidden_state_drafter_simulate_equals_online(setup, head_drafters):
     # no hook: step replay, labelled so
     simulation = assert_simulate_equals_online(setup, "test-heads", {}, [2, 3])
     assert simulation.method == "step replay"
+
+
+def test_a_shape_option_not_named_k_runs_simulates_exactly_and_tunes(setup, head_drafters, tmp_path):
+    from specbench.simulate.log import VerifyProfile
+    from specbench.simulate.predict import LatencyModel
+    from specbench.simulate.tune import TuneConfig, Tuner, choose, costs_for
+
+    # online runs take window=k; simulate sets window per scored k and scores exactly what they measure
+    assert_simulate_equals_online(setup, "test-window", {}, [1, 3])
+    simulated = Simulator(setup["log"], SimulateConfig("test-window", {}, [Shape.chain(2)], latency_steps=0))
+    assert simulated.options_for(Shape.chain(2)) == {"window": 2}
+    # step replay drafts with the drafter itself: exact only if simulate set its window past the default 3
+    replayed = Simulator(setup["log"], SimulateConfig("test-window", {}, [Shape.chain(5)], method="replay", latency_steps=0)).score()
+    assert [shape_of(t) for t in replayed.results[0].steps] == [shape_of(t) for t in online_steps(setup, "test-window", {"window": 5})]
+    # tune walks window = 1..4 as simulate scores them and prints the run that sets the chosen window
+    tuner = Tuner(setup["log"], TuneConfig("test-window", max_nodes=4, latency_steps=1, draft_ms=0.0))
+    model = LatencyModel.build(VerifyProfile(context_tokens=8, ms=[10.0 + 0.5 * n for n in range(16)]), None, None)
+    result = choose(tuner, tuner.frontier(model, costs_for(tuner), "tiny"), setup["log"], None, None)
+    scored = Simulator(setup["log"], SimulateConfig("test-window", {}, [Shape.chain(k) for k in range(1, 5)], latency_steps=0)).score()
+    assert [p.tau for p in result.frontier.points] == [tau([s for turn in r.steps for s in turn]) for r in scored.results]
+    assert f"--window {result.chosen.size} " in result.run_command
+    # the shape is theirs to set, not the user's
+    with pytest.raises(UserError, match="do not pass --window"):
+        Tuner(setup["log"], TuneConfig("test-window", {"window": 2}, max_nodes=4, draft_ms=0.0))
 
 
 def test_hidden_states_from_a_target_forward_when_the_log_has_none(setup, head_drafters):

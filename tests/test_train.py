@@ -13,6 +13,7 @@ from specbench.cli import main
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
+from specbench.errors import SpecbenchWarning, UserError
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import load_causal_lm
 from specbench.train.data import load_data
@@ -443,3 +444,55 @@ def test_bundled_drafters_are_registered_and_small():
     assert all(v.dtype == torch.bfloat16 for v in hydra.values())
     assert "prefix_embeding_layer.layers.0.mlp.down_proj.weight" in hydra and "hydra_mlp.2.1.res_connection.weight" in hydra
     assert not any(k.startswith(("hydra_lm_head.", "input_embed_fn.")) for k in hydra)  # tied to the target's tables
+
+
+# --- a plugin drafter declares its own recipe, found through its entry point --------------------
+
+CALLS: list = []
+
+
+def fake_recipe(config, target, overwrite=False, on_step=None) -> dict:
+    CALLS.append((config.drafter, config.lr, dict(config.options), target.name))
+    return {}
+
+
+def test_a_drafter_declares_its_recipe_and_train_finds_it(setup, tmp_path, monkeypatch):
+    from dataclasses import dataclass as plain
+
+    from specbench.drafters import registry
+    from specbench.engine.options import ChainOptions, CommandConfig, option
+    from specbench.engine.protocol import Drafter, TrainRecipe
+    from specbench.train.common import TrainConfig
+    from specbench.train.recipes import train
+
+    @plain
+    class FakeTraining(CommandConfig):
+        rounds: int = option(2, "rounds", min=1)
+        width: int = option(8, "width", min=1)
+
+    class Trainable(Drafter):
+        name = "test-trainable"
+        Options = ChainOptions
+        recipe = TrainRecipe("test_train:fake_recipe", 0.25, FakeTraining)
+
+    @plain
+    class Entry:
+        cls: type
+        value: str = "tests:Trainable"
+
+        def load(self):
+            return self.cls
+
+    installed = {**registry.installed_drafters(), "test-trainable": Entry(Trainable)}
+    monkeypatch.setattr(registry, "installed_drafters", lambda: installed)
+    config = TrainConfig("test-trainable", str(tmp_path), str(tmp_path / "out"), target=str(setup["target"]))
+    train(config, {"rounds": 3}, device="cpu")
+    assert CALLS == [("test-trainable", 0.25, {"rounds": 3, "width": 8}, str(setup["target"]))]  # its rate, its options
+    with pytest.raises(UserError, match="--rounds must be at least 1"):
+        train(config, {"rounds": 0}, device="cpu")
+    with pytest.warns(SpecbenchWarning, match="train --drafter test-trainable ignores --num-heads .* its own: --rounds, --width"):
+        train(TrainConfig("test-trainable", str(tmp_path), str(tmp_path / "out3"), target=str(setup["target"])), {"num_heads": 2},
+              device="cpu")
+    assert CALLS[-1][2] == {"rounds": 2, "width": 8}
+    with pytest.raises(UserError, match="cannot train drafter 'prompt-lookup': trainable drafters are .*test-trainable"):
+        train(TrainConfig("prompt-lookup", str(tmp_path), str(tmp_path / "out2"), target=str(setup["target"])), device="cpu")

@@ -12,7 +12,7 @@ from test_cli import run_cli
 from tiny import save_tiny_model
 
 from specbench.drafters import registry
-from specbench.engine.options import ChainOptions, DrafterOptions
+from specbench.engine.options import ChainOptions, DrafterOptions, option
 from specbench.engine.protocol import RANK_NONE, Drafter, TeacherForced
 from specbench.engine.tree import validate_paths
 from specbench.errors import UserError
@@ -95,10 +95,16 @@ class TableDrafter(Drafter):
         return TeacherForced(ranks)
 
 
+@dataclass
+class TableTreeOptions(DrafterOptions):
+    shape_option = "tree"
+    tree: str | None = option(None, "the tree drafted")
+
+
 class TableTreeDrafter(TableDrafter):
     name = "test-table-tree"
     drafts = "tree"
-    Options = DrafterOptions
+    Options = TableTreeOptions
     num_heads = 2
 
 

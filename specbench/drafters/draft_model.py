@@ -13,14 +13,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
+from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
 from specbench.engine.compat import cache_kwargs
-from specbench.engine.options import ChainOptions, VocabTrimOptions, option
+from specbench.engine.options import ChainOptions, CommandConfig, VocabTrimOptions, option
 from specbench.engine.protocol import (
     DraftContext,
     Drafter,
+    FastEngineTarget,
+    TrainRecipe,
     TeacherForced,
     autoregressive_ranks,
     true_ranks,
@@ -64,8 +66,17 @@ class DraftModelOptions(ChainOptions, VocabTrimOptions):
     draft_model: str | None = option(None, "the draft: alias (catalogue/draft_models.toml), hub id or local directory; default from the catalogue")
 
 
+@dataclass
+class DraftModelTraining(CommandConfig):
+    """`specbench train --drafter draft-model`'s own options."""
+
+    layers: int = option(1, "draft-model: how many of the target's first layers the draft keeps", min=1)
+    k: int = option(4, "draft-model: chain length the acceptance estimate assumes", min=1)
+
+
 class DraftModelDrafter(Drafter):
     name = "draft-model"
+    recipe = TrainRecipe("specbench.train.draft:train_draft_model", 1e-3, DraftModelTraining)
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
     Options = DraftModelOptions
 
@@ -84,7 +95,8 @@ class DraftModelDrafter(Drafter):
         if target.engine == "fast":
             check_full_attention(model, self.model_name)
             dtype = next(model.parameters()).dtype
-            self.fast = target.static_decoder(self.backbone, self.head, self.device, dtype)  # bucketed and captured as the target's
+            fast_target: FastEngineTarget = target  # the contract a fast-engine target keeps (engine/protocol.py)
+            self.fast = fast_target.static_decoder(self.backbone, self.head, self.device, dtype)
         self.cache: DynamicCache | StaticKV | None = self.fast.cache if self.fast else None
         self.cached: list[int] = []  # the tokens whose KV is in self.cache
 
@@ -97,8 +109,8 @@ class DraftModelDrafter(Drafter):
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
         trim, trim_info = None, None
-        if options.vocab_trim_from:
-            kept, trim_info = keep_ids(options.vocab_trim, options.vocab_trim_from, target.tokenizer, target.vocab_size)
+        if asked := asked_trim(options, target):
+            kept, trim_info = asked
             trim = TrimmedHead(model.get_output_embeddings(), kept)
         return cls(target, model, k=options.k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
 
@@ -168,7 +180,7 @@ class DraftModelDrafter(Drafter):
                 probs.append(self.trim.to_vocab_probs(q) if self.trim is not None else q)
             else:
                 index = int(logits.argmax())
-            token = int(self.trim.kept[index]) if self.trim is not None else index
+            token = int(self.trim.head_ids[index]) if self.trim is not None else index
             drafted.append(token)
             if i + 1 < k:  # the last draft token's successor is never needed
                 logits = self._logits([token])
@@ -185,6 +197,6 @@ class DraftModelDrafter(Drafter):
         logits = self.head(out.last_hidden_state[0])
         true = sequence[1:]
         if self.trim is not None:
-            true = kept_index(true, self.trim.kept, self.trim.vocab_size)
+            true = head_rows(true, self.trim.head_ids, self.trim.vocab_size)
         ranks = true_ranks(logits, true)
         return TeacherForced(autoregressive_ranks(ranks, prompt.numel(), output.numel(), depth))

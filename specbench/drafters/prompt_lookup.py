@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from specbench.engine.options import ChainOptions, option
-from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, TeacherForced
+from specbench.engine.protocol import DraftContext, Drafter, context_only_ranks
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -62,17 +62,6 @@ class PromptLookupDrafter(Drafter):
         return DraftTree.chain(found) if found.numel() else DraftTree.empty(ctx.tokens.device)
 
     def teacher_forced(self, prompt, output, depth, hidden=None):
-        """The lookup at every step's context (the true prefix): proposals are a
-        function of the context alone, so ranks are 0 (proposed and right) or none."""
-        prompt, output = prompt.reshape(-1).cpu(), output.reshape(-1).cpu()
-        sequence = torch.cat([prompt, output])
-        n_out, p = output.numel(), prompt.numel()
-        ranks = torch.full((n_out, depth), RANK_NONE, dtype=torch.long)
-        lengths = torch.zeros(n_out, dtype=torch.long)
-        for m in range(1, n_out):
-            found = self.lookup(sequence[: p + m], depth)
-            lengths[m] = found.numel()
-            truth = output[m : m + found.numel()]
-            hits = found[: truth.numel()] == truth
-            ranks[m, : hits.numel()] = torch.where(hits, 0, RANK_NONE)
-        return TeacherForced(ranks, lengths, ranked=False)
+        """The lookup at every step's context (the true prefix): a function of the context alone."""
+        sequence, p = torch.cat([prompt.reshape(-1).cpu(), output.reshape(-1).cpu()]), prompt.numel()
+        return context_only_ranks(output.cpu(), depth, lambda m: self.lookup(sequence[: p + m], depth).tolist())

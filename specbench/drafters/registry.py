@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
-from specbench.engine.options import DrafterOptions, OptionSpec
+from specbench.engine.options import DrafterOptions, OptionSpec, option_specs
 from specbench.engine.protocol import Drafter, Target
 from specbench.errors import UserError
 
@@ -61,10 +61,19 @@ def loadable_drafters() -> dict[str, type[Drafter]]:
 def option_flags() -> dict[str, OptionSpec]:
     """One typed flag per option name across the installed drafters, for `run` and `simulate`.
     A name two drafters declare with different types gets no flag (it stays reachable with -o)."""
+    return _one_flag_each(cls.Options for cls in loadable_drafters().values())
+
+
+def recipe_option_flags() -> dict[str, OptionSpec]:
+    """One typed flag per training option across the installed drafters' recipes, for `train`."""
+    return _one_flag_each(cls.recipe.Options for cls in loadable_drafters().values() if cls.recipe is not None)
+
+
+def _one_flag_each(classes) -> dict[str, OptionSpec]:
     flags: dict[str, OptionSpec] = {}
     clashes: set[str] = set()
-    for cls in loadable_drafters().values():
-        for name, spec in cls.Options.specs().items():
+    for cls in classes:
+        for name, spec in option_specs(cls).items():
             seen = flags.get(name)
             if seen is None:
                 flags[name] = spec
@@ -77,4 +86,4 @@ def typed_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options the user gave, each converted to its declared type (text from -o or a flag
     becomes an int, a bool...), checked as a whole: what a run records and resumes from."""
     cls, options = parse_options(name, given)
-    return {key: getattr(options, key) for key in given}
+    return {key: getattr(options, key) for key in cls.Options.current_names(name, given, note=False)}

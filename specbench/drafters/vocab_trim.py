@@ -139,31 +139,48 @@ def keep_ids(top: int | None, source: str, tokenizer, vocab_size: int) -> tuple[
     return torch.tensor(kept), {"vocab_trim": top, "counted_from": counted, "ids_sha256": digest}
 
 
-class TrimmedHead(nn.Module):
-    """An LM head restricted to `kept` rows: forward() gives logits over the kept
-    ids, index i stands for target id kept[i]."""
+# A drafter head over part of the vocabulary (a VocabTrim cut, EAGLE-3's draft vocabulary) is
+# described by one mapping, named `head_ids` wherever it is held: the target id of each head row.
+# The functions below are the two directions of that mapping.
 
-    def __init__(self, head: nn.Linear, kept: torch.Tensor) -> None:
+
+def asked_trim(options, target) -> tuple[torch.Tensor, dict] | None:
+    """The ids a drafter's VocabTrim options (engine.options.VocabTrimOptions) keep for `target`
+    and their description for run.json; None when no VocabTrim is asked."""
+    if not options.vocab_trim_from:
+        return None
+    return keep_ids(options.vocab_trim, options.vocab_trim_from, target.tokenizer, target.vocab_size)
+
+
+class TrimmedHead(nn.Module):
+    """An LM head restricted to the rows `head_ids`: forward() gives logits over them, row i
+    standing for target id head_ids[i]."""
+
+    def __init__(self, head: nn.Linear, head_ids: torch.Tensor) -> None:
         super().__init__()
-        kept = kept.to(head.weight.device)
-        self.register_buffer("kept", kept)
+        head_ids = head_ids.to(head.weight.device)
+        self.register_buffer("head_ids", head_ids)
         self.vocab_size = head.weight.shape[0]
-        self.weight = nn.Parameter(head.weight.detach()[kept].clone(), requires_grad=False)
+        self.weight = nn.Parameter(head.weight.detach()[head_ids].clone(), requires_grad=False)
         bias = getattr(head, "bias", None)
-        self.bias = nn.Parameter(bias.detach()[kept].clone(), requires_grad=False) if bias is not None else None
+        self.bias = nn.Parameter(bias.detach()[head_ids].clone(), requires_grad=False) if bias is not None else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(hidden, self.weight, self.bias)
 
     def to_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        """Probabilities over the kept ids → the full vocabulary, 0 outside the set."""
-        full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.kept, probs)
+        return to_vocab_probs(probs, self.head_ids, self.vocab_size)
 
 
-def kept_index(tokens: torch.Tensor, kept: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Each target id's index among the kept ids, -1 for a token the trimmed head cannot draft
-    (simulation ranks true tokens in the trimmed head's index space)."""
-    lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=kept.device)
-    lookup[kept] = torch.arange(kept.numel(), device=kept.device)
-    return lookup[tokens.to(kept.device)].to(tokens.device)
+def head_rows(tokens: torch.Tensor, head_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Each target id's row in the head, -1 for a token the head cannot draft (simulation ranks
+    true tokens in the head's row space)."""
+    lookup = torch.full((vocab_size,), -1, dtype=torch.long, device=head_ids.device)
+    lookup[head_ids] = torch.arange(head_ids.numel(), device=head_ids.device)
+    return lookup[tokens.to(head_ids.device)].to(tokens.device)
+
+
+def to_vocab_probs(probs: torch.Tensor, head_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Probabilities over the head's rows → over the full vocabulary, 0 outside the head."""
+    full = probs.new_zeros(*probs.shape[:-1], vocab_size)
+    return full.index_copy_(-1, head_ids, probs)

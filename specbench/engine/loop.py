@@ -15,7 +15,7 @@ import torch
 
 from specbench.engine.acceptance import accept
 from specbench.engine.protocol import DraftContext, Drafter, Target, VerifyOutcome
-from specbench.engine.tree import DraftTree
+from specbench.engine.tree import DraftTree, kept_rows
 from specbench.records import StepMeasure
 
 
@@ -123,7 +123,7 @@ def decode(
                 break
         sequence = torch.cat([sequence, torch.tensor(emitted, device=target.device)])
         # emitted token j was chosen by the row of its parent: the root (row 0), then accepted node j-1
-        rows = [0] + [n + 1 for n in result.accepted_nodes[: kept - 1]]
+        rows = kept_rows(result.accepted_nodes[: kept - 1])
         pending.append(top2(logits[: kept] if rows == list(range(kept)) else logits[rows]))
         t3 = clock.now()
         # draft tokens after an accepted EOS are cut from the output, so they do not count

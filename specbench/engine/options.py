@@ -16,13 +16,14 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar
 
-from specbench.checks import MAX_COUNT
-from specbench.errors import UserError
+from specbench.checks import MAX_COUNT, check_count, check_number
+from specbench.errors import SpecbenchWarning, UserError
 
 SIMPLE_TYPES: tuple[type, ...] = (bool, int, float, str)
 _TRUE, _FALSE, _NONE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}, {"none", "null"}
@@ -30,9 +31,58 @@ _TRUE, _FALSE, _NONE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}, 
 
 def option(default: Any, help: str, *, min: float | None = None, max: float | None = None, gt: float | None = None,
            choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field for one drafter option: default, help text and bounds (min/max inclusive,
-    gt exclusive, choices for text)."""
+    """A dataclass field for one drafter option or one command flag: default, help text and bounds
+    (min/max inclusive, gt exclusive, choices for text). Drafter options are checked by
+    `DrafterOptions.parse`, command flags by `CommandConfig` when the config is made."""
     return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max, "gt": gt, "choices": choices})
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def bounds_text(meta: Mapping[str, Any]) -> str:
+    """A field's declared bounds in words (`>= 1 and <= 0.9`), '' where it declares none."""
+    parts = []
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']:g}")
+    if meta.get("min") is not None:
+        parts.append(f">= {meta['min']:g}")
+    if meta.get("max") is not None:
+        parts.append(f"<= {meta['max']:g}")
+    if meta.get("choices"):
+        parts.append("one of " + ", ".join(meta["choices"]))
+    return " and ".join(parts)
+
+
+@dataclass
+class CommandConfig:
+    """Base of every command's configuration dataclass. Each field declared with `option(...)` is
+    a flag of the command (flags.with_config) and is checked against its declared type and bounds
+    when the config is made, so the command line and library callers are refused alike, before any
+    work: an int is a count (checks.check_count: at least 1 unless `min` says otherwise), a float
+    finite and in range, text one of its `choices`. Subclasses that define `__post_init__` call super."""
+
+    def __post_init__(self) -> None:
+        check_declared(self)
+
+
+def check_declared(config) -> None:
+    """Refuse, as one line naming the flag, a field of `config` outside what its `option(...)` declares."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        value, flag = getattr(config, f.name), flag_of(f.name)
+        kind, _ = _simple_type(hints[f.name])
+        if kind is int:
+            low = 1 if meta.get("min") is None else meta["min"]
+            check_count(value, flag, minimum=low, maximum=meta.get("max"))
+        elif kind is float:
+            check_number(value, flag, minimum=meta.get("min"), maximum=meta.get("max"), above=meta.get("gt"))
+        elif meta.get("choices") and value is not None and value not in meta["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(meta['choices'])} (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -51,23 +101,14 @@ class OptionSpec:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_of(self.name)
 
     @property
     def type_name(self) -> str:
         return self.type.__name__ + (" or none" if self.optional else "")
 
     def bounds(self) -> str:
-        parts = []
-        if self.gt is not None:
-            parts.append(f"> {self.gt:g}")
-        if self.min is not None:
-            parts.append(f">= {self.min:g}")
-        if self.max is not None:
-            parts.append(f"<= {self.max:g}")
-        if self.choices:
-            parts.append("one of " + ", ".join(self.choices))
-        return " and ".join(parts)
+        return bounds_text({"gt": self.gt, "min": self.min, "max": self.max, "choices": self.choices})
 
     def describe(self) -> str:
         """`name: type = default (bounds) - help`, for listings."""
@@ -131,19 +172,25 @@ def _shown(text: str) -> str:
 class DrafterOptions:
     """Base of every drafter's options dataclass. Subclasses declare fields with `option(...)`."""
 
-    # options `simulate` sets per scored shape rather than taking from the user
-    SHAPE_OPTIONS: ClassVar[tuple[str, ...]] = ("k", "tree")
+    # the option that sets the draft's shape (a chain drafter's length, an int; a tree drafter's
+    # tree, text a tree spec resolves from): `simulate` and `tune` set it per scored shape, and it
+    # is not the user's to give them. None: no option sets the shape (chains are capped per step
+    # through ctx.max_tokens). `Drafter.shape_spec` checks it.
+    shape_option: ClassVar[str | None] = None
+    # options renamed: the old name still works for one release, with a one-line note (old -> new)
+    renamed: ClassVar[dict[str, str]] = {}
 
     def check(self, drafter: str) -> None:
         """Rules across fields; raise UserError. Subclasses extend it (call super)."""
 
     @classmethod
     def specs(cls) -> dict[str, OptionSpec]:
-        return _specs(cls)
+        return option_specs(cls)
 
     @classmethod
     def parse(cls, drafter: str, given: Mapping[str, Any]):
         """An instance from user-given values (text or typed), refusing unknown names and misfits."""
+        given = cls.current_names(drafter, given)
         specs = cls.specs()
         unknown = sorted(set(given) - set(specs))
         if unknown:
@@ -156,9 +203,25 @@ class DrafterOptions:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def current_names(cls, drafter: str, given: Mapping[str, Any], note: bool = True) -> dict[str, Any]:
+        """`given` with every renamed option under its current name (one deprecation line each)."""
+        current = dict(given)
+        for old, new in cls.renamed.items():
+            if old not in current:
+                continue
+            if new in current:
+                raise UserError(f"drafter '{drafter}': give {flag_of(new)} only ({flag_of(old)} is its old name)")
+            if note:
+                warnings.warn(f"drafter '{drafter}' option {old} is deprecated and goes in the next release: use {flag_of(new)} "
+                              f"(-o {new}=...)", SpecbenchWarning)
+            current[new] = current.pop(old)
+        return current
+
 
 @cache
-def _specs(cls: type[DrafterOptions]) -> dict[str, OptionSpec]:
+def option_specs(cls: type) -> dict[str, OptionSpec]:
+    """What each field of an options dataclass (drafter options, a recipe's training options) declares."""
     hints = typing.get_type_hints(cls)
     specs = {}
     for f in dataclasses.fields(cls):
@@ -190,6 +253,7 @@ def _simple_type(hint) -> tuple[type | None, bool]:
 class ChainOptions(DrafterOptions):
     """Drafters that propose a chain of up to k tokens."""
 
+    shape_option: ClassVar[str | None] = "k"
     k: int = option(4, "tokens drafted per step", min=1)
 
 

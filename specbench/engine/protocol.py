@@ -30,9 +30,11 @@ Optional, for `specbench simulate`: `teacher_forced(prompt, output, depth, hidde
 scores a whole logged sequence in one pass (a `TeacherForced`); drafters
 without it are simulated by step replay, which is slower and labelled so.
 
-Capabilities a drafter declares: `drafts` ("chain": takes `k`, drafts one
-token per depth; "tree": takes `tree`, drafts the top-ranked tokens per
-node, so any tree of ranks can be scored), `taps` (which hidden states it
+Capabilities a drafter declares: `drafts` ("chain": drafts one token per
+depth; "tree": drafts the top-ranked tokens per node, so any tree of ranks
+can be scored), the option that sets that shape (`Options.shape_option`: an
+int length for a chain, e.g. `k`; a tree spec for a tree, e.g. `tree`;
+simulate and tune set it per shape, `shape_spec` checks it), `taps` (which hidden states it
 reads), `acceptance` (its acceptance rule at temperature > 0, from
 engine/acceptance.py: typical acceptance for Medusa/Hydra, tree sampling for
 EAGLE trees; None = speculative sampling) and `max_draft_tokens` (the largest
@@ -49,8 +51,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import torch
 
 from specbench.engine.acceptance import AcceptanceRule
-from specbench.engine.options import DrafterOptions
-from specbench.engine.tree import DraftTree
+from specbench.engine.options import CommandConfig, DrafterOptions, OptionSpec
+from specbench.engine.tree import DraftTree, kept_rows
+from specbench.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -133,6 +136,25 @@ class Target(Protocol):
         ...
 
 
+@runtime_checkable
+class FastEngineTarget(Target, Protocol):
+    """A target on the fast engine (`engine == "fast"`): a drafter that runs a model of its own
+    (draft-model) runs it on the same engine, bucketed and captured as the target's steps are."""
+
+    def static_decoder(self, backbone: nn.Module, head: nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
+        """An engine.static_cache.StaticDecoder for `backbone` + `head`, on this target's buckets and graphs."""
+        ...
+
+
+@runtime_checkable
+class TrainableTarget(Target, Protocol):
+    """A target `specbench train` and `train-data` can use (the `hf` backend): the transformers
+    model itself, which they run frozen (its answers, hidden states and logits) and copy
+    layers and embeddings from. Decoding never touches it."""
+
+    model: nn.Module
+
+
 @dataclass
 class DraftContext:
     tokens: torch.Tensor  # [L] prompt + emitted tokens; the last one is the root
@@ -148,6 +170,11 @@ class VerifyOutcome:
     accepted_nodes: list[int]  # node indices on the accepted path, root excluded
     emitted: list[int]  # accepted draft tokens then the target's bonus token
     hidden: torch.Tensor | None  # [1 + n, H·len(taps)] the target's states, root first
+
+    @property
+    def kept_hidden(self) -> torch.Tensor:
+        """The target's states at the root and the accepted nodes (what the target kept)."""
+        return self.hidden[kept_rows(self.accepted_nodes)]
 
 
 # --- simulation: what one teacher-forced pass over a logged sequence yields ----------
@@ -220,6 +247,23 @@ def true_ranks(logits: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, rank, torch.full_like(rank, RANK_NONE)).long().cpu()
 
 
+def context_only_ranks(output: torch.Tensor, depth: int, draft: Callable[[int], list[int]]) -> TeacherForced:
+    """The teacher-forced pass of a drafter whose proposal is a function of the context alone
+    (prompt lookup, n-gram tables): `draft(m)` is what it drafts, up to `depth` tokens, at the step
+    taken with m tokens emitted (the context: prompt + output[:m]). Ranks are 0 where a drafted
+    token is the logged one and RANK_NONE elsewhere (one token per position: ranked=False)."""
+    logged, n_out = output.reshape(-1).tolist(), output.numel()
+    ranks = torch.full((n_out, depth), RANK_NONE, dtype=torch.long)
+    lengths = torch.zeros(n_out, dtype=torch.long)
+    for m in range(1, n_out):
+        drafted = draft(m)[:depth]
+        lengths[m] = len(drafted)
+        for i, token in enumerate(drafted[: n_out - m]):
+            if token == logged[m + i]:
+                ranks[m, i] = 0
+    return TeacherForced(ranks, lengths, ranked=False)
+
+
 def autoregressive_ranks(position_ranks: torch.Tensor, prompt_len: int, n_out: int, depth: int) -> torch.Tensor:
     """[N, depth] ranks for an autoregressive drafter from its per-position ranks.
 
@@ -234,6 +278,19 @@ def autoregressive_ranks(position_ranks: torch.Tensor, prompt_len: int, n_out: i
 # --- drafters ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How `specbench train` trains a drafter, declared by the drafter (a plugin's too): the
+    function `(TrainConfig, target, overwrite, on_step) -> dict`, named `module:function` as an
+    entry point is and imported only when training starts; its peak learning rate when --lr is
+    not given; its own training options (a CommandConfig dataclass: `train` makes them flags,
+    checks them, and hands them to the function as TrainConfig.options)."""
+
+    function: str
+    default_lr: float
+    Options: type[CommandConfig] = CommandConfig
+
+
 class Drafter:
     """Base class for drafters. Subclasses set `name`, `summary` and `Options`, and implement `propose`."""
 
@@ -244,6 +301,7 @@ class Drafter:
     taps: Taps = ()
     # the acceptance rule at temperature > 0 (None: speculative sampling, for chains)
     acceptance: AcceptanceRule | None = None
+    recipe: ClassVar[TrainRecipe | None] = None  # how `specbench train` trains it; None: it is not trained
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target
@@ -253,6 +311,21 @@ class Drafter:
     def create(cls, target: Target, options: DrafterOptions) -> Drafter:
         """Build from the target and the parsed options (`cls.Options`)."""
         return cls(target, options)
+
+    @classmethod
+    def shape_spec(cls) -> OptionSpec | None:
+        """The option that sets this drafter's draft shape (`Options.shape_option`), checked to be
+        one: an int length for a chain drafter, text (a tree spec) for a tree drafter."""
+        name = cls.Options.shape_option
+        if name is None:
+            return None
+        spec = cls.Options.specs().get(name)
+        wanted = int if cls.drafts == "chain" else str
+        if spec is None or spec.type is not wanted:
+            what = "not one of its options" if spec is None else f"a {spec.type.__name__} option"
+            raise UserError(f"drafter '{cls.name}' names '{name}' its shape option ({cls.Options.__name__}.shape_option), which is {what}: "
+                            f"a {cls.drafts} drafter's shape option must be a {wanted.__name__} option; fix the drafter")
+        return spec
 
     @classmethod
     def build(cls, target: Target, **given: Any) -> Drafter:

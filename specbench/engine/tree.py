@@ -16,6 +16,13 @@ from functools import cached_property
 import torch
 
 
+def kept_rows(accepted_nodes: list[int]) -> list[int]:
+    """The rows of a verify forward (row 0 the root, row i + 1 node i) on the accepted path: the
+    root and the accepted nodes, in order. Their KV is what the target commits, their hidden
+    states what drafters reading the target's states consume."""
+    return [0] + [n + 1 for n in accepted_nodes]
+
+
 @dataclass(frozen=True)
 class DraftTree:
     tokens: torch.Tensor  # [n] long, the drafted token ids in node order

@@ -76,4 +76,4 @@ def run_summary(directory: Path):
     store = RunStore.open(directory)
     warnings: list[str] = []
     steps, turns = store.load(warnings)
-    return store.info, summarise(steps, turns, memory_model(store.info.extra)), warnings
+    return store.info, summarise(steps, turns, memory_model(store.info.memory)), warnings

@@ -51,7 +51,7 @@ def report_frames(groups: list[Group]) -> dict[str, pd.DataFrame]:
 
 
 def group_summary(group: Group, steps=None, turns=None) -> Summary:
-    memory = memory_model(group.runs[0].info.extra or {})
+    memory = memory_model(group.runs[0].info.memory)
     return summarise(group.steps if steps is None else steps, group.turns if turns is None else turns, memory)
 
 

@@ -28,7 +28,7 @@ import torch
 from specbench.errors import UserError
 from specbench.files import jsonl_rows, read_text
 from specbench.records import StepMeasure
-from specbench.simulate.log import LogHeader, LogTurn, TargetLog
+from specbench.simulate.log import LogHeader, LogTurn, TargetLog, read_log
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -159,3 +159,30 @@ def running_totals(per_prompt_steps: list[list[StepMeasure]]) -> list[int]:
             total += s.accepted + 1
             totals.append(total)
     return totals
+
+
+def open_log(log: Path, prompts: Path | None = None, target: str | None = None) -> TargetLog:
+    """A specbench target log, or with `prompts` a Decoding-Speculative-Decoding log
+    (tensor dumps matched by order to a prompts JSONL, tokenised by `target`'s tokenizer)."""
+    if prompts is None:
+        return read_log(log)
+    from specbench.targets.loading import load_tokenizer
+
+    if not target:
+        raise UserError("a DSD log has text prompts: pass --target NAME (its tokenizer tokenises them)")
+    tokenizer = load_tokenizer(target)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
+
+
+def convert_dsd_log(log: Path, prompts: Path, target: str, out: Path) -> TargetLog:
+    """`specbench convert-log`: a DSD log (tensor dumps + prompts) written as a specbench target log."""
+    from specbench.checks import check_output_file
+    from specbench.simulate.log import write_log
+
+    check_output_file(out, "--out", inputs=(log, prompts))
+    converted = open_log(log, prompts, target)
+    write_log(out, converted.header, converted.turns)
+    return converted

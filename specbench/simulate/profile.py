@@ -17,7 +17,7 @@ import torch
 
 from specbench.checks import check_count, check_output_file, context_window
 from specbench.engine.loop import Clock
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.files import atomic_write_text
@@ -66,7 +66,7 @@ def measure_profile(
 
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(CommandConfig):
     """What `specbench profile` measures; each field's help is what `--help` shows."""
 
     target: str = option("smollm2-135m", TARGET_HELP)
@@ -82,22 +82,18 @@ def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT
     """`specbench profile`: load the target and measure its profile over the workload's first prompt
     repeated to `context_tokens`; written to `out` as JSON."""
     from specbench.environment import environment
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import load_config, resolve_device, resolve_dtype
+    from specbench.targets import load_target
+    from specbench.targets.loading import load_config
     from specbench.workloads import encode_turn, load_workload
 
-    c = config
+    c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out")
-    for value, flag in ((c.context_tokens, "--context-tokens"), (c.max_tokens, "--max-tokens"), (c.repeats, "--repeats")):
-        check_count(value, flag)
     check_profile_window(context_window(load_config(c.target)), c.context_tokens, c.max_tokens, c.target)  # before the weights load
-    dev = resolve_device(c.device)
-    with progress.status(f"loading {c.target}"):
-        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+    target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
     if target.tokenizer is None:
         raise UserError(f"target '{c.target}' has no tokenizer to encode the context prompt")
     context = encode_turn(target.tokenizer, load_workload(c.workload)[0], 0, [])
     with progress.status("measuring"):
-        result = measure_profile(target, context, c.context_tokens, c.max_tokens, c.repeats, environment(dev)["device_name"])
+        result = measure_profile(target, context, c.context_tokens, c.max_tokens, c.repeats, environment(target.device)["device_name"])
     atomic_write_text(out, json.dumps(result.to_json()) + "\n")
     return result

@@ -18,7 +18,7 @@ import torch
 
 from specbench.checks import check_count, check_fits
 from specbench.engine.loop import decode
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Taps
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -165,7 +165,7 @@ def record(
 
 
 @dataclass
-class RecordConfig:
+class RecordConfig(CommandConfig):
     """What `specbench record` records; each field's help is what `--help` shows."""
 
     target: str = option("smollm2-135m", TARGET_HELP)
@@ -188,23 +188,17 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
     `profile`, its verify-latency profile over a typical context, into one log written once complete."""
     from specbench.checks import check_output_file
     from specbench.environment import environment
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.targets import load_target
     from specbench.workloads import open_workload, select
 
-    c = config
+    c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out", inputs=(c.workload,))
-    for value, flag in ((c.limit, "--limit"), (c.max_new_tokens, "--max-new-tokens"), (c.topk, "--topk"),
-                        (c.profile_max_tokens, "--profile-max-tokens"), (c.profile_repeats, "--profile-repeats")):
-        check_count(value, flag)
     try:
         prompts = select(open_workload(c.workload).prompts, limit=c.limit)
-        dev = resolve_device(c.device)
-        with progress.status(f"loading {c.target}"):
-            target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+        target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
         layers = parse_hidden_taps(c.hidden_taps, target.num_layers)
         advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
-        return record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, environment(dev), advance,
+        return record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, environment(target.device), advance,
                       profile_tokens=c.profile_max_tokens if c.profile else None, profile_repeats=c.profile_repeats,
                       on_stage=lambda stage: advance(0, stage=stage), hidden_layers=layers)
     except KeyboardInterrupt:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -26,20 +25,22 @@ import torch
 
 from specbench.checks import check_count
 from specbench.drafters.registry import drafter_class
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import FINAL, TeacherForced
 from specbench.errors import SpecbenchWarning, UserError
-from specbench.metrics import Summary, alpha_iid, expected_speedup, summarise
+from specbench.metrics import Summary, alpha_iid, expected_speedup, memory_model, summarise
 from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
+    MemoryFacts,
     RunInfo,
     StepMeasure,
     StepRecord,
     TurnRecord,
 )
 from specbench.simulate.log import LogTurn, TargetLog
+from specbench.simulate.logged_target import LoggedTarget
 from specbench.simulate.predict import LatencyModel, timed
 from specbench.simulate.replay import replay
 from specbench.simulate.walk import Shape, walk
@@ -48,87 +49,19 @@ from specbench.store import RunStore
 TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
 
 
-class NotInLog(UserError):
-    """A drafter asked the stand-in target for something only the real target has."""
-
-
-class LoggedTarget:
-    """The `Target` contract as far as a log can honour it: the logged target's identity,
-    vocabulary, tokenizer, EOS ids and weight bytes. It runs no forward and holds no
-    weights: asking for them is one line naming --target, which loads the real one."""
-
-    backend = "log"
-    engine = "log"
-
-    def __init__(self, log: TargetLog, device: torch.device, dtype: torch.dtype) -> None:
-        from specbench.targets.loading import load_tokenizer
-
-        h = log.header
-        self.name, self.model_id = h.target, h.target_id
-        self.vocab_size, self.hidden_size = h.vocab_size, h.hidden_size
-        self.num_layers = h.num_layers
-        self.eos_token_ids = set(h.eos_token_ids)
-        self.device, self.dtype = device, dtype
-        self.tokenizer = load_tokenizer(h.target, h.tokenizer)
-        self._bytes = h.target_forward_bytes
-
-    def _missing(self, what: str) -> NotInLog:
-        return NotInLog(f"the drafter needs the target's {what}, which a log does not hold; pass --target so simulate can load it")
-
-    def forward_bytes(self) -> int | None:
-        return self._bytes
-
-    def context_window(self) -> int | None:
-        return None
-
-    def warm_up(self, max_rows: int, taps=(), max_positions=None) -> float:
-        return 0.0
-
-    def engine_stats(self) -> dict:
-        return {}
-
-    def prefill(self, prompt, taps=(), max_positions=None):
-        raise self._missing("forward pass")
-
-    def verify(self, root, tree, taps=()):
-        raise self._missing("forward pass")
-
-    def commit(self, accepted_nodes) -> None:
-        raise self._missing("KV cache")
-
-    @property
-    def config(self):
-        raise self._missing("config")
-
-    @property
-    def lm_head(self):
-        raise self._missing("LM head")
-
-    @property
-    def input_embeddings(self):
-        raise self._missing("input embeddings")
-
-    def decoder_layer_state(self, last: int):
-        raise self._missing("decoder layers")
-
-
 @dataclass
-class SimulateConfig:
+class SimulateConfig(CommandConfig):
     """What `simulate` scores; each field with help is a flag of `specbench simulate`."""
 
     drafter: str = option("prompt-lookup", "a name from `specbench drafters`")
     drafter_options: dict[str, Any] = field(default_factory=dict)
     shapes: list[Shape] = field(default_factory=list)  # from --k and --tree
-    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
-    limit: int | None = option(None, "use only the first N logged turns")
-    method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay")
-    latency_steps: int = option(32, "proposals timed per shape for the draft latency")  # library callers may pass 0: untimed
-
-    def __post_init__(self) -> None:  # refused before anything loads
-        check_count(self.max_new_tokens, "--max-new-tokens")
-        check_count(self.limit, "--limit")
-        if self.method not in ("auto", TEACHER_FORCED, "replay"):
-            raise UserError(f"--method must be auto, teacher-forced or replay (got {self.method})")
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)", min=1)
+    limit: int | None = option(None, "use only the first N logged turns", min=1)
+    method: str = option("auto", "auto (teacher-forced where the drafter has the hook), teacher-forced, replay",
+                         choices=("auto", TEACHER_FORCED, "replay"))
+    # 0 leaves the proposals untimed (scoring only): library callers may; `simulate_log`, which predicts from them, may not
+    latency_steps: int = option(32, "proposals timed per shape for the draft latency", min=0)
 
 
 @dataclass
@@ -158,16 +91,14 @@ class Simulator:
         self.max_new = config.max_new_tokens or log.header.max_new_tokens
         if self.max_new > log.header.max_new_tokens:
             raise UserError(f"--max-new-tokens {self.max_new} exceeds the log's {log.header.max_new_tokens}: the log holds no tokens past that")
-        if config.method not in ("auto", TEACHER_FORCED, "replay"):
-            raise UserError(f"--method must be auto, teacher-forced or replay (got {config.method})")
         self.turns = log.turns[: config.limit] if config.limit else log.turns
         options = dict(config.drafter_options)
         cls = drafter_class(config.drafter)
-        specs = cls.Options.specs()
-        if "k" in specs and "k" not in options:
-            options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
-        if cls.drafts == "tree" and "tree" in specs and "tree" not in options:  # any shape as deep as the deepest
-            options["tree"] = max(config.shapes, key=lambda s: s.depth).spec
+        self.shape_spec = cls.shape_spec()  # the option that sets the drafter's shape, if one does
+        if self.shape_spec is not None and self.shape_spec.name not in options:
+            deepest = max(config.shapes, key=lambda s: s.depth)
+            # a chain as long as the deepest shape (capped per shape through ctx.max_tokens); a tree: any shape as deep
+            options[self.shape_spec.name] = deepest.depth if cls.drafts == "chain" else deepest.spec
         self.options = options
         self.cls = cls
         parsed = cls.Options.parse(config.drafter, options)  # checked before any weights load
@@ -305,14 +236,25 @@ class Simulator:
         return Simulation(self.method, self.hidden_source, scoring_s, latency_s, results)
 
     def drafter_for(self, shape: Shape):
-        """The drafter proposing `shape` online: drafters with a `tree` option (head drafters)
-        are built with it; chain drafters are capped per step through ctx.max_tokens."""
-        if self.cls.drafts != "tree" or shape.spec == self.options.get("tree"):
+        """The drafter proposing `shape` online: a tree drafter is built with the shape as its shape
+        option; chain drafters are capped per step through ctx.max_tokens."""
+        if self.cls.drafts != "tree" or self.shape_spec is None or shape.spec == self.options.get(self.shape_spec.name):
             return self.drafter
         if shape.spec not in self._by_shape:
-            options = self.cls.Options.parse(self.config.drafter, {**self.options, "tree": shape.spec})
+            options = self.cls.Options.parse(self.config.drafter, self.options_for(shape))
             self._by_shape[shape.spec] = self.cls.create(self.target, options)
         return self._by_shape[shape.spec]
+
+    def options_for(self, shape: Shape) -> dict[str, Any]:
+        """The drafter options that draft `shape` online (what its run.json records). A chain
+        drafter scored on a tree has no option that draws it: the tree is recorded under
+        simulate's own flag name, so its setups stay apart in reports."""
+        name = self.shape_spec.name if self.shape_spec is not None else None
+        if name and self.cls.drafts == "tree":
+            return {**self.options, name: shape.spec}
+        if name and shape.k is not None:
+            return {**self.options, name: shape.k}
+        return {**self.options, "tree": shape.spec}
 
     def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None, drafter=None) -> list[StepMeasure]:
         drafter = drafter or self.drafter
@@ -333,6 +275,13 @@ class Simulator:
             if len(times) >= budget:
                 break
         return sum(times) / len(times) if times else 0.0
+
+
+def check_shape_not_given(drafter: str, options: dict[str, Any], why: str) -> None:
+    """`simulate` and `tune` set the drafter's shape option themselves: one line if the user gave it."""
+    spec = drafter_class(drafter).shape_spec()
+    if spec is not None and spec.name in options:
+        raise UserError(f"{why}; do not pass {spec.flag} (-o {spec.name}=...): it is the shape option of drafter '{drafter}'")
 
 
 def check_log_target(log: TargetLog, target) -> None:
@@ -383,7 +332,6 @@ def write_runs(
     target_bytes = log.header.target_forward_bytes
     base_ms = model.verify_ms(1)
     reports = []
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for result in sim.results:
         shape = result.shape
         # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
@@ -411,16 +359,15 @@ def write_runs(
             c = draft_ms / (shape.k * base_ms) if gamma else 0.0  # one draft pass / one target forward
             leviathan = expected_speedup(alpha, shape.k, c)
         target_name = Path(log.header.target).name or log.header.target
-        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stamp}-sim-{target_name}-{config.drafter}-{shape.name.replace('=', '')}")
-        options = {**simulator.options, **({"k": shape.k} if shape.k and "k" in simulator.options else {"tree": shape.spec})}
-        info = RunInfo(
-            run_id=run_id, command=command, target=log.header.target, target_id=log.header.target_id,
+        options = simulator.options_for(shape)
+        info = RunInfo.starting(
+            ["sim", target_name, config.drafter, shape.name.replace("=", "")], command=command, target=log.header.target,
+            target_id=log.header.target_id,
             drafter=config.drafter, drafter_options=options, workload=log.header.workload,
             workload_hash=log.header.workload_hash,
             decode={"max_new_tokens": simulator.max_new, "temperature": 0.0, "dtype": log.header.dtype,
                     "device": log.header.device, "simulated": True},
             environment=environment(torch.device("cpu")),
-            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "simulated": True,
                 "method": sim.method,
@@ -430,9 +377,7 @@ def write_runs(
                 "latency_model": model.describe(),
                 "draft_ms_per_step": draft_ms,
                 "draft_ms_source": result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
-                "target_forward_bytes": target_bytes,
-                "draft_forward_bytes": draft_bytes,
-                "draft_passes_per_step": gamma,
+                **asdict(MemoryFacts(target_bytes, draft_bytes, gamma)),
                 "alpha_iid": alpha,
                 "leviathan_expected_speedup": leviathan,
                 "drafter": simulator.drafter.describe(),
@@ -443,42 +388,9 @@ def write_runs(
             info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             store.write_info()
         directory = store.directory
-        memory = (draft_bytes / target_bytes, gamma) if target_bytes and draft_bytes is not None else None
-        summary = summarise(steps, turns, memory)
+        summary = summarise(steps, turns, memory_model(info.memory))
         reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
     return reports
-
-
-
-
-def open_log(log: Path, prompts: Path | None = None, target: str | None = None) -> TargetLog:
-    """A specbench target log, or with `prompts` a Decoding-Speculative-Decoding log
-    (tensor dumps matched by order to a prompts JSONL, tokenised by `target`'s tokenizer)."""
-    from specbench.simulate.log import read_log
-
-    if prompts is None:
-        return read_log(log)
-    from specbench.simulate.dsd import read_dsd
-    from specbench.targets.loading import load_tokenizer
-
-    if not target:
-        raise UserError("a DSD log has text prompts: pass --target NAME (its tokenizer tokenises them)")
-    tokenizer = load_tokenizer(target)
-    if tokenizer is None:
-        raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return read_dsd(log, prompts, tokenizer, len(tokenizer), target, eos)
-
-
-def convert_dsd_log(log: Path, prompts: Path, target: str, out: Path) -> TargetLog:
-    """`specbench convert-log`: a DSD log (tensor dumps + prompts) written as a specbench target log."""
-    from specbench.checks import check_output_file
-    from specbench.simulate.log import write_log
-
-    check_output_file(out, "--out", inputs=(log, prompts))
-    converted = open_log(log, prompts, target)
-    write_log(out, converted.header, converted.turns)
-    return converted
 
 
 def shapes_from(ks: list[int], trees: list[str]) -> list[Shape]:
@@ -525,18 +437,14 @@ def simulate_log(
     from specbench.simulate.log import read_profile
 
     check_output_dir(out, "--out")
-    check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms
-    if any(name in config.drafter_options for name in ("k", "tree")):
-        raise UserError("simulate scores the shapes given with --k and --tree; do not pass k or tree as drafter options")
+    check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms (declared min 0 is for scoring only)
+    check_shape_not_given(config.drafter, config.drafter_options, "simulate scores the shapes given with --k and --tree")
     latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)
     real_target = None
     if target:
-        from specbench.targets.hf import HFTarget
-        from specbench.targets.loading import resolve_device, resolve_dtype
+        from specbench.targets import load_target
 
-        dev = resolve_device(device)
-        with progress.status(f"loading {target}"):
-            real_target = HFTarget.load(target, dev, resolve_dtype(dtype, dev))
+        real_target = load_target(target, device, dtype, "eager", progress=progress)
     with progress.status(f"loading {config.drafter}"):
         simulator = Simulator(log, config, real_target, device)
     with progress.status(f"scoring {len(config.shapes)} shape(s) over {len(simulator.turns)} logged turns"):

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specbench.checks import check_count, check_number, check_output_file
-from specbench.engine.options import option
+from specbench.checks import check_output_file
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, TeacherForced
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
@@ -41,7 +41,7 @@ from specbench.progress import SILENT, Progress
 from specbench.records import BASELINE, SPEC, StepMeasure
 from specbench.simulate.log import TargetLog, read_profile
 from specbench.simulate.predict import LatencyModel, timed
-from specbench.simulate.runner import TEACHER_FORCED, SimulateConfig, Simulator
+from specbench.simulate.runner import TEACHER_FORCED, SimulateConfig, Simulator, check_shape_not_given
 from specbench.simulate.walk import Shape
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 
@@ -196,18 +196,18 @@ def interpolate(timed_ms: dict[int, float], sizes: list[int]) -> dict[int, float
 # --- 1-5 together --------------------------------------------------------------------------------
 
 @dataclass
-class TuneConfig:
+class TuneConfig(CommandConfig):
     """What `tune` searches and how it costs it; each field with help is a flag of `specbench tune`."""
 
     drafter: str = field(metadata={"help": "a name from `specbench drafters` (one with the teacher-forced hook)"})
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    max_nodes: int | None = option(None, "the largest tree (nodes) or chain (k) considered (default 64 / 8)")
-    max_depth: int | None = option(None, "trees no deeper than this (default: as deep as the heads)")
-    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)")
-    limit: int | None = option(None, "use only the first N logged turns")
-    latency_steps: int = option(32, "proposals timed per timed size")
-    draft_ms: float | None = option(None, "a constant draft ms per step instead of timing the proposals (e.g. measured elsewhere)")
-    overhead_ms: float | None = option(None, "a constant per-step overhead in ms (default: not modelled, 0; see --overhead-from)")
+    max_nodes: int | None = option(None, "the largest tree (nodes) or chain (k) considered (default 64 / 8)", min=1)
+    max_depth: int | None = option(None, "trees no deeper than this (default: as deep as the heads)", min=1)
+    max_new_tokens: int | None = option(None, "cut the logged outputs to N tokens (default: the log's)", min=1)
+    limit: int | None = option(None, "use only the first N logged turns", min=1)
+    latency_steps: int = option(32, "proposals timed per timed size", min=1)
+    draft_ms: float | None = option(None, "a constant draft ms per step instead of timing the proposals (e.g. measured elsewhere)", min=0)
+    overhead_ms: float | None = option(None, "a constant per-step overhead in ms (default: not modelled, 0; see --overhead-from)", min=0)
     verify_log: Path | None = option(None, "a log of other prompts (same target) the candidates are also walked over")
     profile: Path | None = option(None, "a verify-latency profile from `specbench profile` (default: the log's)")
     overhead_from: Path | None = option(None, "a run directory whose records give the per-step overhead")
@@ -217,13 +217,6 @@ class TuneConfig:
     out: Path | None = option(None, "where to write the chosen tree (a JSON file `--tree` accepts)")
     plot: Path | None = option(None, "also draw the frontier (.png)")
     timed_sizes: tuple[int, ...] = TIMED_SIZES
-
-    def __post_init__(self) -> None:  # refused before anything loads
-        for value, flag in ((self.max_nodes, "--max-nodes"), (self.max_depth, "--max-depth"), (self.max_new_tokens, "--max-new-tokens"),
-                            (self.limit, "--limit"), (self.latency_steps, "--latency-steps")):
-            check_count(value, flag)
-        check_number(self.draft_ms, "--draft-ms", minimum=0)
-        check_number(self.overhead_ms, "--overhead-ms", minimum=0)
 
 
 @dataclass
@@ -244,12 +237,16 @@ class Tuner:
     (nested greedy trees, or chains), ready to be costed under any latency model."""
 
     def __init__(self, log: TargetLog, config: TuneConfig, target=None, device: str = "cpu", progress: Progress = SILENT) -> None:
-        if any(name in config.drafter_options for name in ("k", "tree")):
-            raise UserError("tune picks the tree (or k) itself; do not pass --k or --tree (bound it with --max-nodes / --max-depth)")
         from specbench.drafters.registry import drafter_class, typed_options
 
+        check_shape_not_given(config.drafter, config.drafter_options, "tune picks the tree (or k) itself (bound it with --max-nodes / --max-depth)")
+
         config.drafter_options = typed_options(config.drafter, config.drafter_options)
-        self.kind = "tree" if drafter_class(config.drafter).drafts == "tree" else "chain"
+        cls = drafter_class(config.drafter)
+        if cls.shape_spec() is None:
+            raise UserError(f"drafter '{config.drafter}' has no option that sets its draft's shape ({cls.Options.__name__}.shape_option): "
+                            "tune has nothing to choose")
+        self.kind = "tree" if cls.drafts == "tree" else "chain"
         self.max_nodes = config.max_nodes or MAX_NODES[self.kind]
         self.config, self.target, self.device = config, target, device
         with progress.status(f"loading {config.drafter}"):
@@ -397,13 +394,17 @@ def option_flags(drafter: str, options: dict[str, Any]) -> str:
 
 def commands(log: TargetLog, drafter: str, options: dict[str, Any], kind: str, size: int, out: Path | None,
              max_new: int) -> tuple[str, str | None]:
-    """The `specbench run` that measures the choice on the log's prompts, and the `simulate` that scores it there."""
-    shape = f"--k {size}" if kind == "chain" else f"--tree {out}"
+    """The `specbench run` that measures the choice on the log's prompts (the drafter's shape option
+    set to it), and the `simulate` that scores it there (simulate's own --k / --tree)."""
+    from specbench.drafters.registry import drafter_class
+
+    value = size if kind == "chain" else out
+    shape_flag = drafter_class(drafter).shape_spec().flag
     prompts = len({t.prompt_id for t in log.turns})
     flags = option_flags(drafter, options)
-    run = (f"specbench run --target {log.header.target} --drafter {drafter} {flags + ' ' if flags else ''}{shape} "
+    run = (f"specbench run --target {log.header.target} --drafter {drafter} {flags + ' ' if flags else ''}{shape_flag} {value} "
            f"--workload {log.header.workload} --limit {prompts} --max-new-tokens {max_new}")
-    simulate = f"specbench simulate --log {log.path} --drafter {drafter} {flags + ' ' if flags else ''}{shape}"
+    simulate = f"specbench simulate --log {log.path} --drafter {drafter} {flags + ' ' if flags else ''}{'--k' if kind == 'chain' else '--tree'} {value}"
     return run, simulate
 
 
@@ -430,12 +431,9 @@ def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SIL
         check_same_target(log, verify_log)
     real_target = None
     if c.target:
-        from specbench.targets.hf import HFTarget
-        from specbench.targets.loading import resolve_device, resolve_dtype
+        from specbench.targets import load_target
 
-        dev = resolve_device(c.device)
-        with progress.status(f"loading {c.target}"):
-            real_target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+        real_target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
     tuner = Tuner(log, config, real_target, c.device if real_target is None else str(real_target.device), progress)
     verify = None
     if verify_log is not None:

@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import torch
 
+from specbench.progress import SILENT, Progress
+
 BACKENDS = ("hf", "deepspeed")
 
 
-def load_target(name: str, device: torch.device, dtype: torch.dtype, engine: str = "auto", backend: str = "hf", tp: int = 1):
-    """The target `name` on `device`, loaded by `backend`, running on `engine`."""
+def load_target(name: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", engine: str = "auto",
+                backend: str = "hf", tp: int = 1, progress: Progress = SILENT):
+    """The target `name` on `device` in `dtype` (as the --device / --dtype flags give them, `auto`
+    included, or resolved), loaded by `backend`, running on `engine`; `progress` shows the load.
+    Every command that loads a target loads it here."""
     from specbench.engine.engines import resolve_engine
     from specbench.targets.fast import target_class
+    from specbench.targets.loading import resolve_device, resolve_dtype
 
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
     engine = resolve_engine(engine, device)
-    if backend == "deepspeed":
-        from specbench.targets import deepspeed
+    with progress.status(f"loading {name}"):
+        if backend == "deepspeed":
+            from specbench.targets import deepspeed
 
-        return deepspeed.load(name, device, dtype, tp, engine)
-    return target_class(engine).load(name, device, dtype)
+            return deepspeed.load(name, device, dtype, tp, engine)
+        return target_class(engine).load(name, device, dtype)

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicLayer
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import COMPILED_STEP, StaticDecoder
-from specbench.engine.tree import DraftTree
+from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
 from specbench.targets.hf import HFTarget
 
@@ -62,7 +62,7 @@ class FastHFTarget(HFTarget):
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: list[int]) -> None:
-        keep = [0] + [n + 1 for n in accepted_nodes]
+        keep = kept_rows(accepted_nodes)
         kv.compact(self.cache, self.seq_len, keep)
         self.seq_len += len(keep)
 

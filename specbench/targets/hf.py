@@ -20,7 +20,7 @@ from specbench.engine import kv
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import tapped_forward
-from specbench.engine.tree import DraftTree
+from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
 
 
@@ -163,6 +163,6 @@ class HFTarget:
 
     def commit(self, accepted_nodes: list[int]) -> None:
         """Keep the root and the accepted path's KV; drop the rest of the verified tree."""
-        keep = [0] + [n + 1 for n in accepted_nodes]
+        keep = kept_rows(accepted_nodes)
         kv.compact(self.cache, self.seq_len, keep)
         self.seq_len += len(keep)

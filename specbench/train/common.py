@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from specbench.checks import check_count, check_number
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
 from specbench.errors import UserError
 from specbench.train.data import TrainData, load_data, prepare_out  # noqa: F401  (re-exported for the recipes)
 
@@ -22,10 +21,10 @@ TRAIN_LOG = "specbench_train.json"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CommandConfig):
     """What `specbench train` trains and how; each field's help is what `--help` shows."""
 
-    drafter: str = option(MISSING, "what to train: a name from specbench.train.recipes (draft-model, medusa, hydra, hydra-decoder, eagle, eagle3)")
+    drafter: str = option(MISSING, "what to train: a drafter that declares a training recipe (draft-model, medusa, hydra, hydra-decoder, eagle, eagle3)")
     data: str = option(MISSING, "a data directory from `specbench train-data` (same target)")
     out: str = option(MISSING, "the checkpoint directory to write")
     target: str = option("smollm2-135m", "the frozen target the drafter is trained for")
@@ -38,26 +37,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_every: int = option(50, "teacher-forced acceptance on held-out data every N steps", min=1)
     eval_data: str | None = option(None, "held-out data directory (e.g. train-data on pool-heldout); default: hold out --eval-fraction of --data")
-    eval_fraction: float = option(0.1, "fraction of --data sequences held out when no --eval-data", gt=0, max=1)
-    seed: int = option(0, "seed for shuffling and initialisation")
+    # at most 0.9: what is not held out is trained on
+    eval_fraction: float = option(0.1, "fraction of --data sequences held out when no --eval-data", gt=0, max=0.9)
+    seed: int = option(0, "seed for shuffling and initialisation", min=0, max=2**63 - 1)
     train_vocab: str = option("all", "all: losses over the whole vocabulary; seen: only over ids the training data contains "
                                      "(an order of magnitude cheaper on large vocabularies; evaluation stays full)", choices=("all", "seen"))
-    options: dict = field(default_factory=dict)  # the recipe's own (specbench.train.recipes.RecipeOptions)
-
-    def check(self) -> None:
-        """Refuse bad settings before the target loads: counts by the one count rule, rates finite and in range."""
-        for name in ("steps", "batch_tokens", "max_length", "eval_every"):
-            check_count(getattr(self, name), f"--{name.replace('_', '-')}")
-        check_count(self.warmup_steps, "--warmup-steps", minimum=0)
-        check_count(self.seed, "--seed", minimum=0, maximum=2**63 - 1)
-        check_number(self.lr, "--lr", above=0)  # None (the recipe's default) passes
-        check_number(self.min_lr_ratio, "--min-lr-ratio", minimum=0, maximum=1)
-        check_number(self.eval_fraction, "--eval-fraction", above=0, maximum=0.9)
-        for name, value in self.options.items():
-            if isinstance(value, int) and not isinstance(value, bool):
-                check_count(value, f"--{name.replace('_', '-')}", minimum=0 if name == "hydra_layers" else 1)
-        if self.train_vocab not in ("all", "seen"):
-            raise UserError(f"--train-vocab {self.train_vocab}: use all or seen")
+    options: dict = field(default_factory=dict)  # the recipe's own options (Drafter.recipe.Options), checked
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -81,6 +66,9 @@ def split_data(config: TrainConfig, target, need_hidden: bool, need_taps: bool =
     n_eval = max(1, int(round(len(order) * config.eval_fraction))) if len(order) > 1 else 0
     if n_eval == 0:
         raise UserError(f"data '{config.data}' holds a single sequence: too little to train and evaluate on; make more with train-data")
+    if n_eval >= len(order):  # --eval-fraction 0.9 of 2 sequences rounds up to both
+        raise UserError(f"--eval-fraction {config.eval_fraction:g} of the {len(order)} sequences in '{config.data}' leaves none to train on: "
+                        "lower it, or give --eval-data")
     return data, sorted(order[n_eval:]), data, sorted(order[:n_eval])
 
 
@@ -138,10 +126,8 @@ class TrainVocab:
 
 
 def train_vocab(config: TrainConfig, data: TrainData, indices: list[int], vocab_size: int, device) -> TrainVocab:
-    if config.train_vocab == "all":
+    if config.train_vocab == "all":  # else "seen", the one other choice its declaration allows
         return TrainVocab(None, vocab_size, device)
-    if config.train_vocab != "seen":
-        raise UserError(f"--train-vocab must be 'all' or 'seen' (got '{config.train_vocab}')")
     seen = torch.zeros(vocab_size, dtype=torch.bool)
     for i in indices:
         seen[data.sequence(i)[0][: config.max_length]] = True

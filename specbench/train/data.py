@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from specbench.checks import check_count, check_number, check_output_dir, context_window
-from specbench.engine.options import option
+from specbench.engine.options import CommandConfig, option
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.files import read_text, reading_weights
 from specbench.progress import SILENT, Progress
@@ -182,7 +183,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 @torch.inference_mode()
 def generate_answers(
-    target,
+    target: TrainableTarget,
     prompts: list[Prompt],
     max_new_tokens: int,
     temperature: float,
@@ -259,7 +260,7 @@ def generate_answers(
 
 
 @dataclass
-class DataConfig:
+class DataConfig(CommandConfig):
     """What `specbench train-data` generates; each field's help is what `--help` shows."""
 
     target: str = option("smollm2-135m", "the target whose own answers become the training data")
@@ -271,23 +272,18 @@ class DataConfig:
     cache_hidden: bool = option(True, "also store the target's final hidden states (fp16), so head training skips the target body")
     hidden_taps: str | None = option(None, "also store the hidden states entering these target layers (fp16), comma-separated; "
                                            "'eagle3' = 2, L//2, L-3, what `train --drafter eagle3` reads")
-    seed: int = option(0, "seed for sampling")
+    seed: int = option(0, "seed for sampling", min=0, max=2**63 - 1)
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
 
 
 def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progress: Progress = SILENT, command: str = "") -> dict:
     """`specbench train-data`: load the target, then `make_data` with progress shown per stage."""
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    from specbench.targets import load_target
 
-    c = config
+    c = config  # its counts were checked when it was made (CommandConfig)
     check_out(out, overwrite)
-    for value, flag in ((c.max_new_tokens, "--max-new-tokens"), (c.batch_size, "--batch-size"), (c.limit, "--limit")):
-        check_count(value, flag)
-    dev = resolve_device(c.device)
-    with progress.status(f"loading {c.target}"):
-        target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))
+    target: TrainableTarget = load_target(c.target, c.device, c.dtype, "eager", progress=progress)  # generate_answers reads target.model
     stages: dict[str, Callable] = {}
     done: dict[str, int] = {}
 
@@ -303,7 +299,7 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
 
 
 def make_data(
-    target,
+    target: TrainableTarget,
     workload: str,
     out: Path,
     max_new_tokens: int = 256,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.train.common import (
     TrainConfig,
@@ -93,7 +94,7 @@ def chain_acceptance(match: torch.Tensor, k: int) -> list[float]:
     return out
 
 
-def train_draft_model(config: TrainConfig, target, overwrite: bool = False, on_step=None) -> dict:
+def train_draft_model(config: TrainConfig, target: TrainableTarget, overwrite: bool = False, on_step=None) -> dict:
     layers = int(config.options.get("layers", 1))
     k = int(config.options.get("k", 4))
     out = Path(config.out)

@@ -1,6 +1,6 @@
 """`specbench train --drafter eagle|eagle3`: self-distilled EAGLE-1 and EAGLE-3 drafts
 on a frozen target, written in the published layouts (`drafters/eagle/layouts.py`),
-so `--drafter eagle|eagle3 --heads DIR` loads them as it loads the published ones.
+so `--drafter eagle|eagle3 --weights DIR` loads them as it loads the published ones.
 
 The network is the drafter's own (`drafters/eagle/model.EagleNet`), one layer of the
 target's shape (hidden size, heads, MLP width, rotary base), its Linears drawn from
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, prepare_out, split_data, train_loop, train_vocab
 
@@ -197,7 +198,7 @@ class EagleRecipe:
         return torch.stack(hits, dim=1)
 
 
-def train_eagle(config: TrainConfig, target, overwrite: bool = False, on_step=None) -> dict:
+def train_eagle(config: TrainConfig, target: TrainableTarget, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
     version = 3 if config.drafter == "eagle3" else 1
     steps = int(options.get("ttt_steps", 1)) if version == 3 else 1

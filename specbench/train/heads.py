@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
 from specbench.train.common import (
     TrainConfig,
@@ -193,9 +194,7 @@ class HydraRecipe(HeadRecipe):
         super().__init__(target, num_heads, tie_lm_head, options)
         from specbench.drafters.heads.hydra import fresh_hydra_heads
 
-        self.num_layers = int(options.get("hydra_layers", 4))
-        if self.num_layers < 1:
-            raise UserError(f"--hydra-layers must be at least 1 (got {self.num_layers})")
+        self.num_layers = int(options.get("hydra_layers", 4))  # at least 1: HydraTraining declares it
         self.heads, self.prefix = fresh_hydra_heads(target, num_heads, self.num_layers, tie_lm_head=tie_lm_head)
         self.prefix = self.prefix.to(target.device, target.dtype)
         self.heads.requires_grad_(True)
@@ -266,11 +265,9 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
     return out
 
 
-def train_heads(config: TrainConfig, target, overwrite: bool = False, on_step=None) -> dict:
+def train_heads(config: TrainConfig, target: TrainableTarget, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
-    num_heads = int(options.get("num_heads", 4))
-    if num_heads < 1:
-        raise UserError(f"--num-heads must be at least 1 (got {num_heads})")
+    num_heads = int(options.get("num_heads", 4))  # at least 1: HeadTraining declares it
     out = Path(config.out)
     recipe_cls = RECIPES[config.drafter]
     data, train_idx, evald, eval_idx = split_data(config, target, need_hidden=recipe_cls is not DecoderRecipe)

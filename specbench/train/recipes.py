@@ -1,84 +1,70 @@
-"""`specbench train`: which drafters can be trained, by which recipe, with which defaults.
+"""`specbench train`: run the recipe a drafter declares.
 
-A recipe is a function `(TrainConfig, target, overwrite, on_step) -> dict` in its own
-module; `train` loads the frozen target, runs it and reports progress.
+A drafter declares its recipe (`Drafter.recipe`, engine/protocol.py): a function
+`(TrainConfig, target, overwrite, on_step) -> dict`, its default learning rate and its
+own training options, found through the drafter's entry point like everything else
+about it; `train` checks the options, loads the frozen target, runs the recipe and
+reports progress.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from specbench.engine.options import option
-from specbench.errors import UserError
+from specbench.engine.options import flag_of
+from specbench.engine.protocol import TrainableTarget, TrainRecipe
+from specbench.errors import SpecbenchWarning, UserError
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
 
 
-@dataclass
-class RecipeOptions:
-    """The options recipes read (each recipe names which in `Recipe.options`)."""
+def recipe_for(drafter: str) -> TrainRecipe:
+    """The recipe `drafter` declares; one line naming the trainable drafters if it declares none."""
+    from specbench.drafters.registry import drafter_class, loadable_drafters
 
-    layers: int = option(1, "draft-model: how many of the target's first layers the draft keeps", min=1)
-    k: int = option(4, "draft-model: chain length the acceptance estimate assumes", min=1)
-    num_heads: int = option(4, "medusa/hydra/hydra-decoder: number of heads", min=1)
-    tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): small checkpoints")
-    decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
-    hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=0)
-    draft_vocab: int = option(8192, "eagle3: draft vocabulary size, the N most frequent answer tokens of the data (d2t)", min=1)
-    ttt_steps: int = option(4, "eagle3: draft steps unrolled in training-time test, each fed its own previous output "
-                               "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
-    feature_noise: float = option(0.1, "eagle: uniform noise U(-a, a) added to the target's features in training (the paper's 0.1)", min=0)
+    recipe = drafter_class(drafter).recipe
+    if recipe is None:
+        trainable = [name for name, cls in loadable_drafters().items() if cls.recipe is not None]
+        raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(trainable)}")
+    return recipe
 
 
-@dataclass(frozen=True)
-class Recipe:
-    module: str
-    function: str
-    default_lr: float  # peak AdamW learning rate when --lr is not given
-    options: tuple[str, ...]  # the recipe-specific options it reads from TrainConfig.options
+def recipe_options(drafter: str, recipe: TrainRecipe, given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's own options, `given` (name -> value) over its declared defaults, checked as
+    declared. Options of other drafters' training are left out with a one-line warning (they were
+    always ignored: a command line written for several drafters keeps working)."""
+    takes = recipe.Options.__dataclass_fields__
+    other = [name for name in given if name not in takes]
+    if other:
+        listed = ", ".join(flag_of(name) for name in takes) or "none of its own"
+        warnings.warn(f"train --drafter {drafter} ignores {', '.join(flag_of(name) for name in other)} (other drafters' training "
+                      f"options); its own: {listed}", SpecbenchWarning, stacklevel=2)
+    return asdict(recipe.Options(**{name: value for name, value in given.items() if name in takes}))
 
 
-_HEADS = "specbench.train.heads"
-RECIPES = {
-    "draft-model": Recipe("specbench.train.draft", "train_draft_model", 1e-3, ("layers", "k")),
-    "medusa": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head")),
-    "hydra": Recipe(_HEADS, "train_heads", 5e-4, ("num_heads", "tie_lm_head", "hydra_layers")),  # Hydra++'s rate
-    "hydra-decoder": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head", "decoder_layers")),
-    "eagle": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("feature_noise",)),
-    "eagle3": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("draft_vocab", "ttt_steps")),
-}
-
-
-def recipe_for(drafter: str) -> Recipe:
-    if drafter not in RECIPES:
-        raise UserError(f"cannot train drafter '{drafter}': trainable drafters are {', '.join(RECIPES)}")
-    return RECIPES[drafter]
-
-
-def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, device: str = "auto", dtype: str = "float32",
+def train(config: TrainConfig, options: dict[str, Any] | None = None, device: str = "auto", dtype: str = "float32",
           overwrite: bool = False, progress: Progress = SILENT) -> Path:
-    """Train `config.drafter` for the frozen `config.target`; the checkpoint directory."""
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
+    """Train `config.drafter` for the frozen `config.target` with its recipe's `options` (name ->
+    value; the rest default); the checkpoint directory."""
+    from specbench.targets import load_target
     from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
-    given = asdict(recipe_options or RecipeOptions())
-    config.options = {k: v for k, v in given.items() if k in recipe.options}
-    config.check()
+    config.options = recipe_options(config.drafter, recipe, options or {})
     if config.lr is None:
         config.lr = recipe.default_lr
     check_out(Path(config.out), overwrite, "checkpoint directory")
     torch.manual_seed(config.seed)
-    dev = resolve_device(device)
-    with progress.status(f"loading {config.target}"):
-        target = HFTarget.load(config.target, dev, resolve_dtype(dtype, dev))
+    target: TrainableTarget = load_target(config.target, device, dtype, "eager", progress=progress)  # recipes read target.model
     target.model.requires_grad_(False)
-    function = getattr(importlib.import_module(recipe.module), recipe.function)
+    module, _, name = recipe.function.partition(":")
+    function = getattr(importlib.import_module(module), name)
     advance = progress.task(f"train {config.drafter}", config.steps)
 
     def on_step(step: int, row: dict) -> None:

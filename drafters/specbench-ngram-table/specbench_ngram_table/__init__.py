@@ -26,7 +26,7 @@ import torch
 
 from specbench.drafters.vocab_trim import token_sequences
 from specbench.engine.options import ChainOptions, option
-from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, TeacherForced
+from specbench.engine.protocol import DraftContext, Drafter, TeacherForced, context_only_ranks
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -148,19 +148,15 @@ class NgramTableDrafter(Drafter):
 
     def teacher_forced(self, prompt, output, depth, hidden=None) -> TeacherForced:
         """The draft at every step's context (the true prefix), counted as the loop counts it:
-        proposals depend on the context alone, so ranks are 0 (proposed and right) or none."""
-        prompt_ids, output_ids = prompt.reshape(-1).tolist(), output.reshape(-1).tolist()
-        sequence, p, n_out = prompt_ids + output_ids, len(prompt_ids), len(output_ids)
-        ranks = torch.full((n_out, depth), RANK_NONE, dtype=torch.long)
-        lengths = torch.zeros(n_out, dtype=torch.long)
+        proposals depend on the context alone."""
+        sequence, p = prompt.reshape(-1).tolist() + output.reshape(-1).tolist(), prompt.numel()
         self.begin(prompt, None)
-        for m in range(1, n_out):  # the step taken with m tokens emitted: context = prompt + out[:m]
+
+        def draft(m: int) -> list[int]:  # steps come in order, so the table counts the context as the loop does
             self._count_context(sequence, p + m)
-            drafted = self.table.draft(sequence[max(p + m - self.options.order, 0) : p + m], depth)
-            lengths[m] = len(drafted)
-            for i, token in enumerate(drafted[: n_out - m]):
-                ranks[m, i] = 0 if token == output_ids[m + i] else RANK_NONE
-        return TeacherForced(ranks, lengths, ranked=False)
+            return self.table.draft(sequence[max(p + m - self.options.order, 0) : p + m], depth)
+
+        return context_only_ranks(output, depth, draft)
 
     def describe(self) -> dict:
         return {"options": self.options.to_json(), "counted_from": self.counted_from, "calibration_tokens": self.calibration_tokens,

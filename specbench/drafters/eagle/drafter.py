@@ -18,15 +18,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.bundled import resolve_bundled
-from specbench.catalogue import drafter_entry
+from specbench.drafters.catalogued import TREE_HELP, TreeOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_checkpoint
 from specbench.drafters.eagle.model import DraftKV, EagleNet
 from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, select
 from specbench.drafters.trees import resolve_tree
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids
+from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows, to_vocab_probs
 from specbench.engine.acceptance import TreeSampling, sample
-from specbench.engine.options import VocabTrimOptions, option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -34,6 +33,7 @@ from specbench.engine.protocol import (
     Drafter,
     OwnTrees,
     TeacherForced,
+    TrainRecipe,
     VerifyOutcome,
     true_ranks,
 )
@@ -46,13 +46,12 @@ TOTAL_TOKENS, DEPTH, TOP_K = 60, 7, 10
 
 
 @dataclass
-class EagleOptions(VocabTrimOptions):
-    heads: str | None = option(
-        None, "the drafter's weights: a checkpoint directory, weights file or hub id (medusa/hydra also take 'fresh'); "
-        "default from catalogue/heads.toml")
-    tree: str | None = option(
-        None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; eagle/eagle3 also "
-        "take 'dynamic' (EAGLE-2's context-aware tree, their default); default from the catalogue")
+class EagleOptions(TreeOptions):
+    renamed: ClassVar[dict[str, str]] = {"heads": "weights"}  # an EAGLE draft is no heads
+    tree: str | None = option(None, TREE_HELP + "; eagle/eagle3 also take 'dynamic' (EAGLE-2's context-aware tree, their "
+                                                "default); default from the catalogue")
+    weights: str | None = option(None, "the EAGLE draft's weights: a checkpoint directory, weights file or hub id; default from "
+                                     "catalogue/heads.toml")
     total_tokens: int = option(TOTAL_TOKENS, "dynamic tree: tokens verified per step, the root included (total_tokens - 1 drafted)", min=2)
     depth: int = option(DEPTH, "dynamic tree: expansion rounds (the longest draft is depth + 1 tokens)", min=1)
     top_k: int = option(TOP_K, "dynamic tree: children per node and beam width", min=1)
@@ -98,8 +97,25 @@ def eagle3_taps(given: str | None, checkpoint: tuple[int, ...] | None, num_layer
     return layers, source
 
 
+@dataclass
+class EagleTraining(CommandConfig):
+    """`specbench train --drafter eagle`'s own options."""
+
+    feature_noise: float = option(0.1, "eagle: uniform noise U(-a, a) added to the target's features in training (the paper's 0.1)", min=0)
+
+
+@dataclass
+class Eagle3Training(CommandConfig):
+    """`specbench train --drafter eagle3`'s own options."""
+
+    draft_vocab: int = option(8192, "eagle3: draft vocabulary size, the N most frequent answer tokens of the data (d2t)", min=1)
+    ttt_steps: int = option(4, "eagle3: draft steps unrolled in training-time test, each fed its own previous output "
+                               "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
+
+
 class EagleDrafter(Drafter):
     name = "eagle"
+    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, EagleTraining)
     summary = ("EAGLE-1/2: a one-layer draft on the target's final hidden state and the next token; EAGLE-2's dynamic tree "
                "(or any tree), tree sampling at T > 0")
     Options = EagleOptions
@@ -142,18 +158,14 @@ class EagleDrafter(Drafter):
 
     @classmethod
     def create(cls, target, options: EagleOptions) -> EagleDrafter:
-        entry = drafter_entry(cls.name, target.name, target.model_id)
-        spec = options.heads or entry.get("heads")
-        if not spec:
-            raise UserError(f"no published {cls.name} draft for target '{target.name}' in the catalogue: pass --heads PATH|ID "
-                            "(an EAGLE checkpoint directory, weights file or hub id)")
-        spec = resolve_bundled(spec)
+        spec, entry = catalogued_weights(cls.name, target, options.weights, "draft",
+                                         "pass --weights PATH|ID (an EAGLE checkpoint directory, weights file or hub id)")
         checkpoint = read_checkpoint(spec)
         if checkpoint.config.version != cls.version:
             other = "eagle3" if checkpoint.config.version == 3 else "eagle"
             raise UserError(f"'{spec}' is an EAGLE-{checkpoint.config.version} checkpoint ({checkpoint.layout} layout): use --drafter {other}")
         net = build_net(checkpoint, target)
-        return cls(target, net, checkpoint, options, options.tree or entry.get("tree") or DYNAMIC)
+        return cls(target, net, checkpoint, options, catalogued_tree(entry, target, options.tree, DYNAMIC))
 
     # --- what the loop and the reports ask --------------------------------------------
     @property
@@ -178,9 +190,10 @@ class EagleDrafter(Drafter):
         """Keep only the head rows whose target ids are among the N most frequent target
         tokens: EAGLE-1's rows of the target's LM head; EAGLE-3's draft vocabulary (already
         a trim of the target's) cut further to the ids in the top N."""
-        if not options.vocab_trim_from:
+        asked = asked_trim(options, self.target)
+        if asked is None:
             return
-        kept, info = keep_ids(options.vocab_trim, options.vocab_trim_from, self.target.tokenizer, self.target.vocab_size)
+        kept, info = asked
         kept = kept.to(self.device)
         current = self.net.head_ids if self.net.head_ids is not None else torch.arange(self.net.head.weight.shape[0], device=self.device)
         rows = torch.isin(current, kept).nonzero().flatten()
@@ -193,15 +206,13 @@ class EagleDrafter(Drafter):
         """The head row of each target id, -1 where the draft cannot propose it."""
         if self.net.head_ids is None:
             return tokens
-        lookup = torch.full((self.target.vocab_size,), -1, dtype=torch.long, device=self.device)
-        lookup[self.net.head_ids] = torch.arange(self.net.head_ids.numel(), device=self.device)
-        return lookup[tokens.to(self.device)]
+        return head_rows(tokens.to(self.device), self.net.head_ids, self.target.vocab_size)
 
     def vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """A distribution over head rows as one over the target's vocabulary."""
         if self.net.head_ids is None:
             return probs
-        return probs.new_zeros(self.target.vocab_size).index_copy_(0, self.net.head_ids, probs)
+        return to_vocab_probs(probs, self.net.head_ids, self.target.vocab_size)
 
     # --- one sequence ------------------------------------------------------------------
     def begin(self, prompt_tokens, prompt_hidden) -> None:
@@ -209,7 +220,7 @@ class EagleDrafter(Drafter):
         self.pending = prompt_hidden
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
-        rows = outcome.hidden[[0] + [n + 1 for n in outcome.accepted_nodes]]  # the root and the accepted nodes
+        rows = outcome.kept_hidden
         self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
 
     def catch_up(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -337,6 +348,7 @@ class EagleDrafter(Drafter):
 
 class Eagle3Drafter(EagleDrafter):
     name = "eagle3"
+    recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, Eagle3Training)
     summary = ("EAGLE-3: a one-layer draft fusing three target layers' hidden states, its own reduced vocabulary (d2t); "
                "EAGLE-2's dynamic tree (or any tree), tree sampling at T > 0")
     version = 3

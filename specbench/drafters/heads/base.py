@@ -12,12 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.bundled import resolve_bundled
-from specbench.catalogue import drafter_entry
+from specbench.drafters.catalogued import TreeOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.trees import resolve_tree
-from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, kept_index
+from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine.acceptance import TypicalAcceptance
-from specbench.engine.options import VocabTrimOptions, option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
@@ -35,13 +34,11 @@ _TYPICAL = TypicalAcceptance()  # the references' defaults, declared once in eng
 
 
 @dataclass
-class HeadOptions(VocabTrimOptions):
+class HeadOptions(TreeOptions):
     """Options every head drafter takes."""
 
     heads: str | None = option(
         None, "head checkpoint (directory, file or hub id), or 'fresh' (reference init); default from catalogue/heads.toml")
-    tree: str | None = option(
-        None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; default from the catalogue")
     num_heads: int | None = option(None, "with --heads fresh: how many heads to initialise", min=1)
     posterior_threshold: float = option(_TYPICAL.posterior_threshold, "typical acceptance at --temperature > 0: threshold", gt=0, max=1)
     posterior_alpha: float = option(_TYPICAL.posterior_alpha, "typical acceptance at --temperature > 0: entropy factor", gt=0, max=1)
@@ -49,6 +46,15 @@ class HeadOptions(VocabTrimOptions):
     @property
     def typical(self) -> TypicalAcceptance:
         return TypicalAcceptance(self.posterior_threshold, self.posterior_alpha)
+
+
+@dataclass
+class HeadTraining(CommandConfig):
+    """`specbench train`'s options for every head drafter."""
+
+    num_heads: int = option(4, "medusa/hydra/hydra-decoder: number of heads", min=1)
+    tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): "
+                                      "small checkpoints")
 
 
 def module_bytes(*modules) -> int:
@@ -79,13 +85,13 @@ class HeadDrafter(Drafter):
     drafts: ClassVar[str] = "tree"
     Options = HeadOptions
 
-    def __init__(self, target, tree: TreeShape, num_heads: int, typical: TypicalAcceptance, info: dict[str, Any]) -> None:
+    def __init__(self, target, tree: TreeShape, num_heads: int, options: HeadOptions | None, info: dict[str, Any]) -> None:
         if tree.depth > num_heads:
             raise UserError(f"tree '{tree.name}' is {tree.depth} deep but there are only {num_heads} heads; pick a shallower --tree (e.g. chain:{num_heads})")
-        self.target = target
+        super().__init__(target, options)
         self.shape = tree
         self.num_heads = num_heads
-        self.acceptance = typical
+        self.acceptance = self.options.typical
         self.taps = FINAL
         self.info = {"tree": tree.name, "tree_nodes": len(tree), "num_heads": num_heads, **info}
         self.device = target.device
@@ -97,20 +103,11 @@ class HeadDrafter(Drafter):
 
     @classmethod
     def settings(cls, target, options: HeadOptions) -> HeadSettings:
-        entry = drafter_entry(cls.name, target.name, target.model_id)
-        spec = options.heads or entry.get("heads")
-        if not spec:
-            raise UserError(
-                f"no published {cls.name} heads for target '{target.name}' in the catalogue: pass --heads PATH|ID, "
-                f"or --heads fresh for heads initialised as the reference initialises them"
-            )
-        spec = resolve_bundled(spec)
+        spec, entry = catalogued_weights(cls.name, target, options.heads, "heads",
+                                         "pass --heads PATH|ID, or --heads fresh for heads initialised as the reference initialises them")
         if options.num_heads is not None and spec != FRESH:
             raise UserError("num_heads only applies to --heads fresh; with a checkpoint the tree's depth decides how many heads run")
-        # an entry may name a tree per device type (`tree_cpu`: tuned for CPUs by `specbench tune`), else `tree`
-        device = getattr(getattr(target, "device", None), "type", None)
-        default = entry.get(f"tree_{device}") or entry.get("tree") or DEFAULT_TREE
-        return HeadSettings(spec, resolve_tree(options.tree or default), entry)
+        return HeadSettings(spec, resolve_tree(catalogued_tree(entry, target, options.tree, DEFAULT_TREE)), entry)
 
     @property
     def max_draft_tokens(self) -> int:
@@ -124,7 +121,7 @@ class HeadDrafter(Drafter):
         self.pending = prompt_hidden
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
-        self.pending = outcome.hidden[self.accepted_rows(outcome)]
+        self.pending = outcome.kept_hidden
 
     def consume(self, rows: torch.Tensor) -> torch.Tensor:
         """The heads' input state at the last of the newly accepted `rows`."""
@@ -134,11 +131,6 @@ class HeadDrafter(Drafter):
         if self.pending is not None:
             self.last_hidden = self.consume(self.pending)
             self.pending = None
-
-    @staticmethod
-    def accepted_rows(outcome: VerifyOutcome) -> list[int]:
-        """Rows of the verify output that the target kept: the root and the accepted nodes."""
-        return [0] + [n + 1 for n in outcome.accepted_nodes]
 
     def describe(self) -> dict:
         return self.info
@@ -166,7 +158,7 @@ class HeadDrafter(Drafter):
         base = self.teacher_base(states.to(self.device))[p - 1 : p + n - 2]  # row j: step m = j + 1
         output = output.to(self.device)
         # trimmed heads rank over the kept ids: the true token's index there, -1 where it cannot be drafted
-        true = output if self.kept_ids is None else kept_index(output, self.kept_ids, self.target.vocab_size)
+        true = output if self.head_ids is None else head_rows(output, self.head_ids, self.target.vocab_size)
         for d in range(1, depth + 1):
             m = torch.arange(1, n - d + 1, device=self.device)  # steps whose level-d true token is logged
             if not m.numel():
@@ -176,23 +168,24 @@ class HeadDrafter(Drafter):
 
     # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
 
-    kept_ids: torch.Tensor | None = None  # target id of each trimmed-head index
+    head_ids: torch.Tensor | None = None  # target id of each trimmed-head row (vocab_trim.py)
 
     def lm_head_slots(self) -> list[tuple[Any, int]]:
         """(container, index) of every LM head the drafter reads, for swapping in a trimmed one."""
         raise NotImplementedError
 
     def apply_vocab_trim(self, options: HeadOptions) -> HeadDrafter:
-        if not options.vocab_trim_from:
+        asked = asked_trim(options, self.target)
+        if asked is None:
             return self
-        kept, info = keep_ids(options.vocab_trim, options.vocab_trim_from, self.target.tokenizer, self.target.vocab_size)
+        kept, info = asked
         if len(kept) < max(self.shape.level_topk):
             raise UserError(f"--vocab-trim {len(kept)} keeps fewer tokens than tree '{self.shape.name}' drafts per node ({max(self.shape.level_topk)})")
         for container, index in self.lm_head_slots():
             container[index] = TrimmedHead(container[index], kept)
-        self.kept_ids = kept.to(self.device)
+        self.head_ids = kept.to(self.device)
         self.info |= info
         return self
 
     def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.kept_ids[indices] if self.kept_ids is not None else indices
+        return self.head_ids[indices] if self.head_ids is not None else indices

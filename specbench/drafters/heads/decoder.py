@@ -9,12 +9,12 @@ cache to the accepted path: the same keys, values and outputs, for fewer rows).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from specbench.catalogue import drafter_entry
-from specbench.drafters.heads.base import FRESH, HeadOptions, module_bytes
+from specbench.drafters.heads.base import FRESH, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
     load_hydra_decoder,
@@ -22,8 +22,8 @@ from specbench.drafters.heads.layouts import (
 )
 from specbench.drafters.heads.medusa import MedusaDrafter, fresh_medusa_heads
 from specbench.drafters.heads.modules import MedusaHeads, OwnDecoder
-from specbench.engine.acceptance import TypicalAcceptance
 from specbench.engine.options import option
+from specbench.engine.protocol import TrainRecipe
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
 
@@ -33,28 +33,35 @@ class DecoderOptions(HeadOptions):
     decoder_layers: int | None = option(None, "with fresh heads: trunk layers copied from the target's last N", min=1)
 
 
+@dataclass
+class DecoderTraining(HeadTraining):
+    decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
+
+
 class HydraDecoderDrafter(MedusaDrafter):
     name = "hydra-decoder"
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, DecoderTraining)
     summary = "decoder-layer Hydra: a trunk of N decoder layers (copied from the target's last N, own KV cache) in front of Medusa heads"
     Options = DecoderOptions
 
-    def __init__(self, target, heads: MedusaHeads, trunk: OwnDecoder, tree: TreeShape, typical: TypicalAcceptance | None = None, info: dict | None = None) -> None:
+    def __init__(self, target, heads: MedusaHeads, trunk: OwnDecoder, tree: TreeShape, options: DecoderOptions | None = None,
+                 info: dict | None = None) -> None:
         n = trunk.config.num_hidden_layers
-        super().__init__(target, heads, tree, typical, {"decoder_layers": n, **(info or {})})
+        super().__init__(target, heads, tree, options, {"decoder_layers": n, **(info or {})})
         self.trunk = trunk.to(target.device, target.dtype).eval()
         self.taps = (target.num_layers - n,)  # the trunk reads what enters target layer L - N
 
     @classmethod
     def create(cls, target, options: DecoderOptions) -> HydraDecoderDrafter:
         if options.heads is None and options.decoder_layers is not None and not drafter_entry(cls.name, target.name, target.model_id):
-            options.heads = FRESH  # `--decoder-layers N` on any target: an untrained trunk copied from its last N layers
+            options = replace(options, heads=FRESH)  # `--decoder-layers N` on any target: an untrained trunk copied from its last N layers
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
             n = options.decoder_layers or settings.entry.get("decoder_layers", 1)
             if n > target.num_layers:
                 raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {n})")
             module = fresh_medusa_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
-            drafter = cls(target, module, copied_trunk(target, n), settings.tree, options.typical, {"heads": FRESH})
+            drafter = cls(target, module, copied_trunk(target, n), settings.tree, options, {"heads": FRESH})
             return drafter.apply_vocab_trim(options)
         checkpoint, layout = load_hydra_decoder(settings.heads, target)
         if options.decoder_layers is not None and options.decoder_layers != layout.num_decoder_layers:
@@ -67,7 +74,7 @@ class HydraDecoderDrafter(MedusaDrafter):
         load_medusa_state(module, head_state, target, settings.heads)
         trunk = OwnDecoder(target.config, layout.num_decoder_layers).to(target.device, target.dtype)
         trunk.load_layers({k: v.to(target.dtype) for k, v in checkpoint.state.items() if not k.startswith("medusa_head.")}, settings.heads)
-        return cls(target, module, trunk, settings.tree, options.typical, checkpoint.describe()).apply_vocab_trim(options)
+        return cls(target, module, trunk, settings.tree, options, checkpoint.describe()).apply_vocab_trim(options)
 
     def memory_model(self) -> tuple[int, int]:
         heads_bytes, _ = super().memory_model()

@@ -24,10 +24,12 @@ untouched, so the target's outputs (and plain decoding) are unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, module_bytes
+from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
     check_shape,
@@ -35,13 +37,19 @@ from specbench.drafters.heads.layouts import (
     load_hydra_state,
 )
 from specbench.drafters.heads.modules import HydraHeads, OwnDecoder
-from specbench.engine.acceptance import TypicalAcceptance
-from specbench.engine.protocol import DraftContext
+from specbench.engine.options import option
+from specbench.engine.protocol import DraftContext, TrainRecipe
 from specbench.engine.tree import DraftTree, TreeShape
+
+
+@dataclass
+class HydraTraining(HeadTraining):
+    hydra_layers: int = option(4, "hydra: ResBlocks per head (the first grounded, the rest one shared block)", min=1)
 
 
 class HydraDrafter(HeadDrafter):
     name = "hydra"
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 5e-4, HydraTraining)  # Hydra++'s rate
     summary = "Hydra / Hydra++ heads: each head sees the tokens drafted before it on the branch; drafted level by level"
 
     def __init__(
@@ -52,10 +60,10 @@ class HydraDrafter(HeadDrafter):
         embed: nn.Embedding,
         prefix: OwnDecoder | None = None,
         hidden_state_offset: int = 0,
-        typical: TypicalAcceptance | None = None,
+        options: HeadOptions | None = None,
         info: dict | None = None,
     ) -> None:
-        super().__init__(target, tree, heads.num_heads, typical or TypicalAcceptance(), {"arch": heads.arch, **(info or {})})
+        super().__init__(target, tree, heads.num_heads, options, {"arch": heads.arch, **(info or {})})
         self.heads = heads.to(target.device).eval()
         self.embed = embed.to(target.device).eval()
         self.prefix = prefix.to(target.device, target.dtype).eval() if prefix is not None else None
@@ -68,7 +76,7 @@ class HydraDrafter(HeadDrafter):
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
             module, prefix = fresh_hydra_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
-            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options.typical, {"heads": FRESH})
+            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options, {"heads": FRESH})
             return drafter.apply_vocab_trim(options)
         spec = settings.heads
         checkpoint, layout = load_hydra(spec, target)
@@ -91,7 +99,7 @@ class HydraDrafter(HeadDrafter):
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded,
                 "hidden_state_offset": layout.hidden_state_offset, "own_lm_head": not layout.tied_lm_head}
-        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options.typical, info)
+        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options, info)
         return drafter.apply_vocab_trim(options)
 
     def lm_head_slots(self) -> list[tuple]:

@@ -17,24 +17,24 @@ from typing import Any
 
 import torch
 
-from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, module_bytes
+from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
     load_medusa,
     load_medusa_state,
 )
 from specbench.drafters.heads.modules import MedusaHeads
-from specbench.engine.acceptance import TypicalAcceptance
-from specbench.engine.protocol import DraftContext
+from specbench.engine.protocol import DraftContext, TrainRecipe
 from specbench.engine.tree import DraftTree, TreeShape
 
 
 class MedusaDrafter(HeadDrafter):
     name = "medusa"
+    recipe = TrainRecipe("specbench.train.heads:train_heads", 1e-3, HeadTraining)
     summary = "Medusa heads on the target's last hidden state (independent heads), a token tree, typical acceptance at T > 0"
 
-    def __init__(self, target, heads: MedusaHeads, tree: TreeShape, typical: TypicalAcceptance | None = None, info: dict | None = None) -> None:
-        super().__init__(target, tree, len(heads.heads), typical or TypicalAcceptance(), info or {})
+    def __init__(self, target, heads: MedusaHeads, tree: TreeShape, options: HeadOptions | None = None, info: dict | None = None) -> None:
+        super().__init__(target, tree, len(heads.heads), options, info or {})
         self.heads = heads.to(target.device).eval()
 
     @classmethod
@@ -42,7 +42,7 @@ class MedusaDrafter(HeadDrafter):
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
             module = fresh_medusa_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
-            drafter = cls(target, module, settings.tree, options.typical, {"heads": FRESH})
+            drafter = cls(target, module, settings.tree, options, {"heads": FRESH})
         else:
             checkpoint, layout = load_medusa(settings.heads, target)
             check_base_model(checkpoint, target)
@@ -50,7 +50,7 @@ class MedusaDrafter(HeadDrafter):
                                  None if layout.own_lm_head else target.lm_head).to(target.device, target.dtype)
             load_medusa_state(module, checkpoint.state, target, settings.heads)
             info = {**checkpoint.describe(), "medusa_layers": layout.num_layers, "own_lm_head": layout.own_lm_head}
-            drafter = cls(target, module, settings.tree, options.typical, info)
+            drafter = cls(target, module, settings.tree, options, info)
         return drafter.apply_vocab_trim(options)
 
     def lm_head_slots(self) -> list[tuple[Any, int]]:

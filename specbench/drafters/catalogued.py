@@ -1,0 +1,41 @@
+"""What the drafters of trained weights that draft a tree of ranks share (the head drafters,
+EAGLE): the `tree` option, their shape, and the catalogue's defaults (catalogue/heads.toml)
+for what the user leaves out: the weights for this target and the tree for this device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from specbench.bundled import resolve_bundled
+from specbench.catalogue import drafter_entry
+from specbench.engine.options import VocabTrimOptions, option
+from specbench.errors import UserError
+
+TREE_HELP = "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths"
+
+
+@dataclass
+class TreeOptions(VocabTrimOptions):
+    """Options of a drafter of trained weights that drafts a tree of ranks."""
+
+    shape_option: ClassVar[str | None] = "tree"
+    tree: str | None = option(None, TREE_HELP + "; default from the catalogue")
+
+
+def catalogued_weights(drafter: str, target, given: str | None, what: str, missing: str) -> tuple[str, dict]:
+    """(the weights to load: `given`, else the catalogue's for this target, a bundled name resolved;
+    the catalogue entry, which holds the drafter's other defaults). `what` the weights are (heads,
+    a draft) and `missing` what to pass make the message when neither names any."""
+    entry = drafter_entry(drafter, target.name, target.model_id)
+    weights = given or entry.get("heads")
+    if not weights:
+        raise UserError(f"no published {drafter} {what} for target '{target.name}' in the catalogue: {missing}")
+    return resolve_bundled(weights), entry
+
+
+def catalogued_tree(entry: dict, target, given: str | None, default: str) -> str:
+    """The tree to draft: `given`, else the entry's for this device type (`tree_cpu`: tuned for
+    CPUs by `specbench tune`), else its `tree`, else `default`."""
+    device = getattr(getattr(target, "device", None), "type", None)
+    return given or entry.get(f"tree_{device}") or entry.get("tree") or default

@@ -21,6 +21,7 @@ from specbench.engine.loop import decode
 from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Taps
 from specbench.errors import UserError
+from specbench.files import write_lock
 from specbench.progress import SILENT, Progress
 from specbench.simulate.log import LogHeader, LogTurn, TargetLog, VerifyProfile, hidden_key, write_log
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
@@ -106,6 +107,13 @@ def record(
     if not prompts:
         raise UserError("no prompts to record")
     out = Path(out)
+    with write_lock(out):  # the log and its side file are one unit: a second recorder into `out` is refused
+        return _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
+                       profile_repeats, on_stage, hidden_layers)
+
+
+def _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
+            profile_repeats, on_stage, hidden_layers) -> TargetLog:
     window = target.context_window()
     check_prompts_fit(prompts, target.tokenizer, window, max_new_tokens, target.name)
     keep_final = hidden or topk is not None  # the top-N log-probs come from the final states

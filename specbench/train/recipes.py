@@ -14,6 +14,7 @@ import torch
 
 from specbench.engine.options import option
 from specbench.errors import UserError
+from specbench.files import write_lock
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
 
@@ -62,8 +63,6 @@ def recipe_for(drafter: str) -> Recipe:
 def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, device: str = "auto", dtype: str = "float32",
           overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Train `config.drafter` for the frozen `config.target`; the checkpoint directory."""
-    from specbench.targets.hf import HFTarget
-    from specbench.targets.loading import resolve_device, resolve_dtype
     from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
@@ -72,7 +71,15 @@ def train(config: TrainConfig, recipe_options: RecipeOptions | None = None, devi
     config.check()
     if config.lr is None:
         config.lr = recipe.default_lr
-    check_out(Path(config.out), overwrite, "checkpoint directory")
+    check_out(Path(config.out), overwrite, "checkpoint directory", inputs=((config.data, "--data"), (config.eval_data, "--eval-data")))
+    with write_lock(Path(config.out)):  # one writer per checkpoint directory
+        return _train(config, recipe, device, dtype, overwrite, progress)
+
+
+def _train(config: TrainConfig, recipe, device: str, dtype: str, overwrite: bool, progress: Progress) -> Path:
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.loading import resolve_device, resolve_dtype
+
     torch.manual_seed(config.seed)
     dev = resolve_device(device)
     with progress.status(f"loading {config.target}"):

@@ -58,6 +58,20 @@ def check_number(value: float | None, flag: str, minimum: float | None = None, m
     return value
 
 
+# below this, logits / temperature overflow (inf, then NaN probabilities) long before sampling
+# differs from greedy decoding in any measurable way
+MIN_TEMPERATURE = 1e-3
+
+
+def check_temperature(value: float, flag: str = "--temperature") -> float:
+    """0 (greedy) or a finite temperature of at least MIN_TEMPERATURE."""
+    check_number(value, flag, minimum=0)
+    if 0 < value < MIN_TEMPERATURE:
+        raise UserError(f"{flag} {value:g} is too small to sample at (the logits divided by it overflow): use 0 for greedy "
+                        f"decoding or at least {MIN_TEMPERATURE:g}")
+    return value
+
+
 # --- output paths ---------------------------------------------------------------------
 
 def _writable_dir(directory: Path, flag: str, path: Path) -> None:

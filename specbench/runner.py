@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from specbench.checks import check_count, check_fits, check_number, check_output_dir, context_window
+from specbench.checks import check_count, check_fits, check_output_dir, check_temperature, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
@@ -74,8 +74,8 @@ class RunConfig:
     warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
 
     def __post_init__(self) -> None:
-        if self.categories is not None:  # `--categories a,b --categories c`; `--categories ,` names none and is refused
-            self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()]
+        if self.categories is not None:  # `--categories a,b --categories c`: split by workloads.select, which knows the names
+            self.categories = [text.strip() for text in self.categories]
 
 
 def check(config: RunConfig) -> None:
@@ -85,7 +85,7 @@ def check(config: RunConfig) -> None:
     check_count(config.limit, "--limit")
     check_count(config.tp, "--tp")
     check_count(config.seed, "--seed", minimum=0, maximum=2**63 - 1)
-    check_number(config.temperature, "--temperature", minimum=0)
+    check_temperature(config.temperature)
     if config.engine not in ENGINES:
         raise UserError(f"unknown engine '{config.engine}': use {', '.join(ENGINES)}")
     if config.backend not in BACKENDS:

@@ -96,8 +96,15 @@ def prepare_streams() -> None:
         encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("_", "-")
         if hasattr(stream, "reconfigure") and encoding not in ("utf-8", "utf8"):
             stream.reconfigure(errors="replace")
+    quiet_library_progress()
+
+
+def quiet_library_progress() -> None:
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+quiet_library_progress()  # now: tqdm reads its environment once, when imported, and the CLI's imports load it
 
 
 def run_app(app: typer.Typer) -> None:

@@ -70,10 +70,7 @@ def read_bytes(path: Path | str, what: str = "file", limit: int = MAX_READ_BYTES
         raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
     try:
         info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise UserError(f"{what} {path} is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"{what} {path} is not a regular file (a pipe or a device); give a file")
+        _refuse_irregular(info, path, what)
         if info.st_size > limit:
             raise UserError(f"{what} {path} is {info.st_size:,} bytes, more than the {limit:,} specbench reads; is it the right file?")
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -85,6 +82,25 @@ def read_bytes(path: Path | str, what: str = "file", limit: int = MAX_READ_BYTES
     if len(data) > limit:  # grew while being read
         raise UserError(f"{what} {path} is more than the {limit:,} bytes specbench reads; is it the right file?")
     return data
+
+
+def _refuse_irregular(info: os.stat_result, path: Path, what: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{what} {path} is not a regular file (a pipe or a device); give a file")
+
+
+def check_regular(path: Path | str, what: str = "file") -> None:
+    """Refuse, without opening it, a `path` that exists and is not a regular file (what `read_bytes`
+    would refuse later), so a reader of several files fails before it starts on any."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    _refuse_irregular(info, Path(path), what)
 
 
 def read_text(path: Path | str, what: str = "file") -> str:

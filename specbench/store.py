@@ -21,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.files import WriteLock, atomic_write_text, decode_utf8, first_line, jsonl_rows, read_bytes, write_lock
+from specbench.files import WriteLock, atomic_write_text, check_regular, decode_utf8, first_line, jsonl_rows, read_bytes, write_lock
 from specbench.records import SCHEMA_VERSION, RunInfo, StepRecord, TurnRecord
 
 RUN_FILE, TURNS_FILE, STEPS_FILE, LOCK_FILE = "run.json", "prompts.jsonl", "steps.jsonl", ".lock"
@@ -114,6 +114,8 @@ class RunStore:
             raise UserError(f"{run_file} is corrupt ({first_line(exc)}); it cannot be read as a run") from None
         except OSError as exc:
             raise UserError(f"cannot read {run_file} ({exc.strerror or type(exc).__name__})") from None
+        for name in (TURNS_FILE, STEPS_FILE):  # a pipe or a device in a run directory: refused before anything starts
+            check_regular(directory / name, "run record file")
         return cls(directory, info)
 
     # --- one writer at a time ----------------------------------------------------------

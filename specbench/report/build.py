@@ -75,7 +75,7 @@ def neutralised(frame: pd.DataFrame) -> pd.DataFrame:
 
     frame = frame.copy()
     for column in frame.columns:
-        if frame[column].dtype == object:
+        if not pd.api.types.is_numeric_dtype(frame[column]):  # text columns (object or pandas' string dtype)
             frame[column] = frame[column].map(cell)
     frame.columns = [cell(str(c)) for c in frame.columns]
     return frame

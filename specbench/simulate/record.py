@@ -88,6 +88,7 @@ def record(
     profile_repeats: int = 3,
     on_stage: Callable[[str], None] = lambda stage: None,
     hidden_layers: tuple[int, ...] = (),
+    locked: bool = False,
 ) -> TargetLog:
     """Record the target's outputs on `prompts` and write the log (and its side file) to `out`.
 
@@ -96,7 +97,8 @@ def record(
     final hidden states in the side file; `hidden_layers`: also the states entering these layers
     (EAGLE-3's taps). Nothing is written
     until everything is measured, and then atomically (write_log): a kill or an error, ctrl-C
-    included, leaves a log already at `out` exactly as it was."""
+    included, leaves a log already at `out` exactly as it was. Written under `out`'s write lock
+    (`locked`: the caller holds it)."""
     check_count(max_new_tokens, "--max-new-tokens")
     check_count(profile_tokens, "--profile-max-tokens")
     check_count(profile_repeats, "--profile-repeats")
@@ -107,6 +109,9 @@ def record(
     if not prompts:
         raise UserError("no prompts to record")
     out = Path(out)
+    if locked:
+        return _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
+                       profile_repeats, on_stage, hidden_layers)
     with write_lock(out):  # the log and its side file are one unit: a second recorder into `out` is refused
         return _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
                        profile_repeats, on_stage, hidden_layers)
@@ -206,6 +211,10 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
                         (c.profile_max_tokens, "--profile-max-tokens"), (c.profile_repeats, "--profile-repeats")):
         check_count(value, flag)
     try:
+        lock = write_lock(out)  # before the target loads: a second recorder into `out` is refused at once
+    except KeyboardInterrupt:
+        raise UserError("interrupted; nothing was written") from None
+    try:
         prompts = select(open_workload(c.workload).prompts, limit=c.limit)
         dev = resolve_device(c.device)
         with progress.status(f"loading {c.target}"):
@@ -214,7 +223,9 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
         advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
         return record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, environment(dev), advance,
                       profile_tokens=c.profile_max_tokens if c.profile else None, profile_repeats=c.profile_repeats,
-                      on_stage=lambda stage: advance(0, stage=stage), hidden_layers=layers)
+                      on_stage=lambda stage: advance(0, stage=stage), hidden_layers=layers, locked=True)
     except KeyboardInterrupt:
         kept = f"{out} is as it was" if Path(out).exists() else "nothing was written"
         raise UserError(f"interrupted; {kept} (a log is written only once complete)") from None
+    finally:
+        lock.release()

@@ -325,11 +325,11 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
     from specbench.targets.loading import resolve_device, resolve_dtype
 
     c = config
-    check_out(out, overwrite, inputs=((c.workload, "--workload"),))
+    check_output_dir(out, "--out")  # a path that cannot be a directory is refused before a lock file is made beside it
     for value, flag in ((c.max_new_tokens, "--max-new-tokens"), (c.batch_size, "--batch-size"), (c.limit, "--limit")):
         check_count(value, flag)
-    with write_lock(out):
-        check_out(out, overwrite, inputs=((c.workload, "--workload"),))  # again, now that no other writer can fill it
+    with write_lock(out):  # first: a directory another train-data is filling is refused as such, not as "not empty"
+        check_out(out, overwrite, inputs=((c.workload, "--workload"),))
         dev = resolve_device(c.device)
         with progress.status(f"loading {c.target}"):
             target = HFTarget.load(c.target, dev, resolve_dtype(c.dtype, dev))

@@ -1,33 +1,33 @@
-"""Replay an adversarial sweep of the specbench CLI, as a careless or hostile user would drive it.
+"""The adversarial sweep: the specbench CLI driven as a careless or hostile user would drive it.
+tests/test_sweep.py runs every case as one parametrised test (mark `sweep`):
 
-    python scripts/adversarial_sweep.py [--smollm2] [--keep DIR] [--verbose]
+    python -m pytest -m sweep tests/test_sweep.py
 
 Every command meets its bad inputs: counts of 0, -5 and 10^12, NaN and negative numbers,
 missing / corrupt / non-UTF-8 / pickled / truncated files, directories where files belong and
-files where directories belong, unwritable places (/proc), symlinks, paths with spaces and
-unicode, outputs that would overwrite the command's own inputs, prompts of 5 MB, prompts
-past the context window, trees of 0 and 10,000 nodes, rich markup in user text, hand-edited
-and newer-schema run directories, an offline hub. Each must end in ONE line on stderr and exit
-code 2, with nothing written and nothing changed (the files each case touches are hashed
-before and after). A few well-formed but unusual inputs (the published file shapes, a BOM,
-spaces and unicode in paths, a symlinked --out) must simply work.
+files where directories belong, unwritable places (/proc), symlinks, pipes and devices where
+records belong, paths with spaces and unicode, outputs that would overwrite the command's own
+inputs or each other, prompts of 5 MB, prompts past the context window, trees of 0, 10,000 and
+a million nodes, rich markup in user text, hand-edited, truncated and newer-schema run
+directories, an offline hub. Each must end in ONE line on stderr and exit code 2, with nothing
+written and nothing changed (the files each case touches are hashed before and after). A few
+well-formed but unusual inputs (the published file shapes, a BOM, spaces and unicode in paths, a
+symlinked --out, a category with a comma) must simply work.
 
 Then faults, in real processes (a tiny model saved to a temp dir, so each starts in seconds):
-SIGKILL and SIGINT of `run` mid-way (then --resume: the records must equal an uninterrupted
-run's), ctrl-C while the model loads (no run directory left behind), SIGKILL and SIGINT of
-`record` over an existing log (the old log must survive byte for byte), two `--resume`
-processes on one run directory (the second refused, nothing measured twice), a run left
-unfinished and one written twice over (`report` must say so).
+SIGKILL, SIGINT and SIGTERM at fixed points of `run`, `record`, `train-data`, `report` and `tune`
+(no temporary file left, an interrupted run resumes to an uninterrupted run's records, an old log
+survives byte for byte), two writers of one run directory, target log or data directory (the
+second refused in one line), a full disk as a log or a data directory is written, and odd
+environments (an ASCII-only terminal, a plugin that parses argv at import).
 
-The last line is computed from the cases run:
-    N tried, M clean, F/F faults survived, data lost: no
-With --smollm2 the window and load cases also run against the embedded SmolLM2-135M (slower).
-Runs in a few minutes on 2 CPU cores.
+Cases are defined by functions that call `Sweep.bad` / `Sweep.good` / `Sweep.check`, which only
+record a closure under the case's name: test_sweep.py calls them once with placeholder paths to
+learn the names (collection) and once with the real fixtures, then runs one closure per test.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -37,21 +37,16 @@ import pickle
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: the test suite's tiny models and char tokenizer
+import torch
 
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
-from specbench.cli import main  # noqa: E402
+from specbench.cli import main
 
 # --- running one command in this process --------------------------------------------------------
 
@@ -113,81 +108,81 @@ def fingerprint(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-@dataclass
-class Outcome:
-    name: str
-    clean: bool
-    detail: str = ""
-    seconds: float = 0.0
+class Names(dict):
+    """Placeholder paths for collecting case names before the fixtures exist."""
+
+    def __missing__(self, key):
+        return Path("/nonexistent-sweep-fixture") / str(key)
 
 
 @dataclass
 class Sweep:
+    """Cases by name, each a closure returning its problems (an empty list: clean)."""
+
     root: Path
-    verbose: bool = False
-    outcomes: list[Outcome] = field(default_factory=list)
-    faults: list[Outcome] = field(default_factory=list)
-    lost: list[str] = field(default_factory=list)
+    cases: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
+
+    def add(self, name: str, run: Callable[[], list[str]]) -> None:
+        assert name not in self.cases, f"two sweep cases are named {name!r}"
+        self.cases[name] = run
+
+    def case_dir(self) -> Path:
+        return self.root / "cases" / str(len(self.cases))
 
     def bad(self, name: str, argv: list, says: str | tuple = (), watch: tuple = (), code: int = 2, limit_s: int = 60,
-            env: dict | None = None) -> None:
-        """A bad input: exit `code`, one line on stderr containing `says`, the watched paths unchanged."""
-        case = self.root / "cases" / str(len(self.outcomes))
-        argv = [str(a).replace("{case}", str(case)) for a in argv]
-        case.mkdir(parents=True)
-        watched = [Path(str(w).replace("{case}", str(case))) for w in watch]
-        before = {w: fingerprint(w) for w in watched}
-        entries_before = sorted(p.name for p in case.iterdir())
-        got, out, err, seconds = invoke(argv, limit_s, env)
-        lines = [line for line in err.splitlines() if line.strip()]
-        problems = []
-        if got != code:
-            problems.append(f"exit {got}, wanted {code}")
-        if len(lines) != 1:
-            problems.append(f"{len(lines)} lines on stderr")
-        if "Traceback" in err:
-            problems.append("a traceback")
-        for text in (says,) if isinstance(says, str) else says:
-            if text not in err:
-                problems.append(f"message lacks {text!r}")
-        for w in watched:
-            if fingerprint(w) != before[w]:
-                problems.append(f"{w} changed")
-                self.lost.append(f"{name}: {w}")
-        if sorted(p.name for p in case.iterdir()) != entries_before:
-            problems.append(f"left {sorted(set(p.name for p in case.iterdir()) - set(entries_before))} behind")
-        self.record(Outcome(name, not problems, "; ".join(problems) + ("\n" + err.strip() if problems else ""), seconds))
-        if self.verbose and not problems:
-            print(f"  ok   {name} ({seconds:.1f} s): {lines[0][:150]}")
+            env: dict | None = None, hold: Path | None = None) -> None:
+        """A bad input: exit `code`, one line on stderr containing `says`, the watched paths unchanged,
+        nothing left in the case's folder. `hold`: a run directory whose write lock another process holds."""
+        case = self.case_dir()
 
-    def good(self, name: str, argv: list, check=lambda out, err: None, limit_s: int = 120, env: dict | None = None) -> tuple[str, str]:
+        def run() -> list[str]:
+            args = [str(a).replace("{case}", str(case)) for a in argv]
+            case.mkdir(parents=True)
+            watched = [Path(str(w).replace("{case}", str(case))) for w in watch]
+            before = {w: fingerprint(w) for w in watched}
+            entries_before = sorted(p.name for p in case.iterdir())
+            with held_lock(hold) if hold else contextlib.nullcontext():
+                got, out, err, seconds = invoke(args, limit_s, env)
+            lines = [line for line in err.splitlines() if line.strip()]
+            problems = []
+            if got != code:
+                problems.append(f"exit {got}, wanted {code}")
+            if len(lines) != 1:
+                problems.append(f"{len(lines)} lines on stderr")
+            if "Traceback" in err:
+                problems.append("a traceback")
+            for text in (says,) if isinstance(says, str) else says:
+                if text not in err:
+                    problems.append(f"message lacks {text!r}")
+            for w in watched:
+                if fingerprint(w) != before[w]:
+                    problems.append(f"{w} changed (data lost)")
+            if sorted(p.name for p in case.iterdir()) != entries_before:
+                problems.append(f"left {sorted(set(p.name for p in case.iterdir()) - set(entries_before))} behind")
+            return problems + ([err.strip()[-1500:]] if problems else [])
+
+        self.add(name, run)
+
+    def good(self, name: str, argv: list, check=lambda out, err: None, limit_s: int = 120, env: dict | None = None) -> None:
         """A well-formed, unusual input: exit 0, no traceback, and `check(out, err)` returns no problem."""
-        case = self.root / "cases" / str(len(self.outcomes))
-        case.mkdir(parents=True)
-        argv = [str(a).replace("{case}", str(case)) for a in argv]
-        got, out, err, seconds = invoke(argv, limit_s, env)
-        problems = [] if got == 0 else [f"exit {got}"]
-        if "Traceback" in err:
-            problems.append("a traceback")
-        if not problems and (found := check(out, err)):
-            problems.append(found)
-        self.record(Outcome(name, not problems, "; ".join(problems) + ("\n" + err.strip()[-1500:] if problems else ""), seconds))
-        if self.verbose and not problems:
-            print(f"  ok   {name} ({seconds:.1f} s)")
-        return out, err
+        case = self.case_dir()
 
-    def record(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
-        if not outcome.clean:
-            print(f"  FAIL {outcome.name}: {outcome.detail}")
+        def run() -> list[str]:
+            case.mkdir(parents=True, exist_ok=True)
+            args = [str(a).replace("{case}", str(case)) for a in argv]
+            got, out, err, seconds = invoke(args, limit_s, env)
+            problems = [] if got == 0 else [f"exit {got}"]
+            if "Traceback" in err:
+                problems.append("a traceback")
+            if not problems and (found := check(out, err)):
+                problems.append(found)
+            return problems + (["stdout: " + out.strip()[-800:], "stderr: " + err.strip()[-1500:]] if problems else [])
 
-    def fault(self, name: str, problems: list[str], lost: list[str] = ()) -> None:
-        outcome = Outcome(name, not problems, "; ".join(problems))
-        self.faults.append(outcome)
-        self.lost += list(lost)
-        now = time.perf_counter()
-        took, self._last = now - getattr(self, "_last", now), now
-        print(f"  {'ok  ' if outcome.clean else 'FAIL'} fault: {name} ({took:.0f} s){': ' + outcome.detail if problems else ''}")
+        self.add(name, run)
+
+    def check(self, name: str, problems: Callable[[], list[str]]) -> None:
+        """Anything else: `problems()` says what is wrong, if anything."""
+        self.add(name, problems)
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -290,6 +285,12 @@ def make_workloads(root: Path) -> dict[str, Path]:
     f["dir"] = w
     os.mkfifo(w / "fifo.jsonl")
     f["fifo"] = w / "fifo.jsonl"
+    f["null_turn"] = jsonl(w / "null_turn.jsonl", [{"id": "a", "turns": ["Hello", None]}])
+    f["comma"] = jsonl(w / "comma.jsonl", [{"id": "c1", "category": "q&a, short", "turns": ["Say yes"]},
+                                           {"id": "c2", "category": "other", "turns": ["Say no"]}])
+    f["formula"] = jsonl(w / "formula.jsonl", [{"id": "f1", "category": '=HYPERLINK("http://evil.example","x")', "turns": ["Say yes"]},
+                                               {"id": "f2", "category": "+1+2", "turns": ["Say no"]},
+                                               {"id": "f3", "category": "@SUM(A1)", "turns": ["Say so"]}])
     f["many"] = jsonl(w / "many.jsonl", [{"id": f"q{i}", "category": "ab"[i % 2], "turns": [f"Say {i} {i} {i} again and again"]} for i in range(12)])
     return f
 
@@ -396,8 +397,7 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("run --resume with -o", ["run", "--resume", rd, "-o", "k=2"], "-o k=2", watch=(rd,))
     s.bad("run --resume with --out", ["run", "--resume", rd, "--out", out], "--out", watch=(rd,))
     s.bad("run --resume a simulated run", ["run", "--resume", extra["sim_run"]], "simulated", watch=(extra["sim_run"],))
-    with held_lock(rd):
-        s.bad("run --resume while another process writes", ["run", "--resume", rd], "another specbench process", watch=(rd,))
+    s.bad("run --resume while another process writes", ["run", "--resume", rd], "another specbench process", watch=(rd,), hold=rd)
 
     # record
     rec = ["record", *T, "--workload", w["good"], "--max-new-tokens", 8, "--profile-max-tokens", 4, "--profile-repeats", 1]
@@ -526,10 +526,8 @@ def input_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
                                                           "{case}/ckpt"], "too few for EAGLE-3")
     s.bad("train --out a file", [*tr[:-4], "--out", w["good"]], "is a file", watch=(w["good"],))
 
-    if m["pwned"].exists():  # a pickle payload ran: the worst finding there is
-        s.record(Outcome("pickled payload never ran", False, f"{m['pwned']} exists"))
-    else:
-        s.record(Outcome("pickled payload never ran", True))
+    # a pickle payload ran: the worst finding there is (after every case that loads the pickled checkpoints)
+    s.check("pickled payload never ran", lambda: [f"{m['pwned']} exists"] if m["pwned"].exists() else [])
 
 
 def good_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
@@ -544,11 +542,8 @@ def good_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
                lambda out, err, fmt=fmt: None if fmt in err else f"format not named as {fmt}")
     spaced = s.root / "dir with spaces ünïcødé"
     s.good("run --out with spaces and unicode", ["run", *T, "--limit", 1, "--out", spaced, "--json"], run_dir_count(spaced))
-    target_dir = s.root / "real-out"
-    target_dir.mkdir()
-    link = s.root / "out-link"
-    link.symlink_to(target_dir)
-    s.good("run --out a symlink to a directory", ["run", *T, "--limit", 1, "--out", link, "--json"], run_dir_count(target_dir))
+    s.good("run --out a symlink to a directory", ["run", *T, "--limit", 1, "--out", extra["out_link"], "--json"],
+           run_dir_count(extra["out_link_target"]))
     s.good("run --categories a task of Spec-Bench", ["run", *T, "--workload", w["specbench"], "--categories", "translation",
                                                     "--out", "{case}/out", "--json"])
     s.good("simulate --target another model, same vocabulary (warns)", ["simulate", "--log", extra["log"], "--k", 2,
@@ -567,7 +562,7 @@ def held_lock(run_dir: Path):
     """Hold a run directory's write lock as another specbench process would."""
     import fcntl
 
-    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT)  # RunStore's lock file (specbench/store.py)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield
@@ -660,6 +655,10 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
     extra["ids_bad"] = log_variant("ids.json", json.dumps({"format": "specbench-vocab-trim/1", "vocab_size": 100, "ids": [1, 1, -4, "x"]}))
     extra["dangling"] = root / "dangling-link"
     extra["dangling"].symlink_to(root / "nowhere")
+    extra["out_link_target"] = root / "real-out"
+    extra["out_link_target"].mkdir()
+    extra["out_link"] = root / "out-link"
+    extra["out_link"].symlink_to(extra["out_link_target"])
     (root / "csv-target.csv").write_text("old")
     extra["csv_link"] = root / "csv-link.csv"
     extra["csv_link"].symlink_to(root / "csv-target.csv")
@@ -672,6 +671,21 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
     char_tokenizer().save_pretrained(root / "other-vocab")
     extra["other_vocab"] = root / "other-vocab"
 
+    # run directories whose records are a pipe, a device or cut short; a run of formula-looking categories
+    extra["run_fifo"] = variant("run_fifo", lambda d, i: ((d / "steps.jsonl").unlink(), os.mkfifo(d / "steps.jsonl")))
+    extra["run_zero"] = variant("run_zero", lambda d, i: ((d / "steps.jsonl").unlink(), (d / "steps.jsonl").symlink_to("/dev/zero")))
+
+    def cut(d, i):
+        data = (d / "steps.jsonl").read_bytes()
+        (d / "steps.jsonl").write_bytes(data[: int(len(data) * 0.6)])
+    extra["run_truncated"] = variant("run_truncated", cut)
+    code, out, err, _ = invoke(["run", "--target", m["target"], "--workload", w["formula"], "--max-new-tokens", 4, "--out",
+                                root / "formula", "--json"])
+    assert code == 0, err
+    extra["run_formula"] = Path(json.loads(out)["run"])
+    extra["tree_siblings"] = log_variant("siblings_tree.json", json.dumps([[i] for i in range(49_153)]))
+    extra["tree_wide"] = log_variant("wide_tree.json", json.dumps([[i] for i in range(150)]))  # the tiny vocabulary has 100 tokens
+
     # training data (tiny) and a corrupt copy
     code, _, err, _ = invoke(["train-data", "--target", m["target"], "--workload", w["good"], "--max-new-tokens", 8, "--out", root / "data"])
     assert code == 0, err
@@ -680,6 +694,129 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
     (root / "data_corrupt" / "tokens.safetensors").write_bytes(os.urandom(100))
     extra["data_corrupt"] = root / "data_corrupt"
     return extra
+
+
+def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
+    """Data directories and run directories under odd files, sizes and outputs that meet (issue 28)."""
+    T = ["--target", m["target"]]
+    rd, log, data = extra["run_dir"], extra["log"], extra["data"]
+    run = ["run", *T, "--out", "{case}/out", "--max-new-tokens", 8, "--limit", 1]
+    medusa = ["run", *T, "--drafter", "medusa", "--heads", "fresh", "--out", "{case}/out", "--limit", 1, "--max-new-tokens", 8]
+    # sizes, checked before anything is built
+    s.bad("run --temperature 1e-40", [*run, "--temperature", "1e-40"], ("--temperature", "use 0 for greedy"))
+    s.bad("train-data --temperature 1e-40", ["train-data", *T, "--out", "{case}/data", "--temperature", "1e-40"], "--temperature")
+    s.bad("run --tree chain:1000000", [*medusa, "--tree", "chain:1000000"], ("chain:1000000", "at most"), limit_s=20)
+    s.bad("simulate --drafter medusa, a 49,153-sibling tree", ["simulate", "--log", log, "--drafter", "medusa", "--tree",
+                                                               extra["tree_siblings"], "--out", "{case}/out"], "at most", limit_s=30)
+    s.bad("run --tree more siblings than the vocabulary", [*medusa, "--tree", extra["tree_wide"]], "siblings")
+    # outputs that meet each other or an input
+    s.bad("report --csv X --html X", ["report", rd, "--csv", "{case}/x", "--html", "{case}/x"], ("--csv", "--html"))
+    s.bad("report --csv X --parquet X", ["report", rd, "--csv", "{case}/x.out", "--parquet", "{case}/x.out"], "both name")
+    s.bad("train-data --out over its own --workload", ["train-data", *T, "--workload", Path(data) / "conversations.jsonl",
+                                                       "--out", data, "--overwrite"], "overlap", watch=(data,))
+    s.bad("train --out into its --data", ["train", "--drafter", "medusa", *T, "--data", data, "--out", Path(data) / "ckpt"],
+          "overlap", watch=(data,))
+    s.bad("train --out = its --data, --overwrite", ["train", "--drafter", "medusa", *T, "--data", data, "--out", data, "--overwrite"],
+          "overlap", watch=(data,))
+    # workloads: a null turn is not the text "None"; a category with a comma is selectable by its name
+    s.bad("run --workload a null turn", ["run", *T, "--out", "{case}/out", "--workload", w["null_turn"]], ("turn 2", "null"))
+    s.good("run --categories a category with a comma", ["run", *T, "--max-new-tokens", 4, "--workload", w["comma"],
+                                                        "--categories", "q&a, short", "--out", "{case}/out", "--json"],
+           lambda out, err: None if records(Path(json.loads(out)["run"]))[0][0]["prompt_id"] == "c1"
+           and len(records(Path(json.loads(out)["run"]))[0]) == 2 else "not the one prompt of that category")
+    # run directories whose records are a pipe or a device: refused in one line, never a hang or a MemoryError
+    for key, what in (("run_fifo", "a named pipe"), ("run_zero", "a symlink to /dev/zero")):
+        d = extra[key]
+        s.bad(f"report, steps.jsonl {what}", ["report", d], "not a regular file", limit_s=15)
+        s.bad(f"run --resume, steps.jsonl {what}", ["run", "--resume", d], "not a regular file", limit_s=15)
+        s.bad(f"tune --overhead-from, steps.jsonl {what}", ["tune", "--log", log, "--drafter", "prompt-lookup", "--overhead-from", d,
+                                                            "--out", "{case}/t.json"], "not a regular file", limit_s=15)
+        s.bad(f"vocab-trim build --from, steps.jsonl {what}", ["vocab-trim", "build", "--from", d, "--target", m["target"],
+                                                               "--out", "{case}/ids.json"], "not a regular file", limit_s=15)
+    # what report counts
+    s.good("report R R parent counts the run once", ["report", rd, rd, Path(rd).parent],
+           lambda out, err: None if "runs merged" not in out and "duplicate" not in err and "more than one run" not in err
+           else "one run counted more than once")
+    s.good("report a truncated steps.jsonl (says so, averages nothing)", ["report", extra["run_truncated"]],
+           lambda out, err: None if "truncated" in err and "lost" in err and "--resume" in err else "the truncation is not said")
+    s.check("run --resume repairs a truncated steps.jsonl", lambda: resume_repairs(s.root / "repair", extra))
+    s.check("report --csv neutralises formula cells", lambda: csv_is_inert(s.root / "formula-csv", extra["run_formula"]))
+    s.check("report --html leaves no plot folder behind", lambda: html_leaves_nothing(s.root / "html-tmp", rd))
+    s.check("train-data --overwrite --no-cache-hidden drops the old hidden states",
+            lambda: overwrite_drops_hidden(s.root / "data-overwrite", m, w, data))
+    s.check("a full disk as record --hidden writes its side file", lambda: full_disk(s.root / "full-record", [
+        "record", *T, "--workload", w["good"], "--max-new-tokens", 8, "--hidden", "--no-profile", "--out", "{dir}/log.jsonl"]))
+    s.check("a full disk as train-data writes its tensors", lambda: full_disk(s.root / "full-data", [
+        "train-data", *T, "--workload", w["good"], "--max-new-tokens", 8, "--out", "{dir}/data"]))
+
+
+def resume_repairs(root: Path, extra: dict) -> list[str]:
+    shutil.copytree(extra["run_truncated"], root)
+    code, _, err, _ = invoke(["run", "--resume", root, "--json"])
+    if code:
+        return [f"resume exit {code}: {err[-400:]}"]
+    code, out, err, _ = invoke(["report", root])
+    problems = [] if code == 0 and "truncated" not in err else [f"report after resume: exit {code}: {err[-400:]}"]
+    return problems + compare(root, extra["run_dir"])
+
+
+def csv_is_inert(root: Path, run_dir: Path) -> list[str]:
+    import csv
+
+    root.mkdir()
+    code, _, err, _ = invoke(["report", run_dir, "--by", "category", "--csv", root / "r.csv"])
+    if code:
+        return [f"exit {code}: {err[-400:]}"]
+    cells = [cell for row in csv.reader(io.StringIO((root / "r.csv").read_text())) for cell in row]
+    live = [cell for cell in cells if cell[:1] in ("=", "+", "@")]
+    return [f"formula cells: {live}"] if live or not any("HYPERLINK" in c for c in cells) else []
+
+
+def html_leaves_nothing(root: Path, run_dir: Path) -> list[str]:
+    (root / "tmp").mkdir(parents=True)
+    code, _, err, _ = invoke(["report", run_dir, "--html", root / "r.html"], env={"TMPDIR": str(root / "tmp")})
+    import tempfile
+
+    tempfile.tempdir = None  # the module caches $TMPDIR: forget the case's
+    left = sorted(p.name for p in (root / "tmp").iterdir()) + sorted(p.name for p in root.iterdir() if p.name not in ("tmp", "r.html"))
+    return ([f"exit {code}: {err[-400:]}"] if code else []) + ([f"left {left}"] if left else [])
+
+
+def overwrite_drops_hidden(root: Path, m: dict, w: dict, data: Path) -> list[str]:
+    shutil.copytree(data, root)
+    if not (root / "hidden.safetensors").is_file():
+        return ["the fixture data has no hidden states"]
+    code, _, err, _ = invoke(["train-data", "--target", m["target"], "--workload", w["many"], "--max-new-tokens", 6, "--out", root,
+                              "--overwrite", "--no-cache-hidden"])
+    if code:
+        return [f"exit {code}: {err[-400:]}"]
+    from specbench.train.data import load_data
+
+    loaded = load_data(root)
+    problems = ["hidden.safetensors of the old data is still there"] if (root / "hidden.safetensors").exists() else []
+    return problems + (["load_data returns the old hidden states"] if loaded.hidden is not None else [])
+
+
+def full_disk(root: Path, argv: list) -> list[str]:
+    """A command whose safetensors write meets a full disk (as safetensors reports it): one line, nothing left."""
+    import safetensors.torch
+
+    root.mkdir()
+    real = safetensors.torch.save_file
+
+    def no_space(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    safetensors.torch.save_file = no_space
+    try:
+        code, _, err, _ = invoke([str(a).replace("{dir}", str(root)) for a in argv])
+    finally:
+        safetensors.torch.save_file = real
+    left = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    lines = [x for x in err.splitlines() if x.strip()]
+    problems = [] if code == 2 and len(lines) == 1 and "No space left" in err and "Traceback" not in err else [f"exit {code}: {err[-600:]}"]
+    return problems + ([f"left {left}"] if left else [])
 
 
 # --- faults: real processes killed at fixed points ---------------------------------------------------
@@ -725,13 +862,31 @@ def one_error_line(err: str) -> list[str]:
     return [] if ok else [f"not one error line: {err.strip()[-600:]}"]
 
 
-def faults(s: Sweep, m: dict, w: dict) -> None:
+FAULTS = [
+    "SIGKILL of run after its 3rd prompt, then --resume",
+    "SIGKILL of run between a prompt's steps and its turns, then --resume",
+    "SIGINT of run after its 2nd prompt, then --resume",
+    "SIGINT while the target loads",
+    "SIGKILL of record mid-recording, over an existing log",
+    "SIGKILL of record between its side file and its log, over an existing log",
+    "SIGINT of record mid-recording, over an existing log",
+    "a complete record replaces the log, its side file and its profile together",
+    "a full disk as record commits over an existing log",
+    "two --resume processes on one run directory",
+]
+
+
+def faults(root: Path, m: dict, w: dict) -> dict[str, list[str]]:
     """Kills at fixed points (tests/faults.py: a wrapped function signals its own process on its n-th call).
-    The processes of one round run side by side; each round's outcome is checked after it."""
+    The processes of one round run side by side; each round's outcome is checked after it.
+    Returns the problems of each fault by name (FAULTS lists the names)."""
     from faults import KillAt, spawn
 
-    s._last = time.perf_counter()
-    root = s.root / "faults"
+    results: dict[str, list[str]] = {}
+
+    def fault(name: str, problems: list[str], lost=()) -> None:
+        results[name] = list(problems)
+
     root.mkdir()
     base = ["run", "--target", m["target"], "--workload", w["many"], "--max-new-tokens", 24, "--drafter", "prompt-lookup", "--json"]
     code, out, err, _ = invoke([*base, "--out", root / "straight"])
@@ -790,7 +945,7 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
                 f.write('{"draft_ms": 0.1, "verify_')
             code, _, err, _ = invoke(["run", "--resume", run_dir, "--json"])
             problems += [f"resume exit {code}: {err.strip()[-300:]}"] if code else compare(run_dir, reference)
-        s.fault(name + ("" if after == "nothing" else ", then --resume"), problems,
+        fault(name + ("" if after == "nothing" else ", then --resume"), problems,
                 lost=[f"{name}: {p}" for p in problems if "twice" in p or "other" in p])
 
     for name, kill in records_.items():
@@ -806,7 +961,7 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
         log = next(iter(originals[name]))
         code, _, err, _ = invoke(["simulate", "--log", log, "--k", 2, "--out", log.parent / "sims"])
         problems += [] if code == 0 else [f"the old log no longer simulates: {err[-200:]}"]
-        s.fault(name + ", over an existing log", problems, lost=[f"{name}: {c}" for c in changed])
+        fault(name + ", over an existing log", problems, lost=[f"{name}: {c}" for c in changed])
 
     # a complete record over the log a kill left a stray side file beside: log, side file and profile
     # are replaced together, the old side file and the stray are gone
@@ -818,7 +973,7 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
     problems = [] if code == 0 and side.is_file() and not old_side.exists() and '"type": "profile"' in log.read_text() \
         else [f"re-record: {err[-300:]}"]
     problems += [f"left {others}"] if others else []
-    s.fault("a complete record replaces the log, its side file and its profile together", problems)
+    fault("a complete record replaces the log, its side file and its profile together", problems)
 
     # a full disk as record commits over an existing log: one line, the old log and side file as they were
     import specbench.files as files
@@ -845,7 +1000,7 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
     leftovers = [p.name for p in log.parent.iterdir() if p not in kept]
     problems = ([f"{changed} changed"] if changed else []) + ([f"left {leftovers}"] if leftovers else [])
     problems += one_error_line(err) + ([] if code == 2 and "No space left" in err else [f"exit {code}"])
-    s.fault("a full disk as record commits over an existing log", problems, lost=changed)
+    fault("a full disk as record commits over an existing log", problems, lost=changed)
 
     # round 2: two --resume processes on one run directory: the second refused while the first measures
     out_dir = root / "concurrent"
@@ -865,7 +1020,8 @@ def faults(s: Sweep, m: dict, w: dict) -> None:
     problems = [] if holds else ["the first resume finished before the second started"]
     problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}"])
     problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else compare(run_dir, reference)
-    s.fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
+    fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
+    return results
 
 
 def smollm2_cases(s: Sweep, w: dict) -> None:
@@ -877,45 +1033,116 @@ def smollm2_cases(s: Sweep, w: dict) -> None:
     s.bad("smollm2: run --max-new-tokens 9000", ["run", *T, "--max-new-tokens", 9000, "--out", "{case}/out"], "--max-new-tokens", limit_s=60)
 
 
-def main_sweep() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smollm2", action="store_true", help="also run the window cases on the embedded SmolLM2-135M")
-    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temp dir, removed)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="print every case's line")
-    parser.add_argument("--no-faults", action="store_true", help="skip the kill/concurrency faults (the slow part)")
-    parser.add_argument("--faults-only", action="store_true", help="only the kill/concurrency faults")
-    args = parser.parse_args()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="specbench-sweep-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SPECBENCH_DATA", str(work / "no-data"))
-    started = time.time()
-    try:
-        sweep = Sweep(work, verbose=args.verbose)
-        models = make_models(work / "models")
-        workloads = make_workloads(work)
-        if not args.faults_only:
-            print("bad inputs:")
-            extra = prepare(sweep, models, workloads)
-            input_cases(sweep, models, workloads, extra)
-            print("well-formed, unusual inputs:")
-            good_cases(sweep, models, workloads, extra)
-        if args.smollm2:
-            smollm2_cases(sweep, workloads)
-        if not args.no_faults:
-            print("faults:")
-            faults(sweep, models, workloads)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    tried = len(sweep.outcomes)
-    clean = sum(o.clean for o in sweep.outcomes)
-    survived = sum(o.clean for o in sweep.faults)
-    slowest = max(sweep.outcomes, key=lambda o: o.seconds, default=Outcome("none", True))
-    print(f"(slowest case: {slowest.name}, {slowest.seconds:.1f} s; sweep {time.time() - started:.0f} s)")
-    print(f"{tried} tried, {clean} clean, {survived}/{len(sweep.faults)} faults survived, "
-          f"data lost: {'no' if not sweep.lost else 'YES (' + '; '.join(sweep.lost) + ')'}")
-    return 0 if clean == tried and survived == len(sweep.faults) and not sweep.lost else 1
+def wait_for(path: Path, proc, timeout_s: float = 600) -> bool:
+    """Wait until `path` exists (the first writer holds its lock) while `proc` runs; False if it ended first."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().strip() == str(proc.pid):
+            return True
+        time.sleep(0.01)
+    return False
 
 
-if __name__ == "__main__":
-    sys.exit(main_sweep())
+def second_writer(first, second, lock: Path, go: Path) -> tuple[list[str], str]:
+    """Release `second` while `first` holds `lock`: the second must be refused in one line."""
+    holds = wait_for(lock, first)
+    go.touch()
+    _, err2 = second.communicate(timeout=600)
+    _, err1 = first.communicate(timeout=600)
+    problems = [] if holds else ["the first writer finished before the second started"]
+    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}"])
+    problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else []
+    return problems, err1
+
+
+FAULTS28 = [
+    "two record --hidden into one log",
+    "two train-data into one --out",
+    "SIGTERM of train-data between two saves, then train",
+    "SIGTERM of record inside a file write",
+    "SIGTERM of report --csv inside a file write",
+    "SIGTERM of report --html inside a file write",
+    "SIGTERM of report --plot inside a file write",
+    "SIGTERM of tune inside a file write",
+    "PYTHONIOENCODING=ascii specbench report",
+    "a plugin that parses argv at import",
+]
+
+
+def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
+    """Second writers, SIGTERM inside writes and odd environments, in real processes (issue 28)."""
+    from faults import KillAt, spawn
+
+    results: dict[str, list[str]] = {}
+    root.mkdir()
+    T = ["--target", m["target"]]
+    rec = ["record", *T, "--workload", w["many"], "--max-new-tokens", 8, "--hidden", "--no-profile"]
+    td = ["train-data", *T, "--workload", w["many"], "--max-new-tokens", 8]
+    procs, checks = {}, {}
+
+    # second writers: the first holds the lock, the second is released (go file) and must be refused
+    (root / "rec").mkdir()
+    first = spawn([*rec, "--max-new-tokens", 32, "--out", root / "rec" / "log.jsonl"], root)  # the longer: it still writes when the second starts
+    second = spawn([*rec, "--out", root / "rec" / "log.jsonl"], root, go_file=root / "go-rec")
+    problems, _ = second_writer(first, second, root / "rec" / ".log.jsonl.lock", root / "go-rec")
+    header = json.loads((root / "rec" / "log.jsonl").read_text().splitlines()[0]) if (root / "rec" / "log.jsonl").exists() else {}
+    side = root / "rec" / str(header.get("hidden_file"))
+    problems += [] if side.is_file() else ["the log names a side file that is not there"]
+    code, _, err, _ = invoke(["simulate", "--log", root / "rec" / "log.jsonl", "--k", 2, "--bandwidth", 100, "--out", root / "rec-sims"])
+    results[FAULTS28[0]] = problems + ([] if code == 0 else [f"the log does not simulate: {err[-300:]}"])
+
+    first = spawn([*td, "--max-new-tokens", 32, "--out", root / "data"], root)
+    second = spawn([*td, "--limit", 2, "--out", root / "data"], root, go_file=root / "go-data")
+    problems, _ = second_writer(first, second, root / ".data.lock", root / "go-data")
+    meta = json.loads((root / "data" / "meta.json").read_text()) if (root / "data" / "meta.json").exists() else {}
+    problems += [] if meta.get("prompts") == 12 else [f"meta says {meta.get('prompts')} prompts, not the first writer's 12"]
+    results[FAULTS28[1]] = problems
+
+    # SIGTERM between the data directory's saves (tokens written, hidden states not): train refuses the directory
+    shutil.copytree(extra["data"], root / "mixed")
+    procs[FAULTS28[2]] = spawn([*td, "--limit", 3, "--out", root / "mixed", "--overwrite"], root,
+                               KillAt("specbench.train.data:atomic_write", 2, "SIGTERM"))
+
+    # SIGTERM inside a write (the fsync of a temporary file): no hidden temporary file left, one line, exit 130
+    writes = {
+        FAULTS28[3]: [*rec, "--out", "{dir}/log.jsonl"],
+        FAULTS28[4]: ["report", extra["run_dir"], "--csv", "{dir}/r.csv"],
+        FAULTS28[5]: ["report", extra["run_dir"], "--html", "{dir}/r.html"],
+        FAULTS28[6]: ["report", extra["run_dir"], "--plot", "{dir}/plots"],
+        FAULTS28[7]: ["tune", "--log", extra["log"], "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{dir}/tree.json",
+                      "--plot", "{dir}/frontier.png"],
+    }
+    for i, (name, argv) in enumerate(writes.items()):
+        d = root / f"write{i}"
+        d.mkdir()
+        checks[name] = d
+        procs[name] = spawn([str(a).replace("{dir}", str(d)) for a in argv], root, KillAt("specbench.files:os.fsync", 1, "SIGTERM"),
+                            env={"TMPDIR": str(d)})
+    procs[FAULTS28[8]] = spawn(["report", extra["run_dir"]], root, env={"PYTHONIOENCODING": "ascii"})
+    site = root / "site"
+    (site / "argv_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "argv_plugin.py").write_text("import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument('--only-mine', required=True)\n"
+                                         "parser.parse_args()\n")
+    (site / "argv_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: argv-plugin\nVersion: 0.1\n")
+    (site / "argv_plugin-0.1.dist-info" / "entry_points.txt").write_text("[specbench.drafters]\nargv-plugin = argv_plugin:Drafter\n")
+    procs[FAULTS28[9]] = spawn(["run", *T, "--workload", w["good"], "--limit", 1, "--max-new-tokens", 4, "--out", root / "plugin-out",
+                                "--json"], root, env={"PYTHONPATH": os.pathsep.join([str(site), *sys.path])})
+    done = {name: (proc, *proc.communicate(timeout=600)) for name, proc in procs.items()}
+
+    proc, _, err = done[FAULTS28[2]]
+    problems = one_error_line(err) + ([] if proc.returncode == 130 else [f"exit {proc.returncode}"])
+    code, _, err, _ = invoke(["train", "--drafter", "medusa", *T, "--data", root / "mixed", "--out", root / "ckpt", "--steps", 1])
+    lines = [x for x in err.splitlines() if x.strip()]
+    problems += [] if code == 2 and len(lines) == 1 and "Traceback" not in err else [f"train on the mix: exit {code}: {err[-400:]}"]
+    results[FAULTS28[2]] = problems
+    for name, d in checks.items():
+        proc, _, err = done[name]
+        left = [str(p.relative_to(d)) for p in d.rglob("*") if ".tmp" in p.name or p.name.startswith(("tmp", "specbench-plots"))]
+        # 130 as ctrl-C, or 2 where the command says what it kept ("interrupted; the log is as it was")
+        problems = one_error_line(err) + ([] if proc.returncode in (2, 130) and "interrupted" in err else [f"exit {proc.returncode}"])
+        results[name] = problems + ([f"left {left}"] if left else [])
+    proc, out, err = done[FAULTS28[8]]
+    results[FAULTS28[8]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
+    proc, out, err = done[FAULTS28[9]]
+    results[FAULTS28[9]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
+    return results

@@ -10,6 +10,7 @@ took its argmax of.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,10 +110,7 @@ def record(
     if not prompts:
         raise UserError("no prompts to record")
     out = Path(out)
-    if locked:
-        return _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
-                       profile_repeats, on_stage, hidden_layers)
-    with write_lock(out):  # the log and its side file are one unit: a second recorder into `out` is refused
+    with nullcontext() if locked else write_lock(out):  # the log and its side file are one unit: a second recorder is refused
         return _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
                        profile_repeats, on_stage, hidden_layers)
 
@@ -210,10 +208,7 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
     for value, flag in ((c.limit, "--limit"), (c.max_new_tokens, "--max-new-tokens"), (c.topk, "--topk"),
                         (c.profile_max_tokens, "--profile-max-tokens"), (c.profile_repeats, "--profile-repeats")):
         check_count(value, flag)
-    try:
-        lock = write_lock(out)  # before the target loads: a second recorder into `out` is refused at once
-    except KeyboardInterrupt:
-        raise UserError("interrupted; nothing was written") from None
+    lock = write_lock(out)  # before the target loads: a second recorder into `out` is refused at once
     try:
         prompts = select(open_workload(c.workload).prompts, limit=c.limit)
         dev = resolve_device(c.device)

@@ -2,8 +2,8 @@
 
     python scripts/adversarial_sweep.py [pytest options, e.g. -x -k resume]
 
-is `python -m pytest -m sweep tests/test_sweep.py`; add `-m "sweep or heavy"` for the window
-cases on the embedded SmolLM2-135M.
+is `python -m pytest -m sweep tests/test_sweep.py` (`-m "sweep and not heavy"` leaves out the four
+cases on the embedded SmolLM2-135M).
 """
 
 import sys

@@ -714,8 +714,8 @@ def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("report --csv X --parquet X", ["report", rd, "--csv", "{case}/x.out", "--parquet", "{case}/x.out"], "both name")
     s.bad("train-data --out over its own --workload", ["train-data", *T, "--workload", Path(data) / "conversations.jsonl",
                                                        "--out", data, "--overwrite"], "overlap", watch=(data,))
-    s.bad("train --out into its --data", ["train", "--drafter", "medusa", *T, "--data", data, "--out", Path(data) / "ckpt"],
-          "overlap", watch=(data,))
+    s.bad("train --out the folder holding its --data, --overwrite", ["train", "--drafter", "medusa", *T, "--data", data, "--out",
+                                                                     Path(data).parent, "--overwrite"], "overlap", watch=(data,))
     s.bad("train --out = its --data, --overwrite", ["train", "--drafter", "medusa", *T, "--data", data, "--out", data, "--overwrite"],
           "overlap", watch=(data,))
     # workloads: a null turn is not the text "None"; a category with a comma is selectable by its name
@@ -1031,6 +1031,19 @@ def smollm2_cases(s: Sweep, w: dict) -> None:
     s.bad("smollm2: profile --context-tokens 100000", ["profile", *T, "--context-tokens", 100000, "--out", "{case}/p.json"],
           "8192", limit_s=60)
     s.bad("smollm2: run --max-new-tokens 9000", ["run", *T, "--max-new-tokens", 9000, "--out", "{case}/out"], "--max-new-tokens", limit_s=60)
+    s.check("smollm2: a cold-cache conversion writes no progress frames into a redirected stderr", lambda: cold_conversion(s.root / "cold"))
+
+
+def cold_conversion(root: Path) -> list[str]:
+    """The embedded GGUF converted into an empty cache, stderr a pipe: no carriage-return frames in it."""
+    from faults import spawn
+
+    root.mkdir()
+    proc = spawn(["profile", "--target", "smollm2-135m", "--max-tokens", 2, "--repeats", 1, "--context-tokens", 8, "--out", root / "p.json"],
+                 root, env={"SPECBENCH_CACHE": str(root / "cache")})
+    _, err = proc.communicate(timeout=900)
+    problems = [] if proc.returncode == 0 else [f"exit {proc.returncode}: {err[-400:]}"]
+    return problems + (["carriage-return progress in stderr: " + repr(err[-300:])] if "\r" in err else [])
 
 
 def wait_for(path: Path, proc, timeout_s: float = 600) -> bool:

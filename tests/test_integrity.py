@@ -179,10 +179,10 @@ def test_data_whose_parts_belong_to_different_generations_is_refused(tmp_path):
         load_data(_data_dir(tmp_path / "mixed", "g1", hidden_generation="g0"))
     with pytest.raises(UserError, match="4 rows for 6 tokens"):  # an older directory without generations: the rows still count
         load_data(_data_dir(tmp_path / "short", None, hidden_rows=4))
-    no_hidden = _data_dir(tmp_path / "named", "g1")
-    (no_hidden / "hidden.safetensors").unlink()
-    with pytest.raises(UserError, match="lacks hidden.safetensors"):
-        load_data(no_hidden)
+    stale = _data_dir(tmp_path / "stale", "g1")  # meta.json of a generation without hidden states: the file there is not read
+    meta = json.loads((stale / "meta.json").read_text())
+    (stale / "meta.json").write_text(json.dumps({**meta, "hidden": None}))
+    assert load_data(stale).hidden is None
 
 
 def test_an_output_directory_may_not_overlap_an_input(tmp_path):
@@ -191,10 +191,11 @@ def test_an_output_directory_may_not_overlap_an_input(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "conversations.jsonl").write_text("{}\n")
-    for out, source in ((data, data / "conversations.jsonl"), (data / "ckpt", data), (data, data)):
+    for out, source in ((data, data / "conversations.jsonl"), (tmp_path, data), (data, data)):
         with pytest.raises(UserError, match="overlap"):
             check_out(out, True, inputs=((source, "--data"),))
     check_out(tmp_path / "elsewhere", False, inputs=((data, "--data"),))
+    check_out(data / "ckpt", False, inputs=((data, "--data"),))  # a folder inside an input overwrites none of it
 
 
 # --- sizes before building ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The adversarial sweep (tests/sweep.py), one test per case, marked `sweep`:
 
     python -m pytest -m sweep            # every case and fault (a few minutes on 2 CPU cores)
-    python -m pytest -m "sweep or heavy" tests/test_sweep.py   # also the window cases on SmolLM2-135M
+    (the four SmolLM2-135M cases are marked heavy too: -m "sweep and not heavy" leaves them out)
 
 The default suite leaves the sweep out (pyproject.toml's addopts); the mechanisms its cases
 drive are tested directly in the default suite (test_robust.py, test_integrity.py).

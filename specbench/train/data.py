@@ -76,7 +76,7 @@ def check_out(out: Path, overwrite: bool, what: str = "data directory", inputs: 
     for source, flag in inputs:
         if source is not None and Path(source).exists():
             real = Path(source).resolve()
-            if real == where or where in real.parents or real in where.parents:
+            if real == where or where in real.parents:  # --out is the input or holds it (a folder inside an input harms nothing)
                 raise UserError(f"--out {out} and {flag} {source} overlap; writing --out would change an input of this command: "
                                 "choose another --out")
     if out.exists() and any(p for p in out.iterdir() if p.name != ".lock") and not overwrite:
@@ -185,13 +185,12 @@ def load_data(directory: Path, with_hidden: bool = True, with_taps: bool = False
         raise UserError(f"{directory / META} is not a training data description; regenerate the data with `specbench train-data`")
     regenerate = "regenerate it with `specbench train-data --overwrite`"
     generation = meta.get("generation")
-    # the files meta.json says this generation wrote: another one present is stale, one missing is lost
-    named = [(TOKENS, True), (HIDDEN, bool(meta.get("hidden")) if generation else (directory / HIDDEN).exists()),
-             (TAPS, bool(meta.get("taps")) if generation else (directory / TAPS).exists())]
+    # the files meta.json says this generation wrote (another one present is stale: never read); one missing
+    # is read as not cached, which whatever needs it refuses by name
+    named = [(TOKENS, True), (HIDDEN, (not generation or bool(meta.get("hidden"))) and (directory / HIDDEN).exists()),
+             (TAPS, (not generation or bool(meta.get("taps"))) and (directory / TAPS).exists())]
     wanted = {TOKENS: True, HIDDEN: with_hidden, TAPS: with_taps}
     for name, present in named:
-        if present and not (directory / name).is_file() and wanted[name]:
-            raise UserError(f"data '{directory}' lacks {name}, which its {META} names (an interrupted write?); {regenerate}")
         if generation and present and wanted[name] and _generation_of(directory / name) != generation:
             raise UserError(f"data '{directory}': {name} belongs to another generation than {META} (an interrupted or "
                             f"concurrent write mixed two); {regenerate}")

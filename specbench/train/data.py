@@ -327,6 +327,7 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
     check_output_dir(out, "--out")  # a path that cannot be a directory is refused before a lock file is made beside it
     for value, flag in ((c.max_new_tokens, "--max-new-tokens"), (c.batch_size, "--batch-size"), (c.limit, "--limit")):
         check_count(value, flag)
+    check_temperature(c.temperature)  # before the target loads
     with write_lock(out):  # first: a directory another train-data is filling is refused as such, not as "not empty"
         check_out(out, overwrite, inputs=((c.workload, "--workload"),))
         dev = resolve_device(c.device)

@@ -1150,7 +1150,8 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     results[FAULTS28[2]] = problems
     for name, d in checks.items():
         proc, _, err = done[name]
-        left = [str(p.relative_to(d)) for p in d.rglob("*") if ".tmp" in p.name or p.name.startswith(("tmp", "specbench-plots"))]
+        # temporary files and folders are hidden (.NAME.*), as lock files are; $TMPDIR is the case folder too
+        left = [str(p.relative_to(d)) for p in d.rglob("*") if p.name.startswith((".", "tmp", "specbench-plots")) or ".tmp" in p.name]
         # 130 as ctrl-C, or 2 where the command says what it kept ("interrupted; the log is as it was")
         problems = one_error_line(err) + ([] if proc.returncode in (2, 130) and "interrupted" in err else [f"exit {proc.returncode}"])
         results[name] = problems + ([f"left {left}"] if left else [])

@@ -277,3 +277,27 @@ def test_an_ascii_terminal_gets_replacements_not_a_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "specbench", "report", str(run)], capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert b"Traceback" not in done.stderr and b"?" in done.stdout  # tau, arrows: replaced
+
+
+# --- a target log and its side file: one recording ---------------------------------------------
+
+def test_a_side_file_of_another_recording_is_refused(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from test_cli import run_cli
+    from tiny import save_tiny_model
+
+    from specbench.simulate.log import read_log
+
+    target = save_tiny_model(tmp_path / "target", seed=0)
+    workload = tmp_path / "w.jsonl"
+    workload.write_text(json.dumps({"id": "a", "turns": ["Repeat one one one"]}) + "\n")
+    for name, tokens in (("a", 6), ("b", 9)):
+        code, _, err = run_cli(["record", "--target", target, "--workload", workload, "--max-new-tokens", tokens, "--hidden",
+                                "--no-profile", "--out", tmp_path / name / "log.jsonl"], capsys, monkeypatch)
+        assert code == 0, err
+    a, b = read_log(tmp_path / "a" / "log.jsonl"), read_log(tmp_path / "b" / "log.jsonl")
+    assert a.hidden(a.turns[0]).shape[0] == len(a.turns[0].prompt_ids) + len(a.turns[0].output_ids) - 1
+    shutil.copy(b.hidden_path, a.hidden_path)  # b's states under a's name
+    with pytest.raises(UserError, match="belongs to another recording"):
+        a.hidden(a.turns[0])

@@ -125,6 +125,16 @@ def check_output_file(path: Path | str | None, flag: str, inputs: tuple = ()) ->
     return given
 
 
+def check_distinct_outputs(*outputs: tuple[Path | str | None, str]) -> None:
+    """No two of a command's output files ((path, flag) pairs; None: not asked for) are one file:
+    the second written would silently replace the first."""
+    given = [(Path(path), flag) for path, flag in outputs if path is not None]
+    for i, (path, flag) in enumerate(given):
+        for other, other_flag in given[:i]:
+            if path.resolve() == other.resolve():
+                raise UserError(f"{other_flag} and {flag} both name {path}; one would replace the other: give each its own file")
+
+
 def _suffix_hint(flag: str) -> str:
     return {"--csv": ".csv", "--parquet": ".parquet", "--html": ".html"}.get(flag, ".json" if flag == "--out" else "")
 

@@ -711,6 +711,8 @@ def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
     s.bad("run --tree more siblings than the vocabulary", [*medusa, "--tree", extra["tree_wide"]], "siblings")
     # outputs that meet each other or an input
     s.bad("report --csv X --html X", ["report", rd, "--csv", "{case}/x", "--html", "{case}/x"], ("--csv", "--html"))
+    s.bad("tune --out X.png --plot X.png", ["tune", "--log", log, "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{case}/x.png",
+                                             "--plot", "{case}/x.png"], ("--out and --plot both name",))
     s.bad("report --csv X --parquet X", ["report", rd, "--csv", "{case}/x.out", "--parquet", "{case}/x.out"], "both name")
     s.bad("train-data --out over its own --workload", ["train-data", *T, "--workload", Path(data) / "conversations.jsonl",
                                                        "--out", data, "--overwrite"], "overlap", watch=(data,))

@@ -29,7 +29,7 @@ class Report:
 
 def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, html: Path | None, plot: Path | None) -> None:
     """Every output can be written, and none is one of the runs' own record files, before anything is read."""
-    from specbench.checks import check_output_dir, check_output_file
+    from specbench.checks import check_distinct_outputs, check_output_dir, check_output_file
     from specbench.store import RUN_FILE, STEPS_FILE, TURNS_FILE
 
     records = tuple(Path(p) / name for p in paths if (Path(p) / RUN_FILE).is_file() for name in (RUN_FILE, TURNS_FILE, STEPS_FILE))
@@ -37,12 +37,9 @@ def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, htm
     for path, flag in outputs:
         check_output_file(path, flag, inputs=records)
     check_output_dir(plot, "--plot")
-    given = [(path, flag) for path, flag in outputs if path is not None]
-    for i, (path, flag) in enumerate(given):  # one output written over another would silently replace it
-        for other, other_flag in given[:i]:
-            if path.resolve() == other.resolve():
-                raise UserError(f"{other_flag} and {flag} both name {path}; one would replace the other: give each its own file")
-        if plot is not None and path.resolve().parent == plot.resolve() and path.suffix.lower() == ".png":
+    check_distinct_outputs(*outputs)
+    for path, flag in outputs:
+        if path is not None and plot is not None and path.resolve().parent == plot.resolve() and path.suffix.lower() == ".png":
             raise UserError(f"{flag} {path} lies in the --plot directory, where a plot may replace it: put it elsewhere")
 
 

@@ -58,6 +58,20 @@ def check_number(value: float | None, flag: str, minimum: float | None = None, m
     return value
 
 
+# below this, logits / temperature overflow (inf, then NaN probabilities) long before sampling
+# differs from greedy decoding in any measurable way
+MIN_TEMPERATURE = 1e-3
+
+
+def check_temperature(value: float, flag: str = "--temperature") -> float:
+    """0 (greedy) or a finite temperature of at least MIN_TEMPERATURE."""
+    check_number(value, flag, minimum=0)
+    if 0 < value < MIN_TEMPERATURE:
+        raise UserError(f"{flag} {value:g} is too small to sample at (the logits divided by it overflow): use 0 for greedy "
+                        f"decoding or at least {MIN_TEMPERATURE:g}")
+    return value
+
+
 # --- output paths ---------------------------------------------------------------------
 
 def _writable_dir(directory: Path, flag: str, path: Path) -> None:
@@ -109,6 +123,16 @@ def check_output_file(path: Path | str | None, flag: str, inputs: tuple = ()) ->
         raise UserError(f"{flag} {given}: {target.parent} is a file, not a directory")
     _writable_dir(parent, flag, given)
     return given
+
+
+def check_distinct_outputs(*outputs: tuple[Path | str | None, str]) -> None:
+    """No two of a command's output files ((path, flag) pairs; None: not asked for) are one file:
+    the second written would silently replace the first."""
+    given = [(Path(path), flag) for path, flag in outputs if path is not None]
+    for i, (path, flag) in enumerate(given):
+        for other, other_flag in given[:i]:
+            if path.resolve() == other.resolve():
+                raise UserError(f"{other_flag} and {flag} both name {path}; one would replace the other: give each its own file")
 
 
 def _suffix_hint(flag: str) -> str:

@@ -6,11 +6,17 @@
 - Progress goes to stderr (stdout is for results, e.g. --json) and leaves nothing behind
   (transient); into a file or pipe there is none, so an error after it is still one line.
 - Every error a user can cause ends as one line on stderr and exit code 2 (click's usage
-  errors included); ctrl-C as one line and 130.
+  errors included); ctrl-C as one line and 130. SIGTERM (`kill`, a scheduler's stop) ends the
+  same way as ctrl-C, so temporary files are removed and records kept, not left half-written.
+- A terminal that cannot show a character (PYTHONIOENCODING=ascii) gets a replacement for it,
+  not a UnicodeEncodeError; progress bars of the libraries underneath (tqdm) are off when stderr
+  is not a terminal, so no carriage-return frames land in a redirected log.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -79,8 +85,39 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
         warn(f"{message} ({category.__name__}, {Path(filename).name}:{lineno})")
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # handled exactly as ctrl-C: every `finally` and cleanup runs
+
+
+def prepare_streams() -> None:
+    """Characters a stream cannot encode are replaced, not fatal; library progress bars are off
+    when stderr is redirected (see the module docstring)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("_", "-")
+        if hasattr(stream, "reconfigure") and encoding not in ("utf-8", "utf8"):
+            stream.reconfigure(errors="replace")
+    quiet_library_progress()
+
+
+def quiet_library_progress() -> None:
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+quiet_library_progress()  # now: tqdm reads its environment once, when imported, and the CLI's imports load it
+
+
 def run_app(app: typer.Typer) -> None:
     """Run the CLI app so that every failure ends in one line (see the module docstring)."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run_app(app)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_app(app: typer.Typer) -> None:
+    prepare_streams()
     warnings.showwarning = show_warning
     # deprecation notices of the libraries underneath are for their callers' developers, not for a user
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,7 +1,12 @@
 """Reading what a user hands in, and writing outputs so that a kill never leaves half a file.
 
+- `read_bytes`: the one reader of a file a user names or a run directory holds: a regular file
+  only (a pipe or a device would block or never end), read with a bound, or one line.
 - `read_text`: a text file as UTF-8 (a byte-order mark tolerated), or one line naming the
   file, the offending byte and the fix.
+- `write_lock`: the one lock every writer of an output takes (run directories, target logs and
+  their side files, data and checkpoint directories, report outputs): a second writer is
+  refused in one line instead of interleaving with the first.
 - `atomic_write` / `atomic_write_text`: the output goes to a temporary file in the target's
   own directory and is renamed over the target only once complete and synced; a kill or an
   error at any point leaves the previous file as it was. A symlink is written through.
@@ -19,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +33,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from specbench.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the rest works the same)
+    fcntl = None
 
 
 def decode_utf8(data: bytes, where: str) -> str:
@@ -39,19 +51,60 @@ def decode_utf8(data: bytes, where: str) -> str:
         ) from None
 
 
-def read_text(path: Path | str, what: str = "file") -> str:
+# no file specbench reads whole is near this; /dev/zero behind a symlink or a runaway file is refused, not read into memory
+MAX_READ_BYTES = 4 << 30
+
+
+def read_bytes(path: Path | str, what: str = "file", limit: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, or one line saying why not. The file
+    is opened without blocking and checked after opening (a pipe, a device or a directory is
+    refused, whatever a symlink in front of it is called)."""
     path = Path(path)
     try:
-        if path.exists() and not path.is_file() and not path.is_dir():  # a device or a pipe would never end
-            raise UserError(f"{what} {path} is not a regular file")
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except IsADirectoryError:
         raise UserError(f"{what} {path} is a directory, not a file") from None
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
-    return decode_utf8(data, str(path))
+    try:
+        info = os.fstat(fd)
+        _refuse_irregular(info, path, what)
+        if info.st_size > limit:
+            raise UserError(f"{what} {path} is {info.st_size:,} bytes, more than the {limit:,} specbench reads; is it the right file?")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew while being read
+        raise UserError(f"{what} {path} is more than the {limit:,} bytes specbench reads; is it the right file?")
+    return data
+
+
+def _refuse_irregular(info: os.stat_result, path: Path, what: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{what} {path} is not a regular file (a pipe or a device); give a file")
+
+
+def check_regular(path: Path | str, what: str = "file") -> None:
+    """Refuse, without opening it, a `path` that exists and is not a regular file (what `read_bytes`
+    would refuse later), so a reader of several files fails before it starts on any."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
+    _refuse_irregular(info, Path(path), what)
+
+
+def read_text(path: Path | str, what: str = "file") -> str:
+    return decode_utf8(read_bytes(path, what), str(path))
 
 
 def jsonl_rows(lines: Iterable[str | bytes], source: str,
@@ -105,10 +158,83 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     except BaseException as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # a full disk, a read-only mount: the old file stays, one line says why
-            raise UserError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); it was left as it was") from None
+        if (why := io_failure(exc)) is not None:  # a full disk, a read-only mount: the old file stays, one line says why
+            raise UserError(f"cannot write {path} ({why}); it was left as it was") from None
         raise
     return path
+
+
+def io_failure(exc: BaseException) -> str | None:
+    """Why a write failed when the system refused it: an OSError, or a library's error that wraps
+    one (safetensors reports a full disk as `SafetensorError: ... Os { code: 28, ... }`)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    found = re.search(r"Os \{ code: (\d+)", str(exc))
+    return os.strerror(int(found.group(1))) if found else None
+
+
+class WriteLock:
+    """An exclusive `flock` on a lock file, held until `release` (the kernel drops it when the
+    process dies, however it dies)."""
+
+    def __init__(self, path: Path, fd: int | None, remove: bool) -> None:
+        self.path, self.fd, self.remove = path, fd, remove
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self.remove:  # still ours (the lock is held): nobody else can have replaced it
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = None
+
+    def __enter__(self) -> WriteLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def lock_file_for(output: Path | str) -> Path:
+    """Where the lock of an output (a file or a directory) lives: `.NAME.lock` beside it."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+def write_lock(output: Path | str, lock_file: Path | None = None, then: str = "wait for it to finish") -> WriteLock:
+    """Take the write lock of `output`, or refuse in one line when another process holds it.
+    By default the lock file sits beside the output and is removed on release (no leftover);
+    a `lock_file` given (a run directory's `.lock`) is kept."""
+    output = Path(output)
+    remove = lock_file is None
+    path = lock_file_for(output) if remove else Path(lock_file)
+    if fcntl is None:
+        return WriteLock(path, None, False)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write {output} ({exc.strerror or type(exc).__name__})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"{output} is being written by another specbench process{f' (pid {holder})' if holder else ''}; {then}") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the previous holder removed the file we opened: lock the one there now
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return WriteLock(path, fd, remove)
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

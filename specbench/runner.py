@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from specbench.checks import check_fits, check_output_dir, context_window
+from specbench.checks import check_fits, check_output_dir, check_temperature, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINES
@@ -74,14 +74,15 @@ class RunConfig(CommandConfig):
     warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
 
     def __post_init__(self) -> None:
-        if self.categories is not None:  # `--categories a,b --categories c`; `--categories ,` names none and is refused
-            self.categories = [c.strip() for text in self.categories for c in text.split(",") if c.strip()]
+        if self.categories is not None:  # `--categories a,b --categories c`: split by workloads.select, which knows the names
+            self.categories = [text.strip() for text in self.categories]
         super().__post_init__()
 
 
 def check(config: RunConfig) -> None:
     """Everything about a configuration that can be refused before any weights load."""
     parse_options(config.drafter, config.drafter_options)  # the settings were checked when the config was made
+    check_temperature(config.temperature)
     if config.engine not in ENGINES:
         raise UserError(f"unknown engine '{config.engine}': use {', '.join(ENGINES)}")
     if config.backend not in BACKENDS:

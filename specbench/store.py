@@ -21,13 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.files import atomic_write_text, decode_utf8, first_line, jsonl_rows
+from specbench.files import WriteLock, atomic_write_text, check_regular, decode_utf8, first_line, jsonl_rows, read_bytes, write_lock
 from specbench.records import SCHEMA_VERSION, RunInfo, StepRecord, TurnRecord
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock (the rest works the same)
-    fcntl = None
 
 RUN_FILE, TURNS_FILE, STEPS_FILE, LOCK_FILE = "run.json", "prompts.jsonl", "steps.jsonl", ".lock"
 # the type every run.json field must have (a hand-edited file is refused, not half-read)
@@ -48,7 +43,7 @@ def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> li
             warnings.append(f"{path}:{number}: skipped a corrupt record ({why})")
 
     records = []
-    for number, row in jsonl_rows(path.read_bytes().splitlines(), str(path), skip):
+    for number, row in jsonl_rows(read_bytes(path, "run record file").splitlines(), str(path), skip):
         try:
             records.append(record_type(**{k: v for k, v in row.items() if k in known}))
         except TypeError as exc:  # a row missing fields: a torn write
@@ -61,7 +56,7 @@ class RunStore:
         self.directory = directory
         self.info = info
         self.created = False  # True when this process created the directory (create())
-        self._lock: int | None = None
+        self._lock: WriteLock | None = None
 
     @classmethod
     def create(cls, directory: Path, info: RunInfo) -> RunStore:
@@ -101,7 +96,7 @@ class RunStore:
         if not run_file.is_file():
             raise UserError(f"{directory} is not a specbench run directory (no {RUN_FILE})")
         try:
-            row = json.loads(decode_utf8(run_file.read_bytes(), str(run_file)))
+            row = json.loads(decode_utf8(read_bytes(run_file, "run file"), str(run_file)))
             if not isinstance(row, dict):
                 raise TypeError("not a JSON object")
             version = row.get("schema_version", SCHEMA_VERSION)
@@ -119,44 +114,27 @@ class RunStore:
             raise UserError(f"{run_file} is corrupt ({first_line(exc)}); it cannot be read as a run") from None
         except OSError as exc:
             raise UserError(f"cannot read {run_file} ({exc.strerror or type(exc).__name__})") from None
+        for name in (TURNS_FILE, STEPS_FILE):  # a pipe or a device in a run directory: refused before anything starts
+            check_regular(directory / name, "run record file")
         return cls(directory, info)
 
     # --- one writer at a time ----------------------------------------------------------
     def lock(self) -> None:
         """Take the directory's write lock, or refuse in one line when another process holds it."""
-        if fcntl is None or self._lock is not None:
-            return
-        path = self.directory / LOCK_FILE
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot write in {self.directory} ({exc.strerror or type(exc).__name__})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise UserError(
-                f"{self.directory} is being written by another specbench process{f' (pid {holder})' if holder else ''}; "
-                "wait for it to finish (then resume it if it was interrupted)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock = fd
+        if self._lock is None:
+            self._lock = write_lock(self.directory, self.directory / LOCK_FILE,
+                                    then="wait for it to finish (then resume it if it was interrupted)")
 
     def close(self) -> None:
         """Release the write lock (also released when the process ends, however it ends)."""
         if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock.release()
             self._lock = None
 
     def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
         self.close()
 
     def write_info(self) -> None:

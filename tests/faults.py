@@ -1,4 +1,4 @@
-"""Real `specbench` processes killed at fixed points, for the fault tests and scripts/adversarial_sweep.py.
+"""Real `specbench` processes killed at fixed points, for the fault tests and the sweep (tests/sweep.py).
 
 `spawn(argv, cwd, kill_at=KillAt("specbench.store:RunStore.append_prompt", 3, "SIGKILL"))` starts the
 CLI in a fresh interpreter, as the console script does, with one function wrapped so that the
@@ -51,12 +51,12 @@ main()
 class KillAt:
     target: str  # "module:Qualified.name" of the function to wrap
     call: int = 1  # on its n-th call
-    signal: str = "SIGKILL"  # or SIGINT (ctrl-C)
+    signal: str = "SIGKILL"  # or SIGINT (ctrl-C), SIGTERM (kill, a scheduler's stop)
     when: str = "before"  # before the call runs, or after it returns
 
 
-def spawn(argv: list, cwd: Path, kill_at: KillAt | None = None, go_file: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+def spawn(argv: list, cwd: Path, kill_at: KillAt | None = None, go_file: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **(env or {})}
     kill = (kill_at.target, kill_at.call, kill_at.signal, kill_at.when) if kill_at else None
     code = PREAMBLE.format(kill=kill, go=str(go_file) if go_file else None)
     return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], env=env, cwd=cwd,

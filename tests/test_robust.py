@@ -4,7 +4,7 @@ One test (or a parametrised family) per class of the adversarial sweep's failure
 hangs and unbounded inputs, bad values accepted silently, misleading or noisy messages, data loss
 and corruption, and real files as their projects publish them. Each bad input must end in ONE
 line on stderr and exit code 2, with nothing written and nothing lost (the files a case touches
-are compared before and after). scripts/adversarial_sweep.py replays the wider sweep.
+are compared before and after). The wider sweep is tests/test_sweep.py (`python -m pytest -m sweep`).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def test_bad_input_is_one_clear_line(setup, data, tmp_path, capsys, monkeypatch)
     base = ["train", "--drafter", "draft-model", "--data", data, "--steps", 1]
     cases = [
         (base + ["--target", setup["other"], "--out", tmp_path / "a"], "regenerate it with `specbench train-data --target"),
-        (base + ["--target", setup["target"], "--out", setup["root"] / "data"], "exists and is not empty"),
+        (base + ["--target", setup["target"], "--out", setup["root"] / "data"], "overlap"),  # --out is --data
+        (base + ["--target", setup["target"], "--out", setup["root"] / "data-no-taps"], "exists and is not empty"),
         (["train", "--drafter", "draft-model", "--target", setup["target"], "--data", tmp_path, "--out", tmp_path / "b"], "is not a training data directory"),
         (["train", "--drafter", "prompt-lookup", "--target", setup["target"], "--data", data, "--out", tmp_path / "c"],
          "cannot train drafter 'prompt-lookup'"),

@@ -5,6 +5,9 @@ plugin declares its own), and building one from user-given options.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -26,14 +29,29 @@ def drafter_class(name: str) -> type[Drafter]:
         known = ", ".join(sorted(found)) or "none"
         raise UserError(f"unknown drafter '{name}': installed drafters are {known} (see `specbench drafters`)")
     try:
-        cls = found[name].load()
+        cls = _import_plugin(found[name])
     except Exception as exc:  # a broken plugin must not take the CLI down with a traceback
         raise UserError(f"drafter '{name}' failed to import ({exc}); reinstall the package that provides it") from exc
+    except SystemExit as exc:  # e.g. argparse run at import time, on an argv that is specbench's
+        raise UserError(f"drafter '{name}' ({found[name].value}) exits when imported (exit code {exc.code}), as a script would; "
+                        "fix the plugin so its module only defines things at import") from None
     if not (isinstance(cls, type) and issubclass(cls, Drafter)):
         raise UserError(f"drafter '{name}' ({found[name].value}) is not a specbench Drafter subclass")
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, DrafterOptions)):
         raise UserError(f"drafter '{name}' declares Options that are not a DrafterOptions dataclass; fix the plugin")
     return cls
+
+
+def _import_plugin(entry):
+    """Load an entry point as a library: specbench's command line is not the plugin's (one that
+    parses sys.argv at import sees none) and what it prints while importing is not shown."""
+    saved = sys.argv
+    sys.argv = [entry.value.partition(":")[0]]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return entry.load()
+    finally:
+        sys.argv = saved
 
 
 def parse_options(name: str, given: dict[str, Any]) -> tuple[type[Drafter], DrafterOptions]:

@@ -108,6 +108,20 @@ class DraftTree:
 
 
 
+# a tree is verified in one target forward; these bounds are checked before a tree is built
+# (chain:1000000 would be a million paths of up to a million ranks each before any other check)
+MAX_TREE_NODES = 16384
+MAX_TREE_DEPTH = 1024
+
+
+def check_tree_size(nodes: int, depth: int, name: str) -> None:
+    from specbench.errors import UserError
+
+    if nodes > MAX_TREE_NODES or depth > MAX_TREE_DEPTH:
+        raise UserError(f"tree '{name}' has {nodes} nodes, {depth} deep; specbench verifies trees of at most {MAX_TREE_NODES} nodes "
+                        f"and {MAX_TREE_DEPTH} deep (each is one target forward): use a smaller --tree")
+
+
 class TreeShape:
     """A tree of *ranks*, the Medusa/Hydra "choices" format: each path lists child
     ranks from the root, e.g. [0, 1] = the 2nd-best child of the best child.
@@ -156,6 +170,7 @@ class TreeShape:
 
     @staticmethod
     def chain(k: int) -> TreeShape:
+        check_tree_size(k, k, f"chain:{k}")
         return TreeShape([[0] * d for d in range(1, k + 1)], name=f"chain:{k}")
 
     def draft_tree(self, level_tokens: list[torch.Tensor]) -> DraftTree:
@@ -178,6 +193,7 @@ def validate_paths(paths, name: str) -> list[list[int]]:
         raise UserError(f"tree '{name}' must be a list of non-empty paths of child ranks (ints >= 0), e.g. [[0], [1], [0, 0]]")
     if not paths:
         raise UserError(f"tree '{name}' has no paths: a tree needs at least one, e.g. [[0]] (or use chain:K)")
+    check_tree_size(len(paths), max(len(p) for p in paths), name)
     paths = [list(p) for p in paths]
     seen = {tuple(p) for p in paths}
     if len(seen) != len(paths):

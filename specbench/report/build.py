@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from specbench.errors import UserError
-from specbench.files import atomic_write
+from specbench.files import atomic_write, write_lock
 from specbench.report.collect import group_runs, load_runs, setup_names
 from specbench.report.frames import VIEWS, Report, report_frames
 
@@ -20,13 +20,18 @@ __all__ = ["VIEWS", "Report", "build", "check_outputs", "export", "run_summary",
 
 def check_outputs(paths: list[Path], csv: Path | None, parquet: Path | None, html: Path | None, plot: Path | None) -> None:
     """Every output can be written, and none is one of the runs' own record files, before anything is read."""
-    from specbench.checks import check_output_dir, check_output_file
+    from specbench.checks import check_distinct_outputs, check_output_dir, check_output_file
     from specbench.store import RUN_FILE, STEPS_FILE, TURNS_FILE
 
     records = tuple(Path(p) / name for p in paths if (Path(p) / RUN_FILE).is_file() for name in (RUN_FILE, TURNS_FILE, STEPS_FILE))
-    for path, flag in ((csv, "--csv"), (parquet, "--parquet"), (html, "--html")):
+    outputs = ((csv, "--csv"), (parquet, "--parquet"), (html, "--html"))
+    for path, flag in outputs:
         check_output_file(path, flag, inputs=records)
     check_output_dir(plot, "--plot")
+    check_distinct_outputs(*outputs)
+    for path, flag in outputs:
+        if path is not None and plot is not None and path.resolve().parent == plot.resolve() and path.suffix.lower() == ".png":
+            raise UserError(f"{flag} {path} lies in the --plot directory, where a plot may replace it: put it elsewhere")
 
 
 def build(paths: list[Path]) -> Report:
@@ -35,14 +40,34 @@ def build(paths: list[Path]) -> Report:
     return Report(groups, report_frames(groups), warnings)
 
 
+# what a spreadsheet reads as the start of a formula (OWASP's list): such a cell is written with a leading '
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralised(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with every text cell a spreadsheet would execute (`=HYPERLINK(...)` as a
+    category name) made inert by a leading apostrophe; numbers are left as they are."""
+    def cell(value):
+        return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+    frame = frame.copy()
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]):  # text columns (object or pandas' string dtype)
+            frame[column] = frame[column].map(cell)
+    frame.columns = [cell(str(c)) for c in frame.columns]
+    return frame
+
+
 def export(frame: pd.DataFrame, csv: Path | None, parquet: Path | None) -> list[Path]:
     written = []
     if csv:
-        atomic_write(csv, lambda tmp: frame.to_csv(tmp, index=False))
+        with write_lock(csv):
+            atomic_write(csv, lambda tmp: neutralised(frame).to_csv(tmp, index=False))
         written.append(csv)
     if parquet:
         try:
-            atomic_write(parquet, lambda tmp: frame.to_parquet(tmp, index=False))
+            with write_lock(parquet):
+                atomic_write(parquet, lambda tmp: frame.to_parquet(tmp, index=False))
         except ImportError:
             raise UserError("--parquet needs pyarrow: `pip install pyarrow`") from None
         written.append(parquet)
@@ -58,13 +83,21 @@ def write_outputs(report: Report, plot: Path | None, html: Path | None) -> list[
     from specbench.report.plots import write_plots
 
     lines = []
-    plots = write_plots(report.frames, plot or Path(tempfile.mkdtemp(prefix="specbench-plots-")), setup_names(report.groups)[1])
+    names = setup_names(report.groups)[1]
     if plot:
+        with write_lock(plot):
+            plots = write_plots(report.frames, plot, names)
         lines.append(f"wrote {len(plots)} plots to {plot}")
     if html:
         from specbench.report.html import write_html
 
-        lines.append(f"wrote {write_html(report, plots, html)}")
+        with write_lock(html):
+            if plot:
+                lines.append(f"wrote {write_html(report, plots, html)}")
+            else:  # the page's plots are drawn in a hidden folder beside it, removed whatever happens
+                html.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=html.parent, prefix=f".{html.name}.plots.") as folder:
+                    lines.append(f"wrote {write_html(report, write_plots(report.frames, Path(folder), names), html)}")
     return lines
 
 

@@ -112,18 +112,21 @@ def setup_names(groups: list[Group]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories: each path is one, or a folder searched for them."""
-    found: list[Path] = []
+    """Run directories: each path is one, or a folder searched for them. A directory named twice
+    (`report R R`, or R and a folder holding it) is one run, counted once."""
+    found: dict[Path, Path] = {}  # the real directory -> the name it was first given by
     for path in paths:
         if (path / RUN_FILE).is_file():
-            found.append(path)
+            candidates = [path]
         elif path.is_dir():
-            found += sorted(p.parent for p in path.rglob(RUN_FILE))
+            candidates = sorted(p.parent for p in path.rglob(RUN_FILE))
         else:
             raise UserError(f"{path} does not exist")
+        for directory in candidates:
+            found.setdefault(directory.resolve(), directory)
     if not found:
         raise UserError(f"no run directories (with {RUN_FILE}) under {', '.join(map(str, paths))}; run `specbench run` first")
-    return found
+    return list(found.values())
 
 
 def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
@@ -134,7 +137,11 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
         except UserError as exc:
             warnings.append(f"skipped: {exc}")
             continue
-        steps, turns = store.load(warnings)
+        try:
+            steps, turns = store.load(warnings)
+        except UserError as exc:  # a records file that is a pipe, a device or far too large
+            warnings.append(f"skipped: {exc}")
+            continue
         if not turns:
             warnings.append(f"{directory}: no finished prompts yet; skipped")
             continue
@@ -144,6 +151,10 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
         if len(kept) < len(steps):  # a run killed between writing a prompt's steps and its turns
             warnings.append(f"{directory}: {len(steps) - len(kept)} step record(s) of unfinished prompts left out "
                             f"(`specbench run --resume {directory}` measures those prompts again)")
+        turns, kept = _whole_prompts(directory, turns, kept, warnings)
+        if not turns:
+            warnings.append(f"{directory}: no prompt with all its step records; skipped")
+            continue
         run = Run(directory, store.info, kept, turns)
         if run.unfinished:
             warnings.append(f"{directory}: unfinished, {run.unfinished} measured; its numbers cover part of the workload "
@@ -152,6 +163,20 @@ def load_runs(paths: list[Path], warnings: list[str]) -> list[Run]:
     if not runs:  # the warnings are not printed on this path: name the last reason in the one line
         raise UserError("no run with finished prompts to report" + (f" ({warnings[-1]})" if warnings else ""))
     return runs
+
+
+def _whole_prompts(directory: Path, turns: list[TurnRecord], steps: list[StepRecord], warnings: list[str]):
+    """Leave out prompts whose turn records count more steps than steps.jsonl holds (a file cut
+    short, by a disk or a copy): averaging over what is left would report another number than
+    was measured. Says how many steps were lost and how to measure those prompts again."""
+    held = Counter((s.prompt_id, s.turn, s.mode) for s in steps)
+    short = {t.prompt_id: 0 for t in turns if held[t.prompt_id, t.turn, t.mode] < t.steps}
+    if not short:
+        return turns, steps
+    lost = sum(max(t.steps - held[t.prompt_id, t.turn, t.mode], 0) for t in turns if t.prompt_id in short)
+    warnings.append(f"{directory}: steps.jsonl is truncated: {lost} step record(s) of {len(short)} prompt(s) are lost, so those "
+                    f"prompts are left out of every number (`specbench run --resume {directory}` measures them again)")
+    return [t for t in turns if t.prompt_id not in short], [s for s in steps if s.prompt_id not in short]
 
 
 def _first_of_each(directory: Path, turns: list[TurnRecord], steps: list[StepRecord], warnings: list[str]):

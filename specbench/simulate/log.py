@@ -139,6 +139,10 @@ class TargetLog:
         if path is None or not path.exists():
             raise UserError(f"{self.path}: its hidden-state side file {path} is missing; record again with --hidden")
         with reading_weights(path, "hidden-state side file"), safe_open(str(path), framework="pt") as f:
+            recording = (f.metadata() or {}).get("recording")
+            if recording is not None and not path.name.endswith(f".{recording}.hidden.safetensors"):
+                raise UserError(f"{path} belongs to another recording than {self.path} (a file copied or renamed between "
+                                "logs); record again with --hidden")
             keys = set(f.keys())
             parts = []
             for tap in taps:
@@ -147,6 +151,10 @@ class TargetLog:
                     what = "hidden states" if tap is None else f"hidden states entering layer {tap}"
                     raise UserError(f"{path} holds no {what} for prompt {turn.prompt_id} turn {turn.turn}; record again with --hidden / --hidden-taps")
                 parts.append(f.get_tensor(key))
+        rows = len(turn.prompt_ids) + len(turn.output_ids) - 1
+        if any(part.shape[0] != rows for part in parts):  # states of another recording of this prompt
+            raise UserError(f"{path} holds {parts[0].shape[0]} rows of hidden states for prompt {turn.prompt_id} turn {turn.turn}, "
+                            f"whose {rows} positions the log records: it belongs to another recording; record again with --hidden")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
@@ -170,8 +178,10 @@ def write_log(path: Path, header: LogHeader, turns: list[LogTurn], profile: Veri
     if hidden_rows is not None:
         from safetensors.torch import save_file
 
-        side = hidden_file_for(path, uuid.uuid4().hex[:8])
-        atomic_write(side, lambda tmp: save_file(hidden_rows, str(tmp)))
+        tag = uuid.uuid4().hex[:8]
+        side = hidden_file_for(path, tag)
+        # the side file names the recording it belongs to (its header), which the reader checks against the log's
+        atomic_write(side, lambda tmp: save_file(hidden_rows, str(tmp), metadata={"recording": tag}))
         header.hidden_file = side.name
     lines = [header.to_json()] + ([profile.to_json()] if profile else []) + [t.to_json() for t in turns]
     try:

@@ -10,6 +10,7 @@ took its argmax of.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from specbench.engine.loop import decode
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Taps
 from specbench.errors import UserError
+from specbench.files import write_lock
 from specbench.progress import SILENT, Progress
 from specbench.simulate.log import LogHeader, LogTurn, TargetLog, VerifyProfile, hidden_key, write_log
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
@@ -87,6 +89,7 @@ def record(
     profile_repeats: int = 3,
     on_stage: Callable[[str], None] = lambda stage: None,
     hidden_layers: tuple[int, ...] = (),
+    locked: bool = False,
 ) -> TargetLog:
     """Record the target's outputs on `prompts` and write the log (and its side file) to `out`.
 
@@ -95,7 +98,8 @@ def record(
     final hidden states in the side file; `hidden_layers`: also the states entering these layers
     (EAGLE-3's taps). Nothing is written
     until everything is measured, and then atomically (write_log): a kill or an error, ctrl-C
-    included, leaves a log already at `out` exactly as it was."""
+    included, leaves a log already at `out` exactly as it was. Written under `out`'s write lock
+    (`locked`: the caller holds it)."""
     check_count(max_new_tokens, "--max-new-tokens")
     check_count(profile_tokens, "--profile-max-tokens")
     check_count(profile_repeats, "--profile-repeats")
@@ -106,6 +110,13 @@ def record(
     if not prompts:
         raise UserError("no prompts to record")
     out = Path(out)
+    with nullcontext() if locked else write_lock(out):  # the log and its side file are one unit: a second recorder is refused
+        return _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
+                       profile_repeats, on_stage, hidden_layers)
+
+
+def _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profile, environment, on_turn, profile_tokens,
+            profile_repeats, on_stage, hidden_layers) -> TargetLog:
     window = target.context_window()
     check_prompts_fit(prompts, target.tokenizer, window, max_new_tokens, target.name)
     keep_final = hidden or topk is not None  # the top-N log-probs come from the final states
@@ -193,6 +204,7 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
 
     c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out", inputs=(c.workload,))
+    lock = write_lock(out)  # before the target loads: a second recorder into `out` is refused at once
     try:
         prompts = select(open_workload(c.workload).prompts, limit=c.limit)
         target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
@@ -200,7 +212,9 @@ def record_workload(config: RecordConfig, out: Path, progress: Progress = SILENT
         advance = progress.task(f"recording {c.target}", sum(len(p.turns) for p in prompts))
         return record(target, prompts, c.workload, c.max_new_tokens, out, c.topk, c.hidden, None, environment(target.device), advance,
                       profile_tokens=c.profile_max_tokens if c.profile else None, profile_repeats=c.profile_repeats,
-                      on_stage=lambda stage: advance(0, stage=stage), hidden_layers=layers)
+                      on_stage=lambda stage: advance(0, stage=stage), hidden_layers=layers, locked=True)
     except KeyboardInterrupt:
         kept = f"{out} is as it was" if Path(out).exists() else "nothing was written"
         raise UserError(f"interrupted; {kept} (a log is written only once complete)") from None
+    finally:
+        lock.release()

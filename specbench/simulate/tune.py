@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specbench.checks import check_output_file
+from specbench.checks import check_distinct_outputs, check_output_file
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, TeacherForced
 from specbench.engine.tree import TreeShape
@@ -421,6 +421,7 @@ def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SIL
     c, log = config, log if isinstance(log, TargetLog) else read_log(log)
     check_output_file(c.out, "--out", inputs=(log.path, c.verify_log, c.profile))
     check_output_file(c.plot, "--plot")
+    check_distinct_outputs((c.out, "--out"), (c.plot, "--plot"))
     if c.plot is not None and c.plot.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {c.plot}: end the name in one of {', '.join(PLOT_SUFFIXES)} (matplotlib draws the format the suffix names)")
     if c.overhead_from is not None and c.overhead_ms is not None:

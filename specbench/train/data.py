@@ -23,6 +23,12 @@ A data directory holds
   (212 MB for the 61k-token pool) costs less than one target forward per
   training batch, which would outweigh the draft's own step.
 
+The directory is written as one unit under a write lock (a second train-data into it is
+refused): every file carries the generation meta.json names (`generation` in each safetensors
+header; `conversations_sha256` for the answers), meta.json is written last, files of an earlier
+generation that this one does not write are removed, and `load_data` refuses a directory whose
+parts belong to different generations (a kill between two saves), never training on the mix.
+
 Answers are generated in batches with transformers `generate` (left padding),
 greedy or sampled at `--temperature`; multi-turn prompts are answered turn by
 turn, each later turn after the model's own earlier answers.
@@ -32,18 +38,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from specbench.checks import check_count, check_number, check_output_dir, context_window
+from specbench.checks import check_count, check_output_dir, check_temperature, context_window
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
-from specbench.files import read_text, reading_weights
+from specbench.files import atomic_write, atomic_write_text, read_bytes, read_text, reading_weights, write_lock
 from specbench.progress import SILENT, Progress
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.workloads import Prompt, check_prompts_fit, encode_turn, load_workload, select, workload_hash
@@ -61,10 +69,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def check_out(out: Path, overwrite: bool, what: str = "data directory") -> None:
-    """Refuse, before any work, an --out that cannot be written or holds something (unless `overwrite`)."""
+def check_out(out: Path, overwrite: bool, what: str = "data directory", inputs: tuple = ()) -> None:
+    """Refuse, before any work, an --out that cannot be written, holds something (unless `overwrite`),
+    or holds (or is) one of the command's `inputs` ((path, flag) pairs): writing it would destroy them."""
     check_output_dir(out, "--out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    where = Path(out).resolve()
+    for source, flag in inputs:
+        if source is not None and Path(source).exists():
+            real = Path(source).resolve()
+            if real == where or where in real.parents:  # --out is the input or holds it (a folder inside an input harms nothing)
+                raise UserError(f"--out {out} and {flag} {source} overlap; writing --out would change an input of this command: "
+                                "choose another --out")
+    if out.exists() and any(p for p in out.iterdir() if p.name != ".lock") and not overwrite:
         raise UserError(f"{what} '{out}' exists and is not empty; choose another --out or pass --overwrite")
 
 
@@ -72,6 +88,14 @@ def prepare_out(out: Path, overwrite: bool, what: str = "data directory") -> Non
     """Create `out`, refusing to write into a non-empty directory unless `overwrite`."""
     check_out(out, overwrite, what)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _generation_of(path: Path) -> str | None:
+    """The generation a safetensors file of a data directory carries in its header (None: none)."""
+    from safetensors import safe_open
+
+    with reading_weights(path, "training data"), safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("generation")
 
 
 @dataclass
@@ -160,20 +184,38 @@ def load_data(directory: Path, with_hidden: bool = True, with_taps: bool = False
         raise UserError(f"{directory / META} is not valid JSON ({exc.msg}); regenerate the data with `specbench train-data`") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
         raise UserError(f"{directory / META} is not a training data description; regenerate the data with `specbench train-data`")
+    regenerate = "regenerate it with `specbench train-data --overwrite`"
+    generation = meta.get("generation")
+    # the files meta.json says this generation wrote (another one present is stale: never read); one missing
+    # is read as not cached, which whatever needs it refuses by name
+    named = [(TOKENS, True), (HIDDEN, (not generation or bool(meta.get("hidden"))) and (directory / HIDDEN).exists()),
+             (TAPS, (not generation or bool(meta.get("taps"))) and (directory / TAPS).exists())]
+    wanted = {TOKENS: True, HIDDEN: with_hidden, TAPS: with_taps}
+    for name, present in named:
+        if generation and present and wanted[name] and _generation_of(directory / name) != generation:
+            raise UserError(f"data '{directory}': {name} belongs to another generation than {META} (an interrupted or "
+                            f"concurrent write mixed two); {regenerate}")
+    if generation and meta.get("conversations_sha256") and (directory / CONVERSATIONS).is_file():
+        if hashlib.sha256(read_bytes(directory / CONVERSATIONS, "training conversations")).hexdigest() != meta["conversations_sha256"]:
+            raise UserError(f"data '{directory}': {CONVERSATIONS} is not the one {META} was written with; {regenerate}")
     with reading_weights(directory / TOKENS, "training tokens"):
         tokens = load_file(directory / TOKENS)
     if not {"ids", "offsets", "starts"} <= set(tokens):
         raise UserError(f"{directory / TOKENS} lacks ids/offsets/starts; regenerate the data with `specbench train-data`")
     if len(tokens["starts"]) == 0:
         raise UserError(f"data '{directory}' holds no sequences; regenerate it with a non-empty workload")
+    rows = tokens["ids"].numel()
     hidden = None
-    if with_hidden and (directory / HIDDEN).exists():
+    if with_hidden and named[1][1]:
         with reading_weights(directory / HIDDEN, "cached hidden states"):
             hidden = load_file(directory / HIDDEN)["hidden"]
     taps = None
-    if with_taps and (directory / TAPS).exists():
+    if with_taps and named[2][1]:
         with reading_weights(directory / TAPS, "cached layer taps"):
             taps = load_file(directory / TAPS)["taps"]
+    for name, cached in ((HIDDEN, hidden), (TAPS, taps)):
+        if cached is not None and cached.shape[0] != rows:
+            raise UserError(f"data '{directory}': {name} holds {cached.shape[0]} rows for {rows} tokens (left from other data); {regenerate}")
     return TrainData(directory, meta, tokens["ids"].long(), tokens["offsets"], tokens["starts"], hidden, taps)
 
 
@@ -282,8 +324,15 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
     from specbench.targets import load_target
 
     c = config  # its counts were checked when it was made (CommandConfig)
-    check_out(out, overwrite)
-    target: TrainableTarget = load_target(c.target, c.device, c.dtype, "eager", progress=progress)  # generate_answers reads target.model
+    check_output_dir(out, "--out")  # a path that cannot be a directory is refused before a lock file is made beside it
+    check_temperature(c.temperature)  # before the target loads
+    with write_lock(out):  # first: a directory another train-data is filling is refused as such, not as "not empty"
+        check_out(out, overwrite, inputs=((c.workload, "--workload"),))
+        target: TrainableTarget = load_target(c.target, c.device, c.dtype, "eager", progress=progress)  # generate_answers reads target.model
+        return _make_data(target, c, out, overwrite, command, progress)
+
+
+def _make_data(target, c: DataConfig, out: Path, overwrite: bool, command: str, progress: Progress) -> dict:
     stages: dict[str, Callable] = {}
     done: dict[str, int] = {}
 
@@ -295,7 +344,7 @@ def make_data_for(config: DataConfig, out: Path, overwrite: bool = False, progre
 
     return make_data(target, c.workload, out, max_new_tokens=c.max_new_tokens, temperature=c.temperature, batch_size=c.batch_size,
                      seed=c.seed, limit=c.limit, cache_hidden=c.cache_hidden, overwrite=overwrite, command=command, on_progress=on_progress,
-                     hidden_taps=c.hidden_taps)
+                     hidden_taps=c.hidden_taps, locked=True)
 
 
 def make_data(
@@ -313,23 +362,43 @@ def make_data(
     command: str = "",
     on_progress: Callable[[str, int, int], None] | None = None,
     hidden_taps: str | None = None,
+    locked: bool = False,
 ) -> dict:
-    """Generate, tokenise and save; returns the meta written to meta.json."""
-    from safetensors.torch import save_file
-
+    """Generate, tokenise and save under the directory's write lock (`locked`: the caller holds
+    it); returns the meta written to meta.json."""
+    if not locked:
+        with write_lock(out):
+            return make_data(target, workload, out, max_new_tokens, temperature, batch_size, seed, limit, cache_hidden, hidden_dtype,
+                             overwrite, command, on_progress, hidden_taps, locked=True)
     from specbench.simulate.record import parse_hidden_taps
 
     if target.tokenizer is None:
         raise UserError(f"target '{target.name}' has no tokenizer; train-data needs one to apply the chat template")
     check_count(max_new_tokens, "--max-new-tokens")
     check_count(batch_size, "--batch-size")
-    check_number(temperature, "--temperature", minimum=0)
+    check_temperature(temperature)
     tap_layers = parse_hidden_taps(hidden_taps, target.num_layers) if hidden_taps else ()
     prompts = select(load_workload(workload), limit=limit)
     check_prompts_fit(prompts, target.tokenizer, context_window(target.config), max_new_tokens, target.name)
     if not prompts:
         raise UserError(f"workload '{workload}' has no prompts to answer (is --limit 0?)")
-    prepare_out(out, overwrite)
+    check_out(out, overwrite, inputs=((workload, "--workload"),))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _generate(target, prompts, workload, out, max_new_tokens, temperature, batch_size, seed, cache_hidden, hidden_dtype,
+                         command, on_progress, tap_layers)
+    except BaseException:
+        if created:  # a directory this call made holds nothing worth keeping: no half-written data left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _generate(target, prompts, workload, out, max_new_tokens, temperature, batch_size, seed, cache_hidden, hidden_dtype, command,
+              on_progress, tap_layers) -> dict:
+    from safetensors.torch import save_file
+
+    generation = uuid.uuid4().hex[:16]
     begun = time.time()
     total = sum(len(p.turns) for p in prompts)
     done = 0
@@ -345,30 +414,34 @@ def make_data(
         tap_layers,
     )
     tok = target.tokenizer
-    sequences, starts_local, hiddens, tapped = [], [], [], []
-    with open(out / CONVERSATIONS, "w") as f:
-        for prompt, turns in zip(prompts, results):
-            conversation = []
-            for text, (prompt_ids, answer, hidden, taps) in zip(prompt.turns, turns):
-                conversation += [
-                    {"from": "human", "value": text},
-                    {"from": "gpt", "value": tok.decode(answer, skip_special_tokens=True).strip()},
-                ]
-                if answer:
-                    sequences.append(prompt_ids + answer)
-                    starts_local.append(len(prompt_ids))
-                    hiddens.append(hidden)
-                    tapped.append(taps)
-            f.write(json.dumps({"id": prompt.id, "category": prompt.category, "conversations": conversation}, ensure_ascii=False) + "\n")
+    sequences, starts_local, hiddens, tapped, rows = [], [], [], [], []
+    for prompt, turns in zip(prompts, results):
+        conversation = []
+        for text, (prompt_ids, answer, hidden, taps) in zip(prompt.turns, turns):
+            conversation += [
+                {"from": "human", "value": text},
+                {"from": "gpt", "value": tok.decode(answer, skip_special_tokens=True).strip()},
+            ]
+            if answer:
+                sequences.append(prompt_ids + answer)
+                starts_local.append(len(prompt_ids))
+                hiddens.append(hidden)
+                tapped.append(taps)
+        rows.append(json.dumps({"id": prompt.id, "category": prompt.category, "conversations": conversation}, ensure_ascii=False) + "\n")
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int32)
     starts = offsets[:-1] + torch.tensor(starts_local, dtype=torch.long)
-    save_file({"ids": ids, "offsets": offsets, "starts": starts}, out / TOKENS)
+    conversations = "".join(rows)
+    tag = {"generation": generation}
+    # meta.json goes first and last: a kill in between leaves no meta (not data), never an old meta over new parts
+    (out / META).unlink(missing_ok=True)
+    atomic_write_text(out / CONVERSATIONS, conversations)
+    atomic_write(out / TOKENS, lambda tmp: save_file({"ids": ids, "offsets": offsets, "starts": starts}, str(tmp), metadata=tag))
     if cache_hidden:
-        save_file({"hidden": torch.cat(hiddens).contiguous()}, out / HIDDEN)
+        atomic_write(out / HIDDEN, lambda tmp: save_file({"hidden": torch.cat(hiddens).contiguous()}, str(tmp), metadata=tag))
     if tap_layers:
-        save_file({"taps": torch.cat(tapped).contiguous()}, out / TAPS)
+        atomic_write(out / TAPS, lambda tmp: save_file({"taps": torch.cat(tapped).contiguous()}, str(tmp), metadata=tag))
     answer_tokens = int(sum(len(s) - st for s, st in zip(sequences, starts_local)))
     meta = {
         "target": target.name,
@@ -390,6 +463,11 @@ def make_data(
         "dtype": str(target.dtype).removeprefix("torch."),
         "seconds": round(time.time() - begun, 1),
         "command": command,
+        "generation": generation,  # every file below carries it (safetensors headers) or is hashed
+        "conversations_sha256": hashlib.sha256(conversations.encode("utf-8")).hexdigest(),
     }
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
+    for name, written in ((HIDDEN, cache_hidden), (TAPS, bool(tap_layers))):
+        if not written:  # an earlier generation's: never read beside this one's tokens
+            (out / name).unlink(missing_ok=True)
     return meta

@@ -20,6 +20,7 @@ import torch
 from specbench.engine.options import flag_of
 from specbench.engine.protocol import TrainableTarget, TrainRecipe
 from specbench.errors import SpecbenchWarning, UserError
+from specbench.files import write_lock
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
 
@@ -52,14 +53,20 @@ def train(config: TrainConfig, options: dict[str, Any] | None = None, device: st
           overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Train `config.drafter` for the frozen `config.target` with its recipe's `options` (name ->
     value; the rest default); the checkpoint directory."""
-    from specbench.targets import load_target
     from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
     config.options = recipe_options(config.drafter, recipe, options or {})
     if config.lr is None:
         config.lr = recipe.default_lr
-    check_out(Path(config.out), overwrite, "checkpoint directory")
+    check_out(Path(config.out), overwrite, "checkpoint directory", inputs=((config.data, "--data"), (config.eval_data, "--eval-data")))
+    with write_lock(Path(config.out)):  # one writer per checkpoint directory
+        return _train(config, recipe, device, dtype, overwrite, progress)
+
+
+def _train(config: TrainConfig, recipe: TrainRecipe, device: str, dtype: str, overwrite: bool, progress: Progress) -> Path:
+    from specbench.targets import load_target
+
     torch.manual_seed(config.seed)
     target: TrainableTarget = load_target(config.target, device, dtype, "eager", progress=progress)  # recipes read target.model
     target.model.requires_grad_(False)

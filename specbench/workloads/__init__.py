@@ -210,11 +210,16 @@ def load_workload(name: str, file: str | Path | None = None) -> list[Prompt]:
 
 def select(prompts: list[Prompt], categories: list[str] | None = None, limit: int | None = None,
            shard: str | None = None) -> list[Prompt]:
-    """Keep the given categories (or tasks), then the first `limit`, then shard i of n (1-based, round robin)."""
+    """Keep the given categories (or tasks), then the first `limit`, then shard i of n (1-based, round robin).
+    Each `categories` entry is a name, or names separated by commas; an entry that is itself a
+    category of the workload ("q&a, short") is that category."""
+    if categories is not None:
+        known = {p.category for p in prompts} | {p.task for p in prompts}
+        categories = [name for text in categories
+                      for name in ([text.strip()] if text.strip() in known else [c.strip() for c in text.split(",") if c.strip()])]
     if categories is not None and not categories:
         raise UserError("--categories names no category; give at least one (comma-separated or repeated)")
     if categories:
-        known = {p.category for p in prompts} | {p.task for p in prompts}
         unknown = [c for c in categories if c not in known]
         if unknown:
             raise UserError(f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}: "

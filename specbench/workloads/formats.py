@@ -46,6 +46,15 @@ def detect(rows: list[dict], spec_bench_only: set[str]) -> str:
     return "jsonl"
 
 
+def _texts(values: list, where: str, what: str = "turn") -> tuple[str, ...]:
+    """Turns as text; a null, a number or a list is refused, never turned into "None" or "42"."""
+    for i, value in enumerate(values, 1):
+        if not isinstance(value, str):
+            kind = "null" if value is None else type(value).__name__
+            raise UserError(f"{where}: {what} {i} is {kind}, not text; give every {what} as a string (or drop the row)")
+    return tuple(values)
+
+
 def to_prompt(fmt: str, row: dict, index: int, where: str, prompt_type):
     """Row `index` (0-based) of a `fmt` file as a Prompt; `where` names file:line for errors."""
     if fmt == "hellaswag":
@@ -56,17 +65,18 @@ def to_prompt(fmt: str, row: dict, index: int, where: str, prompt_type):
         turns = row.get("prompt")
         if not isinstance(turns, list) or not turns:
             raise UserError(f"{where}: an mt_bench_prompts row needs a 'prompt' list")
-        return prompt_type(str(MT_BENCH_FIRST_ID + index), str(row.get("category", "default")), tuple(map(str, turns)), chat=True)
+        return prompt_type(str(MT_BENCH_FIRST_ID + index), str(row.get("category", "default")), _texts(turns, where), chat=True)
     pid = str(row.get("id", row.get("question_id", index + 1)))
     category = str(row.get("category", "hellaswag" if fmt == "dsd-prompts" else "default"))
     if fmt == "sharegpt":
         conversation = row.get("conversations")
-        humans = [str(m.get("value", "")) for m in conversation or [] if isinstance(m, dict) and m.get("from") in ("human", "user")]
+        humans = list(_texts([m.get("value", "") for m in conversation or [] if isinstance(m, dict) and m.get("from") in ("human", "user")],
+                             where, "human turn"))
         if not humans:
             raise UserError(f"{where}: a ShareGPT row needs 'conversations' with at least one human turn")
         return prompt_type(pid, category, tuple(humans), chat=True)
     if isinstance(row.get("turns"), list) and row["turns"]:
-        return prompt_type(pid, category, tuple(map(str, row["turns"])), chat=True)
+        return prompt_type(pid, category, _texts(row["turns"], where), chat=True)
     if isinstance(row.get("prompt"), str):
         return prompt_type(pid, category, (row["prompt"],), chat=False)
     raise UserError(f"{where}: a row needs a 'turns' list or a 'prompt' string")

@@ -88,6 +88,9 @@ class HeadDrafter(Drafter):
     def __init__(self, target, tree: TreeShape, num_heads: int, options: HeadOptions | None, info: dict[str, Any]) -> None:
         if tree.depth > num_heads:
             raise UserError(f"tree '{tree.name}' is {tree.depth} deep but there are only {num_heads} heads; pick a shallower --tree (e.g. chain:{num_heads})")
+        if max(tree.level_topk, default=0) > target.vocab_size:  # a rank is a position in the head's top-k over the vocabulary
+            raise UserError(f"tree '{tree.name}' drafts {max(tree.level_topk)} siblings under one node, more than the "
+                            f"{target.vocab_size} tokens of the vocabulary; use a narrower --tree")
         super().__init__(target, options)
         self.shape = tree
         self.num_heads = num_heads

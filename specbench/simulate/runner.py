@@ -164,7 +164,7 @@ class Simulator:
         options = dict(config.drafter_options)
         cls = drafter_class(config.drafter)
         specs = cls.Options.specs()
-        if "k" in specs and "k" not in options:
+        if "k" in specs and "k" not in options and cls.drafts != "tree":
             options["k"] = max(s.depth for s in config.shapes)  # drafts are capped per shape through ctx.max_tokens
         if cls.drafts == "tree" and "tree" in specs and "tree" not in options:  # any shape as deep as the deepest
             options["tree"] = max(config.shapes, key=lambda s: s.depth).spec
@@ -232,12 +232,15 @@ class Simulator:
     def proposer_for(self, shape: Shape):
         """The drafter whose teacher-forced pass scores `shape`: the main one fills any tree of
         ranks; a drafter's own dynamic tree needs the drafter built for it."""
-        return self.drafter_for(shape) if shape.dynamic else self.drafter
+        return self.drafter_for(shape) if shape.dynamic or self.cls.drafts_depend_on_shape else self.drafter
 
     # --- scoring ----------------------------------------------------------------
     def proposals(self, depth: int) -> list[TeacherForced]:
         """One teacher-forced pass per logged turn: the rank of every true token under each of
         `depth` draft positions at every step (what `walk` scores any shape from)."""
+        if self.cls.drafts_depend_on_shape:
+            raise UserError(f"drafter '{self.config.drafter}' drafts differently for every shape; tune does not score it yet "
+                            "(score shapes with `simulate --k/--tree`)")
         found = []
         for turn in self.turns:
             prompt, output = self._ids(turn)

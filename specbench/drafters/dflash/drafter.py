@@ -40,14 +40,15 @@ DYNAMIC = "dynamic"
 
 @dataclass
 class DFlashOptions(DrafterOptions):
-    heads: str | None = option(None, "the DFlash draft: a checkpoint directory, model.safetensors or hub id "
-                                     "(DFlash v1, DFlash2 or MuseGlimmerAssistantModel); default from catalogue/heads.toml")
-    k: int | None = option(None, "tokens drafted per step; the block holds k + 1 positions (vLLM's num_speculative_tokens). "
-                                 "Default: the checkpoint's block_size - 1", min=1)
-    tree: str | None = option(None, "default: a chain of k; chain:K; 'dynamic': a best-first tree over each block position's top_k "
-                                    "tokens (SGLang's dflash_tree); or a tree of ranks from catalogue/trees.json (its depth sets the block)")
+    heads: str | None = option(None, "the drafter's weights: a checkpoint directory, weights file or hub id (dflash: DFlash v1, "
+                                     "DFlash2 or MuseGlimmerAssistantModel); default from catalogue/heads.toml")
+    k: int | None = option(None, "tokens drafted per step (dflash: the block holds k + 1 positions, vLLM's num_speculative_tokens; "
+                                 "default the checkpoint's block_size - 1)", min=1)
+    tree: str | None = option(None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; 'dynamic': "
+                                    "the drafter's own tree (dflash: best-first over each block position's top_k tokens); "
+                                    "dflash default: a chain of k")
     total_tokens: int = option(32, "dynamic tree: tokens verified per step, the root included (total_tokens - 1 drafted)", min=2)
-    top_k: int = option(4, "dynamic tree: candidates per block position (children per node)", min=1)
+    top_k: int = option(4, "dynamic tree: children per node (dflash: candidates per block position)", min=1)
 
     def check(self, drafter: str) -> None:
         super().check(drafter)

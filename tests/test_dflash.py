@@ -476,3 +476,37 @@ def test_cli_runs_dflash(setup, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["run", "--target", setup["root"] / "target", "--drafter", "dflash", "--heads", bad, "--limit", 1,
                               "--device", "cpu", "--out", tmp_path], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing key 'norm.weight'" in err, err
+
+
+# --- the embedded default: SmolLM2-135M-Instruct (heavy) ----------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_smollm2_lossless_and_simulate_equals_online(tmp_path):
+    """A v1 draft sized for SmolLM2 as the reference sizes it (5 layers, taps by z-lab's rule over 30
+    layers: 1, 8, 14, 20, 27; mask id 16 <empty_output>, SmolLM2 having no spare row), untrained:
+    greedy output equals plain decoding, and simulate (from record --hidden-taps dflash) equals
+    online step by step."""
+    target = HFTarget.load("smollm2-135m", torch.device("cpu"), torch.float32)
+    ids = layouts.tap_rule(target.num_layers)
+    assert ids == [1, 8, 14, 20, 27]
+    write_v1(tmp_path / "draft", target, ids, block_size=16, layers=5)
+    drafter = DFlashDrafter.build(target, heads=str(tmp_path / "draft"), k=7)
+    assert drafter.taps == (2, 9, 15, 21, 28) and drafter.net.config.mask_token_id == 16
+    prompts = load_workload(WORKLOAD)[:LIMIT]
+    for prompt in prompts[:1]:
+        tokens = torch.tensor(encode_turn(target.tokenizer, prompt, 0, []))
+        assert decode(target, drafter, tokens, 32).output_ids == decode(target, PlainDecoding(target), tokens, 32).output_ids
+    record(target, prompts, WORKLOAD, 32, tmp_path / "log.jsonl", hidden_layers=parse_hidden_taps("dflash", target.num_layers))
+    log = read_log(tmp_path / "log.jsonl")
+    options = {"heads": str(tmp_path / "draft")}
+    simulator = Simulator(log, SimulateConfig("dflash", options, [Shape.chain(3), Shape.chain(7)], latency_steps=1), target)
+    for result in simulator.score().results:
+        config = RunConfig(drafter="dflash", drafter_options={**options, "tree": result.shape.spec}, workload=WORKLOAD, limit=LIMIT,
+                           max_new_tokens=32, device="cpu", baseline=False, warmup=False)
+        bench = Benchmark(config, target=target)
+        online = []
+        for prompt in bench.prompts:
+            steps, _ = bench.measure_prompt(prompt)
+            online += [[s for s in steps if s.turn == t] for t in range(len(prompt.turns))]
+        assert [shape_of(t) for t in result.steps] == [shape_of(t) for t in online], result.shape.name

@@ -510,3 +510,20 @@ def test_smollm2_lossless_and_simulate_equals_online(tmp_path):
             steps, _ = bench.measure_prompt(prompt)
             online += [[s for s in steps if s.turn == t] for t in range(len(prompt.turns))]
         assert [shape_of(t) for t in result.steps] == [shape_of(t) for t in online], result.shape.name
+
+
+def test_cli_simulates_dflash(setup, tmp_path, capsys, monkeypatch):
+    """`simulate` from the log's side file with the real target for the embedding and LM head; without
+    --target it is one line naming it (the draft owns neither)."""
+    args = ["simulate", "--log", setup["root"] / "log.jsonl", "--drafter", "dflash", "--heads", setup["root"] / "dflash", "--k", "2,7",
+            "--tree", "dynamic", "--bandwidth", 100, "--latency-steps", 1, "--out", tmp_path / "runs"]
+    code, out, err = run_cli([*args, "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--json"], capsys,
+                             monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == "teacher-forced" and result["hidden_source"].startswith("log side file")
+    assert [r["shape"] for r in result["results"]] == ["k=2", "k=7", "tree=dynamic"]
+    info = json.loads((Path(result["results"][1]["run"]) / "run.json").read_text())
+    assert info["extra"]["drafter"]["block"] == 8 and info["extra"]["draft_passes_per_step"] == 1  # one block pass drafts all 7
+    code, out, err = run_cli([*args, "--device", "cpu"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pass --target" in err, err

@@ -390,7 +390,8 @@ def write_runs(
     for result in sim.results:
         shape = result.shape
         # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
-        gamma = (simulator.drafter_for(shape).memory_model()[1] if shape.dynamic else shape.depth) if passes else 0
+        own = shape.dynamic or simulator.cls.drafts_depend_on_shape  # the drafter built for the shape counts its passes
+        gamma = (simulator.drafter_for(shape).memory_model()[1] if own else shape.depth) if passes else 0
         draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)
         steps, turns = [], []
         for turn, walked in zip(simulator.turns, result.steps):

@@ -327,6 +327,27 @@ def test_greedy_equals_plain(setup, layout, options, tmp_path):
         assert max(sizes) == 7
 
 
+def test_fast_engine_verifies_blocks_and_trees_in_buckets(setup):
+    """On the fast engine (static KV, buckets, fake CUDA graphs captured in the warm-up): the block's
+    chain and the best-first tree (a new shape most steps) verify losslessly with the taps read
+    inside the graph, and nothing is captured after the warm-up."""
+    from fake_graphs import FakeGraphs
+
+    from specbench.engine.loop import warm_up_engines
+    from specbench.targets.fast import FastHFTarget
+
+    target = setup["target"]
+    fast = FastHFTarget(target.model, name="fast", graphs=FakeGraphs())
+    for options in ({}, {"tree": "dynamic", "total_tokens": 12, "top_k": 3}):
+        drafter = DFlashDrafter.build(fast, heads=str(setup["root"] / "dflash2"), **options)
+        warm_up_engines(fast, drafter, 512)
+        captured = fast.decoder.graph_set.captured
+        for prompt in chat_prompts():
+            plain = decode(target, PlainDecoding(target), prompt, MAX_NEW).output_ids
+            assert decode(fast, drafter, prompt, MAX_NEW).output_ids == plain
+        assert fast.decoder.graph_set.captured == captured
+
+
 def test_shortened_block_drafts_from_a_shorter_block(setup):
     """--k shortens the block itself (the positions attend to each other), not just the proposal."""
     full, short = build(setup, "dflash"), build(setup, "dflash", k=3)

@@ -548,3 +548,36 @@ def test_cli_simulates_dflash(setup, tmp_path, capsys, monkeypatch):
     assert info["extra"]["drafter"]["block"] == 8 and info["extra"]["draft_passes_per_step"] == 1  # one block pass drafts all 7
     code, out, err = run_cli([*args, "--device", "cpu"], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "pass --target" in err, err
+
+
+# --- train --drafter dflash ---------------------------------------------------------------------------
+
+def test_train_dflash_learns_and_writes_the_v1_layout(setup, tmp_path, capsys, monkeypatch):
+    """A few steps on the tiny target's own answers (train-data --hidden-taps dflash): the training
+    loss falls and the held-out chain acceptance rises; the checkpoint is z-lab's v1 layout (its
+    config template, no embedding or LM head) and the drafter loads it strictly and is lossless."""
+    from specbench.train.data import make_data
+
+    target = setup["target"]
+    for name, workload, limit in (("data", "pool-train", 16), ("heldout", "pool-heldout", 4)):
+        make_data(target, workload, tmp_path / name, max_new_tokens=24, batch_size=4, limit=limit, hidden_taps="dflash")
+    out = tmp_path / "draft"
+    args = ["train", "--drafter", "dflash", "--target", setup["root"] / "target", "--data", tmp_path / "data", "--eval-data",
+            tmp_path / "heldout", "--out", out, "--steps", 40, "--batch-tokens", 96, "--lr", 3e-3, "--warmup-steps", 4, "--eval-every",
+            20, "--dtype", "float64", "--block-size", 5, "--draft-layers", 1, "--anchors", 8]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    log = json.loads((out / "specbench_train.json").read_text())
+    first, last = log["history"][:5], log["history"][-5:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
+    assert [e["step"] for e in log["evals"]] == [0, 20, 40]
+    assert log["evals"][-1]["tau_chain_estimate"] > log["evals"][0]["tau_chain_estimate"]
+    assert log["taps"] == [2, 3, 3, 3, 4] and log["block_size"] == 5  # z-lab's rule for 5 taps over 6 layers: 1, 2, 2, 2, 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 5 and config["model_type"] == "qwen3"
+    assert config["dflash_config"] == {"mask_token_id": 99, "target_layer_ids": [1, 2, 2, 2, 3]}  # no named mask token: the last id
+    assert not any("embed" in k or "lm_head" in k for k in load_file(out / "model.safetensors"))
+    drafter = DFlashDrafter.build(target, heads=str(out))
+    assert drafter.describe()["format"] == "dflash" and drafter.k == 4
+    for prompt in chat_prompts(1):
+        assert decode(target, drafter, prompt, MAX_NEW).output_ids == decode(target, PlainDecoding(target), prompt, MAX_NEW).output_ids

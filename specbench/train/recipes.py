@@ -32,6 +32,10 @@ class RecipeOptions:
     ttt_steps: int = option(4, "eagle3: draft steps unrolled in training-time test, each fed its own previous output "
                                "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
     feature_noise: float = option(0.1, "eagle: uniform noise U(-a, a) added to the target's features in training (the paper's 0.1)", min=0)
+    block_size: int = option(16, "dflash: the block (anchor + drafted tokens) the draft is trained on", min=2)
+    draft_layers: int = option(5, "dflash: draft decoder layers", min=1)
+    anchors: int = option(16, "dflash: random anchors (blocks) per training sequence and step", min=1)
+    loss_decay: float = option(7.0, "dflash: block position i's loss weighs exp(-(i - 1) / decay)", gt=0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ RECIPES = {
     "hydra-decoder": Recipe(_HEADS, "train_heads", 1e-3, ("num_heads", "tie_lm_head", "decoder_layers")),
     "eagle": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("feature_noise",)),
     "eagle3": Recipe("specbench.train.eagle", "train_eagle", 1e-3, ("draft_vocab", "ttt_steps")),
+    "dflash": Recipe("specbench.train.dflash", "train_dflash", 1e-3, ("block_size", "draft_layers", "anchors", "loss_decay")),
 }
 
 

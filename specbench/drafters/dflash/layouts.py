@@ -256,3 +256,39 @@ def tap_rule(num_layers: int, taps: int = 5) -> list[int]:
     if taps == 1:
         return [num_layers // 2]
     return [round(1 + i * (num_layers - 4) / (taps - 1)) for i in range(taps)]
+
+
+# --- writing (train): the z-lab DFlash v1 layout ---------------------------------------------
+
+def v1_config(c: DFlashConfig, dtype: str, bos: int | None = None, eos: int | None = None, max_positions: int = 2048) -> dict:
+    """config.json in z-lab's DFlash v1 template (the fields of z-lab/Qwen3-4B-DFlash-b16, in
+    that order), holding this draft's sizes."""
+    return {
+        "architectures": ["DFlashDraftModel"], "attention_bias": c.attention_bias, "attention_dropout": 0.0,
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "block_size": c.block_size, "bos_token_id": bos,
+        "dflash_config": {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids)}, "dtype": dtype,
+        "eos_token_id": eos, "head_dim": c.head_dim, "hidden_act": c.hidden_act, "hidden_size": c.hidden_size,
+        "initializer_range": 0.02, "intermediate_size": c.intermediate_size, "layer_types": ["full_attention"] * c.num_layers,
+        "max_position_embeddings": max_positions, "max_window_layers": c.num_layers, "model_type": "qwen3",
+        "num_attention_heads": c.num_heads, "num_hidden_layers": c.num_layers, "num_key_value_heads": c.num_kv_heads,
+        "num_target_layers": c.num_target_layers, "rms_norm_eps": c.rms_norm_eps, "rope_scaling": None, "rope_theta": c.rope_theta,
+        "sliding_window": None, "tie_word_embeddings": False, "transformers_version": "4.57.3", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": c.vocab_size,
+    }
+
+
+def write_v1(directory, net: DFlashNet, dtype: torch.dtype = torch.float32, bos: int | None = None, eos: int | None = None) -> None:
+    """`net` (a v1 draft) as z-lab publishes one: config.json + model.safetensors (metadata format pt)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if net.config.dflash2:
+        raise ValueError("the v1 layout holds DFlash v1 drafts")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = v1_config(net.config, str(dtype).removeprefix("torch."), bos, eos)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -302,6 +302,10 @@ class Drafter:
     # the acceptance rule at temperature > 0 (None: speculative sampling, for chains)
     acceptance: AcceptanceRule | None = None
     recipe: ClassVar[TrainRecipe | None] = None  # how `specbench train` trains it; None: it is not trained
+    # True when the draft at one position depends on the shape drafted (DFlash: the block's
+    # positions attend to each other, so a shorter block drafts differently): simulate then
+    # scores each shape with the teacher-forced pass of the drafter built for it
+    drafts_depend_on_shape: ClassVar[bool] = False
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target

@@ -48,7 +48,8 @@ class Recorder(PlainDecoding):
 
 def parse_hidden_taps(text: str | None, num_layers: int) -> tuple[int, ...]:
     """`--hidden-taps`: layer indices (the hidden state entering each), comma-separated, or
-    `eagle3` for the three an EAGLE-3 draft fuses by default (2, L//2, L-3)."""
+    `eagle3` for the three an EAGLE-3 draft fuses by default (2, L//2, L-3), or `dflash` for
+    the five a DFlash draft reads by z-lab's tap rule (the outputs of layers k = the inputs of k + 1)."""
     layers: list[int] = []
     for part in (text or "").replace(" ", "").split(","):
         if not part:
@@ -56,10 +57,15 @@ def parse_hidden_taps(text: str | None, num_layers: int) -> tuple[int, ...]:
         if part == "eagle3":
             layers += [2, num_layers // 2, num_layers - 3]
             continue
+        if part == "dflash":  # the outputs of the layers z-lab's tap rule picks (the inputs of the next ones)
+            from specbench.drafters.dflash.layouts import tap_rule
+
+            layers += [k + 1 for k in tap_rule(num_layers)]
+            continue
         try:
             layers.append(int(part))
         except ValueError:
-            raise UserError(f"--hidden-taps takes layer indices or 'eagle3', comma-separated (got '{part}')") from None
+            raise UserError(f"--hidden-taps takes layer indices, 'eagle3' or 'dflash', comma-separated (got '{part}')") from None
     bad = [j for j in layers if not 0 <= j < num_layers]
     if bad:
         raise UserError(f"--hidden-taps: layer {bad[0]} is outside the target's {num_layers} layers (0..{num_layers - 1})")
@@ -186,7 +192,7 @@ class RecordConfig(CommandConfig):
     topk: int | None = option(None, "also keep the target's top-N log-probs per position", min=1)
     hidden: bool = option(False, "also keep the target's final hidden states (safetensors side file) for head drafters and eagle")
     hidden_taps: str | None = option(None, "also keep the hidden states entering these layers, comma-separated; 'eagle3' = the three "
-                                           "EAGLE-3 fuses (2, L//2, L-3)")
+                                           "EAGLE-3 fuses (2, L//2, L-3); 'dflash' = the five z-lab's DFlash drafts read")
     profile: bool = option(True, "also measure the verify-latency profile into the log")
     profile_max_tokens: int = option(128, "profile forwards of 1..N tokens", min=1)
     profile_repeats: int = option(3, "timed repeats per token count (median kept)", min=1)

@@ -163,12 +163,15 @@ class Simulator:
     def proposer_for(self, shape: Shape):
         """The drafter whose teacher-forced pass scores `shape`: the main one fills any tree of
         ranks; a drafter's own dynamic tree needs the drafter built for it."""
-        return self.drafter_for(shape) if shape.dynamic else self.drafter
+        return self.drafter_for(shape) if shape.dynamic or self.cls.drafts_depend_on_shape else self.drafter
 
     # --- scoring ----------------------------------------------------------------
     def proposals(self, depth: int) -> list[TeacherForced]:
         """One teacher-forced pass per logged turn: the rank of every true token under each of
         `depth` draft positions at every step (what `walk` scores any shape from)."""
+        if self.cls.drafts_depend_on_shape:
+            raise UserError(f"drafter '{self.config.drafter}' drafts differently for every shape; tune does not score it yet "
+                            "(score shapes with `simulate --k/--tree`)")
         found = []
         for turn in self.turns:
             prompt, output = self._ids(turn)
@@ -335,7 +338,8 @@ def write_runs(
     for result in sim.results:
         shape = result.shape
         # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
-        gamma = (simulator.drafter_for(shape).memory_model()[1] if shape.dynamic else shape.depth) if passes else 0
+        own = shape.dynamic or simulator.cls.drafts_depend_on_shape  # the drafter built for the shape counts its passes
+        gamma = (simulator.drafter_for(shape).memory_model()[1] if own else shape.depth) if passes else 0
         draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)
         steps, turns = [], []
         for turn, walked in zip(simulator.turns, result.steps):

@@ -74,7 +74,7 @@ def walk(proposals: TeacherForced, n_out: int, max_new_tokens: int, shape: Shape
     if shape.dynamic:
         own = proposals.own_trees
         if own is None:
-            raise UserError("the drafter does not draft its own tree per step; --tree dynamic is for eagle and eagle3")
+            raise UserError("the drafter does not draft its own tree per step; --tree dynamic is for eagle, eagle3 and dflash")
         sizes, depths, accepted = own.sizes.tolist(), own.depths.tolist(), own.accepted.tolist()
         steps, m = [], 1
         while m < n_out:

@@ -543,7 +543,7 @@ def test_run_without_warm_up_says_it_captured_while_timed(models, tmp_path):
 def test_cli_run_on_fast_engine(models, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(
         ["run", "--target", models["target"], "--drafter", "draft-model", "--draft-model", models["draft"],
-         "--engine", "fast", "--workload", "builtin-completion", "--limit", 2, "--max-new-tokens", 16,
+         "--engine", "fast", "--workload", "builtin-completion", "--limit", 2, "--max-new-tokens", 16, "--dtype", "float32",
          "--out", tmp_path, "--json"],
         capsys, monkeypatch,
     )

@@ -41,7 +41,16 @@ from specbench.records import (
 )
 from specbench.store import RunStore
 from specbench.targets import BACKENDS, load_target
-from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP, load_config, load_tokenizer, resolve_device, resolve_dtype
+from specbench.targets.loading import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    TARGET_HELP,
+    dtype_choice,
+    load_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from specbench.targets.parallel import tensor_parallel
 from specbench.workloads import Prompt, Workload, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
@@ -212,8 +221,11 @@ class Benchmark:
         """run.json's `engine` entry before the warm-up: the target's engine and cache, and
         counters of what happened while prompts were timed (captures, mid-sequence regrowths)."""
         stats = self.target.engine_stats()
+        dtype, why = dtype_choice(self.config.dtype, self.target.device)
         return {
             "engine": self.target.engine,
+            "dtype": str(self.target.dtype).removeprefix("torch."),
+            "dtype_choice": why if dtype == self.target.dtype else "given",
             "cuda_graphs": bool(stats.get("cuda_graphs")),
             "capture_ms": 0.0,
             "graphs": 0,
@@ -225,15 +237,19 @@ class Benchmark:
         }
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
+        """Both modes, turn by turn. A later turn's history is plain decoding's answers in both
+        modes (when the baseline runs): a near-tie in turn 1 would otherwise hand the two modes
+        different contexts for turn 2, and their outputs could not be compared token for token."""
         modes = [(BASELINE, self.plain)] if self.config.baseline else []
         modes.append((SPEC, self.drafter))
         answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
+        history = answers[modes[0][0]]  # the baseline's answers, or the drafter's own without a baseline
         outputs: dict[tuple[str, int], Decoded] = {}
         steps: list[StepRecord] = []
         turns: list[TurnRecord] = []
         for turn in range(len(prompt.turns)):
             for mode, drafter in modes:
-                ids, result = self._decode(drafter, prompt, turn, answers[mode])
+                ids, result = self._decode(drafter, prompt, turn, history[:turn])
                 outputs[mode, turn] = result
                 answers[mode].append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
                 steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]

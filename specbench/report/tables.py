@@ -178,13 +178,14 @@ def comparison_table(frame, title: str = "setups compared") -> Table:
 def engine_line(extra: dict) -> str | None:
     """The line `specbench run` shows about the fast engine's warm-up, apart from tokens/s."""
     e = extra.get("engine") or {}
+    dtype = f" ({e['dtype']}: {e['dtype_choice']})" if e.get("dtype_choice", "given") != "given" else ""
     if e.get("engine") != "fast":
-        return None
+        return f"eager engine{dtype}" if dtype else None
     capacity = f"KV cache {e['capacity']} positions" if e.get("capacity") else "KV cache"
     if e.get("cuda_graphs"):
-        line = f"fast engine: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
+        line = f"fast engine{dtype}: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
     else:
-        line = f"fast engine: static {capacity}, no CUDA graphs"
+        line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
     if e.get("timed_captures") or e.get("timed_regrowths"):
         prompts = e.get("timed_capture_prompts", [])
         line += (

@@ -27,7 +27,7 @@ from specbench.engine.engines import ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
 from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
-from specbench.engine.static_cache import EVENTS
+from specbench.engine.events import EVENTS
 from specbench.environment import environment
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress

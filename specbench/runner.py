@@ -80,7 +80,7 @@ class RunConfig:
     backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
     tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")
     baseline: bool = option(True, "also run plain decoding on the same prompts")
-    warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
+    warmup: bool = option(True, "one short untimed decode (and the fast engine's graph captures or step compilations) before measuring")
 
     def __post_init__(self) -> None:
         if self.categories is not None:  # `--categories a,b --categories c`; `--categories ,` names none and is refused
@@ -215,11 +215,12 @@ class Benchmark:
         finally:
             self.config.max_new_tokens = saved
         return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
+                "compile_ms": round(EVENTS.compile_ms - before.compile_ms, 3), "compiles": EVENTS.compiles - before.compiles,
                 "planned_positions": positions}
 
     def engine_record(self) -> dict[str, Any]:
         """run.json's `engine` entry before the warm-up: the target's engine and cache, and
-        counters of what happened while prompts were timed (captures, mid-sequence regrowths)."""
+        counters of what happened while prompts were timed (captures, compilations, mid-sequence regrowths)."""
         stats = self.target.engine_stats()
         dtype, why = dtype_choice(self.config.dtype, self.target.device)
         return {
@@ -230,8 +231,13 @@ class Benchmark:
             "capture_ms": 0.0,
             "graphs": 0,
             "capacity": stats.get("capacity"),
+            "compiled_step": bool(stats.get("compiled_step")),
+            "compile_ms": 0.0,
+            "compiles": 0,
             "timed_captures": 0,
             "timed_capture_ms": 0.0,
+            "timed_compiles": 0,
+            "timed_compile_ms": 0.0,
             "timed_regrowths": 0,
             "timed_capture_prompts": [],
         }
@@ -301,7 +307,7 @@ class Benchmark:
         todo = [p for p in self.prompts if p.id not in done]
         engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
         if todo and self.config.warmup:
-            with progress.status("warming up (untimed: cache sizing, graph captures, a short decode per mode)"):
+            with progress.status("warming up (untimed: cache sizing, graph captures or step compilation, a short decode per mode)"):
                 engine.update(self.warm_up())
         engine["capacity"] = self.target.engine_stats().get("capacity")
         store.write_info()
@@ -310,10 +316,13 @@ class Benchmark:
         for prompt in todo:
             before = replace(EVENTS)
             steps, turns = self.measure_prompt(prompt)
-            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths:
-                # a capture (or a cache regrowth) inside a timed prompt: its timings include it
+            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths or EVENTS.compiles > before.compiles:
+                # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
                 engine["timed_captures"] += EVENTS.captures - before.captures
                 engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
+                engine.setdefault("timed_compiles", 0)  # runs started before compiled steps existed lack these
+                engine["timed_compiles"] += EVENTS.compiles - before.compiles
+                engine["timed_compile_ms"] = round(engine.get("timed_compile_ms", 0.0) + EVENTS.compile_ms - before.compile_ms, 3)
                 engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
                 engine["timed_capture_prompts"].append(prompt.id)
             store.append_prompt(steps, turns)

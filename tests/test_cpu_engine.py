@@ -78,6 +78,19 @@ def test_compiled_step_gives_the_eager_engines_tokens_fp32(compiled):
             assert decode(fast, make(fast), prompt, 24).output_ids == decode(eager, make(eager), prompt, 24).output_ids
 
 
+def test_compiled_step_taps_the_eager_engines_hidden_states(compiled):
+    """A drafter's taps (a layer's input, the final state) from the compiled step: the eager engine's, to rounding."""
+    from specbench.engine.tree import DraftTree
+
+    _, eager, fast = compiled
+    prompt, tree = prompts(1)[0], DraftTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 0]))
+    taps = (1, None)
+    for target in (eager, fast):
+        target.prefill(prompt, taps, 64)
+    (want_logits, want_hidden), (logits, hidden) = (t.verify(int(prompt[-1]), tree, taps) for t in (eager, fast))
+    assert torch.allclose(logits, want_logits, atol=1e-4) and torch.allclose(hidden, want_hidden, atol=1e-4)
+
+
 def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled, tmp_path):
     import json
 

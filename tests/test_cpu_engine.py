@@ -61,10 +61,15 @@ def compiled(tmp_path_factory):
     """One compiled fast target over a tiny fp32 model (compiling is slow: the module shares it)."""
     import os
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))  # not the user's cache
     directory = save_tiny_model(tmp_path_factory.mktemp("compiled") / "target", seed=0)
     model, tokenizer, _ = load_causal_lm(str(directory), torch.device("cpu"), torch.float32)
-    return directory, HFTarget(model, tokenizer), FastHFTarget(model, tokenizer, compiled=True)
+    yield directory, HFTarget(model, tokenizer), FastHFTarget(model, tokenizer, compiled=True)
+    if saved is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
 
 
 def test_compiled_step_gives_the_eager_engines_tokens_fp32(compiled):
@@ -106,3 +111,18 @@ def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled,
     engine = json.loads((tmp_path / "run" / "run.json").read_text())["extra"]["engine"]
     assert engine["compiled_step"] and engine["timed_compiles"] == 0 and engine["timed_capture_prompts"] == []
     assert "compiled step" in engine_line({"engine": engine})
+
+
+def test_compiled_code_is_cached_under_specbenchs_cache_unless_the_user_chose_a_directory(monkeypatch, tmp_path):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from specbench.engine.compiled_step import use_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing transformers' models sets
+    use_cache_dir(tmp_path / "compiled")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled") and (tmp_path / "compiled").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_cache_dir(tmp_path / "compiled")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

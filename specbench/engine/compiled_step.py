@@ -34,13 +34,17 @@ RECOMPILE_LIMIT = 64  # dynamo's default (8) is too few for buckets x taps x cap
 
 
 def use_cache_dir(directory: Path) -> None:
-    """Keep inductor's compiled code and FX graph cache under `directory` (unless the user set
-    TORCHINDUCTOR_CACHE_DIR), so that a second process does not pay the compilation again."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Keep inductor's compiled code and FX graph cache under `directory` (unless the user chose
+    a TORCHINDUCTOR_CACHE_DIR), so that a second process does not pay the compilation again.
+    Importing transformers' models already sets the variable to torch's default (a temporary
+    directory), which is not a choice: that value is replaced."""
+    import torch._inductor.config as inductor
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         directory.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
-    import torch._inductor.config as inductor
-
     inductor.fx_graph_cache = True
 
 

@@ -23,7 +23,7 @@ import torch
 from specbench.checks import check_count, check_fits, check_number, check_output_dir, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
-from specbench.engine.engines import ENGINES
+from specbench.engine.engines import ENGINE_HELP, ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
 from specbench.engine.options import option
 from specbench.engine.protocol import PlainDecoding, Target
@@ -76,7 +76,7 @@ class RunConfig:
     seed: int = option(0, "seed for sampling")
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
-    engine: str = option("auto", "auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA); the baseline runs on the same engine")
+    engine: str = option("auto", ENGINE_HELP)
     backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
     tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)")
     baseline: bool = option(True, "also run plain decoding on the same prompts")

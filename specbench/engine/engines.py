@@ -24,6 +24,8 @@ from specbench.errors import UserError
 ENGINES = ("auto", "eager", "fast")
 # device type -> the engine `auto` picks; measured with scripts/bench_engine.py (docs/engine.md)
 AUTO = {"cuda": "fast", "cpu": "eager"}
+ENGINE_HELP = (f"auto ({', '.join(f'{engine} on {device.upper()}' for device, engine in AUTO.items())}), eager (DynamicCache), "
+               "fast (static KV cache; CUDA graphs on CUDA, a compiled step on CPU); the baseline runs on the same engine")
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:

@@ -381,13 +381,16 @@ class StaticDecoder:
         for bucket in buckets_up_to(max_rows):
             shape = self.shape(None, bucket, bucket)
             for span in spans:
+                if self.graphs is None and self.compiler is None:  # a capture failed (one warning): uncaptured from here on
+                    return self.capture_ms - before
                 step = self._step(bucket, span, taps)
+                if self.graphs is not None and step.graph is not None:
+                    continue
                 # any valid inputs: a graph records kernels, not values (slots [0, bucket) are scratch now)
                 self._fill(step, step.ids, shape, 0)
                 if self.graphs is not None:
-                    if step.graph is None:
-                        self._capture(step)
-                elif self.compiler is not None:
+                    self._capture(step)
+                else:
                     self.compiler.run(self._compute, step)
         after = self.capture_ms + (self.compiler.compile_ms if self.compiler is not None else 0.0)
         return after - before

@@ -39,10 +39,17 @@ def use_cache_dir(directory: Path) -> None:
     Importing transformers' models already sets the variable to torch's default (a temporary
     directory), which is not a choice: that value is replaced."""
     import torch._inductor.config as inductor
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        default = default_cache_dir()
+    except ImportError:  # older torch: the default is a temporary directory of this name
+        import getpass
+        import tempfile
+
+        default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default):
         directory.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     inductor.fx_graph_cache = True

@@ -173,45 +173,176 @@ def write_hydra(directory: Path, target, arch: str = "prefix-mlp", num_heads: in
     return head
 
 
+# --- the reference package's own modules, as decoder-layer Hydra pickles them ----------------------
+# TCtower/Hydra trains with `medusa.model.modeling_llama_kv`, its copy of transformers 4.31's Llama
+# classes, so the published `medusa_lm_head.pt` names those classes (and 4.31's LlamaConfig), never
+# today's transformers. Rebuilt here as plain modules with the reference's attribute names, so the
+# pickle this fixture writes does not change when the installed transformers does.
+
+REFERENCE_KV_MODULE = "medusa.model.modeling_llama_kv"
+REFERENCE_CONFIG_MODULE = "transformers.models.llama.configuration_llama"
+
+
+class RefLlamaConfig:
+    """The attributes a 4.31 LlamaConfig pickles (its __dict__), taken from the target's config."""
+
+    __module__, __qualname__ = REFERENCE_CONFIG_MODULE, "LlamaConfig"
+
+    def __init__(self, target_config) -> None:
+        c = target_config
+        self.vocab_size = c.vocab_size
+        self.max_position_embeddings = c.max_position_embeddings
+        self.hidden_size = c.hidden_size
+        self.intermediate_size = c.intermediate_size
+        self.num_hidden_layers = c.num_hidden_layers
+        self.num_attention_heads = c.num_attention_heads
+        self.num_key_value_heads = c.num_key_value_heads
+        self.hidden_act = "silu"
+        self.initializer_range = 0.02
+        self.rms_norm_eps = c.rms_norm_eps
+        self.pretraining_tp = 1
+        self.use_cache = True
+        self.rope_scaling = None
+        self.return_dict = True
+        self.torch_dtype = "float16"
+        self.architectures = ["LlamaForCausalLM"]
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = 1, 2, 0
+        self.tie_word_embeddings = False
+        self.transformers_version = "4.31.0"
+
+
+class RefLlamaRMSNorm(nn.Module):
+    __module__, __qualname__ = REFERENCE_KV_MODULE, "LlamaRMSNorm"
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+
+class RefLlamaRotaryEmbedding(nn.Module):
+    """4.31's rotary module: inv_freq a persistent buffer, the cos/sin tables non-persistent
+    ones, all three inside the pickled module (the base is 10000, whatever the target's)."""
+
+    __module__, __qualname__ = REFERENCE_KV_MODULE, "LlamaRotaryEmbedding"
+
+    def __init__(self, dim, max_position_embeddings=2048, base=10000):
+        super().__init__()
+        self.dim, self.max_position_embeddings, self.base = dim, max_position_embeddings, base
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)))
+        self.max_seq_len_cached = max_position_embeddings
+        freqs = torch.outer(torch.arange(max_position_embeddings, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cached", emb.cos()[None, None], persistent=False)
+        self.register_buffer("sin_cached", emb.sin()[None, None], persistent=False)
+
+
+class RefLlamaMLP(nn.Module):
+    __module__, __qualname__ = REFERENCE_KV_MODULE, "LlamaMLP"
+
+    def __init__(self, config):
+        super().__init__()
+        self.pretraining_tp = config.pretraining_tp
+        self.hidden_size, self.intermediate_size = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
+        self.act_fn = nn.SiLU()
+
+
+class RefLlamaAttention(nn.Module):
+    __module__, __qualname__ = REFERENCE_KV_MODULE, "LlamaAttention"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.hidden_size // self.num_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.pretraining_tp = config.pretraining_tp
+        self.max_position_embeddings = config.max_position_embeddings
+        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+        self.rotary_emb = RefLlamaRotaryEmbedding(self.head_dim, max_position_embeddings=self.max_position_embeddings)
+
+
+class RefLlamaDecoderLayer(nn.Module):
+    __module__, __qualname__ = REFERENCE_KV_MODULE, "LlamaDecoderLayer"
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = RefLlamaAttention(config=config)
+        self.mlp = RefLlamaMLP(config)
+        self.input_layernorm = RefLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RefLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+def published_class(base: type, name: str, module: str) -> type:
+    return type(name, (base,), {"__module__": module, "__qualname__": name})
+
+
+def save_naming_modules(payload, path: Path, classes: dict[str, dict[str, type]]) -> None:
+    """torch.save `payload` while `classes` ({module: {name: class}}) stand at those module paths,
+    so the pickle names them there; every replaced sys.modules entry is put back."""
+    saved = {name: sys.modules.get(name) for name in classes}
+    try:
+        for module_name, members in classes.items():
+            module = types.ModuleType(module_name)
+            for name, cls in members.items():
+                setattr(module, name, cls)
+            sys.modules[module_name] = module
+        torch.save(payload, path)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
 def write_hydra_decoder(directory: Path, target, num_decoder_layers: int = 1, num_heads: int = 3, seed: int = 0) -> dict:
     """shiqihe/hydra-decoder-*: medusa_lm_head.pt holding *pickled modules*
     {"medusa_head": ModuleList, "medusa_rms_norm": LlamaRMSNorm, "medusa_decoder_layers": ModuleList},
     whose classes live in the reference package (medusa.model.*), not installed where they are loaded."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
-
     directory.mkdir(parents=True, exist_ok=True)
-    fake = {name: types.ModuleType(name) for name in ("medusa", "medusa.model", "medusa.model.medusa_model", "medusa.model.modeling_llama_kv")}
-    ResBlock = type("ResBlock", (RefMedusaResBlock,), {"__module__": "medusa.model.medusa_model"})
-    DecoderLayer = type("LlamaDecoderLayer", (LlamaDecoderLayer,), {"__module__": "medusa.model.modeling_llama_kv"})
-    RMSNorm = type("LlamaRMSNorm", (LlamaRMSNorm,), {"__module__": "medusa.model.modeling_llama_kv"})
-    fake["medusa.model.medusa_model"].ResBlock = ResBlock
-    fake["medusa.model.modeling_llama_kv"].LlamaDecoderLayer = DecoderLayer
-    fake["medusa.model.modeling_llama_kv"].LlamaRMSNorm = RMSNorm
+    ResBlock = published_class(RefMedusaResBlock, "ResBlock", "medusa.model.medusa_model")
+    reference = (RefLlamaRMSNorm, RefLlamaRotaryEmbedding, RefLlamaMLP, RefLlamaAttention, RefLlamaDecoderLayer)
+    classes = {
+        "medusa": {}, "medusa.model": {},
+        "medusa.model.medusa_model": {"ResBlock": ResBlock},
+        REFERENCE_KV_MODULE: {cls.__qualname__: cls for cls in reference},
+        REFERENCE_CONFIG_MODULE: {"LlamaConfig": RefLlamaConfig},
+    }
+    config = RefLlamaConfig(target.config)
     H, V = target.hidden_size, target.vocab_size
     torch.manual_seed(seed)
     heads = nn.ModuleList()
     for _ in range(num_heads):
         lm = nn.Linear(H, V, bias=False)
         heads.append(nn.Sequential(ResBlock(H), lm))
-    layers = nn.ModuleList([DecoderLayer(target.config, layer_idx=j) for j in range(num_decoder_layers)])
-    norm = RMSNorm(H, eps=target.config.rms_norm_eps)
+    layers = nn.ModuleList([RefLlamaDecoderLayer(config) for _ in range(num_decoder_layers)])
+    norm = RefLlamaRMSNorm(H, eps=config.rms_norm_eps)
     L = len(target.backbone.layers)
     with torch.no_grad():
         for head in heads:
             head[0].linear.weight.normal_(0, 0.05)
             head[1].weight.copy_(target.lm_head.weight.float())
         for j, layer in enumerate(layers):  # the trunk starts as the base model's last layers
-            layer.load_state_dict(target.backbone.layers[L - num_decoder_layers + j].state_dict())
+            base = dict(target.backbone.layers[L - num_decoder_layers + j].named_parameters())
+            mine = dict(layer.named_parameters())
+            assert set(mine) == set(base), sorted(set(mine) ^ set(base))
+            for name, param in mine.items():
+                param.copy_(base[name])
         norm.weight.copy_(target.backbone.norm.weight)
     payload = {"medusa_head": heads.to(torch.bfloat16), "medusa_rms_norm": norm.to(torch.bfloat16),
                "medusa_decoder_layers": layers.to(torch.bfloat16)}
-    sys.modules.update(fake)
-    try:
-        torch.save(payload, directory / "medusa_lm_head.pt")
-    finally:
-        for name in fake:
-            sys.modules.pop(name, None)
-    config = {"medusa_num_heads": num_heads, "medusa_num_layers": 1, "medusa_num_decoder_layers": num_decoder_layers,
-              "base_model_name_or_path": target.model_id}
-    (directory / "config.json").write_text(json.dumps(config))
+    save_naming_modules(payload, directory / "medusa_lm_head.pt", classes)
+    config_json = {"medusa_num_heads": num_heads, "medusa_num_layers": 1, "medusa_num_decoder_layers": num_decoder_layers,
+                   "base_model_name_or_path": target.model_id}
+    (directory / "config.json").write_text(json.dumps(config_json))
     return {"medusa_head": heads, "medusa_rms_norm": norm, "medusa_decoder_layers": layers}

@@ -299,10 +299,14 @@ def rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def rotate(x, cos, sin):
+    """Rotary embedding as Llama applies it: x*cos + rotate_half(x)*sin, halves swapped and negated."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
 def reference_attention(x, state, prefix, heads, kv_heads, theta):
     """Causal self-attention over rows 0..n-1 at positions 0..n-1, written as the reference writes it."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     n = x.shape[0]
     q = (x @ state[f"{prefix}q_proj.weight"].T).view(n, heads, -1).transpose(0, 1)
     k = (x @ state[f"{prefix}k_proj.weight"].T).view(n, kv_heads, -1).transpose(0, 1)
@@ -311,10 +315,10 @@ def reference_attention(x, state, prefix, heads, kv_heads, theta):
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     freqs = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]
     emb = torch.cat([freqs, freqs], -1)
-    q, k = apply_rotary_pos_emb(q[None], k[None], emb.cos()[None], emb.sin()[None])
-    k = k[0].repeat_interleave(heads // kv_heads, 0)
+    q, k = rotate(q, emb.cos(), emb.sin()), rotate(k, emb.cos(), emb.sin())
+    k = k.repeat_interleave(heads // kv_heads, 0)
     v = v.repeat_interleave(heads // kv_heads, 0)
-    scores = q[0] @ k.transpose(1, 2) / d ** 0.5 + torch.full((n, n), float("-inf")).triu(1)
+    scores = q @ k.transpose(1, 2) / d ** 0.5 + torch.full((n, n), float("-inf")).triu(1)
     out = torch.softmax(scores, -1) @ v
     return out.transpose(0, 1).reshape(n, -1) @ state[f"{prefix}o_proj.weight"].T
 

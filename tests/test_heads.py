@@ -161,7 +161,8 @@ def test_hydra_decoder_pickled_modules_load_without_the_reference_package(target
     drafter = build("hydra-decoder", target, checkpoints, tree="chain:3")
     assert_same(drafter.heads.heads.state_dict(), modules["medusa_head"].state_dict())
     trunk = drafter.trunk.layer_state_dict()
-    expected = {f"layers.{k}": v for k, v in modules["medusa_decoder_layers"].state_dict().items()}
+    # the rotary tables inside the pickled 4.31 layers are recomputed from the target, never loaded
+    expected = {f"layers.{k}": v for k, v in modules["medusa_decoder_layers"].state_dict().items() if "rotary_emb." not in k}
     expected["norm.weight"] = modules["medusa_rms_norm"].weight
     assert_same(trunk, {k: v.to(torch.bfloat16) for k, v in expected.items()})
     assert drafter.taps == (target.num_layers - 1,)
@@ -334,6 +335,69 @@ def test_hydra_decoder_refuses_what_it_cannot_map(target, tmp_path):
     write_medusa_v1(tmp_path, target, num_heads=3)
     with pytest.raises(UserError, match="cannot map '0.0.linear.weight'"):
         HydraDecoderDrafter.build(target, heads=str(tmp_path))
+
+
+def pickled_globals(path) -> set[tuple[str, str]]:
+    """Every global a torch zip checkpoint's pickle names (protocol 2: GLOBAL "module name")."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    return {tuple(arg.split(" ", 1)) for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+def test_hydra_decoder_fixture_names_only_the_published_classes(checkpoints):
+    """The fixture's bytes follow the reference package, not the installed transformers (which,
+    from 5.25 with `kernels`, pickles kernel-decorated classes): the only non-torch globals are
+    the reference's own module classes and 4.31's LlamaConfig."""
+    names = pickled_globals(checkpoints["hydra-decoder"][0] / "medusa_lm_head.pt")
+    own = {(m, n) for m, n in names if not m.startswith(("torch", "collections", "copyreg", "__builtin__", "builtins"))}
+    kv = "medusa.model.modeling_llama_kv"
+    assert own == {("medusa.model.medusa_model", "ResBlock"), (kv, "LlamaDecoderLayer"), (kv, "LlamaAttention"), (kv, "LlamaMLP"),
+                   (kv, "LlamaRMSNorm"), (kv, "LlamaRotaryEmbedding"), ("transformers.models.llama.configuration_llama", "LlamaConfig")}
+
+
+def test_a_kernels_global_in_a_pickle_is_one_line_naming_the_fix(target, tmp_path):
+    """A checkpoint saved from kernel-decorated transformers classes names a `kernels` function;
+    it is refused (never called) with the fix, not unpickled."""
+    from head_layouts import save_naming_modules
+
+    called = []
+
+    def _rebuild_kernel_func(*args):
+        called.append(args)
+
+    _rebuild_kernel_func.__module__ = "kernels._internals.layer.layer"
+    _rebuild_kernel_func.__qualname__ = "_rebuild_kernel_func"
+
+    class KernelDecorated:
+        def __reduce__(self):
+            return (_rebuild_kernel_func, ("rms_norm",))
+
+    save_naming_modules({"medusa_head": KernelDecorated()}, tmp_path / "medusa_lm_head.pt",
+                        {"kernels": {}, "kernels._internals": {}, "kernels._internals.layer": {},
+                         "kernels._internals.layer.layer": {"_rebuild_kernel_func": _rebuild_kernel_func}})
+    with pytest.raises(UserError) as refused:
+        HydraDecoderDrafter.build(target, heads=str(tmp_path))
+    message = str(refused.value)
+    assert "refusing to load global kernels._internals.layer.layer._rebuild_kernel_func" in message
+    assert "safetensors" in message and "\n" not in message and not called
+
+
+def test_hydra_decoder_trunk_key_it_cannot_map_is_refused(target, checkpoints, tmp_path):
+    """The same layout saved as plain tensors, one trunk key added: one line naming it (the rotary
+    tables are the only keys a trunk may carry beyond the target's layer weights)."""
+    modules = checkpoints["hydra-decoder"][1]
+    state = {f"{group}.{k}": v for group in ("medusa_head", "medusa_decoder_layers") for k, v in modules[group].state_dict().items()}
+    state["medusa_rms_norm.weight"] = modules["medusa_rms_norm"].weight.detach()
+    (tmp_path / "config.json").write_text((checkpoints["hydra-decoder"][0] / "config.json").read_text())
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    HydraDecoderDrafter.build(target, heads=str(tmp_path), tree="chain:2")  # as published: loads
+    state["medusa_decoder_layers.0.self_attn.q_norm.weight"] = torch.ones(4)
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    with pytest.raises(UserError, match="cannot map 'layers.0.self_attn.q_norm.weight'"):
+        HydraDecoderDrafter.build(target, heads=str(tmp_path), tree="chain:2")
 
 
 def test_fresh_heads_build_for_any_target(target, plain_outputs):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,12 @@ import torch
 from specbench.drafters.unpickle import ModulePickle, flatten
 from specbench.errors import UserError
 from specbench.files import read_text, reading_weights
+
+
+# Rotary tables some published files carry inside their modules (EAGLE's `inv_freq`; decoder-layer
+# Hydra's pickled 4.31 layers also keep `cos_cached`/`sin_cached`): derived from the config, never
+# weights, so loaders recompute them from the target and skip these keys, and only these.
+ROTARY_TABLE = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
 @dataclass

@@ -22,7 +22,6 @@ rotary `inv_freq` buffers.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,13 @@ from typing import Any
 import torch
 from transformers.activations import ACT2FN
 
-from specbench.drafters.checkpoints import locate_first, read_config, read_tensors
+from specbench.drafters.checkpoints import ROTARY_TABLE, locate_first, read_config, read_tensors
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.errors import SpecbenchWarning, UserError
 
 EAGLE1, EAGLE3, SPECULATORS = "eagle", "eagle3", "speculators-eagle3"
 LAYOUTS = (EAGLE1, EAGLE3, SPECULATORS)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the same tensors where a repo has both
-ROTARY_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 SPECULATORS_VERSION = "0.3.0"  # the format version the writer follows
 
 
@@ -276,7 +274,7 @@ def build_net(checkpoint: EagleCheckpoint, target) -> EagleNet:
     expected = expected_keys(c, own)
     optional = {"embed_tokens.weight"} | ({"d2t", "t2d"} if c.version == 3 and c.draft_vocab_size == c.vocab_size else set())
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected and k not in optional and not ROTARY_BUFFER.search(k)]
+    unexpected = [k for k in state if k not in expected and k not in optional and not ROTARY_TABLE.search(k)]
     for keys, word in ((missing, "missing"), (unexpected, "unexpected")):
         if keys:
             more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""

@@ -87,6 +87,7 @@ class HydraDrafter(HeadDrafter):
         if layout.arch == "prefix-mlp":
             prefix = OwnDecoder(target.config, 1).to(target.device, target.dtype)
             prefix_state = {k.removeprefix("prefix_embeding_layer."): v.to(target.dtype) for k, v in checkpoint.state.items() if k.startswith("prefix_embeding_layer.")}
+            prefix_state.pop("embed_tokens.weight", None)  # the published one-layer LlamaModel's table: it is fed hidden states, never ids
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded,
                 "hidden_state_offset": layout.hidden_state_offset, "own_lm_head": not layout.tied_lm_head}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from specbench.drafters.checkpoints import ROTARY_TABLE
 from specbench.engine import kv
 from specbench.engine.compat import cache_kwargs
 
@@ -173,6 +174,10 @@ class OwnDecoder(nn.Module):
         from specbench.errors import UserError
 
         mine = self.layer_state_dict()
+        extra = sorted(k for k in state if k not in mine and not ROTARY_TABLE.search(k))
+        if extra:
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            raise UserError(f"{what}: cannot map '{extra[0]}'{more} onto this target's decoder layers; the checkpoint does not match them")
         missing = sorted(set(mine) - set(state))
         if missing:
             raise UserError(f"{what}: no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; the checkpoint does not match this target's decoder layers")

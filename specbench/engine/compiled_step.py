@@ -1,10 +1,11 @@
 """The fast engine's step compiled for a CPU: torch.compile (inductor's C++/OpenMP backend)
 of a StaticDecoder step (engine/static_cache.py).
 
-Why: on a CPU, a small model's eager decoder step is mostly per-op overhead (dozens of small
-kernels and their dispatch per layer), not weight reads; compiled, each layer's elementwise
-work fuses into a few loops and the step approaches the memory-bandwidth limit
-(docs/engine.md has the measurements).
+Why: on a CPU, a small model's eager decoder step is partly per-op overhead (dozens of small
+kernels and their dispatch per layer), which fusing each layer's elementwise work could
+remove. Measured on the development machine it does not pay yet: the compiled step was
+2.5-3.5x slower than the eager one (docs/engine.md), so `--engine auto` stays eager on a
+CPU (engine/engines.py) and this is what `--engine fast` measures there.
 
 How: compiled with dynamic shapes, so the buckets share compiled code (bucket 1 is compiled
 apart: torch specialises sizes 0 and 1), and every step reads one span, the whole capacity

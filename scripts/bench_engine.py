@@ -13,9 +13,10 @@ Every engine x dtype variant is measured in one process, their repetitions inter
   n-1), n = 1..64 by default, and t(n)/t(1);
 - per-step overhead (step wall - draft - verify) for plain decoding and prompt lookup;
 - the fast engine's warm-up, done before anything is timed: on CUDA every bucket captured
-  as a graph, on a CPU every bucket's step compiled (the time is inductor's, less when its
-  on-disk cache already holds the code) and each bucket's latency measured, from which a
-  verify picks the cheapest bucket that holds it.
+  as a graph; on a CPU (`--cpu-fast`) every bucket's step compiled ("compiled"; the time is
+  inductor's, less when its on-disk cache already holds the code) or not ("static": the
+  static cache and buckets alone), and each bucket's latency measured, from which a verify
+  picks the cheapest bucket that holds it.
 Timing does not depend on weight values, so the 7B shape needs no checkpoint.
 """
 
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="1-64", help="verify profile sizes n: a range (1-64) or a comma-separated list")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--cpu-fast", default="compiled,static",
+                        help="on a CPU, the fast engine's variants: compiled (torch.compile'd step), static (the static cache "
+                             "and buckets from a measured profile, not compiled); comma separated")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
 
@@ -97,9 +101,16 @@ def main() -> None:
             model, tokenizer, source = load_causal_lm(args.model, device, dtype)
             label = source.model_id
         for engine in engines:
-            target = HFTarget(model, tokenizer) if engine == "eager" else FastHFTarget(model, tokenizer)
-            target.eos_token_ids = set()  # a forced fixed length
-            targets[f"{engine} {SHORT.get(name, name)}"] = target
+            kinds = [""] if engine == "eager" or device.type != "cpu" else args.cpu_fast.split(",")
+            for kind in kinds:
+                if engine == "eager":
+                    target = HFTarget(model, tokenizer)
+                elif kind == "static":
+                    target = FastHFTarget(model, tokenizer, bucketed=True, compiled=False)
+                else:
+                    target = FastHFTarget(model, tokenizer)
+                target.eos_token_ids = set()  # a forced fixed length
+                targets[f"{engine}{'-' + kind if kind else ''} {SHORT.get(name, name)}"] = target
     vocab = next(iter(targets.values())).vocab_size
     generator = torch.Generator().manual_seed(0)
     # a prompt with repeats, so prompt lookup finds n-grams to draft

@@ -75,10 +75,10 @@ class FastHFTarget(HFTarget):
     def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
         """Between sequences: size the cache for max_positions and capture (CUDA) or compile (CPU)
         every bucket a verify of 1..max_rows rows uses; returns the ms that took (0 for neither).
-        A compiled step then measures each bucket's latency, from which a verify picks the
-        cheapest bucket that holds it (engine/buckets.py `cheapest_bucket`)."""
+        On a CPU (bucketed, no graphs) each bucket's latency is then measured, and a verify
+        picks the cheapest bucket that holds it (engine/buckets.py `cheapest_bucket`)."""
         ms = self.decoder.warm_up(max_rows, taps, max_positions)
-        if self.compiler is not None:
+        if self.decoder.graphs is None and self.decoder.bucketed:
             self.decoder.measure_profile(max_rows, taps)
         return ms
 

@@ -309,7 +309,10 @@ class Benchmark:
         if todo and self.config.warmup:
             with progress.status("warming up (untimed: cache sizing, graph captures or step compilation, a short decode per mode)"):
                 engine.update(self.warm_up())
-        engine["capacity"] = self.target.engine_stats().get("capacity")
+        stats = self.target.engine_stats()
+        engine["capacity"] = stats.get("capacity")
+        if stats.get("profile_ms"):  # the measured bucket latencies verifies pick their bucket from
+            engine["profile_ms"] = stats["profile_ms"]
         store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))

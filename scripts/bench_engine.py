@@ -1,19 +1,22 @@
-"""Eager vs fast decode engine on whatever device this runs on.
+"""Eager vs fast decode engine, per dtype, on whatever device this runs on.
 
-    python scripts/bench_engine.py                      # CPU: SmolLM2-135M (fp32)
-    python scripts/bench_engine.py --device cuda        # CUDA: random-weight Vicuna-7B shape (fp16)
+    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (compiled)
+    python scripts/bench_engine.py --device cuda        # random-weight Vicuna-7B shape (fp16), eager and fast (CUDA graphs)
 
-Prints, for both engines, measured in one process with their repetitions
-interleaved (so drifts in machine speed hit both alike) and reported as medians:
-plain decoding tokens/s at a forced fixed length (EOS ignored); the verify
-latency profile t(n), n = tokens in one verify forward (root + a chain of n-1);
-per-step overhead (step wall - draft - verify) for plain decoding and for
-prompt lookup; the fast engine's warm-up (its cache sized and every bucket
-captured before anything is timed: graphs, ms, KV capacity); and, on CUDA,
-plain tokens/s as a fraction of the bandwidth limit (bytes one forward reads /
-measured device-to-device copy bandwidth).
-`--compiled-step` turns on the fast engine's torch.compile'd step (off by default,
-see COMPILED_STEP in specbench/engine/static_cache.py) to measure it.
+Every engine x dtype variant is measured in one process, their repetitions interleaved
+(so drifts in machine speed hit all alike), reported as medians:
+- the memory-bandwidth limit: weight bytes one forward reads / the measured bandwidth
+  (on a CPU the read bandwidth of summing a 1 GiB tensor, on CUDA device-to-device copy),
+  and plain decoding's tokens/s as a fraction of it;
+- plain decoding tokens/s at a forced fixed length (EOS ignored);
+- the verify latency profile t(n), n = tokens in one verify forward (root + a chain of
+  n-1), n = 1..64 by default, and t(n)/t(1);
+- per-step overhead (step wall - draft - verify) for plain decoding and prompt lookup;
+- the fast engine's warm-up, done before anything is timed: on CUDA every bucket captured
+  as a graph; on a CPU (`--cpu-fast`) every bucket's step compiled ("compiled"; the time is
+  inductor's, less when its on-disk cache already holds the code) or not ("static": the
+  static cache and buckets alone), and each bucket's latency measured, from which a verify
+  picks the cheapest bucket that holds it.
 Timing does not depend on weight values, so the 7B shape needs no checkpoint.
 """
 
@@ -27,18 +30,17 @@ import torch
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
-from specbench.engine.speed import copy_bandwidth, median, verify_profile
-from specbench.engine.static_cache import bucket_size
+from specbench.engine.speed import copy_bandwidth, median, read_bandwidth, verify_profile
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import DTYPES, load_causal_lm, resolve_device
 from specbench.targets.synthetic import SHAPES, random_model
 
-PROFILE_SIZES = "1,2,4,8,16,24,32,48,64,96,128"
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 def decode_runs(targets: dict, make_drafter, prompt: torch.Tensor, new_tokens: int, reps: int):
-    """Per engine: tokens/s of each repetition and every step's overhead, draft and verify ms."""
+    """Per variant: tokens/s of each repetition and every step's overhead, draft and verify ms."""
     out = {name: {"tokens_per_s": [], "overhead_ms": [], "draft_ms": [], "verify_ms": [], "step_ms": []} for name in targets}
     for rep in range(reps + 1):
         for name, target in targets.items():
@@ -56,85 +58,113 @@ def decode_runs(targets: dict, make_drafter, prompt: torch.Tensor, new_tokens: i
     return out
 
 
+def parse_sizes(text: str) -> list[int]:
+    if "-" in text and "," not in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(s) for s in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default=None, help="a target alias/id/path (default on CPU: smollm2-135m)")
     parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="a random-weight shape instead (default on CUDA: vicuna-7b)")
-    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtypes", default=None, help="comma separated (default: float32,bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--engines", default="eager,fast", help="comma separated: eager, fast")
     parser.add_argument("--new-tokens", type=int, default=64, help="forced decode length (EOS ignored)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--sizes", default=PROFILE_SIZES, help="verify profile sizes n, comma separated, or 1-128")
+    parser.add_argument("--sizes", default="1-64", help="verify profile sizes n: a range (1-64) or a comma-separated list")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--compiled-step", action="store_true", help="torch.compile the fast engine's step (off by default)")
+    parser.add_argument("--cpu-fast", default="compiled,static",
+                        help="on a CPU, the fast engine's variants: compiled (torch.compile'd step), static (the static cache "
+                             "and buckets from a measured profile, not compiled); comma separated")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype_names = (args.dtypes or ("float16" if device.type == "cuda" else "float32,bfloat16")).split(",")
+    engines = args.engines.split(",")
     if args.model is None and args.shape is None:
         args.shape, args.model = ("vicuna-7b", None) if device.type == "cuda" else (None, "smollm2-135m")
-    if args.shape:
-        model, tokenizer, label = random_model(args.shape, device, dtype), None, f"random-weight {args.shape} shape"
-    else:
-        model, tokenizer, source = load_causal_lm(args.model, device, dtype)
-        label = source.model_id
-    sizes = list(range(1, 129)) if args.sizes == "1-128" else [int(s) for s in args.sizes.split(",")]
+    sizes = parse_sizes(args.sizes)
 
-    targets = {"eager": HFTarget(model, tokenizer), "fast": FastHFTarget(model, tokenizer, compiled_step=args.compiled_step)}
-    for target in targets.values():
-        target.eos_token_ids = set()  # a forced fixed length
-    vocab = targets["eager"].vocab_size
+    targets, label, tokenizer = {}, None, None
+    for name in dtype_names:
+        dtype = DTYPES[name]
+        if args.shape:
+            model, label = random_model(args.shape, device, dtype, seed=0), f"random-weight {args.shape} shape"
+        else:
+            model, tokenizer, source = load_causal_lm(args.model, device, dtype)
+            label = source.model_id
+        for engine in engines:
+            kinds = [""] if engine == "eager" or device.type != "cpu" else args.cpu_fast.split(",")
+            for kind in kinds:
+                if engine == "eager":
+                    target = HFTarget(model, tokenizer)
+                elif kind == "static":
+                    target = FastHFTarget(model, tokenizer, bucketed=True, compiled=False)
+                else:
+                    target = FastHFTarget(model, tokenizer)
+                target.eos_token_ids = set()  # a forced fixed length
+                targets[f"{engine}{'-' + kind if kind else ''} {SHORT.get(name, name)}"] = target
+    vocab = next(iter(targets.values())).vocab_size
     generator = torch.Generator().manual_seed(0)
     # a prompt with repeats, so prompt lookup finds n-grams to draft
     motif = torch.randint(3, min(vocab, 1000), (16,), generator=generator)
     prompt = motif.repeat(-(-args.prompt_tokens // 16))[: args.prompt_tokens].to(device)
 
-    # before anything is timed, as `specbench run` does: the cache sized for the longest
-    # sequence and every bucket captured (plain: 1 row, prompt lookup: up to 1 + k, profile: n)
-    longest_verify = max(max(sizes), 1 + PromptLookupDrafter(targets["fast"]).max_draft_tokens)
+    # before anything is timed, as `specbench run` does: the cache sized for the longest sequence and
+    # every bucket captured or compiled (plain: 1 row, prompt lookup: up to 1 + k, profile: n)
+    longest_verify = max(max(sizes), 1 + PromptLookupDrafter(next(iter(targets.values()))).max_draft_tokens)
     positions = args.prompt_tokens + max(args.new_tokens, max(sizes)) + longest_verify
-    capture_ms = targets["fast"].warm_up(longest_verify, (), positions)
+    warm = {}
+    for name, target in targets.items():
+        if target.engine == "fast":
+            ms = target.warm_up(longest_verify, (), positions)
+            warm[name] = {"ms": ms, **target.engine_stats()}
     with torch.inference_mode():
         plain = decode_runs(targets, PlainDecoding, prompt, args.new_tokens, args.reps)
         lookup = decode_runs(targets, lambda t: PromptLookupDrafter(t), prompt, args.new_tokens, args.reps)
         profile = verify_profile(targets, prompt, sizes, args.reps)
+    bandwidth = read_bandwidth(device) if device.type == "cpu" else copy_bandwidth(device)
+    for name, target in targets.items():
+        if target.engine == "fast":
+            warm[name]["compiles_after_warm_up"] = target.engine_stats().get("compiles", 0) - warm[name].get("compiles", 0)
+            warm[name]["captures_after_warm_up"] = target.engine_stats()["captures"] - warm[name]["captures"]
 
+    variants = {}
+    for name, target in targets.items():
+        weight_bytes = target.forward_bytes()
+        limit = bandwidth / weight_bytes
+        tps = median(plain[name]["tokens_per_s"])
+        variants[name] = {
+            "engine": target.engine,
+            "dtype": str(target.dtype).removeprefix("torch."),
+            "weight_bytes": weight_bytes,
+            "limit_tokens_per_s": limit,
+            "plain_tokens_per_s": tps,
+            "fraction_of_limit": tps / limit,
+            "verify_ms": profile[name],
+            "step_ms": {mode: {k: median(runs[name][k]) for k in ("step_ms", "draft_ms", "verify_ms", "overhead_ms")}
+                        for mode, runs in (("plain", plain), ("prompt-lookup", lookup))},
+            "warm_up": warm.get(name),
+        }
     report = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
         "model": label,
-        "dtype": str(dtype).removeprefix("torch."),
-        "forward_bytes": targets["eager"].forward_bytes(),
+        "bandwidth_GB_s": bandwidth / 1e9,
+        "bandwidth_kind": "read (sum of a 1 GiB tensor)" if device.type == "cpu" else "device-to-device copy",
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
-        "fast_graphs": targets["fast"].decoder.graphs is not None,
-        "fast_compiled_step": args.compiled_step,
-        "fast_warm_up": {"capture_ms": capture_ms, "graphs": targets["fast"].decoder.captures,
-                         "buckets_up_to": bucket_size(min(longest_verify, 128)), "kv_capacity": targets["fast"].cache.capacity},
-        "fast_captures_after_warm_up": targets["fast"].decoder.captures,  # updated below
-        "plain_tokens_per_s": {n: median(r["tokens_per_s"]) for n, r in plain.items()},
-        "plain_speedup_fast_over_eager": median(
-            [f / e for f, e in zip(plain["fast"]["tokens_per_s"], plain["eager"]["tokens_per_s"])]
-        ),
-        "step_ms": {
-            mode: {n: {k: median(r[k]) for k in ("step_ms", "draft_ms", "verify_ms", "overhead_ms")} for n, r in runs.items()}
-            for mode, runs in (("plain", plain), ("prompt-lookup", lookup))
-        },
-        "verify_ms": profile,
+        "variants": variants,
     }
-    report["fast_captures_after_warm_up"] = targets["fast"].decoder.captures - report["fast_warm_up"]["graphs"]
-    if device.type == "cuda":
-        bandwidth = copy_bandwidth(device)
-        limit = bandwidth / report["forward_bytes"]
-        report["copy_bandwidth_GB_s"] = bandwidth / 1e9
-        report["bandwidth_limit_tokens_per_s"] = limit
-        report["fraction_of_bandwidth_limit"] = {n: tps / limit for n, tps in report["plain_tokens_per_s"].items()}
     if args.as_json:
         print(json.dumps(report, indent=1))
         return
@@ -147,43 +177,46 @@ def show(r: dict) -> None:
 
     console = Console()
     console.print(
-        f"{r['model']} ({r['dtype']}) on {r['device_name'] or r['device']}, {r['cpu_threads']} CPU threads; "
-        f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens forced, medians of {r['reps']} interleaved reps; "
-        f"fast engine CUDA graphs: {r['fast_graphs']}" + (", compiled step" if r["fast_compiled_step"] else "")
+        f"{r['model']} on {r['device_name'] or r['device']}, {r['cpu_threads']} CPU threads; prompt {r['prompt_tokens']} tokens, "
+        f"{r['new_tokens']} new tokens forced, medians of {r['reps']} interleaved reps; "
+        f"bandwidth {r['bandwidth_GB_s']:.1f} GB/s ({r['bandwidth_kind']})"
     )
-    w = r["fast_warm_up"]
-    console.print(
-        f"fast engine warm-up (untimed): {w['graphs']} graphs captured in {w['capture_ms']:.0f} ms (buckets 1..{w['buckets_up_to']} "
-        f"at every span); KV capacity {w['kv_capacity']} positions; captures after warm-up: {r['fast_captures_after_warm_up']}"
-    )
-    tps = r["plain_tokens_per_s"]
-    line = f"plain tokens/s: eager {tps['eager']:.2f}, fast {tps['fast']:.2f}; fast/eager {r['plain_speedup_fast_over_eager']:.3f}x"
-    if "bandwidth_limit_tokens_per_s" in r:
-        frac = r["fraction_of_bandwidth_limit"]
-        line += (
-            f"\nbandwidth limit: {r['forward_bytes'] / 1e9:.2f} GB per forward / {r['copy_bandwidth_GB_s']:.0f} GB/s copy = "
-            f"{r['bandwidth_limit_tokens_per_s']:.1f} tokens/s; eager {frac['eager']:.1%}, fast {frac['fast']:.1%} of it"
-        )
-    console.print(line)
+    for name, v in r["variants"].items():
+        w = v["warm_up"]
+        if w:
+            what = (f"{w['graphs']} CUDA graphs captured" if w.get("cuda_graphs") else
+                    f"{w.get('compiles', 0)} graphs compiled" if w.get("compiled_step") else "nothing to prepare")
+            console.print(f"{name} warm-up (untimed): {what} in {w['ms'] / 1000:.1f} s; KV capacity {w['capacity']}; "
+                          f"after warm-up: {w['compiles_after_warm_up']} compilations, {w['captures_after_warm_up']} captures; "
+                          f"bucket profile ms {w.get('profile_ms')}")
+
+    plain = Table(title="plain decoding against the memory-bandwidth limit (weight bytes per forward / bandwidth)")
+    for col in ("variant", "weight MB", "limit ms/token", "limit tokens/s", "tokens/s", "fraction of limit"):
+        plain.add_column(col, justify="right" if col != "variant" else "left")
+    for name, v in r["variants"].items():
+        plain.add_row(name, f"{v['weight_bytes'] / 1e6:.0f}", f"{1000 / v['limit_tokens_per_s']:.1f}", f"{v['limit_tokens_per_s']:.1f}",
+                      f"{v['plain_tokens_per_s']:.2f}", f"{v['fraction_of_limit']:.0%}")
+    console.print(plain)
 
     steps = Table(title="per-step ms (medians): overhead = step - draft - verify")
-    for col in ("mode", "engine", "step", "draft", "verify", "overhead"):
-        steps.add_column(col, justify="right" if col not in ("mode", "engine") else "left")
-    for mode, per in r["step_ms"].items():
-        for engine, m in per.items():
-            steps.add_row(mode, engine, *(f"{m[k]:.2f}" for k in ("step_ms", "draft_ms", "verify_ms", "overhead_ms")))
+    for col in ("mode", "variant", "step", "draft", "verify", "overhead"):
+        steps.add_column(col, justify="right" if col not in ("mode", "variant") else "left")
+    for name, v in r["variants"].items():
+        for mode, m in v["step_ms"].items():
+            steps.add_row(mode, name, *(f"{m[k]:.2f}" for k in ("step_ms", "draft_ms", "verify_ms", "overhead_ms")))
     console.print(steps)
 
-    prof = Table(title="verify latency t(n) ms, n = tokens in one forward (medians)")
-    for col in ("n", "eager", "fast", "fast/eager", "eager t(n)/t(1)", "fast t(n)/t(1)"):
-        prof.add_column(col, justify="right")
-    eager, fast = r["verify_ms"]["eager"], r["verify_ms"]["fast"]
-    first = min(eager)
-    for n in eager:
-        prof.add_row(
-            str(n), f"{eager[n]:.2f}", f"{fast[n]:.2f}", f"{fast[n] / eager[n]:.3f}",
-            f"{eager[n] / eager[first]:.2f}", f"{fast[n] / fast[first]:.2f}",
-        )
+    names = list(r["variants"])
+    prof = Table(title="verify latency t(n) ms, n = tokens in one forward (medians), and t(n)/t(1)")
+    prof.add_column("n", justify="right")
+    for name in names:
+        prof.add_column(name, justify="right")
+    for name in names:
+        prof.add_column(f"{name} /t(1)", justify="right")
+    first = {name: r["variants"][name]["verify_ms"] for name in names}
+    for n in next(iter(first.values())):
+        prof.add_row(str(n), *(f"{first[name][n]:.2f}" for name in names),
+                     *(f"{first[name][n] / first[name][min(first[name])]:.2f}" for name in names))
     console.print(prof)
 
 

@@ -45,7 +45,7 @@ from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.loop import Decoded, decode, warm_up_engines
 from specbench.engine.protocol import Drafter, PlainDecoding, Target
 from specbench.engine.speed import copy_bandwidth, verify_profile
-from specbench.engine.static_cache import EVENTS
+from specbench.engine.events import EVENTS
 from specbench.environment import environment
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import tau
@@ -356,7 +356,7 @@ def deepspeed_section(setup: Setup, hf: Target, eps: float, started: float) -> d
         return {"skipped": f"deepspeed is not importable ({one_line(exc)}); docs/gpu.md says how to install or carry it"}
     try:
         module = deepspeed.shard(copy.deepcopy(setup.model), device, setup.dtype, 1)
-        ds = FastHFTarget(module, name="deepspeed", backend="deepspeed", bucketed=True)
+        ds = FastHFTarget(module, name="deepspeed", backend="deepspeed", bucketed=True, compiled=False)
         ds.eos_token_ids = set()
         targets = {"hf": hf, "deepspeed": ds}
         positions = max(p.numel() for p in setup.prompts) + setup.new_tokens + 1
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     free_memory()  # transformers initialises in fp32 first
     prompts = [p.to(device) for p in make_prompts(args.prompts, prompt_tokens, model.config.vocab_size)]
     setup = Setup(device, dtype, shape, prompts, new_tokens, model)
-    targets = {"eager": HFTarget(model, name=f"random-{shape}"), "fast": FastHFTarget(model, name=f"random-{shape}", bucketed=True)}
+    targets = {"eager": HFTarget(model, name=f"random-{shape}"), "fast": FastHFTarget(model, name=f"random-{shape}", bucketed=True, compiled=False)}
     for target in targets.values():
         target.eos_token_ids = set()  # a forced fixed length
     graphs = targets["fast"].decoder.graphs is not None  # CUDA graphs (or a test's stand-in)

@@ -11,6 +11,16 @@ from typing import Any
 import torch
 
 
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX tiles, as torch's oneDNN
+    kernels use them), and the reason in words, for `--dtype auto` and run.json."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if amx or avx:
+        return True, f"the CPU computes bf16 natively ({'AMX' if amx else 'AVX512_BF16'})"
+    return False, "the CPU has neither AVX512_BF16 nor AMX: bf16 would be emulated, slower than fp32"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     def pkg(name: str) -> str | None:
         try:

@@ -22,11 +22,11 @@ import torch
 from specbench.checks import check_fits, check_output_dir, check_temperature, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
-from specbench.engine.engines import ENGINES
+from specbench.engine.engines import ENGINE_HELP, ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
 from specbench.engine.options import CommandConfig, flag_of, option
 from specbench.engine.protocol import PlainDecoding, Target
-from specbench.engine.static_cache import EVENTS
+from specbench.engine.events import EVENTS
 from specbench.environment import environment
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -41,7 +41,16 @@ from specbench.records import (
 )
 from specbench.store import RunStore
 from specbench.targets import BACKENDS, load_target
-from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP, load_config, load_tokenizer, resolve_device, resolve_dtype
+from specbench.targets.loading import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    TARGET_HELP,
+    dtype_choice,
+    load_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from specbench.targets.parallel import tensor_parallel
 from specbench.workloads import Prompt, Workload, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
@@ -67,11 +76,11 @@ class RunConfig(CommandConfig):
     seed: int = option(0, "seed for sampling", min=0, max=2**63 - 1)
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
-    engine: str = option("auto", "auto (fast on CUDA, eager on CPU), eager (DynamicCache), fast (static KV cache; CUDA graphs on CUDA); the baseline runs on the same engine")
+    engine: str = option("auto", ENGINE_HELP)
     backend: str = option("hf", "target backend: hf, or deepspeed (tensor parallel over --tp ranks; docs/deepspeed.md)")
     tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)", min=1)
     baseline: bool = option(True, "also run plain decoding on the same prompts")
-    warmup: bool = option(True, "one short untimed decode (and on CUDA the graph captures) before measuring")
+    warmup: bool = option(True, "one short untimed decode (and the fast engine's graph captures or step compilations) before measuring")
 
     def __post_init__(self) -> None:
         if self.categories is not None:  # `--categories a,b --categories c`: split by workloads.select, which knows the names
@@ -190,34 +199,47 @@ class Benchmark:
         for drafter in (self.plain, self.drafter):
             self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
         return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
+                "compile_ms": round(EVENTS.compile_ms - before.compile_ms, 3), "compiles": EVENTS.compiles - before.compiles,
                 "planned_positions": positions}
 
     def engine_record(self) -> dict[str, Any]:
         """run.json's `engine` entry before the warm-up: the target's engine and cache, and
-        counters of what happened while prompts were timed (captures, mid-sequence regrowths)."""
+        counters of what happened while prompts were timed (captures, compilations, mid-sequence regrowths)."""
         stats = self.target.engine_stats()
+        dtype, why = dtype_choice(self.config.dtype, self.target.device)
         return {
             "engine": self.target.engine,
+            "dtype": str(self.target.dtype).removeprefix("torch."),
+            "dtype_choice": why if dtype == self.target.dtype else "given",
             "cuda_graphs": bool(stats.get("cuda_graphs")),
             "capture_ms": 0.0,
             "graphs": 0,
             "capacity": stats.get("capacity"),
+            "compiled_step": bool(stats.get("compiled_step")),
+            "compile_ms": 0.0,
+            "compiles": 0,
             "timed_captures": 0,
             "timed_capture_ms": 0.0,
+            "timed_compiles": 0,
+            "timed_compile_ms": 0.0,
             "timed_regrowths": 0,
             "timed_capture_prompts": [],
         }
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
+        """Both modes, turn by turn. A later turn's history is plain decoding's answers in both
+        modes (when the baseline runs): a near-tie in turn 1 would otherwise hand the two modes
+        different contexts for turn 2, and their outputs could not be compared token for token."""
         modes = [(BASELINE, self.plain)] if self.config.baseline else []
         modes.append((SPEC, self.drafter))
         answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
+        history = answers[modes[0][0]]  # the baseline's answers, or the drafter's own without a baseline
         outputs: dict[tuple[str, int], Decoded] = {}
         steps: list[StepRecord] = []
         turns: list[TurnRecord] = []
         for turn in range(len(prompt.turns)):
             for mode, drafter in modes:
-                ids, result = self._decode(drafter, prompt, turn, answers[mode])
+                ids, result = self._decode(drafter, prompt, turn, history[:turn])
                 outputs[mode, turn] = result
                 answers[mode].append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
                 steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]
@@ -269,19 +291,25 @@ class Benchmark:
         todo = [p for p in self.prompts if p.id not in done]
         engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
         if todo and self.config.warmup:
-            with progress.status("warming up (untimed: cache sizing, graph captures, a short decode per mode)"):
+            with progress.status("warming up (untimed: cache sizing, graph captures or step compilation, a short decode per mode)"):
                 engine.update(self.warm_up())
-        engine["capacity"] = self.target.engine_stats().get("capacity")
+        stats = self.target.engine_stats()
+        engine["capacity"] = stats.get("capacity")
+        if stats.get("profile_ms"):  # the measured bucket latencies verifies pick their bucket from
+            engine["profile_ms"] = stats["profile_ms"]
         store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
         for prompt in todo:
             before = replace(EVENTS)
             steps, turns = self.measure_prompt(prompt)
-            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths:
-                # a capture (or a cache regrowth) inside a timed prompt: its timings include it
+            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths or EVENTS.compiles > before.compiles:
+                # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
                 engine["timed_captures"] += EVENTS.captures - before.captures
                 engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
+                engine.setdefault("timed_compiles", 0)  # runs started before compiled steps existed lack these
+                engine["timed_compiles"] += EVENTS.compiles - before.compiles
+                engine["timed_compile_ms"] = round(engine.get("timed_compile_ms", 0.0) + EVENTS.compile_ms - before.compile_ms, 3)
                 engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
                 engine["timed_capture_prompts"].append(prompt.id)
             store.append_prompt(steps, turns)

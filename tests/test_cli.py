@@ -40,7 +40,7 @@ def models(tmp_path_factory):
 
 def test_run_on_local_models_writes_records_and_matches_plain(models, tmp_path, capsys, monkeypatch):
     args = ["run", "--target", models["target"], "--drafter", "draft-model", "--draft-model", models["draft"],
-            "--k", 3, "--limit", 3, "--max-new-tokens", 24, "--out", tmp_path, "--json"]
+            "--k", 3, "--limit", 3, "--max-new-tokens", 24, "--dtype", "float32", "--out", tmp_path, "--json"]
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     summary = json.loads(out)

@@ -461,7 +461,7 @@ def test_fast_engine_runs_dynamic_trees_in_buckets(setup, layout):
 
     name, cls = LAYOUTS[layout]
     target = setup[name]
-    for fast in (FastHFTarget(target.model, name="fast", bucketed=True), FastHFTarget(target.model, name="fast", graphs=FakeGraphs())):
+    for fast in (FastHFTarget(target.model, name="fast", bucketed=True, compiled=False), FastHFTarget(target.model, name="fast", graphs=FakeGraphs())):
         drafter = cls.build(fast, weights=str(setup["root"] / layout), tree="dynamic", total_tokens=20, depth=4, top_k=4)
         assert drafter.max_draft_tokens == 19 and len(drafter.taps) == (3 if layout == "eagle3" else 1)
         fast.warm_up(1 + drafter.max_draft_tokens, drafter.taps, 512)

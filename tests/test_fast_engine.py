@@ -15,23 +15,14 @@ from tiny import perturbed, prompts, tiny_llama
 
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
-from specbench.engine import static_cache
+from specbench.engine import buckets, static_cache
+from specbench.engine.buckets import GRAPH_MAX_BUCKET, MAX_SPANS, all_spans, bucket_size, buckets_up_to, span_for
+from specbench.engine.cuda_graphs import GraphSet
 from specbench.engine.engines import resolve_engine
+from specbench.engine.events import EVENTS
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
-from specbench.engine.static_cache import (
-    EVENTS,
-    GRAPH_MAX_BUCKET,
-    MAX_SPANS,
-    GraphSet,
-    StaticDecoder,
-    StaticKV,
-    all_spans,
-    bucket_size,
-    buckets_up_to,
-    shape_masks,
-    span_for,
-)
+from specbench.engine.static_cache import StaticDecoder, StaticKV, shape_masks
 from specbench.engine.tree import DraftTree
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.targets.fast import FastHFTarget
@@ -40,8 +31,8 @@ from specbench.targets.hf import HFTarget
 MAX_NEW = 32
 DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-decoder"]
 CONFIGS = {  # the fast engine as CPU runs it, padded to buckets over spans, and with (fake) CUDA graphs
-    "exact": lambda model: FastHFTarget(model),
-    "bucketed": lambda model: FastHFTarget(model, bucketed=True),
+    "exact": lambda model: FastHFTarget(model, compiled=False),
+    "bucketed": lambda model: FastHFTarget(model, bucketed=True, compiled=False),
     "graphs": lambda model: FastHFTarget(model, graphs=FakeGraphs()),
 }
 
@@ -78,9 +69,9 @@ def tiny():
 def small_steps(monkeypatch):
     """Capacity and span steps of 16 positions (at most 4 spans): short sequences then cross
     many span boundaries, and the span step grows with the capacity."""
-    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 16)
-    monkeypatch.setattr(static_cache, "SPAN_STEP", 16)
-    monkeypatch.setattr(static_cache, "MAX_SPANS", 4)
+    monkeypatch.setattr(buckets, "CAPACITY_STEP", 16)
+    monkeypatch.setattr(buckets, "SPAN_STEP", 16)
+    monkeypatch.setattr(buckets, "MAX_SPANS", 4)
 
 
 def eager_runs(model, draft, drafter: str, prompt_list, max_new: int):
@@ -101,7 +92,7 @@ def fp32():
 def test_fast_equals_eager_fp32(fp32, drafter):
     """Greedy tokens are identical on both engines (fp32, as a CPU run uses)."""
     model, draft = fp32
-    eager, fast = HFTarget(model), FastHFTarget(model)
+    eager, fast = HFTarget(model), FastHFTarget(model, compiled=False)
     drafted = 0
     for prompt in prompts(8):
         expected = decode(eager, make_drafter(drafter, eager, draft), prompt, MAX_NEW)
@@ -233,7 +224,7 @@ def test_tree_verify_and_commit_match_eager_kv():
 
 def test_draft_model_on_static_cache_rolls_back():
     model = tiny_llama(0)
-    fast = FastHFTarget(model)
+    fast = FastHFTarget(model, compiled=False)
     drafter = DraftModelDrafter(fast, perturbed(model, noise=0.01), k=4)
     assert drafter.fast is not None
     for prompt in prompts(3):
@@ -296,7 +287,7 @@ def test_warm_up_captures_every_bucket_so_decoding_captures_none(tiny, drafter):
         decode(fast, make_drafter("plain", fast), prompt, 48)
         decode(fast, made, prompt, 48)
     assert EVENTS.captures == captures and fast.cache.generation == generation
-    assert HFTarget(model).warm_up(64) == 0.0 and FastHFTarget(model).warm_up(64, (), 500) == 0.0
+    assert HFTarget(model).warm_up(64) == 0.0 and FastHFTarget(model, compiled=False).warm_up(64, (), 500) == 0.0
 
 
 # --- the graph pool ---------------------------------------------------------------
@@ -396,7 +387,7 @@ def test_bucket_sizes():
     assert [bucket_size(q) for q in (1, 2, 3, 5, 64, 65, 128, 129, 300)] == [1, 2, 4, 8, 64, 128, 128, 256, 384]
     assert buckets_up_to(1) == [1] and buckets_up_to(5) == [1, 2, 4, 8] and buckets_up_to(64) == [1, 2, 4, 8, 16, 32, 64]
     assert buckets_up_to(500) == [1, 2, 4, 8, 16, 32, 64, GRAPH_MAX_BUCKET]
-    assert max(bucket_size(q) - q for q in range(1, GRAPH_MAX_BUCKET + 1)) == static_cache.MAX_BUCKET_PADDING
+    assert max(bucket_size(q) - q for q in range(1, GRAPH_MAX_BUCKET + 1)) == buckets.MAX_BUCKET_PADDING
 
 
 def test_spans_are_few_and_cover_every_step():
@@ -460,28 +451,6 @@ def test_truncate_and_reserve_keep_the_prefix():
     assert cache.generation == 2 and EVENTS.regrowths == regrowths + 1
 
 
-# --- the compiled-step switch -----------------------------------------------------------
-
-def test_compiled_step_switch_is_off_by_default_and_wraps_the_step(tiny, monkeypatch):
-    model, _ = tiny
-    decoder = FastHFTarget(model).decoder
-    assert static_cache.COMPILED_STEP is False and decoder._compute == decoder._compute_step
-    compiled = []
-
-    def fake_compile(fn, **kwargs):  # inductor needs a C compiler and minutes: check the plumbing only
-        def wrapper(step):
-            compiled.append(step.bucket)
-            return fn(step)
-        return wrapper
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    model_eager, fast = HFTarget(model), FastHFTarget(model, graphs=FakeGraphs(), compiled_step=True)
-    prompt = prompts(1)[0]
-    expected = decode(model_eager, PlainDecoding(model_eager), prompt, 12).output_ids
-    assert decode(fast, PlainDecoding(fast), prompt, 12).output_ids == expected
-    assert compiled and set(compiled) == {1}
-
-
 # --- choosing the engine ------------------------------------------------------
 
 def test_resolve_engine():
@@ -543,7 +512,7 @@ def test_run_without_warm_up_says_it_captured_while_timed(models, tmp_path):
 def test_cli_run_on_fast_engine(models, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(
         ["run", "--target", models["target"], "--drafter", "draft-model", "--draft-model", models["draft"],
-         "--engine", "fast", "--workload", "builtin-completion", "--limit", 2, "--max-new-tokens", 16,
+         "--engine", "fast", "--workload", "builtin-completion", "--limit", 2, "--max-new-tokens", 16, "--dtype", "float32",
          "--out", tmp_path, "--json"],
         capsys, monkeypatch,
     )
@@ -558,7 +527,11 @@ def test_cli_run_on_fast_engine(models, tmp_path, capsys, monkeypatch):
 
     show_run(run_dir, as_json=False)  # what `run` prints without --json
     out = capsys.readouterr().out
-    assert f"fast engine: static KV cache {info['extra']['engine']['capacity']} positions, no CUDA graphs" in out
+    # on a CPU the fast engine compiles its step, in the warm-up
+    engine = info["extra"]["engine"]
+    assert engine["compiled_step"] and engine["compiles"] >= 1 and engine["timed_compiles"] == 0
+    assert f"fast engine: compiled step, {engine['compiles']} graphs compiled" in out
+    assert f"static KV cache {engine['capacity']} positions" in out
 
 
 def test_cli_unknown_engine_is_one_line(models, tmp_path, capsys, monkeypatch):

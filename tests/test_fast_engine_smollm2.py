@@ -1,4 +1,5 @@
-"""The fast engine on the embedded SmolLM2-135M (CPU, fp32): the same greedy tokens as the eager engine."""
+"""The fast engine's static cache and buckets on the embedded SmolLM2-135M (CPU, fp32, not compiled:
+tests/test_cpu_engine.py compiles tiny models): the same greedy tokens as the eager engine."""
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 def test_fast_equals_eager_on_smollm2():
     model, tokenizer, _ = load_causal_lm("smollm2-135m", torch.device("cpu"), torch.float32)
     draft = perturbed(model, noise=0.003)  # agrees often, not always
-    eager, fast = HFTarget(model, tokenizer), FastHFTarget(model, tokenizer)
+    eager, fast = HFTarget(model, tokenizer), FastHFTarget(model, tokenizer, bucketed=True, compiled=False)
     drafters = {
         "plain": lambda t: PlainDecoding(t),
         "prompt-lookup": lambda t: PromptLookupDrafter(t),

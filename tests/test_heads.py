@@ -442,7 +442,7 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
 
     from test_cli import run_cli
 
-    base = ["run", "--target", cli_models["target"], "--limit", 2, "--max-new-tokens", 16, "--out", tmp_path, "--json"]
+    base = ["run", "--target", cli_models["target"], "--limit", 2, "--max-new-tokens", 16, "--dtype", "float32", "--out", tmp_path, "--json"]
     code, out, err = run_cli([*base, "--drafter", "medusa", "--heads", cli_models["medusa"], "--tree", "mc_sim_7b_63"], capsys, monkeypatch)
     assert code == 0, err
     summary = json.loads(out)

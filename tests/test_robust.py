@@ -683,7 +683,7 @@ def test_published_files_are_read_by_their_content(env, tmp_path, capsys, monkey
     workload = open_workload(str(path))
     assert workload.format == fmt and len(workload.prompts) == len(rows)
     code, out, err = run_cli(["run", "--target", env["target"], "--workload", path, "--max-new-tokens", 6, "--limit", 1,
-                              "--out", tmp_path / "o", "--json"], capsys, monkeypatch)
+                              "--dtype", "float32", "--out", tmp_path / "o", "--json"], capsys, monkeypatch)
     assert code == 0, err
     assert json.loads(out)["exact_match_rate"] == 1.0
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_json(args, tmp_path, capsys, monkeypatch):
-    code, out, err = run_cli(["run", "--limit", 2, "--out", tmp_path, "--json", *args], capsys, monkeypatch)
+    code, out, err = run_cli(["run", "--limit", 2, "--dtype", "float32", "--out", tmp_path, "--json", *args], capsys, monkeypatch)
     assert code == 0, err
     return json.loads(out)
 

@@ -9,12 +9,16 @@ than that rounding, the argmax can go either way, and from that token on the
 outputs differ for no fault of the drafter or the engine.
 
 The rule, applied at the first position where the outputs differ, to the
-logits rows that chose the two tokens there (`loop.Top2`). Call each path's
-margin m = logit of its chosen token − logit of its runner-up (≥ 0 for greedy).
-It is a **near-tie** when both hold:
+logits rows that chose the token there on each path (`loop.Top2`: each row's
+best TOP_K tokens and logits). Plain decoding chose a, the speculative path b.
+Call each path's **pair margin** its logit of its own token minus its logit of
+the other path's token: m_plain = l_plain(a) − l_plain(b), m_spec = l_spec(b) −
+l_spec(a) (both ≥ 0 under greedy). It is a **near-tie** when both hold:
 
-1. swapped: each path's chosen token is the other path's runner-up — the two
-   paths ranked the same two tokens, in opposite order;
+1. each path's token is among the other path's best TOP_K (so its logit there
+   is known): the two paths ranked the same tokens near the top. With two tied
+   tokens this is "swapped" (each chose the other's runner-up); with three or
+   more near-equal tokens the other path's token may be third or further down;
 2. m_plain + m_spec ≤ tolerance = TIE_FACTOR · eps · s, where s is the larger
    max |logit| of the two rows and eps the rounding unit of the computation:
    eps(storage) + √n · eps(accumulation). Storage is the coarser of the
@@ -80,14 +84,23 @@ def margin(top: Top2) -> float:
     return top.chosen_logit - top.runner_up_logit
 
 
+def pair_margins(plain: Top2, spec: Top2) -> tuple[float, float] | None:
+    """(m_plain, m_spec): each path's logit of its token minus its logit of the other path's
+    token; None when one path's row does not hold the other's token among its best."""
+    plain_of_spec, spec_of_plain = plain.logit_of(spec.chosen), spec.logit_of(plain.chosen)
+    if plain_of_spec is None or spec_of_plain is None:
+        return None
+    return plain.chosen_logit - plain_of_spec, spec.chosen_logit - spec_of_plain
+
+
 def tolerance(plain: Top2, spec: Top2, eps: float) -> float:
     return TIE_FACTOR * eps * max(plain.scale, spec.scale)
 
 
 def classify(plain: Top2, spec: Top2, eps: float) -> str:
     """NEAR_TIE or DIVERGENCE for the rows that chose the first differing token."""
-    swapped = plain.chosen == spec.runner_up and spec.chosen == plain.runner_up
-    return NEAR_TIE if swapped and margin(plain) + margin(spec) <= tolerance(plain, spec, eps) else DIVERGENCE
+    margins = pair_margins(plain, spec)
+    return NEAR_TIE if margins is not None and sum(margins) <= tolerance(plain, spec, eps) else DIVERGENCE
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,8 @@ class Diagnosis:
     kind: str
     plain_top2: list[int] | None  # [chosen, runner-up] on the plain path; None past its end
     spec_top2: list[int] | None
-    plain_margin: float | None
-    spec_margin: float | None
+    plain_margin: float | None  # pair margins (see the module docstring); the runner-up margins where
+    spec_margin: float | None  # one path's token is not among the other's best
     tolerance: float | None
 
 
@@ -112,4 +125,5 @@ def diagnose(position: int, plain: list[Top2], spec: list[Top2], eps: float) -> 
     gap = lambda top: None if top is None else margin(top)  # noqa: E731
     if a is None or b is None:
         return Diagnosis(position, DIVERGENCE, ids(a), ids(b), gap(a), gap(b), None)
-    return Diagnosis(position, classify(a, b, eps), ids(a), ids(b), gap(a), gap(b), tolerance(a, b, eps))
+    plain_margin, spec_margin = pair_margins(a, b) or (gap(a), gap(b))
+    return Diagnosis(position, classify(a, b, eps), ids(a), ids(b), plain_margin, spec_margin, tolerance(a, b, eps))

@@ -3,11 +3,13 @@
 - `eager`: a transformers DynamicCache, the tree mask built per step
   (targets/hf.py); simple, for debugging and for models the fast engine
   cannot take.
-- `fast`: one preallocated KV tensor, masks built once per tree shape, and on
-  CUDA every forward padded to a bucket and replayed as a CUDA graph
-  (engine/static_cache.py, targets/fast.py).
-- `auto`: fast on CUDA, eager on CPU (where the fast engine saves little:
-  scripts/bench_engine.py measures both).
+- `fast`: one preallocated KV tensor, masks built once per tree shape, every
+  verify padded to a fixed bucket; on CUDA each bucket replayed as a CUDA graph
+  (engine/cuda_graphs.py), on a CPU each bucket's step compiled by
+  torch.compile (engine/compiled_step.py), both prepared before anything is
+  timed (engine/static_cache.py, targets/fast.py).
+- `auto`: the engine AUTO names for the device: what scripts/bench_engine.py
+  measured faster there (docs/engine.md has the measurements).
 
 The decode loop is the same on either; the baseline of a run runs on the
 drafter's engine, so a speedup compares like with like.
@@ -20,6 +22,10 @@ import torch
 from specbench.errors import UserError
 
 ENGINES = ("auto", "eager", "fast")
+# device type -> the engine `auto` picks; measured with scripts/bench_engine.py (docs/engine.md)
+AUTO = {"cuda": "fast", "cpu": "eager"}
+ENGINE_HELP = (f"auto ({', '.join(f'{engine} on {device.upper()}' for device, engine in AUTO.items())}), eager (DynamicCache), "
+               "fast (static KV cache; CUDA graphs on CUDA, a compiled step on CPU); the baseline runs on the same engine")
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
@@ -27,5 +33,5 @@ def resolve_engine(engine: str, device: torch.device) -> str:
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}': use {', '.join(ENGINES)}")
     if engine == "auto":
-        return "fast" if device.type == "cuda" else "eager"
+        return AUTO.get(device.type, "eager")
     return engine

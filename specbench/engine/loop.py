@@ -31,23 +31,36 @@ class Clock:
         return time.perf_counter() * 1000
 
 
+TOP_K = 8  # logits kept per emitted token: enough to see a tie among several tokens
+
+
 class Top2(NamedTuple):
     """The target's two best logits in the row that chose one emitted token, the
     emitted token first where it is one of them (always, for greedy: an exact tie
-    lists the token argmax took first); `scale` is the row's max |logit|. What
-    specbench/engine/divergence.py needs to tell a near-tie from a bug."""
+    lists the token argmax took first); `scale` is the row's max |logit|; `top` the
+    row's TOP_K best (token, logit), best first. What specbench/engine/divergence.py
+    needs to tell a near-tie (of two tokens or more) from a bug."""
 
     chosen: int
     runner_up: int
     chosen_logit: float
     runner_up_logit: float
     scale: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def logit_of(self, token: int) -> float | None:
+        """This row's logit of `token` if it is among the row's best, else None."""
+        if token == self.chosen:
+            return self.chosen_logit
+        if token == self.runner_up:
+            return self.runner_up_logit
+        return next((logit for t, logit in self.top if t == token), None)
 
 
 def top2(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values [n, 2], ids [n, 2], max |logit| [n]) of logits rows, left on the device:
+    """(values [n, TOP_K], ids [n, TOP_K], max |logit| [n]) of logits rows, left on the device:
     nothing waits for them until the decode is over."""
-    values, ids = rows.topk(2, dim=-1)
+    values, ids = rows.topk(min(TOP_K, rows.shape[-1]), dim=-1)
     return values, ids, rows.abs().amax(-1)
 
 
@@ -55,10 +68,11 @@ def _aligned(output: list[int], pending: list[tuple[torch.Tensor, torch.Tensor, 
     """One Top2 per output token from the per-step top2() results (one sync, after timing)."""
     values, ids, scales = (torch.cat(parts).tolist() for parts in zip(*pending))
     out = []
-    for token, (v1, v2), (i1, i2), scale in zip(output, values, ids, scales):
+    for token, row_values, row_ids, scale in zip(output, values, ids, scales):
+        (v1, v2), (i1, i2) = row_values[:2], row_ids[:2]
         if token == i2 and token != i1:  # an exact tie topk listed the other way round
             v1, v2, i1, i2 = v2, v1, i2, i1
-        out.append(Top2(i1, i2, v1, v2, scale))
+        out.append(Top2(i1, i2, v1, v2, scale, tuple(zip(row_ids, row_values))))
     return out
 
 

@@ -1,5 +1,5 @@
 """Raw engine speed, shared by the benchmark scripts (scripts/bench_engine.py,
-scripts/gpu_check.py): the device's copy bandwidth (what bounds memory-bound decoding:
+scripts/gpu_check.py): the device's copy bandwidth and a CPU's read bandwidth (what bounds memory-bound decoding:
 weight bytes per forward / bandwidth = the most tokens/s plain decoding can reach) and
 the verify latency profile t(n) of several targets measured side by side."""
 
@@ -31,6 +31,21 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
         dst.copy_(src)
     sync()
     return 2 * nbytes * reps / (time.perf_counter() - start)
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Read bandwidth in bytes/s: the median time to sum a tensor of `nbytes` (fp32), which reads it
+    once and writes almost nothing, as a decode forward reads its weights (what bounds it on a CPU)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(reps + 1):
+        sync()
+        start = time.perf_counter()
+        src.sum()
+        sync()
+        times.append(time.perf_counter() - start)
+    return nbytes / median(times[1:])
 
 
 def forget_verify(target) -> None:

@@ -11,13 +11,20 @@ tree path is one in-place gather over all layers at once.
 and an LM head over a StaticKV for one "root + tree" forward: a causal chunk (a
 prefill, a draft model's feed) is the chain-shaped tree. A sequence's first
 forward (at length 0: a prefill) runs at its exact size. Later forwards, with
-`bucketed`, run as a *step*: the query padded to a bucket size (1, 2, 4, ..., 128)
-and attention reading a *span* of the cache (the live length rounded up, see
-`span_for`), through static input buffers (ids, positions, slots, mask) kept per
-(bucket, span, taps). Per step only the mask band that changed is rewritten: the
-positions that became visible since the buffer's last use and the tree block at
-its new place. With `graphs` each step (decoder stack, taps and LM head) is
-captured once as a CUDA graph and replayed, leaving no host-device sync inside.
+`bucketed`, run as a *step*: the query padded to a bucket (engine/buckets.py) and
+attention reading a *span* of the cache, through static input buffers (ids,
+positions, slots, mask) kept per (bucket, span, taps). Per step only the mask band
+that changed is rewritten: the positions that became visible since the buffer's
+last use and the tree block at its new place. A step then runs one of three ways:
+- captured once as a CUDA graph and replayed (`graphs`, engine/cuda_graphs.py),
+  leaving no host-device sync inside;
+- compiled (`compiler`, engine/compiled_step.py: torch.compile's CPU backend),
+  every step at one span, the whole capacity, so that a handful of compilations
+  serve every step;
+- as it is (on CPU, to test the bucketing against the eager engine).
+Captures and compilations happen in `warm_up`, before anything is timed; with a
+measured latency per bucket (`measure_profile`) a forward is padded to the
+cheapest bucket that holds it, not merely the next one.
 
 Bounds: per taps tuple there are at most len(buckets) x MAX_SPANS graphs (8 x 16 =
 128 for trees up to 127 nodes); they share one private memory pool. Graphs read
@@ -26,14 +33,15 @@ sequences) the graphs and their pool are dropped together (`GraphSet`) and the
 next capture gets a fresh pool: a pool whose graphs were all released is freed
 by the CUDA allocator, and capturing into it again fails.
 
-On CPU the same bucketing, spans, band updates and step functions run without
-capture and are tested against the eager engine token for token; the capture and
-replay bookkeeping is tested with a fake graph backend that recomputes a step
-from its static buffers on every replay (tests/test_fast_engine.py).
+On CPU the bucketing, spans, band updates and step functions are tested against
+the eager engine token for token; the capture and replay bookkeeping is tested
+with a fake graph backend that recomputes a step from its static buffers on every
+replay (tests/test_fast_engine.py), the compiled step in tests/test_cpu_engine.py.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from collections import OrderedDict
@@ -42,79 +50,18 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from specbench.engine import buckets
+from specbench.engine.buckets import GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, buckets_up_to, cheapest_bucket, round_up, span_for
 from specbench.engine.compat import cache_kwargs
+from specbench.engine.cuda_graphs import CudaGraphs, GraphSet
+from specbench.engine.events import EVENTS
 from specbench.engine.protocol import Taps
+from specbench.engine.tapped import tapped_forward
 from specbench.engine.tree import DraftTree
 from specbench.errors import SpecbenchWarning
 
-GRAPH_MAX_BUCKET = 128  # larger forwards (long prefills, huge trees) run uncaptured at their exact size
 SHAPE_CACHE = 512  # tree shapes whose masks are kept; dynamic trees (EAGLE-2) bring a new shape nearly every step
-CAPACITY_STEP = 256  # capacities are multiples of this
-SPAN_STEP = 256  # the smallest span step; spans are multiples of the span step (or the capacity)
-MAX_SPANS = 16  # at most this many spans per capacity: the span step grows with the capacity
-# bucket_size(q) - q < q and a bucket is at most 128, so padding adds at most 63 slots
-MAX_BUCKET_PADDING = GRAPH_MAX_BUCKET // 2 - 1
-# A switch, off by default: torch.compile of the step function, captured inside the CUDA graph
-# (fusing the transformers layers' small kernels). Off because it is unmeasured on a GPU, it
-# compiles once per (bucket, span) shape (up to 128 shapes: minutes before the first token),
-# fused kernels round differently from eager (fast == eager could break), and the transformers
-# stack with a custom cache and tap hooks may graph-break. FastHFTarget(compiled_step=True)
-# or scripts/bench_engine.py --compiled-step turn it on to measure it.
-COMPILED_STEP = False
-
-
-
-def round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
-
-
-def bucket_size(q: int) -> int:
-    """The padded query length for q tokens: the next power of two up to 128, then multiples of 128."""
-    if q > GRAPH_MAX_BUCKET:
-        return round_up(q, GRAPH_MAX_BUCKET)
-    b = 1
-    while b < q:
-        b *= 2
-    return b
-
-
-def buckets_up_to(rows: int) -> list[int]:
-    """Every bucket a forward of 1..rows tokens can use (capped at GRAPH_MAX_BUCKET)."""
-    top = bucket_size(min(max(rows, 1), GRAPH_MAX_BUCKET))
-    out, b = [], 1
-    while b <= top:
-        out.append(b)
-        b *= 2
-    return out
-
-
-def span_step(capacity: int) -> int:
-    return max(SPAN_STEP, round_up(-(-capacity // MAX_SPANS), SPAN_STEP))
-
-
-def span_for(end: int, capacity: int) -> int:
-    """How many cache positions a step whose last written slot is end - 1 reads: `end`
-    rounded up to the span step (at most the capacity)."""
-    return min(capacity, round_up(end, span_step(capacity)))
-
-
-def all_spans(capacity: int) -> list[int]:
-    """Every span a capacity allows (at most MAX_SPANS)."""
-    step = span_step(capacity)
-    return sorted({min(capacity, step * i) for i in range(1, -(-capacity // step) + 1)})
-
-
-@dataclass
-class EngineEvents:
-    """Process-wide counts of the costly events of every StaticDecoder (target and draft
-    decoders alike), so a benchmark can tell the ones that happened while it was timing."""
-
-    captures: int = 0
-    capture_ms: float = 0.0
-    regrowths: int = 0  # storage grown while a sequence was running (its prefix copied)
-
-
-EVENTS = EngineEvents()
+PROFILE_REPS = 5  # repetitions per bucket when measuring the latency profile
 
 
 class _Layer(CacheLayerMixin):
@@ -149,7 +96,7 @@ class StaticKV(Cache):
     attention reads the first `span` positions (all `capacity` when None), masked
     by the caller."""
 
-    def __init__(self, num_layers: int, capacity: int = CAPACITY_STEP) -> None:
+    def __init__(self, num_layers: int, capacity: int = buckets.CAPACITY_STEP) -> None:
         super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
         self.num_layers = num_layers
         self.capacity = capacity
@@ -175,7 +122,7 @@ class StaticKV(Cache):
         capacity between sequences so that this never happens while one runs."""
         if tokens <= self.capacity:
             return
-        capacity = round_up(max(tokens, 2 * self.capacity), CAPACITY_STEP)
+        capacity = round_up(max(tokens, 2 * self.capacity), buckets.CAPACITY_STEP)
         if self.kv is not None:
             grown = self.kv.new_zeros(*self.kv.shape[:3], capacity, self.kv.shape[-1])
             if self.length:
@@ -225,108 +172,6 @@ def shape_masks(parents: tuple[int, ...] | None, rows: int, bucket: int, dtype: 
     return ShapeMasks(rows, bucket, block.to(device), depths.to(device))
 
 
-def tapped_forward(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a transformers decoder stack; returns (last_hidden_state [1, L, H], the tapped
-    states [L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
-    state; j is the input of decoder layer j (HF's hidden_states[j]; j = number of layers
-    is HF's last entry, the final normed state). Several taps are concatenated in order."""
-    num_layers = len(backbone.layers)
-    for j in taps:
-        if j is not None and not 0 <= j <= num_layers:
-            raise ValueError(f"hidden-state tap {j} is outside 0..{num_layers}")
-    tapped: dict[int, torch.Tensor] = {}
-    hooks = [
-        # the hidden state entering layer j is the layer's first positional argument
-        backbone.layers[j].register_forward_pre_hook(lambda module, args, j=j: tapped.setdefault(j, args[0]))
-        for j in sorted({j for j in taps if j is not None and j < num_layers})
-    ]
-    try:
-        out = backbone(**inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not taps:
-        return out.last_hidden_state, None
-    final = out.last_hidden_state[0]
-    states = [final if j is None or j == num_layers else tapped[j][0] for j in taps]
-    return out.last_hidden_state, states[0] if len(states) == 1 else torch.cat(states, dim=-1)
-
-
-# --- CUDA graphs: the backend and the bookkeeping of graphs and their pool ----------
-
-
-class CudaGraphs:
-    """Capture and replay with torch.cuda graphs (the backend a StaticDecoder uses on CUDA)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def new_pool(self):
-        return torch.cuda.graph_pool_handle()
-
-    def capture(self, fn, pool):
-        """Run fn twice off the capture (lazy inits, kernel selection), then capture it into
-        `pool`. Returns (graph, fn's outputs: static tensors that each replay overwrites)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = fn()
-        return graph, outputs
-
-    def replay(self, graph) -> None:
-        graph.replay()
-
-    def now(self) -> float:
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() * 1000
-
-
-class GraphSet:
-    """A decoder's step buffers, its captured graphs and the one memory pool they share.
-
-    Invariant: `pool` is None or at least one graph captured into it is alive. The pool
-    is dropped with the last graph (`release_all`, a failed capture), so a capture never
-    receives the handle of a pool the allocator has freed."""
-
-    def __init__(self, backend) -> None:
-        self.backend = backend
-        self.steps: dict[tuple, _Step] = {}
-        self.pool = None
-        self.generation = 0  # the cache generation the steps' buffers and graphs were built for
-
-    @property
-    def captured(self) -> int:
-        return sum(step.graph is not None for step in self.steps.values())
-
-    def pool_for_capture(self):
-        if self.pool is None:
-            self.pool = self.backend.new_pool()
-        return self.pool
-
-    def capture(self, step: _Step, fn) -> None:
-        pool = self.pool_for_capture()
-        try:
-            step.graph, step.outputs = self.backend.capture(fn, pool)
-        except RuntimeError:
-            step.graph, step.outputs = None, None
-            if not self.captured:
-                self.pool = None  # the failed graph may have been the pool's only user
-            raise
-
-    def release_all(self, generation: int) -> None:
-        """Drop every step buffer and graph, then the pool (the graphs' destructors release it)."""
-        for step in self.steps.values():
-            step.graph = step.outputs = None  # the graph object dies here, not whenever a cycle is collected
-        self.steps.clear()
-        self.pool = None
-        self.generation = generation
-
-
 class _Step:
     """One (bucket, span, taps) forward: static inputs the caller fills, and the outputs
     of the captured graph (None when not captured)."""
@@ -350,13 +195,13 @@ class StaticDecoder:
     commits (`cache.compact`) or advances `cache.length`.
 
     head: the LM head (None: logits are not computed, forward returns (None, hidden)).
-    bucketed: pad steps to bucket sizes and read spans (needed by graphs; on CPU to test them).
+    bucketed: pad steps to bucket sizes and read spans (needed by graphs and compiled steps).
     graphs: True for CUDA graphs, or a backend object (tests pass a fake one), or None/False.
-    compiled_step: torch.compile the step function (see COMPILED_STEP).
+    compiler: a CompiledStep (engine/compiled_step.py) that compiles the step function, or None.
     """
 
     def __init__(self, backbone, head, device: torch.device, dtype: torch.dtype, bucketed: bool = False, graphs=None,
-                 compiled_step: bool = COMPILED_STEP) -> None:
+                 compiler=None) -> None:
         if graphs is True:
             if device.type != "cuda":
                 raise ValueError("CUDA graphs need a CUDA device")
@@ -365,20 +210,15 @@ class StaticDecoder:
         self.device, self.dtype = device, dtype
         self.cache = StaticKV(backbone.config.num_hidden_layers)
         self.graphs = graphs or None
-        self.bucketed = bucketed or self.graphs is not None
+        self.compiler = compiler
+        self.bucketed = bucketed or self.graphs is not None or compiler is not None
         self.min = torch.finfo(dtype).min
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
         self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()  # least recently used first
         self.graph_set = GraphSet(self.graphs)
-        self._compute = self._compute_step
-        if compiled_step:
-            from torch import _dynamo
-
-            # one compilation per (bucket, span, taps) step: raise dynamo's default limit of 8 (name varies by version)
-            for limit in ("recompile_limit", "cache_size_limit"):
-                if hasattr(_dynamo.config, limit):
-                    setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), 512))
-            self._compute = torch.compile(self._compute_step, dynamic=False)
+        self._cache_kwargs = cache_kwargs(backbone, self.cache)  # once: a compiled step should not trace the lookup
+        self._compute = compiler.wrap(self._compute_step) if compiler is not None else self._compute_step
+        self.profile: dict[int, float] | None = None  # measured ms per bucket (measure_profile)
         self.captures = 0
         self.capture_ms = 0.0
 
@@ -394,6 +234,15 @@ class StaticDecoder:
     def _drop_stale(self) -> None:
         if self.graph_set.generation != self.cache.generation:
             self.graph_set.release_all(self.cache.generation)
+
+    def span(self, end: int) -> int:
+        """The cache positions a step ending at `end` reads. A compiled step reads the whole
+        capacity: every span would be another compilation, and on a CPU attention over a few
+        hundred more masked positions costs far less than the weights a forward reads."""
+        return self.cache.capacity if self.compiler is not None else span_for(end, self.cache.capacity)
+
+    def bucket_for(self, q: int) -> int:
+        return cheapest_bucket(q, self.profile)
 
     # --- the forward ------------------------------------------------------------
 
@@ -417,28 +266,33 @@ class StaticDecoder:
         q = ids.numel()
         start = self.cache.length
         stepped = self.bucketed and start > 0 and q <= GRAPH_MAX_BUCKET
-        bucket = bucket_size(q) if stepped else q
+        bucket = self.bucket_for(q) if stepped else q
         if start + bucket > self.cache.capacity:  # unplanned: grows mid-sequence (copies; counted)
             self.cache.reserve(start + bucket)
         self._drop_stale()
         shape = self.shape(parents, q, bucket)
         if not stepped:
             return self._exact(ids, shape, start, taps)
-        step = self._step(bucket, span_for(start + bucket, self.cache.capacity), taps)
+        step = self._step(bucket, self.span(start + bucket), taps)
         self._fill(step, ids, shape, start)
         if self.graphs is None:
-            logits, hidden = self._compute(step)
-            return logits[:q], (hidden[:q] if hidden is not None else None)
+            logits, hidden = self._uncaptured(step)
+            return logits[:q] if logits is not None else None, (hidden[:q] if hidden is not None else None)
         if step.graph is None and not self._capture(step):  # failed: uncaptured from here on
-            logits, hidden = self._compute(step)
-            return logits[:q], (hidden[:q] if hidden is not None else None)
+            logits, hidden = self._uncaptured(step)
+            return logits[:q] if logits is not None else None, (hidden[:q] if hidden is not None else None)
         self.graphs.replay(step.graph)
         logits, hidden = step.outputs
         # the static outputs are overwritten by the next replay: hand out copies
         return (logits[:q].clone() if logits is not None else None), (hidden[:q].clone() if hidden is not None else None)
 
+    def _uncaptured(self, step: _Step):
+        if self.compiler is not None:
+            return self.compiler.run(self._compute, step)
+        return self._compute(step)
+
     def _exact(self, ids: torch.Tensor, shape: ShapeMasks, start: int, taps: Taps):
-        """A forward at its exact size, uncaptured (prefills; forwards over GRAPH_MAX_BUCKET)."""
+        """A forward at its exact size, uncaptured and not compiled (prefills; forwards over GRAPH_MAX_BUCKET)."""
         q = ids.numel()
         span = start + q
         mask = torch.full((1, 1, q, span), self.min, dtype=self.dtype, device=self.device)
@@ -473,15 +327,15 @@ class StaticDecoder:
         step.mask_start = start
 
     def _compute_step(self, step: _Step):
-        """The step function a graph captures: decoder stack, taps and LM head over the
-        step's static buffers."""
+        """The step function a graph captures (or torch.compile compiles): decoder stack, taps
+        and LM head over the step's static buffers."""
         return self._run(step.ids, step.positions, step.slots, step.span, step.mask, step.taps)
 
     def _run(self, ids, positions, slots, span, mask, taps: Taps):
         self.cache.slots, self.cache.span = slots, span
         last, hidden = tapped_forward(
             self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
-            **cache_kwargs(self.backbone, self.cache),
+            **self._cache_kwargs,
         )
         # the head sees [1, L, H], as in the model's own forward
         logits = self.head(last)[0].float() if self.head is not None else None
@@ -511,29 +365,63 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
-        """Between sequences: plan the capacity for `max_positions` (if given), then capture
-        the step of every bucket a forward of 1..max_rows tokens uses, at every span of the
-        capacity, for these taps. Returns the ms spent capturing (0 without graphs)."""
+        """Between sequences: plan the capacity for `max_positions` (if given), then prepare the
+        step of every bucket a forward of 1..max_rows tokens uses, for these taps: with graphs
+        captured at every span of the capacity, with a compiler compiled (at its one span).
+        Returns the ms spent capturing or compiling (0 for neither)."""
         if max_positions:
             self.plan(max_positions)
-        if self.graphs is None:
+        if self.graphs is None and self.compiler is None:
             return 0.0
         self.cache.truncate(0)
         if self.cache.kv is None:  # allocate the storage with one exact forward
             self.forward(torch.zeros(1, dtype=torch.long, device=self.device))
-        before = self.capture_ms
+        before = self.capture_ms + (self.compiler.compile_ms if self.compiler is not None else 0.0)
+        spans = [self.cache.capacity] if self.compiler is not None else all_spans(self.cache.capacity)
         for bucket in buckets_up_to(max_rows):
             shape = self.shape(None, bucket, bucket)
-            for span in all_spans(self.cache.capacity):
-                if self.graphs is None:  # a capture failed (one warning): uncaptured from here on
+            for span in spans:
+                if self.graphs is None and self.compiler is None:  # a capture failed (one warning): uncaptured from here on
                     return self.capture_ms - before
                 step = self._step(bucket, span, taps)
-                if step.graph is None:
-                    # any valid inputs: a graph records kernels, not values (slots [0, bucket) are scratch now)
-                    self._fill(step, step.ids, shape, 0)
+                if self.graphs is not None and step.graph is not None:
+                    continue
+                # any valid inputs: a graph records kernels, not values (slots [0, bucket) are scratch now)
+                self._fill(step, step.ids, shape, 0)
+                if self.graphs is not None:
                     self._capture(step)
-        return self.capture_ms - before
+                else:
+                    self.compiler.run(self._compute, step)
+        after = self.capture_ms + (self.compiler.compile_ms if self.compiler is not None else 0.0)
+        return after - before
+
+    @torch.inference_mode()
+    def measure_profile(self, max_rows: int, taps: Taps = (), reps: int = PROFILE_REPS) -> dict[int, float]:
+        """After warm_up: the median ms of one step of each bucket up to max_rows (its steps
+        interleaved), kept as `profile`, from which every later forward picks its bucket."""
+        times: dict[int, list[float]] = {b: [] for b in buckets_up_to(max_rows)}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for _ in range(reps + 1):
+            for bucket in times:
+                step = self._step(bucket, self.span(bucket), taps)
+                self._fill(step, step.ids, self.shape(None, bucket, bucket), 0)
+                sync()
+                t0 = time.perf_counter()
+                if step.graph is not None:
+                    self.graphs.replay(step.graph)
+                else:
+                    self._uncaptured(step)
+                sync()
+                times[bucket].append((time.perf_counter() - t0) * 1000)
+        measured = {b: statistics.median(ts[1:]) for b, ts in times.items()}  # the first round warms up
+        self.profile = {**(self.profile or {}), **measured}
+        return measured
 
     def stats(self) -> dict:
-        return {"graphs": self.graph_set.captured, "captures": self.captures, "capture_ms": round(self.capture_ms, 3),
-                "capacity": self.cache.capacity}
+        out = {"graphs": self.graph_set.captured, "captures": self.captures, "capture_ms": round(self.capture_ms, 3),
+               "capacity": self.cache.capacity}
+        if self.compiler is not None:
+            out.update(self.compiler.stats())
+        if self.profile:
+            out["profile_ms"] = {b: round(ms, 3) for b, ms in sorted(self.profile.items())}
+        return out

@@ -1,8 +1,10 @@
-"""`--engine fast`: the hf target over a preallocated KV cache (and, on CUDA, CUDA graphs).
+"""`--engine fast`: the hf target over a preallocated KV cache, with CUDA graphs on CUDA and a
+compiled step on a CPU.
 
 Same contract as HFTarget (prefill, verify a tree, commit the accepted path),
 same model weights and attention code; only the cache and the step around the
-forward differ (see specbench/engine/static_cache.py and engine/engines.py).
+forward differ (see specbench/engine/static_cache.py, engine/compiled_step.py and
+engine/engines.py).
 The decode loop does not know which engine it drives, and plain decoding runs
 on the same target object, so a run's speedup compares like with like.
 """
@@ -15,7 +17,8 @@ from transformers.cache_utils import DynamicLayer
 
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
-from specbench.engine.static_cache import COMPILED_STEP, StaticDecoder
+from specbench.engine.compiled_step import CompiledStep
+from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
 from specbench.targets.hf import HFTarget
@@ -35,13 +38,16 @@ class FastHFTarget(HFTarget):
     engine = "fast"
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
-                 compiled_step: bool = COMPILED_STEP, **kwargs) -> None:
-        """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests)."""
+                 compiled: bool | None = None, **kwargs) -> None:
+        """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests).
+        compiled: None = a compiled step on a CPU without graphs (engine/compiled_step.py); True/False."""
         super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
+        compiled = self.device.type == "cpu" and not graphs if compiled is None else compiled
+        self.compiler = CompiledStep(compile_cache_dir()) if compiled else None
         self.decoder = StaticDecoder(self.backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
-                                     compiled_step=compiled_step)
+                                     compiler=self.compiler)
         self.cache = self.decoder.cache
 
     @torch.inference_mode()
@@ -67,16 +73,31 @@ class FastHFTarget(HFTarget):
         self.seq_len += len(keep)
 
     def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
-        """Between sequences: size the cache for max_positions and capture every bucket a verify
-        of 1..max_rows rows uses, at every span; returns the ms spent capturing (0 without graphs)."""
-        return self.decoder.warm_up(max_rows, taps, max_positions)
+        """Between sequences: size the cache for max_positions and capture (CUDA) or compile (CPU)
+        every bucket a verify of 1..max_rows rows uses; returns the ms that took (0 for neither).
+        On a CPU (bucketed, no graphs) each bucket's latency is then measured, and a verify
+        picks the cheapest bucket that holds it (engine/buckets.py `cheapest_bucket`)."""
+        ms = self.decoder.warm_up(max_rows, taps, max_positions)
+        if self.decoder.graphs is None and self.decoder.bucketed:
+            self.decoder.measure_profile(max_rows, taps)
+        return ms
 
     def engine_stats(self) -> dict:
         return {"cuda_graphs": self.decoder.graphs is not None, **self.decoder.stats()}
 
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
-        """A decoder for another model (a draft's) on this engine: bucketed and captured as the target's steps are."""
-        return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs)
+        """A decoder for another model (a draft's) on this engine: bucketed and captured (or
+        compiled) as the target's steps are."""
+        compiler = CompiledStep() if self.compiler is not None else None
+        return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
+                             compiler=compiler)
+
+
+def compile_cache_dir():
+    """Where compiled steps are kept between processes: under specbench's cache directory."""
+    from specbench.targets.loading import cache_dir
+
+    return cache_dir() / "compiled"
 
 
 def target_class(engine: str) -> type[HFTarget]:

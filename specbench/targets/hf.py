@@ -19,7 +19,7 @@ from specbench.checks import context_window
 from specbench.engine import kv
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.protocol import Taps
-from specbench.engine.static_cache import tapped_forward
+from specbench.engine.tapped import tapped_forward
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
 

@@ -21,7 +21,7 @@ from specbench.errors import UserError
 from specbench.files import first_line, reading_weights, weights_error
 
 DEVICE_HELP = "auto (CUDA when there is a GPU), cpu, cuda, cuda:N"
-DTYPE_HELP = "auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16"
+DTYPE_HELP = "auto (fp16 on CUDA; on CPU bf16 where the CPU computes it natively, else fp32), float32, float16, bfloat16"
 TARGET_HELP = "alias (see catalogue/targets.toml), hub id or local directory"
 
 DTYPES = {
@@ -56,11 +56,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    return dtype_choice(dtype, device)[0]
+
+
+def dtype_choice(dtype: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype `--dtype` names on `device`, and why (what run.json and the engine line show)."""
+    from specbench.environment import cpu_bf16
+
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16, "auto: fp16 on CUDA"
+        native, why = cpu_bf16()
+        return (torch.bfloat16 if native else torch.float32), f"auto: {'bf16' if native else 'fp32'}, {why}"
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return DTYPES[dtype], "given"
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""CUDA graphs for the fast engine: the capture/replay backend (`CudaGraphs`; tests swap in
+tests/fake_graphs.py) and the bookkeeping of a decoder's steps, graphs and their one memory
+pool (`GraphSet`). See engine/static_cache.py for what a step is."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from specbench.engine.static_cache import _Step
+
+
+class CudaGraphs:
+    """Capture and replay with torch.cuda graphs (the backend a StaticDecoder uses on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def new_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, fn, pool):
+        """Run fn twice off the capture (lazy inits, kernel selection), then capture it into
+        `pool`. Returns (graph, fn's outputs: static tensors that each replay overwrites)."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+        return graph, outputs
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+    def now(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() * 1000
+
+
+class GraphSet:
+    """A decoder's step buffers, its captured graphs and the one memory pool they share.
+
+    Invariant: `pool` is None or at least one graph captured into it is alive. The pool
+    is dropped with the last graph (`release_all`, a failed capture), so a capture never
+    receives the handle of a pool the allocator has freed."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.steps: dict[tuple, _Step] = {}
+        self.pool = None
+        self.generation = 0  # the cache generation the steps' buffers and graphs were built for
+
+    @property
+    def captured(self) -> int:
+        return sum(step.graph is not None for step in self.steps.values())
+
+    def pool_for_capture(self):
+        if self.pool is None:
+            self.pool = self.backend.new_pool()
+        return self.pool
+
+    def capture(self, step: _Step, fn) -> None:
+        pool = self.pool_for_capture()
+        try:
+            step.graph, step.outputs = self.backend.capture(fn, pool)
+        except RuntimeError:
+            step.graph, step.outputs = None, None
+            if not self.captured:
+                self.pool = None  # the failed graph may have been the pool's only user
+            raise
+
+    def release_all(self, generation: int) -> None:
+        """Drop every step buffer and graph, then the pool (the graphs' destructors release it)."""
+        for step in self.steps.values():
+            step.graph = step.outputs = None  # the graph object dies here, not whenever a cycle is collected
+        self.steps.clear()
+        self.pool = None
+        self.generation = generation

@@ -1,0 +1,35 @@
+"""A transformers decoder stack run with its hidden states tapped: what every target engine
+(eager, fast, compiled) calls to get the final hidden state and the states a drafter reads."""
+
+from __future__ import annotations
+
+import torch
+
+from specbench.engine.protocol import Taps
+
+
+def tapped_forward(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a transformers decoder stack; returns (last_hidden_state [1, L, H], the tapped
+    states [L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
+    state; j is the input of decoder layer j (HF's hidden_states[j]; j = number of layers
+    is HF's last entry, the final normed state). Several taps are concatenated in order."""
+    num_layers = len(backbone.layers)
+    for j in taps:
+        if j is not None and not 0 <= j <= num_layers:
+            raise ValueError(f"hidden-state tap {j} is outside 0..{num_layers}")
+    tapped: dict[int, torch.Tensor] = {}
+    hooks = [
+        # the hidden state entering layer j is the layer's first positional argument
+        backbone.layers[j].register_forward_pre_hook(lambda module, args, j=j: tapped.setdefault(j, args[0]))
+        for j in sorted({j for j in taps if j is not None and j < num_layers})
+    ]
+    try:
+        out = backbone(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not taps:
+        return out.last_hidden_state, None
+    final = out.last_hidden_state[0]
+    states = [final if j is None or j == num_layers else tapped[j][0] for j in taps]
+    return out.last_hidden_state, states[0] if len(states) == 1 else torch.cat(states, dim=-1)

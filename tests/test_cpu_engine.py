@@ -1,0 +1,129 @@
+"""The CPU engine: `--dtype auto` (bf16 where the CPU computes it natively), the compiled step,
+and the verify bucket chosen from a measured profile."""
+
+import pytest
+import torch
+from tiny import prompts, save_tiny_model, tiny_llama
+
+from specbench import environment
+from specbench.drafters.prompt_lookup import PromptLookupDrafter, PromptLookupOptions
+from specbench.engine.buckets import bucket_size, cheapest_bucket
+from specbench.engine.loop import decode
+from specbench.engine.protocol import PlainDecoding
+from specbench.errors import UserError
+from specbench.targets.fast import FastHFTarget
+from specbench.targets.hf import HFTarget
+from specbench.targets.loading import dtype_choice, load_causal_lm, resolve_dtype
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.mark.parametrize("amx, avx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                (False, False, torch.float32)])
+def test_dtype_auto_on_cpu_is_bf16_only_where_the_cpu_computes_it(monkeypatch, amx, avx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx)
+    dtype, why = dtype_choice("auto", torch.device("cpu"))
+    assert dtype == expected and resolve_dtype("auto", torch.device("cpu")) == expected
+    assert why.startswith("auto: ") and ("AMX" in why if amx else "AVX512_BF16" in why)
+    assert environment.cpu_bf16()[0] == (expected == torch.bfloat16)
+
+
+def test_a_given_dtype_is_kept_and_a_wrong_one_is_one_line():
+    assert dtype_choice("float32", torch.device("cpu")) == (torch.float32, "given")
+    with pytest.raises(UserError, match="unknown dtype 'fp8': use auto, float32"):
+        dtype_choice("fp8", torch.device("cpu"))
+
+
+# --- the verify bucket, chosen from a measured profile ----------------------------------
+
+def test_cheapest_bucket_from_a_profile():
+    profile = {1: 10.0, 2: 18.0, 4: 16.0, 8: 12.0, 16: 20.0}  # not monotone: 8 tokens cost less than 2
+    assert [cheapest_bucket(q, profile) for q in (1, 2, 3, 5, 8, 9, 16)] == [1, 8, 8, 8, 8, 16, 16]
+    assert cheapest_bucket(17, profile) == bucket_size(17) == 32  # past the profile: the next bucket
+    assert cheapest_bucket(3, None) == 4 and cheapest_bucket(2, {2: 5.0, 4: 5.0}) == 2  # ties: the smaller
+
+
+def test_a_verify_runs_at_the_profiles_cheapest_bucket_with_the_same_tokens():
+    model = tiny_llama(0)
+    eager, fast = HFTarget(model), FastHFTarget(model, bucketed=True, compiled=False)
+    fast.decoder.profile = {1: 1.0, 2: 9.0, 4: 9.0, 8: 2.0}  # as if padding to 8 were cheapest for 2..8 tokens
+    prompt = prompts(1)[0]
+    expected = decode(eager, PromptLookupDrafter(eager, PromptLookupOptions(k=3)), prompt, 24).output_ids
+    assert decode(fast, PromptLookupDrafter(fast, PromptLookupOptions(k=3)), prompt, 24).output_ids == expected
+    assert {bucket for bucket, _, _ in fast.decoder.graph_set.steps} == {1, 8}
+
+
+# --- the compiled step (torch.compile, inductor's CPU backend) ---------------------------
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One compiled fast target over a tiny fp32 model (compiling is slow: the module shares it)."""
+    import os
+
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))  # not the user's cache
+    directory = save_tiny_model(tmp_path_factory.mktemp("compiled") / "target", seed=0)
+    model, tokenizer, _ = load_causal_lm(str(directory), torch.device("cpu"), torch.float32)
+    yield directory, HFTarget(model, tokenizer), FastHFTarget(model, tokenizer, compiled=True)
+    if saved is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+
+
+def test_compiled_step_gives_the_eager_engines_tokens_fp32(compiled):
+    _, eager, fast = compiled
+    assert fast.compiler is not None and fast.decoder.graphs is None
+    fast.warm_up(1 + 3, (), 200)
+    assert fast.compiler.compiles >= 1 and fast.compiler.compile_ms > 0
+    assert fast.decoder.profile and set(fast.decoder.profile) == {1, 2, 4}
+    for prompt in prompts(3):
+        for make in (PlainDecoding, lambda t: PromptLookupDrafter(t, PromptLookupOptions(k=3))):
+            assert decode(fast, make(fast), prompt, 24).output_ids == decode(eager, make(eager), prompt, 24).output_ids
+
+
+def test_compiled_step_taps_the_eager_engines_hidden_states(compiled):
+    """A drafter's taps (a layer's input, the final state) from the compiled step: the eager engine's, to rounding."""
+    from specbench.engine.tree import DraftTree
+
+    _, eager, fast = compiled
+    prompt, tree = prompts(1)[0], DraftTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 0]))
+    taps = (1, None)
+    for target in (eager, fast):
+        target.prefill(prompt, taps, 64)
+    (want_logits, want_hidden), (logits, hidden) = (t.verify(int(prompt[-1]), tree, taps) for t in (eager, fast))
+    assert torch.allclose(logits, want_logits, atol=1e-4) and torch.allclose(hidden, want_hidden, atol=1e-4)
+
+
+def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled, tmp_path):
+    import json
+
+    from specbench.report.tables import engine_line
+    from specbench.runner import Benchmark, RunConfig
+    from specbench.store import RunStore
+
+    directory, _, fast = compiled
+    config = RunConfig(target=str(directory), drafter="prompt-lookup", workload="builtin-completion", limit=2,
+                       max_new_tokens=16, dtype="float32")
+    bench = Benchmark(config, target=fast)
+    bench.run(RunStore.create(tmp_path / "run", bench.run_info("test")))
+    engine = json.loads((tmp_path / "run" / "run.json").read_text())["extra"]["engine"]
+    assert engine["compiled_step"] and engine["timed_compiles"] == 0 and engine["timed_capture_prompts"] == []
+    assert set(engine["profile_ms"]) >= {"1", "2"}  # the bucket profile verifies choose from
+    assert "compiled step" in engine_line({"engine": engine})
+
+
+def test_compiled_code_is_cached_under_specbenchs_cache_unless_the_user_chose_a_directory(monkeypatch, tmp_path):
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from specbench.engine.compiled_step import use_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing transformers' models sets
+    use_cache_dir(tmp_path / "compiled")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled") and (tmp_path / "compiled").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_cache_dir(tmp_path / "compiled")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

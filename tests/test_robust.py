@@ -531,9 +531,14 @@ def test_two_resume_processes_one_directory(env, tmp_path, capsys, monkeypatch):
     go = tmp_path / "go"
     first = spawn(["run", "--resume", run, "--json"], tmp_path)
     second = spawn(["run", "--resume", run, "--json"], tmp_path, go_file=go)  # imports meanwhile, then waits
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None and (run / ".lock").read_text().strip() != str(first.pid):
+    def held_by_first() -> bool:
+        lock = run / ".lock"
+        return lock.exists() and lock.read_text().strip() == str(first.pid)
+
+    deadline = time.time() + 600  # a loaded machine can take minutes to import torch in two processes
+    while time.time() < deadline and first.poll() is None and not held_by_first():
         time.sleep(0.01)
+    assert held_by_first(), "the first process never held the lock while running"
     go.touch()  # the first holds the lock and is measuring seven prompts
     _, err2 = second.communicate(timeout=120)
     _, err1 = first.communicate(timeout=300)

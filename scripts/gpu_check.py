@@ -133,7 +133,7 @@ def registered(name: str, **options) -> Callable[[Target, Setup], Drafter]:
 def random_eagle(version: int) -> Callable[[Target, Setup], Drafter]:
     """EAGLE-2's dynamic tree (its published defaults) over a random EAGLE-`version` checkpoint."""
     name = "eagle" if version == 1 else "eagle3"
-    return lambda target, setup: drafter_class(name).build(target, heads=str(setup.eagle_checkpoint(version)))
+    return lambda target, setup: drafter_class(name).build(target, weights=str(setup.eagle_checkpoint(version)))
 
 
 def random_draft(target: Target, setup: Setup) -> Drafter:

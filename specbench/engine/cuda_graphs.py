@@ -5,12 +5,13 @@ pool (`GraphSet`). See engine/static_cache.py for what a step is."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from specbench.engine.static_cache import _Step
+# a step is static_cache's Step (its input/output buffers); typed loosely here so that this
+# backend, which static_cache imports, does not import it back
+Step = Any
 
 
 class CudaGraphs:
@@ -53,7 +54,7 @@ class GraphSet:
 
     def __init__(self, backend) -> None:
         self.backend = backend
-        self.steps: dict[tuple, _Step] = {}
+        self.steps: dict[tuple, Step] = {}
         self.pool = None
         self.generation = 0  # the cache generation the steps' buffers and graphs were built for
 
@@ -66,7 +67,7 @@ class GraphSet:
             self.pool = self.backend.new_pool()
         return self.pool
 
-    def capture(self, step: _Step, fn) -> None:
+    def capture(self, step: Step, fn) -> None:
         pool = self.pool_for_capture()
         try:
             step.graph, step.outputs = self.backend.capture(fn, pool)

@@ -1020,7 +1020,7 @@ def faults(root: Path, m: dict, w: dict) -> dict[str, list[str]]:
     _, err2 = second.communicate(timeout=600)
     _, err1 = first.communicate(timeout=600)
     problems = [] if holds else ["the first resume finished before the second started"]
-    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}"])
+    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}: {err2[-300:]}"])
     problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else compare(run_dir, reference)
     fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
     return results
@@ -1065,7 +1065,7 @@ def second_writer(first, second, lock: Path, go: Path) -> tuple[list[str], str]:
     _, err2 = second.communicate(timeout=600)
     _, err1 = first.communicate(timeout=600)
     problems = [] if holds else ["the first writer finished before the second started"]
-    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}"])
+    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}: {err2[-300:]}"])
     problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else []
     return problems, err1
 

@@ -14,6 +14,9 @@ import torch
 from dflash_layouts import MASK, write_assistant, write_dflash2, write_v1
 from safetensors.torch import load_file, save_file
 from test_cli import run_cli
+from test_sampling import exact_joint_of_second_and_third
+from test_simulate import online_steps as simulate_online_steps
+from test_simulate import shape_of
 from tiny import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -398,18 +401,6 @@ def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
     return stat < critical(df)
 
 
-def exact_joint(target, prompt, temperature):
-    vocab = target.vocab_size
-    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-    probs = lambda seq: torch.softmax(target.prefill(seq)[0][-1].double() / temperature, -1)  # noqa: E731
-    p1 = probs(prompt)
-    for t1 in range(vocab):
-        p2 = probs(torch.cat([prompt, torch.tensor([t1])]))
-        for t2 in range(vocab):
-            joint[t2] += p1[t1] * p2[t2] * probs(torch.cat([prompt, torch.tensor([t1, t2])]))
-    return joint.flatten()
-
-
 @pytest.mark.parametrize("variant, tree", [("v1", None), ("v1", "dynamic"), ("dflash2", None)])
 def test_sampled_decoding_matches_plain_distribution(variant, tree):
     """End to end at temperature 1: the joint distribution of the 2nd and 3rd tokens equals plain
@@ -434,7 +425,7 @@ def test_sampled_decoding_matches_plain_distribution(variant, tree):
     drafter = DFlashDrafter(target, net, None, DFlashOptions(tree=tree, total_tokens=5, top_k=2))
     assert (drafter.acceptance is None) == (tree is None)
     prompt = torch.tensor([3, 4, 5, 3, 4])
-    exact = exact_joint(target, prompt, 1.0)
+    exact = exact_joint_of_second_and_third(target, prompt, 1.0)
     generator = torch.Generator().manual_seed(2)
     counts = torch.zeros(64, dtype=torch.float64)
     accepted, samples = 0, 1000
@@ -449,18 +440,8 @@ def test_sampled_decoding_matches_plain_distribution(variant, tree):
 # --- simulate == online ---------------------------------------------------------------------------
 
 def online_steps(setup, options):
-    config = RunConfig(target=str(setup["root"] / "target"), drafter="dflash", drafter_options=options, workload=WORKLOAD, limit=LIMIT,
-                       max_new_tokens=MAX_NEW, dtype="float64", device="cpu", baseline=False, warmup=False)
-    bench = Benchmark(config, target=setup["target"])
-    per_turn = []
-    for prompt in bench.prompts:
-        steps, _ = bench.measure_prompt(prompt)
-        per_turn += [[s for s in steps if s.turn == t] for t in range(len(prompt.turns))]
-    return per_turn
-
-
-def shape_of(steps):
-    return [(s.tree_size, s.tree_depth, s.accepted) for s in steps]
+    """dflash's steps online, turn by turn (test_simulate's runner, over this module's prompts)."""
+    return simulate_online_steps(setup, "dflash", options, limit=LIMIT)
 
 
 @pytest.mark.parametrize("layout", ["dflash", "dflash2"])

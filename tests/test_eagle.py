@@ -20,6 +20,7 @@ from eagle_layouts import (
     write_speculators,
 )
 from test_cli import run_cli
+from test_sampling import exact_joint_of_second_and_third
 from tiny import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -559,18 +560,6 @@ def test_tree_sampling_by_hand():
         assert result.accepted_nodes == [] and result.bonus in (0, 1)
 
 
-def exact_joint(target, prompt, temperature):
-    vocab = target.vocab_size
-    joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-    probs = lambda seq: torch.softmax(target.prefill(seq)[0][-1].double() / temperature, -1)  # noqa: E731
-    p1 = probs(prompt)
-    for t1 in range(vocab):
-        p2 = probs(torch.cat([prompt, torch.tensor([t1])]))
-        for t2 in range(vocab):
-            joint[t2] += p1[t1] * p2[t2] * probs(torch.cat([prompt, torch.tensor([t1, t2])]))
-    return joint.flatten()
-
-
 @pytest.mark.parametrize("tree", ["dynamic", "chain:2"])
 def test_sampled_decoding_matches_plain_distribution(tree):
     """End to end at temperature 1: the joint distribution of the 2nd and 3rd tokens equals plain
@@ -590,7 +579,7 @@ def test_sampled_decoding_matches_plain_distribution(tree):
     drafter = EagleDrafter(target, net, None, EagleOptions(total_tokens=5, depth=1, top_k=2), tree)
     assert (drafter.acceptance is None) == (tree == "chain:2")
     prompt = torch.tensor([3, 4, 5, 3, 4])
-    exact = exact_joint(target, prompt, 1.0)
+    exact = exact_joint_of_second_and_third(target, prompt, 1.0)
     generator = torch.Generator().manual_seed(2)
     counts = torch.zeros(64, dtype=torch.float64)
     accepted = 0

@@ -52,9 +52,9 @@ def setup(tmp_path_factory):
     return {"root": root, "target": target, "log": read_log(log_path), "log_path": log_path}
 
 
-def online_steps(setup, drafter, options, k=None):
+def online_steps(setup, drafter, options, k=None, limit=LIMIT):
     config = RunConfig(target=str(setup["root"] / "target"), drafter=drafter, drafter_options=options, workload=WORKLOAD,
-                       limit=LIMIT, max_new_tokens=MAX_NEW, dtype="float64", device="cpu", baseline=False, warmup=False)
+                       limit=limit, max_new_tokens=MAX_NEW, dtype="float64", device="cpu", baseline=False, warmup=False)
     bench = Benchmark(config, target=setup["target"])
     per_turn = []
     for prompt in bench.prompts:

@@ -32,6 +32,12 @@ from specbench.files import read_text, reading_weights
 ROTARY_TABLE = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 
+def stored_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The dtype most of a checkpoint's floating tensors are stored in ("none" without any)."""
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    return str(max(set(floats), key=floats.count)).removeprefix("torch.") if floats else "none"
+
+
 @dataclass
 class Checkpoint:
     name: str  # what the user gave (hub id, directory or file)

@@ -154,6 +154,16 @@ class TrainLog:
         (out / TRAIN_LOG).write_text(json.dumps(blob, indent=1) + "\n")
 
 
+def chain_scores(hits: torch.Tensor, shown: int | None = None) -> dict:
+    """Held-out scores from `hits` [positions, depth] (draft token == target's at each depth):
+    top-1 per depth, the chain acceptance a greedy chain gets per depth (all shallower depths
+    right too) and its τ estimate, 1 + their sum over every depth; `shown` cuts the listed depths."""
+    chain = hits.cumprod(dim=1).float().mean(0)
+    return {"top1_per_depth": [round(float(x), 4) for x in hits.float().mean(0)[:shown]],
+            "chain_accept_per_depth": [round(float(x), 4) for x in chain[:shown]],
+            "tau_chain_estimate": round(1 + float(chain.sum()), 3), "positions": int(hits.shape[0])}
+
+
 ProgressFn = Callable[[int, dict], None]  # (step, {"loss": ..., per-head losses, eval results})
 
 
@@ -166,7 +176,11 @@ def train_loop(
     log: TrainLog,
     on_step: ProgressFn | None = None,
 ) -> None:
-    """AdamW over `params`; warmup + cosine to min_lr_ratio; evaluate every eval_every steps and at the end."""
+    """Evaluate once before training (step 0), then AdamW over `params`; warmup + cosine to
+    min_lr_ratio; evaluate every eval_every steps and at the end."""
+    log.evals.append({"step": 0, **evaluate()})
+    if on_step:
+        on_step(0, {"step": 0, "eval": log.evals[0]})
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio)

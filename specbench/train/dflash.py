@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from specbench.drafters.dflash.layouts import tap_rule, write_v1
 from specbench.drafters.dflash.model import DFlashConfig, DFlashNet
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, batches, prepare_out, split_data, train_loop
+from specbench.train.common import TrainConfig, TrainLog, batches, chain_scores, prepare_out, split_data, train_loop
 
 MASK_NAMES = ("<|MASK|>", "<empty_output>")  # z-lab's Qwen3 mask token; SmolLM2's unused special
 
@@ -151,16 +151,9 @@ def train_dflash(config: TrainConfig, target, overwrite: bool = False, on_step=N
         hits = [h for i in eval_idx if (h := recipe.score(*recipe.inputs(evald, i, config.max_length))) is not None]
         if not hits:
             return {"note": "held-out sequences too short to score"}
-        hits = torch.cat(hits)
-        chain = hits.cumprod(dim=1).float().mean(0)
-        return {"top1_per_depth": [round(float(x), 4) for x in hits.float().mean(0)[:8]],
-                "chain_accept_per_depth": [round(float(x), 4) for x in chain[:8]],
-                "tau_chain_estimate": round(1 + float(chain.sum()), 3), "positions": int(hits.shape[0])}
+        return chain_scores(torch.cat(hits), shown=8)
 
     log = TrainLog(config)
-    log.evals.append({"step": 0, **evaluate()})
-    if on_step:
-        on_step(0, {"step": 0, "eval": log.evals[0]})
     params = [p for p in net.parameters() if p.requires_grad]
     train_loop(config, params, step_loss, evaluate, batches(data, train_idx, config.batch_tokens, config.max_length, config.seed), log, on_step)
     net.requires_grad_(False)

@@ -145,9 +145,6 @@ def train_draft_model(config: TrainConfig, target: TrainableTarget, overwrite: b
         }
 
     log = TrainLog(config)
-    log.evals.append({"step": 0, **evaluate()})
-    if on_step:
-        on_step(0, {"step": 0, "eval": log.evals[0]})
     train_loop(config, params, step_loss, evaluate, batches(data, train_idx, config.batch_tokens, config.max_length, config.seed), log, on_step)
     draft.eval()
     save_draft(draft, target, out)

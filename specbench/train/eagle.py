@@ -47,7 +47,7 @@ from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, prepare_out, split_data, train_loop, train_vocab
+from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, chain_scores, prepare_out, split_data, train_loop, train_vocab
 
 REGRESSION_WEIGHT, TOKEN_WEIGHT = 1.0, 0.1  # EAGLE-1's loss weights (the reference's v_w, p_w)
 STEP_DECAY = 0.8  # EAGLE-3: step s's loss weighs 0.8^s (the reference's)
@@ -249,16 +249,9 @@ def train_eagle(config: TrainConfig, target: TrainableTarget, overwrite: bool = 
         result = {"loss": round(float(loss), 4), "loss_parts": parts}
         if not hits:
             return {**result, "note": "held-out sequences too short to score"}
-        hits = torch.cat(hits)
-        chain = hits.cumprod(dim=1).float().mean(0)
-        return {**result, "top1_per_depth": [round(float(x), 4) for x in hits.float().mean(0)],
-                "chain_accept_per_depth": [round(float(x), 4) for x in chain],
-                "tau_chain_estimate": round(1 + float(chain.sum()), 3), "positions": int(hits.shape[0])}
+        return {**result, **chain_scores(torch.cat(hits))}
 
     log = TrainLog(config)
-    log.evals.append({"step": 0, **evaluate()})
-    if on_step:
-        on_step(0, {"step": 0, "eval": log.evals[0]})
     params = [p for p in net.parameters() if p.requires_grad]
     train_loop(config, params, step_loss, evaluate, batches(data, train_idx, config.batch_tokens, config.max_length, config.seed), log, on_step)
     net.requires_grad_(False)

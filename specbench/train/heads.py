@@ -343,9 +343,6 @@ def train_heads(config: TrainConfig, target: TrainableTarget, overwrite: bool = 
         }
 
     log = TrainLog(config)
-    log.evals.append({"step": 0, **evaluate()})
-    if on_step:
-        on_step(0, {"step": 0, "eval": log.evals[0]})
     train_loop(config, recipe.parameters(), step_loss, evaluate, batches(data, train_idx, config.batch_tokens, config.max_length, config.seed), log, on_step)
     recipe.train(False)
     recipe.save(out)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers.activations import ACT2FN
 
-from specbench.drafters.checkpoints import ROTARY_TABLE, locate_first, read_config, read_tensors
+from specbench.drafters.checkpoints import ROTARY_TABLE, locate_first, read_config, read_tensors, stored_dtype
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.errors import SpecbenchWarning, UserError
 
@@ -54,8 +54,7 @@ class EagleCheckpoint:
 
     @property
     def stored_dtype(self) -> str:
-        floats = [t.dtype for t in self.state.values() if t.is_floating_point()]
-        return str(max(set(floats), key=floats.count)).removeprefix("torch.") if floats else "none"
+        return stored_dtype(self.state)
 
     def describe(self) -> dict:
         c = self.config

@@ -216,6 +216,7 @@ class Benchmark:
             "graphs": 0,
             "capacity": stats.get("capacity"),
             "compiled_step": bool(stats.get("compiled_step")),
+            "packed_linears": bool(stats.get("packed_linears")),
             "compile_ms": 0.0,
             "compiles": 0,
             "timed_captures": 0,

@@ -170,8 +170,12 @@ def engine_line(extra: dict) -> str | None:
     elif e.get("compiled_step"):
         line = (f"fast engine{dtype}: compiled step, {e.get('compiles', 0)} graphs compiled in {e.get('compile_ms', 0) / 1000:.1f} s "
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
+    elif e.get("packed_linears"):
+        line = f"fast engine{dtype}: linear weights prepacked for oneDNN, static {capacity}"
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
+    if e.get("profile_ms") and not e.get("cuda_graphs"):
+        line += f", verifies padded to the cheapest measured bucket (ms: {_profile_text(e['profile_ms'])})"
     if e.get("timed_captures") or e.get("timed_regrowths") or e.get("timed_compiles"):
         prompts = e.get("timed_capture_prompts", [])
         line += (
@@ -181,6 +185,10 @@ def engine_line(extra: dict) -> str | None:
             f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
         )
     return line
+
+
+def _profile_text(profile: dict) -> str:
+    return ", ".join(f"{bucket}: {ms:.1f}" for bucket, ms in sorted(profile.items(), key=lambda item: int(item[0])))
 
 
 def group_note(group) -> str:

@@ -1,10 +1,10 @@
-"""`--engine fast`: the hf target over a preallocated KV cache, with CUDA graphs on CUDA and a
-compiled step on a CPU.
+"""`--engine fast`: the hf target over a preallocated KV cache, with CUDA graphs on CUDA and
+linear weights prepacked for oneDNN on a CPU (a compiled CPU step is a benchmark variant).
 
 Same contract as HFTarget (prefill, verify a tree, commit the accepted path),
-same model weights and attention code; only the cache and the step around the
-forward differ (see specbench/engine/static_cache.py, engine/compiled_step.py and
-engine/engines.py).
+same model weights and attention code; only the cache, the step around the
+forward and the linear kernels differ (see specbench/engine/static_cache.py,
+engine/packed.py, engine/compiled_step.py and engine/engines.py).
 The decode loop does not know which engine it drives, and plain decoding runs
 on the same target object, so a run's speedup compares like with like.
 """

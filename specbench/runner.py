@@ -217,6 +217,7 @@ class Benchmark:
             "capacity": stats.get("capacity"),
             "compiled_step": bool(stats.get("compiled_step")),
             "packed_linears": bool(stats.get("packed_linears")),
+            "lean_layers": stats.get("lean_layers", 0),
             "compile_ms": 0.0,
             "compiles": 0,
             "timed_captures": 0,

@@ -171,7 +171,8 @@ def engine_line(extra: dict) -> str | None:
         line = (f"fast engine{dtype}: compiled step, {e.get('compiles', 0)} graphs compiled in {e.get('compile_ms', 0) / 1000:.1f} s "
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
     elif e.get("packed_linears"):
-        line = f"fast engine{dtype}: linear weights prepacked for oneDNN, static {capacity}"
+        lean = f", {e['lean_layers']} layers in fewer operations" if e.get("lean_layers") else ""
+        line = f"fast engine{dtype}: linear weights prepacked for oneDNN{lean}, static {capacity}"
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
     if e.get("profile_ms") and not e.get("cuda_graphs"):

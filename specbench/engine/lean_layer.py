@@ -66,6 +66,18 @@ class LeanLayer(nn.Module):
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one query row, as two products in fp32 (as SDPA accumulates): torch's CPU
+        SDPA kernel takes 2-3x as long for one row as for two (measured: docs/engine.md)."""
+        batch, _, _, dim = q.shape
+        span, group = k.shape[2], self.heads // self.kv_heads
+        # query heads kv * group .. kv * group + group - 1 read key/value head kv (transformers' repeat_kv)
+        scores = q.reshape(batch, self.kv_heads, group, dim).float() @ k.float().transpose(-1, -2) * self.scaling
+        if mask is not None:
+            scores = scores + mask.reshape(mask.shape[0], 1, 1, span)
+        out = scores.softmax(-1) @ v.float()  # [batch, kv heads, group, dim]
+        return out.to(q.dtype).reshape(batch, self.heads, 1, dim)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, past_key_values=None,
                 **kwargs) -> torch.Tensor:
@@ -80,9 +92,12 @@ class LeanLayer(nn.Module):
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        causal = attention_mask is None and cache is None and rows > 1
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
-                                                  enable_gqa=self.heads != self.kv_heads)
+        if rows == 1:
+            attended = self._attend_one(q, k, v, attention_mask)
+        else:
+            causal = attention_mask is None and cache is None
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
+                                                      enable_gqa=self.heads != self.kv_heads)
         attended = attended.transpose(1, 2).reshape(batch, rows, self.heads * self.head_dim)
         x = hidden_states + _linear(attended, self.o, self.o_bias)
         gate, up = _linear(self._norm(x, self.norm2, self.eps2), self.gate_up, self.gate_up_bias).split(self.intermediate, dim=-1)
@@ -106,17 +121,27 @@ def _takes(layer: nn.Module) -> bool:
 
 @torch.inference_mode()
 def _agrees(layer: nn.Module, lean: LeanLayer, rotary: nn.Module, dtype: torch.dtype) -> bool:
-    """The lean layer's output is the transformers layer's on a causal probe of 5 tokens."""
+    """The lean layer's output is the transformers layer's on a probe: a causal chunk of 5
+    tokens into a cache, then one more token attending to all 6 (the two attention paths)."""
+    from transformers import DynamicCache
+
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 5, lean.norm1.numel(), generator=generator).to(dtype)
-    positions = torch.arange(5)[None]
-    embeddings = rotary(hidden, positions)
-    mask = torch.zeros(1, 1, 5, 5, dtype=dtype).masked_fill_(torch.ones(5, 5, dtype=torch.bool).triu(1), torch.finfo(dtype).min)
-    want = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
-    want = want[0] if isinstance(want, tuple) else want
-    got = lean(hidden, attention_mask=mask, position_embeddings=embeddings)
-    scale = want.float().abs().max().clamp_min(1e-6)
-    return bool(((got.float() - want.float()).abs().max() / scale) <= TOLERANCE.get(dtype, 1e-4))
+    hidden = torch.randn(1, 6, lean.norm1.numel(), generator=generator).to(dtype)
+    positions = torch.arange(6)[None]
+    cos, sin = rotary(hidden, positions)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 6, 6, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    caches = [DynamicCache(config=layer.self_attn.config) for _ in range(2)]
+    for rows in (slice(0, 5), slice(5, 6)):
+        inputs = (hidden[:, rows], mask[:, :, rows, : rows.stop], positions[:, rows])
+        embeddings = (cos[:, rows], sin[:, rows])
+        want = layer(*inputs, caches[0], position_embeddings=embeddings)  # the cache positionally: its name varies by version
+        want = want[0] if isinstance(want, tuple) else want
+        got = lean(inputs[0], attention_mask=inputs[1], position_embeddings=embeddings, cache=caches[1])
+        scale = want.float().abs().max().clamp_min(1e-6)
+        if not ((got.float() - want.float()).abs().max() / scale) <= TOLERANCE.get(dtype, 1e-4):
+            return False
+    return True
 
 
 def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtype) -> int:

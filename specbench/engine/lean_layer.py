@@ -67,16 +67,17 @@ class LeanLayer(nn.Module):
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one query row, as two products in fp32 (as SDPA accumulates): torch's CPU
-        SDPA kernel takes 2-3x as long for one row as for two (measured: docs/engine.md)."""
+        """Attention of one query row as transformers' eager attention computes it (products in the
+        model's dtype, softmax in fp32): torch's CPU SDPA kernel takes 2-3x as long for one row as
+        for two (measured: docs/engine.md)."""
         batch, _, _, dim = q.shape
         span, group = k.shape[2], self.heads // self.kv_heads
         # query heads kv * group .. kv * group + group - 1 read key/value head kv (transformers' repeat_kv)
-        scores = q.reshape(batch, self.kv_heads, group, dim).float() @ k.float().transpose(-1, -2) * self.scaling
+        scores = q.reshape(batch, self.kv_heads, group, dim) @ k.transpose(-1, -2) * self.scaling
         if mask is not None:
             scores = scores + mask.reshape(mask.shape[0], 1, 1, span)
-        out = scores.softmax(-1) @ v.float()  # [batch, kv heads, group, dim]
-        return out.to(q.dtype).reshape(batch, self.heads, 1, dim)
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        return (probs @ v).reshape(batch, self.heads, 1, dim)  # [batch, kv heads, group, dim] -> heads
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, past_key_values=None,

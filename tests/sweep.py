@@ -130,9 +130,10 @@ class Sweep:
         return self.root / "cases" / str(len(self.cases))
 
     def bad(self, name: str, argv: list, says: str | tuple = (), watch: tuple = (), code: int = 2, limit_s: int = 60,
-            env: dict | None = None, hold: Path | None = None) -> None:
+            env: dict | None = None, hold: Path | str | None = None) -> None:
         """A bad input: exit `code`, one line on stderr containing `says`, the watched paths unchanged,
-        nothing left in the case's folder. `hold`: a run directory whose write lock another process holds."""
+        nothing left in the case's folder. `hold`: an output (a run directory, a file, a data or
+        checkpoint directory) whose write lock another writer holds while the command runs."""
         case = self.case_dir()
 
         def run() -> list[str]:
@@ -141,7 +142,7 @@ class Sweep:
             watched = [Path(str(w).replace("{case}", str(case))) for w in watch]
             before = {w: fingerprint(w) for w in watched}
             entries_before = sorted(p.name for p in case.iterdir())
-            with held_lock(hold) if hold else contextlib.nullcontext():
+            with held_lock(Path(str(hold).replace("{case}", str(case)))) if hold else contextlib.nullcontext():
                 got, out, err, seconds = invoke(args, limit_s, env)
             lines = [line for line in err.splitlines() if line.strip()]
             problems = []
@@ -558,16 +559,23 @@ def good_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
 
 
 @contextlib.contextmanager
-def held_lock(run_dir: Path):
-    """Hold a run directory's write lock as another specbench process would."""
+def held_lock(output: Path):
+    """Hold an output's write lock as another specbench process would (a flock belongs to an open
+    file, so this process's own commands are refused as another process's would be)."""
     import fcntl
 
-    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT)  # RunStore's lock file (specbench/store.py)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        os.close(fd)
+    from specbench.files import write_lock
+
+    if (Path(output) / "run.json").is_file():
+        fd = os.open(Path(output) / ".lock", os.O_RDWR | os.O_CREAT)  # RunStore's lock file (specbench/store.py)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            os.close(fd)
+    else:
+        with write_lock(output):
+            yield
 
 
 def prepare(s: Sweep, m: dict, w: dict) -> dict:
@@ -750,6 +758,22 @@ def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
         "record", *T, "--workload", w["good"], "--max-new-tokens", 8, "--hidden", "--no-profile", "--out", "{dir}/log.jsonl"]))
     s.check("a full disk as train-data writes its tensors", lambda: full_disk(s.root / "full-data", [
         "train-data", *T, "--workload", w["good"], "--max-new-tokens", 8, "--out", "{dir}/data"]))
+    # a second writer of every output is refused in one line before it writes anything (the first holds the lock)
+    busy = "another specbench process"
+    second_writers = {
+        "profile --out": ["profile", *T, "--out", "{case}/x", "--repeats", 1, "--max-tokens", 2, "--context-tokens", 8],
+        "export-answers --out": ["export-answers", rd, "--out", "{case}/x"],
+        "vocab-trim build --out": ["vocab-trim", "build", "--from", w["good"], "--target", m["target"], "--out", "{case}/x"],
+        "convert-log --out": ["convert-log", "--log", extra["dsd_log"], "--prompts", extra["dsd_prompts"], *T, "--out", "{case}/x"],
+        "tune --out": ["tune", "--log", log, "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{case}/x"],
+        "record --out": ["record", *T, "--workload", w["good"], "--max-new-tokens", 4, "--no-profile", "--out", "{case}/x"],
+        "report --csv": ["report", rd, "--csv", "{case}/x"],
+        "report --html": ["report", rd, "--html", "{case}/x"],
+        "train-data --out": ["train-data", *T, "--workload", w["good"], "--max-new-tokens", 4, "--out", "{case}/x"],
+        "train --out": ["train", "--drafter", "medusa", *T, "--data", data, "--out", "{case}/x", "--steps", 1],
+    }
+    for what, argv in second_writers.items():
+        s.bad(f"{what} while another process writes it", argv, (busy, "x"), hold="{case}/x")
 
 
 def resume_repairs(root: Path, extra: dict) -> list[str]:
@@ -882,7 +906,7 @@ def faults(root: Path, m: dict, w: dict) -> dict[str, list[str]]:
     """Kills at fixed points (tests/faults.py: a wrapped function signals its own process on its n-th call).
     The processes of one round run side by side; each round's outcome is checked after it.
     Returns the problems of each fault by name (FAULTS lists the names)."""
-    from faults import KillAt, spawn
+    from faults import HoldAt, KillAt, spawn
 
     results: dict[str, list[str]] = {}
 
@@ -1009,19 +1033,11 @@ def faults(root: Path, m: dict, w: dict) -> dict[str, list[str]]:
     partial = spawn([*base, "--out", out_dir], root, KillAt("specbench.store:RunStore.append_prompt", 1, "SIGKILL", "after"))
     partial.communicate(timeout=600)
     run_dir = run_dir_of(out_dir)
-    go = root / "go"
-    first = spawn(["run", "--resume", run_dir, "--json"], root)
-    second = spawn(["run", "--resume", run_dir, "--json"], root, go_file=go)
-    deadline = time.time() + 600
-    while time.time() < deadline and first.poll() is None and (run_dir / ".lock").read_text().strip() != str(first.pid):
-        time.sleep(0.01)
-    holds = first.poll() is None
-    go.touch()
-    _, err2 = second.communicate(timeout=600)
-    _, err1 = first.communicate(timeout=600)
-    problems = [] if holds else ["the first resume finished before the second started"]
-    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}: {err2[-300:]}"])
-    problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else compare(run_dir, reference)
+    first = spawn(["run", "--resume", run_dir, "--json"], root,  # stopped at its first prompt's records, lock held
+                  hold_at=HoldAt("specbench.store:RunStore.append_prompt", root / "held-resume", root / "release-resume"))
+    second = spawn(["run", "--resume", run_dir, "--json"], root, go_file=root / "go")
+    problems, _ = second_writer(first, second, root / "held-resume", root / "go", root / "release-resume")
+    problems += [] if first.returncode else compare(run_dir, reference)
     fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
     return results
 
@@ -1048,23 +1064,26 @@ def cold_conversion(root: Path) -> list[str]:
     return problems + (["carriage-return progress in stderr: " + repr(err[-300:])] if "\r" in err else [])
 
 
-def wait_for(path: Path, proc, timeout_s: float = 600) -> bool:
-    """Wait until `path` exists (the first writer holds its lock) while `proc` runs; False if it ended first."""
+def wait_for(path: Path, proc, timeout_s: float = 900) -> bool:
+    """Wait until `path` exists while `proc` runs; False if it ended first (or never got there)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
-        if path.exists() and path.read_text().strip() == str(proc.pid):
+        if path.exists():
             return True
         time.sleep(0.01)
     return False
 
 
-def second_writer(first, second, lock: Path, go: Path) -> tuple[list[str], str]:
-    """Release `second` while `first` holds `lock`: the second must be refused in one line."""
-    holds = wait_for(lock, first)
+def second_writer(first, second, held: Path, go: Path, release: Path) -> tuple[list[str], str]:
+    """`first` stops inside its write lock (HoldAt: touches `held`, waits for `release`); `second`
+    is released (`go`) only then and must be refused in one line; then `first` goes on. No timing:
+    however loaded the machine, the second meets the lock."""
+    holds = wait_for(held, first)
     go.touch()
-    _, err2 = second.communicate(timeout=600)
-    _, err1 = first.communicate(timeout=600)
-    problems = [] if holds else ["the first writer finished before the second started"]
+    _, err2 = second.communicate(timeout=900)
+    release.touch()
+    _, err1 = first.communicate(timeout=900)
+    problems = [] if holds else [f"the first writer never reached its write: {err1[-300:]}"]
     problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}: {err2[-300:]}"])
     problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else []
     return problems, err1
@@ -1086,7 +1105,7 @@ FAULTS28 = [
 
 def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     """Second writers, SIGTERM inside writes and odd environments, in real processes (issue 28)."""
-    from faults import KillAt, spawn
+    from faults import HoldAt, KillAt, spawn
 
     results: dict[str, list[str]] = {}
     root.mkdir()
@@ -1097,18 +1116,20 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
 
     # second writers: the first holds the lock, the second is released (go file) and must be refused
     (root / "rec").mkdir()
-    first = spawn([*rec, "--max-new-tokens", 32, "--out", root / "rec" / "log.jsonl"], root)  # the longer: it still writes when the second starts
-    second = spawn([*rec, "--out", root / "rec" / "log.jsonl"], root, go_file=root / "go-rec")
-    problems, _ = second_writer(first, second, root / "rec" / ".log.jsonl.lock", root / "go-rec")
+    first = spawn([*rec, "--out", root / "rec" / "log.jsonl"], root,  # stopped as it starts recording, lock held
+                  hold_at=HoldAt("specbench.simulate.record:_record", root / "held-rec", root / "release-rec"))
+    second = spawn([*rec, "--limit", 2, "--out", root / "rec" / "log.jsonl"], root, go_file=root / "go-rec")
+    problems, _ = second_writer(first, second, root / "held-rec", root / "go-rec", root / "release-rec")
     header = json.loads((root / "rec" / "log.jsonl").read_text().splitlines()[0]) if (root / "rec" / "log.jsonl").exists() else {}
     side = root / "rec" / str(header.get("hidden_file"))
     problems += [] if side.is_file() else ["the log names a side file that is not there"]
     code, _, err, _ = invoke(["simulate", "--log", root / "rec" / "log.jsonl", "--k", 2, "--bandwidth", 100, "--out", root / "rec-sims"])
     results[FAULTS28[0]] = problems + ([] if code == 0 else [f"the log does not simulate: {err[-300:]}"])
 
-    first = spawn([*td, "--max-new-tokens", 32, "--out", root / "data"], root)
+    first = spawn([*td, "--out", root / "data"], root,  # stopped before it generates, lock held
+                  hold_at=HoldAt("specbench.train.data:_generate", root / "held-data", root / "release-data"))
     second = spawn([*td, "--limit", 2, "--out", root / "data"], root, go_file=root / "go-data")
-    problems, _ = second_writer(first, second, root / ".data.lock", root / "go-data")
+    problems, _ = second_writer(first, second, root / "held-data", root / "go-data", root / "release-data")
     meta = json.loads((root / "data" / "meta.json").read_text()) if (root / "data" / "meta.json").exists() else {}
     problems += [] if meta.get("prompts") == 12 else [f"meta says {meta.get('prompts')} prompts, not the first writer's 12"]
     results[FAULTS28[1]] = problems

@@ -691,6 +691,13 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
                                 root / "formula", "--json"])
     assert code == 0, err
     extra["run_formula"] = Path(json.loads(out)["run"])
+
+    def foreign(d, i):  # one prompt of another run (its steps and turns) copied in
+        for name in ("steps.jsonl", "prompts.jsonl"):
+            rows = [x for x in (extra["run_formula"] / name).read_text().splitlines() if json.loads(x)["prompt_id"] == "f1"]
+            with open(d / name, "a") as f:
+                f.write("\n".join(rows) + "\n")
+    extra["run_foreign"] = variant("run_foreign", foreign)
     extra["tree_siblings"] = log_variant("siblings_tree.json", json.dumps([[i] for i in range(49_153)]))
     extra["tree_wide"] = log_variant("wide_tree.json", json.dumps([[i] for i in range(150)]))  # the tiny vocabulary has 100 tokens
 
@@ -743,6 +750,11 @@ def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
                                                             "--out", "{case}/t.json"], "not a regular file", limit_s=15)
         s.bad(f"vocab-trim build --from, steps.jsonl {what}", ["vocab-trim", "build", "--from", d, "--target", m["target"],
                                                                "--out", "{case}/ids.json"], "not a regular file", limit_s=15)
+    # a record copied in from another run: refused (by the run id every record carries), never counted
+    s.bad("report, records copied in from another run", ["report", extra["run_foreign"]], ("a record of run", "remove them"),
+          watch=(extra["run_foreign"],))
+    s.bad("run --resume, records copied in from another run", ["run", "--resume", extra["run_foreign"]], "a record of run",
+          watch=(extra["run_foreign"],))
     # what report counts
     s.good("report R R parent counts the run once", ["report", rd, rd, Path(rd).parent],
            lambda out, err: None if "runs merged" not in out and "duplicate" not in err and "more than one run" not in err

@@ -301,3 +301,28 @@ def test_a_side_file_of_another_recording_is_refused(tmp_path, capsys, monkeypat
     shutil.copy(b.hidden_path, a.hidden_path)  # b's states under a's name
     with pytest.raises(UserError, match="belongs to another recording"):
         a.hidden(a.turns[0])
+
+
+# --- every record names its run -----------------------------------------------------------------
+
+def test_a_record_copied_in_from_another_run_is_refused_never_counted(tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    from specbench.report.collect import load_runs
+    from specbench.store import RunStore
+
+    a, b = make_run(tmp_path / "runs", "ra", [P1]), make_run(tmp_path / "runs", "rb", [P2])
+    assert all(json.loads(x)["run_id"] == "ra" for x in (a / "steps.jsonl").read_text().splitlines())
+    with open(a / "prompts.jsonl", "a") as f:  # one of b's turns, copied into a
+        f.write((b / "prompts.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=r"prompts.jsonl:3: a record of run 'rb', not of this directory's run 'ra'"):
+        RunStore.open(a).load()
+    warnings = []
+    assert [run.directory for run in load_runs([tmp_path / "runs"], warnings)] == [b]  # a is left out, b reported
+    assert any("skipped" in w and "'rb'" in w for w in warnings)
+    code, _, err = run_cli(["report", a], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "remove them" in err, err
+    # records written before run_id existed name none: read as before
+    rows = [{k: v for k, v in json.loads(x).items() if k != "run_id"} for x in (b / "steps.jsonl").read_text().splitlines()]
+    (b / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(RunStore.open(b).load()[0]) == len(rows)

@@ -15,6 +15,7 @@ import torch
 
 from specbench.engine.options import CommandConfig, option
 from specbench.errors import UserError
+from specbench.files import atomic_write_text
 from specbench.train.data import TrainData, load_data, prepare_out  # noqa: F401  (re-exported for the recipes)
 
 TRAIN_LOG = "specbench_train.json"
@@ -151,7 +152,7 @@ class TrainLog:
             "evals": self.evals,
             **(extra or {}),
         }
-        (out / TRAIN_LOG).write_text(json.dumps(blob, indent=1) + "\n")
+        atomic_write_text(out / TRAIN_LOG, json.dumps(blob, indent=1) + "\n")
 
 
 def chain_scores(hits: torch.Tensor, shown: int | None = None) -> dict:

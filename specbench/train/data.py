@@ -51,7 +51,7 @@ from specbench.checks import check_count, check_output_dir, check_temperature, c
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
-from specbench.files import atomic_write, atomic_write_text, read_bytes, read_text, reading_weights, write_lock
+from specbench.files import WRITING, atomic_write, atomic_write_text, read_bytes, read_text, reading_weights, write_lock
 from specbench.progress import SILENT, Progress
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.workloads import Prompt, check_prompts_fit, encode_turn, load_workload, select, workload_hash
@@ -80,7 +80,7 @@ def check_out(out: Path, overwrite: bool, what: str = "data directory", inputs: 
             if real == where or where in real.parents:  # --out is the input or holds it (a folder inside an input harms nothing)
                 raise UserError(f"--out {out} and {flag} {source} overlap; writing --out would change an input of this command: "
                                 "choose another --out")
-    if out.exists() and any(p for p in out.iterdir() if p.name != ".lock") and not overwrite:
+    if out.exists() and any(p for p in out.iterdir() if p.name not in (".lock", WRITING)) and not overwrite:
         raise UserError(f"{what} '{out}' exists and is not empty; choose another --out or pass --overwrite")
 
 

@@ -20,7 +20,7 @@ import torch
 from specbench.engine.options import flag_of
 from specbench.engine.protocol import TrainableTarget, TrainRecipe
 from specbench.errors import SpecbenchWarning, UserError
-from specbench.files import write_lock
+from specbench.files import write_lock, written_unit
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
 
@@ -80,6 +80,8 @@ def _train(config: TrainConfig, recipe: TrainRecipe, device: str, dtype: str, ov
         if "eval" in row:
             progress.note(f"step {step}: held-out {row['eval']}")
 
-    with torch.enable_grad():
+    # one unit: readers refuse the directory while it is half written (a kill, a failure between two saves)
+    # and any file of it changed or left from an earlier checkpoint (files.check_unit)
+    with written_unit(Path(config.out)), torch.enable_grad():
         function(config, target, overwrite=overwrite, on_step=on_step)
     return Path(config.out)

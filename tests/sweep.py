@@ -708,6 +708,10 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
     shutil.copytree(root / "data", root / "data_corrupt")
     (root / "data_corrupt" / "tokens.safetensors").write_bytes(os.urandom(100))
     extra["data_corrupt"] = root / "data_corrupt"
+    code, _, err, _ = invoke(["train", "--drafter", "medusa", "--target", m["target"], "--data", root / "data", "--out", root / "ckpt",
+                              "--steps", 1, "--num-heads", 2])
+    assert code == 0, err
+    extra["ckpt"] = root / "ckpt"
     return extra
 
 
@@ -1105,6 +1109,7 @@ FAULTS28 = [
     "two record --hidden into one log",
     "two train-data into one --out",
     "SIGTERM of train-data between two saves, then train",
+    "SIGTERM of train between two saves, then run --heads",
     "SIGTERM of record inside a file write",
     "SIGTERM of report --csv inside a file write",
     "SIGTERM of report --html inside a file write",
@@ -1151,13 +1156,18 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     procs[FAULTS28[2]] = spawn([*td, "--limit", 3, "--out", root / "mixed", "--overwrite"], root,
                                KillAt("specbench.train.data:atomic_write", 2, "SIGTERM"))
 
+    # SIGTERM between a checkpoint's saves (config.json written, the weights not): every loader refuses the directory
+    shutil.copytree(extra["ckpt"], root / "ckpt")
+    procs[FAULTS28[3]] = spawn(["train", "--drafter", "medusa", *T, "--data", extra["data"], "--out", root / "ckpt", "--steps", 1,
+                                "--num-heads", 3, "--overwrite"], root, KillAt("specbench.train.heads:torch.save", 1, "SIGTERM"))
+
     # SIGTERM inside a write (the fsync of a temporary file): no hidden temporary file left, one line, exit 130
     writes = {
-        FAULTS28[3]: [*rec, "--out", "{dir}/log.jsonl"],
-        FAULTS28[4]: ["report", extra["run_dir"], "--csv", "{dir}/r.csv"],
-        FAULTS28[5]: ["report", extra["run_dir"], "--html", "{dir}/r.html"],
-        FAULTS28[6]: ["report", extra["run_dir"], "--plot", "{dir}/plots"],
-        FAULTS28[7]: ["tune", "--log", extra["log"], "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{dir}/tree.json",
+        FAULTS28[4]: [*rec, "--out", "{dir}/log.jsonl"],
+        FAULTS28[5]: ["report", extra["run_dir"], "--csv", "{dir}/r.csv"],
+        FAULTS28[6]: ["report", extra["run_dir"], "--html", "{dir}/r.html"],
+        FAULTS28[7]: ["report", extra["run_dir"], "--plot", "{dir}/plots"],
+        FAULTS28[8]: ["tune", "--log", extra["log"], "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{dir}/tree.json",
                       "--plot", "{dir}/frontier.png"],
     }
     for i, (name, argv) in enumerate(writes.items()):
@@ -1166,14 +1176,14 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
         checks[name] = d
         procs[name] = spawn([str(a).replace("{dir}", str(d)) for a in argv], root, KillAt("specbench.files:os.fsync", 1, "SIGTERM"),
                             env={"TMPDIR": str(d)})
-    procs[FAULTS28[8]] = spawn(["report", extra["run_dir"]], root, env={"PYTHONIOENCODING": "ascii"})
+    procs[FAULTS28[9]] = spawn(["report", extra["run_dir"]], root, env={"PYTHONIOENCODING": "ascii"})
     site = root / "site"
     (site / "argv_plugin-0.1.dist-info").mkdir(parents=True)
     (site / "argv_plugin.py").write_text("import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument('--only-mine', required=True)\n"
                                          "parser.parse_args()\n")
     (site / "argv_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: argv-plugin\nVersion: 0.1\n")
     (site / "argv_plugin-0.1.dist-info" / "entry_points.txt").write_text("[specbench.drafters]\nargv-plugin = argv_plugin:Drafter\n")
-    procs[FAULTS28[9]] = spawn(["run", *T, "--workload", w["good"], "--limit", 1, "--max-new-tokens", 4, "--out", root / "plugin-out",
+    procs[FAULTS28[10]] = spawn(["run", *T, "--workload", w["good"], "--limit", 1, "--max-new-tokens", 4, "--out", root / "plugin-out",
                                 "--json"], root, env={"PYTHONPATH": os.pathsep.join([str(site), *sys.path])})
     done = {name: (proc, *proc.communicate(timeout=600)) for name, proc in procs.items()}
 
@@ -1183,6 +1193,13 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     lines = [x for x in err.splitlines() if x.strip()]
     problems += [] if code == 2 and len(lines) == 1 and "Traceback" not in err else [f"train on the mix: exit {code}: {err[-400:]}"]
     results[FAULTS28[2]] = problems
+    proc, _, err = done[FAULTS28[3]]
+    problems = one_error_line(err) + ([] if proc.returncode == 130 else [f"exit {proc.returncode}"])
+    code, _, err, _ = invoke(["run", *T, "--drafter", "medusa", "--heads", root / "ckpt", "--limit", 1, "--max-new-tokens", 4,
+                              "--out", root / "ckpt-run"])
+    lines = [x for x in err.splitlines() if x.strip()]
+    problems += [] if code == 2 and len(lines) == 1 and "half written" in err else [f"run on the mix: exit {code}: {err[-400:]}"]
+    results[FAULTS28[3]] = problems
     for name, d in checks.items():
         proc, _, err = done[name]
         # temporary files and folders are hidden (.NAME.*), as lock files are; $TMPDIR is the case folder too
@@ -1190,8 +1207,8 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
         # 130 as ctrl-C, or 2 where the command says what it kept ("interrupted; the log is as it was")
         problems = one_error_line(err) + ([] if proc.returncode in (2, 130) and "interrupted" in err else [f"exit {proc.returncode}"])
         results[name] = problems + ([f"left {left}"] if left else [])
-    proc, out, err = done[FAULTS28[8]]
-    results[FAULTS28[8]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
     proc, out, err = done[FAULTS28[9]]
     results[FAULTS28[9]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
+    proc, out, err = done[FAULTS28[10]]
+    results[FAULTS28[10]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
     return results

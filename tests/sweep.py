@@ -87,6 +87,9 @@ def invoke(argv, limit_s: int = 60, env: dict | None = None) -> tuple[object, st
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if os.environ.get("SPECBENCH_SWEEP_LOG"):  # the command and what it said, for a report of the sweep
+        with open(os.environ["SPECBENCH_SWEEP_LOG"], "a") as f:
+            f.write(json.dumps({"argv": ["specbench", *map(str, argv)], "exit": code, "stderr": err.getvalue().strip()[-600:]}) + "\n")
     return code, out.getvalue(), err.getvalue(), time.perf_counter() - start
 
 

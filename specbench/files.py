@@ -216,7 +216,8 @@ def write_lock(output: Path | str, lock_file: Path | None = None, then: str = "w
     a `lock_file` given (a run directory's `.lock`) is kept."""
     output = Path(output)
     remove = lock_file is None
-    path = lock_file_for(output) if remove else Path(lock_file)
+    # beside the real file: two writers naming one output through a symlink (or a symlinked folder) share its lock
+    path = lock_file_for(output.resolve()) if remove else Path(lock_file)
     if fcntl is None:
         return WriteLock(path, None, False)
     while True:

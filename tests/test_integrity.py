@@ -39,6 +39,19 @@ def test_a_second_writer_is_refused_in_one_line_and_the_lock_leaves_nothing(tmp_
         pass
 
 
+def test_one_output_named_through_a_symlink_has_one_lock(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with write_lock(tmp_path / "real" / "log.jsonl"):
+        with pytest.raises(UserError, match="being written by another specbench process"):
+            write_lock(tmp_path / "link" / "log.jsonl")
+    (tmp_path / "log-link.jsonl").symlink_to(tmp_path / "real" / "log.jsonl")
+    with write_lock(tmp_path / "real" / "log.jsonl"):
+        with pytest.raises(UserError, match="log-link.jsonl is being written"):
+            write_lock(tmp_path / "log-link.jsonl")
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == []  # released: no lock file left
+
+
 def test_a_lock_file_removed_by_its_previous_holder_is_not_shared(tmp_path):
     """Two writers that opened the same lock file in turn must not both hold it once the first
     removes it: the second locks the file that is there, not the unlinked one."""

@@ -176,6 +176,10 @@ def load_data(directory: Path, with_hidden: bool = True, with_taps: bool = False
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not (directory / META).exists() and any((directory / name).exists() for name in (CONVERSATIONS, TOKENS, HIDDEN, TAPS)):
+        # meta.json goes first and comes back last (make_data): parts without it are a write that never finished
+        raise UserError(f"data '{directory}' is half written (parts without {META}: a train-data interrupted or failed before it "
+                        "finished); regenerate it with `specbench train-data --overwrite`")
     if not (directory / META).exists() or not (directory / TOKENS).exists():
         raise UserError(f"'{directory}' is not a training data directory (no {META}/{TOKENS}); make one with `specbench train-data`")
     try:

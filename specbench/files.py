@@ -210,6 +210,13 @@ def lock_file_for(output: Path | str) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
+def _real(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the write itself will say so
+        return path
+
+
 def write_lock(output: Path | str, lock_file: Path | None = None, then: str = "wait for it to finish") -> WriteLock:
     """Take the write lock of `output`, or refuse in one line when another process holds it.
     By default the lock file sits beside the output and is removed on release (no leftover);
@@ -217,7 +224,7 @@ def write_lock(output: Path | str, lock_file: Path | None = None, then: str = "w
     output = Path(output)
     remove = lock_file is None
     # beside the real file: two writers naming one output through a symlink (or a symlinked folder) share its lock
-    path = lock_file_for(output.resolve()) if remove else Path(lock_file)
+    path = lock_file_for(_real(output)) if remove else Path(lock_file)
     if fcntl is None:
         return WriteLock(path, None, False)
     while True:

@@ -17,9 +17,12 @@ symlinked --out, a category with a comma) must simply work.
 Then faults, in real processes (a tiny model saved to a temp dir, so each starts in seconds):
 SIGKILL, SIGINT and SIGTERM at fixed points of `run`, `record`, `train-data`, `report` and `tune`
 (no temporary file left, an interrupted run resumes to an uninterrupted run's records, an old log
-survives byte for byte), two writers of one run directory, target log or data directory (the
-second refused in one line), a full disk as a log or a data directory is written, and odd
-environments (an ASCII-only terminal, a plugin that parses argv at import).
+survives byte for byte), two writers of one output (the first held inside its write lock, the
+second refused in one line: run directories, logs, data and checkpoint directories, profiles,
+tuned trees, id lists, answers, report outputs), parts of a directory that belong to another
+write (a record of another run, a checkpoint or data directory killed between two saves), a full
+disk as a log or a data directory is written, and odd environments (an ASCII-only terminal, a
+plugin that parses argv at import).
 
 Cases are defined by functions that call `Sweep.bad` / `Sweep.good` / `Sweep.check`, which only
 record a closure under the case's name: test_sweep.py calls them once with placeholder paths to

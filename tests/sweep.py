@@ -1163,8 +1163,8 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
                                KillAt("specbench.train.data:atomic_write", 2, "SIGTERM"))
 
     # SIGTERM between a checkpoint's saves (config.json written, the weights not): every loader refuses the directory
-    shutil.copytree(extra["ckpt"], root / "ckpt")
-    procs[FAULTS28[3]] = spawn(["train", "--drafter", "medusa", *T, "--data", extra["data"], "--out", root / "ckpt", "--steps", 1,
+    shutil.copytree(extra["ckpt"], root / "ckpt-mixed")  # not root / "ckpt": the train-data fault's train writes there
+    procs[FAULTS28[3]] = spawn(["train", "--drafter", "medusa", *T, "--data", extra["data"], "--out", root / "ckpt-mixed", "--steps", 1,
                                 "--num-heads", 3, "--overwrite"], root, KillAt("specbench.train.heads:torch.save", 1, "SIGTERM"))
 
     # SIGTERM inside a write (the fsync of a temporary file): no hidden temporary file left, one line, exit 130
@@ -1201,7 +1201,7 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     results[FAULTS28[2]] = problems
     proc, _, err = done[FAULTS28[3]]
     problems = one_error_line(err) + ([] if proc.returncode == 130 else [f"exit {proc.returncode}"])
-    code, _, err, _ = invoke(["run", *T, "--drafter", "medusa", "--heads", root / "ckpt", "--limit", 1, "--max-new-tokens", 4,
+    code, _, err, _ = invoke(["run", *T, "--drafter", "medusa", "--heads", root / "ckpt-mixed", "--limit", 1, "--max-new-tokens", 4,
                               "--out", root / "ckpt-run"])
     lines = [x for x in err.splitlines() if x.strip()]
     problems += [] if code == 2 and len(lines) == 1 and "half written" in err else [f"run on the mix: exit {code}: {err[-400:]}"]

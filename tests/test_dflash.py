@@ -531,9 +531,11 @@ def test_tune_searches_block_length_and_tree_width(setup, tmp_path, capsys, monk
     tree = tmp_path / "tuned.json"
     code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--heads", heads,
                               "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--max-nodes", 6,
-                              "--latency-steps", 1, "--profile", tmp_path / "profile.json", "--out", tree, "--json"], capsys, monkeypatch)
+                              "--latency-steps", 1, "--profile", tmp_path / "profile.json", "--out", tree, "--plot", tmp_path / "frontier.png",
+                              "--json"], capsys, monkeypatch)
     assert code == 0, err
     result = json.loads(out)
+    assert (tmp_path / "frontier.png").stat().st_size > 0  # one line per depth
     chosen = result["frontier"]["points"][result["frontier"]["best"]]
     assert json.loads(tree.read_text())["paths"] == result["paths"] and len(result["paths"]) == chosen["size"]
     assert f"--drafter dflash --heads {heads} --tree {tree}" in result["run_command"]

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from specbench.drafters.dflash.layouts import tap_rule, write_v1
+from specbench.drafters.dflash.model import DFlashConfig, DFlashNet
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
@@ -64,6 +66,7 @@ DRAFT_SHAPE = {"vicuna-7b": "vicuna-draft", "tiny": "tiny-draft"}  # a random dr
 ENGINES = ("eager", "fast")
 SPEEDS = (1, 2, 4, 8, 16, 32, 64, 128)  # the t(n) shown in the table (the JSON keeps every n measured)
 DS_TARGET_RATIO = 0.90  # issue 15: DeepSpeed TP = 1 within 10 % of the hf fast path
+DFLASH_BLOCK, DFLASH_LAYERS = 16, 5  # every published DFlash draft: blocks of 16, five layers
 
 
 @dataclass
@@ -78,7 +81,13 @@ class Setup:
     model: torch.nn.Module
     _draft: torch.nn.Module | None = None
     _eagles: dict[int, Path] = field(default_factory=dict)
+    _dflash: Path | None = None
     _folder: tempfile.TemporaryDirectory | None = None
+
+    def folder(self) -> Path:
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="gpu_check_drafts_")
+        return Path(self._folder.name)
 
     def draft_model(self) -> torch.nn.Module:
         """One random small draft, shared by both engines (its weights are only read)."""
@@ -90,10 +99,15 @@ class Setup:
         """A random one-layer EAGLE-`version` draft of the target's shape, written once in its
         published layout, so both engines load it as a user's checkpoint is loaded."""
         if version not in self._eagles:
-            if self._folder is None:
-                self._folder = tempfile.TemporaryDirectory(prefix="gpu_check_eagle_")
-            self._eagles[version] = write_random_eagle(Path(self._folder.name) / f"eagle{version}", self.model, version, self.dtype)
+            self._eagles[version] = write_random_eagle(self.folder() / f"eagle{version}", self.model, version, self.dtype)
         return self._eagles[version]
+
+    def dflash_checkpoint(self) -> Path:
+        """A random DFlash v1 draft of the target's shape (five layers, blocks of 16, taps by the
+        tap rule), written once in z-lab's v1 layout, so both engines load it as a user's is loaded."""
+        if self._dflash is None:
+            self._dflash = write_random_dflash(self.folder() / "dflash", self.model, self.dtype)
+        return self._dflash
 
 
 def write_random_eagle(directory: Path, model: torch.nn.Module, version: int, dtype: torch.dtype) -> Path:
@@ -119,6 +133,28 @@ def write_random_eagle(directory: Path, model: torch.nn.Module, version: int, dt
     return write_checkpoint(directory, net.to(dtype), EAGLE3 if version == 3 else EAGLE1, taps=taps)
 
 
+def write_random_dflash(directory: Path, model: torch.nn.Module, dtype: torch.dtype) -> Path:
+    """z-lab's DFlash v1 draft for this target: the target's geometry (as z-lab's drafts copy
+    their target's), DFLASH_LAYERS layers, blocks of DFLASH_BLOCK, five taps by the tap rule, the
+    mask the target's last row (random prompts never hold it); PyTorch's random init, built on
+    the target's device (a 7B-wide draft is 1.1 B parameters)."""
+    c = model.config
+    heads = c.num_attention_heads
+    config = DFlashConfig(layout="dflash", hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=heads,
+                          num_kv_heads=c.num_key_value_heads, head_dim=c.hidden_size // heads, num_layers=DFLASH_LAYERS,
+                          block_size=DFLASH_BLOCK, mask_token_id=c.vocab_size - 1,
+                          target_layer_ids=tuple(tap_rule(c.num_hidden_layers)), causal=(False,) * DFLASH_LAYERS,
+                          sliding_window=(None,) * DFLASH_LAYERS, vocab_size=c.vocab_size, num_target_layers=c.num_hidden_layers,
+                          rms_norm_eps=c.rms_norm_eps, rope_theta=float(getattr(c, "rope_theta", None) or 10000.0))
+    device = next(model.parameters()).device
+    with torch.device(device):
+        net = DFlashNet(config, c.hidden_size).to(dtype)
+    write_v1(directory, net, dtype)
+    del net
+    free_memory()
+    return directory
+
+
 @dataclass(frozen=True)
 class DrafterCheck:
     label: str
@@ -136,6 +172,11 @@ def random_eagle(version: int) -> Callable[[Target, Setup], Drafter]:
     return lambda target, setup: drafter_class(name).build(target, weights=str(setup.eagle_checkpoint(version)))
 
 
+def random_dflash(**options) -> Callable[[Target, Setup], Drafter]:
+    """DFlash over the random v1 checkpoint: the full block (a chain of 15), or a tree option."""
+    return lambda target, setup: drafter_class("dflash").build(target, heads=str(setup.dflash_checkpoint()), **options)
+
+
 def random_draft(target: Target, setup: Setup) -> Drafter:
     return DraftModelDrafter(target, setup.draft_model(), k=4, model_name=f"random {DRAFT_SHAPE[setup.shape]}")
 
@@ -150,6 +191,8 @@ DRAFTERS = [
     DrafterCheck("hydra-decoder", registered("hydra-decoder", heads="fresh", tree=TREE, decoder_layers=1)),
     DrafterCheck("eagle", random_eagle(1)),
     DrafterCheck("eagle3", random_eagle(3)),
+    DrafterCheck("dflash", random_dflash()),
+    DrafterCheck("dflash-tree", random_dflash(tree="dynamic")),  # best-first, 32 tokens verified, top 4 per position
 ]
 
 

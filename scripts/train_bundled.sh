@@ -52,3 +52,23 @@ specbench simulate --log "$WORK/heldout.jsonl" --target smollm2-135m --drafter e
   --tree dynamic,mc_sim_7b_63_depth3,mc_sim_7b_63 --out "$WORK/sim"
 specbench simulate --log "$WORK/heldout.jsonl" --target smollm2-135m --drafter eagle3 --heads "$WORK/eagle3" \
   --tree dynamic,mc_sim_7b_63_depth3,mc_sim_7b_63 --out "$WORK/sim"
+
+# 8. DFlash v1 draft (z-lab's layout: 5 Qwen3-style layers of the target's geometry on five taps, the
+#    target's embedding and LM head): the same pool-train answers with the states DFlash reads (the
+#    outputs of layers 1, 8, 14, 20, 27 by z-lab's tap rule = the inputs of 2, 9, 15, 21, 28), then a
+#    block of 8 trained for what fitted the shared 2-core machine on 2026-12-04 (docs/dflash.md):
+#    not enough to beat the bundled Hydra's held-out τ, so not bundled
+OMP_NUM_THREADS=1 specbench train-data --target smollm2-135m --workload pool-train --max-new-tokens 128 --batch-size 32 \
+  --no-cache-hidden --hidden-taps dflash --dtype float32 --device cpu --out "$WORK/data-dflash" --overwrite
+OMP_NUM_THREADS=1 specbench train --drafter dflash --target smollm2-135m --data "$WORK/data-dflash" --block-size 8 --draft-layers 5 \
+  --anchors 8 --loss-decay 4 --steps 80 --batch-tokens 512 --lr 1e-3 --warmup-steps 5 --eval-every 80 --eval-fraction 0.02 \
+  --out "$WORK/dflash" --overwrite
+
+# 9. DFlash's held-out τ beside the bundled Hydra's, both simulated on one log of pool-heldout that holds
+#    the final states (Hydra) and DFlash's taps
+OMP_NUM_THREADS=1 specbench record --target smollm2-135m --workload pool-heldout --max-new-tokens 96 --hidden --hidden-taps dflash \
+  --dtype float32 --device cpu --out "$WORK/heldout-dflash.jsonl"
+OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
+  --drafter hydra --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"
+OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
+  --drafter dflash --heads "$WORK/dflash" --k 1,3 --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"

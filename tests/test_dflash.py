@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -478,6 +479,79 @@ def test_cli_runs_dflash(setup, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["run", "--target", setup["root"] / "target", "--drafter", "dflash", "--heads", bad, "--limit", 1,
                               "--device", "cpu", "--out", tmp_path], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing key 'norm.weight'" in err, err
+
+
+# --- tune: the block length and the tree width ----------------------------------------------------
+
+def test_tune_searches_block_length_and_tree_width(setup, tmp_path, capsys, monkeypatch):
+    """tune scores each depth d (a block of d + 1) by the pass of the drafter built for the chain of d;
+    its candidates are that chain and the greedy trees of exactly depth d, as wide as the greedy makes
+    them. Every candidate's predicted τ is what simulate scores for that shape (each by the drafter
+    built for it), and the tree tune writes, run as it prints, is lossless with the predicted τ."""
+    from specbench.simulate.log import VerifyProfile
+    from specbench.simulate.predict import LatencyModel
+    from specbench.simulate.tune import TuneConfig, Tuner, costs_for
+
+    # the v1 draft with its second layer mixing the block's positions (random queries and keys, an identity
+    # value path): a block of d + 1 then ranks the true tokens otherwise than the first d positions of a longer one
+    state = {key: value.clone() for key, value in setup["stored"]["dflash"].items()}
+    g = torch.Generator().manual_seed(5)
+    for name in ("q_proj", "k_proj"):
+        w = state[f"layers.1.self_attn.{name}.weight"]
+        w += torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.3
+    for name in ("v_proj", "o_proj"):
+        w = state[f"layers.1.self_attn.{name}.weight"]
+        w += torch.eye(w.shape[0], dtype=w.dtype)
+    heads = tmp_path / "mixing"
+    write_v1(heads, setup["target"], LAYER_IDS, state=OrderedDict(state))
+    options = {"heads": str(heads)}
+    profile = VerifyProfile(context_tokens=8, ms=[10.0 + 0.5 * n for n in range(64)])  # the log holds none
+    (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
+    tuner = Tuner(setup["log"], TuneConfig("dflash", options, max_nodes=8, max_depth=4, draft_ms=0.0), setup["target"])
+    depths = [c.shape.depth for c in tuner.candidates]
+    assert depths == sorted(depths) and sorted(set(depths)) == [1, 2, 3, 4]
+    for d in range(1, 5):
+        mine = [c for c in tuner.candidates if c.depth_pass == d]
+        assert mine[0].shape.spec == f"chain:{d}" and mine[0].max_width == 1 and not mine[0].whole
+        assert all(c.shape.depth == d and len(c.paths) <= 8 for c in mine)
+    assert max(c.max_width for c in tuner.candidates) > 1, "no tree wider than a chain was built: widths were not searched"
+    shared = [(torch.cat([p.ranks[:, :d] for p in tuner.tuning.proposals[d]]), torch.cat([p.ranks[:, :d] for p in tuner.tuning.proposals[4]]))
+              for d in (1, 2, 3)]
+    assert any((mine != deepest).any() for mine, deepest in shared), "every block ranked alike: one pass would have done"
+    frontier = tuner.frontier(LatencyModel.build(profile, None, None), costs_for(tuner), "tiny")
+    assert frontier.per_depth and len({p.tau for p in frontier.points}) > 2, "every shape scored alike: the comparison proves little"
+    simulation = Simulator(setup["log"], SimulateConfig("dflash", options, [c.shape for c in tuner.candidates], latency_steps=0),
+                           setup["target"]).score()
+    assert [tau([s for turn in r.steps for s in turn]) for r in simulation.results] == [p.tau for p in frontier.points]
+    for d in range(1, 5):  # within a depth the greedy trees are nested: a larger one never expects fewer accepted
+        trees = [c.expected_tau for c in tuner.candidates if c.depth_pass == d and c.whole]
+        assert trees == sorted(trees)
+
+    # the command line: the chosen tree written, the printed run lossless and measuring the predicted τ
+    tree = tmp_path / "tuned.json"
+    code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--heads", heads,
+                              "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--max-nodes", 6,
+                              "--latency-steps", 1, "--profile", tmp_path / "profile.json", "--out", tree, "--plot", tmp_path / "frontier.png",
+                              "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads(out)
+    assert (tmp_path / "frontier.png").stat().st_size > 0  # one line per depth
+    chosen = result["frontier"]["points"][result["frontier"]["best"]]
+    assert json.loads(tree.read_text())["paths"] == result["paths"] and len(result["paths"]) == chosen["size"]
+    assert f"--drafter dflash --heads {heads} --tree {tree}" in result["run_command"]
+    args = result["run_command"].split()[1:] + ["--dtype", "float64", "--device", "cpu", "--out", tmp_path / "runs", "--json"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    measured = json.loads(out)
+    assert measured["exact_match_rate"] == 1.0 and measured["tau"] == chosen["tau"]
+    # the table form says what it shows; a block longer than the draft was trained on is never a candidate
+    code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--heads", heads,
+                              "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--max-nodes", 64,
+                              "--draft-ms", 1, "--profile", tmp_path / "profile.json", "--out", tmp_path / "t2.json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "per depth its chain and its fastest" in out and "chosen:" in out and ", width " in out
+    trained = json.loads((heads / "config.json").read_text())["block_size"]
+    assert Tuner(setup["log"], TuneConfig("dflash", options, max_nodes=64, draft_ms=0.0), setup["target"]).depth == trained - 1
 
 
 # --- the embedded default: SmolLM2-135M-Instruct (heavy) ----------------------------------------------

@@ -178,6 +178,8 @@ def test_with_graphs_every_bucket_is_captured_before_timing(tmp_path, capsys, mo
     fast = {c["drafter"]: c for c in report["cells"] if c["engine"] == "fast"}
     assert fast["plain"]["warm_up_graphs"] > 0  # the first warm-up captures the one-row bucket
     assert fast["medusa"]["warm_up_graphs"] > 0 and fast["draft-model"]["warm_up_graphs"] > 0  # new taps; the draft's decoder
+    # DFlash's five taps are new (its block of 16 verified with them); its best-first tree verifies 32 tokens, a new bucket
+    assert fast["dflash"]["warm_up_graphs"] > 0 and fast["dflash-tree"]["warm_up_graphs"] > 0
     capture = report["sections"]["capture"]
     assert capture["cuda_graphs"] and capture["warm_up_graphs"] == sum(c["warm_up_graphs"] for c in fast.values())
     assert capture["timed_captures"] == 0 and capture["target"]["graphs"] > 0
@@ -199,3 +201,26 @@ def test_a_failed_capture_is_a_failure(tmp_path, capsys, monkeypatch):
     assert all(c["error"] is None and c["prompts"] == 2 for c in cells.values())  # it still ran, uncaptured
     assert report["sections"]["capture"]["cuda_graphs"] is False
     assert "CUDA graphs OFF: a capture failed" in printed and "result: 2 FAILED" in printed
+
+
+def test_random_dflash_is_written_in_the_v1_layout_and_loads_strictly(tmp_path):
+    """The check's DFlash draft: z-lab's v1 files for the target's shape (five layers, blocks of 16,
+    taps by the tap rule), read back by the drafter's own strict loader; its full block is 15 drafts."""
+    from specbench.drafters.dflash.layouts import read_checkpoint, tap_rule
+    from specbench.targets.hf import HFTarget
+    from specbench.targets.synthetic import random_model
+
+    script = load_script()
+    model = random_model("tiny", torch.device("cpu"), torch.float32, seed=0)
+    folder = script.write_random_dflash(tmp_path / "dflash", model, torch.float32)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 16 and config["num_hidden_layers"] == 5
+    assert config["dflash_config"]["target_layer_ids"] == tap_rule(model.config.num_hidden_layers)
+    checkpoint = read_checkpoint(str(folder))
+    assert checkpoint.config.layout == "dflash" and checkpoint.config.hidden_size == model.config.hidden_size
+    drafter = script.random_dflash()(HFTarget(model, name="random-tiny"), script.Setup(torch.device("cpu"), torch.float32, "tiny", [], 8, model,
+                                                                                      _dflash=folder))
+    assert drafter.max_draft_tokens == 15 and drafter.describe()["block"] == 16
+    tree = script.random_dflash(tree="dynamic")(HFTarget(model, name="random-tiny"),
+                                                script.Setup(torch.device("cpu"), torch.float32, "tiny", [], 8, model, _dflash=folder))
+    assert tree.max_draft_tokens == 31

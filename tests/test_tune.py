@@ -159,7 +159,7 @@ def test_tree_tuner_on_a_hand_made_table(tmp_path, table_drafters):
     log = hand_log(tmp_path, 11, [10.0] * 12)  # a flat verify cost: every node that was ever accepted pays
     tuner = Tuner(log, TuneConfig("test-table-tree"))
     assert tuner.kind == "tree" and tuner.depth == 2
-    assert tuner.paths(9) == [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [3, 0]]  # node order
+    assert tuner.paths(8) == [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [3, 0]]  # the 9-node tree, node order
     result = tune_log(log, TuneConfig("test-table-tree", draft_ms=0.0, out=tmp_path / "t.json"))
     # walked by hand (11 outputs, so the step at m=10 may draft depth 1 only): steps per size 7, 6, 5, 5, 5, then (3) lets
     # m=10 accept: 5 steps emitting 11 tokens. Flat verify and no draft cost: speedup = τ, ties go to the smaller tree
@@ -198,9 +198,9 @@ def test_predicted_tau_is_what_simulate_scores(setup, tmp_path):
     frontier = tuner.frontier(model, costs_for(tuner), "tiny", verify)
     assert any(p.tau > 1 for p in frontier.points), "the heads never hit: the comparison proves little"
     # every candidate's predicted τ, on the tuning log and on the verification log, is what simulate scores, exactly
-    for point in frontier.points:
+    for i, point in enumerate(frontier.points):
         file = tmp_path / f"n{point.size}.json"
-        file.write_text(json.dumps(tuner.paths(point.size)))
+        file.write_text(json.dumps(tuner.paths(i)))
         for log, predicted in ((setup["tune"], point.tau), (setup["verify"], point.verify_tau)):
             simulation = Simulator(log, SimulateConfig("medusa", options, [Shape.from_spec(str(file))], latency_steps=0)).score()
             assert tau([s for turn in simulation.results[0].steps for s in turn]) == predicted, point.size

@@ -136,12 +136,17 @@ def tune_frontiers(frontiers, path: Path, title: str = "") -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, frontier in enumerate(frontiers):
         colour = f"C{i % 10}"
-        sizes = [p.size for p in frontier.points]
         label = _short(frontier.label, 60)
-        left.plot(sizes, [p.tau for p in frontier.points], color=colour, marker=".", label=label)
-        if frontier.points[0].verify_tau is not None:
-            left.plot(sizes, [p.verify_tau for p in frontier.points], color=colour, linestyle="--", label="verification log")
-        right.plot(sizes, [p.speedup for p in frontier.points], color=colour, marker=".", label=label)
+        # candidates per depth (drafts that depend on the shape): one line per depth, the first labelled
+        depths = sorted({p.depth for p in frontier.points}) if frontier.per_depth else [None]
+        for j, depth in enumerate(depths):
+            points = [p for p in frontier.points if depth is None or p.depth == depth]
+            sizes = [p.size for p in points]
+            shown = label if j == 0 else None
+            left.plot(sizes, [p.tau for p in points], color=colour, marker=".", label=shown, alpha=1 if depth is None else 0.7)
+            if points[0].verify_tau is not None:
+                left.plot(sizes, [p.verify_tau for p in points], color=colour, linestyle="--", label="verification log" if j == 0 else None)
+            right.plot(sizes, [p.speedup for p in points], color=colour, marker=".", label=shown, alpha=1 if depth is None else 0.7)
         chosen = frontier.chosen
         right.scatter([chosen.size], [chosen.speedup], color=colour, s=90, marker="*", zorder=3)
         right.annotate(f"n={chosen.size}: {chosen.speedup:.2f}×", (chosen.size, chosen.speedup), fontsize=8,

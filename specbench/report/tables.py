@@ -96,16 +96,30 @@ def simulation_table(reports, title: str) -> Table:
     return table
 
 
+def shown_points(frontier) -> list[int]:
+    """The frontier's rows a table shows: every candidate; with candidates per depth (simulate/tune.py,
+    drafts that depend on the shape) per depth its chain, its fastest and the chosen one."""
+    points = frontier.points
+    if not frontier.per_depth:
+        return list(range(len(points)))
+    keep = {frontier.best}
+    for depth in {p.depth for p in points}:
+        mine = [i for i, p in enumerate(points) if p.depth == depth]
+        keep |= {mine[0], max(mine, key=lambda i: (points[i].speedup, -i))}
+    return sorted(keep)
+
+
 def frontier_table(frontier, title: str) -> Table:
-    """`specbench tune`: one row per candidate size (simulate/tune.py), the chosen one marked."""
+    """`specbench tune`: one row per candidate (simulate/tune.py), the chosen one marked."""
     table = Table(title=title, header_style="bold")
     verified = frontier.points and frontier.points[0].verify_tau is not None
-    columns = ["size", "depth", "τ (pred.)", "draft ms", "verify ms", "tokens/s (pred.)", "speedup (pred.)"]
+    columns = ["size", "depth", "width", "τ (pred.)", "draft ms", "verify ms", "tokens/s (pred.)", "speedup (pred.)"]
     columns += ["τ verify log", "speedup verify log"] if verified else []
     for column in columns:
         table.add_column(column, justify="right")
-    for i, p in enumerate(frontier.points):
-        row = [("* " if i == frontier.best else "") + str(p.size), str(p.depth), _fmt(p.tau, ".3f"),
+    for i in shown_points(frontier):
+        p = frontier.points[i]
+        row = [("* " if i == frontier.best else "") + str(p.size), str(p.depth), str(p.max_width), _fmt(p.tau, ".3f"),
                _fmt(p.draft_ms) + ("" if p.draft_timed else "~"), _fmt(p.verify_ms), _fmt(p.tokens_per_s, ".1f"),
                _fmt(p.speedup, ".2f", "×")]
         if verified:
@@ -118,8 +132,10 @@ def tune_report(result) -> list:
     """`specbench tune`: the frontier table, where the costs came from, the choice and the commands
     that check it (the frontier's plot is `plots.tuned_frontier`, drawn by the caller)."""
     f, chosen = result.frontier, result.chosen
-    shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}"
-    shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted per size (* = chosen; ~ = draft ms interpolated)"),
+    shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}, width {chosen.max_width}"
+    per = ("per depth its chain and its fastest (every candidate in --json; each depth scored by the drafter built for it)"
+           if f.per_depth else "per size")
+    shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted {per} (* = chosen; ~ = draft ms interpolated)"),
              (f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
               f"plain decoding {f.plain_tokens_per_s:.1f} tokens/s"),
              f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else ""),

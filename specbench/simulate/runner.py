@@ -166,19 +166,30 @@ class Simulator:
         return self.drafter_for(shape) if shape.dynamic or self.cls.drafts_depend_on_shape else self.drafter
 
     # --- scoring ----------------------------------------------------------------
-    def proposals(self, depth: int) -> list[TeacherForced]:
+    def proposals(self, depth: int, shape: Shape | None = None, providers: list | None = None) -> list[TeacherForced]:
         """One teacher-forced pass per logged turn: the rank of every true token under each of
-        `depth` draft positions at every step (what `walk` scores any shape from)."""
-        if self.cls.drafts_depend_on_shape:
-            raise UserError(f"drafter '{self.config.drafter}' drafts differently for every shape; tune does not score it yet "
-                            "(score shapes with `simulate --k/--tree`)")
+        `depth` draft positions at every step (what `walk` scores any shape from). A drafter whose
+        drafts depend on the shape is passed the `shape` its pass is for (it then scores the trees
+        of ranks of that depth); `providers` (from `providers()`) share the hidden states between passes."""
+        if self.cls.drafts_depend_on_shape and shape is None:
+            raise ValueError(f"drafter '{self.config.drafter}' drafts differently for every shape: name the shape its pass is for")
+        drafter = self.drafter if shape is None else self.proposer_for(shape)
         found = []
-        for turn in self.turns:
+        for i, turn in enumerate(self.turns):
             prompt, output = self._ids(turn)
-            proposals = self.drafter.teacher_forced(prompt, torch.tensor(output), depth, self._provider(turn))
+            provider = providers[i] if providers is not None else self._provider(turn)
+            proposals = drafter.teacher_forced(prompt, torch.tensor(output), depth, provider)
             self.hidden_source = proposals.hidden_source or self.hidden_source
             found.append(proposals)
         return found
+
+    def providers(self) -> list[Callable[[], tuple[torch.Tensor, str]]]:
+        """Per logged turn, its hidden states computed (or read) once however many passes ask."""
+        return [self._provider(turn) for turn in self.turns]
+
+    def release(self, shape: Shape) -> None:
+        """Forget the drafter built for `shape` (its weights), once its passes and timings are done."""
+        self._by_shape.pop(shape.spec, None)
 
     def walk_turns(self, proposals: list[TeacherForced], shape: Shape) -> list[list[StepMeasure]]:
         """The steps the decode loop takes with `shape` over every logged turn (untimed)."""

@@ -18,6 +18,15 @@ hardware, from one teacher-forced pass over a target log and a verify-latency pr
    `--verify-log` walks the same candidates over a second log (e.g. held-out prompts).
 
 Chain drafters (draft-model, prompt-lookup) get chains k = 1..N: the same steps pick k.
+
+Drafters whose drafts depend on the shape (`drafts_depend_on_shape`: DFlash, where the block's
+positions attend to each other, so a block of d + 1 drafts other tokens than the first d
+positions of a longer one) get one teacher-forced pass per depth d = 1..D, each by the drafter
+built for the chain of d (the block length), and from each pass its own acceptance table:
+the candidates of depth d are the chain of d and the greedy trees (steps 2-3) of exactly that
+depth, each as wide as the greedy makes it. Every candidate is walked over the pass of its
+depth, so its predicted τ is still what `simulate` scores for it; its draft ms is timed for
+the chain and the largest tree of each depth and linear in the size in between.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import json
 import tempfile
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +132,17 @@ class FrontierPoint:
     tokens_per_s: float  # predicted, decode steps only
     speedup: float  # against plain decoding under the same latency model
     verify_tau: float | None = None  # the same walk over --verify-log
+    max_width: int = 1  # the most nodes at one depth (a chain: 1)
     verify_tokens_per_s: float | None = None
     verify_speedup: float | None = None
 
 
 @dataclass
 class Costs:
-    """Everything but the verify forward: the drafter's ms per size, the per-step overhead."""
+    """Everything but the verify forward: the drafter's ms per candidate, the per-step overhead."""
 
-    draft_ms: dict[int, float]  # size -> ms
-    timed_sizes: set[int]
+    draft_ms: dict[int, float]  # candidate index (Tuner.candidates) -> ms
+    timed_sizes: set[int]  # the candidate indices whose draft ms was timed (the others interpolated)
     draft_source: str
     overhead_spec_ms: float = 0.0
     overhead_plain_ms: float = 0.0
@@ -148,6 +158,7 @@ class Frontier:
     best: int  # index into points
     draft_source: str
     overhead_source: str
+    per_depth: bool = False  # the candidates run over several depths, each scored by its own pass (drafts_depend_on_shape)
 
     @property
     def chosen(self) -> FrontierPoint:
@@ -221,16 +232,37 @@ class TuneConfig(CommandConfig):
 
 
 @dataclass
+class Candidate:
+    """One shape tune costs: the shape, its rank paths, which pass scores it (the depth whose
+    drafter's pass it is walked over; 0: the one pass) and whether the drafter that proposes it
+    drafts it whole near the end of a sequence (a tree of ranks) or caps it (its own chain)."""
+
+    shape: Shape
+    paths: list[list[int]]
+    expected_tau: float
+    depth_pass: int = 0
+    whole: bool = False
+
+    @property
+    def max_width(self) -> int:
+        return max(Counter(len(p) for p in self.paths).values())
+
+
+@dataclass
 class LogPass:
-    """One log's teacher-forced pass and the candidates walked over it."""
+    """One log's teacher-forced passes (per depth, for drafters whose drafts depend on the shape;
+    else the one pass, key 0) and the candidates walked over them."""
 
     simulator: Simulator
-    proposals: list[TeacherForced]
-    steps: dict[int, list[StepMeasure]] = field(default_factory=dict)  # candidate size -> walked steps, all turns
+    proposals: dict[int, list[TeacherForced]]
+    steps: dict[int, list[StepMeasure]] = field(default_factory=dict)  # candidate index -> walked steps, all turns
 
-    def walk(self, candidates: list[Shape]) -> None:
-        for shape in candidates:
-            self.steps[shape.size] = [s for turn in self.simulator.walk_turns(self.proposals, shape) for s in turn]
+    def walk(self, candidates: list[Candidate]) -> None:
+        for i, candidate in enumerate(candidates):
+            found = self.proposals[candidate.depth_pass]
+            if candidate.whole:
+                found = [replace(p, capped=False) for p in found]
+            self.steps[i] = [s for turn in self.simulator.walk_turns(found, candidate.shape) for s in turn]
 
 
 class Tuner:
@@ -248,6 +280,7 @@ class Tuner:
             raise UserError(f"drafter '{config.drafter}' has no option that sets its draft's shape ({cls.Options.__name__}.shape_option): "
                             "tune has nothing to choose")
         self.kind = "tree" if cls.drafts == "tree" else "chain"
+        self.per_depth = cls.drafts_depend_on_shape and self.kind == "tree"
         self.max_nodes = config.max_nodes or MAX_NODES[self.kind]
         self.config, self.target, self.device = config, target, device
         with progress.status(f"loading {config.drafter}"):
@@ -255,22 +288,64 @@ class Tuner:
         if simulator.method != TEACHER_FORCED:
             raise UserError(f"drafter '{config.drafter}' has no teacher-forced hook (`Drafter.teacher_forced`): tune needs it")
         self.simulator = simulator
-        if self.kind == "tree":  # as deep as the heads reach, or --max-depth
+        if self.per_depth:  # as deep as the drafter drafts with its shape option unset (DFlash: its trained block - 1)
+            reach = min(cls.create(simulator.target, cls.Options.parse(config.drafter, config.drafter_options)).max_draft_depth,
+                        self.max_nodes)
+            self.depth = min(config.max_depth or reach, reach)
+        elif self.kind == "tree":  # as deep as the heads reach, or --max-depth
             reach = simulator.drafter.num_heads if hasattr(simulator.drafter, "num_heads") else self.max_nodes
             self.depth = min(config.max_depth or reach, reach)
         else:
             self.depth = self.max_nodes
-        with progress.status(f"teacher-forced pass over {len(simulator.turns)} logged turns"):
-            self.tuning = LogPass(simulator, simulator.proposals(self.depth))
-        if self.kind == "tree" and not all(p.ranked for p in self.tuning.proposals):
+        with progress.status(f"teacher-forced pass{'es' if self.per_depth else ''} over {len(simulator.turns)} logged turns"):
+            self.tuning = LogPass(simulator, self.passes(simulator))
+        if self.kind == "tree" and not all(p.ranked for found in self.tuning.proposals.values() for p in found):
             raise UserError(f"drafter '{config.drafter}' does not rank its whole vocabulary: tune can pick its k, not a tree")
-        self.table = acceptance_table(self.tuning.proposals, self.depth)
-        self.order = greedy_order(self.table, self.max_nodes, self.depth) if self.kind == "tree" else chain_order(self.max_nodes)
-        if not self.order:
-            raise UserError(f"drafter '{config.drafter}' never ranked a true token first on this log: there is no tree to build")
         self._files = tempfile.TemporaryDirectory(prefix="specbench-tune-")
-        self.candidates = [self.shape(n) for n in range(1, len(self.order) + 1)]
+        self.candidates = self.per_depth_candidates() if self.per_depth else self.nested_candidates()
         self.tuning.walk(self.candidates)
+
+    def passes(self, simulator: Simulator) -> dict[int, list[TeacherForced]]:
+        """The one teacher-forced pass (key 0), or per depth d the pass of the drafter built for the chain of d."""
+        if not self.per_depth:
+            return {0: simulator.proposals(self.depth)}
+        providers, found = simulator.providers(), {}
+        for d in range(1, self.depth + 1):
+            chain = Shape.from_spec(f"chain:{d}")
+            found[d] = simulator.proposals(d, chain, providers)
+            simulator.release(chain)
+        return found
+
+    def nested_candidates(self) -> list[Candidate]:
+        """The greedy trees of sizes 1..N over the one pass (nested), or the chains k = 1..N."""
+        self.table = acceptance_table(self.tuning.proposals[0], self.depth)
+        order = greedy_order(self.table, self.max_nodes, self.depth) if self.kind == "tree" else chain_order(self.max_nodes)
+        if not order:
+            raise UserError(f"drafter '{self.config.drafter}' never ranked a true token first on this log: there is no tree to build")
+        found = []
+        for n in range(1, len(order) + 1):
+            paths = TreeShape([list(p) for p in order[:n]]).paths
+            shape = Shape.chain(n) if self.kind == "chain" else self.tree_shape(paths, f"tune-{n}")
+            found.append(Candidate(shape, paths, 1 + self.table.expected_accepted(order[:n])))
+        return found
+
+    def per_depth_candidates(self) -> list[Candidate]:
+        """Per depth d: the chain of d, then the greedy trees from d's own pass that reach depth d
+        exactly (a shallower tree is drafted by a shorter block: another depth's pass scores it)."""
+        found = []
+        for d in range(1, self.depth + 1):
+            table = acceptance_table(self.tuning.proposals[d], d)
+            chain = [(0,) * i for i in range(1, d + 1)]
+            found.append(Candidate(Shape.from_spec(f"chain:{d}"), [list(p) for p in chain], 1 + table.expected_accepted(chain), d))
+            order = greedy_order(table, self.max_nodes, d)
+            for n in range(d + 1, len(order) + 1):
+                nodes = order[:n]
+                if max(map(len, nodes)) < d or set(nodes) == set(chain):
+                    continue
+                paths = TreeShape([list(p) for p in nodes]).paths
+                found.append(Candidate(self.tree_shape(paths, f"tune-d{d}-{n}"), paths, 1 + table.expected_accepted(nodes), d, whole=True))
+        self.table = table  # the deepest pass's (its positions are every pass's)
+        return found
 
     def simulator_for(self, log: TargetLog) -> Simulator:
         """A simulator of this drafter on `log`, built on a placeholder shape: a chain drafter as
@@ -283,54 +358,79 @@ class Tuner:
     def over(self, log: TargetLog) -> LogPass:
         """The candidates walked over another log (the verification log)."""
         simulator = self.simulator_for(log)
-        found = LogPass(simulator, simulator.proposals(self.depth))
+        found = LogPass(simulator, self.passes(simulator))
         found.walk(self.candidates)
         return found
 
-    def paths(self, n: int) -> list[list[int]]:
-        """The candidate of size n as child-rank paths, in node order."""
-        return TreeShape([list(p) for p in self.order[:n]]).paths
+    def paths(self, index: int) -> list[list[int]]:
+        """Candidate `index` (Tuner.candidates; in nested candidates the tree of index + 1 nodes)
+        as child-rank paths, in node order."""
+        return self.candidates[index].paths
 
-    def shape(self, n: int) -> Shape:
-        if self.kind == "chain":
-            return Shape.chain(n)
-        file = Path(self._files.name) / f"tune-{n}.json"  # a spec the head drafter's `tree` option resolves, for timing
-        file.write_text(json.dumps(self.paths(n)))
-        return Shape.of_tree(TreeShape(self.paths(n), name=f"tune-{n}"), spec=str(file))
+    def tree_shape(self, paths: list[list[int]], name: str) -> Shape:
+        file = Path(self._files.name) / f"{name}.json"  # a spec the drafter's `tree` option resolves, for timing
+        file.write_text(json.dumps(paths))
+        return Shape.of_tree(TreeShape(paths, name=name), spec=str(file))
 
     # --- costs -------------------------------------------------------------------------------
-    def time_drafts(self, progress: Progress = SILENT) -> tuple[dict[int, float], set[int]]:
-        """Draft ms per candidate size: the drafter's proposals timed along the log at the
-        configured sizes (and the largest), linear in the size in between."""
-        sizes = [s.size for s in self.candidates]
+    def time_drafts(self, progress: Progress = SILENT) -> tuple[dict[int, float], set[int], str]:
+        """Draft ms per candidate: the drafter's proposals timed along the log at the configured
+        sizes (and the largest), linear in the size in between; per depth for drafters whose
+        drafts depend on the shape (the chain and the largest tree of each depth)."""
+        if self.per_depth:
+            return self._time_per_depth(progress)
+        sizes = [c.shape.size for c in self.candidates]
         wanted = sorted({n for n in self.config.timed_sizes if n <= sizes[-1]} | {sizes[-1]})
         timed_ms: dict[int, float] = {}
         chain_ms: dict[int, float] = {}
         advance = progress.task("timing proposals", len(wanted))
         for n in wanted:
-            timed_ms[n], _ = self.simulator.draft_ms(self.candidates[n - 1], chain_ms)
+            timed_ms[n], _ = self.simulator.draft_ms(self.candidates[n - 1].shape, chain_ms)
             advance(size=n)
-        return interpolate(timed_ms, sizes), set(wanted)
+        per_size = interpolate(timed_ms, sizes)
+        source = (f"timed over {self.config.latency_steps} replayed steps at sizes {', '.join(map(str, wanted))}; "
+                  "linear in between")
+        return {i: per_size[n] for i, n in enumerate(sizes)}, {n - 1 for n in wanted}, source
+
+    def _time_per_depth(self, progress: Progress) -> tuple[dict[int, float], set[int], str]:
+        ms: dict[int, float] = {}
+        advance = progress.task("timing proposals", self.depth)
+        for d in range(1, self.depth + 1):
+            mine = [i for i, c in enumerate(self.candidates) if c.depth_pass == d]
+            ends = sorted({mine[0], mine[-1]})  # the chain, the largest tree
+            timed_ms = {}
+            for i in ends:
+                shape = self.candidates[i].shape
+                ms[i], _ = self.simulator.draft_ms(shape)
+                timed_ms[shape.size] = ms[i]
+                self.simulator.release(shape)
+            sizes = {i: self.candidates[i].shape.size for i in mine}
+            per_size = interpolate(timed_ms, sorted(set(sizes.values())))
+            ms.update({i: per_size[n] for i, n in sizes.items() if i not in ms})
+            advance(depth=d)
+        timed = {i for d in range(1, self.depth + 1) for i in (min(j for j, c in enumerate(self.candidates) if c.depth_pass == d),
+                                                                max(j for j, c in enumerate(self.candidates) if c.depth_pass == d))}
+        return ms, timed, (f"timed over {self.config.latency_steps} replayed steps for the chain and the largest tree of each "
+                           "depth (each by the drafter built for it); linear in the size in between")
 
     def frontier(self, model: LatencyModel, costs: Costs, label: str, verify: LogPass | None = None) -> Frontier:
         plain = plain_tokens_per_s(model, costs.overhead_plain_ms)
         points = []
-        for shape in self.candidates:
-            n = shape.size
-            steps = self.tuning.steps[n]
-            verify_ms, tps = predict(steps, costs.draft_ms[n], costs.overhead_spec_ms, model)
+        for i, candidate in enumerate(self.candidates):
+            shape, steps = candidate.shape, self.tuning.steps[i]
+            verify_ms, tps = predict(steps, costs.draft_ms[i], costs.overhead_spec_ms, model)
             point = FrontierPoint(
-                size=n, depth=shape.depth, tau=tau(steps), expected_tau=1 + self.table.expected_accepted(self.order[:n]),
-                draft_ms=costs.draft_ms[n], draft_timed=n in costs.timed_sizes, verify_ms=verify_ms,
-                overhead_ms=costs.overhead_spec_ms, tokens_per_s=tps, speedup=tps / plain,
+                size=shape.size, depth=shape.depth, tau=tau(steps), expected_tau=candidate.expected_tau,
+                draft_ms=costs.draft_ms[i], draft_timed=i in costs.timed_sizes, verify_ms=verify_ms,
+                overhead_ms=costs.overhead_spec_ms, tokens_per_s=tps, speedup=tps / plain, max_width=candidate.max_width,
             )
             if verify is not None:
-                held = verify.steps[n]
-                _, held_tps = predict(held, costs.draft_ms[n], costs.overhead_spec_ms, model)
+                held = verify.steps[i]
+                _, held_tps = predict(held, costs.draft_ms[i], costs.overhead_spec_ms, model)
                 point.verify_tau, point.verify_tokens_per_s, point.verify_speedup = tau(held), held_tps, held_tps / plain
             points.append(point)
         best = max(range(len(points)), key=lambda i: (points[i].speedup, -i))  # ties: the smaller shape
-        return Frontier(label, model.describe(), plain, points, best, costs.draft_source, costs.overhead_source)
+        return Frontier(label, model.describe(), plain, points, best, costs.draft_source, costs.overhead_source, self.per_depth)
 
 
 @dataclass
@@ -364,12 +464,10 @@ def costs_for(tuner: Tuner, overhead_from: Path | None = None, progress: Progres
     overhead (a run's records, the config's constant, or 0)."""
     c = tuner.config
     if c.draft_ms is not None:
-        sizes = [s.size for s in tuner.candidates]
-        costs = Costs({n: c.draft_ms for n in sizes}, set(sizes), f"given: {c.draft_ms:g} ms per step (--draft-ms)")
+        every = range(len(tuner.candidates))
+        costs = Costs({i: c.draft_ms for i in every}, set(every), f"given: {c.draft_ms:g} ms per step (--draft-ms)")
     else:
-        per_size, timed_sizes = tuner.time_drafts(progress)
-        costs = Costs(per_size, timed_sizes, f"timed over {c.latency_steps} replayed steps at sizes "
-                                             f"{', '.join(map(str, sorted(timed_sizes)))}; linear in between")
+        costs = Costs(*tuner.time_drafts(progress))
     if overhead_from is not None:
         costs.overhead_spec_ms, costs.overhead_plain_ms, costs.overhead_source = overhead_from_run(overhead_from)
     elif c.overhead_ms:
@@ -458,7 +556,7 @@ def choose(tuner: Tuner, frontier: Frontier, log: TargetLog, verify_log: TargetL
            command: str = "") -> TuneResult:
     """The frontier's best shape: written to `out` as a tree file, with the commands that check it."""
     chosen, config = frontier.chosen, tuner.config
-    paths = tuner.paths(chosen.size)
+    paths = tuner.paths(frontier.best)
     if out is not None:
         write_tree(out, paths, {
             "source": command or "specbench tune", "drafter": config.drafter, "drafter_options": config.drafter_options,

@@ -79,6 +79,7 @@ class DraftModelDrafter(Drafter):
     recipe = TrainRecipe("specbench.train.draft:train_draft_model", 1e-3, DraftModelTraining)
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
     Options = DraftModelOptions
+    batches = True  # per row: its own draft cache (fork), the draft forwards row by row
 
     def __init__(self, target, model, k: int = 4, tokenizer=None, model_name: str = "", trim: TrimmedHead | None = None, trim_info: dict | None = None) -> None:
         super().__init__(target, DraftModelOptions(k=k))
@@ -135,6 +136,13 @@ class DraftModelDrafter(Drafter):
 
     def describe(self) -> dict:
         return {"draft_model": self.model_name, **self.trim_info}
+
+    def fork(self) -> DraftModelDrafter:
+        """A row's draft: the same model, its own cache (begin makes it); the fast engine's static
+        draft cache is one sequence's, so batches run the draft eagerly (the target's base engine)."""
+        if self.fast is not None:
+            raise UserError("draft-model at --batch-size > 1 runs its draft on the eager engine: use --engine eager")
+        return super().fork()
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         if self.fast:

@@ -24,6 +24,7 @@ untouched, so the target's outputs (and plain decoding) are unchanged.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,13 @@ class HydraDrafter(HeadDrafter):
             total += module_bytes(self.heads.base_lm_head[0]) * self.shape.depth
         passes = max(self.shape.depth, 1)  # one sequential head pass per level
         return total // passes, passes
+
+    def fork(self) -> HydraDrafter:
+        """A row's drafter: the prefix layer's weights shared, its KV cache the row's own."""
+        clone = super().fork()
+        if self.prefix is not None:
+            clone.prefix = copy.copy(self.prefix)  # reset() then gives the copy a cache of its own
+        return clone
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         if self.prefix is not None:

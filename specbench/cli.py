@@ -63,15 +63,19 @@ def run(
 
 
 def show_run(directory: Path, as_json: bool) -> None:
-    from specbench.report.build import run_summary
-    from specbench.report.tables import divergence_table, engine_line, position_table, summary_table
+    from specbench.report.build import batch_run_summary, run_summary
+    from specbench.report.tables import batch_table, divergence_table, engine_line, position_table, summary_table
 
     info, summary, notes = run_summary(directory)
+    batch = batch_run_summary(directory) if info.extra.get("batch") else None
     for warning in notes:
         warn(warning)
     if as_json:
-        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine")}, indent=2))
+        extra = {"batch": batch.to_json()} if batch else {}
+        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine"), **extra}, indent=2))
     console.print(summary_table(summary, f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"))
+    if batch:
+        console.print(batch_table(batch))
     if line := engine_line(info.extra):
         console.print(line, highlight=False)
     if summary.per_position:

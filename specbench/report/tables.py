@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from specbench.metrics import Summary
+from specbench.metrics import BatchSummary, Summary
 from specbench.report import columns
 from specbench.report.collect import setup_names
 
@@ -48,6 +48,29 @@ def summary_table(summary: Summary, title: str) -> Table:
         ("speedup", _fmt(summary.speedup, ".2f", "×")),
         ("MBSU = τ / (c·γ + 1), c from weight bytes (model)", _fmt(summary.mbsu, ".2f", "×")),
         ("exact match vs plain decoding", exact_match(summary)),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def batch_table(batch: BatchSummary) -> Table:
+    """A run at --batch-size B > 1: aggregate throughput and the speedup at this B, then the per-request view."""
+    refill = "refilled (continuous batching)" if batch.refill else "not refilled (static batches)"
+    table = Table(title=f"batch {batch.size}, rows {refill}", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    spread = sorted(batch.row_tau)
+    rows = [
+        ("aggregate tokens/s, speculative", _fmt(batch.tokens_per_s, ".1f")),
+        ("aggregate tokens/s, plain decoding at the same batch", _fmt(batch.baseline_tokens_per_s, ".1f")),
+        ("speedup at this batch size", _fmt(batch.speedup, ".2f", "×")),
+        ("per request ms/output token, speculative", _fmt(batch.ms_per_token, ".2f")),
+        ("per request ms/output token, plain", _fmt(batch.baseline_ms_per_token, ".2f")),
+        ("per request TTFT ms, speculative / plain", f"{_fmt(batch.ttft_ms, '.1f')} / {_fmt(batch.baseline_ttft_ms, '.1f')}"),
+        ("τ overall (every row's steps)", _fmt(batch.tau)),
+        ("acceptance rate overall", _fmt(batch.acceptance_rate, ".1%")),
+        ("τ per row: min / median / max", " / ".join(_fmt(v) for v in (spread[0], spread[len(spread) // 2], spread[-1])) if spread else "n/a"),
     ]
     for name, value in rows:
         table.add_row(name, value)

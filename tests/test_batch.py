@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 from eagle_layouts import write_eagle1_vicuna
-from test_cli import models, run_cli  # noqa: F401 (models is a fixture)
+import test_cli
+from test_cli import run_cli
 from test_fast_engine import make_drafter
 from tiny import perturbed, prompts, tiny_llama
 
@@ -21,6 +22,7 @@ from specbench.targets.batched import RowsHFTarget
 from specbench.targets.hf import HFTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+models = test_cli.models  # the tiny models on disk the CLI tests use (a fixture)
 
 NEW = 16
 DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-decoder", "eagle", "eagle-tree"]
@@ -132,7 +134,7 @@ def test_sampling_per_row_equals_sampling_alone(setup):
     assert run(3) == run(None)
 
 
-def test_a_drafter_that_cannot_batch_is_refused_in_one_line(models, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_drafter_that_cannot_batch_is_refused_in_one_line(models, tmp_path, capsys, monkeypatch):
     from specbench.drafters.prompt_lookup import PromptLookupDrafter
 
     monkeypatch.setattr(PromptLookupDrafter, "batches", False)  # as a plugin that does not declare it
@@ -145,7 +147,7 @@ def test_a_drafter_that_cannot_batch_is_refused_in_one_line(models, tmp_path, ca
 
 
 @pytest.mark.parametrize("refill", [True, False])
-def test_cli_run_at_batch_3_is_exact_and_keeps_b_and_refill(models, tmp_path, capsys, monkeypatch, refill):  # noqa: F811
+def test_cli_run_at_batch_3_is_exact_and_keeps_b_and_refill(models, tmp_path, capsys, monkeypatch, refill):
     args = ["run", "--target", models["target"], "--drafter", "draft-model", "--draft-model", models["draft"], "--k", 3,
             "--limit", 5, "--max-new-tokens", 16, "--dtype", "float32", "--batch-size", 3, "--out", tmp_path, "--json"]
     code, out, err = run_cli(args + ([] if refill else ["--no-refill"]), capsys, monkeypatch)
@@ -159,7 +161,7 @@ def test_cli_run_at_batch_3_is_exact_and_keeps_b_and_refill(models, tmp_path, ca
     assert {b["mode"] for b in info["extra"]["batch"]["batches"]} == {"baseline", "spec"}
 
 
-def test_batch_1_records_today_s_settings(models, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_batch_1_records_today_s_settings(models, tmp_path, capsys, monkeypatch):
     """At B = 1 the run is today's: run.json names no batch settings, so its runs pool with earlier ones."""
     code, out, err = run_cli(["run", "--target", models["target"], "--limit", 1, "--max-new-tokens", 8, "--dtype", "float32",
                               "--out", tmp_path], capsys, monkeypatch)

@@ -26,6 +26,10 @@ sequence the decode loop calls, in order:
 `ctx.tokens` at the next `propose` is always the target's output so far, so a
 drafter with its own KV cache can simply roll back to the common prefix.
 
+Batch > 1 (`RowsTarget`, docs/batch.md): a drafter that sets `batches` runs one `fork()`
+per row, each called in the order above for its own sequence; `propose_rows` proposes
+for every live row of a step (row by row unless the drafter batches its draft forwards).
+
 Optional, for `specbench simulate`: `teacher_forced(prompt, output, depth, hidden)`
 scores a whole logged sequence in one pass (a `TeacherForced`); drafters
 without it are simulated by step replay, which is slower and labelled so.

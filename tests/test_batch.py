@@ -81,6 +81,18 @@ def test_rows_of_different_acceptance_share_a_batch(setup):
     assert [d.output_ids for d in batch.decoded] == setup["plain"]
 
 
+def test_draft_model_drafts_every_row_in_one_forward_per_position(setup):
+    """The draft model's forwards at B = 3 run several rows at once (one per draft position), on
+    its own per-row cache, and still draft what it drafts alone (the steps above are equal)."""
+    drafter = build("draft-model", setup)
+    widths = []
+    feed = drafter._feed_rows
+    drafter._feed_rows = lambda decoder, rows, feeds: widths.append(len(rows)) or feed(decoder, rows, feeds)
+    batch = decode_rows(RowsHFTarget(setup["target"], 3), drafter, requests(setup))
+    assert [d.output_ids for d in batch.decoded] == setup["plain"]
+    assert max(widths) == 3 and drafter.rows_decoder is not None and drafter.rows_decoder.cache.rows == 3
+
+
 def test_refill_takes_fewer_steps_than_static_batches(setup):
     """Continuous batching keeps rows busy: the batch forwards (steps of the longest-lived row
     aside) are fewer with refill than with static batches that wait for their longest row."""

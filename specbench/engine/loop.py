@@ -180,6 +180,7 @@ def decode_rows(
     taps, rule = drafter.taps, drafter.acceptance
     queue = list(range(len(requests)))[::-1]  # popped from the end: request order
     live: dict[int, _Row] = {}
+    forks: dict[int, Drafter] = {}  # one drafter per row, for every sequence the row takes
     decoded: list[Decoded | None] = [None] * len(requests)
 
     def finish(slot: int) -> None:
@@ -202,7 +203,9 @@ def decode_rows(
         output = [first]
         ttft_ms = clock.now() - start
         pending = [top2(logits[-1:])]  # per step: top2() of the rows that chose its emitted tokens
-        row_drafter = drafter if target.rows == 1 else drafter.fork()
+        if slot not in forks:
+            forks[slot] = drafter if target.rows == 1 else drafter.fork(slot)
+        row_drafter = forks[slot]
         row_drafter.begin(prompt_ids, hidden)
         sequence = torch.cat([prompt_ids, torch.tensor(output, device=target.device)])
         live[slot] = _Row(index, row_drafter, prompt_ids, request.max_new_tokens, request.generator, start, ttft_ms, output,

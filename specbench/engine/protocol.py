@@ -338,6 +338,7 @@ class Drafter:
     # True when it decodes at batch > 1 (--batch-size): each row runs on its own `fork`;
     # False: a run at batch > 1 refuses it in one line
     batches: ClassVar[bool] = False
+    row: int | None = None  # the batch row of a fork; None: not a fork
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target
@@ -392,11 +393,15 @@ class Drafter:
     def on_verified(self, outcome: VerifyOutcome) -> None:
         pass
 
-    def fork(self) -> Drafter:
-        """A drafter for one more row of a batch: the same weights, its own per-sequence state.
-        A shallow copy serves drafters whose `begin` replaces all of that state; a drafter
-        holding state objects `begin` only resets (a static KV) overrides this."""
-        return copy.copy(self)
+    def fork(self, row: int) -> Drafter:
+        """The drafter of batch row `row` (0..B-1; it decodes every sequence that row takes, each
+        from `begin`): the same weights, its own per-sequence state. A shallow copy serves drafters
+        whose `begin` replaces all of that state; a drafter holding state objects `begin` only
+        resets (a static KV) overrides this, and one that batches its draft forwards keeps the
+        row's state at index `row`."""
+        clone = copy.copy(self)
+        clone.row = row
+        return clone
 
     def propose_rows(self, rows: list[Drafter], contexts: list[DraftContext]) -> list[DraftTree]:
         """The trees of a batch's live rows (`rows`: this drafter's forks, one per context). Row by

@@ -217,8 +217,8 @@ class EagleDrafter(Drafter):
     # --- one sequence ------------------------------------------------------------------
     batches = True  # per row: its own draft KV (fork); the draft passes row by row
 
-    def fork(self) -> EagleDrafter:
-        clone = super().fork()
+    def fork(self, row: int) -> EagleDrafter:
+        clone = super().fork(row)
         clone.kv = DraftKV(self.net.config, self.dtype, self.device)
         return clone
 

@@ -81,9 +81,9 @@ class HydraDecoderDrafter(MedusaDrafter):
         heads_bytes, _ = super().memory_model()
         return heads_bytes + module_bytes(self.trunk.model.layers, self.trunk.model.norm), 1
 
-    def fork(self) -> HydraDecoderDrafter:
+    def fork(self, row: int) -> HydraDecoderDrafter:
         """A row's drafter: the trunk's weights shared, its KV cache the row's own."""
-        clone = super().fork()
+        clone = super().fork(row)
         clone.trunk = copy.copy(self.trunk)  # reset() then gives the copy a cache of its own
         return clone
 

@@ -117,9 +117,9 @@ class HydraDrafter(HeadDrafter):
         passes = max(self.shape.depth, 1)  # one sequential head pass per level
         return total // passes, passes
 
-    def fork(self) -> HydraDrafter:
+    def fork(self, row: int) -> HydraDrafter:
         """A row's drafter: the prefix layer's weights shared, its KV cache the row's own."""
-        clone = super().fork()
+        clone = super().fork(row)
         if self.prefix is not None:
             clone.prefix = copy.copy(self.prefix)  # reset() then gives the copy a cache of its own
         return clone

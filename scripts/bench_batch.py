@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -44,7 +45,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32: exactness per row is not clouded by bf16 near-ties")
     parser.add_argument("--no-refill", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("results/bench_batch"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's cores are not fought over)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     drafters = [d for d in args.drafters.split(",") if d]
     options: dict[str, dict] = {d: {} for d in drafters}

@@ -93,6 +93,17 @@ def test_draft_model_drafts_every_row_in_one_forward_per_position(setup):
     assert max(widths) == 3 and drafter.rows_decoder is not None and drafter.rows_decoder.cache.rows == 3
 
 
+@pytest.mark.parametrize("drafter", ["medusa", "hydra-decoder"])
+def test_medusa_heads_run_over_every_row_at_once(setup, drafter):
+    made = build(drafter, setup)
+    widths = []
+    head_logits = made.head_logits
+    made.head_logits = lambda d, hidden: widths.append(hidden.shape[0] if hidden.dim() == 2 else 1) or head_logits(d, hidden)
+    batch = decode_rows(RowsHFTarget(setup["target"], 4), made, requests(setup))
+    assert [d.output_ids for d in batch.decoded] == setup["plain"]
+    assert max(widths) == 4
+
+
 def test_refill_takes_fewer_steps_than_static_batches(setup):
     """Continuous batching keeps rows busy: the batch forwards (steps of the longest-lived row
     aside) are fewer with refill than with static batches that wait for their longest row."""

@@ -104,6 +104,20 @@ def test_medusa_heads_run_over_every_row_at_once(setup, drafter):
     assert max(widths) == 4
 
 
+@pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model", "eagle-tree"])
+def test_rows_that_end_at_eos_at_different_steps(setup, drafter):
+    """With an EOS the rows meet at different steps (or never), each row stops where it stops alone,
+    and a refilled row's next sequence starts clean."""
+    model = setup["target"].model
+    target = HFTarget(model)
+    target.eos_token_ids = {setup["plain"][0][4]}  # a token some rows emit early, others late or not at all
+    alone = [decode(target, build(drafter, {**setup, "target": target}), r.prompt_ids, r.max_new_tokens).output_ids for r in requests(setup)]
+    assert len({len(a) for a in alone}) > 2
+    for refill in (True, False):
+        batch = decode_rows(RowsHFTarget(target, 3), build(drafter, {**setup, "target": target}), requests(setup), refill=refill)
+        assert [d.output_ids for d in batch.decoded] == alone
+
+
 def test_refill_takes_fewer_steps_than_static_batches(setup):
     """Continuous batching keeps rows busy: the batch forwards (steps of the longest-lived row
     aside) are fewer with refill than with static batches that wait for their longest row."""

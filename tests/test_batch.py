@@ -93,12 +93,18 @@ def test_draft_model_drafts_every_row_in_one_forward_per_position(setup):
     assert max(widths) == 3 and drafter.rows_decoder is not None and drafter.rows_decoder.cache.rows == 3
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "hydra-decoder"])
-def test_medusa_heads_run_over_every_row_at_once(setup, drafter):
+@pytest.mark.parametrize("drafter", ["medusa", "hydra-decoder", "hydra"])
+def test_heads_run_over_every_row_at_once(setup, drafter):
+    """Each level's heads run once over every live row's nodes at that level (Hydra's grounded
+    heads over [rows, nodes, width] features)."""
     made = build(drafter, setup)
     widths = []
-    head_logits = made.head_logits
-    made.head_logits = lambda d, hidden: widths.append(hidden.shape[0] if hidden.dim() == 2 else 1) or head_logits(d, hidden)
+    if drafter == "hydra":
+        head = made.heads.head
+        made.heads.head = lambda h, features: widths.append(features.shape[0] // len(made.shape.expanded[h])) or head(h, features)
+    else:
+        head_logits = made.head_logits
+        made.head_logits = lambda d, hidden: widths.append(hidden.shape[0] if hidden.dim() == 2 else 1) or head_logits(d, hidden)
     batch = decode_rows(RowsHFTarget(setup["target"], 4), made, requests(setup))
     assert [d.output_ids for d in batch.decoded] == setup["plain"]
     assert max(widths) == 4

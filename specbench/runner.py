@@ -82,8 +82,8 @@ class RunConfig(CommandConfig):
     tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)", min=1)
     baseline: bool = option(True, "also run plain decoding on the same prompts")
     warmup: bool = option(True, "one short untimed decode (and the fast engine's graph captures or step compilations) before measuring")
-    batch_size: int = option(1, "decode this many turns at once, each row its own tree, acceptance and KV length (docs/batch.md); "
-                                "the baseline runs at the same size", min=1)
+    # --batch-size (cli.run reads a list: one run per size, one after another); docs/batch.md
+    batch_size: int = 1
     refill: bool = option(True, "at --batch-size > 1: a finished row takes the next turn at once (continuous batching); "
                                 "--no-refill: a batch waits for its longest row")
 
@@ -103,6 +103,8 @@ def check(config: RunConfig) -> None:
         raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
     if config.backend == "hf" and config.tp != 1:
         raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise UserError(f"--batch-size takes whole numbers >= 1 (got {config.batch_size!r})")
     if config.batch_size > 1 and (config.engine == "fast" or config.backend != "hf"):
         raise UserError(f"--batch-size {config.batch_size} runs on the hf backend's batch engine (a static KV cache per row, uncompiled); "
                         "the fast engine and deepspeed decode one sequence at a time: use --engine auto or eager, --backend hf")

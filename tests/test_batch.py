@@ -212,3 +212,21 @@ def test_batch_1_records_today_s_settings(models, tmp_path, capsys, monkeypatch)
     info = json.loads(next(tmp_path.glob("*/run.json")).read_text())
     assert "batch_size" not in info["decode"] and "refill" not in info["decode"] and "batch" not in info["extra"]
     assert info["decode"]["engine"] == "eager"
+
+
+def test_cli_curve_runs_each_batch_size_on_one_target(models, tmp_path, capsys, monkeypatch):
+    """`--batch-size 1,3`: one run per size, plain decoding at each size, every row exact."""
+    args = ["run", "--target", models["target"], "--limit", 4, "--max-new-tokens", 12, "--dtype", "float32",
+            "--batch-size", "1,3", "--out", tmp_path, "--json"]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    points = json.loads(out)
+    assert [p["batch_size"] for p in points] == [1, 3]
+    assert all(p["exact_match_rate"] == 1.0 for p in points) and "batch" in points[1] and "batch" not in points[0]
+    assert len(list(tmp_path.glob("*/run.json"))) == 2
+
+
+@pytest.mark.parametrize("given", ["0", "two", "2,-1"])
+def test_a_bad_batch_size_is_one_line(models, tmp_path, capsys, monkeypatch, given):
+    code, out, err = run_cli(["run", "--target", models["target"], "--batch-size", given, "--out", tmp_path], capsys, monkeypatch)
+    assert code != 0 and "--batch-size takes whole numbers >= 1" in err and "Traceback" not in err

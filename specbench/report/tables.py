@@ -77,6 +77,20 @@ def batch_table(batch: BatchSummary) -> Table:
     return table
 
 
+def batch_curve_table(points, title: str) -> Table:
+    """`run --batch-size 1,2,4`: per size (B, run dir, Summary, BatchSummary or None at B = 1) the
+    drafter's and plain decoding's aggregate tokens/s (B = 1: the run's overall tokens/s), the
+    speedup at that B, τ and exact match."""
+    table = Table(title=title, header_style="bold")
+    for column in ("B", "tokens/s", "plain tokens/s", "speedup", "τ", "exact match"):
+        table.add_column(column, justify="right")
+    for size, _, summary, batch in points:
+        source = batch or summary
+        table.add_row(str(size), _fmt(source.tokens_per_s, ".1f"), _fmt(source.baseline_tokens_per_s, ".1f"),
+                      _fmt(source.speedup, ".2f", "×"), _fmt(summary.tau), exact_match(summary))
+    return table
+
+
 def position_table(summary: Summary) -> Table:
     table = Table(title="per-position acceptance", header_style="bold")
     for column in ("position", "steps reaching it", "unconditional", "conditional"):

@@ -230,3 +230,15 @@ def test_cli_curve_runs_each_batch_size_on_one_target(models, tmp_path, capsys, 
 def test_a_bad_batch_size_is_one_line(models, tmp_path, capsys, monkeypatch, given):
     code, out, err = run_cli(["run", "--target", models["target"], "--batch-size", given, "--out", tmp_path], capsys, monkeypatch)
     assert code != 0 and "--batch-size takes whole numbers >= 1" in err and "Traceback" not in err
+
+
+def test_a_batch_whose_kv_does_not_fit_is_one_line_naming_the_largest_that_does(setup, monkeypatch):
+    from specbench.errors import UserError
+    from specbench.targets import batched
+
+    target = RowsHFTarget(setup["target"], 8)
+    per_row = target.kv_bytes_per_row(300)
+    monkeypatch.setattr(batched, "free_memory", lambda device: 3 * per_row + 1)
+    with pytest.raises(UserError, match="--batch-size 8 needs .* the largest batch that fits is 3 "):
+        target.warm_up(300)
+    RowsHFTarget(setup["target"], 3).warm_up(300)  # three rows fit

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from specbench.engine.buckets import CAPACITY_STEP, round_up
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree, kept_rows
+from specbench.errors import UserError
 from specbench.targets.hf import HFTarget
 
 
@@ -53,9 +55,45 @@ class RowsHFTarget:
         self.cache.compact(row, self.cache.lengths[row], kept_rows(accepted_nodes))
 
     def warm_up(self, max_positions: int | None = None) -> None:
-        """Before anything is timed: size every row for sequences of up to `max_positions`."""
+        """Before anything is timed: size every row for sequences of up to `max_positions`, refused
+        in one line (naming the largest batch that fits) when the rows' KV cache would not fit."""
         if max_positions:
+            self.check_fits(max_positions)
             self.decoder.plan(max_positions)
+
+    def kv_bytes_per_row(self, positions: int) -> int:
+        """The KV cache of one row planned for `positions` positions (capacity rounded as RowsKV rounds it)."""
+        config = self.base.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        capacity = self.cache.capacity
+        if positions > capacity:  # as RowsKV.reserve grows it
+            capacity = round_up(max(positions, 2 * capacity), CAPACITY_STEP)
+        return config.num_hidden_layers * 2 * kv_heads * capacity * head_dim * torch.finfo(self.dtype).bits // 8
+
+    def check_fits(self, positions: int) -> None:
+        if self.cache.kv is not None and positions <= self.cache.capacity:
+            return  # already there
+        per_row, free = self.kv_bytes_per_row(positions), free_memory(self.device)
+        if free is not None and per_row * self.rows > free:
+            raise UserError(f"--batch-size {self.rows} needs {per_row * self.rows / 2**30:.2f} GiB of KV cache for sequences of up to "
+                            f"{positions} positions, and {free / 2**30:.2f} GiB is free on {self.device}: the largest batch that fits "
+                            f"is {free // per_row} (fewer --max-new-tokens or a shorter workload fit more)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
     def engine_stats(self) -> dict:
         return {"rows": self.rows, "capacity": self.cache.capacity}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from eagle_layouts import write_eagle1_vicuna
 import test_cli
+import test_simulate
 from test_cli import run_cli
 from test_fast_engine import make_drafter
 from tiny import perturbed, prompts, tiny_llama
@@ -23,6 +24,7 @@ from specbench.targets.hf import HFTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 models = test_cli.models  # the tiny models on disk the CLI tests use (a fixture)
+sim_setup = test_simulate.setup  # a tiny target on disk and its recorded log (a fixture)
 
 NEW = 16
 DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-decoder", "eagle", "eagle-tree"]
@@ -242,3 +244,25 @@ def test_a_batch_whose_kv_does_not_fit_is_one_line_naming_the_largest_that_does(
     with pytest.raises(UserError, match="--batch-size 8 needs .* the largest batch that fits is 3 "):
         target.warm_up(300)
     RowsHFTarget(setup["target"], 3).warm_up(300)  # three rows fit
+
+
+@pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])
+def test_simulate_predicts_every_row_s_steps_at_batch_3(sim_setup, drafter):
+    """τ per row does not depend on B for greedy drafters: simulate's steps from the log (one
+    teacher-forced pass) are each row's steps measured at B = 3 through the runner."""
+    from specbench.metrics import tau
+    from specbench.runner import Benchmark, RunConfig
+    from specbench.simulate.runner import SimulateConfig, Simulator
+    from specbench.simulate.walk import Shape
+
+    options = {"min_ngram": 1, "max_ngram": 2} if drafter == "prompt-lookup" else {"draft_model": str(sim_setup["root"] / "draft")}
+    result = Simulator(sim_setup["log"], SimulateConfig(drafter, options, [Shape.chain(3)], latency_steps=2), None).score().results[0]
+    config = RunConfig(target=str(sim_setup["root"] / "target"), drafter=drafter, drafter_options={**options, "k": 3},
+                       workload=test_simulate.WORKLOAD, limit=test_simulate.LIMIT, max_new_tokens=test_simulate.MAX_NEW,
+                       dtype="float64", device="cpu", baseline=False, warmup=False, batch_size=3)
+    bench = Benchmark(config, target=sim_setup["target"])
+    measured = bench.measure_batch(bench.prompts, [])
+    online = [[s for s in steps if s.turn == t] for (steps, _), prompt in zip(measured, bench.prompts) for t in range(len(prompt.turns))]
+    shape = lambda steps: [(s.tree_size, s.tree_depth, s.accepted) for s in steps]  # noqa: E731
+    assert [shape(t) for t in result.steps] == [shape(t) for t in online]
+    assert [tau(t) for t in result.steps] == [tau(t) for t in online] and any(s.accepted for t in online for s in t)

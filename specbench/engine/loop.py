@@ -3,6 +3,8 @@
 prefill -> [drafter proposes a tree -> target verifies root + tree in one
 forward -> acceptance rule picks the path -> KV keeps only that path] until
 EOS or max_new_tokens. Plain decoding is this loop with an empty draft.
+`decode_rows` runs it over B rows at once (docs/batch.md): each row its own sequence, tree,
+acceptance and KV length, one verify forward for all; `decode` is its batch of one.
 """
 
 from __future__ import annotations

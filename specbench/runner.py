@@ -105,6 +105,8 @@ def check(config: RunConfig) -> None:
         raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
     if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
         raise UserError(f"--batch-size takes whole numbers >= 1 (got {config.batch_size!r})")
+    if config.batch_size > 1:
+        check_batches(config.drafter, drafter_class(config.drafter))
     if config.batch_size > 1 and (config.engine == "fast" or config.backend != "hf"):
         raise UserError(f"--batch-size {config.batch_size} runs on the hf backend's batch engine (a static KV cache per row, uncompiled); "
                         "the fast engine and deepspeed decode one sequence at a time: use --engine auto or eager, --backend hf")
@@ -120,6 +122,12 @@ def load(config: RunConfig) -> Target:
     """The run's target (this rank's shard, under tensor parallelism)."""
     engine = "eager" if config.batch_size > 1 else config.engine  # batches run on the batch engine over the eager target's model
     return load_target(config.target, config.device, config.dtype, engine, config.backend, config.tp)
+
+
+def check_batches(name: str, drafter) -> None:
+    """A drafter (class or instance) that does not declare `batches` runs at batch 1 only."""
+    if not drafter.batches:
+        raise UserError(f"drafter '{name}' does not decode in batches (it does not declare `batches`): run it at --batch-size 1")
 
 
 def turn_seed(seed: int, prompt_id: str, turn: int) -> int:
@@ -149,9 +157,7 @@ class Benchmark:
         if config.batch_size > 1:
             from specbench.targets.batched import RowsHFTarget
 
-            if not self.drafter.batches:
-                raise UserError(f"drafter '{config.drafter}' does not decode in batches (it does not declare `batches`): "
-                                "run it at --batch-size 1")
+            check_batches(config.drafter, self.drafter)
             self.rows_target = RowsHFTarget(target, config.batch_size)
 
     def run_info(self, command: str) -> RunInfo:

@@ -349,7 +349,16 @@ def report(
     """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
     from specbench.report.build import VIEWS, build, check_outputs, export, write_outputs
     from specbench.report.frames import group_summary
-    from specbench.report.tables import breakdown_table, comparison_table, divergence_table, group_note, position_table, summary_table
+    from specbench.metrics import batch_summary
+    from specbench.report.tables import (
+        batch_table,
+        breakdown_table,
+        comparison_table,
+        divergence_table,
+        group_note,
+        position_table,
+        summary_table,
+    )
 
     if by not in VIEWS:
         raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
@@ -361,6 +370,8 @@ def report(
     for group in result.groups:
         summary = group_summary(group)
         console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({group_note(group)})"))
+        if group.batch:
+            console.print(batch_table(batch_summary(group.batch, group.steps, group.turns)))
         if by in ("setup", "position") and summary.per_position:
             console.print(position_table(summary))
         if by == "setup" and summary.diverged:

@@ -206,6 +206,9 @@ def test_cli_run_at_batch_3_is_exact_and_keeps_b_and_refill(models, tmp_path, ca
     info = json.loads(next(tmp_path.glob("*/run.json")).read_text())
     assert info["decode"]["batch_size"] == 3 and info["decode"]["refill"] == refill and info["decode"]["engine"] == "rows"
     assert {b["mode"] for b in info["extra"]["batch"]["batches"]} == {"baseline", "spec"}
+    code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)  # report names the batch and shows its aggregate
+    assert code == 0, err
+    assert f"batch 3{'' if refill else ' no refill'}" in out and "aggregate tokens/s" in out
 
 
 def test_batch_1_records_today_s_settings(models, tmp_path, capsys, monkeypatch):

@@ -58,7 +58,7 @@ def main() -> None:
     base = dict(target=args.target, workload=args.workload, limit=args.limit, max_new_tokens=args.max_new_tokens,
                 dtype=args.dtype, device="cpu", engine="eager", refill=not args.no_refill)
     target = load(RunConfig(drafter="prompt-lookup", **base))
-    console = Console()
+    console = Console(width=140)  # the drafter names whole, whatever the terminal
     device = environment(target.device).get("device_name")
     table = Table(title=f"{args.target} on {args.workload} (--limit {args.limit}, {args.max_new_tokens} new tokens, {args.dtype}, "
                         f"{'refill' if not args.no_refill else 'no refill'}) on {device}", header_style="bold")

@@ -44,7 +44,7 @@ from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.drafters.registry import drafter_class
 from specbench.engine.divergence import diagnose, rounding_eps
-from specbench.engine.loop import Decoded, decode, warm_up_engines
+from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
 from specbench.engine.protocol import Drafter, PlainDecoding, Target
 from specbench.engine.speed import copy_bandwidth, verify_profile
 from specbench.engine.events import EVENTS
@@ -53,6 +53,7 @@ from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import tau
 from specbench.records import DIVERGENCE, NEAR_TIE, first_divergence
 from specbench.runner import WARMUP_TOKENS
+from specbench.targets.batched import RowsHFTarget
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import DTYPES, resolve_device
@@ -370,6 +371,30 @@ def profile_section(setup: Setup, targets: dict[str, Target], sizes: list[int], 
     return {"context_tokens": prompt.numel(), "reps": reps, "ms": ms}
 
 
+def batch_section(setup: Setup, eager: Target, plain: list[Decoded], sizes: list[int], eps: float) -> dict:
+    """Batch > 1 (docs/batch.md): plain decoding and the random draft model at each B on the batch
+    engine (a static KV cache per row, uncompiled), max(B, prompts) sequences so every row is busy:
+    aggregate tokens/s, the speedup at that B, τ, and every row against the eager engine's plain
+    decode of its prompt."""
+    out = {}
+    for b in sizes:
+        prompts = [setup.prompts[i % len(setup.prompts)] for i in range(max(b, len(setup.prompts)))]
+        reference = [plain[i % len(plain)] for i in range(len(prompts))]
+        point: dict = {"sequences": len(prompts)}
+        for label, make in ((PLAIN, lambda: PlainDecoding(eager)), ("draft-model", lambda: random_draft(eager, setup))):
+            drafter, target = make(), RowsHFTarget(eager, b)
+            target.warm_up(max(p.numel() for p in prompts) + setup.new_tokens + drafter.max_draft_tokens + 1)
+            decode_rows(target, drafter, [Request(p, min(WARMUP_TOKENS, setup.new_tokens)) for p in prompts[:b]])  # untimed
+            batch = decode_rows(target, drafter, [Request(p, setup.new_tokens) for p in prompts])
+            tokens = sum(len(d.output_ids) for d in batch.decoded)
+            point[label] = {"tokens_per_s": tokens / batch.wall_ms * 1000, "tau": tau([s for d in batch.decoded for s in d.steps]),
+                            "equal_to_eager_plain": compare(reference, batch.decoded, eps)}
+        point["speedup"] = point["draft-model"]["tokens_per_s"] / point[PLAIN]["tokens_per_s"]
+        out[b] = point
+        free_memory()
+    return {"engine": "batch engine: static KV cache per row, uncompiled, no graphs", "sizes": out}
+
+
 def capture_section(cells: list[Cell], fast: Target, expected: bool) -> dict:
     """What the fast engine captured in its warm-ups, and whether anything was captured while timed."""
     mine = [c for c in cells if c.engine == "fast"]
@@ -474,6 +499,16 @@ def check_lines(report: dict) -> list[str]:
             f"(target decoder: {t.get('graphs', 0)} graphs alive, KV capacity {t.get('capacity')}); "
             f"inside timed decodes: {c['timed_captures']} captures, {c['timed_regrowths']} cache regrowths"
         )
+    bt = sections.get("batch", {})
+    if bt.get("error"):
+        lines.append(f"batch: CRASHED {bt['error']}")
+    for b, point in bt.get("sizes", {}).items():
+        plain, draft = point[PLAIN], point["draft-model"]
+        lines.append(
+            f"batch {b} ({point['sequences']} sequences, {bt['engine']}): plain {plain['tokens_per_s']:.1f} tokens/s, draft-model "
+            f"{draft['tokens_per_s']:.1f} tokens/s = {point['speedup']:.2f}x, τ {draft['tau']:.2f}; rows = eager plain: "
+            f"plain {equal_text(plain['equal_to_eager_plain'])}, draft-model {equal_text(draft['equal_to_eager_plain'])}"
+        )
     d = sections.get("deepspeed", {})
     if d.get("error"):
         lines.append(f"DeepSpeed TP 1: CRASHED {d['error']}")
@@ -555,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="t(n): timed rounds (medians)")
     parser.add_argument("--drafters", help=f"comma list, a subset of {','.join(c.label for c in DRAFTERS)} (plain always runs)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed section")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="batch section: comma list of B (docs/batch.md)")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -634,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     section("bandwidth", lambda: bandwidth_section(setup, targets["fast"], cells))
     section("capture", lambda: capture_section(cells, targets["fast"], graphs))  # before t(n) captures its own buckets
     section("verify_ms", lambda: profile_section(setup, targets, parse_sizes(args.sizes), args.reps, prompt_tokens))
+    eager_plain = by_key["eager", PLAIN].outputs
+    section("batch", lambda: batch_section(setup, targets["eager"], eager_plain, parse_sizes(args.batch_sizes), eps))
     targets["eager"].cache = None  # the eager engine is done: its cache goes before DeepSpeed's copy comes
     setup._draft = None
     free_memory()

@@ -17,7 +17,17 @@ import typer
 
 from specbench.console import RichProgress, console, run_app, styled, warn
 from specbench.errors import UserError
-from specbench.flags import Option, deprecated, parse_ks, split_list, typed_params, with_config, with_drafter_flags, with_recipe_flags
+from specbench.flags import (
+    Option,
+    deprecated,
+    parse_batch_sizes,
+    parse_ks,
+    split_list,
+    typed_params,
+    with_config,
+    with_drafter_flags,
+    with_recipe_flags,
+)
 from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
@@ -41,6 +51,9 @@ def run(
     out: Annotated[Path, typer.Option(help="directory under which the run directory is created")] = Path("results"),
     resume: Annotated[Optional[Path], typer.Option(help="continue an interrupted run directory (its own configuration)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    batch_size: Annotated[Optional[list[str]], typer.Option(
+        help="decode this many turns at once, each row its own tree, acceptance and KV length, plain decoding at the same size "
+             "(docs/batch.md); several (1,2,4,8): one run per size, then the curve  [default: 1]")] = None,
     drafter_flags: dict[str, Any] | None = None,
 ) -> None:
     """Run a workload through target + drafter (and plain decoding) and print τ, acceptance, latency and speedup."""
@@ -48,30 +61,66 @@ def run(
     from specbench.drafters.registry import typed_options
     from specbench.targets import deepspeed
 
+    sizes = parse_batch_sizes(batch_size)
     if resume:  # the run's own configuration; what the user typed must agree with it (runner.resume_run)
         settings = {name: value for name, value in typed_params(ctx).items() if name in RunConfig.__dataclass_fields__ or name == "out"}
+        if "batch_size" in settings:
+            if len(sizes) > 1:
+                raise UserError("--resume continues one run: give one --batch-size (or none)")
+            settings["batch_size"] = sizes[0]
         config = runner.config_from_info(runner.RunStore.open(resume).info)
     else:
         config.drafter_options = typed_options(config.drafter, drafter_flags or {})
+        config.batch_size = sizes[0]
     if config.backend == "deepspeed" and deepspeed.needs_launcher(config.tp):
         runner.check(config)  # bad input fails here, as one line, not once per rank
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
+    if len(sizes) > 1 and not resume:
+        return run_curve(config, sizes, out, as_json)
     with RichProgress() as progress:
         directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
     if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
         show_run(directory, as_json)
 
 
+def run_curve(config: RunConfig, sizes: list[int], out: Path, as_json: bool) -> None:
+    """`run --batch-size 1,2,4`: one run per size on one loaded target, then speedup and throughput against B."""
+    from specbench import runner
+    from specbench.report.build import batch_run_summary, run_summary
+    from specbench.report.tables import batch_curve_table
+
+    for size in sizes:  # every size's configuration refused before any weights load
+        runner.check(replace(config, batch_size=size))
+    with RichProgress() as progress:
+        with progress.status(f"loading {config.target}"):
+            target = runner.load(replace(config, batch_size=max(sizes)))
+        directories = [runner.start_run(replace(config, batch_size=size), out, progress, target=target) for size in sizes]
+    points = []
+    for size, directory in zip(sizes, directories):
+        _, summary, _ = run_summary(directory)
+        points.append((size, directory, summary, batch_run_summary(directory) if size > 1 else None))
+    if as_json:
+        return print(json.dumps([{"batch_size": size, "run": str(directory), **summary.to_json(),
+                                  **({"batch": batch.to_json()} if batch else {})} for size, directory, summary, batch in points], indent=2))
+    for _, directory, _, _ in points:
+        show_run(directory, False)
+    console.print(batch_curve_table(points, f"{config.drafter} → {config.target}: speedup against batch size"))
+
+
 def show_run(directory: Path, as_json: bool) -> None:
-    from specbench.report.build import run_summary
-    from specbench.report.tables import divergence_table, engine_line, position_table, summary_table
+    from specbench.report.build import batch_run_summary, run_summary
+    from specbench.report.tables import batch_table, divergence_table, engine_line, position_table, summary_table
 
     info, summary, notes = run_summary(directory)
+    batch = batch_run_summary(directory) if info.extra.get("batch") else None
     for warning in notes:
         warn(warning)
     if as_json:
-        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine")}, indent=2))
+        extra = {"batch": batch.to_json()} if batch else {}
+        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine"), **extra}, indent=2))
     console.print(summary_table(summary, f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"))
+    if batch:
+        console.print(batch_table(batch))
     if line := engine_line(info.extra):
         console.print(line, highlight=False)
     if summary.per_position:
@@ -300,7 +349,16 @@ def report(
     """Tables per setup (target × drafter × options × hardware) over stored runs; shards of a run are merged."""
     from specbench.report.build import VIEWS, build, check_outputs, export, write_outputs
     from specbench.report.frames import group_summary
-    from specbench.report.tables import breakdown_table, comparison_table, divergence_table, group_note, position_table, summary_table
+    from specbench.metrics import batch_summary
+    from specbench.report.tables import (
+        batch_table,
+        breakdown_table,
+        comparison_table,
+        divergence_table,
+        group_note,
+        position_table,
+        summary_table,
+    )
 
     if by not in VIEWS:
         raise UserError(f"--by {by}: use one of {', '.join(VIEWS)}")
@@ -312,6 +370,8 @@ def report(
     for group in result.groups:
         summary = group_summary(group)
         console.print(summary_table(summary, f"{group.label}\non {group.setup['workload']} ({group_note(group)})"))
+        if group.batch:
+            console.print(batch_table(batch_summary(group.batch, group.steps, group.turns)))
         if by in ("setup", "position") and summary.per_position:
             console.print(position_table(summary))
         if by == "setup" and summary.diverged:

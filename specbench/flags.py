@@ -119,6 +119,17 @@ def parse_ks(values: list[str] | None) -> list[int]:
     return ks
 
 
+def parse_batch_sizes(values: list[str] | None) -> list[int]:
+    """--batch-size 1,2,4 --batch-size 8 -> [1, 2, 4, 8] (default [1]); sizes >= 1, each once."""
+    sizes = []
+    for part in split_list(values) or ["1"]:
+        if not part.isdigit() or int(part) < 1:
+            raise UserError(f"--batch-size takes whole numbers >= 1, comma-separated (got '{part}')")
+        if int(part) not in sizes:
+            sizes.append(int(part))
+    return sizes
+
+
 def split_list(values: list[str] | None) -> list[str]:
     """--x a,b --x c -> [a, b, c]"""
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]

@@ -183,3 +183,58 @@ def alpha_iid(steps: Sequence[StepMeasure]) -> float | None:
     rejections = sum(s.accepted < s.tree_depth for s in steps)
     trials = accepted + rejections
     return accepted / trials if trials else None
+
+
+@dataclass
+class BatchSummary:
+    """A run at --batch-size B > 1 (run.json `batch`): aggregate throughput of each mode over its
+    batch decodes (every output token / the batches' wall time), the speedup at this same B, and
+    the per-request view (each turn's own wall from the moment its row took it)."""
+
+    size: int
+    refill: bool
+    tokens_per_s: float  # aggregate, the drafter
+    baseline_tokens_per_s: float | None
+    speedup: float | None  # aggregate tokens/s against plain decoding at the same B
+    ms_per_token: float  # per request: mean of wall_ms / new tokens, the drafter
+    baseline_ms_per_token: float | None
+    ttft_ms: float  # per request, from the moment its row took it (prefill)
+    baseline_ttft_ms: float | None
+    tau: float  # over every row's steps
+    acceptance_rate: float | None
+    row_tau: list[float] = field(default_factory=list)  # τ of each request (a row's sequence), in record order
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def batch_summary(batch: dict, steps: Iterable[StepRecord], turns: Iterable[TurnRecord]) -> BatchSummary:
+    """The BatchSummary of a run's records and its run.json `batch` entry."""
+    steps, turns = list(steps), list(turns)
+
+    def aggregate(mode: str) -> float | None:
+        runs = [b for b in batch.get("batches", []) if b["mode"] == mode]
+        wall_s = sum(b["wall_ms"] for b in runs) / 1000
+        return sum(b["tokens"] for b in runs) / wall_s if wall_s else None
+
+    def per_request(mode: str) -> tuple[float | None, float | None]:
+        mine = [t for t in turns if t.mode == mode and t.new_tokens]
+        if not mine:
+            return None, None
+        return _mean([t.wall_ms / t.new_tokens for t in mine]), _mean([t.ttft_ms for t in mine])
+
+    spec_steps = [s for s in steps if s.mode == SPEC]
+    by_request: dict[tuple[str, int], list[StepRecord]] = {}
+    for s in spec_steps:
+        by_request.setdefault((s.prompt_id, s.turn), []).append(s)
+    tps, base_tps = aggregate(SPEC) or 0.0, aggregate(BASELINE)
+    ms, ttft = per_request(SPEC)
+    base_ms, base_ttft = per_request(BASELINE)
+    return BatchSummary(
+        size=batch["size"], refill=batch["refill"], tokens_per_s=tps, baseline_tokens_per_s=base_tps,
+        speedup=tps / base_tps if base_tps else None, ms_per_token=ms or 0.0, baseline_ms_per_token=base_ms,
+        ttft_ms=ttft or 0.0, baseline_ttft_ms=base_ttft, tau=tau(spec_steps), acceptance_rate=acceptance_rate(spec_steps),
+        row_tau=[tau(request) for request in by_request.values()],
+    )

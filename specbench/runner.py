@@ -23,7 +23,7 @@ from specbench.checks import check_fits, check_output_dir, check_temperature, co
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINE_HELP, ENGINES
-from specbench.engine.loop import Decoded, decode, warm_up_engines
+from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
 from specbench.engine.options import CommandConfig, flag_of, option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.events import EVENTS
@@ -55,6 +55,7 @@ from specbench.targets.parallel import tensor_parallel
 from specbench.workloads import Prompt, Workload, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
 WARMUP_TOKENS = 16
+BATCHES_PER_GROUP = 4  # at --batch-size B, turns are measured (and saved) 4 B prompts at a time
 ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a later turn
 
 
@@ -81,6 +82,10 @@ class RunConfig(CommandConfig):
     tp: int = option(1, "deepspeed: tensor-parallel ranks (GPUs, or processes on CPU)", min=1)
     baseline: bool = option(True, "also run plain decoding on the same prompts")
     warmup: bool = option(True, "one short untimed decode (and the fast engine's graph captures or step compilations) before measuring")
+    # --batch-size (cli.run reads a list: one run per size, one after another); docs/batch.md
+    batch_size: int = 1
+    refill: bool = option(True, "at --batch-size > 1: a finished row takes the next turn at once (continuous batching); "
+                                "--no-refill: a batch waits for its longest row")
 
     def __post_init__(self) -> None:
         if self.categories is not None:  # `--categories a,b --categories c`: split by workloads.select, which knows the names
@@ -98,6 +103,13 @@ def check(config: RunConfig) -> None:
         raise UserError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
     if config.backend == "hf" and config.tp != 1:
         raise UserError("--tp needs --backend deepspeed (the hf backend runs on one device)")
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise UserError(f"--batch-size takes whole numbers >= 1 (got {config.batch_size!r})")
+    if config.batch_size > 1:
+        check_batches(config.drafter, drafter_class(config.drafter))
+    if config.batch_size > 1 and (config.engine == "fast" or config.backend != "hf"):
+        raise UserError(f"--batch-size {config.batch_size} runs on the hf backend's batch engine (a static KV cache per row, uncompiled); "
+                        "the fast engine and deepspeed decode one sequence at a time: use --engine auto or eager, --backend hf")
     if config.backend == "deepspeed":
         from specbench.targets import deepspeed
 
@@ -108,7 +120,14 @@ def check(config: RunConfig) -> None:
 
 def load(config: RunConfig) -> Target:
     """The run's target (this rank's shard, under tensor parallelism)."""
-    return load_target(config.target, config.device, config.dtype, config.engine, config.backend, config.tp)
+    engine = "eager" if config.batch_size > 1 else config.engine  # batches run on the batch engine over the eager target's model
+    return load_target(config.target, config.device, config.dtype, engine, config.backend, config.tp)
+
+
+def check_batches(name: str, drafter) -> None:
+    """A drafter (class or instance) that does not declare `batches` runs at batch 1 only."""
+    if not drafter.batches:
+        raise UserError(f"drafter '{name}' does not decode in batches (it does not declare `batches`): run it at --batch-size 1")
 
 
 def turn_seed(seed: int, prompt_id: str, turn: int) -> int:
@@ -134,12 +153,20 @@ class Benchmark:
         if self.draft_reach:
             check_prompts_fit(self.prompts, target.tokenizer, self.window, config.max_new_tokens, config.target, self.draft_reach)
         self.plain = PlainDecoding(target)
+        self.rows_target = None
+        if config.batch_size > 1:
+            from specbench.targets.batched import RowsHFTarget
+
+            check_batches(config.drafter, self.drafter)
+            self.rows_target = RowsHFTarget(target, config.batch_size)
 
     def run_info(self, command: str) -> RunInfo:
         c = self.config
         decode_settings = {k: v for k, v in asdict(c).items() if k not in ("target", "drafter", "drafter_options", "workload")}
         decode_settings["dtype"] = str(self.target.dtype).removeprefix("torch.")
-        decode_settings["engine"] = self.target.engine
+        decode_settings["engine"] = self.target.engine if self.rows_target is None else self.rows_target.engine
+        if c.batch_size == 1:  # batch 1 records today's settings, so its runs pool with earlier ones
+            decode_settings.pop("batch_size"), decode_settings.pop("refill")
         return RunInfo.starting(
             [c.target, c.drafter],
             command=command,
@@ -195,9 +222,16 @@ class Benchmark:
         Returns what the warm-up captured, for run.json."""
         before = replace(EVENTS)
         positions = self.longest_sequence()
-        warm_up_engines(self.target, self.drafter, positions)
-        for drafter in (self.plain, self.drafter):
-            self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
+        if self.rows_target is not None:
+            self.rows_target.warm_up(positions)
+            for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
+                new = min(self.config.max_new_tokens, WARMUP_TOKENS)
+                ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))
+                decode_rows(self.rows_target, drafter, [Request(ids, new)] * self.config.batch_size, self.config.temperature)
+        else:
+            warm_up_engines(self.target, self.drafter, positions)
+            for drafter in (self.plain, self.drafter):
+                self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
         return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
                 "compile_ms": round(EVENTS.compile_ms - before.compile_ms, 3), "compiles": EVENTS.compiles - before.compiles,
                 "planned_positions": positions}
@@ -242,30 +276,64 @@ class Benchmark:
         for turn in range(len(prompt.turns)):
             for mode, drafter in modes:
                 ids, result = self._decode(drafter, prompt, turn, history[:turn])
-                outputs[mode, turn] = result
-                answers[mode].append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
-                steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]
-                record = TurnRecord(
-                    prompt_id=prompt.id,
-                    turn=turn,
-                    mode=mode,
-                    category=prompt.category,
-                    task=prompt.task or prompt.category,
-                    prompt_tokens=len(ids),
-                    new_tokens=len(result.output_ids),
-                    steps=len(result.steps),
-                    wall_ms=result.wall_ms,
-                    ttft_ms=result.ttft_ms,
-                    output_ids=result.output_ids,
-                    text=answers[mode][-1],
-                )
-                if mode == SPEC and (BASELINE, turn) in outputs:
-                    record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn].output_ids)
-                    record.exact_match = record.first_divergence is None
-                    if not record.exact_match and self.config.temperature <= 0:  # sampled outputs differ by design
-                        self._diagnose(record, outputs[BASELINE, turn], result)
-                turns.append(record)
+                self._record(prompt, turn, mode, ids, result, outputs, answers[mode], steps, turns)
         return steps, turns
+
+    def _record(self, prompt: Prompt, turn: int, mode: str, ids: list[int], result: Decoded, outputs: dict, answers: list[str],
+                steps: list[StepRecord], turns: list[TurnRecord]) -> None:
+        """The records of one decoded turn, compared with the baseline's output of it when there is one."""
+        outputs[mode, turn] = result
+        answers.append(self.target.tokenizer.decode(result.output_ids, skip_special_tokens=True))
+        steps += [StepRecord(**asdict(s), prompt_id=prompt.id, turn=turn, mode=mode, step=i) for i, s in enumerate(result.steps)]
+        record = TurnRecord(
+            prompt_id=prompt.id,
+            turn=turn,
+            mode=mode,
+            category=prompt.category,
+            task=prompt.task or prompt.category,
+            prompt_tokens=len(ids),
+            new_tokens=len(result.output_ids),
+            steps=len(result.steps),
+            wall_ms=result.wall_ms,
+            ttft_ms=result.ttft_ms,
+            output_ids=result.output_ids,
+            text=answers[-1],
+        )
+        if mode == SPEC and (BASELINE, turn) in outputs:
+            record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn].output_ids)
+            record.exact_match = record.first_divergence is None
+            if not record.exact_match and self.config.temperature <= 0:  # sampled outputs differ by design
+                self._diagnose(record, outputs[BASELINE, turn], result)
+        turns.append(record)
+
+    def measure_batch(self, prompts: list[Prompt], batches: list[dict]) -> list[tuple[list[StepRecord], list[TurnRecord]]]:
+        """Both modes at --batch-size B, turn index by turn index: every prompt's turn t decoded B at a
+        time through the batch engine (a later turn's history is the baseline's answers, as in
+        measure_prompt). Each decode_rows call is appended to `batches` (mode, turn, sequences,
+        tokens, wall_ms): the aggregate throughput of each mode at this batch size."""
+        c = self.config
+        modes = [(BASELINE, self.plain)] if c.baseline else []
+        modes.append((SPEC, self.drafter))
+        answers = {(mode, p.id): [] for mode, _ in modes for p in prompts}
+        outputs: dict[str, dict] = {p.id: {} for p in prompts}
+        records: dict[str, tuple[list[StepRecord], list[TurnRecord]]] = {p.id: ([], []) for p in prompts}
+        for turn in range(max(len(p.turns) for p in prompts)):
+            active = [p for p in prompts if turn < len(p.turns)]
+            for mode, drafter in modes:
+                requests, encoded = [], []
+                for prompt in active:
+                    ids = encode_turn(self.target.tokenizer, prompt, turn, answers[modes[0][0], prompt.id][:turn])
+                    check_fits(len(ids), c.max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", c.target,
+                               self.draft_reach if drafter is self.drafter else 0)
+                    generator = torch.Generator().manual_seed(turn_seed(c.seed, prompt.id, turn)) if c.temperature > 0 else None
+                    requests.append(Request(torch.tensor(ids), c.max_new_tokens, generator))
+                    encoded.append(ids)
+                batch = decode_rows(self.rows_target, drafter, requests, c.temperature, c.refill)
+                batches.append({"mode": mode, "turn": turn, "sequences": len(requests), "tokens": sum(len(d.output_ids) for d in batch.decoded),
+                                "wall_ms": round(batch.wall_ms, 3)})
+                for prompt, ids, result in zip(active, encoded, batch.decoded):
+                    self._record(prompt, turn, mode, ids, result, outputs[prompt.id], answers[mode, prompt.id], *records[prompt.id])
+        return [records[p.id] for p in prompts]
 
     def _diagnose(self, record: TurnRecord, plain: Decoded, spec: Decoded) -> None:
         """Near-tie or divergence at the first differing token (specbench/engine/divergence.py)."""
@@ -302,6 +370,9 @@ class Benchmark:
         store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
+        if self.rows_target is not None:
+            self._run_batches(store, todo, advance)
+            todo = []
         for prompt in todo:
             before = replace(EVENTS)
             steps, turns = self.measure_prompt(prompt)
@@ -319,6 +390,20 @@ class Benchmark:
         engine["capacity"] = self.target.engine_stats().get("capacity")
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
+
+
+    def _run_batches(self, store: RunStore, todo: list[Prompt], advance) -> None:
+        """--batch-size B: prompts measured and saved a group at a time (BATCHES_PER_GROUP x B prompts,
+        so that refilled rows have turns to take and an interrupted run keeps the groups done)."""
+        batch = store.info.extra.setdefault("batch", {"size": self.config.batch_size, "refill": self.config.refill,
+                                                       "engine": self.rows_target.engine, "batches": []})
+        group = BATCHES_PER_GROUP * self.config.batch_size
+        for start in range(0, len(todo), group):
+            prompts = todo[start : start + group]
+            for steps, turns in self.measure_batch(prompts, batch["batches"]):
+                store.append_prompt(steps, turns)
+            store.write_info()
+            advance(len(prompts))
 
 
 def draft_reach(drafter, window: int | None, model: str) -> int:

@@ -58,6 +58,11 @@ def test_cpu_smoke_fills_every_cell_exactly(tmp_path):
     assert sections["bandwidth"]["limit_tokens_per_s"] > 0 and set(sections["bandwidth"]["fraction"]) == {"eager", "fast"}
     assert {engine: sorted(map(int, ms)) for engine, ms in sections["verify_ms"]["ms"].items()} == {"eager": [1, 2, 4, 8], "fast": [1, 2, 4, 8]}
     assert sections["capture"]["cuda_graphs"] is False and sections["capture"]["timed_captures"] == 0
+    batch = sections["batch"]["sizes"]  # docs/batch.md: every row of every batch equals the eager plain decode
+    assert sorted(map(int, batch)) == [1, 8, 32] and "batch 32 (32 sequences" in done.stdout
+    for point in batch.values():
+        for label in ("plain", "draft-model"):
+            assert point[label]["equal_to_eager_plain"]["equal"] == point[label]["equal_to_eager_plain"]["total"] == point["sequences"]
     if importlib.util.find_spec("deepspeed") is None:
         assert "not importable" in sections["deepspeed"]["skipped"]
     else:

@@ -27,7 +27,7 @@ from specbench.engine.protocol import (
     autoregressive_ranks,
     true_ranks,
 )
-from specbench.engine.static_cache import StaticDecoder, StaticKV
+from specbench.engine.static_cache import RowsDecoder, StaticDecoder, StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.fast import check_full_attention
@@ -79,6 +79,7 @@ class DraftModelDrafter(Drafter):
     recipe = TrainRecipe("specbench.train.draft:train_draft_model", 1e-3, DraftModelTraining)
     summary = "independent small LM sharing the target's vocabulary (DSD/Sheared-LLaMA style); a chain of k tokens"
     Options = DraftModelOptions
+    batches = True  # one draft forward per draft position for every row (propose_rows)
 
     def __init__(self, target, model, k: int = 4, tokenizer=None, model_name: str = "", trim: TrimmedHead | None = None, trim_info: dict | None = None) -> None:
         super().__init__(target, DraftModelOptions(k=k))
@@ -98,7 +99,8 @@ class DraftModelDrafter(Drafter):
             fast_target: FastEngineTarget = target  # the contract a fast-engine target keeps (engine/protocol.py)
             self.fast = fast_target.static_decoder(self.backbone, self.head, self.device, dtype)
         self.cache: DynamicCache | StaticKV | None = self.fast.cache if self.fast else None
-        self.cached: list[int] = []  # the tokens whose KV is in self.cache
+        self.cached: list[int] = []  # the tokens whose KV is in self.cache (a fork's: in its row of rows_decoder)
+        self.rows_decoder: RowsDecoder | None = None  # batch > 1: every fork's KV, one row each
 
     @classmethod
     def create(cls, target, options: DraftModelOptions) -> DraftModelDrafter:
@@ -135,6 +137,70 @@ class DraftModelDrafter(Drafter):
 
     def describe(self) -> dict:
         return {"draft_model": self.model_name, **self.trim_info}
+
+    def fork(self, row: int) -> DraftModelDrafter:
+        """A row's draft: its KV is row `row` of this drafter's RowsDecoder (propose_rows). The fast
+        engine's static draft cache holds one sequence, so batches run the draft uncompiled."""
+        if self.fast is not None:
+            raise UserError("draft-model at --batch-size > 1 runs its draft on the eager engine: use --engine eager")
+        clone = super().fork(row)
+        clone.cached = []
+        return clone
+
+    def _rows_decoder(self, rows: int) -> RowsDecoder:
+        """The draft over a RowsKV of at least `rows` rows, shared by this drafter's forks."""
+        if self.rows_decoder is None or self.rows_decoder.cache.rows < rows:
+            self.rows_decoder = RowsDecoder(self.backbone, self.head, rows, self.device, next(self.model.parameters()).dtype)
+        return self.rows_decoder
+
+    @torch.inference_mode()
+    def propose_rows(self, rows: list[DraftModelDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
+        """Every live row's chain with one draft forward per draft position for all rows (each
+        row rolled back to its own common prefix, fed at its own length)."""
+        if any(row.row is None for row in rows):  # batch 1: the drafter itself, row by row
+            return super().propose_rows(rows, contexts)
+        decoder = self._rows_decoder(max(row.row for row in rows) + 1)
+        feeds = []
+        for row, ctx in zip(rows, contexts):
+            sequence = ctx.tokens.tolist()
+            common = 0
+            for a, b in zip(row.cached, sequence[:-1]):  # keep at least the root to feed
+                if a != b:
+                    break
+                common += 1
+            del row.cached[common:]
+            decoder.cache.lengths[row.row] = common
+            if common == 0:  # a new sequence: size the rows before its first feed
+                decoder.plan(self.positions(len(sequence), ctx.max_tokens))
+            feeds.append(sequence[common:])
+        ks = [min(self.k, ctx.max_tokens) for ctx in contexts]
+        drafted: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        live = list(range(len(rows)))
+        while live:
+            logits = self._feed_rows(decoder, [rows[j] for j in live], [feeds[j] for j in live])
+            for j, row_logits in zip(live, logits):
+                ctx = contexts[j]
+                if ctx.temperature > 0:
+                    q = torch.softmax(row_logits / ctx.temperature, dim=-1)
+                    index = sample(q, ctx.generator)
+                    probs[j].append(self.trim.to_vocab_probs(q) if self.trim is not None else q)
+                else:
+                    index = int(row_logits.argmax())
+                drafted[j].append(int(self.trim.head_ids[index]) if self.trim is not None else index)
+                feeds[j] = [drafted[j][-1]]
+            live = [j for j in live if len(drafted[j]) < ks[j]]  # the last draft token's successor is never needed
+        return [DraftTree.chain(torch.tensor(d, device=ctx.tokens.device), torch.stack(p) if p else None)
+                for d, p, ctx in zip(drafted, probs, contexts)]
+
+    def _feed_rows(self, decoder: RowsDecoder, rows: list[DraftModelDrafter], feeds: list[list[int]]) -> list[torch.Tensor]:
+        """Feed each row its tokens after what it has cached, in one forward; each row's logits at its last token."""
+        ids = [torch.tensor(feed, device=self.device) for feed in feeds]
+        logits, _ = decoder.forward([row.row for row in rows], ids, [None] * len(rows))
+        for row, feed in zip(rows, feeds):
+            decoder.cache.lengths[row.row] += len(feed)
+            row.cached.extend(feed)
+        return [row_logits[-1] for row_logits in logits]
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         if self.fast:

@@ -34,6 +34,7 @@ class PromptLookupDrafter(Drafter):
     name = "prompt-lookup"
     summary = "training-free n-gram lookup in the prompt and output so far; a chain of up to k tokens"
     Options = PromptLookupOptions
+    batches = True  # a function of each row's context alone
 
     def __init__(self, target, options: PromptLookupOptions | None = None) -> None:
         super().__init__(target, options)

@@ -3,6 +3,8 @@
 prefill -> [drafter proposes a tree -> target verifies root + tree in one
 forward -> acceptance rule picks the path -> KV keeps only that path] until
 EOS or max_new_tokens. Plain decoding is this loop with an empty draft.
+`decode_rows` runs it over B rows at once (docs/batch.md): each row its own sequence, tree,
+acceptance and KV length, one verify forward for all; `decode` is its batch of one.
 """
 
 from __future__ import annotations
@@ -94,6 +96,62 @@ def warm_up_engines(target: Target, drafter: Drafter, max_positions: int) -> Non
     drafter.warm_up(max_positions)
 
 
+class OneRow:
+    """A `Target` driven as a RowsTarget of one row: batch 1 runs the same loop on today's targets."""
+
+    rows = 1
+
+    def __init__(self, target: Target) -> None:
+        self.target, self.device, self.eos_token_ids = target, target.device, target.eos_token_ids
+
+    def prefill_row(self, row: int, prompt: torch.Tensor, taps=(), max_positions: int | None = None):
+        return self.target.prefill(prompt, taps, max_positions)
+
+    def verify_rows(self, rows: list[int], roots: list[int], trees: list[DraftTree], taps=()):
+        logits, hidden = self.target.verify(roots[0], trees[0], taps)
+        return [logits], [hidden]
+
+    def commit_row(self, row: int, accepted_nodes: list[int]) -> None:
+        self.target.commit(accepted_nodes)
+
+
+@dataclass
+class Request:
+    """One sequence to decode: its prompt, its token budget and, when sampling, its own RNG."""
+
+    prompt_ids: torch.Tensor
+    max_new_tokens: int
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class _Row:
+    """A sequence in a batch row: what the loop keeps of it while it runs."""
+
+    request: int
+    drafter: Drafter
+    prompt_ids: torch.Tensor
+    max_new_tokens: int
+    generator: torch.Generator | None
+    start: float
+    ttft_ms: float
+    output: list[int]
+    sequence: torch.Tensor
+    pending: list
+    steps: list[StepMeasure] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """What decode_rows yields: one Decoded per request (in request order; its wall and TTFT from
+    the moment its row took it), and the whole batch's wall time (aggregate throughput)."""
+
+    decoded: list[Decoded]
+    wall_ms: float
+    rows: int
+    refill: bool
+
+
 @torch.inference_mode()  # caches are inference tensors; compaction writes into them
 def decode(
     target: Target,
@@ -103,46 +161,100 @@ def decode(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Decoded:
-    clock = Clock(target.device)
-    start = clock.now()
-    prompt_ids = prompt_ids.reshape(-1).to(target.device)
-    taps, rule = drafter.taps, drafter.acceptance
-    # the furthest this sequence can reach: a static cache is sized for it before any step
-    max_positions = prompt_ids.numel() + max_new_tokens + drafter.max_draft_tokens + 1
-    logits, hidden = target.prefill(prompt_ids, taps, max_positions)
-    first = accept(DraftTree.empty(target.device), logits[-1:], temperature, generator, rule).bonus
-    output = [first]
-    ttft_ms = clock.now() - start
-    pending = [top2(logits[-1:])]  # per step: top2() of the rows that chose its emitted tokens
-    drafter.begin(prompt_ids, hidden)
-    sequence = torch.cat([prompt_ids, torch.tensor(output, device=target.device)])
+    """One sequence on a `Target`: the loop at batch 1."""
+    return decode_rows(OneRow(target), drafter, [Request(prompt_ids, max_new_tokens, generator)], temperature).decoded[0]
 
-    steps: list[StepMeasure] = []
-    while len(output) < max_new_tokens and output[-1] not in target.eos_token_ids:
+
+@torch.inference_mode()
+def decode_rows(
+    target,
+    drafter: Drafter,
+    requests: list[Request],
+    temperature: float = 0.0,
+    refill: bool = True,
+) -> Batch:
+    """Decode `requests` target.rows at a time (a RowsTarget; OneRow for a plain Target). Each row
+    has its own tree, acceptance, bonus and KV length. A row whose sequence ends takes the next
+    request at once (`refill`: continuous batching) or, without refill, waits until every row of
+    its batch is done (static batches)."""
+    clock = Clock(target.device)
+    batch_start = clock.now()
+    taps, rule = drafter.taps, drafter.acceptance
+    queue = list(range(len(requests)))[::-1]  # popped from the end: request order
+    live: dict[int, _Row] = {}
+    forks: dict[int, Drafter] = {}  # one drafter per row, for every sequence the row takes
+    decoded: list[Decoded | None] = [None] * len(requests)
+
+    def finish(slot: int) -> None:
+        row = live.pop(slot)
+        decoded[row.request] = Decoded(row.output, row.ttft_ms, clock.now() - row.start, row.steps, _aligned(row.output, row.pending))
+
+    def done(row: _Row) -> bool:
+        return len(row.output) >= row.max_new_tokens or row.output[-1] in target.eos_token_ids
+
+    def admit(slot: int) -> None:
+        """Give `slot` the next request: prefill it alone at its own length, in its row only."""
+        index = queue.pop()
+        request = requests[index]
+        start = clock.now()
+        prompt_ids = request.prompt_ids.reshape(-1).to(target.device)
+        # the furthest this sequence can reach: a static cache is sized for it before any step
+        max_positions = prompt_ids.numel() + request.max_new_tokens + drafter.max_draft_tokens + 1
+        logits, hidden = target.prefill_row(slot, prompt_ids, taps, max_positions)
+        first = accept(DraftTree.empty(target.device), logits[-1:], temperature, request.generator, rule).bonus
+        output = [first]
+        ttft_ms = clock.now() - start
+        pending = [top2(logits[-1:])]  # per step: top2() of the rows that chose its emitted tokens
+        if slot not in forks:
+            forks[slot] = drafter if target.rows == 1 else drafter.fork(slot)
+        row_drafter = forks[slot]
+        row_drafter.begin(prompt_ids, hidden)
+        sequence = torch.cat([prompt_ids, torch.tensor(output, device=target.device)])
+        live[slot] = _Row(index, row_drafter, prompt_ids, request.max_new_tokens, request.generator, start, ttft_ms, output,
+                          sequence, pending)
+
+    def fill() -> None:
+        if not refill and live:
+            return
+        for slot in range(target.rows):
+            while slot not in live and queue:
+                admit(slot)
+                if done(live[slot]):
+                    finish(slot)
+
+    fill()
+    while live:
+        slots = sorted(live)
+        rows = [live[s] for s in slots]
         t0 = clock.now()
-        context = DraftContext(sequence, prompt_ids.numel(), max_new_tokens - len(output), temperature, generator)
-        tree = drafter.propose(context)
+        contexts = [DraftContext(r.sequence, r.prompt_ids.numel(), r.max_new_tokens - len(r.output), temperature, r.generator) for r in rows]
+        trees = drafter.propose_rows([r.drafter for r in rows], contexts)
         t1 = clock.now()
-        logits, hidden = target.verify(output[-1], tree, taps)
+        all_logits, all_hidden = target.verify_rows(slots, [r.output[-1] for r in rows], trees, taps)
         t2 = clock.now()
-        result = accept(tree, logits, temperature, generator, rule)
-        target.commit(result.accepted_nodes)
-        emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
-        drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))
-        kept = 0
-        for token in emitted:
-            output.append(token)
-            kept += 1
-            if len(output) >= max_new_tokens or token in target.eos_token_ids:
-                break
-        sequence = torch.cat([sequence, torch.tensor(emitted, device=target.device)])
-        # emitted token j was chosen by the row of its parent: the root (row 0), then accepted node j-1
-        rows = kept_rows(result.accepted_nodes[: kept - 1])
-        pending.append(top2(logits[: kept] if rows == list(range(kept)) else logits[rows]))
+        kept_counts = []
+        for slot, row, tree, logits, hidden in zip(slots, rows, trees, all_logits, all_hidden):
+            result = accept(tree, logits, temperature, row.generator, rule)
+            target.commit_row(slot, result.accepted_nodes)
+            emitted = tree.tokens[result.accepted_nodes].tolist() + [result.bonus]
+            row.drafter.on_verified(VerifyOutcome(tree, result.accepted_nodes, emitted, hidden))
+            kept = 0
+            for token in emitted:
+                row.output.append(token)
+                kept += 1
+                if len(row.output) >= row.max_new_tokens or token in target.eos_token_ids:
+                    break
+            row.sequence = torch.cat([row.sequence, torch.tensor(emitted, device=target.device)])
+            # emitted token j was chosen by the row of its parent: the root (row 0), then accepted node j-1
+            kept_rows_ = kept_rows(result.accepted_nodes[: kept - 1])
+            row.pending.append(top2(logits[:kept] if kept_rows_ == list(range(kept)) else logits[kept_rows_]))
+            kept_counts.append((kept, len(result.accepted_nodes)))
         t3 = clock.now()
-        # draft tokens after an accepted EOS are cut from the output, so they do not count
-        # as accepted either (the target's continuation past EOS is not part of the sequence)
-        accepted = min(len(result.accepted_nodes), kept)
-        steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, accepted))
-    wall_ms = clock.now() - start
-    return Decoded(output, ttft_ms, wall_ms, steps, _aligned(output, pending))
+        for slot, row, tree, (kept, accepted) in zip(slots, rows, trees, kept_counts):
+            # draft tokens after an accepted EOS are cut from the output, so they do not count
+            # as accepted either (the target's continuation past EOS is not part of the sequence)
+            row.steps.append(StepMeasure(t1 - t0, t2 - t1, t3 - t0, len(tree), tree.depth, min(accepted, kept)))
+            if done(row):
+                finish(slot)
+        fill()
+    return Batch(decoded, clock.now() - batch_start, target.rows, refill)

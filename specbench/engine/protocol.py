@@ -26,6 +26,10 @@ sequence the decode loop calls, in order:
 `ctx.tokens` at the next `propose` is always the target's output so far, so a
 drafter with its own KV cache can simply roll back to the common prefix.
 
+Batch > 1 (`RowsTarget`, docs/batch.md): a drafter that sets `batches` runs one `fork()`
+per row, each called in the order above for its own sequence; `propose_rows` proposes
+for every live row of a step (row by row unless the drafter batches its draft forwards).
+
 Optional, for `specbench simulate`: `teacher_forced(prompt, output, depth, hidden)`
 scores a whole logged sequence in one pass (a `TeacherForced`); drafters
 without it are simulated by step replay, which is slower and labelled so.
@@ -44,6 +48,7 @@ buckets from it).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -143,6 +148,30 @@ class FastEngineTarget(Target, Protocol):
 
     def static_decoder(self, backbone: nn.Module, head: nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
         """An engine.static_cache.StaticDecoder for `backbone` + `head`, on this target's buckets and graphs."""
+        ...
+
+
+@runtime_checkable
+class RowsTarget(Protocol):
+    """A target that decodes `rows` sequences at once (batch > 1; targets/batched.py), each row
+    its own sequence with its own KV length: a row is prefilled alone when it takes a sequence,
+    and one forward verifies every live row's tree (padded to the largest with masked nodes).
+    engine/loop.py drives a plain `Target` through the same calls as one row."""
+
+    rows: int
+    device: torch.device
+    eos_token_ids: set[int]
+
+    def prefill_row(self, row: int, prompt: torch.Tensor, taps: Taps = (), max_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Start a sequence in `row`, as Target.prefill."""
+        ...
+
+    def verify_rows(self, rows: list[int], roots: list[int], trees: list[DraftTree], taps: Taps = ()) -> tuple[list, list]:
+        """One forward over each row's root + tree: per row what Target.verify returns."""
+        ...
+
+    def commit_row(self, row: int, accepted_nodes: list[int]) -> None:
+        """As Target.commit, in `row` only."""
         ...
 
 
@@ -306,6 +335,10 @@ class Drafter:
     # positions attend to each other, so a shorter block drafts differently): simulate then
     # scores each shape with the teacher-forced pass of the drafter built for it
     drafts_depend_on_shape: ClassVar[bool] = False
+    # True when it decodes at batch > 1 (--batch-size): each row runs on its own `fork`;
+    # False: a run at batch > 1 refuses it in one line
+    batches: ClassVar[bool] = False
+    row: int | None = None  # the batch row of a fork; None: not a fork
 
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target
@@ -360,6 +393,21 @@ class Drafter:
     def on_verified(self, outcome: VerifyOutcome) -> None:
         pass
 
+    def fork(self, row: int) -> Drafter:
+        """The drafter of batch row `row` (0..B-1; it decodes every sequence that row takes, each
+        from `begin`): the same weights, its own per-sequence state. A shallow copy serves drafters
+        whose `begin` replaces all of that state; a drafter holding state objects `begin` only
+        resets (a static KV) overrides this, and one that batches its draft forwards keeps the
+        row's state at index `row`."""
+        clone = copy.copy(self)
+        clone.row = row
+        return clone
+
+    def propose_rows(self, rows: list[Drafter], contexts: list[DraftContext]) -> list[DraftTree]:
+        """The trees of a batch's live rows (`rows`: this drafter's forks, one per context). Row by
+        row here; a drafter that batches its draft forwards across rows overrides it."""
+        return [row.propose(ctx) for row, ctx in zip(rows, contexts)]
+
     def teacher_forced(self, prompt: torch.Tensor, output: torch.Tensor, depth: int, hidden: HiddenProvider | None) -> TeacherForced:
         """Optional simulation hook: for a logged greedy sequence (prompt ids, the target's
         output ids), the rank of every true next token under each of `depth` draft
@@ -387,6 +435,7 @@ class PlainDecoding(Drafter):
 
     name = "plain"
     summary = "no drafter; one target forward per token (the baseline)"
+    batches = True
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         return DraftTree.empty(ctx.tokens.device)

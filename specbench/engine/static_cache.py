@@ -57,7 +57,7 @@ from specbench.engine.compat import cache_kwargs
 from specbench.engine.cuda_graphs import CudaGraphs, GraphSet
 from specbench.engine.events import EVENTS
 from specbench.engine.protocol import Taps
-from specbench.engine.tapped import tapped_forward
+from specbench.engine.tapped import tapped_forward, tapped_rows
 from specbench.engine.tree import DraftTree
 from specbench.errors import SpecbenchWarning
 
@@ -426,3 +426,133 @@ class StaticDecoder:
         if self.profile:
             out["profile_ms"] = {b: round(ms, 3) for b, ms in sorted(self.profile.items())}
         return out
+
+
+# --- batch > 1: rows, each with its own length ------------------------------------------
+
+
+class _RowsLayer(_Layer):
+    """One layer's view of a RowsKV."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.span, 0
+
+    def get_seq_length(self) -> int:
+        return min(self.owner.lengths)  # only read when no positions are given (never here)
+
+
+class RowsKV(Cache):
+    """A preallocated KV cache for `rows` sequences, [layers, 2, rows, kv_heads, capacity, head_dim],
+    each row with its own valid length (`lengths`, host side). A forward runs over some rows
+    (`active`), writes their keys/values at per-row slots ([b, q]) and reads the first `span`
+    positions of each; what lies past a row's length is stale and masked by the caller. So a
+    row that accepts more never moves, pads or recomputes another row."""
+
+    def __init__(self, num_layers: int, rows: int, capacity: int = buckets.CAPACITY_STEP) -> None:
+        super().__init__(layers=[_RowsLayer(self, i) for i in range(num_layers)])
+        self.num_layers, self.rows, self.capacity = num_layers, rows, capacity
+        self.kv: torch.Tensor | None = None
+        self.lengths = [0] * rows
+        self.active: torch.Tensor | None = None  # [b] rows of this forward
+        self.all_rows = False  # active is every row in order: read a view, not a copy
+        self.slots: torch.Tensor | None = None  # [b, q]
+        self.span = 0
+
+    def write(self, index: int, keys: torch.Tensor, values: torch.Tensor):
+        if self.kv is None:
+            _, heads, _, head_dim = keys.shape
+            self.kv = torch.zeros(self.num_layers, 2, self.rows, heads, self.capacity, head_dim, dtype=keys.dtype, device=keys.device)
+        layer = self.kv[index]
+        rows, slots = self.active[:, None], self.slots
+        # advanced indices around a slice: the indexed view is [b, q, heads, head_dim]
+        layer[0][rows, :, slots] = keys.transpose(1, 2)
+        layer[1][rows, :, slots] = values.transpose(1, 2)
+        if self.all_rows:
+            return layer[0, :, :, : self.span], layer[1, :, :, : self.span]
+        return layer[0, self.active, :, : self.span], layer[1, self.active, :, : self.span]
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` positions in every row, keeping what is there (between sequences: copies)."""
+        if tokens <= self.capacity:
+            return
+        capacity = round_up(max(tokens, 2 * self.capacity), buckets.CAPACITY_STEP)
+        if self.kv is not None:
+            grown = self.kv.new_zeros(*self.kv.shape[:4], capacity, self.kv.shape[-1])
+            grown[..., : self.capacity, :] = self.kv
+            if any(self.lengths):
+                EVENTS.regrowths += 1
+            self.kv = grown
+        self.capacity = capacity
+
+    def compact(self, row: int, base: int, keep: list[int]) -> None:
+        """In `row` only: keep positions base + keep[i] at base + i; the row's length becomes base + len(keep)."""
+        if keep != list(range(len(keep))):
+            index = torch.tensor(keep, device=self.kv.device) + base
+            view = self.kv[:, :, row]  # [layers, 2, heads, capacity, head_dim]
+            view[..., base : base + len(keep), :] = view.index_select(3, index)
+        self.lengths[row] = base + len(keep)
+
+
+class RowsDecoder:
+    """A decoder stack and its LM head over a RowsKV: one forward runs several rows, each its own
+    root + tree (or causal chunk) at its own length, padded to the forward's largest row with
+    masked nodes (a padding node sees only itself). Uncompiled and uncaptured: the eager
+    equivalent of StaticDecoder for batch > 1."""
+
+    def __init__(self, backbone, head, rows: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.backbone, self.head = backbone, head
+        self.device, self.dtype = device, dtype
+        self.cache = RowsKV(backbone.config.num_hidden_layers, rows)
+        self.min = torch.finfo(dtype).min
+        self._cache_kwargs = cache_kwargs(backbone, self.cache)
+        self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()
+
+    def plan(self, positions: int) -> None:
+        """Size every row for sequences of up to `positions` (prompt + output + the largest verify)."""
+        self.cache.reserve(positions)
+
+    def _shape(self, parents, rows: int, width: int) -> ShapeMasks:
+        key = (parents, rows, width)
+        found = self._shapes.get(key)
+        if found is None:
+            found = shape_masks(parents, rows, width, self.dtype, self.device)
+            if width <= GRAPH_MAX_BUCKET:
+                self._shapes[key] = found
+                if len(self._shapes) > SHAPE_CACHE:
+                    self._shapes.popitem(last=False)
+        else:
+            self._shapes.move_to_end(key)
+        return found
+
+    @torch.inference_mode()
+    def forward(self, rows: list[int], ids: list[torch.Tensor], parents: list[tuple[int, ...] | None], taps: Taps = ()):
+        """Row rows[i] runs ids[i] (root first) with tree parents[i] (None: causal) at its own
+        length. Returns per row (logits [q_i, V] fp32 or None without a head, hidden [q_i, H·len(taps)] or None)."""
+        cache = self.cache
+        width = max(t.numel() for t in ids)
+        starts = [cache.lengths[r] for r in rows]
+        span = max(starts) + width
+        if span > cache.capacity:  # unplanned: grows (copies; counted)
+            cache.reserve(span)
+        b = len(rows)
+        mask = torch.full((b, 1, width, span), self.min, dtype=self.dtype, device=self.device)
+        positions = torch.empty(b, width, dtype=torch.long, device=self.device)
+        padded = torch.empty(b, width, dtype=torch.long, device=self.device)
+        arange = torch.arange(width, device=self.device)
+        for i, (start, row_ids, row_parents) in enumerate(zip(starts, ids, parents)):
+            shape = self._shape(row_parents, row_ids.numel(), width)
+            mask[i, 0, :, :start] = 0
+            mask[i, 0, :, start : start + width] = shape.block
+            positions[i] = shape.depths + start
+            padded[i, : row_ids.numel()] = row_ids
+            padded[i, row_ids.numel() :] = row_ids[0]  # any token: a padding node sees only itself
+        cache.active = torch.tensor(rows, device=self.device)
+        cache.all_rows = rows == list(range(cache.rows))
+        cache.slots = arange[None] + torch.tensor(starts, device=self.device)[:, None]
+        cache.span = span
+        last, hidden = tapped_rows(self.backbone, taps, input_ids=padded, position_ids=positions, attention_mask=mask,
+                                   use_cache=True, **self._cache_kwargs)
+        logits = self.head(last).float() if self.head is not None else None
+        sizes = [t.numel() for t in ids]
+        return ([logits[i, :q] for i, q in enumerate(sizes)] if logits is not None else [None] * b,
+                [hidden[i, :q] for i, q in enumerate(sizes)] if hidden is not None else [None] * b)

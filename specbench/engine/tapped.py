@@ -9,8 +9,14 @@ from specbench.engine.protocol import Taps
 
 
 def tapped_forward(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a transformers decoder stack; returns (last_hidden_state [1, L, H], the tapped
-    states [L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
+    """Batch 1 (see `tapped_rows`): the tapped states of row 0, [L, H * len(taps)]."""
+    last, states = tapped_rows(backbone, taps, **inputs)
+    return last, states[0] if states is not None else None
+
+
+def tapped_rows(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a transformers decoder stack; returns (last_hidden_state [B, L, H], the tapped
+    states [B, L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
     state; j is the input of decoder layer j (HF's hidden_states[j]; j = number of layers
     is HF's last entry, the final normed state). Several taps are concatenated in order."""
     num_layers = len(backbone.layers)
@@ -30,6 +36,6 @@ def tapped_forward(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.
             hook.remove()
     if not taps:
         return out.last_hidden_state, None
-    final = out.last_hidden_state[0]
-    states = [final if j is None or j == num_layers else tapped[j][0] for j in taps]
+    final = out.last_hidden_state
+    states = [final if j is None or j == num_layers else tapped[j] for j in taps]
     return out.last_hidden_state, states[0] if len(states) == 1 else torch.cat(states, dim=-1)

@@ -110,3 +110,13 @@ def run_summary(directory: Path):
     warnings: list[str] = []
     steps, turns = store.load(warnings)
     return store.info, summarise(steps, turns, memory_model(store.info.memory)), warnings
+
+
+def batch_run_summary(directory: Path):
+    """The metrics.BatchSummary of a run at --batch-size > 1 (run.json has a `batch` entry)."""
+    from specbench.metrics import batch_summary
+    from specbench.store import RunStore
+
+    store = RunStore.open(directory)
+    steps, turns = store.load([])
+    return batch_summary(store.info.extra["batch"], steps, turns)

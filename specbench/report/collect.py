@@ -53,7 +53,17 @@ class Group:
         s = self.setup
         options = ",".join(f"{k}={v}" for k, v in s["drafter_options"].items())
         simulated = " · simulated" if s["decode"].get("simulated") else ""
-        return f"{s['drafter']}{f' ({options})' if options else ''} → {s['target']} · {s['device']}{simulated}"
+        rows = s["decode"].get("batch_size")  # absent at batch 1 (docs/batch.md)
+        batch = f" · batch {rows}{'' if s['decode'].get('refill', True) else ' no refill'}" if rows else ""
+        return f"{s['drafter']}{f' ({options})' if options else ''} → {s['target']} · {s['device']}{simulated}{batch}"
+
+    @property
+    def batch(self) -> dict | None:
+        """The pooled run.json `batch` entries of a setup run at --batch-size > 1 (None at batch 1)."""
+        entries = [r.info.extra["batch"] for r in self.runs if isinstance(r.info.extra, dict) and r.info.extra.get("batch")]
+        if not entries:
+            return None
+        return {**entries[0], "batches": [b for entry in entries for b in entry.get("batches", [])]}
 
     @property
     def steps(self) -> list[StepRecord]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from specbench.metrics import Summary
+from specbench.metrics import BatchSummary, Summary
 from specbench.report import columns
 from specbench.report.collect import setup_names
 
@@ -51,6 +51,43 @@ def summary_table(summary: Summary, title: str) -> Table:
     ]
     for name, value in rows:
         table.add_row(name, value)
+    return table
+
+
+def batch_table(batch: BatchSummary) -> Table:
+    """A run at --batch-size B > 1: aggregate throughput and the speedup at this B, then the per-request view."""
+    refill = "refilled (continuous batching)" if batch.refill else "not refilled (static batches)"
+    table = Table(title=f"batch {batch.size}, rows {refill}", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    spread = sorted(batch.row_tau)
+    rows = [
+        ("aggregate tokens/s, speculative", _fmt(batch.tokens_per_s, ".1f")),
+        ("aggregate tokens/s, plain decoding at the same batch", _fmt(batch.baseline_tokens_per_s, ".1f")),
+        ("speedup at this batch size", _fmt(batch.speedup, ".2f", "×")),
+        ("per request ms/output token, speculative", _fmt(batch.ms_per_token, ".2f")),
+        ("per request ms/output token, plain", _fmt(batch.baseline_ms_per_token, ".2f")),
+        ("per request TTFT ms, speculative / plain", f"{_fmt(batch.ttft_ms, '.1f')} / {_fmt(batch.baseline_ttft_ms, '.1f')}"),
+        ("τ overall (every row's steps)", _fmt(batch.tau)),
+        ("acceptance rate overall", _fmt(batch.acceptance_rate, ".1%")),
+        ("τ per row: min / median / max", " / ".join(_fmt(v) for v in (spread[0], spread[len(spread) // 2], spread[-1])) if spread else "n/a"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def batch_curve_table(points, title: str) -> Table:
+    """`run --batch-size 1,2,4`: per size (B, run dir, Summary, BatchSummary or None at B = 1) the
+    drafter's and plain decoding's aggregate tokens/s (B = 1: the run's overall tokens/s), the
+    speedup at that B, τ and exact match."""
+    table = Table(title=title, header_style="bold")
+    for column in ("B", "tokens/s", "plain tokens/s", "speedup", "τ", "exact match"):
+        table.add_column(column, justify="right")
+    for size, _, summary, batch in points:
+        source = batch or summary
+        table.add_row(str(size), _fmt(source.tokens_per_s, ".1f"), _fmt(source.baseline_tokens_per_s, ".1f"),
+                      _fmt(source.speedup, ".2f", "×"), _fmt(summary.tau), exact_match(summary))
     return table
 
 

@@ -215,6 +215,13 @@ class EagleDrafter(Drafter):
         return to_vocab_probs(probs, self.net.head_ids, self.target.vocab_size)
 
     # --- one sequence ------------------------------------------------------------------
+    batches = True  # per row: its own draft KV (fork); the draft passes row by row
+
+    def fork(self, row: int) -> EagleDrafter:
+        clone = super().fork(row)
+        clone.kv = DraftKV(self.net.config, self.dtype, self.device)
+        return clone
+
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.kv.reset()
         self.pending = prompt_hidden

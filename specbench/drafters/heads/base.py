@@ -120,6 +120,8 @@ class HeadDrafter(Drafter):
     def max_draft_depth(self) -> int:
         return self.shape.depth
 
+    batches = True  # per row: its pending states (begin replaces them); each level's heads run over all rows at once
+
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.pending = prompt_hidden
 

@@ -9,6 +9,7 @@ cache to the accepted path: the same keys, values and outputs, for fewer rows).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,6 +80,12 @@ class HydraDecoderDrafter(MedusaDrafter):
     def memory_model(self) -> tuple[int, int]:
         heads_bytes, _ = super().memory_model()
         return heads_bytes + module_bytes(self.trunk.model.layers, self.trunk.model.norm), 1
+
+    def fork(self, row: int) -> HydraDecoderDrafter:
+        """A row's drafter: the trunk's weights shared, its KV cache the row's own."""
+        clone = super().fork(row)
+        clone.trunk = copy.copy(self.trunk)  # reset() then gives the copy a cache of its own
+        return clone
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         self.trunk.reset()

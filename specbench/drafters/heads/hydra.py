@@ -24,6 +24,7 @@ untouched, so the target's outputs (and plain decoding) are unchanged.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,13 @@ class HydraDrafter(HeadDrafter):
         passes = max(self.shape.depth, 1)  # one sequential head pass per level
         return total // passes, passes
 
+    def fork(self, row: int) -> HydraDrafter:
+        """A row's drafter: the prefix layer's weights shared, its KV cache the row's own."""
+        clone = super().fork(row)
+        if self.prefix is not None:
+            clone.prefix = copy.copy(self.prefix)  # reset() then gives the copy a cache of its own
+        return clone
+
     def begin(self, prompt_tokens, prompt_hidden) -> None:
         if self.prefix is not None:
             self.prefix.reset()
@@ -162,6 +170,35 @@ class HydraDrafter(HeadDrafter):
             if heads.grounded and d < depth and expand.numel():
                 features = torch.cat([features[parent_rows[expand]], self.embed(tokens[expand])], dim=-1)
         return shape.draft_tree(levels)
+
+    @torch.inference_mode()
+    def propose_rows(self, rows: list[HydraDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
+        """Every live row's tree, each level's head once over every row's nodes at that level (the
+        rows share the tree shape, so their level features stack into [rows, nodes, width])."""
+        shape, heads = self.shape, self.heads
+        if any(row.row is None for row in rows) or not len(shape):  # batch 1: row by row
+            return super().propose_rows(rows, contexts)
+        for row in rows:
+            row.catch_up()  # Hydra++'s prefix layer: each row's own cache
+        base = torch.stack([row.last_hidden for row in rows])[:, None].to(self.embed.weight.dtype)  # [rows, 1, H]
+        roots = torch.stack([ctx.tokens[-1:].to(self.device) for ctx in contexts])  # [rows, 1]
+        features = torch.cat([base, self.embed(roots)], dim=-1) if heads.grounded else base
+        depths = [min(shape.depth, ctx.max_tokens) for ctx in contexts]  # deeper nodes could not be emitted
+        depth = max(depths)
+        levels: list[list[torch.Tensor]] = [[] for _ in rows]
+        for d in range(1, depth + 1):
+            inputs = features if heads.grounded else base
+            logits = heads.head(d - 1, inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])
+            best = self.to_target_ids(logits.topk(shape.level_topk[d]).indices)  # [rows, nodes, top-k]
+            parent_rows = shape.parent_rows[d].to(self.device) if heads.grounded else torch.zeros_like(shape.parent_rows[d]).to(self.device)
+            tokens = best[:, parent_rows, shape.level_ranks[d].to(self.device)]  # [rows, level nodes]
+            for j in range(len(rows)):
+                if d <= depths[j]:
+                    levels[j].append(tokens[j])
+            expand = shape.expand_positions[d].to(self.device)
+            if heads.grounded and d < depth and expand.numel():
+                features = torch.cat([features[:, parent_rows[expand]], self.embed(tokens[:, expand])], dim=-1)
+        return [shape.draft_tree(row_levels) for row_levels in levels]
 
 
 def target_embedding(target) -> nn.Embedding:

@@ -75,6 +75,26 @@ class MedusaDrafter(HeadDrafter):
             levels.append(best[shape.level_ranks[d].to(best.device)])
         return shape.draft_tree(levels)
 
+    @torch.inference_mode()
+    def propose_rows(self, rows: list[MedusaDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
+        """Every live row's tree with one pass of each head over all rows (the heads read only the
+        row's last state, so the rows stack into one batch)."""
+        shape = self.shape
+        if any(row.row is None for row in rows) or not len(shape):  # batch 1: row by row
+            return super().propose_rows(rows, contexts)
+        for row in rows:
+            row.catch_up()
+        hidden = torch.stack([row.last_hidden for row in rows])
+        depths = [min(shape.depth, ctx.max_tokens) for ctx in contexts]  # deeper nodes could not be emitted
+        levels: list[list[torch.Tensor]] = [[] for _ in rows]
+        for d in range(1, max(depths) + 1):
+            best = self.to_target_ids(self.head_logits(d, hidden).topk(shape.level_topk[d]).indices)  # [rows, top-k]
+            ranks = shape.level_ranks[d].to(best.device)
+            for j in range(len(rows)):
+                if d <= depths[j]:
+                    levels[j].append(best[j][ranks])
+        return [shape.draft_tree(row_levels) for row_levels in levels]
+
     def head_logits(self, d: int, hidden: torch.Tensor) -> torch.Tensor:
         """Head d's logits (its own LM head, or the target's for heads-only checkpoints)."""
         head = self.heads.heads[d - 1]

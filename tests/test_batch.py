@@ -218,7 +218,7 @@ def test_batch_1_records_today_s_settings(models, tmp_path, capsys, monkeypatch)
     assert code == 0, err
     info = json.loads(next(tmp_path.glob("*/run.json")).read_text())
     assert "batch_size" not in info["decode"] and "refill" not in info["decode"] and "batch" not in info["extra"]
-    assert info["decode"]["engine"] == "eager"
+    assert info["decode"]["engine"] == "fast"  # what --engine auto is on a CPU, as before batches existed
 
 
 def test_cli_curve_runs_each_batch_size_on_one_target(models, tmp_path, capsys, monkeypatch):
@@ -271,3 +271,22 @@ def test_simulate_predicts_every_row_s_steps_at_batch_3(sim_setup, drafter):
     shape = lambda steps: [(s.tree_size, s.tree_depth, s.accepted) for s in steps]  # noqa: E731
     assert [shape(t) for t in result.steps] == [shape(t) for t in online]
     assert [tau(t) for t in result.steps] == [tau(t) for t in online] and any(s.accepted for t in online for s in t)
+
+
+@pytest.mark.parametrize("drafter", ["plain", "prompt-lookup", "hydra"])
+def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
+    """In fp32 on a CPU the batch engine runs the one-row fast engine's prepacked weights and lean
+    layers (many rows per product, per-row masks and positions): every row still equals its plain decode."""
+    from specbench.engine.lean_layer import LeanLayer
+    from specbench.engine.packed import PackedLinear
+
+    model = tiny_llama(0).float()
+    target = HFTarget(model)
+    target.eos_token_ids = set()
+    rows = RowsHFTarget(target, 3)
+    assert all(isinstance(layer, LeanLayer) for layer in rows.decoder.backbone.layers) and isinstance(rows.decoder.head, PackedLinear)
+    batch_prompts, budgets = prompts(5), [NEW, NEW - 5, NEW - 10, NEW, NEW - 5]
+    setup = {"target": target, "draft": perturbed(model, noise=0.01)}
+    plain = [decode(target, PlainDecoding(target), p, n).output_ids for p, n in zip(batch_prompts, budgets)]
+    batch = decode_rows(rows, build(drafter, setup), [Request(p, n) for p, n in zip(batch_prompts, budgets)])
+    assert [d.output_ids for d in batch.decoded] == plain

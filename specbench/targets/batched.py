@@ -7,8 +7,9 @@ masked nodes, and each row keeps its own accepted path. No row moves, pads or re
 anything when another accepts more. It is the `RowsTarget` of engine/protocol.py; the decode
 loop (engine/loop.py `decode_rows`) drives it, and drives a one-row Target the same way.
 
-It runs the forward as it is (no CUDA graphs, no compiled step yet): the eager engine of
-batch > 1. The weights are those of the target it wraps; nothing is copied.
+It runs the forward uncaptured (no CUDA graphs yet); on a CPU with the linear weights prepacked
+and Llama layers in fewer operations, as the one-row fast engine does (engine/packed.py,
+engine/lean_layer.py). The weights are those of the target it wraps; none is copied.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from specbench.engine.buckets import CAPACITY_STEP, round_up
+from specbench.engine.lean_layer import lean_layers
+from specbench.engine.packed import can_pack, packed_copy
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -31,7 +34,11 @@ class RowsHFTarget:
     def __init__(self, base: HFTarget, rows: int) -> None:
         self.base, self.rows = base, rows
         self.device, self.dtype, self.eos_token_ids = base.device, base.dtype, base.eos_token_ids
-        self.decoder = RowsDecoder(base.backbone, base.lm_head, rows, base.device, base.dtype)
+        backbone, head = base.backbone, base.lm_head
+        if can_pack(base.device, base.dtype):  # as the one-row fast engine runs on a CPU (engine/packed.py, lean_layer.py)
+            backbone, head = packed_copy(backbone), packed_copy(head)
+            lean_layers(backbone, base.backbone, base.dtype)
+        self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype)
         self.cache = self.decoder.cache
 
     @torch.inference_mode()

@@ -15,7 +15,7 @@ import torch
 
 from specbench.engine.options import CommandConfig, option
 from specbench.errors import UserError
-from specbench.train.data import TrainData, load_data, prepare_out  # noqa: F401  (re-exported for the recipes)
+from specbench.train.data import TrainData, load_data
 
 TRAIN_LOG = "specbench_train.json"
 

@@ -63,16 +63,18 @@ def run(
 
 
 def show_run(directory: Path, as_json: bool) -> None:
+    from specbench.records import MeasuredExtra
     from specbench.report.build import run_summary
     from specbench.report.tables import divergence_table, engine_line, position_table, summary_table
 
     info, summary, notes = run_summary(directory)
+    engine = info.extra.engine if isinstance(info.extra, MeasuredExtra) else None
     for warning in notes:
         warn(warning)
     if as_json:
-        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine")}, indent=2))
+        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": engine and engine.to_json()}, indent=2))
     console.print(summary_table(summary, f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"))
-    if line := engine_line(info.extra):
+    if line := engine_line(engine):
         console.print(line, highlight=False)
     if summary.per_position:
         console.print(position_table(summary))

@@ -33,10 +33,12 @@ from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
-    MemoryFacts,
+    EngineFacts,
+    MeasuredExtra,
     RunInfo,
     StepRecord,
     TurnRecord,
+    WorkloadFacts,
     first_divergence,
 )
 from specbench.store import RunStore
@@ -151,17 +153,16 @@ class Benchmark:
             workload_hash=workload_hash(self.prompts),
             decode=decode_settings,
             environment=environment(self.target.device),
-            extra={
-                **asdict(MemoryFacts(self.target.forward_bytes(), *self.drafter.memory_model())),
-                "drafter": self.drafter.describe(),
-                "workload": {
-                    "format": self.workload.format,
-                    "source": self.workload.source,
-                    "prompts": len(self.prompts),
-                    # the selection before sharding: shards of one workload share it, so `report` can merge them
-                    "selection_hash": workload_hash(select(self.workload.prompts, c.categories, c.limit)),
-                },
-            },
+            extra=MeasuredExtra(
+                self.target.forward_bytes(), *self.drafter.memory_model(),
+                drafter=self.drafter.describe(),
+                workload=WorkloadFacts(
+                    format=self.workload.format,
+                    source=self.workload.source,
+                    prompts=len(self.prompts),
+                    selection_hash=workload_hash(select(self.workload.prompts, c.categories, c.limit)),
+                ),
+            ),
         )
 
     def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int | None = None):
@@ -188,43 +189,32 @@ class Benchmark:
                 longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
         return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
 
-    def warm_up(self) -> dict[str, Any]:
+    def warm_up(self, engine: EngineFacts) -> None:
         """Before anything is timed: size the static caches for the longest sequence, capture
         every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
         untimed decode in each mode (first-call costs: allocations, kernel selection).
-        Returns what the warm-up captured, for run.json."""
+        What the warm-up captured and compiled goes into `engine`, for run.json."""
         before = replace(EVENTS)
         positions = self.longest_sequence()
         warm_up_engines(self.target, self.drafter, positions)
         for drafter in (self.plain, self.drafter):
             self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
-        return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
-                "compile_ms": round(EVENTS.compile_ms - before.compile_ms, 3), "compiles": EVENTS.compiles - before.compiles,
-                "planned_positions": positions}
+        engine.capture_ms, engine.graphs = round(EVENTS.capture_ms - before.capture_ms, 3), EVENTS.captures - before.captures
+        engine.compile_ms, engine.compiles = round(EVENTS.compile_ms - before.compile_ms, 3), EVENTS.compiles - before.compiles
+        engine.planned_positions = positions
 
-    def engine_record(self) -> dict[str, Any]:
-        """run.json's `engine` entry before the warm-up: the target's engine and cache, and
-        counters of what happened while prompts were timed (captures, compilations, mid-sequence regrowths)."""
+    def engine_record(self) -> EngineFacts:
+        """run.json's `engine` entry before the warm-up: the target's engine and cache (counters at 0)."""
         stats = self.target.engine_stats()
         dtype, why = dtype_choice(self.config.dtype, self.target.device)
-        return {
-            "engine": self.target.engine,
-            "dtype": str(self.target.dtype).removeprefix("torch."),
-            "dtype_choice": why if dtype == self.target.dtype else "given",
-            "cuda_graphs": bool(stats.get("cuda_graphs")),
-            "capture_ms": 0.0,
-            "graphs": 0,
-            "capacity": stats.get("capacity"),
-            "compiled_step": bool(stats.get("compiled_step")),
-            "compile_ms": 0.0,
-            "compiles": 0,
-            "timed_captures": 0,
-            "timed_capture_ms": 0.0,
-            "timed_compiles": 0,
-            "timed_compile_ms": 0.0,
-            "timed_regrowths": 0,
-            "timed_capture_prompts": [],
-        }
+        return EngineFacts(
+            engine=self.target.engine,
+            dtype=str(self.target.dtype).removeprefix("torch."),
+            dtype_choice=why if dtype == self.target.dtype else "given",
+            cuda_graphs=bool(stats.get("cuda_graphs")),
+            capacity=stats.get("capacity"),
+            compiled_step=bool(stats.get("compiled_step")),
+        )
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
         """Both modes, turn by turn. A later turn's history is plain decoding's answers in both
@@ -289,14 +279,16 @@ class Benchmark:
     def _run(self, store: RunStore, progress: Progress) -> None:
         done = store.keep_complete(self.records_per_prompt())
         todo = [p for p in self.prompts if p.id not in done]
-        engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
+        if store.info.extra.engine is None:  # a resumed run keeps counting
+            store.info.extra.engine = self.engine_record()
+        engine = store.info.extra.engine
         if todo and self.config.warmup:
             with progress.status("warming up (untimed: cache sizing, graph captures or step compilation, a short decode per mode)"):
-                engine.update(self.warm_up())
+                self.warm_up(engine)
         stats = self.target.engine_stats()
-        engine["capacity"] = stats.get("capacity")
+        engine.capacity = stats.get("capacity")
         if stats.get("profile_ms"):  # the measured bucket latencies verifies pick their bucket from
-            engine["profile_ms"] = stats["profile_ms"]
+            engine.profile_ms = stats["profile_ms"]
         store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
@@ -305,16 +297,15 @@ class Benchmark:
             steps, turns = self.measure_prompt(prompt)
             if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths or EVENTS.compiles > before.compiles:
                 # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
-                engine["timed_captures"] += EVENTS.captures - before.captures
-                engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
-                engine.setdefault("timed_compiles", 0)  # runs started before compiled steps existed lack these
-                engine["timed_compiles"] += EVENTS.compiles - before.compiles
-                engine["timed_compile_ms"] = round(engine.get("timed_compile_ms", 0.0) + EVENTS.compile_ms - before.compile_ms, 3)
-                engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
-                engine["timed_capture_prompts"].append(prompt.id)
+                engine.timed_captures += EVENTS.captures - before.captures
+                engine.timed_capture_ms = round(engine.timed_capture_ms + EVENTS.capture_ms - before.capture_ms, 3)
+                engine.timed_compiles += EVENTS.compiles - before.compiles
+                engine.timed_compile_ms = round(engine.timed_compile_ms + EVENTS.compile_ms - before.compile_ms, 3)
+                engine.timed_regrowths += EVENTS.regrowths - before.regrowths
+                engine.timed_capture_prompts.append(prompt.id)
             store.append_prompt(steps, turns)
             advance()
-        engine["capacity"] = self.target.engine_stats().get("capacity")
+        engine.capacity = self.target.engine_stats().get("capacity")
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
 

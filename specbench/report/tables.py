@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from specbench.metrics import Summary
+from specbench.records import EngineFacts
 from specbench.report import columns
 from specbench.report.collect import setup_names
 
@@ -158,26 +159,26 @@ def comparison_table(frame, groups) -> Table:
     return _frame_table(frame, "setup", "setup", "setups compared" + (f": {said_once}" if said_once else ""), names)
 
 
-def engine_line(extra: dict) -> str | None:
+def engine_line(e: EngineFacts | None) -> str | None:
     """The line `specbench run` shows about the fast engine's warm-up, apart from tokens/s."""
-    e = extra.get("engine") or {}
-    dtype = f" ({e['dtype']}: {e['dtype_choice']})" if e.get("dtype_choice", "given") != "given" else ""
-    if e.get("engine") != "fast":
+    e = e or EngineFacts()
+    dtype = f" ({e.dtype}: {e.dtype_choice})" if e.dtype_choice != "given" else ""
+    if e.engine != "fast":
         return f"eager engine{dtype}" if dtype else None
-    capacity = f"KV cache {e['capacity']} positions" if e.get("capacity") else "KV cache"
-    if e.get("cuda_graphs"):
-        line = f"fast engine{dtype}: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
-    elif e.get("compiled_step"):
-        line = (f"fast engine{dtype}: compiled step, {e.get('compiles', 0)} graphs compiled in {e.get('compile_ms', 0) / 1000:.1f} s "
+    capacity = f"KV cache {e.capacity} positions" if e.capacity else "KV cache"
+    if e.cuda_graphs:
+        line = f"fast engine{dtype}: {e.graphs} CUDA graphs captured in {e.capture_ms / 1000:.2f} s before timing; {capacity}"
+    elif e.compiled_step:
+        line = (f"fast engine{dtype}: compiled step, {e.compiles} graphs compiled in {e.compile_ms / 1000:.1f} s "
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
-    if e.get("timed_captures") or e.get("timed_regrowths") or e.get("timed_compiles"):
-        prompts = e.get("timed_capture_prompts", [])
+    if e.timed_captures or e.timed_regrowths or e.timed_compiles:
+        prompts = e.timed_capture_prompts
         line += (
-            f"; inside timed prompts: {e['timed_captures']} captures ({e['timed_capture_ms'] / 1000:.2f} s), "
-            f"{e.get('timed_compiles', 0)} compilations ({e.get('timed_compile_ms', 0) / 1000:.2f} s) and "
-            f"{e['timed_regrowths']} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
+            f"; inside timed prompts: {e.timed_captures} captures ({e.timed_capture_ms / 1000:.2f} s), "
+            f"{e.timed_compiles} compilations ({e.timed_compile_ms / 1000:.2f} s) and "
+            f"{e.timed_regrowths} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
             f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
         )
     return line

@@ -33,8 +33,8 @@ from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
-    MemoryFacts,
     RunInfo,
+    SimulatedExtra,
     StepMeasure,
     StepRecord,
     TurnRecord,
@@ -372,20 +372,19 @@ def write_runs(
             decode={"max_new_tokens": simulator.max_new, "temperature": 0.0, "dtype": log.header.dtype,
                     "device": log.header.device, "simulated": True},
             environment=environment(torch.device("cpu")),
-            extra={
-                "simulated": True,
-                "method": sim.method,
-                "log": str(log.path),
-                "shape": shape.name,
-                "hidden_source": sim.hidden_source,
-                "latency_model": model.describe(),
-                "draft_ms_per_step": draft_ms,
-                "draft_ms_source": result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
-                **asdict(MemoryFacts(target_bytes, draft_bytes, gamma)),
-                "alpha_iid": alpha,
-                "leviathan_expected_speedup": leviathan,
-                "drafter": simulator.drafter.describe(),
-            },
+            extra=SimulatedExtra(
+                target_bytes, draft_bytes, gamma,
+                method=sim.method,
+                log=str(log.path),
+                shape=shape.name,
+                hidden_source=sim.hidden_source,
+                latency_model=model.describe(),
+                draft_ms_per_step=draft_ms,
+                draft_ms_source=result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
+                alpha_iid=alpha,
+                leviathan_expected_speedup=leviathan,
+                drafter=simulator.drafter.describe(),
+            ),
         )
         with RunStore.create_unique(out, info) as store:
             store.append_prompt(steps, turns)
@@ -393,7 +392,7 @@ def write_runs(
             store.write_info()
         directory = store.directory
         summary = summarise(steps, turns, memory_model(info.memory))
-        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
+        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra.draft_ms_source))
     return reports
 
 

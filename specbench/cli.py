@@ -17,7 +17,17 @@ import typer
 
 from specbench.console import RichProgress, console, run_app, styled, warn
 from specbench.errors import UserError
-from specbench.flags import Option, deprecated, parse_ks, split_list, typed_params, with_config, with_drafter_flags, with_recipe_flags
+from specbench.flags import (
+    Option,
+    deprecated,
+    parse_ks,
+    split_list,
+    tune_commands,
+    typed_params,
+    with_config,
+    with_drafter_flags,
+    with_recipe_flags,
+)
 from specbench.runner import RunConfig
 from specbench.simulate.profile import ProfileConfig
 from specbench.simulate.record import RecordConfig
@@ -255,9 +265,11 @@ def tune(
         result = tune_log(log, config, progress, command_line())
     if config.plot:
         tuned_frontier(result, config.plot)
+    run, simulate = tune_commands(result.check)
     if as_json:
-        return print(json.dumps(result.to_json(), indent=2))
-    for shown in tune_report(result) + ([f"wrote {config.plot}"] if config.plot else []):
+        return print(json.dumps({**result.to_json(), "run_command": run, "simulate_command": simulate}, indent=2))
+    lines = [f"verify it: {run}", f"simulate scores it: {simulate}"] + ([f"wrote {config.plot}"] if config.plot else [])
+    for shown in tune_report(result) + lines:
         console.print(shown, soft_wrap=True)
 
 

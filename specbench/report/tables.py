@@ -116,17 +116,15 @@ def frontier_table(frontier, title: str) -> Table:
 
 
 def tune_report(result) -> list:
-    """`specbench tune`: the frontier table, where the costs came from, the choice and the commands
-    that check it (the frontier's plot is `plots.tuned_frontier`, drawn by the caller)."""
+    """`specbench tune`: the frontier table, where the costs came from and the choice (the commands
+    that check it are the command line's, flags.tune_commands; the frontier's plot is
+    `plots.tuned_frontier`, drawn by the caller)."""
     f, chosen = result.frontier, result.chosen
     shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}"
     shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted per size (* = chosen; ~ = draft ms interpolated)"),
              (f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
               f"plain decoding {f.plain_tokens_per_s:.1f} tokens/s"),
-             f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else ""),
-             f"verify it: {result.run_command}"]
-    if result.simulate_command:
-        shown.append(f"simulate scores it: {result.simulate_command}")
+             f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else "")]
     return shown
 
 

@@ -21,6 +21,7 @@ from specbench.flags import (
     Option,
     deprecated,
     parse_ks,
+    resume_refusal,
     split_list,
     tune_commands,
     typed_params,
@@ -59,7 +60,10 @@ def run(
     from specbench.targets import deepspeed
 
     if resume:  # the run's own configuration; what the user typed must agree with it (runner.resume_run)
-        settings = {name: value for name, value in typed_params(ctx).items() if name in RunConfig.__dataclass_fields__ or name == "out"}
+        given = typed_params(ctx)
+        if "out" in given:
+            raise UserError(f"--resume {resume} continues the run in its own directory: drop --out {out}, or start a new run")
+        settings = {name: value for name, value in given.items() if name in RunConfig.__dataclass_fields__}
         config = runner.config_from_info(runner.RunStore.open(resume).info)
     else:
         config.drafter_options = typed_options(config.drafter, drafter_flags or {})
@@ -67,7 +71,10 @@ def run(
         runner.check(config)  # bad input fails here, as one line, not once per rank
         sys.exit(deepspeed.relaunch(config.tp, config.device, sys.argv[1:]))
     with RichProgress() as progress:
-        directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
+        try:
+            directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
+        except runner.ResumeConflicts as refused:
+            raise UserError(resume_refusal(refused)) from None
     if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
         show_run(directory, as_json)
 

@@ -166,3 +166,15 @@ def tune_commands(check) -> tuple[str, str]:
                 "--k" if check.kind == "chain" else "--tree", check.shape]
     return " ".join(map(str, run)), " ".join(map(str, simulate))
 
+
+def resume_refusal(refused) -> str:
+    """runner.ResumeConflicts in the flags that would change the resumed run."""
+    from specbench.engine.options import flag_of
+
+    def shown(value) -> str:
+        return "none" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    named = "; ".join((f"-o {c.name}={shown(c.given)}" if c.drafter_option else f"{flag_of(c.name)} {shown(c.given)}")
+                      + f" (the run has {shown(c.stored)})" for c in refused.conflicts)
+    return (f"--resume {refused.directory} continues the run as it was started; these flags would change it: {named}. "
+            "Drop them, or start a new run")

@@ -24,7 +24,7 @@ from specbench.drafters.registry import build_drafter, drafter_class, parse_opti
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINE_HELP, ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
-from specbench.engine.options import CommandConfig, flag_of, option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.events import EVENTS
 from specbench.environment import environment
@@ -372,12 +372,31 @@ def start_run(config: RunConfig, out: Path, progress: Progress = SILENT, command
         return _measure(bench, store, progress)
 
 
+@dataclass
+class Conflict:
+    """A value given to resume a run that disagrees with what the run was started with."""
+
+    name: str  # a RunConfig field, or a drafter option (`drafter_option`)
+    given: Any
+    stored: Any
+    drafter_option: bool = False
+
+
+class ResumeConflicts(UserError):
+    """Resuming would change the run; `conflicts` names each value (the CLI words them as its flags)."""
+
+    def __init__(self, directory: Path, conflicts: list[Conflict]) -> None:
+        self.directory, self.conflicts = directory, conflicts
+        named = "; ".join(f"{c.name} {c.given!r} (the run has {c.stored!r})" for c in conflicts)
+        super().__init__(f"{directory} is resumed as it was started; these would change it: {named}")
+
+
 def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_options: dict[str, Any] | None = None,
                progress: Progress = SILENT) -> Path | None:
     """Measure the prompts an interrupted run did not finish, on the machine that started it, with
     the run's own configuration: its write lock taken (a second writer is refused), and what the
-    user gave beside it (`settings`: RunConfig field or `out` -> value; `drafter_options`: option ->
-    value) checked against it; a conflict is refused, named."""
+    user gave beside it (`settings`: RunConfig field -> value; `drafter_options`: option -> value)
+    checked against it; conflicts are refused (ResumeConflicts)."""
     from specbench.targets.deepspeed import under_launcher
 
     store = RunStore.open(Path(directory))
@@ -388,8 +407,7 @@ def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_
             raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")
         conflicts = resume_conflicts(store.info, settings or {}, drafter_options or {})
         if conflicts:
-            raise UserError(f"--resume {directory} continues the run as it was started; these flags would change it: "
-                            f"{'; '.join(conflicts)}. Drop them, or start a new run")
+            raise ResumeConflicts(Path(directory), conflicts)
         config = config_from_info(store.info)
         check(config)
         with progress.status(f"resuming {directory}"):
@@ -423,28 +441,25 @@ def config_from_info(info: RunInfo) -> RunConfig:
 RESOLVED_AT_START = ("dtype", "engine")
 
 
-def resume_conflicts(info: RunInfo, settings: dict[str, Any], drafter_options: dict[str, Any]) -> list[str]:
-    """What the user gave beside --resume that disagrees with the stored run, each as 'FLAG VALUE
-    (the run has STORED)': `settings` (RunConfig field or `out` -> value) against its configuration,
-    `drafter_options` (name -> value, text or typed) against its drafter options."""
+def resume_conflicts(info: RunInfo, settings: dict[str, Any], drafter_options: dict[str, Any]) -> list[Conflict]:
+    """What the user gave to resume the stored run that disagrees with it: `settings` (RunConfig
+    field -> value) against its configuration, `drafter_options` (name -> value, text or typed)
+    against its drafter options."""
     config = config_from_info(info)
     conflicts = []
     for name, value in settings.items():
-        if name == "out":
-            conflicts.append(f"--out {value} (a resumed run stays in its own directory)")
-            continue
         if name in RESOLVED_AT_START and value == "auto":
             continue
         stored = getattr(config, name)
         if _comparable(value) != _comparable(stored):
-            conflicts.append(f"{flag_of(name)} {_shown(value)} (the run has {_shown(stored)})")
+            conflicts.append(Conflict(name, value, stored))
     specs = drafter_class(config.drafter).Options.specs()
     for name, value in drafter_options.items():
         stored = config.drafter_options.get(name)
-        if name in specs:  # `-o k=3` arrives as text: compare it as the option's type
+        if name in specs:  # text (from the command line) compared as the option's type
             value = specs[name].convert(config.drafter, value)
         if _comparable(value) != _comparable(stored):
-            conflicts.append(f"-o {name}={_shown(value)} (the run has {_shown(stored)})")
+            conflicts.append(Conflict(name, value, stored, drafter_option=True))
     return conflicts
 
 
@@ -454,14 +469,6 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_comparable(v) for v in value]
     return value
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def command_line() -> str:

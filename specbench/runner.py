@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from specbench.engine.engines import ENGINE_HELP, ENGINES
 from specbench.engine.loop import Decoded, decode, warm_up_engines
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Target
-from specbench.engine.events import EVENTS
+from specbench.engine.events import counted
 from specbench.environment import environment
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
@@ -194,13 +194,13 @@ class Benchmark:
         every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
         untimed decode in each mode (first-call costs: allocations, kernel selection).
         What the warm-up captured and compiled goes into `engine`, for run.json."""
-        before = replace(EVENTS)
         positions = self.longest_sequence()
-        warm_up_engines(self.target, self.drafter, positions)
-        for drafter in (self.plain, self.drafter):
-            self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
-        engine.capture_ms, engine.graphs = round(EVENTS.capture_ms - before.capture_ms, 3), EVENTS.captures - before.captures
-        engine.compile_ms, engine.compiles = round(EVENTS.compile_ms - before.compile_ms, 3), EVENTS.compiles - before.compiles
+        with counted() as seen:
+            warm_up_engines(self.target, self.drafter, positions)
+            for drafter in (self.plain, self.drafter):
+                self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
+        engine.capture_ms, engine.graphs = round(seen.capture_ms, 3), seen.captures
+        engine.compile_ms, engine.compiles = round(seen.compile_ms, 3), seen.compiles
         engine.planned_positions = positions
 
     def engine_record(self) -> EngineFacts:
@@ -293,15 +293,14 @@ class Benchmark:
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
         for prompt in todo:
-            before = replace(EVENTS)
-            steps, turns = self.measure_prompt(prompt)
-            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths or EVENTS.compiles > before.compiles:
-                # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
-                engine.timed_captures += EVENTS.captures - before.captures
-                engine.timed_capture_ms = round(engine.timed_capture_ms + EVENTS.capture_ms - before.capture_ms, 3)
-                engine.timed_compiles += EVENTS.compiles - before.compiles
-                engine.timed_compile_ms = round(engine.timed_compile_ms + EVENTS.compile_ms - before.compile_ms, 3)
-                engine.timed_regrowths += EVENTS.regrowths - before.regrowths
+            with counted() as seen:
+                steps, turns = self.measure_prompt(prompt)
+            if seen:  # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
+                engine.timed_captures += seen.captures
+                engine.timed_capture_ms = round(engine.timed_capture_ms + seen.capture_ms, 3)
+                engine.timed_compiles += seen.compiles
+                engine.timed_compile_ms = round(engine.timed_compile_ms + seen.compile_ms, 3)
+                engine.timed_regrowths += seen.regrowths
                 engine.timed_capture_prompts.append(prompt.id)
             store.append_prompt(steps, turns)
             advance()

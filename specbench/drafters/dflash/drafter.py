@@ -262,7 +262,7 @@ class DFlashDrafter(Drafter):
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
         # the anchor (root) and the accepted nodes, by node index: never the rejected rest, never the bonus
-        rows = outcome.hidden[[0] + [n + 1 for n in outcome.accepted_nodes]]
+        rows = outcome.kept_hidden
         self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
 
     def run_block(self, tokens: torch.Tensor) -> Block:

@@ -47,6 +47,9 @@ from specbench.simulate.walk import Shape, walk
 from specbench.store import RunStore
 
 TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
+# the drafter_options key run.json records a shape under when no option of the drafter draws it
+# (a tree imposed on a chain drafter, or a k on one without a shape option), so reports keep it apart
+IMPOSED_SHAPE = "tree"
 
 
 @dataclass
@@ -251,13 +254,13 @@ class Simulator:
     def options_for(self, shape: Shape) -> dict[str, Any]:
         """The drafter options that draft `shape` online (what its run.json records). A chain
         drafter scored on a tree has no option that draws it: the tree is recorded under
-        simulate's own flag name, so its setups stay apart in reports."""
+        IMPOSED_SHAPE, so its setups stay apart in reports."""
         name = self.shape_spec.name if self.shape_spec is not None else None
         if name and self.cls.drafts == "tree":
             return {**self.options, name: shape.spec}
         if name and shape.k is not None:
             return {**self.options, name: shape.k}
-        return {**self.options, "tree": shape.spec}
+        return {**self.options, IMPOSED_SHAPE: shape.spec}
 
     def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None, drafter=None) -> list[StepMeasure]:
         drafter = drafter or self.drafter

@@ -1,6 +1,6 @@
 """Eager vs fast decode engine, per dtype, on whatever device this runs on.
 
-    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (compiled)
+    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (packed, compiled, static)
     python scripts/bench_engine.py --device cuda        # random-weight Vicuna-7B shape (fp16), eager and fast (CUDA graphs)
 
 Every engine x dtype variant is measured in one process, their repetitions interleaved
@@ -13,10 +13,11 @@ Every engine x dtype variant is measured in one process, their repetitions inter
   n-1), n = 1..64 by default, and t(n)/t(1);
 - per-step overhead (step wall - draft - verify) for plain decoding and prompt lookup;
 - the fast engine's warm-up, done before anything is timed: on CUDA every bucket captured
-  as a graph; on a CPU (`--cpu-fast`) every bucket's step compiled ("compiled"; the time is
-  inductor's, less when its on-disk cache already holds the code) or not ("static": the
-  static cache and buckets alone), and each bucket's latency measured, from which a verify
-  picks the cheapest bucket that holds it.
+  as a graph; on a CPU (`--cpu-fast`) the linear weights prepacked for oneDNN ("packed",
+  what `--engine fast` runs), or every bucket's step compiled ("compiled"; the time is
+  inductor's, less when its on-disk cache already holds the code), or neither ("static":
+  the static cache and buckets alone), and each bucket's latency measured, from which a
+  verify picks the cheapest bucket that holds it.
 Timing does not depend on weight values, so the 7B shape needs no checkpoint.
 """
 
@@ -77,9 +78,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="1-64", help="verify profile sizes n: a range (1-64) or a comma-separated list")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--cpu-fast", default="compiled,static",
-                        help="on a CPU, the fast engine's variants: compiled (torch.compile'd step), static (the static cache "
-                             "and buckets from a measured profile, not compiled); comma separated")
+    parser.add_argument("--cpu-fast", default="packed,compiled,static",
+                        help="on a CPU, the fast engine's variants: packed (linear weights prepacked for oneDNN: what `--engine "
+                             "fast` runs), compiled (torch.compile'd step), static (the static cache and buckets from a measured "
+                             "profile, torch's default kernels); comma separated")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
 
@@ -106,7 +108,9 @@ def main() -> None:
                 if engine == "eager":
                     target = HFTarget(model, tokenizer)
                 elif kind == "static":
-                    target = FastHFTarget(model, tokenizer, bucketed=True, compiled=False)
+                    target = FastHFTarget(model, tokenizer, bucketed=True, packed=False)
+                elif kind == "compiled":
+                    target = FastHFTarget(model, tokenizer, compiled=True)
                 else:
                     target = FastHFTarget(model, tokenizer)
                 target.eos_token_ids = set()  # a forced fixed length
@@ -185,7 +189,7 @@ def show(r: dict) -> None:
         w = v["warm_up"]
         if w:
             what = (f"{w['graphs']} CUDA graphs captured" if w.get("cuda_graphs") else
-                    f"{w.get('compiles', 0)} graphs compiled" if w.get("compiled_step") else "nothing to prepare")
+                    f"{w.get('compiles', 0)} graphs compiled" if w.get("compiled_step") else "linear weights prepacked" if w.get("packed_linears") else "nothing to prepare")
             console.print(f"{name} warm-up (untimed): {what} in {w['ms'] / 1000:.1f} s; KV capacity {w['capacity']}; "
                           f"after warm-up: {w['compiles_after_warm_up']} compilations, {w['captures_after_warm_up']} captures; "
                           f"bucket profile ms {w.get('profile_ms')}")

@@ -125,6 +125,7 @@ class EngineFacts:
     graphs: int = 0
     capacity: int | None = None  # KV cache positions (the fast engine)
     compiled_step: bool = False
+    packed_linears: bool = False  # linear weights prepacked for oneDNN (a CPU fast engine)
     compile_ms: float = 0.0  # the warm-up's step compilations
     compiles: int = 0
     timed_captures: int = 0

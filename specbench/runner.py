@@ -214,6 +214,7 @@ class Benchmark:
             cuda_graphs=bool(stats.get("cuda_graphs")),
             capacity=stats.get("capacity"),
             compiled_step=bool(stats.get("compiled_step")),
+            packed_linears=bool(stats.get("packed_linears")),
         )
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:

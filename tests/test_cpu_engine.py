@@ -54,6 +54,73 @@ def test_a_verify_runs_at_the_profiles_cheapest_bucket_with_the_same_tokens():
     assert {bucket for bucket, _, _ in fast.decoder.graph_set.steps} == {1, 8}
 
 
+# --- linear weights prepacked for oneDNN (engine/packed.py) -------------------------------
+
+def test_packed_copy_shares_every_weight_and_leaves_the_model_as_it_was():
+    from torch import nn
+
+    from specbench.engine.packed import PackedLinear, SiblingLinear, packed_copy
+
+    model = tiny_llama(0).float()
+    backbone = model.get_decoder()
+    copy = packed_copy(backbone)
+    attention, original = copy.layers[0].self_attn, backbone.layers[0].self_attn
+    assert type(original.q_proj) is nn.Linear and type(backbone.layers[0].mlp.down_proj) is nn.Linear  # untouched
+    assert isinstance(attention.q_proj, SiblingLinear) and isinstance(attention.o_proj, PackedLinear)
+    assert attention.q_proj.weight is original.q_proj.weight and copy.norm.weight is backbone.norm.weight
+    assert {id(p) for p in copy.parameters()} == {id(p) for p in backbone.parameters()}  # no weight copied
+    # a hook on the copy (a drafter's tap) is the copy's alone
+    copy.layers[1].register_forward_pre_hook(lambda module, args: None)
+    assert not backbone.layers[1]._forward_pre_hooks
+    ids = torch.tensor([[5, 9, 3, 7]])
+    with torch.inference_mode():
+        want, got = backbone(input_ids=ids).last_hidden_state, copy(input_ids=ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_sibling_projections_are_right_in_any_order_and_on_different_inputs():
+    from torch import nn
+
+    from specbench.engine.packed import packed_copy
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.q_proj, block.k_proj, block.v_proj = nn.Linear(8, 6, bias=False), nn.Linear(8, 4, bias=False), nn.Linear(8, 4, bias=False)
+    block.gate_proj, block.up_proj = nn.Linear(8, 5, bias=True), nn.Linear(8, 5, bias=True)
+    copy = packed_copy(block)
+    x, y = torch.randn(3, 8), torch.randn(2, 3, 8)
+    calls = [("k_proj", x), ("q_proj", y), ("v_proj", x), ("q_proj", x), ("k_proj", y), ("v_proj", y), ("q_proj", x),
+             ("up_proj", x), ("gate_proj", x), ("gate_proj", y), ("up_proj", y)]
+    with torch.inference_mode():
+        for name, inputs in calls:
+            assert torch.allclose(getattr(copy, name)(inputs), getattr(block, name)(inputs), atol=1e-6), name
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-decoder"])
+def test_packed_fast_engine_gives_the_eager_engines_tokens_with_tree_drafters_fp32(drafter):
+    from test_fast_engine import make_drafter
+
+    model = tiny_llama(0).float()
+    eager, fast = HFTarget(model), FastHFTarget(model)
+    assert fast.packed and fast.decoder.bucketed and fast.compiler is None  # what a CPU run gets
+    eager.eos_token_ids = fast.eos_token_ids = set()
+    fast.warm_up(64, (), 200)
+    assert fast.decoder.profile
+    for prompt in prompts(4):
+        want = decode(eager, make_drafter(drafter, eager), prompt, 32)
+        got = decode(fast, make_drafter(drafter, fast), prompt, 32)
+        assert got.output_ids == want.output_ids
+        assert [s.accepted for s in got.steps] == [s.accepted for s in want.steps]
+
+
+def test_packing_is_only_where_onednn_takes_the_dtype():
+    from specbench.engine.packed import can_pack
+
+    assert not FastHFTarget(tiny_llama(0)).packed  # float64: torch's own kernels
+    assert not can_pack(torch.device("cuda"), torch.float16)
+    assert FastHFTarget(tiny_llama(0).float(), packed=False).packed is False
+
+
 # --- the compiled step (torch.compile, inductor's CPU backend) ---------------------------
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@ of a StaticDecoder step (engine/static_cache.py).
 
 Why: on a CPU, a small model's eager decoder step is partly per-op overhead (dozens of small
 kernels and their dispatch per layer), which fusing each layer's elementwise work could
-remove. Measured on the development machine it does not pay yet: the compiled step was
-2.5-3.5x slower than the eager one (docs/engine.md), so `--engine auto` stays eager on a
-CPU (engine/engines.py) and this is what `--engine fast` measures there.
+remove. Measured on the development machine it does not pay yet: plain decoding through the
+compiled step ran at about half the eager engine's speed (docs/engine.md), so the CPU fast
+engine prepacks its linear weights instead (engine/packed.py) and this step is a variant
+that scripts/bench_engine.py measures (`FastHFTarget(compiled=True)`).
 
 How: compiled with dynamic shapes, so the buckets share compiled code (bucket 1 is compiled
 apart: torch specialises sizes 0 and 1), and every step reads one span, the whole capacity

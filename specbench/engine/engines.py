@@ -5,9 +5,11 @@
   cannot take.
 - `fast`: one preallocated KV tensor, masks built once per tree shape, every
   verify padded to a fixed bucket; on CUDA each bucket replayed as a CUDA graph
-  (engine/cuda_graphs.py), on a CPU each bucket's step compiled by
-  torch.compile (engine/compiled_step.py), both prepared before anything is
-  timed (engine/static_cache.py, targets/fast.py).
+  (engine/cuda_graphs.py), on a CPU the linear weights prepacked for oneDNN
+  (engine/packed.py) and each verify padded to the bucket measured cheapest,
+  all prepared before anything is timed (engine/static_cache.py,
+  targets/fast.py). The compiled CPU step (engine/compiled_step.py) is
+  measured by scripts/bench_engine.py; it does not win there yet.
 - `auto`: the engine AUTO names for the device: what scripts/bench_engine.py
   measured faster there (docs/engine.md has the measurements).
 
@@ -23,9 +25,9 @@ from specbench.errors import UserError
 
 ENGINES = ("auto", "eager", "fast")
 # device type -> the engine `auto` picks; measured with scripts/bench_engine.py (docs/engine.md)
-AUTO = {"cuda": "fast", "cpu": "eager"}
+AUTO = {"cuda": "fast", "cpu": "fast"}
 ENGINE_HELP = (f"auto ({', '.join(f'{engine} on {device.upper()}' for device, engine in AUTO.items())}), eager (DynamicCache), "
-               "fast (static KV cache; CUDA graphs on CUDA, a compiled step on CPU); the baseline runs on the same engine")
+               "fast (static KV cache; CUDA graphs on CUDA, oneDNN-prepacked weights on CPU); the baseline runs on the same engine")
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:

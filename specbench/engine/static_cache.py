@@ -21,7 +21,8 @@ last use and the tree block at its new place. A step then runs one of three ways
 - compiled (`compiler`, engine/compiled_step.py: torch.compile's CPU backend),
   every step at one span, the whole capacity, so that a handful of compilations
   serve every step;
-- as it is (on CPU, to test the bucketing against the eager engine).
+- as it is: on a CPU (with the linear weights prepacked, engine/packed.py), and to test the
+  bucketing against the eager engine.
 Captures and compilations happen in `warm_up`, before anything is timed; with a
 measured latency per bucket (`measure_profile`) a forward is padded to the
 cheapest bucket that holds it, not merely the next one.

@@ -169,8 +169,12 @@ def engine_line(e: EngineFacts | None) -> str | None:
     elif e.compiled_step:
         line = (f"fast engine{dtype}: compiled step, {e.compiles} graphs compiled in {e.compile_ms / 1000:.1f} s "
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
+    elif e.packed_linears:
+        line = f"fast engine{dtype}: linear weights prepacked for oneDNN, static {capacity}"
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
+    if e.profile_ms and not e.cuda_graphs:
+        line += f", verifies padded to the cheapest measured bucket (ms: {_profile_text(e.profile_ms)})"
     if e.timed_captures or e.timed_regrowths or e.timed_compiles:
         prompts = e.timed_capture_prompts
         line += (
@@ -180,6 +184,10 @@ def engine_line(e: EngineFacts | None) -> str | None:
             f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
         )
     return line
+
+
+def _profile_text(profile: dict) -> str:
+    return ", ".join(f"{bucket}: {ms:.1f}" for bucket, ms in sorted(profile.items(), key=lambda item: int(item[0])))
 
 
 def group_note(group) -> str:

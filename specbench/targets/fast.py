@@ -1,10 +1,10 @@
-"""`--engine fast`: the hf target over a preallocated KV cache, with CUDA graphs on CUDA and a
-compiled step on a CPU.
+"""`--engine fast`: the hf target over a preallocated KV cache, with CUDA graphs on CUDA and
+linear weights prepacked for oneDNN on a CPU (a compiled CPU step is a benchmark variant).
 
 Same contract as HFTarget (prefill, verify a tree, commit the accepted path),
-same model weights and attention code; only the cache and the step around the
-forward differ (see specbench/engine/static_cache.py, engine/compiled_step.py and
-engine/engines.py).
+same model weights and attention code; only the cache, the step around the
+forward and the linear kernels differ (see specbench/engine/static_cache.py,
+engine/packed.py, engine/compiled_step.py and engine/engines.py).
 The decode loop does not know which engine it drives, and plain decoding runs
 on the same target object, so a run's speedup compares like with like.
 """
@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
+from specbench.engine.packed import can_pack, packed_copy
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
@@ -38,14 +39,20 @@ class FastHFTarget(HFTarget):
     engine = "fast"
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
-                 compiled: bool | None = None, **kwargs) -> None:
+                 compiled: bool = False, packed: bool | None = None, **kwargs) -> None:
         """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests).
-        compiled: None = a compiled step on a CPU without graphs (engine/compiled_step.py); True/False."""
+        compiled: the step compiled by torch.compile (engine/compiled_step.py), on a CPU without graphs.
+        packed: None = on a CPU, linear weights prepacked for oneDNN (engine/packed.py) unless compiled."""
         super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
-        compiled = self.device.type == "cpu" and not graphs if compiled is None else compiled
-        self.compiler = CompiledStep(compile_cache_dir()) if compiled else None
+        packed = can_pack(self.device, self.dtype) and not compiled and not graphs if packed is None else packed
+        self.packed = bool(packed)
+        if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
+            self.backbone, self._lm_head = packed_copy(self.backbone), packed_copy(self._lm_head)
+        self.compiler = CompiledStep(compile_cache_dir()) if compiled and not graphs else None
+        # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled
+        bucketed = bucketed or self.packed or self.compiler is not None
         self.decoder = StaticDecoder(self.backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
                                      compiler=self.compiler)
         self.cache = self.decoder.cache
@@ -83,12 +90,14 @@ class FastHFTarget(HFTarget):
         return ms
 
     def engine_stats(self) -> dict:
-        return {"cuda_graphs": self.decoder.graphs is not None, **self.decoder.stats()}
+        return {"cuda_graphs": self.decoder.graphs is not None, "packed_linears": self.packed, **self.decoder.stats()}
 
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or
-        compiled) as the target's steps are."""
+        compiled, or its linears packed) as the target's steps are."""
         compiler = CompiledStep() if self.compiler is not None else None
+        if self.packed and can_pack(device, dtype):
+            backbone, head = packed_copy(backbone), (packed_copy(head) if head is not None else None)
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
                              compiler=compiler)
 

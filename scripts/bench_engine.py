@@ -1,6 +1,6 @@
 """Eager vs fast decode engine, per dtype, on whatever device this runs on.
 
-    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (packed, compiled, static)
+    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (lean, packed, compiled, static)
     python scripts/bench_engine.py --device cuda        # random-weight Vicuna-7B shape (fp16), eager and fast (CUDA graphs)
 
 Every engine x dtype variant is measured in one process, their repetitions interleaved
@@ -13,8 +13,9 @@ Every engine x dtype variant is measured in one process, their repetitions inter
   n-1), n = 1..64 by default, and t(n)/t(1);
 - per-step overhead (step wall - draft - verify) for plain decoding and prompt lookup;
 - the fast engine's warm-up, done before anything is timed: on CUDA every bucket captured
-  as a graph; on a CPU (`--cpu-fast`) the linear weights prepacked for oneDNN ("packed",
-  what `--engine fast` runs), or every bucket's step compiled ("compiled"; the time is
+  as a graph; on a CPU (`--cpu-fast`) the linear weights prepacked for oneDNN with
+  Llama layers in fewer operations ("lean", what `--engine fast` runs) or with
+  transformers' layers ("packed"), or every bucket's step compiled ("compiled"; the time is
   inductor's, less when its on-disk cache already holds the code), or neither ("static":
   the static cache and buckets alone), and each bucket's latency measured, from which a
   verify picks the cheapest bucket that holds it.
@@ -78,10 +79,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="1-64", help="verify profile sizes n: a range (1-64) or a comma-separated list")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--cpu-fast", default="packed,compiled,static",
-                        help="on a CPU, the fast engine's variants: packed (linear weights prepacked for oneDNN: what `--engine "
-                             "fast` runs), compiled (torch.compile'd step), static (the static cache and buckets from a measured "
-                             "profile, torch's default kernels); comma separated")
+    parser.add_argument("--cpu-fast", default="lean,packed,compiled,static",
+                        help="on a CPU, the fast engine's variants: lean (linear weights prepacked for oneDNN and Llama layers in "
+                             "fewer operations: what `--engine fast` runs), packed (prepacked weights, transformers' layers), "
+                             "compiled (torch.compile'd step), static (the static cache and buckets from a measured profile, "
+                             "torch's default kernels); comma separated")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
 
@@ -111,6 +113,8 @@ def main() -> None:
                     target = FastHFTarget(model, tokenizer, bucketed=True, packed=False)
                 elif kind == "compiled":
                     target = FastHFTarget(model, tokenizer, compiled=True)
+                elif kind == "packed":
+                    target = FastHFTarget(model, tokenizer, lean=False)
                 else:
                     target = FastHFTarget(model, tokenizer)
                 target.eos_token_ids = set()  # a forced fixed length
@@ -189,7 +193,7 @@ def show(r: dict) -> None:
         w = v["warm_up"]
         if w:
             what = (f"{w['graphs']} CUDA graphs captured" if w.get("cuda_graphs") else
-                    f"{w.get('compiles', 0)} graphs compiled" if w.get("compiled_step") else "linear weights prepacked" if w.get("packed_linears") else "nothing to prepare")
+                    f"{w.get('compiles', 0)} graphs compiled" if w.get("compiled_step") else f"linear weights prepacked, {w.get('lean_layers', 0)} lean layers" if w.get("packed_linears") else "nothing to prepare")
             console.print(f"{name} warm-up (untimed): {what} in {w['ms'] / 1000:.1f} s; KV capacity {w['capacity']}; "
                           f"after warm-up: {w['compiles_after_warm_up']} compilations, {w['captures_after_warm_up']} captures; "
                           f"bucket profile ms {w.get('profile_ms')}")

@@ -126,6 +126,7 @@ class EngineFacts:
     capacity: int | None = None  # KV cache positions (the fast engine)
     compiled_step: bool = False
     packed_linears: bool = False  # linear weights prepacked for oneDNN (a CPU fast engine)
+    lean_layers: int = 0  # decoder layers run in fewer operations (engine/lean_layer.py)
     compile_ms: float = 0.0  # the warm-up's step compilations
     compiles: int = 0
     timed_captures: int = 0

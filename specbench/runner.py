@@ -215,6 +215,7 @@ class Benchmark:
             capacity=stats.get("capacity"),
             compiled_step=bool(stats.get("compiled_step")),
             packed_linears=bool(stats.get("packed_linears")),
+            lean_layers=stats.get("lean_layers", 0),
         )
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:

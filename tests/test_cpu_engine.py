@@ -113,6 +113,31 @@ def test_packed_fast_engine_gives_the_eager_engines_tokens_with_tree_drafters_fp
         assert [s.accepted for s in got.steps] == [s.accepted for s in want.steps]
 
 
+def test_lean_layers_replace_llama_layers_in_the_engines_copy_only():
+    from specbench.engine.lean_layer import LeanLayer
+
+    model = tiny_llama(0).float()
+    fast = FastHFTarget(model)
+    assert fast.lean_layers == 2 and all(isinstance(layer, LeanLayer) for layer in fast.decoder.backbone.layers)
+    assert not any(isinstance(layer, LeanLayer) for layer in model.model.layers)  # the model is as it was
+    state = fast.decoder_layer_state(1)  # what a decoder-layer drafter copies: the model's own names
+    assert "layers.0.self_attn.q_proj.weight" in state \
+        and state["layers.0.self_attn.q_proj.weight"].data_ptr() == model.model.layers[1].self_attn.q_proj.weight.data_ptr()
+
+
+def test_a_layer_the_lean_layer_computes_otherwise_stays_with_a_warning(monkeypatch):
+    from specbench.engine import lean_layer
+    from specbench.errors import SpecbenchWarning
+
+    monkeypatch.setattr(lean_layer.LeanLayer, "_rotate", staticmethod(lambda x, cos, sin: x))  # a rotary it does not know
+    with pytest.warns(SpecbenchWarning, match="layer 0 .* differs from transformers' layer on a probe"):
+        fast = FastHFTarget(tiny_llama(0).float())
+    assert fast.lean_layers == 0
+    eager = HFTarget(fast.model)
+    prompt = prompts(1)[0]
+    assert decode(fast, PlainDecoding(fast), prompt, 16).output_ids == decode(eager, PlainDecoding(eager), prompt, 16).output_ids
+
+
 def test_packing_is_only_where_onednn_takes_the_dtype():
     from specbench.engine.packed import can_pack
 

@@ -315,7 +315,8 @@ def test_a_run_json_from_before_typed_extra_reads_typed_and_writes_back_the_same
     def less_later_fields(row: dict) -> dict:
         """`row` less the fields added since these files were written, which read as their defaults."""
         if kind == "measured":
-            assert row["extra"]["engine"].pop("packed_linears") is False  # the CPU engine's prepacked weights
+            engine = row["extra"]["engine"]  # the CPU engine's prepacked weights and lean layers
+            assert (engine.pop("packed_linears"), engine.pop("lean_layers")) == (False, 0)
         return row
 
     with RunStore.open(directory) as store:
@@ -345,7 +346,7 @@ def test_old_runs_report_and_an_engine_entry_from_before_compiled_steps_reads_wi
     row["extra"]["engine"] |= {"engine": "fast", "capacity": 256, "timed_captures": 1, "timed_capture_prompts": ["p1"]}
     (tmp_path / "measured" / "run.json").write_text(json.dumps(row))
     engine = RunStore.open(tmp_path / "measured").info.extra.engine
-    lacked = {"compiled_step": False, "compiles": 0, "timed_compiles": 0, "packed_linears": False}  # read as their defaults
+    lacked = {"compiled_step": False, "compiles": 0, "timed_compiles": 0, "packed_linears": False, "lean_layers": 0}  # defaults
     assert engine == EngineFacts(**{**row["extra"]["engine"], **lacked})
     assert "1 captures (0.00 s), 0 compilations (0.00 s)" in engine_line(engine)
     assert "planned_positions" not in RunStore.open(tmp_path / "measured").info.to_json()["extra"]["engine"]

@@ -397,11 +397,14 @@ def test_bad_dsd_log_is_one_line(setup, tmp_path, capsys, monkeypatch, prompts, 
 
 def test_profile_command_and_its_use(setup, tmp_path, capsys, monkeypatch):
     profile = tmp_path / "profile.json"
-    code, out, err = run_cli(["profile", "--target", setup["root"] / "target", "--out", profile, "--context-tokens", 16,
-                              "--max-tokens", 4, "--repeats", 1, "--device", "cpu"], capsys, monkeypatch)
-    assert code == 0, err
-    ms = json.loads(profile.read_text())["ms"]
-    assert len(ms) == 4 and all(v > 0 for v in ms)
+    for engine in ("eager", "fast"):  # the engine a run would use (auto: fast on a CPU), prepared before timing
+        code, out, err = run_cli(["profile", "--target", setup["root"] / "target", "--out", profile, "--context-tokens", 16,
+                                  "--max-tokens", 4, "--repeats", 1, "--device", "cpu", "--engine", engine], capsys, monkeypatch)
+        assert code == 0, err
+        ms = json.loads(profile.read_text())["ms"]
+        assert len(ms) == 4 and all(v > 0 for v in ms)
+    code, out, err = run_cli(["profile", "--target", setup["root"] / "target", "--out", profile, "--engine", "turbo"], capsys, monkeypatch)
+    assert code == 2 and "unknown engine 'turbo'" in err and "Traceback" not in err
     code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "prompt-lookup", "--k", 2, "--profile", profile,
                               "--latency-steps", 1, "--out", tmp_path / "r", "--json"], capsys, monkeypatch)
     assert code == 0, err

@@ -170,7 +170,8 @@ def engine_line(e: EngineFacts | None) -> str | None:
         line = (f"fast engine{dtype}: compiled step, {e.compiles} graphs compiled in {e.compile_ms / 1000:.1f} s "
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
     elif e.packed_linears:
-        line = f"fast engine{dtype}: linear weights prepacked for oneDNN, static {capacity}"
+        lean = f", {e.lean_layers} layers in fewer operations" if e.lean_layers else ""
+        line = f"fast engine{dtype}: linear weights prepacked for oneDNN{lean}, static {capacity}"
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
     if e.profile_ms and not e.cuda_graphs:

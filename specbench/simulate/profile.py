@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from specbench.checks import check_count, check_output_file, context_window
+from specbench.engine.engines import ENGINE_HELP
 from specbench.engine.loop import Clock
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.tree import DraftTree
@@ -76,6 +77,7 @@ class ProfileConfig(CommandConfig):
     repeats: int = option(3, "timed repeats per token count (median kept)", min=1)
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
+    engine: str = option("auto", ENGINE_HELP)
 
 
 def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT) -> VerifyProfile:
@@ -89,11 +91,13 @@ def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT
     c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out")
     check_profile_window(context_window(load_config(c.target)), c.context_tokens, c.max_tokens, c.target)  # before the weights load
-    target = load_target(c.target, c.device, c.dtype, "eager", progress=progress)
+    target = load_target(c.target, c.device, c.dtype, c.engine, progress=progress)
     if target.tokenizer is None:
         raise UserError(f"target '{c.target}' has no tokenizer to encode the context prompt")
     context = encode_turn(target.tokenizer, load_workload(c.workload)[0], 0, [])
     with progress.status("measuring"):
+        # as a run prepares its engine before timing: the cache planned, buckets captured or profiled
+        target.warm_up(c.max_tokens, (), c.context_tokens + c.max_tokens)
         result = measure_profile(target, context, c.context_tokens, c.max_tokens, c.repeats, environment(target.device)["device_name"])
     atomic_write_text(out, json.dumps(result.to_json()) + "\n")
     return result

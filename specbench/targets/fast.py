@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
+from specbench.engine.lean_layer import lean_layers
 from specbench.engine.packed import can_pack, packed_copy
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -39,21 +40,26 @@ class FastHFTarget(HFTarget):
     engine = "fast"
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
-                 compiled: bool = False, packed: bool | None = None, **kwargs) -> None:
+                 compiled: bool = False, packed: bool | None = None, lean: bool = True, **kwargs) -> None:
         """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests).
         compiled: the step compiled by torch.compile (engine/compiled_step.py), on a CPU without graphs.
-        packed: None = on a CPU, linear weights prepacked for oneDNN (engine/packed.py) unless compiled."""
+        packed: None = on a CPU, linear weights prepacked for oneDNN (engine/packed.py) unless compiled.
+        lean: with packed, Llama-family layers computed in fewer operations (engine/lean_layer.py)."""
         super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
         packed = can_pack(self.device, self.dtype) and not compiled and not graphs if packed is None else packed
         self.packed = bool(packed)
+        self.lean_layers = 0
+        step_backbone = self.backbone
         if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
-            self.backbone, self._lm_head = packed_copy(self.backbone), packed_copy(self._lm_head)
+            step_backbone, self._lm_head = packed_copy(self.backbone), packed_copy(self._lm_head)
+            if lean:
+                self.lean_layers = lean_layers(step_backbone, self.backbone, self.dtype)
         self.compiler = CompiledStep(compile_cache_dir()) if compiled and not graphs else None
         # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled
         bucketed = bucketed or self.packed or self.compiler is not None
-        self.decoder = StaticDecoder(self.backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
+        self.decoder = StaticDecoder(step_backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
                                      compiler=self.compiler)
         self.cache = self.decoder.cache
 
@@ -90,14 +96,18 @@ class FastHFTarget(HFTarget):
         return ms
 
     def engine_stats(self) -> dict:
-        return {"cuda_graphs": self.decoder.graphs is not None, "packed_linears": self.packed, **self.decoder.stats()}
+        return {"cuda_graphs": self.decoder.graphs is not None, "packed_linears": self.packed, "lean_layers": self.lean_layers,
+                **self.decoder.stats()}
 
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or
         compiled, or its linears packed) as the target's steps are."""
         compiler = CompiledStep() if self.compiler is not None else None
         if self.packed and can_pack(device, dtype):
-            backbone, head = packed_copy(backbone), (packed_copy(head) if head is not None else None)
+            step_backbone, head = packed_copy(backbone), (packed_copy(head) if head is not None else None)
+            if self.lean_layers:
+                lean_layers(step_backbone, backbone, dtype)
+            backbone = step_backbone
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
                              compiler=compiler)
 

@@ -1,0 +1,173 @@
+"""A Llama-family decoder layer in fewer operations, for the CPU fast engine.
+
+Why: with its weights prepacked (engine/packed.py) a CPU decode step of a small model is no
+longer bound by its matrix products but by the layers' other work: transformers' layer runs
+~40 small operations and Python calls per layer (casts around the norms, rotary halves,
+attention dispatch, views), each a few microseconds, times 30 layers. This layer computes the
+same function with about half of them: one stacked q/k/v product and one gate/up product,
+`F.rms_norm`, `F.scaled_dot_product_attention` with grouped heads. Measured on the development
+machine (docs/engine.md) it is a quarter faster per bf16 step than the packed transformers layer.
+
+What it takes: a layer whose modules are Llama's (q/k/v/o projections, gate/up/down MLP with
+SiLU, two RMSNorms, rotary embeddings handed in by the model, full attention) — Llama, Mistral
+without a sliding window, Qwen2 (biases on q/k/v). `lean_layers` swaps a layer only when its
+output equals the transformers layer's on a probe, to the dtype's rounding; anything else
+keeps transformers' layer, so an unknown variant (extra norms, other activations) is computed
+right, only not faster. The taps a drafter reads (a layer's input) are unchanged: the model's
+own forward still calls each layer module.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specbench.engine.packed import _linear, _pack
+from specbench.errors import SpecbenchWarning
+
+LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative, on a probe's layer output
+
+
+class LeanLayer(nn.Module):
+    """The decoder layer `layer` (a transformers Llama-family layer), computed over its own
+    weights with stacked, prepacked products."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer_idx = attn.layer_idx
+        self.heads = attn.config.num_attention_heads
+        self.kv_heads = attn.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.qkv = _pack(torch.cat([p.weight for p in projections]))
+        self.qkv_bias = torch.cat([p.bias for p in projections]).detach() if attn.q_proj.bias is not None else None
+        self.sizes = [p.out_features for p in projections]
+        self.o, self.o_bias = _pack(attn.o_proj.weight), attn.o_proj.bias
+        self.gate_up = _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach() if mlp.gate_proj.bias is not None else None
+        self.intermediate = mlp.gate_proj.out_features
+        self.down, self.down_bias = _pack(mlp.down_proj.weight), mlp.down_proj.bias
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+
+    @staticmethod
+    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # as transformers' RMSNorm: in fp32, cast back, then scaled
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one query row as transformers' eager attention computes it (products in the
+        model's dtype, softmax in fp32): torch's CPU SDPA kernel takes 2-3x as long for one row as
+        for two (measured: docs/engine.md)."""
+        batch, _, _, dim = q.shape
+        span, group = k.shape[2], self.heads // self.kv_heads
+        # query heads kv * group .. kv * group + group - 1 read key/value head kv (transformers' repeat_kv)
+        scores = q.reshape(batch, self.kv_heads, group, dim) @ k.transpose(-1, -2) * self.scaling
+        if mask is not None:
+            scores = scores + mask.reshape(mask.shape[0], 1, 1, span)
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        return (probs @ v).reshape(batch, self.heads, 1, dim)  # [batch, kv heads, group, dim] -> heads
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, past_key_values=None,
+                **kwargs) -> torch.Tensor:
+        cache = cache if cache is not None else past_key_values
+        batch, rows, _ = hidden_states.shape
+        h = self._norm(hidden_states, self.norm1, self.eps1)
+        q, k, v = _linear(h, self.qkv, self.qkv_bias).split(self.sizes, dim=-1)
+        q = q.view(batch, rows, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, rows, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, rows, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if rows == 1:
+            attended = self._attend_one(q, k, v, attention_mask)
+        else:
+            causal = attention_mask is None and cache is None
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
+                                                      enable_gqa=self.heads != self.kv_heads)
+        attended = attended.transpose(1, 2).reshape(batch, rows, self.heads * self.head_dim)
+        x = hidden_states + _linear(attended, self.o, self.o_bias)
+        gate, up = _linear(self._norm(x, self.norm2, self.eps2), self.gate_up, self.gate_up_bias).split(self.intermediate, dim=-1)
+        return x + _linear(F.silu(gate) * up, self.down, self.down_bias)
+
+
+def _takes(layer: nn.Module) -> bool:
+    """A Llama-family layer with exactly the modules LeanLayer computes."""
+    if type(layer).__name__ not in LAYERS:
+        return False
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(m, nn.Linear) and type(m) is nn.Linear for m in linears):
+        return False
+    if getattr(attn.config, "sliding_window", None) and getattr(attn.config, "use_sliding_window", True):
+        return False
+    act = getattr(mlp, "act_fn", None)  # torch's SiLU or transformers' own
+    return type(act).__name__ in ("SiLU", "SiLUActivation") and {n for n, _ in attn.named_children()} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@torch.inference_mode()
+def _agrees(layer: nn.Module, lean: LeanLayer, rotary: nn.Module, dtype: torch.dtype) -> bool:
+    """The lean layer's output is the transformers layer's on a probe: a causal chunk of 5
+    tokens into a cache, then one more token attending to all 6 (the two attention paths)."""
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 6, lean.norm1.numel(), generator=generator).to(dtype)
+    positions = torch.arange(6)[None]
+    cos, sin = rotary(hidden, positions)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 6, 6, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    caches = [DynamicCache(config=layer.self_attn.config) for _ in range(2)]
+    for rows in (slice(0, 5), slice(5, 6)):
+        inputs = (hidden[:, rows], mask[:, :, rows, : rows.stop], positions[:, rows])
+        embeddings = (cos[:, rows], sin[:, rows])
+        want = layer(*inputs, caches[0], position_embeddings=embeddings)  # the cache positionally: its name varies by version
+        want = want[0] if isinstance(want, tuple) else want
+        got = lean(inputs[0], attention_mask=inputs[1], position_embeddings=embeddings, cache=caches[1])
+        scale = want.float().abs().max().clamp_min(1e-6)
+        if not ((got.float() - want.float()).abs().max() / scale) <= TOLERANCE.get(dtype, 1e-4):
+            return False
+    return True
+
+
+def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtype) -> int:
+    """In `step_backbone` (the fast engine's own copy of `backbone`, engine/packed.py
+    `packed_copy`), replace each decoder layer that LeanLayer computes equally by a LeanLayer
+    over `backbone`'s layer; returns how many were replaced. A layer that disagrees on the
+    probe stays as it is, with a warning; `backbone` itself is never changed."""
+    layers, rotary = getattr(backbone, "layers", None), getattr(backbone, "rotary_emb", None)
+    if layers is None or rotary is None or dtype not in TOLERANCE:
+        return 0
+    swapped = 0
+    for index, layer in enumerate(layers):
+        if not _takes(layer):
+            continue
+        try:
+            lean = LeanLayer(layer)
+            agrees = _agrees(layer, lean, rotary, dtype)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # a variant this layer does not know
+            agrees, why = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            why = "its output differs from transformers' layer on a probe"
+        if not agrees:
+            warnings.warn(f"layer {index} ({type(layer).__name__}) runs as transformers writes it on the CPU fast engine ({why})",
+                          SpecbenchWarning, stacklevel=2)
+            continue
+        step_backbone.layers[index] = lean
+        swapped += 1
+    return swapped

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.files import atomic_write_text
+from specbench.files import atomic_write_text, write_lock
 from specbench.records import BASELINE, SPEC
 from specbench.store import RunStore
 
@@ -49,6 +49,7 @@ def write_model_answers(store: RunStore, out: Path, mode: str = SPEC, model_id: 
     from specbench.store import RUN_FILE, STEPS_FILE, TURNS_FILE
 
     check_output_file(out, "--out", inputs=tuple(store.directory / name for name in (RUN_FILE, TURNS_FILE, STEPS_FILE)))
-    lines = model_answers(store, mode, model_id)
-    atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    with write_lock(out):  # one writer of `out`: a second export into it is refused
+        lines = model_answers(store, mode, model_id)
+        atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return len(lines)

@@ -10,6 +10,11 @@
 - `atomic_write` / `atomic_write_text`: the output goes to a temporary file in the target's
   own directory and is renamed over the target only once complete and synced; a kill or an
   error at any point leaves the previous file as it was. A symlink is written through.
+- `written_unit` / `check_unit`: a directory written as one unit by a writer that does not write
+  its files atomically itself (a training recipe's checkpoint): a marker names the generation
+  being written, and once it is complete a manifest holds each file's content hash; a reader
+  refuses a half-written directory, a file changed since, and a weights file left from an earlier
+  write, in one line, never loading a mix.
 - `jsonl_rows`: the one JSON Lines reader (run records, target logs, workloads, DSD prompts,
   VocabTrim calibration): a (line number, object) per non-blank line, a bad line either one
   line naming file:line or, where a reader tolerates it, reported and skipped.
@@ -21,6 +26,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -204,13 +210,21 @@ def lock_file_for(output: Path | str) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
+def _real(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the write itself will say so
+        return path
+
+
 def write_lock(output: Path | str, lock_file: Path | None = None, then: str = "wait for it to finish") -> WriteLock:
     """Take the write lock of `output`, or refuse in one line when another process holds it.
     By default the lock file sits beside the output and is removed on release (no leftover);
     a `lock_file` given (a run directory's `.lock`) is kept."""
     output = Path(output)
     remove = lock_file is None
-    path = lock_file_for(output) if remove else Path(lock_file)
+    # beside the real file: two writers naming one output through a symlink (or a symlinked folder) share its lock
+    path = lock_file_for(_real(output)) if remove else Path(lock_file)
     if fcntl is None:
         return WriteLock(path, None, False)
     while True:
@@ -239,6 +253,100 @@ def write_lock(output: Path | str, lock_file: Path | None = None, then: str = "w
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# --- directories written as one unit -------------------------------------------------------------
+
+WRITING = ".specbench-writing"  # present while a generation is being written: its id
+MANIFEST = "specbench_manifest.json"  # the complete generation: {"generation", "files": {name: sha256}}
+# what a loader may pick up from a directory: one of these not in the manifest is left from an earlier write
+LOADABLE = (".pt", ".bin", ".safetensors", ".json", ".model", ".txt")
+CHECKPOINT_FIX = "train it again into an empty --out (or with --overwrite)"
+
+
+def _files(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """The directory's own files (not hidden ones: locks, temporaries, the marker), each with what
+    changes when it is written (inode, modification time, size)."""
+    found = {}
+    for entry in os.scandir(directory) if directory.is_dir() else ():
+        if not entry.name.startswith(".") and entry.name != MANIFEST and entry.is_file(follow_symlinks=False):
+            info = entry.stat(follow_symlinks=False)
+            found[entry.name] = (info.st_ino, info.st_mtime_ns, info.st_size)
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path) -> dict | None:
+    try:
+        row = json.loads(read_text(directory / MANIFEST, "manifest"))
+    except (UserError, ValueError):
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("files"), dict) else None
+
+
+@contextmanager
+def written_unit(directory: Path | str) -> Iterator[str]:
+    """Write `directory` as one unit (its caller holds its write lock): yields the generation id.
+    The marker goes first; afterwards the files written (new or changed) are hashed into the
+    manifest, the previous generation's files not written again are removed, and the marker goes.
+    A failure or a kill after a file was written leaves the marker: readers refuse the mix. One
+    before any file was written leaves the directory as it was (the marker removed, or the
+    directory, if this call made it)."""
+    import uuid
+
+    directory = Path(directory)
+    generation = uuid.uuid4().hex[:16]
+    created = not directory.exists()
+    before = _files(directory)
+    previous = (_manifest(directory) or {}).get("files", {}) if not created else {}
+    atomic_write_text(directory / WRITING, generation + "\n")
+    try:
+        yield generation
+    except BaseException:
+        if created:  # nothing in it was there before
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+        elif _files(directory) == before:  # nothing written: the old unit is whole
+            (directory / WRITING).unlink(missing_ok=True)
+        raise
+    now = _files(directory)
+    written = sorted(name for name, seen in now.items() if before.get(name) != seen)
+    for name in previous:
+        if name not in written and name in now:  # the earlier generation's, not part of this one
+            (directory / name).unlink(missing_ok=True)
+    files = {name: file_sha256(directory / name) for name in written}
+    atomic_write_text(directory / MANIFEST, json.dumps({"generation": generation, "files": files}, indent=1) + "\n")
+    (directory / WRITING).unlink(missing_ok=True)
+
+
+def check_unit(directory: Path | str, what: str, fix: str) -> None:
+    """Refuse, in one line ending in `fix`, a directory written by `written_unit` that is half
+    written, holds a file changed since it was written, or a loadable file it did not write.
+    A directory without marker or manifest (a published checkpoint) is not checked."""
+    directory = Path(directory)
+    if (directory / WRITING).exists():
+        generation = (directory / WRITING).read_text(errors="replace").strip()
+        raise UserError(f"{what} {directory} is half written (generation {generation} was interrupted or failed); {fix}")
+    manifest = _manifest(directory)
+    if manifest is None:
+        return
+    files = manifest["files"]
+    for name, digest in files.items():
+        path = directory / str(name)
+        if not path.is_file() or file_sha256(path) != digest:
+            state = "is missing" if not path.is_file() else "is not the file written with the rest (changed or replaced since)"
+            raise UserError(f"{what} {directory}: {name} {state}, generation {manifest.get('generation')}; {fix}")
+    for name in _files(directory):
+        if name not in files and name.endswith(LOADABLE):
+            raise UserError(f"{what} {directory}: {name} is not part of it (left from an earlier write); remove it, or {fix}")
 
 
 # --- weights ---------------------------------------------------------------------------

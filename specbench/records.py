@@ -4,6 +4,7 @@ A run directory holds:
 - `run.json`     — one `RunInfo`: the configuration and the environment.
 - `prompts.jsonl` — one `TurnRecord` per (prompt, turn, mode).
 - `steps.jsonl`  — one `StepRecord` per verification step.
+Every record names its run (`run_id`, as run.json does); readers refuse a record of another run.
 `mode` is "baseline" (plain decoding) or "spec" (the drafter). Bump
 SCHEMA_VERSION when a field changes meaning.
 """
@@ -44,6 +45,7 @@ class StepRecord(StepMeasure):
     turn: int
     mode: str
     step: int
+    run_id: str | None = None  # the run it was measured in (RunStore stamps it): a record copied into another run is refused
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +76,7 @@ class TurnRecord:
     tie_tolerance: float | None = None  # the largest plain_margin + spec_margin a near-tie may have
     task: str | None = None  # the task the category belongs to (Spec-Bench groups 13 categories into 6)
     text: str | None = None  # the decoded answer (for FastChat model_answer export)
+    run_id: str | None = None  # the run it was measured in (RunStore stamps it): a record copied into another run is refused
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -406,6 +406,7 @@ def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_
     with store:
         if store.info.simulated:
             raise UserError(f"{directory} is a simulated run (from `specbench simulate`); it has nothing to resume")
+        store.load()  # its records read before the target loads: a record of another run is refused at once
         conflicts = resume_conflicts(store.info, settings or {}, drafter_options or {})
         if conflicts:
             raise ResumeConflicts(Path(directory), conflicts)

@@ -31,9 +31,11 @@ INFO_TYPES = {"run_id": str, "command": str, "target": str, "target_id": str, "d
               "finished": (str, type(None)), "schema_version": int, "extra": dict}
 
 
-def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> list:
+def read_jsonl(path: Path, record_type, warnings: list[str] | None = None, run_id: str | None = None) -> list:
     """Records of a JSONL file; a corrupt or truncated line is skipped and named in `warnings`.
-    Fields this version does not know (a newer writer's) are ignored."""
+    Fields this version does not know (a newer writer's) are ignored. With `run_id`, a record that
+    names another run (copied in from another run directory) is refused in one line, never counted;
+    records written before records named their run name none and are read."""
     if not path.exists():
         return []
     known = {f.name for f in fields(record_type)}
@@ -44,6 +46,10 @@ def read_jsonl(path: Path, record_type, warnings: list[str] | None = None) -> li
 
     records = []
     for number, row in jsonl_rows(read_bytes(path, "run record file").splitlines(), str(path), skip):
+        owner = row.get("run_id")
+        if run_id is not None and owner is not None and owner != run_id:
+            raise UserError(f"{path}:{number}: a record of run '{owner}', not of this directory's run '{run_id}' ({RUN_FILE}): "
+                            "records copied in from another run are never counted; remove them, or keep each run in its own directory")
         try:
             records.append(record_type(**{k: v for k, v in row.items() if k in known}))
         except TypeError as exc:  # a row missing fields: a torn write
@@ -154,8 +160,8 @@ class RunStore:
         return True
 
     def load(self, warnings: list[str] | None = None) -> tuple[list[StepRecord], list[TurnRecord]]:
-        steps = read_jsonl(self.directory / STEPS_FILE, StepRecord, warnings)
-        turns = read_jsonl(self.directory / TURNS_FILE, TurnRecord, warnings)
+        steps = read_jsonl(self.directory / STEPS_FILE, StepRecord, warnings, self.info.run_id)
+        turns = read_jsonl(self.directory / TURNS_FILE, TurnRecord, warnings, self.info.run_id)
         return steps, turns
 
     def keep_complete(self, records_per_prompt: dict[str, int]) -> set[str]:
@@ -184,5 +190,7 @@ class RunStore:
             os.fsync(f.fileno())
 
     def append_prompt(self, steps: list[StepRecord], turns: list[TurnRecord]) -> None:
+        for record in (*steps, *turns):  # each names its run, so one copied into another run directory is caught
+            record.run_id = self.info.run_id
         self._append(STEPS_FILE, steps)
         self._append(TURNS_FILE, turns)

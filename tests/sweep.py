@@ -17,9 +17,12 @@ symlinked --out, a category with a comma) must simply work.
 Then faults, in real processes (a tiny model saved to a temp dir, so each starts in seconds):
 SIGKILL, SIGINT and SIGTERM at fixed points of `run`, `record`, `train-data`, `report` and `tune`
 (no temporary file left, an interrupted run resumes to an uninterrupted run's records, an old log
-survives byte for byte), two writers of one run directory, target log or data directory (the
-second refused in one line), a full disk as a log or a data directory is written, and odd
-environments (an ASCII-only terminal, a plugin that parses argv at import).
+survives byte for byte), two writers of one output (the first held inside its write lock, the
+second refused in one line: run directories, logs, data and checkpoint directories, profiles,
+tuned trees, id lists, answers, report outputs), parts of a directory that belong to another
+write (a record of another run, a checkpoint or data directory killed between two saves), a full
+disk as a log or a data directory is written, and odd environments (an ASCII-only terminal, a
+plugin that parses argv at import).
 
 Cases are defined by functions that call `Sweep.bad` / `Sweep.good` / `Sweep.check`, which only
 record a closure under the case's name: test_sweep.py calls them once with placeholder paths to
@@ -87,6 +90,9 @@ def invoke(argv, limit_s: int = 60, env: dict | None = None) -> tuple[object, st
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if os.environ.get("SPECBENCH_SWEEP_LOG"):  # the command and what it said, for a report of the sweep
+        with open(os.environ["SPECBENCH_SWEEP_LOG"], "a") as f:
+            f.write(json.dumps({"argv": ["specbench", *map(str, argv)], "exit": code, "stderr": err.getvalue().strip()[-600:]}) + "\n")
     return code, out.getvalue(), err.getvalue(), time.perf_counter() - start
 
 
@@ -130,9 +136,10 @@ class Sweep:
         return self.root / "cases" / str(len(self.cases))
 
     def bad(self, name: str, argv: list, says: str | tuple = (), watch: tuple = (), code: int = 2, limit_s: int = 60,
-            env: dict | None = None, hold: Path | None = None) -> None:
+            env: dict | None = None, hold: Path | str | None = None) -> None:
         """A bad input: exit `code`, one line on stderr containing `says`, the watched paths unchanged,
-        nothing left in the case's folder. `hold`: a run directory whose write lock another process holds."""
+        nothing left in the case's folder. `hold`: an output (a run directory, a file, a data or
+        checkpoint directory) whose write lock another writer holds while the command runs."""
         case = self.case_dir()
 
         def run() -> list[str]:
@@ -141,7 +148,7 @@ class Sweep:
             watched = [Path(str(w).replace("{case}", str(case))) for w in watch]
             before = {w: fingerprint(w) for w in watched}
             entries_before = sorted(p.name for p in case.iterdir())
-            with held_lock(hold) if hold else contextlib.nullcontext():
+            with held_lock(Path(str(hold).replace("{case}", str(case)))) if hold else contextlib.nullcontext():
                 got, out, err, seconds = invoke(args, limit_s, env)
             lines = [line for line in err.splitlines() if line.strip()]
             problems = []
@@ -558,16 +565,23 @@ def good_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
 
 
 @contextlib.contextmanager
-def held_lock(run_dir: Path):
-    """Hold a run directory's write lock as another specbench process would."""
+def held_lock(output: Path):
+    """Hold an output's write lock as another specbench process would (a flock belongs to an open
+    file, so this process's own commands are refused as another process's would be)."""
     import fcntl
 
-    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT)  # RunStore's lock file (specbench/store.py)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        os.close(fd)
+    from specbench.files import write_lock
+
+    if (Path(output) / "run.json").is_file():
+        fd = os.open(Path(output) / ".lock", os.O_RDWR | os.O_CREAT)  # RunStore's lock file (specbench/store.py)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            os.close(fd)
+    else:
+        with write_lock(output):
+            yield
 
 
 def prepare(s: Sweep, m: dict, w: dict) -> dict:
@@ -683,6 +697,13 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
                                 root / "formula", "--json"])
     assert code == 0, err
     extra["run_formula"] = Path(json.loads(out)["run"])
+
+    def foreign(d, i):  # one prompt of another run (its steps and turns) copied in
+        for name in ("steps.jsonl", "prompts.jsonl"):
+            rows = [x for x in (extra["run_formula"] / name).read_text().splitlines() if json.loads(x)["prompt_id"] == "f1"]
+            with open(d / name, "a") as f:
+                f.write("\n".join(rows) + "\n")
+    extra["run_foreign"] = variant("run_foreign", foreign)
     extra["tree_siblings"] = log_variant("siblings_tree.json", json.dumps([[i] for i in range(49_153)]))
     extra["tree_wide"] = log_variant("wide_tree.json", json.dumps([[i] for i in range(150)]))  # the tiny vocabulary has 100 tokens
 
@@ -693,6 +714,10 @@ def prepare(s: Sweep, m: dict, w: dict) -> dict:
     shutil.copytree(root / "data", root / "data_corrupt")
     (root / "data_corrupt" / "tokens.safetensors").write_bytes(os.urandom(100))
     extra["data_corrupt"] = root / "data_corrupt"
+    code, _, err, _ = invoke(["train", "--drafter", "medusa", "--target", m["target"], "--data", root / "data", "--out", root / "ckpt",
+                              "--steps", 1, "--num-heads", 2])
+    assert code == 0, err
+    extra["ckpt"] = root / "ckpt"
     return extra
 
 
@@ -735,6 +760,11 @@ def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
                                                             "--out", "{case}/t.json"], "not a regular file", limit_s=15)
         s.bad(f"vocab-trim build --from, steps.jsonl {what}", ["vocab-trim", "build", "--from", d, "--target", m["target"],
                                                                "--out", "{case}/ids.json"], "not a regular file", limit_s=15)
+    # a record copied in from another run: refused (by the run id every record carries), never counted
+    s.bad("report, records copied in from another run", ["report", extra["run_foreign"]], ("a record of run", "remove them"),
+          watch=(extra["run_foreign"],))
+    s.bad("run --resume, records copied in from another run", ["run", "--resume", extra["run_foreign"]], "a record of run",
+          watch=(extra["run_foreign"],))
     # what report counts
     s.good("report R R parent counts the run once", ["report", rd, rd, Path(rd).parent],
            lambda out, err: None if "runs merged" not in out and "duplicate" not in err and "more than one run" not in err
@@ -750,6 +780,22 @@ def issue28_cases(s: Sweep, m: dict, w: dict, extra: dict) -> None:
         "record", *T, "--workload", w["good"], "--max-new-tokens", 8, "--hidden", "--no-profile", "--out", "{dir}/log.jsonl"]))
     s.check("a full disk as train-data writes its tensors", lambda: full_disk(s.root / "full-data", [
         "train-data", *T, "--workload", w["good"], "--max-new-tokens", 8, "--out", "{dir}/data"]))
+    # a second writer of every output is refused in one line before it writes anything (the first holds the lock)
+    busy = "another specbench process"
+    second_writers = {
+        "profile --out": ["profile", *T, "--out", "{case}/x", "--repeats", 1, "--max-tokens", 2, "--context-tokens", 8],
+        "export-answers --out": ["export-answers", rd, "--out", "{case}/x"],
+        "vocab-trim build --out": ["vocab-trim", "build", "--from", w["good"], "--target", m["target"], "--out", "{case}/x"],
+        "convert-log --out": ["convert-log", "--log", extra["dsd_log"], "--prompts", extra["dsd_prompts"], *T, "--out", "{case}/x"],
+        "tune --out": ["tune", "--log", log, "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{case}/x"],
+        "record --out": ["record", *T, "--workload", w["good"], "--max-new-tokens", 4, "--no-profile", "--out", "{case}/x"],
+        "report --csv": ["report", rd, "--csv", "{case}/x"],
+        "report --html": ["report", rd, "--html", "{case}/x"],
+        "train-data --out": ["train-data", *T, "--workload", w["good"], "--max-new-tokens", 4, "--out", "{case}/x"],
+        "train --out": ["train", "--drafter", "medusa", *T, "--data", data, "--out", "{case}/x", "--steps", 1],
+    }
+    for what, argv in second_writers.items():
+        s.bad(f"{what} while another process writes it", argv, (busy, "x"), hold="{case}/x")
 
 
 def resume_repairs(root: Path, extra: dict) -> list[str]:
@@ -882,7 +928,7 @@ def faults(root: Path, m: dict, w: dict) -> dict[str, list[str]]:
     """Kills at fixed points (tests/faults.py: a wrapped function signals its own process on its n-th call).
     The processes of one round run side by side; each round's outcome is checked after it.
     Returns the problems of each fault by name (FAULTS lists the names)."""
-    from faults import KillAt, spawn
+    from faults import HoldAt, KillAt, spawn
 
     results: dict[str, list[str]] = {}
 
@@ -1009,19 +1055,11 @@ def faults(root: Path, m: dict, w: dict) -> dict[str, list[str]]:
     partial = spawn([*base, "--out", out_dir], root, KillAt("specbench.store:RunStore.append_prompt", 1, "SIGKILL", "after"))
     partial.communicate(timeout=600)
     run_dir = run_dir_of(out_dir)
-    go = root / "go"
-    first = spawn(["run", "--resume", run_dir, "--json"], root)
-    second = spawn(["run", "--resume", run_dir, "--json"], root, go_file=go)
-    deadline = time.time() + 600
-    while time.time() < deadline and first.poll() is None and (run_dir / ".lock").read_text().strip() != str(first.pid):
-        time.sleep(0.01)
-    holds = first.poll() is None
-    go.touch()
-    _, err2 = second.communicate(timeout=600)
-    _, err1 = first.communicate(timeout=600)
-    problems = [] if holds else ["the first resume finished before the second started"]
-    problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}: {err2[-300:]}"])
-    problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else compare(run_dir, reference)
+    first = spawn(["run", "--resume", run_dir, "--json"], root,  # stopped at its first prompt's records, lock held
+                  hold_at=HoldAt("specbench.store:RunStore.append_prompt", root / "held-resume", root / "release-resume"))
+    second = spawn(["run", "--resume", run_dir, "--json"], root, go_file=root / "go")
+    problems, _ = second_writer(first, second, root / "held-resume", root / "go", root / "release-resume")
+    problems += [] if first.returncode else compare(run_dir, reference)
     fault("two --resume processes on one run directory", problems, lost=[p for p in problems if "twice" in p or "other" in p])
     return results
 
@@ -1048,23 +1086,26 @@ def cold_conversion(root: Path) -> list[str]:
     return problems + (["carriage-return progress in stderr: " + repr(err[-300:])] if "\r" in err else [])
 
 
-def wait_for(path: Path, proc, timeout_s: float = 600) -> bool:
-    """Wait until `path` exists (the first writer holds its lock) while `proc` runs; False if it ended first."""
+def wait_for(path: Path, proc, timeout_s: float = 900) -> bool:
+    """Wait until `path` exists while `proc` runs; False if it ended first (or never got there)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
-        if path.exists() and path.read_text().strip() == str(proc.pid):
+        if path.exists():
             return True
         time.sleep(0.01)
     return False
 
 
-def second_writer(first, second, lock: Path, go: Path) -> tuple[list[str], str]:
-    """Release `second` while `first` holds `lock`: the second must be refused in one line."""
-    holds = wait_for(lock, first)
+def second_writer(first, second, held: Path, go: Path, release: Path) -> tuple[list[str], str]:
+    """`first` stops inside its write lock (HoldAt: touches `held`, waits for `release`); `second`
+    is released (`go`) only then and must be refused in one line; then `first` goes on. No timing:
+    however loaded the machine, the second meets the lock."""
+    holds = wait_for(held, first)
     go.touch()
-    _, err2 = second.communicate(timeout=600)
-    _, err1 = first.communicate(timeout=600)
-    problems = [] if holds else ["the first writer finished before the second started"]
+    _, err2 = second.communicate(timeout=900)
+    release.touch()
+    _, err1 = first.communicate(timeout=900)
+    problems = [] if holds else [f"the first writer never reached its write: {err1[-300:]}"]
     problems += one_error_line(err2) + ([] if second.returncode == 2 and "another specbench process" in err2 else [f"second: exit {second.returncode}: {err2[-300:]}"])
     problems += [f"first: exit {first.returncode}: {err1[-300:]}"] if first.returncode else []
     return problems, err1
@@ -1074,6 +1115,7 @@ FAULTS28 = [
     "two record --hidden into one log",
     "two train-data into one --out",
     "SIGTERM of train-data between two saves, then train",
+    "SIGTERM of train between two saves, then run --heads",
     "SIGTERM of record inside a file write",
     "SIGTERM of report --csv inside a file write",
     "SIGTERM of report --html inside a file write",
@@ -1086,7 +1128,7 @@ FAULTS28 = [
 
 def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     """Second writers, SIGTERM inside writes and odd environments, in real processes (issue 28)."""
-    from faults import KillAt, spawn
+    from faults import HoldAt, KillAt, spawn
 
     results: dict[str, list[str]] = {}
     root.mkdir()
@@ -1097,18 +1139,20 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
 
     # second writers: the first holds the lock, the second is released (go file) and must be refused
     (root / "rec").mkdir()
-    first = spawn([*rec, "--max-new-tokens", 32, "--out", root / "rec" / "log.jsonl"], root)  # the longer: it still writes when the second starts
-    second = spawn([*rec, "--out", root / "rec" / "log.jsonl"], root, go_file=root / "go-rec")
-    problems, _ = second_writer(first, second, root / "rec" / ".log.jsonl.lock", root / "go-rec")
+    first = spawn([*rec, "--out", root / "rec" / "log.jsonl"], root,  # stopped as it starts recording, lock held
+                  hold_at=HoldAt("specbench.simulate.record:_record", root / "held-rec", root / "release-rec"))
+    second = spawn([*rec, "--limit", 2, "--out", root / "rec" / "log.jsonl"], root, go_file=root / "go-rec")
+    problems, _ = second_writer(first, second, root / "held-rec", root / "go-rec", root / "release-rec")
     header = json.loads((root / "rec" / "log.jsonl").read_text().splitlines()[0]) if (root / "rec" / "log.jsonl").exists() else {}
     side = root / "rec" / str(header.get("hidden_file"))
     problems += [] if side.is_file() else ["the log names a side file that is not there"]
     code, _, err, _ = invoke(["simulate", "--log", root / "rec" / "log.jsonl", "--k", 2, "--bandwidth", 100, "--out", root / "rec-sims"])
     results[FAULTS28[0]] = problems + ([] if code == 0 else [f"the log does not simulate: {err[-300:]}"])
 
-    first = spawn([*td, "--max-new-tokens", 32, "--out", root / "data"], root)
+    first = spawn([*td, "--out", root / "data"], root,  # stopped before it generates, lock held
+                  hold_at=HoldAt("specbench.train.data:_generate", root / "held-data", root / "release-data"))
     second = spawn([*td, "--limit", 2, "--out", root / "data"], root, go_file=root / "go-data")
-    problems, _ = second_writer(first, second, root / ".data.lock", root / "go-data")
+    problems, _ = second_writer(first, second, root / "held-data", root / "go-data", root / "release-data")
     meta = json.loads((root / "data" / "meta.json").read_text()) if (root / "data" / "meta.json").exists() else {}
     problems += [] if meta.get("prompts") == 12 else [f"meta says {meta.get('prompts')} prompts, not the first writer's 12"]
     results[FAULTS28[1]] = problems
@@ -1118,13 +1162,18 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     procs[FAULTS28[2]] = spawn([*td, "--limit", 3, "--out", root / "mixed", "--overwrite"], root,
                                KillAt("specbench.train.data:atomic_write", 2, "SIGTERM"))
 
+    # SIGTERM between a checkpoint's saves (config.json written, the weights not): every loader refuses the directory
+    shutil.copytree(extra["ckpt"], root / "ckpt-mixed")  # not root / "ckpt": the train-data fault's train writes there
+    procs[FAULTS28[3]] = spawn(["train", "--drafter", "medusa", *T, "--data", extra["data"], "--out", root / "ckpt-mixed", "--steps", 1,
+                                "--num-heads", 3, "--overwrite"], root, KillAt("specbench.train.heads:torch.save", 1, "SIGTERM"))
+
     # SIGTERM inside a write (the fsync of a temporary file): no hidden temporary file left, one line, exit 130
     writes = {
-        FAULTS28[3]: [*rec, "--out", "{dir}/log.jsonl"],
-        FAULTS28[4]: ["report", extra["run_dir"], "--csv", "{dir}/r.csv"],
-        FAULTS28[5]: ["report", extra["run_dir"], "--html", "{dir}/r.html"],
-        FAULTS28[6]: ["report", extra["run_dir"], "--plot", "{dir}/plots"],
-        FAULTS28[7]: ["tune", "--log", extra["log"], "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{dir}/tree.json",
+        FAULTS28[4]: [*rec, "--out", "{dir}/log.jsonl"],
+        FAULTS28[5]: ["report", extra["run_dir"], "--csv", "{dir}/r.csv"],
+        FAULTS28[6]: ["report", extra["run_dir"], "--html", "{dir}/r.html"],
+        FAULTS28[7]: ["report", extra["run_dir"], "--plot", "{dir}/plots"],
+        FAULTS28[8]: ["tune", "--log", extra["log"], "--drafter", "prompt-lookup", "--draft-ms", 1, "--out", "{dir}/tree.json",
                       "--plot", "{dir}/frontier.png"],
     }
     for i, (name, argv) in enumerate(writes.items()):
@@ -1133,14 +1182,14 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
         checks[name] = d
         procs[name] = spawn([str(a).replace("{dir}", str(d)) for a in argv], root, KillAt("specbench.files:os.fsync", 1, "SIGTERM"),
                             env={"TMPDIR": str(d)})
-    procs[FAULTS28[8]] = spawn(["report", extra["run_dir"]], root, env={"PYTHONIOENCODING": "ascii"})
+    procs[FAULTS28[9]] = spawn(["report", extra["run_dir"]], root, env={"PYTHONIOENCODING": "ascii"})
     site = root / "site"
     (site / "argv_plugin-0.1.dist-info").mkdir(parents=True)
     (site / "argv_plugin.py").write_text("import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument('--only-mine', required=True)\n"
                                          "parser.parse_args()\n")
     (site / "argv_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: argv-plugin\nVersion: 0.1\n")
     (site / "argv_plugin-0.1.dist-info" / "entry_points.txt").write_text("[specbench.drafters]\nargv-plugin = argv_plugin:Drafter\n")
-    procs[FAULTS28[9]] = spawn(["run", *T, "--workload", w["good"], "--limit", 1, "--max-new-tokens", 4, "--out", root / "plugin-out",
+    procs[FAULTS28[10]] = spawn(["run", *T, "--workload", w["good"], "--limit", 1, "--max-new-tokens", 4, "--out", root / "plugin-out",
                                 "--json"], root, env={"PYTHONPATH": os.pathsep.join([str(site), *sys.path])})
     done = {name: (proc, *proc.communicate(timeout=600)) for name, proc in procs.items()}
 
@@ -1148,8 +1197,15 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
     problems = one_error_line(err) + ([] if proc.returncode == 130 else [f"exit {proc.returncode}"])
     code, _, err, _ = invoke(["train", "--drafter", "medusa", *T, "--data", root / "mixed", "--out", root / "ckpt", "--steps", 1])
     lines = [x for x in err.splitlines() if x.strip()]
-    problems += [] if code == 2 and len(lines) == 1 and "Traceback" not in err else [f"train on the mix: exit {code}: {err[-400:]}"]
+    problems += [] if code == 2 and len(lines) == 1 and "half written" in err else [f"train on the mix: exit {code}: {err[-400:]}"]
     results[FAULTS28[2]] = problems
+    proc, _, err = done[FAULTS28[3]]
+    problems = one_error_line(err) + ([] if proc.returncode == 130 else [f"exit {proc.returncode}"])
+    code, _, err, _ = invoke(["run", *T, "--drafter", "medusa", "--heads", root / "ckpt-mixed", "--limit", 1, "--max-new-tokens", 4,
+                              "--out", root / "ckpt-run"])
+    lines = [x for x in err.splitlines() if x.strip()]
+    problems += [] if code == 2 and len(lines) == 1 and "half written" in err else [f"run on the mix: exit {code}: {err[-400:]}"]
+    results[FAULTS28[3]] = problems
     for name, d in checks.items():
         proc, _, err = done[name]
         # temporary files and folders are hidden (.NAME.*), as lock files are; $TMPDIR is the case folder too
@@ -1157,8 +1213,8 @@ def faults28(root: Path, m: dict, w: dict, extra: dict) -> dict[str, list[str]]:
         # 130 as ctrl-C, or 2 where the command says what it kept ("interrupted; the log is as it was")
         problems = one_error_line(err) + ([] if proc.returncode in (2, 130) and "interrupted" in err else [f"exit {proc.returncode}"])
         results[name] = problems + ([f"left {left}"] if left else [])
-    proc, out, err = done[FAULTS28[8]]
-    results[FAULTS28[8]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
     proc, out, err = done[FAULTS28[9]]
     results[FAULTS28[9]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
+    proc, out, err = done[FAULTS28[10]]
+    results[FAULTS28[10]] = [] if proc.returncode == 0 and "Traceback" not in err else [f"exit {proc.returncode}: {err[-400:]}"]
     return results

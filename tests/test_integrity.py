@@ -39,6 +39,19 @@ def test_a_second_writer_is_refused_in_one_line_and_the_lock_leaves_nothing(tmp_
         pass
 
 
+def test_one_output_named_through_a_symlink_has_one_lock(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with write_lock(tmp_path / "real" / "log.jsonl"):
+        with pytest.raises(UserError, match="being written by another specbench process"):
+            write_lock(tmp_path / "link" / "log.jsonl")
+    (tmp_path / "log-link.jsonl").symlink_to(tmp_path / "real" / "log.jsonl")
+    with write_lock(tmp_path / "real" / "log.jsonl"):
+        with pytest.raises(UserError, match="log-link.jsonl is being written"):
+            write_lock(tmp_path / "log-link.jsonl")
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == []  # released: no lock file left
+
+
 def test_a_lock_file_removed_by_its_previous_holder_is_not_shared(tmp_path):
     """Two writers that opened the same lock file in turn must not both hold it once the first
     removes it: the second locks the file that is there, not the unlinked one."""
@@ -301,3 +314,28 @@ def test_a_side_file_of_another_recording_is_refused(tmp_path, capsys, monkeypat
     shutil.copy(b.hidden_path, a.hidden_path)  # b's states under a's name
     with pytest.raises(UserError, match="belongs to another recording"):
         a.hidden(a.turns[0])
+
+
+# --- every record names its run -----------------------------------------------------------------
+
+def test_a_record_copied_in_from_another_run_is_refused_never_counted(tmp_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
+    from specbench.report.collect import load_runs
+    from specbench.store import RunStore
+
+    a, b = make_run(tmp_path / "runs", "ra", [P1]), make_run(tmp_path / "runs", "rb", [P2])
+    assert all(json.loads(x)["run_id"] == "ra" for x in (a / "steps.jsonl").read_text().splitlines())
+    with open(a / "prompts.jsonl", "a") as f:  # one of b's turns, copied into a
+        f.write((b / "prompts.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=r"prompts.jsonl:3: a record of run 'rb', not of this directory's run 'ra'"):
+        RunStore.open(a).load()
+    warnings = []
+    assert [run.directory for run in load_runs([tmp_path / "runs"], warnings)] == [b]  # a is left out, b reported
+    assert any("skipped" in w and "'rb'" in w for w in warnings)
+    code, _, err = run_cli(["report", a], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "remove them" in err, err
+    # records written before run_id existed name none: read as before
+    rows = [{k: v for k, v in json.loads(x).items() if k != "run_id"} for x in (b / "steps.jsonl").read_text().splitlines()]
+    (b / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(RunStore.open(b).load()[0]) == len(rows)

@@ -2,15 +2,12 @@
 uninterrupted run: nothing lost, nothing measured twice, the same greedy outputs."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import pytest
 import torch
+from faults import KillAt, spawn
 from test_cli import run_cli
 from tiny import save_tiny_model
 
@@ -40,22 +37,11 @@ def records(run_dir):
 
 def test_kill_then_resume_equals_uninterrupted(setup, tmp_path, capsys, monkeypatch):
     killed_out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    code = "import sys; from specbench.cli import main; sys.argv[0] = 'specbench'; main()"
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args(setup, killed_out))], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    run_dir = None
-    while time.time() < deadline and proc.poll() is None:
-        dirs = list(killed_out.glob("*")) if killed_out.exists() else []
-        if dirs and (dirs[0] / "prompts.jsonl").exists():
-            run_dir = dirs[0]
-            if len((run_dir / "prompts.jsonl").read_text().splitlines()) >= 2 * 3:  # 3 prompts, 2 modes each
-                break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    # killed at a fixed point (right after its 3rd prompt's records), not after a wait: however loaded the machine
+    proc = spawn(args(setup, killed_out), tmp_path, KillAt("specbench.store:RunStore.append_prompt", 3, "SIGKILL", "after"))
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    (run_dir,) = killed_out.iterdir()
     done_before = {t["prompt_id"] for t in records(run_dir)[0]}
     assert 3 <= len(done_before) < PROMPTS
     # and a half-written line, as a kill during a write would leave

@@ -10,7 +10,6 @@ are compared before and after). The wider sweep is tests/test_sweep.py (`python 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import KillAt, spawn
+from faults import HoldAt, KillAt, spawn
 from test_cli import run_cli
 from tiny import char_tokenizer, save_tiny_model
 
@@ -261,8 +260,11 @@ def test_a_tree_too_big_for_the_window_is_refused(env, tmp_path, capsys, monkeyp
 
 def command_configs():
     """Every command's config: the classes `with_config` turns into flags."""
-    importlib.import_module("specbench.cli")  # imports every command's config
+    import importlib
+
     from specbench.engine.options import CommandConfig
+
+    importlib.import_module("specbench.cli")  # imports every command's config
 
     found, todo = [], [CommandConfig]
     while todo:
@@ -529,20 +531,19 @@ def test_two_resume_processes_one_directory(env, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     (run,) = (tmp_path / "part").iterdir()  # one prompt measured of eight
 
-    go = tmp_path / "go"
-    first = spawn(["run", "--resume", run, "--json"], tmp_path)
+    go, held, release = tmp_path / "go", tmp_path / "held", tmp_path / "release"
+    # the first stops at its first prompt's records, the lock held, until released: the second meets
+    # the lock however loaded the machine (no race between the two)
+    first = spawn(["run", "--resume", run, "--json"], tmp_path, hold_at=HoldAt("specbench.store:RunStore.append_prompt", held, release))
     second = spawn(["run", "--resume", run, "--json"], tmp_path, go_file=go)  # imports meanwhile, then waits
-    def held_by_first() -> bool:
-        lock = run / ".lock"
-        return lock.exists() and lock.read_text().strip() == str(first.pid)
-
-    deadline = time.time() + 600  # a loaded machine can take minutes to import torch in two processes
-    while time.time() < deadline and first.poll() is None and not held_by_first():
+    deadline = time.time() + 900  # a loaded machine can take minutes to import torch in two processes
+    while time.time() < deadline and first.poll() is None and not held.exists():
         time.sleep(0.01)
-    assert held_by_first(), "the first process never held the lock while running"
-    go.touch()  # the first holds the lock and is measuring seven prompts
-    _, err2 = second.communicate(timeout=120)
-    _, err1 = first.communicate(timeout=300)
+    assert held.exists(), "the first process never reached its first records"
+    go.touch()
+    _, err2 = second.communicate(timeout=600)
+    release.touch()
+    _, err1 = first.communicate(timeout=600)
     assert first.returncode == 0, err1
     assert second.returncode == 2 and "Traceback" not in err2
     assert len(err2.strip().splitlines()) == 1 and "is being written by another specbench process" in err2, err2

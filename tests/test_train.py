@@ -258,7 +258,7 @@ def test_train_eagle_loss_falls_and_checkpoint_loads_strictly_and_drafts_lossles
     assert log["evals"][-1]["positions"] > 0
     parts = {"eagle": {"regression", "token"}, "eagle3": {"step0", "step1", "step2"}}[kind]
     assert set(log["history"][0]) >= parts and len(log["evals"][-1]["chain_accept_per_depth"]) == 4
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "specbench_train.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "specbench_train.json", "specbench_manifest.json"}
     state = load_file(out / "model.safetensors")
     config = json.loads((out / "config.json").read_text())
     assert "embed_tokens.weight" not in state  # the target's embedding, not stored
@@ -497,3 +497,59 @@ def test_a_drafter_declares_its_recipe_and_train_finds_it(setup, tmp_path, monke
     assert CALLS[-1][2] == {"rounds": 2, "width": 8}
     with pytest.raises(UserError, match="cannot train drafter 'prompt-lookup': trainable drafters are .*test-trainable"):
         train(TrainConfig("prompt-lookup", str(tmp_path), str(tmp_path / "out2"), target=str(setup["target"])), device="cpu")
+
+
+# --- a checkpoint directory is one unit -------------------------------------------------------------
+
+def test_a_checkpoint_half_written_changed_or_mixed_with_an_earlier_one_is_refused(setup, data, tmp_path, capsys, monkeypatch):
+    from specbench.drafters.registry import build_drafter
+    from specbench.train import heads
+
+    out = tmp_path / "ckpt"
+    args = ["--target", setup["target"], "--data", data, "--out", out, "--steps", 2, "--batch-tokens", 48, "--num-heads", 2,
+            "--dtype", "float64"]
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name="tiny", model_id=source.model_id)
+
+    def load(kind):
+        return build_drafter(kind, target, {"heads": str(out), "tree": "chain:2"})
+
+    code, _, err = run_cli(["train", "--drafter", "medusa", *args], capsys, monkeypatch)
+    assert code == 0, err
+    manifest = json.loads((out / "specbench_manifest.json").read_text())
+    assert set(manifest["files"]) == {"config.json", "medusa_lm_head.pt", "specbench_train.json"}
+    assert not (out / ".specbench-writing").exists()
+    load("medusa")
+
+    # killed between its two saves (config.json written, the weights not): the directory is refused, never loaded
+    save = heads.MedusaRecipe.save
+
+    def killed(recipe, where):
+        (where / "config.json").write_text(json.dumps({**recipe.config(), "medusa_num_heads": 3}))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(heads.MedusaRecipe, "save", killed)
+    code, _, err = run_cli(["train", "--drafter", "medusa", *args, "--overwrite"], capsys, monkeypatch)
+    monkeypatch.setattr(heads.MedusaRecipe, "save", save)
+    assert code != 0 and "Traceback" not in err
+    with pytest.raises(UserError, match=r"ckpt is half written \(generation [0-9a-f]+ was interrupted or failed\); train it again"):
+        load("medusa")
+
+    # trained again as hydra over it: the earlier medusa file is gone, not left for a loader to pick
+    code, _, err = run_cli(["train", "--drafter", "hydra", *args, "--hydra-layers", 1, "--overwrite"], capsys, monkeypatch)
+    assert code == 0, err
+    assert not (out / "medusa_lm_head.pt").exists() and not (out / ".specbench-writing").exists()
+    load("hydra")
+    weights = (out / "hydra_lm_head.pt").read_bytes()
+    (out / "hydra_lm_head.pt").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # one bit changed
+    with pytest.raises(UserError, match="hydra_lm_head.pt is not the file written with the rest"):
+        load("hydra")
+    (out / "hydra_lm_head.pt").write_bytes(weights)
+    (out / "medusa_lm_head.pt").write_bytes(weights)  # another checkpoint's file dropped in
+    with pytest.raises(UserError, match="medusa_lm_head.pt is not part of it .* remove it"):
+        load("medusa")
+    (out / "medusa_lm_head.pt").unlink()
+
+    # an --overwrite that fails before writing anything leaves the checkpoint there whole
+    code, _, err = run_cli(["train", "--drafter", "hydra-decoder", *args, "--decoder-layers", 99, "--overwrite"], capsys, monkeypatch)
+    assert code == 2 and "--decoder-layers" in err, err
+    load("hydra")

@@ -23,7 +23,7 @@ import torch
 
 from specbench.drafters.unpickle import ModulePickle, flatten
 from specbench.errors import UserError
-from specbench.files import read_text, reading_weights
+from specbench.files import CHECKPOINT_FIX, check_unit, read_text, reading_weights
 
 
 # Rotary tables some published files carry inside their modules (EAGLE's `inv_freq`; decoder-layer
@@ -115,6 +115,9 @@ def read_json(file: Path, what: str = "file") -> dict:
 
 
 def read_config(directory: Path) -> dict:
+    """The directory's config.json ({} without one), once the directory is checked whole: a checkpoint
+    `specbench train` wrote is refused when half written or mixed with files of another (files.check_unit)."""
+    check_unit(directory, "checkpoint directory", CHECKPOINT_FIX)
     file = directory / "config.json"
     if not file.is_file():
         return {}

@@ -22,7 +22,7 @@ from torch import nn
 
 from specbench.checks import check_count
 from specbench.errors import UserError
-from specbench.files import atomic_write_text, jsonl_rows, read_text
+from specbench.files import atomic_write_text, jsonl_rows, read_text, write_lock
 
 FORMAT = "specbench-vocab-trim/1"
 
@@ -101,9 +101,10 @@ def build_id_list(source: str, out: Path, target: str, top: int | None = None) -
     tokenizer = load_tokenizer(target)
     if tokenizer is None:
         raise UserError(f"no tokenizer found for '{target}'; pass a target whose tokenizer is available locally")
-    counts, counted = token_counts(source, tokenizer)
-    ids = ranked_ids(counts, vocab_size)[:top]
-    save_ids(out, ids, target, vocab_size, counted)
+    with write_lock(out):  # one writer of `out`: a second build into it is refused
+        counts, counted = token_counts(source, tokenizer)
+        ids = ranked_ids(counts, vocab_size)[:top]
+        save_ids(out, ids, target, vocab_size, counted)
     return ids, counted, len(counts)
 
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from specbench.files import atomic_write  # noqa: E402
+from specbench.files import atomic_write, write_lock  # noqa: E402
 from specbench.records import BASELINE, SPEC  # noqa: E402
 
 
@@ -157,4 +157,5 @@ def tune_frontiers(frontiers, path: Path, title: str = "") -> Path:
 
 def tuned_frontier(result, path: Path) -> Path:
     """`specbench tune --plot`: the frontier of one tuning result."""
-    return tune_frontiers([result.frontier], path, f"{result.drafter}: tuned on {result.log}")
+    with write_lock(path):  # one writer of the plot: a second tune drawing it is refused
+        return tune_frontiers([result.frontier], path, f"{result.drafter}: tuned on {result.log}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from specbench.errors import UserError
-from specbench.files import jsonl_rows, read_text
+from specbench.files import jsonl_rows, read_text, write_lock
 from specbench.records import StepMeasure
 from specbench.simulate.log import LogHeader, LogTurn, TargetLog, read_log
 
@@ -183,6 +183,7 @@ def convert_dsd_log(log: Path, prompts: Path, target: str, out: Path) -> TargetL
     from specbench.simulate.log import write_log
 
     check_output_file(out, "--out", inputs=(log, prompts))
-    converted = open_log(log, prompts, target)
-    write_log(out, converted.header, converted.turns)
+    with write_lock(out):  # the log (as record writes it): one writer at a time
+        converted = open_log(log, prompts, target)
+        write_log(out, converted.header, converted.turns)
     return converted

@@ -21,7 +21,7 @@ from specbench.engine.loop import Clock
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
-from specbench.files import atomic_write_text
+from specbench.files import atomic_write_text, write_lock
 from specbench.progress import SILENT, Progress
 from specbench.simulate.log import VerifyProfile
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP, TARGET_HELP
@@ -83,14 +83,20 @@ class ProfileConfig(CommandConfig):
 def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT) -> VerifyProfile:
     """`specbench profile`: load the target and measure its profile over the workload's first prompt
     repeated to `context_tokens`; written to `out` as JSON."""
-    from specbench.environment import environment
-    from specbench.targets import load_target
     from specbench.targets.loading import load_config
-    from specbench.workloads import encode_turn, load_workload
 
     c = config  # its counts were checked when it was made (CommandConfig)
     check_output_file(out, "--out")
     check_profile_window(context_window(load_config(c.target)), c.context_tokens, c.max_tokens, c.target)  # before the weights load
+    with write_lock(out):  # before the minutes of measuring: a second profile into `out` is refused at once
+        return _profile(c, out, progress)
+
+
+def _profile(c: ProfileConfig, out: Path, progress: Progress) -> VerifyProfile:
+    from specbench.environment import environment
+    from specbench.targets import load_target
+    from specbench.workloads import encode_turn, load_workload
+
     target = load_target(c.target, c.device, c.dtype, c.engine, progress=progress)
     if target.tokenizer is None:
         raise UserError(f"target '{c.target}' has no tokenizer to encode the context prompt")

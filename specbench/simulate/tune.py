@@ -26,6 +26,7 @@ import heapq
 import json
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, TeacherForced
 from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
-from specbench.files import atomic_write_text
+from specbench.files import atomic_write_text, write_lock
 from specbench.metrics import tau
 from specbench.progress import SILENT, Progress
 from specbench.records import BASELINE, SPEC, StepMeasure
@@ -417,6 +418,14 @@ def tune_log(log: TargetLog | Path, config: TuneConfig, progress: Progress = SIL
         raise UserError(f"--plot {c.plot}: end the name in one of {', '.join(PLOT_SUFFIXES)} (matplotlib draws the format the suffix names)")
     if c.overhead_from is not None and c.overhead_ms is not None:
         raise UserError("give --overhead-from RUN or --overhead-ms MS, not both")
+    with write_lock(c.out) if c.out is not None else nullcontext():  # one writer of --out: a second tune into it is refused
+        return _tune(c, log, progress, command)
+
+
+def _tune(config: TuneConfig, log: TargetLog, progress: Progress, command: str) -> TuneResult:
+    from specbench.simulate.log import read_log
+
+    c = config
     model = LatencyModel.build(read_profile(c.profile) if c.profile else log.profile, None, None)
     verify_log = read_log(c.verify_log) if c.verify_log else None
     if verify_log is not None:

@@ -18,7 +18,7 @@ import torch
 from specbench.bundled import bundled_dir
 from specbench.catalogue import catalogue
 from specbench.errors import UserError
-from specbench.files import first_line, reading_weights, weights_error
+from specbench.files import CHECKPOINT_FIX, check_unit, first_line, reading_weights, weights_error
 
 DEVICE_HELP = "auto (CUDA when there is a GPU), cpu, cuda, cuda:N"
 DTYPE_HELP = "auto (fp16 on CUDA; on CPU bf16 where the CPU computes it natively, else fp32), float32, float16, bfloat16"
@@ -209,6 +209,8 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, table: s
     quiet_transformers()
     source = resolve_source(name, table)
     location = _location(source)
+    if Path(location).is_dir():  # a draft model `specbench train` wrote: refused half written or mixed, never loaded
+        check_unit(location, "model directory", CHECKPOINT_FIX)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from specbench.drafters.checkpoints import INT8_SCALE, INT8_STORAGE
 from specbench.errors import UserError
-from specbench.files import reading_weights
+from specbench.files import CHECKPOINT_FIX, check_unit, reading_weights
 from specbench.targets.loading import BUNDLE_INFO, BUNDLE_WEIGHTS, model_location
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bundled"
@@ -57,6 +57,7 @@ def quantize_int8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[d
 
 def bundle_draft(checkpoint: Path, name: str, base_target: str, dest: Path = PACKAGE) -> Path:
     """Write dest/NAME: config.json, weights.safetensors (fp16, no vocabulary tables), bundle.json."""
+    check_unit(checkpoint, "checkpoint directory", CHECKPOINT_FIX)  # never bundle a half-written or mixed one
     with reading_weights(checkpoint / "model.safetensors", "draft checkpoint"):
         state = load_file(checkpoint / "model.safetensors")
     base_file = Path(model_location(base_target)) / "model.safetensors"
@@ -92,6 +93,7 @@ def bundle_heads(checkpoint: Path, name: str, dest: Path = PACKAGE, dtype: torch
     """Copy a head checkpoint in its published layout, tensors cast to `dtype` (bf16, as
     published); with `int8`, its matrices stored as int8 + per-row scales in
     `*_lm_head.safetensors` (see quantize_int8), rebuilt in `dtype` on load."""
+    check_unit(checkpoint, "checkpoint directory", CHECKPOINT_FIX)  # never bundle a half-written or mixed one
     weights = next((checkpoint / f for f in HEAD_FILES if (checkpoint / f).is_file()), None)
     if weights is None:
         raise UserError(f"'{checkpoint}' holds no {' or '.join(HEAD_FILES)}")

@@ -15,7 +15,12 @@ import torch
 
 from specbench.engine.options import CommandConfig, option
 from specbench.errors import UserError
-from specbench.train.data import TrainData, load_data
+from specbench.files import atomic_write_text
+from specbench.train.data import TrainData, load_data, prepare_out
+
+# the recipes' shared API, the data directory's three names re-exported with it
+__all__ = ["TRAIN_LOG", "ProgressFn", "TrainConfig", "TrainData", "TrainLog", "TrainVocab", "batches", "chain_scores", "load_data",
+           "lr_factor", "prepare_out", "sequence", "split_data", "train_loop", "train_vocab"]
 
 TRAIN_LOG = "specbench_train.json"
 
@@ -151,7 +156,7 @@ class TrainLog:
             "evals": self.evals,
             **(extra or {}),
         }
-        (out / TRAIN_LOG).write_text(json.dumps(blob, indent=1) + "\n")
+        atomic_write_text(out / TRAIN_LOG, json.dumps(blob, indent=1) + "\n")
 
 
 def chain_scores(hits: torch.Tensor, shown: int | None = None) -> dict:

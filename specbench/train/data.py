@@ -51,7 +51,7 @@ from specbench.checks import check_count, check_output_dir, check_temperature, c
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
-from specbench.files import atomic_write, atomic_write_text, read_bytes, read_text, reading_weights, write_lock
+from specbench.files import WRITING, atomic_write, atomic_write_text, read_bytes, read_text, reading_weights, write_lock
 from specbench.progress import SILENT, Progress
 from specbench.targets.loading import DEVICE_HELP, DTYPE_HELP
 from specbench.workloads import Prompt, check_prompts_fit, encode_turn, load_workload, select, workload_hash
@@ -80,7 +80,7 @@ def check_out(out: Path, overwrite: bool, what: str = "data directory", inputs: 
             if real == where or where in real.parents:  # --out is the input or holds it (a folder inside an input harms nothing)
                 raise UserError(f"--out {out} and {flag} {source} overlap; writing --out would change an input of this command: "
                                 "choose another --out")
-    if out.exists() and any(p for p in out.iterdir() if p.name != ".lock") and not overwrite:
+    if out.exists() and any(p for p in out.iterdir() if p.name not in (".lock", WRITING)) and not overwrite:
         raise UserError(f"{what} '{out}' exists and is not empty; choose another --out or pass --overwrite")
 
 
@@ -176,6 +176,10 @@ def load_data(directory: Path, with_hidden: bool = True, with_taps: bool = False
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not (directory / META).exists() and any((directory / name).exists() for name in (CONVERSATIONS, TOKENS, HIDDEN, TAPS)):
+        # meta.json goes first and comes back last (make_data): parts without it are a write that never finished
+        raise UserError(f"data '{directory}' is half written (parts without {META}: a train-data interrupted or failed before it "
+                        "finished); regenerate it with `specbench train-data --overwrite`")
     if not (directory / META).exists() or not (directory / TOKENS).exists():
         raise UserError(f"'{directory}' is not a training data directory (no {META}/{TOKENS}); make one with `specbench train-data`")
     try:

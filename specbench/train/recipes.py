@@ -20,7 +20,7 @@ import torch
 from specbench.engine.options import flag_of
 from specbench.engine.protocol import TrainableTarget, TrainRecipe
 from specbench.errors import SpecbenchWarning, UserError
-from specbench.files import write_lock
+from specbench.files import write_lock, written_unit
 from specbench.progress import SILENT, Progress
 from specbench.train.common import TrainConfig
 
@@ -53,14 +53,17 @@ def train(config: TrainConfig, options: dict[str, Any] | None = None, device: st
           overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Train `config.drafter` for the frozen `config.target` with its recipe's `options` (name ->
     value; the rest default); the checkpoint directory."""
+    from specbench.checks import check_output_dir
     from specbench.train.data import check_out
 
     recipe = recipe_for(config.drafter)
     config.options = recipe_options(config.drafter, recipe, options or {})
     if config.lr is None:
         config.lr = recipe.default_lr
-    check_out(Path(config.out), overwrite, "checkpoint directory", inputs=((config.data, "--data"), (config.eval_data, "--eval-data")))
-    with write_lock(Path(config.out)):  # one writer per checkpoint directory
+    check_output_dir(Path(config.out), "--out")  # a path that cannot be a directory is refused before a lock file is made beside it
+    # one writer per checkpoint directory, the lock first: a directory another train is filling is refused as such, not as "not empty"
+    with write_lock(Path(config.out)):
+        check_out(Path(config.out), overwrite, "checkpoint directory", inputs=((config.data, "--data"), (config.eval_data, "--eval-data")))
         return _train(config, recipe, device, dtype, overwrite, progress)
 
 
@@ -80,6 +83,8 @@ def _train(config: TrainConfig, recipe: TrainRecipe, device: str, dtype: str, ov
         if "eval" in row:
             progress.note(f"step {step}: held-out {row['eval']}")
 
-    with torch.enable_grad():
+    # one unit: readers refuse the directory while it is half written (a kill, a failure between two saves)
+    # and any file of it changed or left from an earlier checkpoint (files.check_unit)
+    with written_unit(Path(config.out)), torch.enable_grad():
         function(config, target, overwrite=overwrite, on_step=on_step)
     return Path(config.out)

@@ -4,7 +4,7 @@ for each drafter on each workload, then one `specbench report` table per workloa
 
     python scripts/bench_drafters.py                        # builtin and pool-heldout, --limit 4, 64 new tokens
     python scripts/bench_drafters.py --eagle-heads DIR --eagle3-heads DIR   # trained drafters not in the catalogue
-    python scripts/bench_drafters.py --drafters hydra,dflash --dflash-heads DIR --dflash-tree dynamic
+    python scripts/bench_drafters.py --drafters hydra,dflash --dflash-weights DIR --dflash-tree dynamic
     python scripts/bench_drafters.py --drafters hydra,eagle3 --workloads pool-heldout --limit 10
 
 Each drafter runs with its catalogue defaults for the target (the bundled draft model,
@@ -42,8 +42,8 @@ def drafter_options(name: str, args) -> dict:
         if args.eagle_tree:
             options["tree"] = args.eagle_tree
     if name == "dflash":
-        if args.dflash_heads:
-            options["heads"] = args.dflash_heads
+        if args.dflash_weights:
+            options["weights"] = args.dflash_weights
         if args.dflash_tree:
             options["tree"] = args.dflash_tree
     return options
@@ -72,14 +72,14 @@ def workload_table(folder: Path, title: str) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--drafters", help="comma-separated (default: all; dflash only with --dflash-heads or a catalogue draft)")
+    parser.add_argument("--drafters", help="comma-separated (default: all; dflash only with --dflash-weights or a catalogue draft)")
     parser.add_argument("--workloads", default="builtin,pool-heldout")
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eagle-heads", help="EAGLE-1 checkpoint directory (default: the catalogue's for the target)")
     parser.add_argument("--eagle3-heads", help="EAGLE-3 checkpoint directory (default: the catalogue's for the target)")
     parser.add_argument("--eagle-tree", help="tree for eagle/eagle3 (default: their own, EAGLE-2's dynamic tree)")
-    parser.add_argument("--dflash-heads", help="DFlash checkpoint directory (default: the catalogue's for the target)")
+    parser.add_argument("--dflash-weights", help="DFlash checkpoint directory (default: the catalogue's for the target)")
     parser.add_argument("--dflash-tree", help="tree for dflash: chain:K, dynamic, or a tree of ranks (default: a chain of the block)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -88,7 +88,7 @@ def main() -> None:
     if args.drafters is None:
         from specbench.catalogue import drafter_entry
 
-        has_dflash = args.dflash_heads or drafter_entry("dflash", args.target).get("heads")
+        has_dflash = args.dflash_weights or drafter_entry("dflash", args.target).get("heads")
         args.drafters = ",".join(d for d in DRAFTERS if d != "dflash" or has_dflash)
 
     console = Console(width=200)  # the table whole, also when piped into a file

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from specbench.environment import environment
+from specbench.flags import tune_commands
 from specbench.report.build import run_summary
 from specbench.report.plots import tune_frontiers
 from specbench.runner import RunConfig, start_run
@@ -156,7 +157,7 @@ def main() -> None:
         tune_frontiers(frontiers, work / f"{drafter}-frontiers.png", f"{drafter} (bundled) on SmolLM2-135M: tuned on pool-train")
         (work / f"{drafter}-frontiers.json").write_text(json.dumps([f.__dict__ | {"points": [p.__dict__ for p in f.points]}
                                                                      for f in frontiers], indent=1, default=str))
-        print(f"{drafter}: chose {'k = ' if chain else ''}{result.chosen.size}{'' if chain else ' nodes'}; {result.run_command}")
+        print(f"{drafter}: chose {'k = ' if chain else ''}{result.chosen.size}{'' if chain else ' nodes'}; {tune_commands(result.check)[0]}")
         tuned_options = {"k": result.chosen.size} if chain else {"tree": str(out)}
         for label, options in (("tuned", tuned_options), ("default", DEFAULTS[drafter])):
             directory = run_once(work, f"{drafter}-{label}", drafter, options, args, target)

@@ -64,7 +64,7 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
         )
         _, directory, info, summary = measure(config, args.out, target=target)
-        c, _ = memory_model(info.extra)
+        c, _ = memory_model(info.memory)
         table.add_row(
             size,
             f"{summary.tau:.2f}",

@@ -32,7 +32,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
 from specbench.engine.protocol import Drafter, PlainDecoding, Target
 from specbench.engine.speed import copy_bandwidth, verify_profile
-from specbench.engine.events import EVENTS
+from specbench.engine.events import counted
 from specbench.environment import environment
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import tau
@@ -295,12 +295,10 @@ def run_engine(engine: str, target: Target, setup: Setup, checks: list[DrafterCh
         if cell.label not in drafters:
             continue
         log(f"{engine}/{cell.label}: warm-up", started)
-        before = replace(EVENTS)
-        with guarded(cell.outcome, f"{engine}/{cell.label}: warm-up"):
+        with counted() as seen, guarded(cell.outcome, f"{engine}/{cell.label}: warm-up"):
             warm_up_engines(target, drafters[cell.label], positions)
             decode(target, drafters[cell.label], setup.prompts[0], min(WARMUP_TOKENS, setup.new_tokens))
-        cell.warm_up_graphs = EVENTS.captures - before.captures
-        cell.warm_up_capture_ms = EVENTS.capture_ms - before.capture_ms
+        cell.warm_up_graphs, cell.warm_up_capture_ms = seen.captures, seen.capture_ms
         if cell.outcome.error:
             del drafters[cell.label]
     log(f"{engine}: timing {len(drafters)} drafters on {len(setup.prompts)} prompts", started)
@@ -308,12 +306,11 @@ def run_engine(engine: str, target: Target, setup: Setup, checks: list[DrafterCh
         for cell in cells:
             if cell.label not in drafters:
                 continue
-            before = replace(EVENTS)
-            with guarded(cell.outcome, f"{engine}/{cell.label}: decode"):
+            with counted() as seen, guarded(cell.outcome, f"{engine}/{cell.label}: decode"):
                 cell.outputs.append(decode(target, drafters[cell.label], prompt, setup.new_tokens))
-            cell.timed_captures += EVENTS.captures - before.captures
-            cell.timed_capture_ms += EVENTS.capture_ms - before.capture_ms
-            cell.timed_regrowths += EVENTS.regrowths - before.regrowths
+            cell.timed_captures += seen.captures
+            cell.timed_capture_ms += seen.capture_ms
+            cell.timed_regrowths += seen.regrowths
             if cell.outcome.error:
                 cell.outputs.clear()
                 del drafters[cell.label]
@@ -431,17 +428,17 @@ def deepspeed_section(setup: Setup, hf: Target, eps: float, started: float) -> d
         for target in targets.values():
             warm_up_engines(target, PlainDecoding(target), positions)
             decode(target, PlainDecoding(target), setup.prompts[0], min(WARMUP_TOKENS, setup.new_tokens))
-        before = replace(EVENTS)
         outputs: dict[str, list[Decoded]] = {name: [] for name in targets}
         log("deepspeed: timing plain decoding, hf and deepspeed interleaved", started)
-        for prompt in setup.prompts:
-            for name, target in targets.items():
-                outputs[name].append(decode(target, PlainDecoding(target), prompt, setup.new_tokens))
+        with counted() as seen:
+            for prompt in setup.prompts:
+                for name, target in targets.items():
+                    outputs[name].append(decode(target, PlainDecoding(target), prompt, setup.new_tokens))
         tps = {name: sum(len(d.output_ids) for d in out) / sum(d.wall_ms for d in out) * 1000 for name, out in outputs.items()}
         ratio = tps["deepspeed"] / tps["hf"]
         return {"version": environment(setup.device)["deepspeed"], "plain_tokens_per_s": tps, "ratio": ratio,
                 "target_ratio": DS_TARGET_RATIO, "met": ratio >= DS_TARGET_RATIO,
-                "cuda_graphs": bool(ds.engine_stats().get("cuda_graphs")), "timed_captures": EVENTS.captures - before.captures,
+                "cuda_graphs": bool(ds.engine_stats().get("cuda_graphs")), "timed_captures": seen.captures,
                 "equal_to_hf": compare(outputs["hf"], outputs["deepspeed"], eps)}
     finally:
         if dist.is_initialized():

@@ -71,4 +71,4 @@ OMP_NUM_THREADS=1 specbench record --target smollm2-135m --workload pool-heldout
 OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
   --drafter hydra --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"
 OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
-  --drafter dflash --heads "$WORK/dflash" --k 1,3 --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"
+  --drafter dflash --weights "$WORK/dflash" --k 1,3 --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"

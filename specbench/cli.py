@@ -22,7 +22,9 @@ from specbench.flags import (
     deprecated,
     parse_batch_sizes,
     parse_ks,
+    resume_refusal,
     split_list,
+    tune_commands,
     typed_params,
     with_config,
     with_drafter_flags,
@@ -63,7 +65,10 @@ def run(
 
     sizes = parse_batch_sizes(batch_size)
     if resume:  # the run's own configuration; what the user typed must agree with it (runner.resume_run)
-        settings = {name: value for name, value in typed_params(ctx).items() if name in RunConfig.__dataclass_fields__ or name == "out"}
+        given = typed_params(ctx)
+        if "out" in given:
+            raise UserError(f"--resume {resume} continues the run in its own directory: drop --out {out}, or start a new run")
+        settings = {name: value for name, value in given.items() if name in RunConfig.__dataclass_fields__}
         if "batch_size" in settings:
             if len(sizes) > 1:
                 raise UserError("--resume continues one run: give one --batch-size (or none)")
@@ -78,7 +83,10 @@ def run(
     if len(sizes) > 1 and not resume:
         return run_curve(config, sizes, out, as_json)
     with RichProgress() as progress:
-        directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
+        try:
+            directory = runner.resume_run(resume, settings, drafter_flags, progress) if resume else runner.start_run(config, out, progress)
+        except runner.ResumeConflicts as refused:
+            raise UserError(resume_refusal(refused)) from None
     if directory is not None:  # None: a tensor-parallel follower rank; rank 0 prints
         show_run(directory, as_json)
 
@@ -108,20 +116,23 @@ def run_curve(config: RunConfig, sizes: list[int], out: Path, as_json: bool) -> 
 
 
 def show_run(directory: Path, as_json: bool) -> None:
+    from specbench.records import MeasuredExtra
     from specbench.report.build import batch_run_summary, run_summary
     from specbench.report.tables import batch_table, divergence_table, engine_line, position_table, summary_table
 
     info, summary, notes = run_summary(directory)
-    batch = batch_run_summary(directory) if info.extra.get("batch") else None
+    measured = isinstance(info.extra, MeasuredExtra)
+    engine = info.extra.engine if measured else None
+    batch = batch_run_summary(directory) if measured and info.extra.batch else None
     for warning in notes:
         warn(warning)
     if as_json:
         extra = {"batch": batch.to_json()} if batch else {}
-        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": info.extra.get("engine"), **extra}, indent=2))
+        return print(json.dumps({"run": str(directory), **summary.to_json(), "engine": engine and engine.to_json(), **extra}, indent=2))
     console.print(summary_table(summary, f"{info.drafter} → {info.target} on {info.workload} ({info.environment.get('device_name')})"))
     if batch:
         console.print(batch_table(batch))
-    if line := engine_line(info.extra):
+    if line := engine_line(engine):
         console.print(line, highlight=False)
     if summary.per_position:
         console.print(position_table(summary))
@@ -302,9 +313,11 @@ def tune(
         result = tune_log(log, config, progress, command_line())
     if config.plot:
         tuned_frontier(result, config.plot)
+    run, simulate = tune_commands(result.check)
     if as_json:
-        return print(json.dumps(result.to_json(), indent=2))
-    for shown in tune_report(result) + ([f"wrote {config.plot}"] if config.plot else []):
+        return print(json.dumps({**result.to_json(), "run_command": run, "simulate_command": simulate}, indent=2))
+    lines = [f"verify it: {run}", f"simulate scores it: {simulate}"] + ([f"wrote {config.plot}"] if config.plot else [])
+    for shown in tune_report(result) + lines:
         console.print(shown, soft_wrap=True)
 
 

@@ -148,3 +148,44 @@ def typed_params(ctx: typer.Context) -> dict[str, object]:
 def deprecated(old: str, new: str):
     """A hidden option under an old name that still works for one release, with a one-line note."""
     return typer.Option(old, hidden=True, help=f"deprecated spelling of {new}")
+
+
+def drafter_flags(drafter: str, options: dict[str, object]) -> list[str]:
+    """Drafter options as the typed flags `run` and `simulate` take (a false bool as -o name=false)."""
+    from specbench.drafters.registry import drafter_class
+
+    specs = drafter_class(drafter).Options.specs()
+    parts = []
+    for name, value in options.items():
+        if isinstance(value, bool):
+            parts += [specs[name].flag] if value else ["-o", f"{name}=false"]
+        else:
+            parts += [specs[name].flag, str(value)]
+    return parts
+
+
+def tune_commands(check) -> tuple[str, str]:
+    """The `specbench run` that measures tune's choice (simulate.tune.ChosenRun) with the drafter's
+    shape option set to it, and the `specbench simulate` that scores it (simulate's --k / --tree)."""
+    from specbench.drafters.registry import drafter_class
+
+    options = drafter_flags(check.drafter, check.drafter_options)
+    shape_flag = drafter_class(check.drafter).shape_spec().flag
+    run = ["specbench", "run", "--target", check.target, "--drafter", check.drafter, *options, shape_flag, check.shape,
+           "--workload", check.workload, "--limit", check.limit, "--max-new-tokens", check.max_new_tokens]
+    simulate = ["specbench", "simulate", "--log", check.log, "--drafter", check.drafter, *options,
+                "--k" if check.kind == "chain" else "--tree", check.shape]
+    return " ".join(map(str, run)), " ".join(map(str, simulate))
+
+
+def resume_refusal(refused) -> str:
+    """runner.ResumeConflicts in the flags that would change the resumed run."""
+    from specbench.engine.options import flag_of
+
+    def shown(value) -> str:
+        return "none" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    named = "; ".join((f"-o {c.name}={shown(c.given)}" if c.drafter_option else f"{flag_of(c.name)} {shown(c.given)}")
+                      + f" (the run has {shown(c.stored)})" for c in refused.conflicts)
+    return (f"--resume {refused.directory} continues the run as it was started; these flags would change it: {named}. "
+            "Drop them, or start a new run")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,19 +24,21 @@ from specbench.drafters.registry import build_drafter, drafter_class, parse_opti
 from specbench.engine.divergence import diagnose, rounding_eps
 from specbench.engine.engines import ENGINE_HELP, ENGINES
 from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
-from specbench.engine.options import CommandConfig, flag_of, option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Target
-from specbench.engine.events import EVENTS
+from specbench.engine.events import counted
 from specbench.environment import environment
 from specbench.errors import UserError
 from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
-    MemoryFacts,
+    EngineFacts,
+    MeasuredExtra,
     RunInfo,
     StepRecord,
     TurnRecord,
+    WorkloadFacts,
     first_divergence,
 )
 from specbench.store import RunStore
@@ -178,17 +180,16 @@ class Benchmark:
             workload_hash=workload_hash(self.prompts),
             decode=decode_settings,
             environment=environment(self.target.device),
-            extra={
-                **asdict(MemoryFacts(self.target.forward_bytes(), *self.drafter.memory_model())),
-                "drafter": self.drafter.describe(),
-                "workload": {
-                    "format": self.workload.format,
-                    "source": self.workload.source,
-                    "prompts": len(self.prompts),
-                    # the selection before sharding: shards of one workload share it, so `report` can merge them
-                    "selection_hash": workload_hash(select(self.workload.prompts, c.categories, c.limit)),
-                },
-            },
+            extra=MeasuredExtra(
+                self.target.forward_bytes(), *self.drafter.memory_model(),
+                drafter=self.drafter.describe(),
+                workload=WorkloadFacts(
+                    format=self.workload.format,
+                    source=self.workload.source,
+                    prompts=len(self.prompts),
+                    selection_hash=workload_hash(select(self.workload.prompts, c.categories, c.limit)),
+                ),
+            ),
         )
 
     def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int | None = None):
@@ -215,52 +216,41 @@ class Benchmark:
                 longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
         return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
 
-    def warm_up(self) -> dict[str, Any]:
+    def warm_up(self, engine: EngineFacts) -> None:
         """Before anything is timed: size the static caches for the longest sequence, capture
         every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
         untimed decode in each mode (first-call costs: allocations, kernel selection).
-        Returns what the warm-up captured, for run.json."""
-        before = replace(EVENTS)
+        What the warm-up captured and compiled goes into `engine`, for run.json."""
         positions = self.longest_sequence()
-        if self.rows_target is not None:
-            self.rows_target.warm_up(positions)
-            for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
-                new = min(self.config.max_new_tokens, WARMUP_TOKENS)
-                ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))
-                decode_rows(self.rows_target, drafter, [Request(ids, new)] * self.config.batch_size, self.config.temperature)
-        else:
-            warm_up_engines(self.target, self.drafter, positions)
-            for drafter in (self.plain, self.drafter):
-                self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
-        return {"capture_ms": round(EVENTS.capture_ms - before.capture_ms, 3), "graphs": EVENTS.captures - before.captures,
-                "compile_ms": round(EVENTS.compile_ms - before.compile_ms, 3), "compiles": EVENTS.compiles - before.compiles,
-                "planned_positions": positions}
+        with counted() as seen:
+            if self.rows_target is not None:
+                self.rows_target.warm_up(positions)
+                for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
+                    new = min(self.config.max_new_tokens, WARMUP_TOKENS)
+                    ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))
+                    decode_rows(self.rows_target, drafter, [Request(ids, new)] * self.config.batch_size, self.config.temperature)
+            else:
+                warm_up_engines(self.target, self.drafter, positions)
+                for drafter in (self.plain, self.drafter):
+                    self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
+        engine.capture_ms, engine.graphs = round(seen.capture_ms, 3), seen.captures
+        engine.compile_ms, engine.compiles = round(seen.compile_ms, 3), seen.compiles
+        engine.planned_positions = positions
 
-    def engine_record(self) -> dict[str, Any]:
-        """run.json's `engine` entry before the warm-up: the target's engine and cache, and
-        counters of what happened while prompts were timed (captures, compilations, mid-sequence regrowths)."""
+    def engine_record(self) -> EngineFacts:
+        """run.json's `engine` entry before the warm-up: the target's engine and cache (counters at 0)."""
         stats = self.target.engine_stats()
         dtype, why = dtype_choice(self.config.dtype, self.target.device)
-        return {
-            "engine": self.target.engine,
-            "dtype": str(self.target.dtype).removeprefix("torch."),
-            "dtype_choice": why if dtype == self.target.dtype else "given",
-            "cuda_graphs": bool(stats.get("cuda_graphs")),
-            "capture_ms": 0.0,
-            "graphs": 0,
-            "capacity": stats.get("capacity"),
-            "compiled_step": bool(stats.get("compiled_step")),
-            "packed_linears": bool(stats.get("packed_linears")),
-            "lean_layers": stats.get("lean_layers", 0),
-            "compile_ms": 0.0,
-            "compiles": 0,
-            "timed_captures": 0,
-            "timed_capture_ms": 0.0,
-            "timed_compiles": 0,
-            "timed_compile_ms": 0.0,
-            "timed_regrowths": 0,
-            "timed_capture_prompts": [],
-        }
+        return EngineFacts(
+            engine=self.target.engine,
+            dtype=str(self.target.dtype).removeprefix("torch."),
+            dtype_choice=why if dtype == self.target.dtype else "given",
+            cuda_graphs=bool(stats.get("cuda_graphs")),
+            capacity=stats.get("capacity"),
+            compiled_step=bool(stats.get("compiled_step")),
+            packed_linears=bool(stats.get("packed_linears")),
+            lean_layers=stats.get("lean_layers", 0),
+        )
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:
         """Both modes, turn by turn. A later turn's history is plain decoding's answers in both
@@ -359,14 +349,16 @@ class Benchmark:
     def _run(self, store: RunStore, progress: Progress) -> None:
         done = store.keep_complete(self.records_per_prompt())
         todo = [p for p in self.prompts if p.id not in done]
-        engine = store.info.extra.setdefault("engine", self.engine_record())  # a resumed run keeps counting
+        if store.info.extra.engine is None:  # a resumed run keeps counting
+            store.info.extra.engine = self.engine_record()
+        engine = store.info.extra.engine
         if todo and self.config.warmup:
             with progress.status("warming up (untimed: cache sizing, graph captures or step compilation, a short decode per mode)"):
-                engine.update(self.warm_up())
+                self.warm_up(engine)
         stats = self.target.engine_stats()
-        engine["capacity"] = stats.get("capacity")
+        engine.capacity = stats.get("capacity")
         if stats.get("profile_ms"):  # the measured bucket latencies verifies pick their bucket from
-            engine["profile_ms"] = stats["profile_ms"]
+            engine.profile_ms = stats["profile_ms"]
         store.write_info()
         advance = progress.task(f"{self.config.drafter} on {self.config.target}", len(self.prompts))
         advance(len(self.prompts) - len(todo))
@@ -374,20 +366,18 @@ class Benchmark:
             self._run_batches(store, todo, advance)
             todo = []
         for prompt in todo:
-            before = replace(EVENTS)
-            steps, turns = self.measure_prompt(prompt)
-            if EVENTS.captures > before.captures or EVENTS.regrowths > before.regrowths or EVENTS.compiles > before.compiles:
-                # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
-                engine["timed_captures"] += EVENTS.captures - before.captures
-                engine["timed_capture_ms"] = round(engine["timed_capture_ms"] + EVENTS.capture_ms - before.capture_ms, 3)
-                engine.setdefault("timed_compiles", 0)  # runs started before compiled steps existed lack these
-                engine["timed_compiles"] += EVENTS.compiles - before.compiles
-                engine["timed_compile_ms"] = round(engine.get("timed_compile_ms", 0.0) + EVENTS.compile_ms - before.compile_ms, 3)
-                engine["timed_regrowths"] += EVENTS.regrowths - before.regrowths
-                engine["timed_capture_prompts"].append(prompt.id)
+            with counted() as seen:
+                steps, turns = self.measure_prompt(prompt)
+            if seen:  # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
+                engine.timed_captures += seen.captures
+                engine.timed_capture_ms = round(engine.timed_capture_ms + seen.capture_ms, 3)
+                engine.timed_compiles += seen.compiles
+                engine.timed_compile_ms = round(engine.timed_compile_ms + seen.compile_ms, 3)
+                engine.timed_regrowths += seen.regrowths
+                engine.timed_capture_prompts.append(prompt.id)
             store.append_prompt(steps, turns)
             advance()
-        engine["capacity"] = self.target.engine_stats().get("capacity")
+        engine.capacity = self.target.engine_stats().get("capacity")
         store.info.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         store.write_info()
 
@@ -395,8 +385,10 @@ class Benchmark:
     def _run_batches(self, store: RunStore, todo: list[Prompt], advance) -> None:
         """--batch-size B: prompts measured and saved a group at a time (BATCHES_PER_GROUP x B prompts,
         so that refilled rows have turns to take and an interrupted run keeps the groups done)."""
-        batch = store.info.extra.setdefault("batch", {"size": self.config.batch_size, "refill": self.config.refill,
-                                                       "engine": self.rows_target.engine, "batches": []})
+        extra = store.info.extra
+        if extra.batch is None:  # a resumed run keeps its batches
+            extra.batch = {"size": self.config.batch_size, "refill": self.config.refill, "engine": self.rows_target.engine, "batches": []}
+        batch = extra.batch
         group = BATCHES_PER_GROUP * self.config.batch_size
         for start in range(0, len(todo), group):
             prompts = todo[start : start + group]
@@ -468,12 +460,31 @@ def start_run(config: RunConfig, out: Path, progress: Progress = SILENT, command
         return _measure(bench, store, progress)
 
 
+@dataclass
+class Conflict:
+    """A value given to resume a run that disagrees with what the run was started with."""
+
+    name: str  # a RunConfig field, or a drafter option (`drafter_option`)
+    given: Any
+    stored: Any
+    drafter_option: bool = False
+
+
+class ResumeConflicts(UserError):
+    """Resuming would change the run; `conflicts` names each value (the CLI words them as its flags)."""
+
+    def __init__(self, directory: Path, conflicts: list[Conflict]) -> None:
+        self.directory, self.conflicts = directory, conflicts
+        named = "; ".join(f"{c.name} {c.given!r} (the run has {c.stored!r})" for c in conflicts)
+        super().__init__(f"{directory} is resumed as it was started; these would change it: {named}")
+
+
 def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_options: dict[str, Any] | None = None,
                progress: Progress = SILENT) -> Path | None:
     """Measure the prompts an interrupted run did not finish, on the machine that started it, with
     the run's own configuration: its write lock taken (a second writer is refused), and what the
-    user gave beside it (`settings`: RunConfig field or `out` -> value; `drafter_options`: option ->
-    value) checked against it; a conflict is refused, named."""
+    user gave beside it (`settings`: RunConfig field -> value; `drafter_options`: option -> value)
+    checked against it; conflicts are refused (ResumeConflicts)."""
     from specbench.targets.deepspeed import under_launcher
 
     store = RunStore.open(Path(directory))
@@ -485,8 +496,7 @@ def resume_run(directory: Path, settings: dict[str, Any] | None = None, drafter_
         store.load()  # its records read before the target loads: a record of another run is refused at once
         conflicts = resume_conflicts(store.info, settings or {}, drafter_options or {})
         if conflicts:
-            raise UserError(f"--resume {directory} continues the run as it was started; these flags would change it: "
-                            f"{'; '.join(conflicts)}. Drop them, or start a new run")
+            raise ResumeConflicts(Path(directory), conflicts)
         config = config_from_info(store.info)
         check(config)
         with progress.status(f"resuming {directory}"):
@@ -520,28 +530,25 @@ def config_from_info(info: RunInfo) -> RunConfig:
 RESOLVED_AT_START = ("dtype", "engine")
 
 
-def resume_conflicts(info: RunInfo, settings: dict[str, Any], drafter_options: dict[str, Any]) -> list[str]:
-    """What the user gave beside --resume that disagrees with the stored run, each as 'FLAG VALUE
-    (the run has STORED)': `settings` (RunConfig field or `out` -> value) against its configuration,
-    `drafter_options` (name -> value, text or typed) against its drafter options."""
+def resume_conflicts(info: RunInfo, settings: dict[str, Any], drafter_options: dict[str, Any]) -> list[Conflict]:
+    """What the user gave to resume the stored run that disagrees with it: `settings` (RunConfig
+    field -> value) against its configuration, `drafter_options` (name -> value, text or typed)
+    against its drafter options."""
     config = config_from_info(info)
     conflicts = []
     for name, value in settings.items():
-        if name == "out":
-            conflicts.append(f"--out {value} (a resumed run stays in its own directory)")
-            continue
         if name in RESOLVED_AT_START and value == "auto":
             continue
         stored = getattr(config, name)
         if _comparable(value) != _comparable(stored):
-            conflicts.append(f"{flag_of(name)} {_shown(value)} (the run has {_shown(stored)})")
+            conflicts.append(Conflict(name, value, stored))
     specs = drafter_class(config.drafter).Options.specs()
     for name, value in drafter_options.items():
         stored = config.drafter_options.get(name)
-        if name in specs:  # `-o k=3` arrives as text: compare it as the option's type
+        if name in specs:  # text (from the command line) compared as the option's type
             value = specs[name].convert(config.drafter, value)
         if _comparable(value) != _comparable(stored):
-            conflicts.append(f"-o {name}={_shown(value)} (the run has {_shown(stored)})")
+            conflicts.append(Conflict(name, value, stored, drafter_option=True))
     return conflicts
 
 
@@ -551,14 +558,6 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_comparable(v) for v in value]
     return value
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def command_line() -> str:

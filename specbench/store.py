@@ -109,11 +109,10 @@ class RunStore:
             if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
                 raise UserError(f"{run_file} has schema version {version}, written by a newer specbench (this one reads up to "
                                 f"{SCHEMA_VERSION}); upgrade specbench to read it")
-            known = {f.name for f in fields(RunInfo)}
             for name, kind in INFO_TYPES.items():
                 if name in row and not (isinstance(row[name], kind) and not isinstance(row[name], bool)):
                     raise TypeError(f"field '{name}' holds {type(row[name]).__name__}")
-            info = RunInfo(**{k: v for k, v in row.items() if k in known})
+            info = RunInfo.from_json(row)
         except UserError:
             raise
         except (json.JSONDecodeError, TypeError, AttributeError) as exc:

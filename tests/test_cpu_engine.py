@@ -191,6 +191,7 @@ def test_compiled_step_taps_the_eager_engines_hidden_states(compiled):
 def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled, tmp_path):
     import json
 
+    from specbench.records import EngineFacts
     from specbench.report.tables import engine_line
     from specbench.runner import Benchmark, RunConfig
     from specbench.store import RunStore
@@ -203,7 +204,7 @@ def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled,
     engine = json.loads((tmp_path / "run" / "run.json").read_text())["extra"]["engine"]
     assert engine["compiled_step"] and engine["timed_compiles"] == 0 and engine["timed_capture_prompts"] == []
     assert set(engine["profile_ms"]) >= {"1", "2"}  # the bucket profile verifies choose from
-    assert "compiled step" in engine_line({"engine": engine})
+    assert "compiled step" in engine_line(EngineFacts(**engine))
 
 
 def test_compiled_code_is_cached_under_specbenchs_cache_unless_the_user_chose_a_directory(monkeypatch, tmp_path):

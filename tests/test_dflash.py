@@ -26,7 +26,7 @@ from specbench.drafters.dflash.drafter import DFlashDrafter, DFlashOptions
 from specbench.drafters.dflash.model import DFlashConfig, DFlashNet
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
-from specbench.errors import UserError
+from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import per_position, tau
 from specbench.runner import Benchmark, RunConfig
 from specbench.simulate.log import read_log
@@ -96,7 +96,7 @@ def setup(tmp_path_factory):
 
 
 def build(setup, layout, **options) -> DFlashDrafter:
-    return DFlashDrafter.build(setup["target"], heads=str(setup["root"] / layout), **options)
+    return DFlashDrafter.build(setup["target"], weights=str(setup["root"] / layout), **options)
 
 
 def chat_prompts(n: int = LIMIT) -> list[torch.Tensor]:
@@ -146,7 +146,7 @@ def test_dflash_config_wins_over_top_level(setup, tmp_path):
     config["dflash_config"]["block_size"] = 5  # top level still says 8
     config["is_causal"] = True
     (directory / "config.json").write_text(json.dumps(config))
-    drafter = DFlashDrafter.build(setup["target"], heads=str(directory))
+    drafter = DFlashDrafter.build(setup["target"], weights=str(directory))
     assert drafter.k == 4 and drafter.net.config.causal == (True, True)
     assert drafter.describe()["causal_from"] == "config is_causal"
 
@@ -192,7 +192,7 @@ def _reshape(key):
 def test_loading_is_strict_one_line(setup, tmp_path, layout, change, message):
     directory = plant(setup["root"] / layout, tmp_path / "bad", change)
     with pytest.raises(UserError) as info:
-        DFlashDrafter.build(setup["target"], heads=str(directory))
+        DFlashDrafter.build(setup["target"], weights=str(directory))
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
@@ -201,18 +201,18 @@ def test_misfits_are_one_line(setup, tmp_path):
     directory = tmp_path / "k"
     shutil.copytree(setup["root"] / "dflash", directory)
     with pytest.raises(UserError, match="trained on blocks of 8 .* asks for 9: use at most 7"):
-        DFlashDrafter.build(target, heads=str(directory), k=9)
+        DFlashDrafter.build(target, weights=str(directory), k=9)
     with pytest.raises(UserError, match="both set the block"):
-        DFlashDrafter.build(target, heads=str(directory), k=3, tree="chain:4")
+        DFlashDrafter.build(target, weights=str(directory), k=3, tree="chain:4")
     config = json.loads((directory / "config.json").read_text())
     config["num_target_layers"] = 36
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="trained on a target of 36 layers"):
-        DFlashDrafter.build(target, heads=str(directory))
+        DFlashDrafter.build(target, weights=str(directory))
     del config["dflash_config"]["target_layer_ids"]
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="lacks target_layer_ids"):
-        DFlashDrafter.build(target, heads=str(directory))
+        DFlashDrafter.build(target, weights=str(directory))
 
 
 # --- the network against an independent, dense reference forward ------------------------------------
@@ -343,7 +343,7 @@ def test_fast_engine_verifies_blocks_and_trees_in_buckets(setup):
     target = setup["target"]
     fast = FastHFTarget(target.model, name="fast", graphs=FakeGraphs())
     for options in ({}, {"tree": "dynamic", "total_tokens": 12, "top_k": 3}):
-        drafter = DFlashDrafter.build(fast, heads=str(setup["root"] / "dflash2"), **options)
+        drafter = DFlashDrafter.build(fast, weights=str(setup["root"] / "dflash2"), **options)
         warm_up_engines(fast, drafter, 512)
         captured = fast.decoder.graph_set.captured
         for prompt in chat_prompts():
@@ -450,7 +450,7 @@ def test_simulate_equals_online(setup, layout):
     """Every step's tree size, depth and accepted length, τ and per-position acceptance, for chains
     of 2 and 7 (blocks of 3 and 8: each scored by its own batched pass), a tree of ranks and the
     best-first tree, from the log's side file (record --hidden-taps dflash)."""
-    options = {"heads": str(setup["root"] / layout), "total_tokens": 10, "top_k": 3}
+    options = {"weights": str(setup["root"] / layout), "total_tokens": 10, "top_k": 3}
     shapes = [Shape.chain(2), Shape.chain(7), Shape.from_spec("mc_sim_7b_63_depth3") if layout == "dflash" else Shape.chain(4),
               Shape.from_spec("dynamic")]
     simulator = Simulator(setup["log"], SimulateConfig("dflash", options, shapes, latency_steps=1), setup["target"])
@@ -466,8 +466,17 @@ def test_simulate_equals_online(setup, layout):
     assert deep >= 2, "no step accepted two drafted tokens: deeper positions were not compared"
 
 
+def test_weights_option_takes_its_old_name_with_a_note():
+    # `heads`, DFlash's first name for its weights (as EAGLE's was): still read, with one deprecation line
+    with pytest.warns(SpecbenchWarning, match="option heads is deprecated.*use --weights"):
+        options = DFlashOptions.parse("dflash", {"heads": "some/draft"})
+    assert options.weights == "some/draft"
+    with pytest.raises(UserError, match="give --weights only"):
+        DFlashOptions.parse("dflash", {"heads": "a", "weights": "b"})
+
+
 def test_cli_runs_dflash(setup, tmp_path, capsys, monkeypatch):
-    code, out, err = run_cli(["run", "--target", setup["root"] / "target", "--drafter", "dflash", "--heads", setup["root"] / "dflash",
+    code, out, err = run_cli(["run", "--target", setup["root"] / "target", "--drafter", "dflash", "--weights", setup["root"] / "dflash",
                               "--k", 4, "--limit", 1, "--max-new-tokens", 12, "--dtype", "float64", "--device", "cpu",
                               "--out", tmp_path, "--json"], capsys, monkeypatch)
     assert code == 0, err
@@ -476,7 +485,7 @@ def test_cli_runs_dflash(setup, tmp_path, capsys, monkeypatch):
     info = json.loads((Path(summary["run"]) / "run.json").read_text())
     assert info["extra"]["drafter"]["block"] == 5 and info["extra"]["drafter"]["taps"] == [2, 3, 4]
     bad = plant(setup["root"] / "dflash", tmp_path / "bad", _drop("norm.weight"))
-    code, out, err = run_cli(["run", "--target", setup["root"] / "target", "--drafter", "dflash", "--heads", bad, "--limit", 1,
+    code, out, err = run_cli(["run", "--target", setup["root"] / "target", "--drafter", "dflash", "--weights", bad, "--limit", 1,
                               "--device", "cpu", "--out", tmp_path], capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "missing key 'norm.weight'" in err, err
 
@@ -567,7 +576,7 @@ def test_smollm2_lossless_and_simulate_equals_online(tmp_path):
     ids = layouts.tap_rule(target.num_layers)
     assert ids == [1, 8, 14, 20, 27]
     write_v1(tmp_path / "draft", target, ids, block_size=16, layers=5)
-    drafter = DFlashDrafter.build(target, heads=str(tmp_path / "draft"), k=7)
+    drafter = DFlashDrafter.build(target, weights=str(tmp_path / "draft"), k=7)
     assert drafter.taps == (2, 9, 15, 21, 28) and drafter.net.config.mask_token_id == 16
     prompts = load_workload(WORKLOAD)[:LIMIT]
     for prompt in prompts[:1]:
@@ -575,7 +584,7 @@ def test_smollm2_lossless_and_simulate_equals_online(tmp_path):
         assert decode(target, drafter, tokens, 32).output_ids == decode(target, PlainDecoding(target), tokens, 32).output_ids
     record(target, prompts, WORKLOAD, 32, tmp_path / "log.jsonl", hidden_layers=parse_hidden_taps("dflash", target.num_layers))
     log = read_log(tmp_path / "log.jsonl")
-    options = {"heads": str(tmp_path / "draft")}
+    options = {"weights": str(tmp_path / "draft")}
     simulator = Simulator(log, SimulateConfig("dflash", options, [Shape.chain(3), Shape.chain(7)], latency_steps=1), target)
     for result in simulator.score().results:
         config = RunConfig(drafter="dflash", drafter_options={**options, "tree": result.shape.spec}, workload=WORKLOAD, limit=LIMIT,
@@ -591,7 +600,7 @@ def test_smollm2_lossless_and_simulate_equals_online(tmp_path):
 def test_cli_simulates_dflash(setup, tmp_path, capsys, monkeypatch):
     """`simulate` from the log's side file with the real target for the embedding and LM head; without
     --target it is one line naming it (the draft owns neither)."""
-    args = ["simulate", "--log", setup["root"] / "log.jsonl", "--drafter", "dflash", "--heads", setup["root"] / "dflash", "--k", "2,7",
+    args = ["simulate", "--log", setup["root"] / "log.jsonl", "--drafter", "dflash", "--weights", setup["root"] / "dflash", "--k", "2,7",
             "--tree", "dynamic", "--bandwidth", 100, "--latency-steps", 1, "--out", tmp_path / "runs"]
     code, out, err = run_cli([*args, "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--json"], capsys,
                              monkeypatch)
@@ -632,7 +641,7 @@ def test_train_dflash_learns_and_writes_the_v1_layout(setup, tmp_path, capsys, m
     assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 5 and config["model_type"] == "qwen3"
     assert config["dflash_config"] == {"mask_token_id": 99, "target_layer_ids": [1, 2, 2, 2, 3]}  # no named mask token: the last id
     assert not any("embed" in k or "lm_head" in k for k in load_file(out / "model.safetensors"))
-    drafter = DFlashDrafter.build(target, heads=str(out))
+    drafter = DFlashDrafter.build(target, weights=str(out))
     assert drafter.describe()["format"] == "dflash" and drafter.k == 4
     for prompt in chat_prompts(1):
         assert decode(target, drafter, prompt, MAX_NEW).output_ids == decode(target, PlainDecoding(target), prompt, MAX_NEW).output_ids

@@ -180,3 +180,16 @@ def test_draft_model_rejects_other_vocabulary(target):
 
     with pytest.raises(UserError, match="vocabulary mismatch"):
         DraftModelDrafter(target, tiny_llama(3, vocab=80), k=2)
+
+
+def test_counted_gives_the_events_inside_its_block_even_when_it_raises():
+    from specbench.engine.events import EVENTS, counted
+
+    EVENTS.captures += 2  # before the block: not counted
+    with pytest.raises(RuntimeError), counted() as seen:
+        EVENTS.captures, EVENTS.capture_ms, EVENTS.regrowths = EVENTS.captures + 3, EVENTS.capture_ms + 1.5, EVENTS.regrowths + 1
+        raise RuntimeError("a crash inside the timed block")
+    assert (seen.captures, seen.capture_ms, seen.compiles, seen.regrowths) == (3, 1.5, 0, 1) and seen
+    with counted() as quiet:
+        pass
+    assert not quiet

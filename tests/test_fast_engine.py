@@ -501,11 +501,12 @@ def test_run_warm_up_captures_before_timing(models, tmp_path):
 
 
 def test_run_without_warm_up_says_it_captured_while_timed(models, tmp_path):
+    from specbench.records import EngineFacts
     from specbench.report.tables import engine_line
 
     _, engine = benchmark_run(models, tmp_path, warmup=False)
     assert engine["graphs"] == 0 and engine["timed_captures"] > 0 and len(engine["timed_capture_prompts"]) >= 1
-    line = engine_line({"engine": engine})
+    line = engine_line(EngineFacts(**engine))
     assert "inside timed prompts" in line and f"{engine['timed_captures']} captures" in line
 
 

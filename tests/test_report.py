@@ -1,7 +1,9 @@
 """`specbench report` on stores built from known records: every printed figure checked against a hand computation."""
 
 import json
+import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,7 +11,8 @@ from rich.console import Console
 from test_cli import run_cli
 
 import specbench.cli as cli
-from specbench.records import RunInfo, StepRecord, TurnRecord
+from specbench.records import EngineFacts, MeasuredExtra, RunInfo, StepRecord, TurnRecord, WorkloadFacts
+from specbench.report.tables import engine_line
 from specbench.store import RunStore
 
 
@@ -19,7 +22,7 @@ def info(run_id, drafter="draft-model", device="Test CPU", shard=None, options=N
         drafter_options=options or {"k": 3}, workload="builtin", workload_hash=f"h-{run_id}",
         decode={"max_new_tokens": 16, "temperature": 0.0, "shard": shard, **({"simulated": True} if simulated else {})},
         environment={"device_name": device}, started="2026-01-01T00:00:00+00:00",
-        extra={"workload": {"selection_hash": "sel"}},
+        extra=MeasuredExtra(workload=WorkloadFacts(selection_hash="sel")),
     )
 
 
@@ -295,3 +298,55 @@ def test_setup_names_say_once_what_is_shared_and_keep_what_differs(tmp_path):
     assert shared["target"] == "target tiny/target" and shared["decode.max_new_tokens"] == "max new tokens 16"
     assert shared["decode.temperature"] == "temperature 0.0" and "decode.simulated" not in shared
     assert sorted(names.values()) == ["draft-model (k=3)", "draft-model (k=3) · simulated", "prompt-lookup (k=5, max_ngram=3)"]
+
+
+# --- run.json written before `extra` was typed ----------------------------------------------------
+
+# A measured and a simulated run directory as specbench wrote them while run.json's `extra` was a
+# plain dict read back by string key (written by the code at 06fc8d6; paths shortened to tiny/)
+OLD_RUNS = Path(__file__).parent / "data" / "old_runs"
+
+
+@pytest.mark.parametrize("kind", ["measured", "simulated"])
+def test_a_run_json_from_before_typed_extra_reads_typed_and_writes_back_the_same_json(kind, tmp_path):
+    directory = shutil.copytree(OLD_RUNS / kind, tmp_path / kind)
+    written = json.loads((directory / "run.json").read_text())
+
+    def less_later_fields(row: dict) -> dict:
+        """`row` less the fields added since these files were written, which read as their defaults."""
+        if kind == "measured":
+            engine = row["extra"]["engine"]  # the CPU engine's prepacked weights and lean layers
+            assert (engine.pop("packed_linears"), engine.pop("lean_layers")) == (False, 0)
+        return row
+
+    with RunStore.open(directory) as store:
+        info = store.info
+        assert info.simulated == (kind == "simulated") and less_later_fields(info.to_json()) == written
+        store.write_info()
+    assert less_later_fields(json.loads((directory / "run.json").read_text())) == written
+    assert info.memory.target_forward_bytes == written["extra"]["target_forward_bytes"] == 186048
+    if kind == "measured":
+        assert info.extra.workload.prompts == 2 and info.extra.workload.selection_hash == "4d35af2baf7e91c3"
+        assert info.extra.engine.engine == "eager" and info.extra.engine.planned_positions == 223
+    else:
+        assert info.extra.shape == "k=2" and info.extra.alpha_iid == 0.25 and info.extra.latency_model["kind"] == "roofline"
+
+
+def test_old_runs_report_and_an_engine_entry_from_before_compiled_steps_reads_with_zero_counts(tmp_path, capsys, monkeypatch, wide):
+    for kind in ("measured", "simulated"):
+        shutil.copytree(OLD_RUNS / kind, tmp_path / kind)
+    code, out, err = run_cli(["report", tmp_path], capsys, monkeypatch)
+    assert code == 0, err
+    assert "prompt-lookup → tiny/target · AMD EPYC, 1 threads" in out
+    assert "prompt-lookup (k=2) → tiny/target" in out and "simulated" in out
+    # runs started before the compiled step lack its counters (and the warm-up's planned positions)
+    row = json.loads((tmp_path / "measured" / "run.json").read_text())
+    for key in ("compiled_step", "compile_ms", "compiles", "timed_compiles", "timed_compile_ms", "planned_positions"):
+        del row["extra"]["engine"][key]
+    row["extra"]["engine"] |= {"engine": "fast", "capacity": 256, "timed_captures": 1, "timed_capture_prompts": ["p1"]}
+    (tmp_path / "measured" / "run.json").write_text(json.dumps(row))
+    engine = RunStore.open(tmp_path / "measured").info.extra.engine
+    lacked = {"compiled_step": False, "compiles": 0, "timed_compiles": 0, "packed_linears": False, "lean_layers": 0}  # defaults
+    assert engine == EngineFacts(**{**row["extra"]["engine"], **lacked})
+    assert "1 captures (0.00 s), 0 compilations (0.00 s)" in engine_line(engine)
+    assert "planned_positions" not in RunStore.open(tmp_path / "measured").info.to_json()["extra"]["engine"]

@@ -20,6 +20,7 @@ from specbench.engine.protocol import (
 )
 from specbench.engine.tree import DraftTree, TreeShape
 from specbench.errors import UserError
+from specbench.flags import tune_commands
 from specbench.metrics import alpha_iid, per_position, tau
 from specbench.records import StepMeasure
 from specbench.runner import Benchmark, RunConfig
@@ -208,7 +209,7 @@ def test_a_shape_option_not_named_k_runs_simulates_exactly_and_tunes(setup, head
     result = choose(tuner, tuner.frontier(model, costs_for(tuner), "tiny"), setup["log"], None, None)
     scored = Simulator(setup["log"], SimulateConfig("test-window", {}, [Shape.chain(k) for k in range(1, 5)], latency_steps=0)).score()
     assert [p.tau for p in result.frontier.points] == [tau([s for turn in r.steps for s in turn]) for r in scored.results]
-    assert f"--window {result.chosen.size} " in result.run_command
+    assert f"--window {result.chosen.size} " in tune_commands(result.check)[0]
     # the shape is theirs to set, not the user's
     with pytest.raises(UserError, match="do not pass --window"):
         Tuner(setup["log"], TuneConfig("test-window", {"window": 2}, max_nodes=4, draft_ms=0.0))

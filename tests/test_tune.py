@@ -16,6 +16,7 @@ from specbench.engine.options import ChainOptions, DrafterOptions, option
 from specbench.engine.protocol import RANK_NONE, Drafter, TeacherForced
 from specbench.engine.tree import validate_paths
 from specbench.errors import UserError
+from specbench.flags import tune_commands
 from specbench.metrics import tau
 from specbench.simulate.log import (
     LogHeader,
@@ -145,7 +146,8 @@ def test_chain_k_by_hand(tmp_path, table_drafters):
     assert [p.tokens_per_s for p in points] == pytest.approx([8000 / 48, 9000 / 39, 9000 / 40])
     assert [p.speedup for p in points] == pytest.approx([8 / 4.8, 9 / 3.9, 9 / 4.0])
     assert result.kind == "chain" and result.chosen.size == 2 and result.paths == [[0], [0, 0]]
-    assert "--k 2" in result.run_command and "--workload hand --limit 1 --max-new-tokens 9" in result.run_command
+    run, simulate = tune_commands(result.check)
+    assert "--k 2 --workload hand --limit 1 --max-new-tokens 9" in run and simulate.endswith("--drafter test-table --k 2")
     # with a flat verify cost k=2 and k=3 cost and yield the same: ties go to the smaller
     flat = hand_log(tmp_path, 9, [10.0, 10.0, 10.0, 10.0])
     assert tune_log(flat, TuneConfig("test-table", max_nodes=3, draft_ms=1.0)).chosen.size == 2
@@ -249,7 +251,7 @@ def test_chain_drafter_picks_k_as_simulate_scores_it(setup):
     assert any(p.tau > 1 for p in points), "prompt lookup never hit: the comparison proves little"
     best = max(points, key=lambda p: p.speedup)
     assert result.chosen.size == best.size and result.paths == [[0] * d for d in range(1, best.size + 1)]
-    assert f"--drafter prompt-lookup --k {best.size} --workload builtin --limit 3" in result.run_command
+    assert f"--drafter prompt-lookup --k {best.size} --workload builtin --limit 3" in tune_commands(result.check)[0]
 
 
 def test_bad_input_is_one_line(setup, tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """What the drafters of trained weights that draft a tree of ranks share (the head drafters,
-EAGLE): the `tree` option, their shape, and the catalogue's defaults (catalogue/heads.toml)
-for what the user leaves out: the weights for this target and the tree for this device."""
+EAGLE, DFlash): the `tree` option, their shape, the `weights` option of a draft that is no
+heads, and the catalogue's defaults (catalogue/heads.toml) for what the user leaves out: the
+weights for this target and the tree for this device."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import ClassVar
 
 from specbench.bundled import resolve_bundled
 from specbench.catalogue import drafter_entry
-from specbench.engine.options import VocabTrimOptions, option
+from specbench.engine.options import DrafterOptions, VocabTrimOptions, option
 from specbench.errors import UserError
 
 TREE_HELP = "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths"
@@ -21,6 +22,15 @@ class TreeOptions(VocabTrimOptions):
 
     shape_option: ClassVar[str | None] = "tree"
     tree: str | None = option(None, TREE_HELP + "; default from the catalogue")
+
+
+@dataclass
+class WeightsOptions(DrafterOptions):
+    """Options of a drafter whose trained weights are a draft network (EAGLE, DFlash), not heads."""
+
+    renamed: ClassVar[dict[str, str]] = {"heads": "weights"}  # their first name, from the head drafters
+    weights: str | None = option(None, "the draft's weights: a checkpoint directory, weights file or hub id; "
+                                       "default from catalogue/heads.toml")
 
 
 def catalogued_weights(drafter: str, target, given: str | None, what: str, missing: str) -> tuple[str, dict]:

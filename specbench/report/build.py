@@ -119,4 +119,4 @@ def batch_run_summary(directory: Path):
 
     store = RunStore.open(directory)
     steps, turns = store.load([])
-    return batch_summary(store.info.extra["batch"], steps, turns)
+    return batch_summary(store.info.extra.batch, steps, turns)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specbench.errors import UserError
-from specbench.records import RunInfo, StepRecord, TurnRecord
+from specbench.records import MeasuredExtra, RunInfo, StepRecord, TurnRecord
 from specbench.store import RUN_FILE, RunStore
 
 # decode settings that do not change what is measured (shard i of n measures a part of the same selection)
@@ -32,8 +32,7 @@ class Run:
     @property
     def coverage(self) -> tuple[int, int | None]:
         """(prompts measured, prompts the run selected; None where run.json does not say)."""
-        workload = self.info.extra.get("workload") if isinstance(self.info.extra, dict) else None
-        selected = workload.get("prompts") if isinstance(workload, dict) else None
+        selected = self.info.extra.workload.prompts if isinstance(self.info.extra, MeasuredExtra) else None
         return len({t.prompt_id for t in self.turns}), selected if isinstance(selected, int) else None
 
     @property
@@ -60,7 +59,7 @@ class Group:
     @property
     def batch(self) -> dict | None:
         """The pooled run.json `batch` entries of a setup run at --batch-size > 1 (None at batch 1)."""
-        entries = [r.info.extra["batch"] for r in self.runs if isinstance(r.info.extra, dict) and r.info.extra.get("batch")]
+        entries = [r.info.extra.batch for r in self.runs if isinstance(r.info.extra, MeasuredExtra) and r.info.extra.batch]
         if not entries:
             return None
         return {**entries[0], "batches": [b for entry in entries for b in entry.get("batches", [])]}
@@ -212,14 +211,14 @@ def hardware(environment: dict) -> str:
 
 
 def setup_of(info: RunInfo) -> dict:
-    workload = info.extra.get("workload", {}) if isinstance(info.extra, dict) else {}
+    selection = info.extra.workload.selection_hash if isinstance(info.extra, MeasuredExtra) else None
     return {
         "target": info.target_id or info.target,
         "drafter": info.drafter,
         "drafter_options": dict(sorted((info.drafter_options or {}).items())),
         "device": hardware(info.environment or {}),
         "workload": info.workload,
-        "selection": workload.get("selection_hash", info.workload_hash),
+        "selection": selection or info.workload_hash,
         "decode": {k: v for k, v in sorted((info.decode or {}).items()) if k not in NOT_SETUP},
     }
 

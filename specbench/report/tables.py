@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from specbench.metrics import BatchSummary, Summary
+from specbench.records import EngineFacts
 from specbench.report import columns
 from specbench.report.collect import setup_names
 
@@ -166,8 +167,9 @@ def frontier_table(frontier, title: str) -> Table:
 
 
 def tune_report(result) -> list:
-    """`specbench tune`: the frontier table, where the costs came from, the choice and the commands
-    that check it (the frontier's plot is `plots.tuned_frontier`, drawn by the caller)."""
+    """`specbench tune`: the frontier table, where the costs came from and the choice (the commands
+    that check it are the command line's, flags.tune_commands; the frontier's plot is
+    `plots.tuned_frontier`, drawn by the caller)."""
     f, chosen = result.frontier, result.chosen
     shape = f"k = {chosen.size}" if result.kind == "chain" else f"a {chosen.size}-node tree, depth {chosen.depth}, width {chosen.max_width}"
     per = ("per depth its chain and its fastest (every candidate in --json; each depth scored by the drafter built for it)"
@@ -175,10 +177,7 @@ def tune_report(result) -> list:
     shown = [frontier_table(f, f"{result.drafter} on {result.log}: predicted {per} (* = chosen; ~ = draft ms interpolated)"),
              (f"latency: verify from {f.label}; draft {f.draft_source}; overhead {f.overhead_source}; "
               f"plain decoding {f.plain_tokens_per_s:.1f} tokens/s"),
-             f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else ""),
-             f"verify it: {result.run_command}"]
-    if result.simulate_command:
-        shown.append(f"simulate scores it: {result.simulate_command}")
+             f"chosen: {shape}, τ {chosen.tau:.3f}, {chosen.speedup:.2f}× predicted" + (f"; written to {result.out}" if result.out else "")]
     return shown
 
 
@@ -211,31 +210,31 @@ def comparison_table(frame, groups) -> Table:
     return _frame_table(frame, "setup", "setup", "setups compared" + (f": {said_once}" if said_once else ""), names)
 
 
-def engine_line(extra: dict) -> str | None:
+def engine_line(e: EngineFacts | None) -> str | None:
     """The line `specbench run` shows about the fast engine's warm-up, apart from tokens/s."""
-    e = extra.get("engine") or {}
-    dtype = f" ({e['dtype']}: {e['dtype_choice']})" if e.get("dtype_choice", "given") != "given" else ""
-    if e.get("engine") != "fast":
+    e = e or EngineFacts()
+    dtype = f" ({e.dtype}: {e.dtype_choice})" if e.dtype_choice != "given" else ""
+    if e.engine != "fast":
         return f"eager engine{dtype}" if dtype else None
-    capacity = f"KV cache {e['capacity']} positions" if e.get("capacity") else "KV cache"
-    if e.get("cuda_graphs"):
-        line = f"fast engine{dtype}: {e['graphs']} CUDA graphs captured in {e['capture_ms'] / 1000:.2f} s before timing; {capacity}"
-    elif e.get("compiled_step"):
-        line = (f"fast engine{dtype}: compiled step, {e.get('compiles', 0)} graphs compiled in {e.get('compile_ms', 0) / 1000:.1f} s "
+    capacity = f"KV cache {e.capacity} positions" if e.capacity else "KV cache"
+    if e.cuda_graphs:
+        line = f"fast engine{dtype}: {e.graphs} CUDA graphs captured in {e.capture_ms / 1000:.2f} s before timing; {capacity}"
+    elif e.compiled_step:
+        line = (f"fast engine{dtype}: compiled step, {e.compiles} graphs compiled in {e.compile_ms / 1000:.1f} s "
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
-    elif e.get("packed_linears"):
-        lean = f", {e['lean_layers']} layers in fewer operations" if e.get("lean_layers") else ""
+    elif e.packed_linears:
+        lean = f", {e.lean_layers} layers in fewer operations" if e.lean_layers else ""
         line = f"fast engine{dtype}: linear weights prepacked for oneDNN{lean}, static {capacity}"
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
-    if e.get("profile_ms") and not e.get("cuda_graphs"):
-        line += f", verifies padded to the cheapest measured bucket (ms: {_profile_text(e['profile_ms'])})"
-    if e.get("timed_captures") or e.get("timed_regrowths") or e.get("timed_compiles"):
-        prompts = e.get("timed_capture_prompts", [])
+    if e.profile_ms and not e.cuda_graphs:
+        line += f", verifies padded to the cheapest measured bucket (ms: {_profile_text(e.profile_ms)})"
+    if e.timed_captures or e.timed_regrowths or e.timed_compiles:
+        prompts = e.timed_capture_prompts
         line += (
-            f"; inside timed prompts: {e['timed_captures']} captures ({e['timed_capture_ms'] / 1000:.2f} s), "
-            f"{e.get('timed_compiles', 0)} compilations ({e.get('timed_compile_ms', 0) / 1000:.2f} s) and "
-            f"{e['timed_regrowths']} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
+            f"; inside timed prompts: {e.timed_captures} captures ({e.timed_capture_ms / 1000:.2f} s), "
+            f"{e.timed_compiles} compilations ({e.timed_compile_ms / 1000:.2f} s) and "
+            f"{e.timed_regrowths} cache regrowths, in {len(prompts)} prompt(s) ({', '.join(prompts[:3])}"
             f"{', ...' if len(prompts) > 3 else ''}): their timings include them"
         )
     return line

@@ -33,8 +33,8 @@ from specbench.progress import SILENT, Progress
 from specbench.records import (
     BASELINE,
     SPEC,
-    MemoryFacts,
     RunInfo,
+    SimulatedExtra,
     StepMeasure,
     StepRecord,
     TurnRecord,
@@ -47,6 +47,9 @@ from specbench.simulate.walk import Shape, walk
 from specbench.store import RunStore
 
 TEACHER_FORCED, STEP_REPLAY = "teacher-forced", "step replay"
+# the drafter_options key run.json records a shape under when no option of the drafter draws it
+# (a tree imposed on a chain drafter, or a k on one without a shape option), so reports keep it apart
+IMPOSED_SHAPE = "tree"
 
 
 @dataclass
@@ -262,13 +265,13 @@ class Simulator:
     def options_for(self, shape: Shape) -> dict[str, Any]:
         """The drafter options that draft `shape` online (what its run.json records). A chain
         drafter scored on a tree has no option that draws it: the tree is recorded under
-        simulate's own flag name, so its setups stay apart in reports."""
+        IMPOSED_SHAPE, so its setups stay apart in reports."""
         name = self.shape_spec.name if self.shape_spec is not None else None
         if name and self.cls.drafts == "tree":
             return {**self.options, name: shape.spec}
         if name and shape.k is not None:
             return {**self.options, name: shape.k}
-        return {**self.options, "tree": shape.spec}
+        return {**self.options, IMPOSED_SHAPE: shape.spec}
 
     def _replay(self, turn: LogTurn, cap: int | None, max_steps: int | None = None, drafter=None) -> list[StepMeasure]:
         drafter = drafter or self.drafter
@@ -383,20 +386,19 @@ def write_runs(
             decode={"max_new_tokens": simulator.max_new, "temperature": 0.0, "dtype": log.header.dtype,
                     "device": log.header.device, "simulated": True},
             environment=environment(torch.device("cpu")),
-            extra={
-                "simulated": True,
-                "method": sim.method,
-                "log": str(log.path),
-                "shape": shape.name,
-                "hidden_source": sim.hidden_source,
-                "latency_model": model.describe(),
-                "draft_ms_per_step": draft_ms,
-                "draft_ms_source": result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
-                **asdict(MemoryFacts(target_bytes, draft_bytes, gamma)),
-                "alpha_iid": alpha,
-                "leviathan_expected_speedup": leviathan,
-                "drafter": simulator.drafter.describe(),
-            },
+            extra=SimulatedExtra(
+                target_bytes, draft_bytes, gamma,
+                method=sim.method,
+                log=str(log.path),
+                shape=shape.name,
+                hidden_source=sim.hidden_source,
+                latency_model=model.describe(),
+                draft_ms_per_step=draft_ms,
+                draft_ms_source=result.draft_ms_source if model.kind == "profile" else "roofline: draft bytes × passes / bandwidth",
+                alpha_iid=alpha,
+                leviathan_expected_speedup=leviathan,
+                drafter=simulator.drafter.describe(),
+            ),
         )
         with RunStore.create_unique(out, info) as store:
             store.append_prompt(steps, turns)
@@ -404,7 +406,7 @@ def write_runs(
             store.write_info()
         directory = store.directory
         summary = summarise(steps, turns, memory_model(info.memory))
-        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra["draft_ms_source"]))
+        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra.draft_ms_source))
     return reports
 
 

@@ -434,6 +434,23 @@ class Tuner:
 
 
 @dataclass
+class ChosenRun:
+    """How the choice is checked: measured by `run` on the log's prompts with the drafter's shape
+    option set to it, and scored by `simulate` on the log (the command line spells both as
+    commands: flags.tune_commands)."""
+
+    target: str
+    drafter: str
+    drafter_options: dict[str, Any]  # the user's, without the shape option
+    kind: str  # "tree" | "chain"
+    shape: int | str | None  # the chosen k, or the tree file written (None: not written)
+    workload: str
+    limit: int  # the log's prompts
+    max_new_tokens: int
+    log: str  # the log simulate scores it on
+
+
+@dataclass
 class TuneResult:
     drafter: str
     kind: str  # "tree" | "chain"
@@ -443,8 +460,7 @@ class TuneResult:
     log: str
     verify_log: str | None
     out: str | None  # the tree file written
-    run_command: str
-    simulate_command: str | None
+    check: ChosenRun
 
     @property
     def chosen(self) -> FrontierPoint:
@@ -476,35 +492,10 @@ def costs_for(tuner: Tuner, overhead_from: Path | None = None, progress: Progres
     return costs
 
 
-def option_flags(drafter: str, options: dict[str, Any]) -> str:
-    """The drafter options as the flags `run` takes."""
-    from specbench.drafters.registry import drafter_class
-
-    specs = drafter_class(drafter).Options.specs()
-    parts = []
-    for name, value in options.items():
-        flag = specs[name].flag
-        if isinstance(value, bool):
-            parts.append(flag if value else f"-o {name}=false")
-        else:
-            parts.append(f"{flag} {value}")
-    return " ".join(parts)
-
-
-def commands(log: TargetLog, drafter: str, options: dict[str, Any], kind: str, size: int, out: Path | None,
-             max_new: int) -> tuple[str, str | None]:
-    """The `specbench run` that measures the choice on the log's prompts (the drafter's shape option
-    set to it), and the `simulate` that scores it there (simulate's own --k / --tree)."""
-    from specbench.drafters.registry import drafter_class
-
-    value = size if kind == "chain" else out
-    shape_flag = drafter_class(drafter).shape_spec().flag
-    prompts = len({t.prompt_id for t in log.turns})
-    flags = option_flags(drafter, options)
-    run = (f"specbench run --target {log.header.target} --drafter {drafter} {flags + ' ' if flags else ''}{shape_flag} {value} "
-           f"--workload {log.header.workload} --limit {prompts} --max-new-tokens {max_new}")
-    simulate = f"specbench simulate --log {log.path} --drafter {drafter} {flags + ' ' if flags else ''}{'--k' if kind == 'chain' else '--tree'} {value}"
-    return run, simulate
+def chosen_run(log: TargetLog, drafter: str, options: dict[str, Any], kind: str, size: int, out: Path | None, max_new: int) -> ChosenRun:
+    """The run that measures the choice on the log's prompts, and the log simulate scores it on."""
+    return ChosenRun(log.header.target, drafter, options, kind, size if kind == "chain" else (str(out) if out else None),
+                     log.header.workload, len({t.prompt_id for t in log.turns}), max_new, str(log.path))
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
@@ -564,10 +555,9 @@ def choose(tuner: Tuner, frontier: Frontier, log: TargetLog, verify_log: TargetL
             "draft_ms_source": frontier.draft_source, "overhead_source": frontier.overhead_source,
             "predicted": {k: v for k, v in asdict(chosen).items() if v is not None},
         })
-    run, simulate = commands(verify_log or log, config.drafter, config.drafter_options, tuner.kind, chosen.size, out,
-                             tuner.simulator.max_new)
+    check = chosen_run(verify_log or log, config.drafter, config.drafter_options, tuner.kind, chosen.size, out, tuner.simulator.max_new)
     return TuneResult(config.drafter, tuner.kind, frontier, paths, tuner.table.positions, str(log.path),
-                      str(verify_log.path) if verify_log else None, str(out) if out else None, run, simulate)
+                      str(verify_log.path) if verify_log else None, str(out) if out else None, check)
 
 
 def write_tree(out: Path, paths: list[list[int]], about: dict[str, Any]) -> None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from specbench.drafters.dflash.layouts import tap_rule, write_v1
 from specbench.drafters.dflash.model import DFlashConfig, DFlashNet
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, batches, chain_scores, prepare_out, split_data, train_loop
+from specbench.train.common import TrainConfig, TrainLog, batches, chain_scores, split_data, train_loop
+from specbench.train.data import prepare_out
 
 MASK_NAMES = ("<|MASK|>", "<empty_output>")  # z-lab's Qwen3 mask token; SmolLM2's unused special
 

@@ -27,12 +27,12 @@ from specbench.train.common import (
     TrainConfig,
     TrainLog,
     batches,
-    prepare_out,
     sequence,
     split_data,
     train_loop,
     train_vocab,
 )
+from specbench.train.data import prepare_out
 
 
 def shallow_copy_config(config, layers: int):

@@ -47,7 +47,8 @@ from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.engine.protocol import TrainableTarget
 from specbench.errors import UserError
-from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, chain_scores, prepare_out, split_data, train_loop, train_vocab
+from specbench.train.common import TrainConfig, TrainLog, TrainVocab, batches, chain_scores, split_data, train_loop, train_vocab
+from specbench.train.data import prepare_out
 
 REGRESSION_WEIGHT, TOKEN_WEIGHT = 1.0, 0.1  # EAGLE-1's loss weights (the reference's v_w, p_w)
 STEP_DECAY = 0.8  # EAGLE-3: step s's loss weighs 0.8^s (the reference's)

@@ -42,18 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from specbench.engine.protocol import TrainableTarget
-from specbench.errors import UserError
 from specbench.train.common import (
     TrainConfig,
     TrainLog,
     TrainVocab,
     batches,
-    prepare_out,
     sequence,
     split_data,
     train_loop,
     train_vocab,
 )
+from specbench.train.data import prepare_out
 
 HYDRA_DROPOUT = 0.2
 
@@ -146,11 +145,9 @@ class DecoderRecipe(MedusaRecipe):
 
     def __init__(self, target, num_heads, tie_lm_head, options) -> None:
         super().__init__(target, num_heads, tie_lm_head, options)
-        from specbench.drafters.heads.decoder import copied_trunk
+        from specbench.drafters.heads.decoder import TrunkDepth, copied_trunk
 
-        self.n = int(options.get("decoder_layers", 1))
-        if not 1 <= self.n <= target.num_layers:
-            raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {self.n})")
+        self.n = TrunkDepth(options.get("decoder_layers")).layers_to_copy()
         self.trunk = copied_trunk(target, self.n)
         self.trunk.requires_grad_(True)
         self.trunk.model.get_input_embeddings().requires_grad_(False)
@@ -267,7 +264,9 @@ def head_losses(recipe: HeadRecipe, ids: torch.Tensor, start: int, logits: list[
 
 def train_heads(config: TrainConfig, target: TrainableTarget, overwrite: bool = False, on_step=None) -> dict:
     options = config.options
-    num_heads = int(options.get("num_heads", 4))  # at least 1: HeadTraining declares it
+    from specbench.drafters.heads.base import HeadCount
+
+    num_heads = HeadCount(options.get("num_heads")).heads_to_make()
     out = Path(config.out)
     recipe_cls = RECIPES[config.drafter]
     data, train_idx, evald, eval_idx = split_data(config, target, need_hidden=recipe_cls is not DecoderRecipe)

@@ -24,13 +24,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.bundled import resolve_bundled
-from specbench.catalogue import drafter_entry
+from specbench.drafters.catalogued import WeightsOptions, catalogued_weights
 from specbench.drafters.dflash.layouts import DFlashCheckpoint, build_net, read_checkpoint
 from specbench.drafters.dflash.model import DFlashNet
 from specbench.drafters.trees import resolve_tree
 from specbench.engine.acceptance import TreeSampling, sample
-from specbench.engine.options import CommandConfig, DrafterOptions, option
+from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, OwnTrees, TeacherForced, TrainRecipe, VerifyOutcome
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
@@ -39,10 +38,8 @@ DYNAMIC = "dynamic"
 
 
 @dataclass
-class DFlashOptions(DrafterOptions):
+class DFlashOptions(WeightsOptions):
     shape_option: ClassVar[str | None] = "tree"  # a chain is the tree spec chain:k (simulate and tune set it per shape)
-    heads: str | None = option(None, "the drafter's weights: a checkpoint directory, weights file or hub id (dflash: DFlash v1, "
-                                     "DFlash2 or MuseGlimmerAssistantModel); default from catalogue/heads.toml")
     k: int | None = option(None, "tokens drafted per step (dflash: the block holds k + 1 positions, vLLM's num_speculative_tokens; "
                                  "default the checkpoint's block_size - 1)", min=1)
     tree: str | None = option(None, "a tree from catalogue/trees.json (e.g. mc_sim_7b_63), chain:K, or a .json list of paths; 'dynamic': "
@@ -233,12 +230,10 @@ class DFlashDrafter(Drafter):
 
     @classmethod
     def create(cls, target, options: DFlashOptions) -> DFlashDrafter:
-        entry = drafter_entry(cls.name, target.name, target.model_id)
-        spec = options.heads or entry.get("heads")
-        if not spec:
-            raise UserError(f"no published dflash draft for target '{target.name}' in the catalogue: pass --heads PATH|ID "
-                            "(a DFlash checkpoint directory, model.safetensors or hub id)")
-        checkpoint = read_checkpoint(resolve_bundled(spec))
+        spec, _ = catalogued_weights(cls.name, target, options.weights, "draft",
+                                     "pass --weights PATH|ID (a DFlash v1, DFlash2 or Muse Glimmer checkpoint directory, "
+                                     "model.safetensors or hub id)")
+        checkpoint = read_checkpoint(spec)
         return cls(target, build_net(checkpoint, target), checkpoint, options)
 
     # --- what the loop and the reports ask --------------------------------------------
@@ -267,7 +262,7 @@ class DFlashDrafter(Drafter):
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
         # the anchor (root) and the accepted nodes, by node index: never the rejected rest, never the bonus
-        rows = outcome.hidden[[0] + [n + 1 for n in outcome.accepted_nodes]]
+        rows = outcome.kept_hidden
         self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
 
     def run_block(self, tokens: torch.Tensor) -> Block:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.drafters.catalogued import TREE_HELP, TreeOptions, catalogued_tree, catalogued_weights
+from specbench.drafters.catalogued import TREE_HELP, TreeOptions, WeightsOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_checkpoint
 from specbench.drafters.eagle.model import DraftKV, EagleNet
 from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, select
@@ -46,12 +46,9 @@ TOTAL_TOKENS, DEPTH, TOP_K = 60, 7, 10
 
 
 @dataclass
-class EagleOptions(TreeOptions):
-    renamed: ClassVar[dict[str, str]] = {"heads": "weights"}  # an EAGLE draft is no heads
+class EagleOptions(WeightsOptions, TreeOptions):
     tree: str | None = option(None, TREE_HELP + "; eagle/eagle3 also take 'dynamic' (EAGLE-2's context-aware tree, their "
                                                 "default); default from the catalogue")
-    weights: str | None = option(None, "the EAGLE draft's weights: a checkpoint directory, weights file or hub id; default from "
-                                     "catalogue/heads.toml")
     total_tokens: int = option(TOTAL_TOKENS, "dynamic tree: tokens verified per step, the root included (total_tokens - 1 drafted)", min=2)
     depth: int = option(DEPTH, "dynamic tree: expansion rounds (the longest draft is depth + 1 tokens)", min=1)
     top_k: int = option(TOP_K, "dynamic tree: children per node and beam width", min=1)

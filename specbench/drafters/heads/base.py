@@ -33,13 +33,27 @@ DEFAULT_TREE = "mc_sim_7b_63"
 _TYPICAL = TypicalAcceptance()  # the references' defaults, declared once in engine/acceptance.py
 
 
+DEFAULT_NUM_HEADS = 4
+
+
 @dataclass
-class HeadOptions(TreeOptions):
+class HeadCount:
+    """How many heads fresh heads get: one declaration for `run --heads fresh` (a drafter option)
+    and `train` (a recipe option)."""
+
+    num_heads: int | None = option(None, f"fresh heads (run --heads fresh, train): how many (default: the catalogue's, "
+                                         f"else {DEFAULT_NUM_HEADS})", min=1)
+
+    def heads_to_make(self, entry: dict | None = None) -> int:
+        return self.num_heads or (entry or {}).get("num_heads", DEFAULT_NUM_HEADS)
+
+
+@dataclass
+class HeadOptions(HeadCount, TreeOptions):
     """Options every head drafter takes."""
 
     heads: str | None = option(
         None, "head checkpoint (directory, file or hub id), or 'fresh' (reference init); default from catalogue/heads.toml")
-    num_heads: int | None = option(None, "with --heads fresh: how many heads to initialise", min=1)
     posterior_threshold: float = option(_TYPICAL.posterior_threshold, "typical acceptance at --temperature > 0: threshold", gt=0, max=1)
     posterior_alpha: float = option(_TYPICAL.posterior_alpha, "typical acceptance at --temperature > 0: entropy factor", gt=0, max=1)
 
@@ -49,10 +63,9 @@ class HeadOptions(TreeOptions):
 
 
 @dataclass
-class HeadTraining(CommandConfig):
+class HeadTraining(HeadCount, CommandConfig):
     """`specbench train`'s options for every head drafter."""
 
-    num_heads: int = option(4, "medusa/hydra/hydra-decoder: number of heads", min=1)
     tie_lm_head: bool = option(False, "heads read the target's LM head (no LM head of their own; hydra: no embedding copy either): "
                                       "small checkpoints")
 

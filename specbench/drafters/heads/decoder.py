@@ -29,14 +29,29 @@ from specbench.engine.tree import TreeShape
 from specbench.errors import UserError
 
 
-@dataclass
-class DecoderOptions(HeadOptions):
-    decoder_layers: int | None = option(None, "with fresh heads: trunk layers copied from the target's last N", min=1)
+DEFAULT_DECODER_LAYERS = 1
 
 
 @dataclass
-class DecoderTraining(HeadTraining):
-    decoder_layers: int = option(1, "hydra-decoder: trunk layers, copied from the target's last N", min=1)
+class TrunkDepth:
+    """How deep a fresh trunk is: one declaration for `run --drafter hydra-decoder` (a drafter
+    option) and `train --drafter hydra-decoder` (a recipe option)."""
+
+    decoder_layers: int | None = option(None, "hydra-decoder, fresh trunk (run, train): decoder layers copied from the target's "
+                                              f"last N (default: the catalogue's, else {DEFAULT_DECODER_LAYERS})", min=1)
+
+    def layers_to_copy(self, entry: dict | None = None) -> int:
+        return self.decoder_layers or (entry or {}).get("decoder_layers", DEFAULT_DECODER_LAYERS)
+
+
+@dataclass
+class DecoderOptions(TrunkDepth, HeadOptions):
+    pass
+
+
+@dataclass
+class DecoderTraining(TrunkDepth, HeadTraining):
+    pass
 
 
 class HydraDecoderDrafter(MedusaDrafter):
@@ -58,10 +73,8 @@ class HydraDecoderDrafter(MedusaDrafter):
             options = replace(options, heads=FRESH)  # `--decoder-layers N` on any target: an untrained trunk copied from its last N layers
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
-            n = options.decoder_layers or settings.entry.get("decoder_layers", 1)
-            if n > target.num_layers:
-                raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {n})")
-            module = fresh_medusa_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
+            n = options.layers_to_copy(settings.entry)
+            module = fresh_medusa_heads(target, options.heads_to_make(settings.entry))
             drafter = cls(target, module, copied_trunk(target, n), settings.tree, options, {"heads": FRESH})
             return drafter.apply_vocab_trim(options)
         checkpoint, layout = load_hydra_decoder(settings.heads, target)
@@ -101,6 +114,8 @@ class HydraDecoderDrafter(MedusaDrafter):
 
 def copied_trunk(target, n: int) -> OwnDecoder:
     """N decoder layers copied from the target's last N, and its final norm."""
+    if not 1 <= n <= target.num_layers:
+        raise UserError(f"--decoder-layers must be between 1 and the target's {target.num_layers} layers (got {n})")
     trunk = OwnDecoder(target.config, n).to(target.device, target.dtype)
     trunk.load_layers(target.decoder_layer_state(n), f"trunk copied from '{target.name}'")
     return trunk

@@ -76,7 +76,7 @@ class HydraDrafter(HeadDrafter):
     def create(cls, target, options: HeadOptions) -> HydraDrafter:
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
-            module, prefix = fresh_hydra_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
+            module, prefix = fresh_hydra_heads(target, options.heads_to_make(settings.entry))
             drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options, {"heads": FRESH})
             return drafter.apply_vocab_trim(options)
         spec = settings.heads

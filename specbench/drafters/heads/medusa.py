@@ -41,7 +41,7 @@ class MedusaDrafter(HeadDrafter):
     def create(cls, target, options: HeadOptions) -> MedusaDrafter:
         settings = cls.settings(target, options)
         if settings.heads == FRESH:
-            module = fresh_medusa_heads(target, options.num_heads or settings.entry.get("num_heads", 4))
+            module = fresh_medusa_heads(target, options.heads_to_make(settings.entry))
             drafter = cls(target, module, settings.tree, options, {"heads": FRESH})
         else:
             checkpoint, layout = load_medusa(settings.heads, target)

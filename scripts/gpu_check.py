@@ -175,7 +175,7 @@ def random_eagle(version: int) -> Callable[[Target, Setup], Drafter]:
 
 def random_dflash(**options) -> Callable[[Target, Setup], Drafter]:
     """DFlash over the random v1 checkpoint: the full block (a chain of 15), or a tree option."""
-    return lambda target, setup: drafter_class("dflash").build(target, heads=str(setup.dflash_checkpoint()), **options)
+    return lambda target, setup: drafter_class("dflash").build(target, weights=str(setup.dflash_checkpoint()), **options)
 
 
 def random_draft(target: Target, setup: Setup) -> Drafter:

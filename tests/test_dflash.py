@@ -513,7 +513,7 @@ def test_tune_searches_block_length_and_tree_width(setup, tmp_path, capsys, monk
         w += torch.eye(w.shape[0], dtype=w.dtype)
     heads = tmp_path / "mixing"
     write_v1(heads, setup["target"], LAYER_IDS, state=OrderedDict(state))
-    options = {"heads": str(heads)}
+    options = {"weights": str(heads)}
     profile = VerifyProfile(context_tokens=8, ms=[10.0 + 0.5 * n for n in range(64)])  # the log holds none
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     tuner = Tuner(setup["log"], TuneConfig("dflash", options, max_nodes=8, max_depth=4, draft_ms=0.0), setup["target"])
@@ -538,7 +538,7 @@ def test_tune_searches_block_length_and_tree_width(setup, tmp_path, capsys, monk
 
     # the command line: the chosen tree written, the printed run lossless and measuring the predicted τ
     tree = tmp_path / "tuned.json"
-    code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--heads", heads,
+    code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--weights", heads,
                               "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--max-nodes", 6,
                               "--latency-steps", 1, "--profile", tmp_path / "profile.json", "--out", tree, "--plot", tmp_path / "frontier.png",
                               "--json"], capsys, monkeypatch)
@@ -547,14 +547,14 @@ def test_tune_searches_block_length_and_tree_width(setup, tmp_path, capsys, monk
     assert (tmp_path / "frontier.png").stat().st_size > 0  # one line per depth
     chosen = result["frontier"]["points"][result["frontier"]["best"]]
     assert json.loads(tree.read_text())["paths"] == result["paths"] and len(result["paths"]) == chosen["size"]
-    assert f"--drafter dflash --heads {heads} --tree {tree}" in result["run_command"]
+    assert f"--drafter dflash --weights {heads} --tree {tree}" in result["run_command"]
     args = result["run_command"].split()[1:] + ["--dtype", "float64", "--device", "cpu", "--out", tmp_path / "runs", "--json"]
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     measured = json.loads(out)
     assert measured["exact_match_rate"] == 1.0 and measured["tau"] == chosen["tau"]
     # the table form says what it shows; a block longer than the draft was trained on is never a candidate
-    code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--heads", heads,
+    code, out, err = run_cli(["tune", "--log", setup["log"].path, "--drafter", "dflash", "--weights", heads,
                               "--target", setup["root"] / "target", "--dtype", "float64", "--device", "cpu", "--max-nodes", 64,
                               "--draft-ms", 1, "--profile", tmp_path / "profile.json", "--out", tmp_path / "t2.json"], capsys, monkeypatch)
     assert code == 0, err

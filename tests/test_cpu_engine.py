@@ -130,7 +130,7 @@ def test_a_layer_the_lean_layer_computes_otherwise_stays_with_a_warning(monkeypa
     from specbench.errors import SpecbenchWarning
 
     monkeypatch.setattr(lean_layer.LeanLayer, "_rotate", staticmethod(lambda x, cos, sin: x))  # a rotary it does not know
-    with pytest.warns(SpecbenchWarning, match="layer 0 .* differs from transformers' layer on a probe"):
+    with pytest.warns(SpecbenchWarning, match=r"layer\(s\) 0, 1 \(LlamaDecoderLayer\) .* differs from transformers' layer on a probe"):
         fast = FastHFTarget(tiny_llama(0).float())
     assert fast.lean_layers == 0
     eager = HFTarget(fast.model)

@@ -153,7 +153,7 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
     layers, rotary = getattr(backbone, "layers", None), getattr(backbone, "rotary_emb", None)
     if layers is None or rotary is None or dtype not in TOLERANCE:
         return 0
-    swapped = 0
+    swapped, kept = 0, {}
     for index, layer in enumerate(layers):
         if not _takes(layer):
             continue
@@ -165,9 +165,11 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
         else:
             why = "its output differs from transformers' layer on a probe"
         if not agrees:
-            warnings.warn(f"layer {index} ({type(layer).__name__}) runs as transformers writes it on the CPU fast engine ({why})",
-                          SpecbenchWarning, stacklevel=2)
+            kept.setdefault(why, []).append(index)
             continue
         step_backbone.layers[index] = lean
         swapped += 1
+    for why, indices in kept.items():  # one line per reason, not one per layer
+        warnings.warn(f"layer(s) {', '.join(map(str, indices))} ({type(layers[indices[0]]).__name__}) run as transformers writes "
+                      f"them on the CPU fast engine ({why})", SpecbenchWarning, stacklevel=2)
     return swapped

@@ -532,8 +532,8 @@ def test_cli_run_on_fast_engine(models, tmp_path, capsys, monkeypatch):
     engine = info["extra"]["engine"]
     assert engine["packed_linears"] and not engine["compiled_step"] and engine["timed_compiles"] == 0
     assert engine["lean_layers"] == 2  # the tiny llama's layers, each checked against transformers' on a probe
-    assert set(engine["profile_ms"]) >= {"1", "2"} or set(engine["profile_ms"]) >= {1, 2}
-    assert "fast engine: linear weights prepacked for oneDNN, 2 layers in fewer operations" in out and "cheapest measured bucket" in out
+    assert "profile_ms" not in engine  # buckets are the next power of two: the same in every run, whatever the timings
+    assert "fast engine: linear weights prepacked for oneDNN, 2 layers in fewer operations" in out and "cheapest measured bucket" not in out
     assert f"static KV cache {engine['capacity']} positions" in out
 
 

@@ -40,7 +40,8 @@ class FastHFTarget(HFTarget):
     engine = "fast"
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
-                 compiled: bool = False, packed: bool | None = None, lean: bool = True, **kwargs) -> None:
+                 compiled: bool = False, packed: bool | None = None, lean: bool = True, profile_buckets: bool = False,
+                 **kwargs) -> None:
         """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests).
         compiled: the step compiled by torch.compile (engine/compiled_step.py), on a CPU without graphs.
         packed: None = on a CPU, linear weights prepacked for oneDNN (engine/packed.py) unless compiled.
@@ -50,6 +51,7 @@ class FastHFTarget(HFTarget):
         graphs = self.device.type == "cuda" if graphs is None else graphs
         packed = can_pack(self.device, self.dtype) and not compiled and not graphs if packed is None else packed
         self.packed = bool(packed)
+        self.profile_buckets = profile_buckets
         self.lean_layers = 0
         step_backbone = self.backbone
         if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
@@ -88,10 +90,13 @@ class FastHFTarget(HFTarget):
     def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
         """Between sequences: size the cache for max_positions and capture (CUDA) or compile (CPU)
         every bucket a verify of 1..max_rows rows uses; returns the ms that took (0 for neither).
-        On a CPU (bucketed, no graphs) each bucket's latency is then measured, and a verify
-        picks the cheapest bucket that holds it (engine/buckets.py `cheapest_bucket`)."""
+        With `profile_buckets` (CPU, no graphs) each bucket's latency is then measured and a verify
+        picks the cheapest bucket that holds it (engine/buckets.py `cheapest_bucket`). Off by
+        default: the bucket changes the kernels' summation order, so a choice made from timings
+        makes greedy outputs depend on timing noise (a resumed run then differs from an
+        uninterrupted one at near-ties); the next power of two is the same in every run."""
         ms = self.decoder.warm_up(max_rows, taps, max_positions)
-        if self.decoder.graphs is None and self.decoder.bucketed:
+        if self.profile_buckets and self.decoder.graphs is None and self.decoder.bucketed:
             self.decoder.measure_profile(max_rows, taps)
         return ms
 

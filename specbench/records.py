@@ -12,6 +12,7 @@ SCHEMA_VERSION when a field changes meaning.
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -243,9 +244,11 @@ class RunInfo:
     def starting(cls, label: list[str], *, command: str, target: str, target_id: str, drafter: str, drafter_options: dict[str, Any],
                  workload: str, workload_hash: str, decode: dict[str, Any], environment: dict[str, Any], extra: RunExtra) -> RunInfo:
         """The record of a run starting now, measured (`run`) or simulated (`simulate`): the one
-        place a RunInfo is made. Its id is the local start time and `label` (target, drafter, ...),
-        safe as a directory name."""
-        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), *label]))
+        place a RunInfo is made. Its id is the local start time, `label` (target, drafter, ...) and
+        6 random hex digits, safe as a directory name: two runs started in the same second (short
+        runs on a fast engine) still get ids of their own, which the records they stamp rely on."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_id = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join([stamp, *label, secrets.token_hex(3)]))
         return cls(run_id=run_id, command=command, target=target, target_id=target_id, drafter=drafter,
                    drafter_options=drafter_options, workload=workload, workload_hash=workload_hash, decode=decode,
                    environment=environment, started=datetime.now(timezone.utc).isoformat(timespec="seconds"), extra=extra)

@@ -61,6 +61,17 @@ def default_draft_model(target_name: str) -> str | None:
     return None
 
 
+def common_prefix(cached: list[int], sequence: list[int]) -> int:
+    """How many of the draft's cached tokens still agree with `sequence`; the root (its last
+    token) is never counted, so there is always at least one token to feed."""
+    common = 0
+    for a, b in zip(cached, sequence[:-1]):
+        if a != b:
+            break
+        common += 1
+    return common
+
+
 @dataclass
 class DraftModelOptions(ChainOptions, VocabTrimOptions):
     draft_model: str | None = option(None, "the draft: alias (catalogue/draft_models.toml), hub id or local directory; default from the catalogue")
@@ -163,11 +174,7 @@ class DraftModelDrafter(Drafter):
         feeds = []
         for row, ctx in zip(rows, contexts):
             sequence = ctx.tokens.tolist()
-            common = 0
-            for a, b in zip(row.cached, sequence[:-1]):  # keep at least the root to feed
-                if a != b:
-                    break
-                common += 1
+            common = common_prefix(row.cached, sequence)
             del row.cached[common:]
             decoder.cache.lengths[row.row] = common
             if common == 0:  # a new sequence: size the rows before its first feed
@@ -226,11 +233,7 @@ class DraftModelDrafter(Drafter):
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         sequence = ctx.tokens.tolist()
-        common = 0
-        for a, b in zip(self.cached, sequence[:-1]):  # keep at least the root to feed
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.cached, sequence)
         kv.truncate(self.cache, common)
         del self.cached[common:]
         if self.fast and common == 0:  # a new sequence: size the static cache before its first feed

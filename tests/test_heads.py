@@ -451,7 +451,7 @@ def test_cli_runs_head_drafters(cli_models, tmp_path, capsys, monkeypatch):
                               "--temperature", 0.7, "--posterior-threshold", 0.09, "--posterior-alpha", 0.3], capsys, monkeypatch)
     assert code == 0, err
     # run ids start with the second they began: pick the hydra run by name, not by sort order
-    (run_dir,) = [d for d in tmp_path.iterdir() if d.name.endswith("-hydra")]
+    (run_dir,) = [d for d in tmp_path.iterdir() if "-hydra-" in d.name]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["drafter_options"]["posterior_alpha"] == 0.3 and info["extra"]["drafter"]["tree"] == "chain:3"
 

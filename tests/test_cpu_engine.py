@@ -138,6 +138,59 @@ def test_a_layer_the_lean_layer_computes_otherwise_stays_with_a_warning(monkeypa
     assert decode(fast, PlainDecoding(fast), prompt, 16).output_ids == decode(eager, PlainDecoding(eager), prompt, 16).output_ids
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lean_stacks_per_forward_values_are_never_kept_from_another_forward(dtype):
+    """The first lean layer of a forward makes what every layer shares (the signed sin, the
+    one-row mask operand); a later layer called alone, after forwards at other positions and
+    with its mask changed in place (as a static buffer is), computes transformers' layer."""
+    from transformers import DynamicCache
+
+    model = tiny_llama(0).to(dtype)
+    fast = FastHFTarget(model)
+    lean, layer, rotary = fast.decoder.backbone.layers[1], model.model.layers[1], model.model.rotary_emb
+    assert not lean.leads and lean.shared is fast.decoder.backbone.layers[0].shared
+    hidden = torch.randn(1, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    causal = torch.full((6, 6), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+    mask = torch.zeros(1, 1, 1, 7, dtype=dtype)  # one buffer for every one-row forward
+
+    def one_row(context: int):
+        caches = [DynamicCache(config=model.config) for _ in range(2)]
+        outputs = []
+        for module, cache in zip((layer, lean), caches):
+            for rows, step_mask in ((slice(0, context), causal[..., :context, :context]), (slice(context, context + 1), mask[..., : context + 1])):
+                positions = torch.arange(rows.start, rows.stop)[None]
+                embeddings = rotary(hidden[:, rows], positions)
+                if module is layer:
+                    out = layer(hidden[:, rows], step_mask, positions, cache, position_embeddings=embeddings)
+                    out = out[0] if isinstance(out, tuple) else out
+                else:
+                    out = lean(hidden[:, rows], attention_mask=step_mask, position_embeddings=embeddings, cache=cache)
+            outputs.append(out.float())
+        return outputs
+
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for context, masked in ((6, None), (4, 1), (6, 3)):
+        mask.zero_()
+        if masked is not None:
+            mask[..., masked] = torch.finfo(dtype).min
+        want, got = one_row(context)
+        assert ((got - want).abs().max() / want.abs().max()) <= tolerance
+
+
+def test_a_product_with_its_residual_is_the_product_plus_the_residual():
+    from specbench.engine.packed import _linear, _linear_add, _pack
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator)
+    x, residual = torch.randn(2, 3, 40, generator=generator), torch.randn(2, 3, 24, generator=generator)
+    packed = _pack(weight)
+    for b in (None, bias):
+        got = _linear_add(x, packed, b, residual)
+        assert got.shape == residual.shape
+        torch.testing.assert_close(got, residual + _linear(x, packed, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, residual + torch.nn.functional.linear(x, weight, b), rtol=1e-4, atol=1e-4)
+
+
 def test_packing_is_only_where_onednn_takes_the_dtype():
     from specbench.engine.packed import can_pack
 

@@ -25,11 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specbench.engine.packed import _linear, _pack
+from specbench.engine.packed import _linear, _linear_add, _pack
 from specbench.errors import SpecbenchWarning
 
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative, on a probe's layer output
+
+
+class ForwardShared:
+    """What every lean layer of one forward computes alike (the signed sin of the rotary
+    embeddings, a one-row attention's fp32 mask operand), made by the stack's first lean layer
+    in each forward and read by the others: inputs may be static buffers changed in place
+    between forwards, so nothing is kept from one forward to the next."""
+
+    def __init__(self) -> None:
+        self.sin: torch.Tensor | None = None  # what signed_sin was made from (held: its identity is checked)
+        self.signed_sin: torch.Tensor | None = None
+        self.bias: dict[tuple, torch.Tensor] = {}
 
 
 class LeanLayer(nn.Module):
@@ -55,42 +67,59 @@ class LeanLayer(nn.Module):
         self.down, self.down_bias = _pack(mlp.down_proj.weight), mlp.down_proj.bias
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.shared, self.leads = ForwardShared(), True  # lean_layers gives a stack's layers one, led by the first
 
     @staticmethod
     def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # as transformers' RMSNorm: in fp32, cast back, then scaled
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+        # as transformers' RMSNorm (in fp32, cast back, then scaled): torch's rms_norm computes a
+        # bf16 input in fp32 and rounds once, the same values without two casts of our own
+        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        # transformers' x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x) * signed_sin
+        # (signed_sin: sin with its first half negated; a negation is exact): 4 operations, not 7
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one query row as transformers' eager attention computes it (products in the
-        model's dtype, softmax in fp32): torch's CPU SDPA kernel takes 2-3x as long for one row as
-        for two (measured: docs/engine.md)."""
+        """Attention of one query row, computed in fp32 (softmax in fp32 as transformers' eager
+        attention): torch's CPU kernels for a bf16 product this small, and its SDPA for one row,
+        take about twice as long as converting the span to fp32 first (measured: docs/engine.md)."""
         batch, _, _, dim = q.shape
         span, group = k.shape[2], self.heads // self.kv_heads
         # query heads kv * group .. kv * group + group - 1 read key/value head kv (transformers' repeat_kv)
-        scores = q.reshape(batch, self.kv_heads, group, dim) @ k.transpose(-1, -2) * self.scaling
-        if mask is not None:
-            scores = scores + mask.reshape(mask.shape[0], 1, 1, span)
-        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-        return (probs @ v).reshape(batch, self.heads, 1, dim)  # [batch, kv heads, group, dim] -> heads
+        queries = q.reshape(batch * self.kv_heads, group, dim).float()
+        keys = k.reshape(batch * self.kv_heads, span, dim).float().transpose(1, 2)
+        if mask is None:
+            scores = torch.bmm(queries, keys).mul_(self.scaling)
+        else:  # scaling and the additive mask in the product's own pass, its fp32 operand made once per forward
+            shape = (batch, self.kv_heads, group, span)
+            bias = self.shared.bias.get(shape)
+            if bias is None:
+                bias = mask.reshape(mask.shape[0], 1, 1, span).float().expand(shape).reshape(batch * self.kv_heads, group, span)
+                self.shared.bias[shape] = bias
+            scores = torch.baddbmm(bias, queries, keys, alpha=self.scaling)
+        probs = scores.softmax(-1)
+        out = torch.bmm(probs, v.reshape(batch * self.kv_heads, span, dim).float())
+        return out.to(q.dtype).reshape(batch, self.heads, 1, dim)  # [batch * kv heads, group, dim] -> heads
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, past_key_values=None,
                 **kwargs) -> torch.Tensor:
         cache = cache if cache is not None else past_key_values
         batch, rows, _ = hidden_states.shape
+        cos, sin = position_embeddings  # [batch, rows, head_dim], the same for every layer of a forward
+        if self.leads or self.shared.sin is not sin:  # a forward that did not start at the leader makes its own
+            half = sin.shape[-1] // 2
+            self.shared.sin = sin
+            self.shared.signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+            self.shared.bias = {}
         h = self._norm(hidden_states, self.norm1, self.eps1)
-        q, k, v = _linear(h, self.qkv, self.qkv_bias).split(self.sizes, dim=-1)
-        q = q.view(batch, rows, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, rows, self.kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = _linear(h, self.qkv, self.qkv_bias).split((self.sizes[0] + self.sizes[1], self.sizes[2]), dim=-1)
+        # q and k rotated in one pass: [batch, rows, heads + kv heads, head_dim]
+        qk = self._rotate(qk.view(batch, rows, self.heads + self.kv_heads, self.head_dim), cos.unsqueeze(2), self.shared.signed_sin)
+        q, k = qk.transpose(1, 2).split((self.heads, self.kv_heads), dim=1)
         v = v.view(batch, rows, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if rows == 1:
@@ -100,9 +129,9 @@ class LeanLayer(nn.Module):
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
                                                       enable_gqa=self.heads != self.kv_heads)
         attended = attended.transpose(1, 2).reshape(batch, rows, self.heads * self.head_dim)
-        x = hidden_states + _linear(attended, self.o, self.o_bias)
+        x = _linear_add(attended, self.o, self.o_bias, hidden_states)
         gate, up = _linear(self._norm(x, self.norm2, self.eps2), self.gate_up, self.gate_up_bias).split(self.intermediate, dim=-1)
-        return x + _linear(F.silu(gate) * up, self.down, self.down_bias)
+        return _linear_add(F.silu(gate) * up, self.down, self.down_bias, x)
 
 
 def _takes(layer: nn.Module) -> bool:
@@ -153,7 +182,7 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
     layers, rotary = getattr(backbone, "layers", None), getattr(backbone, "rotary_emb", None)
     if layers is None or rotary is None or dtype not in TOLERANCE:
         return 0
-    swapped, kept = 0, {}
+    swapped, kept, shared = 0, {}, ForwardShared()
     for index, layer in enumerate(layers):
         if not _takes(layer):
             continue
@@ -167,6 +196,7 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
         if not agrees:
             kept.setdefault(why, []).append(index)
             continue
+        lean.shared, lean.leads = shared, swapped == 0  # the stack's first lean layer runs first in every forward
         step_backbone.layers[index] = lean
         swapped += 1
     for why, indices in kept.items():  # one line per reason, not one per layer

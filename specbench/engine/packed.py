@@ -48,6 +48,13 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ W.T (+ bias) in one oneDNN call: the sum is the product's post-op, rounded once."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise.binary(rows, residual.reshape(rows.shape[0], -1), packed, bias, "add")
+    return out.reshape(residual.shape)
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear's product over its prepacked weight; `weight` and `bias` are the original's."""
 

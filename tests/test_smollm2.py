@@ -43,6 +43,10 @@ def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, c
     assert summary["steps"] > 0 and summary["draft_ms_per_step"] > 0
     if drafter != "hydra-decoder":  # trained heads: some drafts are accepted
         assert summary["tau"] > 1
+    (run_dir,) = tmp_path.iterdir()
+    recorded = (run_dir / "run.json").read_text()
+    # on a CPU the catalogue trims the bundled Hydra's LM heads (heads.toml vocab_trim_cpu), and only Hydra's
+    assert ('"vocab_trim": 2048' in recorded) == (drafter == "hydra")
 
 
 @pytest.mark.heavy

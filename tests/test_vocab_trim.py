@@ -1,6 +1,7 @@
 """VocabTrim: a trimmed drafter head keeps greedy decoding exact, and never drafts a token outside its set."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,38 @@ def test_forward_bytes_counts_the_trimmed_head(target):
     assert full - trimmed == (head.shape[0] - 10) * row_bytes
     everything = sum(p.numel() * p.element_size() for p in model.parameters())
     assert full == everything - model.get_input_embeddings().weight.numel() * row_bytes // head.shape[1]
+
+
+def test_the_catalogue_trims_where_its_entry_says_for_the_device_and_the_user_overrides_it():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from specbench.catalogue import drafter_entry
+    from specbench.drafters.catalogued import catalogued_trim
+    from specbench.drafters.heads.base import HeadOptions as HydraOptions
+    from specbench.drafters.vocab_trim import load_ids
+
+    entry = drafter_entry("hydra", "smollm2-135m")
+    cpu, cuda = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("meta"))
+    trimmed = catalogued_trim(entry, cpu, HydraOptions())
+    assert trimmed.vocab_trim == 2048 and trimmed.vocab_trim_from.endswith("smollm2-135m-pool-train.json")
+    ids, _ = load_ids(Path(trimmed.vocab_trim_from), 49152)  # the id list ships with the package
+    assert len(ids) == 2048
+    assert catalogued_trim(entry, cuda, HydraOptions()).vocab_trim is None  # another device: the whole vocabulary
+    assert catalogued_trim({}, cpu, HydraOptions()).vocab_trim is None  # no entry: none
+    mine = replace(HydraOptions(), vocab_trim=512, vocab_trim_from="builtin")
+    assert catalogue_kept(catalogued_trim(entry, cpu, mine)) == (512, "builtin")  # the user's own
+    assert catalogued_trim(entry, cpu, replace(HydraOptions(), vocab_trim=0)).vocab_trim == 0  # none, asked
+
+
+def catalogue_kept(options):
+    return options.vocab_trim, options.vocab_trim_from
+
+
+def test_vocab_trim_zero_keeps_the_whole_vocabulary(target):
+    from dataclasses import replace
+
+    from specbench.drafters.heads.base import HeadOptions as HydraOptions
+    from specbench.drafters.vocab_trim import asked_trim
+
+    assert asked_trim(replace(HydraOptions(), vocab_trim=0, vocab_trim_from="builtin"), target) is None

@@ -5,7 +5,8 @@ weights for this target and the tree for this device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib.resources import files
 from typing import ClassVar
 
 from specbench.bundled import resolve_bundled
@@ -49,3 +50,17 @@ def catalogued_tree(entry: dict, target, given: str | None, default: str) -> str
     CPUs by `specbench tune`), else its `tree`, else `default`."""
     device = getattr(getattr(target, "device", None), "type", None)
     return given or entry.get(f"tree_{device}") or entry.get("tree") or default
+
+
+def catalogued_trim(entry: dict, target, options: VocabTrimOptions) -> VocabTrimOptions:
+    """The VocabTrim to draft with: the user's (`--vocab-trim N --vocab-trim-from ...`; `--vocab-trim 0`
+    for none), else the entry's for this device type (`vocab_trim_cpu`: where drafting over the
+    whole vocabulary costs more than the tokens it adds, measured), counted in the entry's
+    `vocab_trim_from`, an id list under catalogue/."""
+    if options.vocab_trim is not None or options.vocab_trim_from is not None:
+        return options
+    device = getattr(getattr(target, "device", None), "type", None)
+    top, source = entry.get(f"vocab_trim_{device}"), entry.get("vocab_trim_from")
+    if not top or not source:
+        return options
+    return replace(options, vocab_trim=int(top), vocab_trim_from=str(files("specbench.catalogue").joinpath(source)))

@@ -148,7 +148,7 @@ def keep_ids(top: int | None, source: str, tokenizer, vocab_size: int) -> tuple[
 def asked_trim(options, target) -> tuple[torch.Tensor, dict] | None:
     """The ids a drafter's VocabTrim options (engine.options.VocabTrimOptions) keep for `target`
     and their description for run.json; None when no VocabTrim is asked."""
-    if not options.vocab_trim_from:
+    if not options.vocab_trim_from or options.vocab_trim == 0:  # 0: none, whatever a catalogue entry says
         return None
     return keep_ids(options.vocab_trim, options.vocab_trim_from, target.tokenizer, target.vocab_size)
 

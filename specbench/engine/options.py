@@ -261,7 +261,8 @@ class ChainOptions(DrafterOptions):
 class VocabTrimOptions(DrafterOptions):
     """Drafters with an LM head that VocabTrim can cut to the N most frequent target tokens."""
 
-    vocab_trim: int | None = option(None, "VocabTrim: keep only the N most frequent target tokens in the drafter's LM head", min=1)
+    vocab_trim: int | None = option(None, "VocabTrim: keep only the N most frequent target tokens in the drafter's LM head "
+                                          "(0: the whole vocabulary, where the catalogue would trim)", min=0)
     vocab_trim_from: str | None = option(
         None, "VocabTrim counts tokens in: a run dir, a target log, a workload, or an id list from `vocab-trim build`")
 

@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from specbench.drafters.catalogued import TreeOptions, catalogued_tree, catalogued_weights
+from specbench.catalogue import drafter_entry
+from specbench.drafters.catalogued import TreeOptions, catalogued_tree, catalogued_trim, catalogued_weights
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine.acceptance import TypicalAcceptance
@@ -193,6 +194,8 @@ class HeadDrafter(Drafter):
         raise NotImplementedError
 
     def apply_vocab_trim(self, options: HeadOptions) -> HeadDrafter:
+        if options.heads is None:  # the catalogue's heads: its VocabTrim for this device too
+            options = catalogued_trim(drafter_entry(self.name, self.target.name, self.target.model_id), self.target, options)
         asked = asked_trim(options, self.target)
         if asked is None:
             return self

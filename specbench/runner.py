@@ -224,7 +224,8 @@ class Benchmark:
         positions = self.longest_sequence()
         with counted() as seen:
             if self.rows_target is not None:
-                self.rows_target.warm_up(positions)
+                self.rows_target.warm_up(positions, 1, ())  # plain decoding: the root alone
+                self.rows_target.warm_up(positions, 1 + self.drafter.max_draft_tokens, self.drafter.taps)
                 for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
                     new = min(self.config.max_new_tokens, WARMUP_TOKENS)
                     ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))

@@ -290,3 +290,40 @@ def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
     plain = [decode(target, PlainDecoding(target), p, n).output_ids for p, n in zip(batch_prompts, budgets)]
     batch = decode_rows(rows, build(drafter, setup), [Request(p, n) for p, n in zip(batch_prompts, budgets)])
     assert [d.output_ids for d in batch.decoded] == plain
+
+
+@pytest.mark.parametrize("drafter", ["plain", "prompt-lookup", "draft-model", "hydra", "eagle-tree"])
+def test_captured_rows_equal_their_plain_decode_and_capture_only_in_the_warm_up(setup, drafter):
+    """CUDA graphs per (bucket, span) at batch B, on the stand-in backend (tests/fake_graphs.py:
+    a replay re-runs the captured step over its static buffers, so a stale mask, slot or id shows
+    as a wrong token): every row equals its plain decode, refilled and not, at B = 3 and 4, and
+    after the warm-up nothing is captured again; every row is in every step, idle rows as padding."""
+    from fake_graphs import FakeGraphs
+
+    made = build(drafter, setup)
+    max_rows = 1 + made.max_draft_tokens
+    longest = max(r.prompt_ids.numel() + r.max_new_tokens for r in requests(setup)) + max_rows
+    for rows in (3, 4):
+        for refill in (True, False):
+            graphs = FakeGraphs()
+            target = RowsHFTarget(setup["target"], rows, graphs=graphs)
+            target.warm_up(longest, 1, ())
+            target.warm_up(longest, max_rows, made.taps)
+            captured = graphs.captures
+            assert captured > 0 and target.engine_stats()["cuda_graphs"]
+            batch = decode_rows(target, build(drafter, setup), requests(setup), refill=refill)
+            assert [d.output_ids for d in batch.decoded] == setup["plain"], (rows, refill)
+            assert graphs.captures == captured and graphs.replays > 0, (rows, refill)
+
+
+def test_a_failed_rows_capture_runs_uncaptured_with_one_warning(setup):
+    from fake_graphs import FakeGraphs
+
+    from specbench.errors import SpecbenchWarning
+
+    target = RowsHFTarget(setup["target"], 3, graphs=FakeGraphs(fail_on_capture=2))
+    with pytest.warns(SpecbenchWarning, match="CUDA graph capture failed"):
+        target.warm_up(200, 4, ())
+    assert not target.engine_stats()["cuda_graphs"]
+    batch = decode_rows(target, build("prompt-lookup", setup), requests(setup))
+    assert [d.output_ids for d in batch.decoded] == setup["plain"]

@@ -52,7 +52,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specbench.engine import buckets
-from specbench.engine.buckets import GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, buckets_up_to, cheapest_bucket, round_up, span_for
+from specbench.engine.buckets import (GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, bucket_size, buckets_up_to, cheapest_bucket,
+                                      round_up, span_for)
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.cuda_graphs import CudaGraphs, GraphSet
 from specbench.engine.events import EVENTS
@@ -457,11 +458,13 @@ class RowsKV(Cache):
         self.all_rows = False  # active is every row in order: read a view, not a copy
         self.slots: torch.Tensor | None = None  # [b, q]
         self.span = 0
+        self.generation = 0  # bumped when storage is reallocated: graphs captured over it are then stale
 
     def write(self, index: int, keys: torch.Tensor, values: torch.Tensor):
         if self.kv is None:
             _, heads, _, head_dim = keys.shape
             self.kv = torch.zeros(self.num_layers, 2, self.rows, heads, self.capacity, head_dim, dtype=keys.dtype, device=keys.device)
+            self.generation += 1
         layer = self.kv[index]
         rows, slots = self.active[:, None], self.slots
         # advanced indices around a slice: the indexed view is [b, q, heads, head_dim]
@@ -482,6 +485,7 @@ class RowsKV(Cache):
             if any(self.lengths):
                 EVENTS.regrowths += 1
             self.kv = grown
+            self.generation += 1
         self.capacity = capacity
 
     def compact(self, row: int, base: int, keep: list[int]) -> None:
@@ -493,23 +497,58 @@ class RowsKV(Cache):
         self.lengths[row] = base + len(keep)
 
 
+class _RowsStep:
+    """One captured (bucket, span, taps) forward of every row: static inputs the caller fills
+    (a row not in the forward as padding that sees only itself) and the graph's outputs."""
+
+    def __init__(self, rows: int, bucket: int, span: int, taps: Taps, dtype: torch.dtype, device) -> None:
+        self.bucket, self.span, self.taps = bucket, span, taps
+        self.ids = torch.zeros(rows, bucket, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, bucket, dtype=torch.long, device=device)
+        self.slots = torch.zeros(rows, bucket, dtype=torch.long, device=device)
+        self.mask = torch.full((rows, 1, bucket, span), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.graph = None
+        self.outputs: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+
+
 class RowsDecoder:
     """A decoder stack and its LM head over a RowsKV: one forward runs several rows, each its own
     root + tree (or causal chunk) at its own length, padded to the forward's largest row with
-    masked nodes (a padding node sees only itself). Uncompiled and uncaptured: the eager
-    equivalent of StaticDecoder for batch > 1."""
+    masked nodes (a padding node sees only itself). The batch > 1 equivalent of StaticDecoder.
 
-    def __init__(self, backbone, head, rows: int, device: torch.device, dtype: torch.dtype) -> None:
+    graphs (CUDA graphs: True, or a backend object in tests): a verify step runs every row at
+    the bucket of its largest tree and a span bucket, captured once per (bucket, span, taps) in
+    `warm_up` and replayed after (a row not in the step is padding over slots of its own that
+    hold nothing live: every live row is in every verify). Prefills run uncaptured at their
+    exact size. Without graphs (CPU, eager), forwards run the live rows at their exact width."""
+
+    def __init__(self, backbone, head, rows: int, device: torch.device, dtype: torch.dtype, graphs=None) -> None:
+        if graphs is True:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            graphs = CudaGraphs(device)
         self.backbone, self.head = backbone, head
         self.device, self.dtype = device, dtype
         self.cache = RowsKV(backbone.config.num_hidden_layers, rows)
         self.min = torch.finfo(dtype).min
         self._cache_kwargs = cache_kwargs(backbone, self.cache)
         self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()
+        self.graphs = graphs or None
+        self.graph_set = GraphSet(self.graphs)
+        self.every_row = torch.arange(rows, device=device)
+        self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
+        self.captures = 0
+        self.capture_ms = 0.0
 
     def plan(self, positions: int) -> None:
-        """Size every row for sequences of up to `positions` (prompt + output + the largest verify)."""
-        self.cache.reserve(positions)
+        """Size every row for sequences of up to `positions` (prompt + output + the largest verify),
+        with the bucket padding of a captured step."""
+        self.cache.reserve(positions + (MAX_BUCKET_PADDING if self.graphs is not None else 0))
+        self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        if self.graph_set.generation != self.cache.generation:
+            self.graph_set.release_all(self.cache.generation)
 
     def _shape(self, parents, rows: int, width: int) -> ShapeMasks:
         key = (parents, rows, width)
@@ -531,6 +570,8 @@ class RowsDecoder:
         cache = self.cache
         width = max(t.numel() for t in ids)
         starts = [cache.lengths[r] for r in rows]
+        if self.graphs is not None and min(starts) > 0 and width <= GRAPH_MAX_BUCKET:
+            return self._stepped(rows, ids, parents, taps, starts)
         span = max(starts) + width
         if span > cache.capacity:  # unplanned: grows (copies; counted)
             cache.reserve(span)
@@ -556,3 +597,113 @@ class RowsDecoder:
         sizes = [t.numel() for t in ids]
         return ([logits[i, :q] for i, q in enumerate(sizes)] if logits is not None else [None] * b,
                 [hidden[i, :q] for i, q in enumerate(sizes)] if hidden is not None else [None] * b)
+
+    # --- captured steps (CUDA graphs) -------------------------------------------
+
+    def _step(self, bucket: int, span: int, taps: Taps) -> _RowsStep:
+        key = (bucket, span, taps)
+        step = self.graph_set.steps.get(key)
+        if step is None:
+            step = self.graph_set.steps[key] = _RowsStep(self.cache.rows, bucket, span, taps, self.dtype, self.device)
+        return step
+
+    def _fill(self, step: _RowsStep, rows: list[int], ids: list[torch.Tensor], parents, starts: list[int]) -> None:
+        """Write this forward into the step's static inputs, every row: a row of the forward at its
+        own length and slots; any other row as padding at slots [0, bucket) of its own, each node
+        seeing only itself (nothing live is there: every live row is in every verify)."""
+        bucket = step.bucket
+        step.mask.fill_(self.min)
+        idle = self._shape(None, 1, bucket)  # a causal chunk of 1: node 0 and every padding node see only themselves
+        given = {row: i for i, row in enumerate(rows)}
+        for row in range(self.cache.rows):
+            i = given.get(row)
+            if i is None:
+                step.mask[row, 0, :, :bucket] = idle.block
+                step.positions[row].zero_()
+                step.slots[row].copy_(self.arange[:bucket])
+                step.ids[row].zero_()
+                continue
+            start, row_ids = starts[i], ids[i]
+            shape = self._shape(parents[i], row_ids.numel(), bucket)
+            step.mask[row, 0, :, :start] = 0
+            step.mask[row, 0, :, start : start + bucket] = shape.block
+            torch.add(shape.depths, start, out=step.positions[row])
+            torch.add(self.arange[:bucket], start, out=step.slots[row])
+            step.ids[row, : row_ids.numel()] = row_ids
+            step.ids[row, row_ids.numel() :] = row_ids[0]  # any token: a padding node sees only itself
+
+    def _compute(self, step: _RowsStep):
+        """The step function a graph captures: every row over the step's static buffers."""
+        cache = self.cache
+        cache.active, cache.all_rows, cache.slots, cache.span = self.every_row, True, step.slots, step.span
+        last, hidden = tapped_rows(self.backbone, step.taps, input_ids=step.ids, position_ids=step.positions,
+                                   attention_mask=step.mask, use_cache=True, **self._cache_kwargs)
+        logits = self.head(last).float() if self.head is not None else None
+        return logits, hidden
+
+    def _capture(self, step: _RowsStep) -> bool:
+        """Capture the step's graph; on failure say so in one line and run uncaptured from then on."""
+        t0 = self.graphs.now()
+        try:
+            self.graph_set.capture(step, lambda: self._compute(step))
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"CUDA graph capture failed ({reason}); the batch engine runs uncaptured from here on", SpecbenchWarning,
+                          stacklevel=2)
+            self.graph_set.release_all(self.graph_set.generation)
+            self.graphs = None
+            return False
+        ms = self.graphs.now() - t0
+        self.captures += 1
+        self.capture_ms += ms
+        EVENTS.captures += 1
+        EVENTS.capture_ms += ms
+        return True
+
+    def _stepped(self, rows: list[int], ids: list[torch.Tensor], parents, taps: Taps, starts: list[int]):
+        bucket = bucket_size(max(t.numel() for t in ids))
+        end = max(starts) + bucket
+        if end > self.cache.capacity:  # unplanned: grows (copies; counted), and the graphs with it
+            self.cache.reserve(end)
+        self._drop_stale()
+        step = self._step(bucket, span_for(end, self.cache.capacity), taps)
+        self._fill(step, rows, ids, parents, starts)
+        if step.graph is None and not self._capture(step):  # failed: this and every later forward uncaptured
+            logits, hidden = self._compute(step)
+        else:
+            self.graphs.replay(step.graph)
+            logits, hidden = step.outputs
+        sizes = [t.numel() for t in ids]
+        # the static outputs are overwritten by the next replay: hand out copies
+        return ([logits[row, :q].clone() for row, q in zip(rows, sizes)] if logits is not None else [None] * len(rows),
+                [hidden[row, :q].clone() for row, q in zip(rows, sizes)] if hidden is not None else [None] * len(rows))
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int, taps: Taps = ()) -> float:
+        """Before anything is timed (after `plan`): capture the step of every bucket a verify of
+        1..max_rows tokens per row uses, at every span of the capacity, for these taps. Returns
+        the ms spent capturing (0 without graphs). The captures write keys and values at slots
+        [0, bucket) of every row: call it between sequences."""
+        if self.graphs is None:
+            return 0.0
+        if self.cache.kv is None:  # allocate the storage with one exact forward of one row
+            self.cache.lengths[0] = 0
+            self.forward([0], [torch.zeros(1, dtype=torch.long, device=self.device)], [None])
+            self.cache.lengths[0] = 0
+        self._drop_stale()
+        before = self.capture_ms
+        for bucket in buckets_up_to(max_rows):
+            for span in all_spans(self.cache.capacity):
+                if self.graphs is None:  # a capture failed (one warning): uncaptured from here on
+                    return self.capture_ms - before
+                if span < bucket:
+                    continue
+                step = self._step(bucket, span, taps)
+                if step.graph is None:
+                    self._fill(step, [], [], [], [])  # any valid inputs: a graph records kernels, not values
+                    self._capture(step)
+        return self.capture_ms - before
+
+    def stats(self) -> dict:
+        return {"cuda_graphs": self.graphs is not None, "captures": self.captures, "capture_ms": round(self.capture_ms, 3)}
+

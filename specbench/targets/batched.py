@@ -7,16 +7,18 @@ masked nodes, and each row keeps its own accepted path. No row moves, pads or re
 anything when another accepts more. It is the `RowsTarget` of engine/protocol.py; the decode
 loop (engine/loop.py `decode_rows`) drives it, and drives a one-row Target the same way.
 
-It runs the forward uncaptured (no CUDA graphs yet); on a CPU with the linear weights prepacked
-and Llama layers in fewer operations, as the one-row fast engine does (engine/packed.py,
-engine/lean_layer.py). The weights are those of the target it wraps; none is copied.
+On CUDA over the fast engine its verify steps are CUDA graphs, one per (bucket, span, taps)
+at this batch size, captured before anything is timed (engine/static_cache.py `RowsDecoder`);
+on a CPU it runs uncaptured with the linear weights prepacked and Llama layers in fewer
+operations, as the one-row fast engine does (engine/packed.py, engine/lean_layer.py). The
+weights are those of the target it wraps; none is copied.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specbench.engine.buckets import CAPACITY_STEP, round_up
+from specbench.engine.buckets import CAPACITY_STEP, MAX_BUCKET_PADDING, round_up
 from specbench.engine.lean_layer import lean_layers
 from specbench.engine.packed import can_pack, packed_copy
 from specbench.engine.protocol import Taps
@@ -31,14 +33,18 @@ class RowsHFTarget:
 
     engine = "rows"
 
-    def __init__(self, base: HFTarget, rows: int) -> None:
+    def __init__(self, base: HFTarget, rows: int, graphs=None) -> None:
+        """graphs: None = CUDA graphs where `base` is the fast engine on CUDA (as its own steps are
+        captured); True/False; or a graph backend object (tests)."""
         self.base, self.rows = base, rows
         self.device, self.dtype, self.eos_token_ids = base.device, base.dtype, base.eos_token_ids
         backbone, head = base.backbone, base.lm_head
         if can_pack(base.device, base.dtype):  # as the one-row fast engine runs on a CPU (engine/packed.py, lean_layer.py)
             backbone, head = packed_copy(backbone), packed_copy(head)
             lean_layers(backbone, base.backbone, base.dtype)
-        self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype)
+        if graphs is None:
+            graphs = base.device.type == "cuda" and getattr(base, "engine", "") == "fast"
+        self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype, graphs=graphs)
         self.cache = self.decoder.cache
 
     @torch.inference_mode()
@@ -61,12 +67,15 @@ class RowsHFTarget:
     def commit_row(self, row: int, accepted_nodes: list[int]) -> None:
         self.cache.compact(row, self.cache.lengths[row], kept_rows(accepted_nodes))
 
-    def warm_up(self, max_positions: int | None = None) -> None:
+    def warm_up(self, max_positions: int | None = None, max_rows: int = 1, taps: Taps = ()) -> float:
         """Before anything is timed: size every row for sequences of up to `max_positions`, refused
-        in one line (naming the largest batch that fits) when the rows' KV cache would not fit."""
+        in one line (naming the largest batch that fits) when the rows' KV cache would not fit;
+        with CUDA graphs, capture every bucket a verify of 1..max_rows tokens per row uses, for
+        these taps. Returns the ms spent capturing."""
         if max_positions:
-            self.check_fits(max_positions)
+            self.check_fits(max_positions + (MAX_BUCKET_PADDING if self.decoder.graphs is not None else 0))
             self.decoder.plan(max_positions)
+        return self.decoder.warm_up(max_rows, taps)
 
     def kv_bytes_per_row(self, positions: int) -> int:
         """The KV cache of one row planned for `positions` positions (capacity rounded as RowsKV rounds it)."""
@@ -88,6 +97,9 @@ class RowsHFTarget:
                             f"{positions} positions, and {free / 2**30:.2f} GiB is free on {self.device}: the largest batch that fits "
                             f"is {free // per_row} (fewer --max-new-tokens or a shorter workload fit more)")
 
+    def engine_stats(self) -> dict:
+        return {"rows": self.rows, "capacity": self.cache.capacity, **self.decoder.stats()}
+
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on `device` (None: unknown)."""
@@ -101,6 +113,3 @@ def free_memory(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
-
-    def engine_stats(self) -> dict:
-        return {"rows": self.rows, "capacity": self.cache.capacity}

@@ -109,9 +109,9 @@ def check(config: RunConfig) -> None:
         raise UserError(f"--batch-size takes whole numbers >= 1 (got {config.batch_size!r})")
     if config.batch_size > 1:
         check_batches(config.drafter, drafter_class(config.drafter))
-    if config.batch_size > 1 and (config.engine == "fast" or config.backend != "hf"):
-        raise UserError(f"--batch-size {config.batch_size} runs on the hf backend's batch engine (a static KV cache per row, uncompiled); "
-                        "the fast engine and deepspeed decode one sequence at a time: use --engine auto or eager, --backend hf")
+    if config.batch_size > 1 and config.backend != "hf":
+        raise UserError(f"--batch-size {config.batch_size} runs on the hf backend's batch engine (a static KV cache per row); "
+                        "deepspeed decodes one sequence at a time: use --backend hf")
     if config.backend == "deepspeed":
         from specbench.targets import deepspeed
 
@@ -159,8 +159,12 @@ class Benchmark:
         if config.batch_size > 1:
             from specbench.targets.batched import RowsHFTarget
 
+            from specbench.engine.engines import resolve_engine
+
             check_batches(config.drafter, self.drafter)
-            self.rows_target = RowsHFTarget(target, config.batch_size)
+            # the fast engine at B > 1 is the batch engine's CUDA graphs (on a CPU it runs its kernels either way)
+            graphs = target.device.type == "cuda" and resolve_engine(config.engine, target.device) == "fast"
+            self.rows_target = RowsHFTarget(target, config.batch_size, graphs=graphs)
 
     def run_info(self, command: str) -> RunInfo:
         c = self.config

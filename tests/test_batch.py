@@ -188,7 +188,7 @@ def test_a_drafter_that_cannot_batch_is_refused_in_one_line(models, tmp_path, ca
                               "--dtype", "float32", "--out", tmp_path], capsys, monkeypatch)
     assert code != 0 and "does not decode in batches" in err and "Traceback" not in err
     monkeypatch.undo()
-    code, out, err = run_cli(["run", "--target", models["target"], "--batch-size", 2, "--engine", "fast", "--limit", 1,
+    code, out, err = run_cli(["run", "--target", models["target"], "--batch-size", 2, "--backend", "deepspeed", "--limit", 1,
                               "--out", tmp_path], capsys, monkeypatch)
     assert code != 0 and "--batch-size 2 runs on the hf backend's batch engine" in err and "Traceback" not in err
 

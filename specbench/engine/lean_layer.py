@@ -34,7 +34,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative, on a probe'
 
 class ForwardShared:
     """What every lean layer of one forward computes alike (the signed sin of the rotary
-    embeddings, a one-row attention's mask as two rows), made by the stack's first lean layer
+    embeddings, a one-row attention's fp32 mask operand), made by the stack's first lean layer
     in each forward and read by the others: inputs may be static buffers changed in place
     between forwards, so nothing is kept from one forward to the next."""
 
@@ -82,17 +82,27 @@ class LeanLayer(nn.Module):
         return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one query row, through torch's SDPA as two equal rows: its CPU kernel takes
-        1.5-3x as long for one query row as for two (and transformers' eager attention, bf16
-        products of this size, longer still; measured: docs/engine.md)."""
-        doubled = None
-        if mask is not None:  # the mask as two rows, made once per forward
-            doubled = self.shared.masks.get(mask.shape)
-            if doubled is None:
-                doubled = self.shared.masks[mask.shape] = torch.cat((mask, mask), dim=-2)
-        out = F.scaled_dot_product_attention(torch.cat((q, q), dim=2), k, v, attn_mask=doubled, scale=self.scaling,
-                                             enable_gqa=self.heads != self.kv_heads)
-        return out[:, :, :1]
+        """Attention of one query row, computed in fp32 (softmax in fp32 as transformers' eager
+        attention): torch's CPU kernels for a bf16 product this small take about twice as long as
+        converting the span to fp32 first, and its SDPA (even given the row twice, which it runs
+        faster than once) measured 8 % slower per step in the engine (docs/engine.md)."""
+        batch, _, _, dim = q.shape
+        span, group = k.shape[2], self.heads // self.kv_heads
+        # query heads kv * group .. kv * group + group - 1 read key/value head kv (transformers' repeat_kv)
+        queries = q.reshape(batch * self.kv_heads, group, dim).float()
+        keys = k.reshape(batch * self.kv_heads, span, dim).float().transpose(1, 2)
+        if mask is None:
+            scores = torch.bmm(queries, keys).mul_(self.scaling)
+        else:  # scaling and the additive mask in the product's own pass, its fp32 operand made once per forward
+            shape = (batch, self.kv_heads, group, span)
+            bias = self.shared.masks.get(shape)
+            if bias is None:
+                bias = mask.reshape(mask.shape[0], 1, 1, span).float().expand(shape).reshape(batch * self.kv_heads, group, span)
+                self.shared.masks[shape] = bias
+            scores = torch.baddbmm(bias, queries, keys, alpha=self.scaling)
+        probs = scores.softmax(-1)
+        out = torch.bmm(probs, v.reshape(batch * self.kv_heads, span, dim).float())
+        return out.to(q.dtype).reshape(batch, self.heads, 1, dim)  # [batch * kv heads, group, dim] -> heads
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, past_key_values=None,

@@ -94,7 +94,7 @@ def run(
 def run_curve(config: RunConfig, sizes: list[int], out: Path, as_json: bool) -> None:
     """`run --batch-size 1,2,4`: one run per size on one loaded target, then speedup and throughput against B."""
     from specbench import runner
-    from specbench.report.build import batch_run_summary, run_summary
+    from specbench.report.build import batch_run_summary, build, run_summary
     from specbench.report.tables import batch_curve_table
 
     for size in sizes:  # every size's configuration refused before any weights load
@@ -103,16 +103,15 @@ def run_curve(config: RunConfig, sizes: list[int], out: Path, as_json: bool) -> 
         with progress.status(f"loading {config.target}"):
             target = runner.load(replace(config, batch_size=max(sizes)))
         directories = [runner.start_run(replace(config, batch_size=size), out, progress, target=target) for size in sizes]
-    points = []
-    for size, directory in zip(sizes, directories):
-        _, summary, _ = run_summary(directory)
-        points.append((size, directory, summary, batch_run_summary(directory) if size > 1 else None))
     if as_json:
+        points = [(size, directory, run_summary(directory)[1]) for size, directory in zip(sizes, directories)]
         return print(json.dumps([{"batch_size": size, "run": str(directory), **summary.to_json(),
-                                  **({"batch": batch.to_json()} if batch else {})} for size, directory, summary, batch in points], indent=2))
-    for _, directory, _, _ in points:
+                                  **({"batch": batch_run_summary(directory).to_json()} if size > 1 else {})}
+                                 for size, directory, summary in points], indent=2))
+    for directory in directories:
         show_run(directory, False)
-    console.print(batch_curve_table(points, f"{config.drafter} → {config.target}: speedup against batch size"))
+    curve = build(directories).frames["batch_curve"]  # the curve `report` shows of these runs
+    console.print(batch_curve_table(curve, f"on {config.target}, against batch size"))
 
 
 def show_run(directory: Path, as_json: bool) -> None:
@@ -353,7 +352,7 @@ def workloads() -> None:
 @app.command()
 def report(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="run directories, or folders holding them (default: results/)")] = None,
-    by: Annotated[str, typer.Option(help="setup, category, task or position: the breakdown shown and exported")] = "setup",
+    by: Annotated[str, typer.Option(help="setup, category, task, position or batch (against batch size): the breakdown shown and exported")] = "setup",
     csv: Annotated[Optional[Path], typer.Option(help="write the --by view as CSV")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="write the --by view as parquet")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
@@ -364,6 +363,7 @@ def report(
     from specbench.report.frames import group_summary
     from specbench.metrics import batch_summary
     from specbench.report.tables import (
+        batch_curve_table,
         batch_table,
         breakdown_table,
         comparison_table,
@@ -394,6 +394,9 @@ def report(
             console.print(breakdown_table(frame[frame.setup == group.label], by, f"by {by}"))
     if len(result.groups) > 1:
         console.print(comparison_table(result.frames["overview"], result.groups))
+    if not result.frames["batch_curve"].empty:
+        console.print(batch_curve_table(result.frames["batch_curve"], "against batch size (aggregate tokens/s of every row; "
+                                                                      "speedup vs plain decoding at the same B)"))
     for path in export(result.view(by), csv, parquet):
         console.print(f"wrote {path}")
     for line in write_outputs(result, plot, html):

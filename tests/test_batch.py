@@ -6,6 +6,7 @@ today's loop and records."""
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from eagle_layouts import write_eagle1_vicuna
@@ -231,6 +232,11 @@ def test_cli_curve_runs_each_batch_size_on_one_target(models, tmp_path, capsys, 
     assert [p["batch_size"] for p in points] == [1, 3]
     assert all(p["exact_match_rate"] == 1.0 for p in points) and "batch" in points[1] and "batch" not in points[0]
     assert len(list(tmp_path.glob("*/run.json"))) == 2
+    code, out, err = run_cli(["report", tmp_path, "--by", "batch", "--csv", tmp_path / "curve.csv"], capsys, monkeypatch)
+    assert code == 0, err
+    curve = pd.read_csv(tmp_path / "curve.csv")  # the two runs are one curve: B = 1 (eager engine) and B = 3 (rows)
+    assert list(curve.batch_size) == [1, 3] and curve.curve.nunique() == 1 and list(curve.exact_match_rate) == [1.0, 1.0]
+    assert list(curve.speedup) == pytest.approx([points[0]["speedup"], points[1]["batch"]["speedup"]])
 
 
 @pytest.mark.parametrize("given", ["0", "two", "2,-1"])

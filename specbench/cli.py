@@ -239,14 +239,21 @@ def record(
 def profile(
     config: ProfileConfig,
     out: Annotated[Path, typer.Option(help="where to write the profile (.json)")],
+    batch: Annotated[Optional[list[str]], typer.Option(
+        help="also t(B, n): forwards of B rows of n tokens each on the batch engine, for simulate and tune --batch-size "
+             "(docs/batch.md), e.g. 1,4,8  [default: 1]")] = None,
 ) -> None:
-    """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens."""
+    """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens (with --batch: of B rows each)."""
     from specbench.simulate.profile import profile_target
 
+    config.batch = tuple(parse_batch_sizes(batch, "--batch"))
     with RichProgress() as progress:
         result = profile_target(config, out, progress)
     n = config.max_tokens
-    console.print(f"{out}: verify ms at 1 / {n // 2} / {n} tokens: {result.ms[0]:.2f} / {result.ms[n // 2 - 1]:.2f} / {result.ms[-1]:.2f}")
+    for rows in result.batch_sizes:
+        ms = result.at_batch(rows).ms
+        console.print(f"{out}: verify ms of {rows} row{'s' if rows > 1 else ''} at 1 / {n // 2 or 1} / {n} tokens: "
+                      f"{ms[0]:.2f} / {ms[max(n // 2, 1) - 1]:.2f} / {ms[-1]:.2f}")
 
 
 @app.command()
@@ -262,6 +269,9 @@ def simulate(
     prompts: Annotated[Optional[Path], typer.Option(help="DSD format: the prompts JSONL matched by order to the tensor dumps in --log")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="a verify-latency profile from `specbench profile` (default: the log's)")] = None,
     bandwidth: Annotated[Optional[float], typer.Option(help="predict with a memory-bandwidth roofline at this many GB/s instead of a profile")] = None,
+    batch_size: Annotated[Optional[list[str]], typer.Option(
+        help="predict throughput at these batch sizes from the profile's t(B, n) (`profile --batch`; docs/batch.md), e.g. 1,4,8  "
+             "[default: 1]")] = None,
     device: Annotated[str, typer.Option(help="where the drafter runs: " + DEVICE_HELP)] = "auto",
     dtype: Annotated[str, typer.Option(help="--target's dtype: " + DTYPE_HELP)] = "auto",
     out: Annotated[Path, typer.Option(help="directory under which the run directories are created")] = Path("results"),
@@ -275,12 +285,13 @@ def simulate(
     from specbench.simulate.dsd import open_log
     from specbench.simulate.runner import shapes_from, simulate_log
 
+    sizes = parse_batch_sizes(batch_size)
     target_log = open_log(log, prompts, target)
     config.shapes = shapes_from(parse_ks(k), split_list(tree))
     config.drafter_options = typed_options(config.drafter, drafter_flags or {})
     with RichProgress() as progress:
         result = simulate_log(target_log, config, out, profile, bandwidth, target if prompts is None else None, device, dtype, progress,
-                              command_line())
+                              command_line(), sizes)
     if as_json:
         return print(json.dumps(result.to_json(), indent=2))
     sim = result.simulation

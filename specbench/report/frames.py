@@ -188,7 +188,10 @@ def _curve_point(group: Group) -> dict:
     batch = batch_summary(group.batch, group.steps, group.turns) if group.batch else None
     source = batch or summary
     spec = [t for t in group.turns if t.mode == SPEC and t.new_tokens]
-    return {"tokens_per_s": source.tokens_per_s, "baseline_tokens_per_s": source.baseline_tokens_per_s, "speedup": source.speedup,
+    # a simulated run at B holds one row's records (simulate/predict.py): every row busy, the aggregate is B times its tokens/s
+    rows = group.setup["decode"].get("batch_size", 1) if group.setup["decode"].get("simulated") else 1
+    times = lambda value: None if value is None else value * rows  # noqa: E731
+    return {"tokens_per_s": times(source.tokens_per_s), "baseline_tokens_per_s": times(source.baseline_tokens_per_s), "speedup": source.speedup,
             "tau": summary.tau, "exact_match_rate": summary.exact_match_rate,
             "near_ties": summary.near_ties, "divergences": summary.divergences,
             "ms_per_token": batch.ms_per_token if batch else (sum(t.wall_ms / t.new_tokens for t in spec) / len(spec) if spec else None),

@@ -119,18 +119,25 @@ def divergence_table(summary: Summary) -> Table:
 
 
 def simulation_table(reports, title: str) -> Table:
-    """One row per simulated shape (k or tree), the best predicted speedup marked."""
+    """One row per simulated shape (k or tree), the best predicted speedup marked; with several batch
+    sizes one row per (B, shape), tokens/s the aggregate of every row and the best marked per B."""
     table = Table(title=title, header_style="bold")
-    columns = ("shape", "τ", "acceptance", "draft ms/step", "verify ms/step", "tokens/s (pred.)",
-               "speedup (pred.)", "Leviathan expected", "MBSU")
+    batched = any(r.batch_size > 1 for r in reports)
+    columns = (("B",) if batched else ()) + ("shape", "τ", "acceptance", "draft ms/step", "verify ms/step",
+                                               "tokens/s (pred.)", "speedup (pred.)", "Leviathan expected", "MBSU")
     for column in columns:
         table.add_column(column, justify="right")
-    best = max(reports, key=lambda r: r.summary.speedup or 0.0, default=None)
+    best = {}
+    for r in reports:
+        if r.batch_size not in best or (r.summary.speedup or 0.0) > (best[r.batch_size].summary.speedup or 0.0):
+            best[r.batch_size] = r
     for r in reports:
         s = r.summary
+        tokens_per_s = r.aggregate_tokens_per_s if r.aggregate_tokens_per_s is not None else s.tokens_per_s
         table.add_row(
-            ("* " if r is best else "") + r.shape, _fmt(s.tau), _fmt(s.acceptance_rate, ".1%"),
-            _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(s.tokens_per_s, ".1f"),
+            *((str(r.batch_size),) if batched else ()),
+            ("* " if best[r.batch_size] is r else "") + r.shape, _fmt(s.tau), _fmt(s.acceptance_rate, ".1%"),
+            _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(tokens_per_s, ".1f"),
             _fmt(s.speedup, ".2f", "×"), _fmt(r.leviathan_speedup, ".2f", "×"), _fmt(s.mbsu, ".2f", "×"),
         )
     return table

@@ -245,16 +245,42 @@ def test_a_bad_batch_size_is_one_line(models, tmp_path, capsys, monkeypatch, giv
     assert code != 0 and "--batch-size takes whole numbers >= 1" in err and "Traceback" not in err
 
 
-def test_a_batch_whose_kv_does_not_fit_is_one_line_naming_the_largest_that_does(setup, monkeypatch):
+def test_a_batch_that_does_not_fit_is_one_line_naming_the_largest_that_does(setup, monkeypatch, tmp_path):
+    """The memory plan counts the rows' KV cache and the largest forward's activations (every row
+    verifying root + a 64-node tree, or one row prefilling its prompt alone). A MemAvailable that
+    holds 8 rows' KV cache but only 3 rows' KV and activations refuses B = 8 in one line naming 3."""
     from specbench.errors import UserError
     from specbench.targets import batched
 
     target = RowsHFTarget(setup["target"], 8)
-    per_row = target.kv_bytes_per_row(300)
-    monkeypatch.setattr(batched, "free_memory", lambda device: 3 * per_row + 1)
-    with pytest.raises(UserError, match="--batch-size 8 needs .* the largest batch that fits is 3 "):
-        target.warm_up(300)
-    RowsHFTarget(setup["target"], 3).warm_up(300)  # three rows fit
+    positions, verify, prompt = 300, 65, 40
+    kv, activations = target.memory_needed(3, positions, verify, prompt)
+    assert activations > 0 and 8 * target.kv_bytes_per_row(positions) < kv + activations  # KV alone: all 8 rows would fit
+    assert sum(target.memory_needed(4, positions, verify, prompt)) > kv + activations + 1024
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {(kv + activations) // 1024 + 1} kB\n")
+    monkeypatch.setattr(batched, "MEMINFO", str(meminfo))
+    assert batched.free_memory(torch.device("cpu")) == ((kv + activations) // 1024 + 1) * 1024
+    with pytest.raises(UserError, match=r"--batch-size 8 needs .* GiB of activations in its largest forward\) .*"
+                                        r"the largest batch that fits is 3 "):
+        target.warm_up(positions, verify, prompt)
+    RowsHFTarget(setup["target"], 3).warm_up(positions, verify, prompt)  # three rows fit
+    # the largest forward is a long prompt's prefill where it outweighs every row's verify
+    assert target.memory_needed(1, 2000, 2, 1900)[1] == target.activation_bytes(1, 1900, 1900) > target.activation_bytes(1, 2, 2000)
+
+
+def test_a_run_whose_batch_does_not_fit_is_one_line(models, tmp_path, capsys, monkeypatch):
+    from specbench.targets import batched
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:       1 kB\n")
+    monkeypatch.setattr(batched, "MEMINFO", str(meminfo))
+    code, out, err = run_cli(["run", "--target", models["target"], "--batch-size", 4, "--limit", 2, "--max-new-tokens", 8,
+                              "--dtype", "float32", "--out", tmp_path / "runs"], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in err
+    refusal = err.strip().splitlines()[-1]  # after the workload's one line: the refusal, before anything was measured
+    assert "--batch-size 4 needs" in refusal and "not even one row fits" in refusal
+    assert not list((tmp_path / "runs").glob("*/run.json"))
 
 
 @pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])

@@ -141,7 +141,8 @@ def _profile(c: ProfileConfig, out: Path, progress: Progress) -> VerifyProfile:
 
         with progress.status(f"measuring {rows} rows per forward"):
             rows_target = RowsHFTarget(target, rows)
-            rows_target.warm_up(c.context_tokens + c.max_tokens)  # refused in one line where the rows' KV does not fit
+            # refused in one line where the rows' KV and activations do not fit
+            rows_target.warm_up(c.context_tokens + c.max_tokens, c.max_tokens, c.context_tokens)
             result.batch_ms[str(rows)] = measure_batch_profile(rows_target, context, c.context_tokens, c.max_tokens, c.repeats)
             del rows_target
     atomic_write_text(out, json.dumps(result.to_json()) + "\n")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from eagle_layouts import write_eagle1_vicuna
 import test_cli
+import test_eagle
 import test_simulate
 from test_cli import run_cli
 from test_fast_engine import make_drafter
@@ -322,3 +323,72 @@ def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
     plain = [decode(target, PlainDecoding(target), p, n).output_ids for p, n in zip(batch_prompts, budgets)]
     batch = decode_rows(rows, build(drafter, setup), [Request(p, n) for p, n in zip(batch_prompts, budgets)])
     assert [d.output_ids for d in batch.decoded] == plain
+
+
+# --- EAGLE: each draft pass over every live row (RowsDraftKV) ------------------------------------
+
+def assert_rows_equal_alone(target, make, reqs, sizes=(3, 4), temperature=0.0):
+    """Every row's output and steps at each B are the ones its sequence gets alone (a fresh drafter, B = 1)."""
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(len(reqs))] if temperature else [None] * len(reqs)
+
+    alone = [decode_rows(OneRow(target), make(), [Request(r.prompt_ids, r.max_new_tokens, g)], temperature).decoded[0]
+             for r, g in zip(reqs, generators())]
+    for rows in sizes:
+        for refill in (True, False):
+            batch = decode_rows(RowsHFTarget(target, rows), make(), [Request(r.prompt_ids, r.max_new_tokens, g)
+                                                                      for r, g in zip(reqs, generators())], temperature, refill)
+            assert [d.output_ids for d in batch.decoded] == [a.output_ids for a in alone], (rows, refill)
+            for got, want in zip(batch.decoded, alone):
+                assert [(s.tree_size, s.accepted) for s in got.steps] == [(s.tree_size, s.accepted) for s in want.steps], (rows, refill)
+    return alone
+
+
+def counting_rows(drafter, seen: list[int]):
+    """Record how many rows each of the drafter's draft forwards serves (context_rows and nodes)."""
+    net = drafter.net
+    context_rows, nodes = net.context_rows, net.nodes
+    net.context_rows = lambda tokens, features, kv, rows: seen.append(len(rows)) or context_rows(tokens, features, kv, rows)
+    net.nodes = lambda *a, **k: seen.append(len(set((a[6] if len(a) > 6 else k.get("seq")).tolist()))
+                                            if (a[6] if len(a) > 6 else k.get("seq")) is not None else 1) or nodes(*a, **k)
+    return drafter
+
+
+def test_eagle_static_tree_drafts_every_row_in_one_forward_per_level(setup, tmp_path):
+    """EAGLE-1 on a 6-node tree of ranks at B = 3, 4: the catch-up of every live row in one forward and
+    each level's nodes of every live row in one forward, and each row drafts and emits what it does alone."""
+    from specbench.drafters.eagle.drafter import EagleDrafter
+
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+    seen: list[int] = []
+    make = lambda: counting_rows(EagleDrafter.build(setup["target"], weights=str(setup["root"] / "eagle1"), tree=str(tree)), seen)  # noqa: E731
+    alone = assert_rows_equal_alone(setup["target"], make, requests(setup))
+    assert [a.output_ids for a in alone] == setup["plain"] and any(s.accepted for a in alone for s in a.steps)
+    assert max(seen) == 4 and seen.count(4) > 10  # forwards over all four rows, many of them
+
+
+def test_eagle_sampled_chain_per_row_equals_alone(setup):
+    """At temperature > 0 an EAGLE chain samples each row's draft with the row's own generator, in the order it would alone."""
+    from specbench.drafters.eagle.drafter import EagleDrafter
+
+    make = lambda: EagleDrafter.build(setup["target"], weights=str(setup["root"] / "eagle1"), tree="chain:3")  # noqa: E731
+    assert_rows_equal_alone(setup["target"], make, requests(setup), temperature=0.8)
+
+
+eagle_setup = test_eagle.setup  # a 6-layer target, an EAGLE-3 checkpoint for it (a fixture)
+
+
+def test_eagle3_dynamic_tree_drafts_every_row_in_one_forward_per_round(eagle_setup):
+    """EAGLE-3 with EAGLE-2's dynamic tree at B = 3, 4: each round's frontier of every live row in one forward."""
+    from specbench.drafters.eagle.drafter import Eagle3Drafter
+
+    target = eagle_setup["t3"]
+    target.eos_token_ids = set()
+    reqs = [Request(p, n) for p, n in zip(prompts(6), [NEW, NEW - 5, NEW - 10, NEW, NEW - 5, NEW - 10])]
+    seen: list[int] = []
+    make = lambda: counting_rows(Eagle3Drafter.build(target, weights=str(eagle_setup["root"] / "eagle3")), seen)  # noqa: E731
+    alone = assert_rows_equal_alone(target, make, reqs)
+    plain = [decode(target, PlainDecoding(target), r.prompt_ids, r.max_new_tokens).output_ids for r in reqs]
+    assert [a.output_ids for a in alone] == plain and any(s.accepted for a in alone for s in a.steps)
+    assert max(seen) == 4

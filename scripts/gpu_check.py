@@ -380,12 +380,23 @@ def batch_section(setup: Setup, eager: Target, plain: list[Decoded], sizes: list
         point: dict = {"sequences": len(prompts)}
         for label, make in ((PLAIN, lambda: PlainDecoding(eager)), ("draft-model", lambda: random_draft(eager, setup))):
             drafter, target = make(), RowsHFTarget(eager, b)
-            target.warm_up(max(p.numel() for p in prompts) + setup.new_tokens + drafter.max_draft_tokens + 1)
+            cuda = eager.device.type == "cuda"
+            if cuda:  # the memory plan's estimate against the measured peak above what was held before the rows' cache
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                held = torch.cuda.memory_allocated()
+            longest = max(p.numel() for p in prompts)
+            positions, verify = longest + setup.new_tokens + drafter.max_draft_tokens + 1, 1 + drafter.max_draft_tokens
+            target.warm_up(positions, verify, longest)  # refused in one line where the KV and activations do not fit
+            kv, activations = target.memory_needed(b, positions, verify, longest)
             decode_rows(target, drafter, [Request(p, min(WARMUP_TOKENS, setup.new_tokens)) for p in prompts[:b]])  # untimed
             batch = decode_rows(target, drafter, [Request(p, setup.new_tokens) for p in prompts])
             tokens = sum(len(d.output_ids) for d in batch.decoded)
             point[label] = {"tokens_per_s": tokens / batch.wall_ms * 1000, "tau": tau([s for d in batch.decoded for s in d.steps]),
-                            "equal_to_eager_plain": compare(reference, batch.decoded, eps)}
+                            "equal_to_eager_plain": compare(reference, batch.decoded, eps),
+                            "planned_gib": {"kv": kv / 2**30, "activations": activations / 2**30}}
+            if cuda:
+                point[label]["peak_gib_above_before"] = (torch.cuda.max_memory_allocated() - held) / 2**30
         point["speedup"] = point["draft-model"]["tokens_per_s"] / point[PLAIN]["tokens_per_s"]
         out[b] = point
         free_memory()

@@ -94,7 +94,7 @@ def run(
 def run_curve(config: RunConfig, sizes: list[int], out: Path, as_json: bool) -> None:
     """`run --batch-size 1,2,4`: one run per size on one loaded target, then speedup and throughput against B."""
     from specbench import runner
-    from specbench.report.build import batch_run_summary, run_summary
+    from specbench.report.build import batch_run_summary, build, run_summary
     from specbench.report.tables import batch_curve_table
 
     for size in sizes:  # every size's configuration refused before any weights load
@@ -103,16 +103,15 @@ def run_curve(config: RunConfig, sizes: list[int], out: Path, as_json: bool) -> 
         with progress.status(f"loading {config.target}"):
             target = runner.load(replace(config, batch_size=max(sizes)))
         directories = [runner.start_run(replace(config, batch_size=size), out, progress, target=target) for size in sizes]
-    points = []
-    for size, directory in zip(sizes, directories):
-        _, summary, _ = run_summary(directory)
-        points.append((size, directory, summary, batch_run_summary(directory) if size > 1 else None))
     if as_json:
+        points = [(size, directory, run_summary(directory)[1]) for size, directory in zip(sizes, directories)]
         return print(json.dumps([{"batch_size": size, "run": str(directory), **summary.to_json(),
-                                  **({"batch": batch.to_json()} if batch else {})} for size, directory, summary, batch in points], indent=2))
-    for _, directory, _, _ in points:
+                                  **({"batch": batch_run_summary(directory).to_json()} if size > 1 else {})}
+                                 for size, directory, summary in points], indent=2))
+    for directory in directories:
         show_run(directory, False)
-    console.print(batch_curve_table(points, f"{config.drafter} → {config.target}: speedup against batch size"))
+    curve = build(directories).frames["batch_curve"]  # the curve `report` shows of these runs
+    console.print(batch_curve_table(curve, f"on {config.target}, against batch size"))
 
 
 def show_run(directory: Path, as_json: bool) -> None:
@@ -240,14 +239,21 @@ def record(
 def profile(
     config: ProfileConfig,
     out: Annotated[Path, typer.Option(help="where to write the profile (.json)")],
+    batch: Annotated[Optional[list[str]], typer.Option(
+        help="also t(B, n): forwards of B rows of n tokens each on the batch engine, for simulate and tune --batch-size "
+             "(docs/batch.md), e.g. 1,4,8  [default: 1]")] = None,
 ) -> None:
-    """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens."""
+    """Measure the target's verify latency: ms per forward of n tokens, n = 1..max-tokens (with --batch: of B rows each)."""
     from specbench.simulate.profile import profile_target
 
+    config.batch = tuple(parse_batch_sizes(batch, "--batch"))
     with RichProgress() as progress:
         result = profile_target(config, out, progress)
     n = config.max_tokens
-    console.print(f"{out}: verify ms at 1 / {n // 2} / {n} tokens: {result.ms[0]:.2f} / {result.ms[n // 2 - 1]:.2f} / {result.ms[-1]:.2f}")
+    for rows in result.batch_sizes:
+        ms = result.at_batch(rows).ms
+        console.print(f"{out}: verify ms of {rows} row{'s' if rows > 1 else ''} at 1 / {n // 2 or 1} / {n} tokens: "
+                      f"{ms[0]:.2f} / {ms[max(n // 2, 1) - 1]:.2f} / {ms[-1]:.2f}")
 
 
 @app.command()
@@ -263,6 +269,9 @@ def simulate(
     prompts: Annotated[Optional[Path], typer.Option(help="DSD format: the prompts JSONL matched by order to the tensor dumps in --log")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="a verify-latency profile from `specbench profile` (default: the log's)")] = None,
     bandwidth: Annotated[Optional[float], typer.Option(help="predict with a memory-bandwidth roofline at this many GB/s instead of a profile")] = None,
+    batch_size: Annotated[Optional[list[str]], typer.Option(
+        help="predict throughput at these batch sizes from the profile's t(B, n) (`profile --batch`; docs/batch.md), e.g. 1,4,8  "
+             "[default: 1]")] = None,
     device: Annotated[str, typer.Option(help="where the drafter runs: " + DEVICE_HELP)] = "auto",
     dtype: Annotated[str, typer.Option(help="--target's dtype: " + DTYPE_HELP)] = "auto",
     out: Annotated[Path, typer.Option(help="directory under which the run directories are created")] = Path("results"),
@@ -276,12 +285,13 @@ def simulate(
     from specbench.simulate.dsd import open_log
     from specbench.simulate.runner import shapes_from, simulate_log
 
+    sizes = parse_batch_sizes(batch_size)
     target_log = open_log(log, prompts, target)
     config.shapes = shapes_from(parse_ks(k), split_list(tree))
     config.drafter_options = typed_options(config.drafter, drafter_flags or {})
     with RichProgress() as progress:
         result = simulate_log(target_log, config, out, profile, bandwidth, target if prompts is None else None, device, dtype, progress,
-                              command_line())
+                              command_line(), sizes)
     if as_json:
         return print(json.dumps(result.to_json(), indent=2))
     sim = result.simulation
@@ -353,7 +363,7 @@ def workloads() -> None:
 @app.command()
 def report(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="run directories, or folders holding them (default: results/)")] = None,
-    by: Annotated[str, typer.Option(help="setup, category, task or position: the breakdown shown and exported")] = "setup",
+    by: Annotated[str, typer.Option(help="setup, category, task, position or batch (against batch size): the breakdown shown and exported")] = "setup",
     csv: Annotated[Optional[Path], typer.Option(help="write the --by view as CSV")] = None,
     parquet: Annotated[Optional[Path], typer.Option(help="write the --by view as parquet")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
@@ -364,6 +374,7 @@ def report(
     from specbench.report.frames import group_summary
     from specbench.metrics import batch_summary
     from specbench.report.tables import (
+        batch_curve_table,
         batch_table,
         breakdown_table,
         comparison_table,
@@ -394,6 +405,9 @@ def report(
             console.print(breakdown_table(frame[frame.setup == group.label], by, f"by {by}"))
     if len(result.groups) > 1:
         console.print(comparison_table(result.frames["overview"], result.groups))
+    if not result.frames["batch_curve"].empty:
+        console.print(batch_curve_table(result.frames["batch_curve"], "against batch size (aggregate tokens/s of every row; "
+                                                                      "speedup vs plain decoding at the same B)"))
     for path in export(result.view(by), csv, parquet):
         console.print(f"wrote {path}")
     for line in write_outputs(result, plot, html):

@@ -119,12 +119,12 @@ def parse_ks(values: list[str] | None) -> list[int]:
     return ks
 
 
-def parse_batch_sizes(values: list[str] | None) -> list[int]:
+def parse_batch_sizes(values: list[str] | None, flag: str = "--batch-size") -> list[int]:
     """--batch-size 1,2,4 --batch-size 8 -> [1, 2, 4, 8] (default [1]); sizes >= 1, each once."""
     sizes = []
     for part in split_list(values) or ["1"]:
         if not part.isdigit() or int(part) < 1:
-            raise UserError(f"--batch-size takes whole numbers >= 1, comma-separated (got '{part}')")
+            raise UserError(f"{flag} takes whole numbers >= 1, comma-separated (got '{part}')")
         if int(part) not in sizes:
             sizes.append(int(part))
     return sizes
@@ -175,6 +175,9 @@ def tune_commands(check) -> tuple[str, str]:
            "--workload", check.workload, "--limit", check.limit, "--max-new-tokens", check.max_new_tokens]
     simulate = ["specbench", "simulate", "--log", check.log, "--drafter", check.drafter, *options,
                 "--k" if check.kind == "chain" else "--tree", check.shape]
+    if getattr(check, "batch_size", 1) > 1:  # chosen for B rows at once: measured and scored at that B
+        run += ["--batch-size", check.batch_size]
+        simulate += ["--batch-size", check.batch_size] + (["--profile", check.profile] if check.profile else [])
     return " ".join(map(str, run)), " ".join(map(str, simulate))
 
 

@@ -209,16 +209,20 @@ class Benchmark:
         result = decode(self.target, drafter, torch.tensor(ids), max_new, self.config.temperature, generator)
         return ids, result
 
-    def longest_sequence(self) -> int:
-        """An upper bound on the positions any sequence of this run reaches: its prompt (a later
-        turn holds the earlier answers, each re-encoded from at most max_new_tokens tokens) +
-        the new tokens + the largest verify (the root and the drafter's largest proposal)."""
+    def longest_prompt(self) -> int:
+        """An upper bound on the tokens any turn's prompt holds (a later turn holds the earlier
+        answers, each re-encoded from at most max_new_tokens tokens)."""
         longest = 0
         for prompt in self.prompts:
             for turn in range(len(prompt.turns)):
                 ids = encode_turn(self.target.tokenizer, prompt, turn, [""] * turn)
                 longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
-        return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
+        return longest
+
+    def longest_sequence(self) -> int:
+        """An upper bound on the positions any sequence of this run reaches: its prompt + the new
+        tokens + the largest verify (the root and the drafter's largest proposal)."""
+        return self.longest_prompt() + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
 
     def warm_up(self, engine: EngineFacts) -> None:
         """Before anything is timed: size the static caches for the longest sequence, capture
@@ -228,8 +232,9 @@ class Benchmark:
         positions = self.longest_sequence()
         with counted() as seen:
             if self.rows_target is not None:
-                self.rows_target.warm_up(positions, 1, ())  # plain decoding: the root alone
-                self.rows_target.warm_up(positions, 1 + self.drafter.max_draft_tokens, self.drafter.taps)
+                # the rows' KV and the largest forward's activations checked against free memory (docs/batch.md);
+                # with CUDA graphs, plain decoding's and the drafter's buckets captured
+                self.rows_target.warm_up(positions, 1 + self.drafter.max_draft_tokens, self.longest_prompt(), self.drafter.taps)
                 for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
                     new = min(self.config.max_new_tokens, WARMUP_TOKENS)
                     ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))

@@ -6,10 +6,12 @@ today's loop and records."""
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from eagle_layouts import write_eagle1_vicuna
 import test_cli
+import test_eagle
 import test_simulate
 from test_cli import run_cli
 from test_fast_engine import make_drafter
@@ -231,6 +233,11 @@ def test_cli_curve_runs_each_batch_size_on_one_target(models, tmp_path, capsys, 
     assert [p["batch_size"] for p in points] == [1, 3]
     assert all(p["exact_match_rate"] == 1.0 for p in points) and "batch" in points[1] and "batch" not in points[0]
     assert len(list(tmp_path.glob("*/run.json"))) == 2
+    code, out, err = run_cli(["report", tmp_path, "--by", "batch", "--csv", tmp_path / "curve.csv"], capsys, monkeypatch)
+    assert code == 0, err
+    curve = pd.read_csv(tmp_path / "curve.csv")  # the two runs are one curve: B = 1 (eager engine) and B = 3 (rows)
+    assert list(curve.batch_size) == [1, 3] and curve.curve.nunique() == 1 and list(curve.exact_match_rate) == [1.0, 1.0]
+    assert list(curve.speedup) == pytest.approx([points[0]["speedup"], points[1]["batch"]["speedup"]])
 
 
 @pytest.mark.parametrize("given", ["0", "two", "2,-1"])
@@ -239,16 +246,42 @@ def test_a_bad_batch_size_is_one_line(models, tmp_path, capsys, monkeypatch, giv
     assert code != 0 and "--batch-size takes whole numbers >= 1" in err and "Traceback" not in err
 
 
-def test_a_batch_whose_kv_does_not_fit_is_one_line_naming_the_largest_that_does(setup, monkeypatch):
+def test_a_batch_that_does_not_fit_is_one_line_naming_the_largest_that_does(setup, monkeypatch, tmp_path):
+    """The memory plan counts the rows' KV cache and the largest forward's activations (every row
+    verifying root + a 64-node tree, or one row prefilling its prompt alone). A MemAvailable that
+    holds 8 rows' KV cache but only 3 rows' KV and activations refuses B = 8 in one line naming 3."""
     from specbench.errors import UserError
     from specbench.targets import batched
 
     target = RowsHFTarget(setup["target"], 8)
-    per_row = target.kv_bytes_per_row(300)
-    monkeypatch.setattr(batched, "free_memory", lambda device: 3 * per_row + 1)
-    with pytest.raises(UserError, match="--batch-size 8 needs .* the largest batch that fits is 3 "):
-        target.warm_up(300)
-    RowsHFTarget(setup["target"], 3).warm_up(300)  # three rows fit
+    positions, verify, prompt = 300, 65, 40
+    kv, activations = target.memory_needed(3, positions, verify, prompt)
+    assert activations > 0 and 8 * target.kv_bytes_per_row(positions) < kv + activations  # KV alone: all 8 rows would fit
+    assert sum(target.memory_needed(4, positions, verify, prompt)) > kv + activations + 1024
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {(kv + activations) // 1024 + 1} kB\n")
+    monkeypatch.setattr(batched, "MEMINFO", str(meminfo))
+    assert batched.free_memory(torch.device("cpu")) == ((kv + activations) // 1024 + 1) * 1024
+    with pytest.raises(UserError, match=r"--batch-size 8 needs .* GiB of activations in its largest forward\) .*"
+                                        r"the largest batch that fits is 3 "):
+        target.warm_up(positions, verify, prompt)
+    RowsHFTarget(setup["target"], 3).warm_up(positions, verify, prompt)  # three rows fit
+    # the largest forward is a long prompt's prefill where it outweighs every row's verify
+    assert target.memory_needed(1, 2000, 2, 1900)[1] == target.activation_bytes(1, 1900, 1900) > target.activation_bytes(1, 2, 2000)
+
+
+def test_a_run_whose_batch_does_not_fit_is_one_line(models, tmp_path, capsys, monkeypatch):
+    from specbench.targets import batched
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:       1 kB\n")
+    monkeypatch.setattr(batched, "MEMINFO", str(meminfo))
+    code, out, err = run_cli(["run", "--target", models["target"], "--batch-size", 4, "--limit", 2, "--max-new-tokens", 8,
+                              "--dtype", "float32", "--out", tmp_path / "runs"], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in err
+    refusal = err.strip().splitlines()[-1]  # after the workload's one line: the refusal, before anything was measured
+    assert "--batch-size 4 needs" in refusal and "not even one row fits" in refusal
+    assert not list((tmp_path / "runs").glob("*/run.json"))
 
 
 @pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])
@@ -307,8 +340,7 @@ def test_captured_rows_equal_their_plain_decode_and_capture_only_in_the_warm_up(
         for refill in (True, False):
             graphs = FakeGraphs()
             target = RowsHFTarget(setup["target"], rows, graphs=graphs)
-            target.warm_up(longest, 1, ())
-            target.warm_up(longest, max_rows, made.taps)
+            target.warm_up(longest, max_rows, taps=made.taps)  # plain decoding's bucket and the drafter's
             captured = graphs.captures
             assert captured > 0 and target.engine_stats()["cuda_graphs"]
             batch = decode_rows(target, build(drafter, setup), requests(setup), refill=refill)
@@ -323,7 +355,76 @@ def test_a_failed_rows_capture_runs_uncaptured_with_one_warning(setup):
 
     target = RowsHFTarget(setup["target"], 3, graphs=FakeGraphs(fail_on_capture=2))
     with pytest.warns(SpecbenchWarning, match="CUDA graph capture failed"):
-        target.warm_up(200, 4, ())
+        target.warm_up(200, 4)
     assert not target.engine_stats()["cuda_graphs"]
     batch = decode_rows(target, build("prompt-lookup", setup), requests(setup))
     assert [d.output_ids for d in batch.decoded] == setup["plain"]
+
+
+# --- EAGLE: each draft pass over every live row (RowsDraftKV) ------------------------------------
+
+def assert_rows_equal_alone(target, make, reqs, sizes=(3, 4), temperature=0.0):
+    """Every row's output and steps at each B are the ones its sequence gets alone (a fresh drafter, B = 1)."""
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(len(reqs))] if temperature else [None] * len(reqs)
+
+    alone = [decode_rows(OneRow(target), make(), [Request(r.prompt_ids, r.max_new_tokens, g)], temperature).decoded[0]
+             for r, g in zip(reqs, generators())]
+    for rows in sizes:
+        for refill in (True, False):
+            batch = decode_rows(RowsHFTarget(target, rows), make(), [Request(r.prompt_ids, r.max_new_tokens, g)
+                                                                      for r, g in zip(reqs, generators())], temperature, refill)
+            assert [d.output_ids for d in batch.decoded] == [a.output_ids for a in alone], (rows, refill)
+            for got, want in zip(batch.decoded, alone):
+                assert [(s.tree_size, s.accepted) for s in got.steps] == [(s.tree_size, s.accepted) for s in want.steps], (rows, refill)
+    return alone
+
+
+def counting_rows(drafter, seen: list[int]):
+    """Record how many rows each of the drafter's draft forwards serves (context_rows and nodes)."""
+    net = drafter.net
+    context_rows, nodes = net.context_rows, net.nodes
+    net.context_rows = lambda tokens, features, kv, rows: seen.append(len(rows)) or context_rows(tokens, features, kv, rows)
+    net.nodes = lambda *a, **k: seen.append(len(set((a[6] if len(a) > 6 else k.get("seq")).tolist()))
+                                            if (a[6] if len(a) > 6 else k.get("seq")) is not None else 1) or nodes(*a, **k)
+    return drafter
+
+
+def test_eagle_static_tree_drafts_every_row_in_one_forward_per_level(setup, tmp_path):
+    """EAGLE-1 on a 6-node tree of ranks at B = 3, 4: the catch-up of every live row in one forward and
+    each level's nodes of every live row in one forward, and each row drafts and emits what it does alone."""
+    from specbench.drafters.eagle.drafter import EagleDrafter
+
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+    seen: list[int] = []
+    make = lambda: counting_rows(EagleDrafter.build(setup["target"], weights=str(setup["root"] / "eagle1"), tree=str(tree)), seen)  # noqa: E731
+    alone = assert_rows_equal_alone(setup["target"], make, requests(setup))
+    assert [a.output_ids for a in alone] == setup["plain"] and any(s.accepted for a in alone for s in a.steps)
+    assert max(seen) == 4 and seen.count(4) > 10  # forwards over all four rows, many of them
+
+
+def test_eagle_sampled_chain_per_row_equals_alone(setup):
+    """At temperature > 0 an EAGLE chain samples each row's draft with the row's own generator, in the order it would alone."""
+    from specbench.drafters.eagle.drafter import EagleDrafter
+
+    make = lambda: EagleDrafter.build(setup["target"], weights=str(setup["root"] / "eagle1"), tree="chain:3")  # noqa: E731
+    assert_rows_equal_alone(setup["target"], make, requests(setup), temperature=0.8)
+
+
+eagle_setup = test_eagle.setup  # a 6-layer target, an EAGLE-3 checkpoint for it (a fixture)
+
+
+def test_eagle3_dynamic_tree_drafts_every_row_in_one_forward_per_round(eagle_setup):
+    """EAGLE-3 with EAGLE-2's dynamic tree at B = 3, 4: each round's frontier of every live row in one forward."""
+    from specbench.drafters.eagle.drafter import Eagle3Drafter
+
+    target = eagle_setup["t3"]
+    target.eos_token_ids = set()
+    reqs = [Request(p, n) for p, n in zip(prompts(6), [NEW, NEW - 5, NEW - 10, NEW, NEW - 5, NEW - 10])]
+    seen: list[int] = []
+    make = lambda: counting_rows(Eagle3Drafter.build(target, weights=str(eagle_setup["root"] / "eagle3")), seen)  # noqa: E731
+    alone = assert_rows_equal_alone(target, make, reqs)
+    plain = [decode(target, PlainDecoding(target), r.prompt_ids, r.max_new_tokens).output_ids for r in reqs]
+    assert [a.output_ids for a in alone] == plain and any(s.accepted for a in alone for s in a.steps)
+    assert max(seen) == 4

@@ -63,6 +63,7 @@ def test_cpu_smoke_fills_every_cell_exactly(tmp_path):
     for point in batch.values():
         for label in ("plain", "draft-model"):
             assert point[label]["equal_to_eager_plain"]["equal"] == point[label]["equal_to_eager_plain"]["total"] == point["sequences"]
+            assert point[label]["planned_gib"]["kv"] > 0 and point[label]["planned_gib"]["activations"] > 0  # the memory plan's figures
     if importlib.util.find_spec("deepspeed") is None:
         assert "not importable" in sections["deepspeed"]["skipped"]
     else:

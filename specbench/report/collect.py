@@ -99,7 +99,7 @@ def _facets(group: Group) -> dict[str, str]:
     return facets
 
 
-def _drafter(group: Group) -> str:
+def drafter_name(group: Group) -> str:
     options = ", ".join(f"{k}={v}" for k, v in group.setup["drafter_options"].items())
     return f"{group.setup['drafter']} ({options})" if options else group.setup["drafter"]
 
@@ -116,7 +116,7 @@ def setup_names(groups: list[Group]) -> tuple[dict[str, str], dict[str, str]]:
         differing = [own[k] for k in keys if k not in shared and k in own and k != "selection"]
         if "selection" not in shared:  # the same drafter on another prompt selection: name the selection last
             differing.append(own["selection"])
-        names[group.label] = " · ".join([_drafter(group), *differing])
+        names[group.label] = " · ".join([drafter_name(group), *differing])
     return {k: facets[0][k] for k in shared if k != "selection"} if facets else {}, names
 
 

@@ -48,6 +48,8 @@ COLUMNS = {c.key: c for c in [
     Column("verify_ms", "verify ms", ".2f"),
     Column("other_ms", "other ms", ".2f"),
     Column("tokens_per_step", "tokens/step", ".2f"),
+    Column("batch_size", "B", "d", "", "sequences decoded at once (rows of one forward)"),
+    Column("ms_per_token", "ms/token per request", ".2f", "", "each answer's wall time from the moment its row took it, over its tokens"),
 ]}
 
 

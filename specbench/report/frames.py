@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from specbench.metrics import Summary, memory_model, summarise
+from specbench.metrics import Summary, batch_summary, memory_model, summarise
 from specbench.records import BASELINE, SPEC
-from specbench.report.collect import Group
+from specbench.report.collect import Group, drafter_name, setup_names
 
 METRICS = [
     "tau", "acceptance_rate", "draft_ms_per_step", "verify_ms_per_step", "overhead_ms_per_step",
@@ -23,7 +23,7 @@ METRICS = [
 
 
 # --by value -> the frame it shows
-VIEWS = {"setup": "overview", "category": "categories", "task": "tasks", "position": "positions"}
+VIEWS = {"setup": "overview", "category": "categories", "task": "tasks", "position": "positions", "batch": "batch_curve"}
 
 
 @dataclass
@@ -47,6 +47,7 @@ def report_frames(groups: list[Group]) -> dict[str, pd.DataFrame]:
         "positions": by_position(groups),
         "prompts": per_prompt(groups),
         "step_times": step_times(groups),
+        "batch_curve": batch_curve(groups),
     }
 
 
@@ -139,3 +140,59 @@ def step_times(groups: list[Group]) -> pd.DataFrame:
                          "other_ms": sum(s.step_ms for s in steps) / n - draft - verify,
                          "tokens_per_step": sum(s.accepted + 1 for s in steps) / n})
     return pd.DataFrame(rows, columns=["setup", "mode", "draft_ms", "verify_ms", "other_ms", "tokens_per_step"])
+
+
+# the decode settings a batch-size curve runs along: setups that differ only in these are one curve
+# (the engine too: B = 1 runs on the one-row engine, B > 1 on the batch engine, docs/batch.md)
+ALONG_BATCH = ("batch_size", "refill", "engine")
+CURVE = ["curve", "setup", "batch_size", "refill", "tokens_per_s", "baseline_tokens_per_s", "speedup", "tau",
+         "exact_match_rate", "near_ties", "divergences", "ms_per_token", "prompts"]
+
+
+def batch_curve(groups: list[Group]) -> pd.DataFrame:
+    """Speedup and aggregate throughput against batch size: one row per (curve, B), a curve being the
+    setups that differ only in batch size (and the engine it implies), one curve per refill mode.
+    Throughput at B > 1 is the aggregate of every row (metrics.BatchSummary: every output token over
+    the batch decodes' wall time), at B = 1 the run's tokens/s; the speedup is against plain decoding
+    at the same B in the same run. A B = 1 point belongs to both refill modes' curves. A setup with
+    a single batch size has no curve and no row here."""
+    curves: dict[str, list[Group]] = {}
+    for group in groups:
+        setup = {**group.setup, "decode": {k: v for k, v in group.setup["decode"].items() if k not in ALONG_BATCH}}
+        curves.setdefault(json.dumps(setup, sort_keys=True, default=str), []).append(group)
+    curves = {key: members for key, members in curves.items()
+              if len({m.setup["decode"].get("batch_size", 1) for m in members}) > 1}
+    names = setup_names([Group(json.loads(key)) for key in curves])[1] if len(curves) > 1 else {}
+    rows = []
+    for key, members in curves.items():
+        curve = Group(json.loads(key))
+        name = names.get(curve.label, drafter_name(curve))
+        refills = sorted({m.setup["decode"].get("refill", True) for m in members if m.setup["decode"].get("batch_size", 1) > 1},
+                         reverse=True)
+        for refill in refills:
+            line = name if refills == [True] else f"{name} · {'refill' if refill else 'no refill'}"
+            points = {}
+            for member in members:
+                size = member.setup["decode"].get("batch_size", 1)
+                if size > 1 and member.setup["decode"].get("refill", True) != refill:
+                    continue
+                points.setdefault(size, member)  # two setups at one B (B = 1 on two engines): the first
+            for size, member in sorted(points.items()):
+                rows.append({"curve": line, "setup": member.label, "batch_size": size, "refill": refill if size > 1 else None,
+                             **_curve_point(member)})
+    return pd.DataFrame(rows, columns=CURVE)
+
+
+def _curve_point(group: Group) -> dict:
+    summary = group_summary(group)
+    batch = batch_summary(group.batch, group.steps, group.turns) if group.batch else None
+    source = batch or summary
+    spec = [t for t in group.turns if t.mode == SPEC and t.new_tokens]
+    # a simulated run at B holds one row's records (simulate/predict.py): every row busy, the aggregate is B times its tokens/s
+    rows = group.setup["decode"].get("batch_size", 1) if group.setup["decode"].get("simulated") else 1
+    times = lambda value: None if value is None else value * rows  # noqa: E731
+    return {"tokens_per_s": times(source.tokens_per_s), "baseline_tokens_per_s": times(source.baseline_tokens_per_s), "speedup": source.speedup,
+            "tau": summary.tau, "exact_match_rate": summary.exact_match_rate,
+            "near_ties": summary.near_ties, "divergences": summary.divergences,
+            "ms_per_token": batch.ms_per_token if batch else (sum(t.wall_ms / t.new_tokens for t in spec) / len(spec) if spec else None),
+            "prompts": len({t.prompt_id for t in spec})}

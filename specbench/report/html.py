@@ -43,6 +43,7 @@ details { margin: 0.8em 0; } summary { cursor: pointer; font-size: 1.1em; font-w
 # what a reader came for, then what it cost
 HEADLINE = ["speedup", "tau", "exact_match_rate", "acceptance_rate", "tokens_per_s", "baseline_tokens_per_s", "prompts"]
 COSTS = ["draft_ms_per_step", "verify_ms_per_step", "overhead_ms_per_step", "cost_coefficient", "mbsu", "steps", "runs"]
+CURVE = ["speedup", "tokens_per_s", "baseline_tokens_per_s", "tau", "exact_match_rate", "ms_per_token", "prompts"]
 BREAKDOWN = ["speedup", "tau", "exact_match_rate", "acceptance_rate", "tokens_per_s", "baseline_tokens_per_s",
              "draft_ms_per_step", "verify_ms_per_step", "prompts"]
 
@@ -140,6 +141,9 @@ def page(report: Report, plots: list[Path]) -> str:
     parts += [f"<p class=warn>warning: {html.escape(w)}</p>" for w in report.warnings]
     parts += ["<h2>Per drafter</h2>", setup_table(overview, HEADLINE, names, best=True), _definitions(HEADLINE)]
     parts += ["<h2>Cost per verification step</h2>", setup_table(overview, COSTS, names), _definitions(COSTS[:3] + ["mbsu"])]
+    if not f["batch_curve"].empty:  # setups run at several batch sizes (frames.batch_curve)
+        curve = f["batch_curve"].assign(setup=f["batch_curve"]["curve"])
+        parts += ["<h2>Against batch size</h2>", grouped_table(curve, "batch_size", CURVE, {}), _definitions(["batch_size", "ms_per_token"])]
     if plots:
         parts.append(_folded("Plots", _plots(plots), open_=True))
     if not f["categories"].empty:

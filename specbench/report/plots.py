@@ -112,12 +112,43 @@ def tokens_per_s_distribution(prompts: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def against_batch_size(curve: pd.DataFrame, path: Path) -> Path | None:
+    """Two panels against batch size (log2 axis), one colour per drafter (frames.batch_curve): the
+    speedup over plain decoding at the same B, and aggregate tokens/s (drafter solid, plain dashed).
+    None when no setup was run at more than one batch size."""
+    if curve.empty:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, rows) in enumerate(curve.groupby("curve", sort=False)):
+        colour, label = f"C{i % 10}", _short(name)
+        rows = rows.sort_values("batch_size")
+        if rows.speedup.notna().any():
+            left.plot(rows.batch_size, rows.speedup, marker="o", color=colour, label=label)
+        right.plot(rows.batch_size, rows.tokens_per_s, marker="o", color=colour, label=label)
+        if rows.baseline_tokens_per_s.notna().any():
+            right.plot(rows.batch_size, rows.baseline_tokens_per_s, marker=".", linestyle="--", color=colour, label=f"plain ({label})")
+    sizes = sorted(curve.batch_size.unique())
+    left.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    for ax, ylabel in ((left, "speedup vs plain decoding at the same B (×)"), (right, "aggregate tokens/s (every row)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(int(b)) for b in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel(ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    left.set_title("Speedup against batch size")
+    right.set_title("Throughput against batch size")
+    return _save(fig, path)
+
+
 PLOTS = {
     "speedup_by_category.png": ("categories", speedup_by_category),
     "tau_vs_draft_ms.png": ("overview", tau_vs_draft_latency),
     "acceptance_by_position.png": ("positions", acceptance_by_position),
     "time_per_step.png": ("step_times", time_per_step),
     "tokens_per_s.png": ("prompts", tokens_per_s_distribution),
+    "against_batch_size.png": ("batch_curve", against_batch_size),
 }
 
 

@@ -78,17 +78,19 @@ def batch_table(batch: BatchSummary) -> Table:
     return table
 
 
-def batch_curve_table(points, title: str) -> Table:
-    """`run --batch-size 1,2,4`: per size (B, run dir, Summary, BatchSummary or None at B = 1) the
-    drafter's and plain decoding's aggregate tokens/s (B = 1: the run's overall tokens/s), the
-    speedup at that B, τ and exact match."""
-    table = Table(title=title, header_style="bold")
-    for column in ("B", "tokens/s", "plain tokens/s", "speedup", "τ", "exact match"):
-        table.add_column(column, justify="right")
-    for size, _, summary, batch in points:
-        source = batch or summary
-        table.add_row(str(size), _fmt(source.tokens_per_s, ".1f"), _fmt(source.baseline_tokens_per_s, ".1f"),
-                      _fmt(source.speedup, ".2f", "×"), _fmt(summary.tau), exact_match(summary))
+def batch_curve_table(frame, title: str) -> Table:
+    """Speedup and aggregate throughput against batch size, one row per (drafter, B) of a
+    `frames.batch_curve` frame (`run --batch-size 1,2,4` and `report` alike)."""
+    several = frame["curve"].nunique() > 1
+    table = Table(title=title if several or frame.empty else f"{title}: {frame['curve'].iloc[0]}", header_style="bold")
+    keys = ["batch_size", "tokens_per_s", "baseline_tokens_per_s", "speedup", "tau", "exact_match_rate", "ms_per_token"]
+    for key in (["curve"] if several else []) + keys:
+        table.add_column("drafter" if key == "curve" else columns.header(key), justify="left" if key == "curve" else "right")
+    for _, row in frame.iterrows():
+        counts = [f"{int(row[k])} {word}{'' if row[k] == 1 else 's'}" for k, word in (("near_ties", "near-tie"), ("divergences", "divergence"))
+                  if row[k] == row[k] and row[k]]  # NaN != NaN: a run that classified nothing
+        cells = [columns.cell(k, row[k]) + (f" ({', '.join(counts)})" if k == "exact_match_rate" and counts else "") for k in keys]
+        table.add_row(*([str(row["curve"])] if several else []), *cells)
     return table
 
 
@@ -117,18 +119,25 @@ def divergence_table(summary: Summary) -> Table:
 
 
 def simulation_table(reports, title: str) -> Table:
-    """One row per simulated shape (k or tree), the best predicted speedup marked."""
+    """One row per simulated shape (k or tree), the best predicted speedup marked; with several batch
+    sizes one row per (B, shape), tokens/s the aggregate of every row and the best marked per B."""
     table = Table(title=title, header_style="bold")
-    columns = ("shape", "τ", "acceptance", "draft ms/step", "verify ms/step", "tokens/s (pred.)",
-               "speedup (pred.)", "Leviathan expected", "MBSU")
+    batched = any(r.batch_size > 1 for r in reports)
+    columns = (("B",) if batched else ()) + ("shape", "τ", "acceptance", "draft ms/step", "verify ms/step",
+                                               "tokens/s (pred.)", "speedup (pred.)", "Leviathan expected", "MBSU")
     for column in columns:
         table.add_column(column, justify="right")
-    best = max(reports, key=lambda r: r.summary.speedup or 0.0, default=None)
+    best = {}
+    for r in reports:
+        if r.batch_size not in best or (r.summary.speedup or 0.0) > (best[r.batch_size].summary.speedup or 0.0):
+            best[r.batch_size] = r
     for r in reports:
         s = r.summary
+        tokens_per_s = r.aggregate_tokens_per_s if r.aggregate_tokens_per_s is not None else s.tokens_per_s
         table.add_row(
-            ("* " if r is best else "") + r.shape, _fmt(s.tau), _fmt(s.acceptance_rate, ".1%"),
-            _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(s.tokens_per_s, ".1f"),
+            *((str(r.batch_size),) if batched else ()),
+            ("* " if best[r.batch_size] is r else "") + r.shape, _fmt(s.tau), _fmt(s.acceptance_rate, ".1%"),
+            _fmt(s.draft_ms_per_step), _fmt(s.verify_ms_per_step), _fmt(tokens_per_s, ".1f"),
             _fmt(s.speedup, ".2f", "×"), _fmt(r.leviathan_speedup, ".2f", "×"), _fmt(s.mbsu, ".2f", "×"),
         )
     return table

@@ -76,6 +76,23 @@ class VerifyProfile:
     device_name: str = ""
     repeats: int = 1
     note: str = ""  # how it was obtained when not by `specbench profile` here (e.g. measured elsewhere, interpolated)
+    # t(B, n) for B > 1 (`profile --batch`): batch_ms[str(B)][n-1] = ms of one forward of B rows, each verifying n
+    # tokens, on the batch engine a run at --batch-size B uses (docs/batch.md); `ms` is t(1, n)
+    batch_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [1, *sorted(int(b) for b in self.batch_ms)]
+
+    def at_batch(self, rows: int, where: str = "the profile") -> VerifyProfile:
+        """The profile of forwards of `rows` rows (t(rows, ·)), refused in one line where it was not measured."""
+        if rows == 1:
+            return self
+        if str(rows) not in self.batch_ms:
+            raise UserError(f"{where} has no forwards of {rows} rows (it has batch sizes {', '.join(map(str, self.batch_sizes))}): "
+                            f"measure them with `specbench profile --batch 1,{rows}`")
+        return VerifyProfile(self.context_tokens, self.batch_ms[str(rows)], self.device_name, self.repeats,
+                             f"{rows} rows per forward" + (f"; {self.note}" if self.note else ""))
 
     def verify_ms(self, tokens: int) -> float:
         """ms for a forward of `tokens` tokens; linear beyond the measured range."""
@@ -87,7 +104,10 @@ class VerifyProfile:
         return self.ms[-1] + slope * (tokens - len(self.ms))
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "profile", **asdict(self)}
+        row = {"type": "profile", **asdict(self)}
+        if not self.batch_ms:  # a batch-1 profile is written as before batches existed
+            del row["batch_ms"]
+        return row
 
 
 @dataclass
@@ -252,6 +272,10 @@ def _check_profile(profile: VerifyProfile, where: str) -> None:
         raise UserError(f"{where}: profile 'ms' must be a non-empty list of positive numbers")
     if not isinstance(profile.context_tokens, int) or isinstance(profile.context_tokens, bool) or profile.context_tokens < 1:
         raise UserError(f"{where}: profile 'context_tokens' must be a positive integer")
+    if not isinstance(profile.batch_ms, dict) or not all(
+            isinstance(b, str) and b.isdigit() and int(b) > 1 and isinstance(ms, list) and ms and all(_number(x) and x > 0 for x in ms)
+            for b, ms in profile.batch_ms.items()):
+        raise UserError(f"{where}: profile 'batch_ms' must map batch sizes > 1 to non-empty lists of positive numbers")
 
 
 def _check_turn(turn: LogTurn, where: str) -> None:

@@ -46,24 +46,53 @@ def measure_profile(
     if not context:
         raise UserError("profile: need a non-empty context prompt")
     check_profile_window(target.context_window(), context_tokens, max_tokens, target.name, flags)
-    ids = (context * (context_tokens // len(context) + 1))[:context_tokens]
+    ids, filler = _context(context, context_tokens, max_tokens)
     target.prefill(torch.tensor(ids), max_positions=context_tokens + max_tokens)
-    clock = Clock(target.device)
-    filler = torch.tensor(ids * (max_tokens // len(ids) + 1))[: max_tokens - 1]
-    root = ids[-1]
+
+    def forward(tree: DraftTree) -> None:
+        target.verify(ids[-1], tree)
+
+    ms = _timed(forward, target.rollback, filler.to(target.device), max_tokens, repeats, Clock(target.device))
+    return VerifyProfile(context_tokens=context_tokens, ms=ms, device_name=device_name, repeats=repeats)
+
+
+@torch.inference_mode()
+def measure_batch_profile(rows_target, context: list[int], context_tokens: int, max_tokens: int, repeats: int) -> list[float]:
+    """t(B, n), B = the rows of a RowsTarget (targets/batched.py): ms of one forward of every row
+    verifying its root + a chain of n - 1, n = 1..max_tokens, each row prefilled with the same
+    context, as `measure_profile` measures one row. A verify commits nothing, so every row keeps its length."""
+    ids, filler = _context(context, context_tokens, max_tokens)
+    rows = list(range(rows_target.rows))
+    for row in rows:
+        rows_target.prefill_row(row, torch.tensor(ids), max_positions=context_tokens + max_tokens)
+
+    def forward(tree: DraftTree) -> None:
+        rows_target.verify_rows(rows, [ids[-1]] * len(rows), [tree] * len(rows))
+
+    return _timed(forward, lambda: None, filler.to(rows_target.device), max_tokens, repeats, Clock(rows_target.device))
+
+
+def _context(context: list[int], context_tokens: int, max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The context (the prompt repeated to `context_tokens`) and the draft tokens a chain of up to max_tokens - 1 takes."""
+    ids = (context * (context_tokens // len(context) + 1))[:context_tokens]
+    return ids, torch.tensor(ids * (max_tokens // len(ids) + 1))[: max_tokens - 1]
+
+
+def _timed(forward, rollback, filler: torch.Tensor, max_tokens: int, repeats: int, clock: Clock) -> list[float]:
+    """Median ms of `forward(chain of n - 1)` for n = 1..max_tokens, each shape warmed up once, rolled back after each."""
     ms = []
     for n in range(1, max_tokens + 1):
-        tree = DraftTree.chain(filler[: n - 1].to(target.device))
-        target.verify(root, tree)  # warm-up for this shape
-        target.rollback()
+        tree = DraftTree.chain(filler[: n - 1])
+        forward(tree)  # warm-up for this shape
+        rollback()
         times = []
         for _ in range(repeats):
             t0 = clock.now()
-            target.verify(root, tree)
+            forward(tree)
             times.append(clock.now() - t0)
-            target.rollback()
+            rollback()
         ms.append(statistics.median(times))
-    return VerifyProfile(context_tokens=context_tokens, ms=ms, device_name=device_name, repeats=repeats)
+    return ms
 
 
 @dataclass
@@ -78,6 +107,8 @@ class ProfileConfig(CommandConfig):
     dtype: str = option("auto", DTYPE_HELP)
     device: str = option("auto", DEVICE_HELP)
     engine: str = option("auto", ENGINE_HELP)
+    # the batch sizes whose t(B, n) is measured besides B = 1 (the CLI's --batch; docs/batch.md)
+    batch: tuple[int, ...] = ()
 
 
 def profile_target(config: ProfileConfig, out: Path, progress: Progress = SILENT) -> VerifyProfile:
@@ -105,5 +136,14 @@ def _profile(c: ProfileConfig, out: Path, progress: Progress) -> VerifyProfile:
         # as a run prepares its engine before timing: the cache planned, buckets captured or profiled
         target.warm_up(c.max_tokens, (), c.context_tokens + c.max_tokens)
         result = measure_profile(target, context, c.context_tokens, c.max_tokens, c.repeats, environment(target.device)["device_name"])
+    for rows in sorted(set(c.batch) - {1}):  # on the batch engine a run at --batch-size B uses, over the same model
+        from specbench.targets.batched import RowsHFTarget
+
+        with progress.status(f"measuring {rows} rows per forward"):
+            rows_target = RowsHFTarget(target, rows)
+            # refused in one line where the rows' KV and activations do not fit
+            rows_target.warm_up(c.context_tokens + c.max_tokens, c.max_tokens, c.context_tokens)
+            result.batch_ms[str(rows)] = measure_batch_profile(rows_target, context, c.context_tokens, c.max_tokens, c.repeats)
+            del rows_target
     atomic_write_text(out, json.dumps(result.to_json()) + "\n")
     return result

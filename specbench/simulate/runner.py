@@ -337,6 +337,8 @@ class ShapeReport:
     alpha_iid: float | None
     leviathan_speedup: float | None
     draft_ms_source: str
+    batch_size: int = 1
+    aggregate_tokens_per_s: float | None = None  # every row's predicted tokens/s together (LatencyModel.aggregate)
 
 
 def write_runs(
@@ -348,19 +350,21 @@ def write_runs(
     draft_bytes, passes = simulator.drafter.memory_model()
     target_bytes = log.header.target_forward_bytes
     base_ms = model.verify_ms(1)
+    rows = {"batch_size": model.rows} if model.rows > 1 else {}  # run.json at batch 1 as before batches existed
     reports = []
     for result in sim.results:
         shape = result.shape
         # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
         own = shape.dynamic or simulator.cls.drafts_depend_on_shape  # the drafter built for the shape counts its passes
         gamma = (simulator.drafter_for(shape).memory_model()[1] if own else shape.depth) if passes else 0
-        draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)
+        result_draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)  # one row's
+        draft_ms = model.step_draft_ms(result_draft_ms)  # what a (batch) step pays
         steps, turns = [], []
         for turn, walked in zip(simulator.turns, result.steps):
             output = turn.output_ids[: simulator.max_new]
             ttft = model.prefill_ms(len(turn.prompt_ids), turn.ttft_ms)
             plain = [StepMeasure(0.0, base_ms, base_ms, 0, 0, 0)] * (len(output) - 1)
-            for mode, mode_steps in ((BASELINE, plain), (SPEC, timed(walked, draft_ms, model))):
+            for mode, mode_steps in ((BASELINE, plain), (SPEC, timed(walked, result_draft_ms, model))):
                 steps += [StepRecord(**asdict(s), prompt_id=turn.prompt_id, turn=turn.turn, mode=mode, step=i) for i, s in enumerate(mode_steps)]
                 record = TurnRecord(
                     prompt_id=turn.prompt_id, turn=turn.turn, mode=mode, category=turn.category,
@@ -379,12 +383,13 @@ def write_runs(
         target_name = Path(log.header.target).name or log.header.target
         options = simulator.options_for(shape)
         info = RunInfo.starting(
-            ["sim", target_name, config.drafter, shape.name.replace("=", "")], command=command, target=log.header.target,
+            ["sim", target_name, config.drafter, shape.name.replace("=", ""), *([f"b{model.rows}"] if rows else [])], command=command,
+            target=log.header.target,
             target_id=log.header.target_id,
             drafter=config.drafter, drafter_options=options, workload=log.header.workload,
             workload_hash=log.header.workload_hash,
             decode={"max_new_tokens": simulator.max_new, "temperature": 0.0, "dtype": log.header.dtype,
-                    "device": log.header.device, "simulated": True},
+                    "device": log.header.device, "simulated": True, **rows},
             environment=environment(torch.device("cpu")),
             extra=SimulatedExtra(
                 target_bytes, draft_bytes, gamma,
@@ -406,7 +411,8 @@ def write_runs(
             store.write_info()
         directory = store.directory
         summary = summarise(steps, turns, memory_model(info.memory))
-        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra.draft_ms_source))
+        reports.append(ShapeReport(shape.name, str(directory), summary, alpha, leviathan, info.extra.draft_ms_source, model.rows,
+                                   model.aggregate(summary.tokens_per_s) if summary.tokens_per_s is not None else None))
     return reports
 
 
@@ -423,8 +429,8 @@ def shapes_from(ks: list[int], trees: list[str]) -> list[Shape]:
 class SimulateResult:
     log: TargetLog
     simulation: Simulation
-    reports: list[ShapeReport]
-    latency: LatencyModel
+    reports: list[ShapeReport]  # per batch size, per shape
+    latency: LatencyModel  # the first batch size's
 
     def to_json(self) -> dict:
         sim = self.simulation
@@ -432,7 +438,8 @@ class SimulateResult:
             "log": str(self.log.path), "method": sim.method, "hidden_source": sim.hidden_source,
             "scoring_s": sim.scoring_s, "latency_s": sim.latency_s,
             "results": [{"shape": r.shape, "run": r.directory, "alpha_iid": r.alpha_iid, "leviathan_expected_speedup": r.leviathan_speedup,
-                         "draft_ms_source": r.draft_ms_source, **r.summary.to_json()} for r in self.reports],
+                         "draft_ms_source": r.draft_ms_source, "batch_size": r.batch_size,
+                         "aggregate_tokens_per_s": r.aggregate_tokens_per_s, **r.summary.to_json()} for r in self.reports],
         }
 
 
@@ -447,16 +454,21 @@ def simulate_log(
     dtype: str = "auto",
     progress: Progress = SILENT,
     command: str = "",
+    batch_sizes: list[int] | tuple[int, ...] = (1,),
 ) -> SimulateResult:
     """`specbench simulate`: score the drafter on the log for every shape in one pass, predict
-    throughput from the latency model, and write one run directory per shape under `out`."""
+    throughput from the latency model at each batch size (predict.py: τ per row is B = 1's, the
+    step costs t(B, n)), and write one run directory per shape and batch size under `out`."""
     from specbench.checks import check_output_dir
     from specbench.simulate.log import read_profile
 
     check_output_dir(out, "--out")
     check_count(config.latency_steps, "--latency-steps")  # 0 would predict with a draft of 0 ms (declared min 0 is for scoring only)
     check_shape_not_given(config.drafter, config.drafter_options, "simulate scores the shapes given with --k and --tree")
-    latency = LatencyModel.build(read_profile(profile) if profile else log.profile, bandwidth, log.header.target_forward_bytes)
+    verify_profile = read_profile(profile) if profile else log.profile
+    where = str(profile) if profile else f"the profile of {log.path}"
+    cls = drafter_class(config.drafter)
+    models = [LatencyModel.build(verify_profile, bandwidth, log.header.target_forward_bytes, rows, cls, where) for rows in batch_sizes]
     real_target = None
     if target:
         from specbench.targets import load_target
@@ -466,5 +478,5 @@ def simulate_log(
         simulator = Simulator(log, config, real_target, device)
     with progress.status(f"scoring {len(config.shapes)} shape(s) over {len(simulator.turns)} logged turns"):
         simulation = simulator.score()
-    reports = write_runs(simulation, simulator, latency, out, command)
-    return SimulateResult(log, simulation, reports, latency)
+    reports = [report for model in models for report in write_runs(simulation, simulator, model, out, command)]
+    return SimulateResult(log, simulation, reports, models[0])

@@ -166,16 +166,16 @@ class Frontier:
 
 
 def predict(steps: list[StepMeasure], draft_ms: float, overhead_ms: float, model: LatencyModel) -> tuple[float, float]:
-    """(mean verify ms per step, predicted tokens/s) of walked steps under the latency model."""
+    """(mean verify ms per step, predicted tokens/s: of every row at the model's batch size) of walked steps."""
     costed = timed(steps, draft_ms, model)
     total_ms = sum(s.step_ms for s in costed) + overhead_ms * len(costed)
     tokens = sum(s.accepted + 1 for s in steps)
     verify = sum(s.verify_ms for s in costed) / len(costed) if costed else 0.0
-    return verify, (1000 * tokens / total_ms if total_ms else 0.0)
+    return verify, model.aggregate(1000 * tokens / total_ms if total_ms else 0.0)
 
 
 def plain_tokens_per_s(model: LatencyModel, overhead_ms: float) -> float:
-    return 1000 / (model.verify_ms(1) + overhead_ms)
+    return model.aggregate(1000 / (model.verify_ms(1) + overhead_ms))
 
 
 def overhead_from_run(run_dir: Path) -> tuple[float, float, str]:
@@ -222,6 +222,8 @@ class TuneConfig(CommandConfig):
     overhead_ms: float | None = option(None, "a constant per-step overhead in ms (default: not modelled, 0; see --overhead-from)", min=0)
     verify_log: Path | None = option(None, "a log of other prompts (same target) the candidates are also walked over")
     profile: Path | None = option(None, "a verify-latency profile from `specbench profile` (default: the log's)")
+    batch_size: int = option(1, "tune for this many sequences decoded at once: verify costs t(B, n) from a profile of "
+                                "`specbench profile --batch B` (docs/batch.md)", min=1)
     overhead_from: Path | None = option(None, "a run directory whose records give the per-step overhead")
     target: str | None = option(None, "the real target, for hidden states (or an LM head) the log lacks")
     device: str = option("auto", "where the drafter runs: " + DEVICE_HELP)
@@ -448,6 +450,8 @@ class ChosenRun:
     limit: int  # the log's prompts
     max_new_tokens: int
     log: str  # the log simulate scores it on
+    batch_size: int = 1  # the batch size it was chosen for
+    profile: str | None = None  # the profile of its t(B, n), where given apart from the log
 
 
 @dataclass
@@ -524,7 +528,10 @@ def _tune(config: TuneConfig, log: TargetLog, progress: Progress, command: str) 
     from specbench.simulate.log import read_log
 
     c = config
-    model = LatencyModel.build(read_profile(c.profile) if c.profile else log.profile, None, None)
+    from specbench.drafters.registry import drafter_class
+
+    where = str(c.profile) if c.profile else f"the profile of {log.path}"
+    model = LatencyModel.build(read_profile(c.profile) if c.profile else log.profile, None, None, c.batch_size, drafter_class(c.drafter), where)
     verify_log = read_log(c.verify_log) if c.verify_log else None
     if verify_log is not None:
         check_same_target(log, verify_log)
@@ -539,7 +546,8 @@ def _tune(config: TuneConfig, log: TargetLog, progress: Progress, command: str) 
         with progress.status(f"teacher-forced pass over {verify_log.path}"):
             verify = tuner.over(verify_log)
     costs = costs_for(tuner, c.overhead_from, progress)
-    frontier = tuner.frontier(model, costs, label=str(c.profile or f"{log.path} (its profile)"), verify=verify)
+    label = str(c.profile or f"{log.path} (its profile)") + (f", {c.batch_size} rows per forward" if c.batch_size > 1 else "")
+    frontier = tuner.frontier(model, costs, label=label, verify=verify)
     return choose(tuner, frontier, log, verify_log, c.out, command)
 
 
@@ -555,7 +563,9 @@ def choose(tuner: Tuner, frontier: Frontier, log: TargetLog, verify_log: TargetL
             "draft_ms_source": frontier.draft_source, "overhead_source": frontier.overhead_source,
             "predicted": {k: v for k, v in asdict(chosen).items() if v is not None},
         })
-    check = chosen_run(verify_log or log, config.drafter, config.drafter_options, tuner.kind, chosen.size, out, tuner.simulator.max_new)
+    check = replace(chosen_run(verify_log or log, config.drafter, config.drafter_options, tuner.kind, chosen.size, out,
+                               tuner.simulator.max_new), batch_size=config.batch_size,
+                    profile=str(config.profile) if config.profile else None)
     return TuneResult(config.drafter, tuner.kind, frontier, paths, tuner.table.positions, str(log.path),
                       str(verify_log.path) if verify_log else None, str(out) if out else None, check)
 

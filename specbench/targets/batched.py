@@ -67,15 +67,18 @@ class RowsHFTarget:
     def commit_row(self, row: int, accepted_nodes: list[int]) -> None:
         self.cache.compact(row, self.cache.lengths[row], kept_rows(accepted_nodes))
 
-    def warm_up(self, max_positions: int | None = None, max_rows: int = 1, taps: Taps = ()) -> float:
+    def warm_up(self, max_positions: int | None = None, verify_tokens: int = 1, prompt_tokens: int = 0, taps: Taps = ()) -> float:
         """Before anything is timed: size every row for sequences of up to `max_positions`, refused
-        in one line (naming the largest batch that fits) when the rows' KV cache would not fit;
-        with CUDA graphs, capture every bucket a verify of 1..max_rows tokens per row uses, for
-        these taps. Returns the ms spent capturing."""
+        in one line (naming the largest batch that fits) when the rows' KV cache and the largest
+        forward's activations (every row verifying `verify_tokens`, or one row prefilling
+        `prompt_tokens`) would not fit. With CUDA graphs, then capture every bucket plain decoding
+        (the root alone) and a drafter (1..verify_tokens per row, with its `taps`) verify. Returns
+        the ms spent capturing."""
         if max_positions:
-            self.check_fits(max_positions + (MAX_BUCKET_PADDING if self.decoder.graphs is not None else 0))
+            padding = MAX_BUCKET_PADDING if self.decoder.graphs is not None else 0  # a captured step's bucket padding
+            self.check_fits(max_positions + padding, verify_tokens, prompt_tokens)
             self.decoder.plan(max_positions)
-        return self.decoder.warm_up(max_rows, taps)
+        return self.decoder.warm_up(1, ()) + self.decoder.warm_up(verify_tokens, taps)
 
     def kv_bytes_per_row(self, positions: int) -> int:
         """The KV cache of one row planned for `positions` positions (capacity rounded as RowsKV rounds it)."""
@@ -88,17 +91,55 @@ class RowsHFTarget:
             capacity = round_up(max(positions, 2 * capacity), CAPACITY_STEP)
         return config.num_hidden_layers * 2 * kv_heads * capacity * head_dim * torch.finfo(self.dtype).bits // 8
 
-    def check_fits(self, positions: int) -> None:
+    def activation_bytes(self, rows: int, tokens: int, span: int) -> int:
+        """An estimate of the memory one forward of `rows` rows of `tokens` tokens each, attending over
+        `span` positions, holds at its peak (one layer's working set at a time, then the logits):
+        hidden-sized states (residual, normed input, attention and MLP outputs), the new queries,
+        keys and values, the MLP's gate, up and product, the attention's mask, fp32 scores and
+        softmax and the keys and values it reads (expanded to every head), and the logits in the
+        model's dtype and in fp32. Not counted: allocator slack and kernels' own workspaces."""
+        config = self.base.config.get_text_config()
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+        size = torch.finfo(self.dtype).bits // 8
+        n = rows * tokens
+        per_token = size * (4 * hidden + (heads + 2 * kv_heads) * head_dim + 3 * intermediate + span) + 4 * 2 * heads * span
+        read_kv = size * 2 * rows * heads * span * head_dim
+        logits = n * self.base.vocab_size * (size + 4)
+        return n * per_token + read_kv + logits
+
+    def memory_needed(self, rows: int, positions: int, verify_tokens: int, prompt_tokens: int) -> tuple[int, int]:
+        """(KV cache bytes, activation bytes of the largest forward) of `rows` rows planned for
+        `positions`: every row verifying `verify_tokens` (root + the largest tree), or one row
+        prefilling a prompt of `prompt_tokens` alone."""
+        verify = self.activation_bytes(rows, verify_tokens, positions)
+        prefill = self.activation_bytes(1, prompt_tokens, prompt_tokens) if prompt_tokens else 0
+        return rows * self.kv_bytes_per_row(positions), max(verify, prefill)
+
+    def check_fits(self, positions: int, verify_tokens: int = 1, prompt_tokens: int = 0) -> None:
         if self.cache.kv is not None and positions <= self.cache.capacity:
             return  # already there
-        per_row, free = self.kv_bytes_per_row(positions), free_memory(self.device)
-        if free is not None and per_row * self.rows > free:
-            raise UserError(f"--batch-size {self.rows} needs {per_row * self.rows / 2**30:.2f} GiB of KV cache for sequences of up to "
-                            f"{positions} positions, and {free / 2**30:.2f} GiB is free on {self.device}: the largest batch that fits "
-                            f"is {free // per_row} (fewer --max-new-tokens or a shorter workload fit more)")
+        free = free_memory(self.device)
+        if free is None:
+            return
+        kv, activations = self.memory_needed(self.rows, positions, verify_tokens, prompt_tokens)
+        if kv + activations <= free:
+            return
+        fits = next((b for b in range(self.rows - 1, 0, -1) if sum(self.memory_needed(b, positions, verify_tokens, prompt_tokens)) <= free), 0)
+        gib = 2**30
+        raise UserError(f"--batch-size {self.rows} needs {(kv + activations) / gib:.2f} GiB ({kv / gib:.2f} GiB of KV cache for sequences "
+                        f"of up to {positions} positions, {activations / gib:.2f} GiB of activations in its largest forward) and "
+                        f"{free / gib:.2f} GiB is free on {self.device}: "
+                        + (f"the largest batch that fits is {fits} " if fits else "not even one row fits ")
+                        + "(fewer --max-new-tokens, a shorter workload or a smaller tree fit more)")
 
     def engine_stats(self) -> dict:
         return {"rows": self.rows, "capacity": self.cache.capacity, **self.decoder.stats()}
+
+
+MEMINFO = "/proc/meminfo"  # where a CPU's free memory is read (MemAvailable)
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -106,7 +147,7 @@ def free_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(MEMINFO) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

@@ -20,8 +20,8 @@ import torch
 
 from specbench.drafters.catalogued import TREE_HELP, TreeOptions, WeightsOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_checkpoint
-from specbench.drafters.eagle.model import DraftKV, EagleNet
-from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, select
+from specbench.drafters.eagle.model import DraftKV, EagleNet, RowsDraftKV
+from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, kept_tree, select
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows, to_vocab_probs
 from specbench.engine.acceptance import TreeSampling, sample
@@ -212,11 +212,15 @@ class EagleDrafter(Drafter):
         return to_vocab_probs(probs, self.net.head_ids, self.target.vocab_size)
 
     # --- one sequence ------------------------------------------------------------------
-    batches = True  # per row: its own draft KV (fork); the draft passes row by row
+    batches = True  # per row: its row of one RowsDraftKV (fork); each draft pass runs over every live row (propose_rows)
+    rows_kv: RowsDraftKV | None = None  # the forks' caches, one row each
 
     def fork(self, row: int) -> EagleDrafter:
+        if self.rows_kv is None:
+            self.rows_kv = RowsDraftKV(self.net.config, self.dtype, self.device, row + 1)
+        self.rows_kv.grow(row + 1)
         clone = super().fork(row)
-        clone.kv = DraftKV(self.net.config, self.dtype, self.device)
+        clone.kv = self.rows_kv.row(row)
         return clone
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
@@ -248,11 +252,83 @@ class EagleDrafter(Drafter):
             return draft_tree(pool, kept, self.net.to_target)
         return self.static_tree(ctx, root, logits)
 
-    def dynamic_tree(self, root: torch.Tensor, logits: torch.Tensor, context: torch.Tensor, kv: DraftKV) -> tuple[Pool, torch.Tensor]:
+    # --- batch > 1: each draft pass over every live row ------------------------------------
+    @torch.inference_mode()
+    def propose_rows(self, rows: list[EagleDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
+        """Every live row's tree with one draft forward per pass for all rows: the rows' catch-ups
+        in one forward, then EAGLE-2's rounds (or the static tree's levels) over every row's nodes,
+        each row reading its own row of the shared RowsDraftKV. Each row drafts what it drafts alone."""
+        if any(row.row is None for row in rows):  # batch 1: the drafter itself
+            return super().propose_rows(rows, contexts)
+        kv, index = self.rows_kv, [row.row for row in rows]
+        tokens, features = [], []
+        for row, ctx in zip(rows, contexts):
+            start, end = row.kv.length, ctx.tokens.numel() - 1
+            if row.pending is None or row.pending.shape[0] != end - start:
+                raise RuntimeError(f"EAGLE draft row {row.row}: {end - start} new positions but the target's states of "
+                                   f"{0 if row.pending is None else row.pending.shape[0]}; begin/on_verified were not called in order")
+            tokens.append(ctx.tokens[start + 1 : end + 1].to(self.device))
+            features.append(row.pending.to(self.device, self.dtype))
+            row.pending = None
+        roots = torch.cat([out[-1:] for out in self.net.context_rows(tokens, features, kv, index)])
+        logits = self.net.logits(roots)
+        seq = torch.tensor(index, device=self.device)
+        if self.dynamic:
+            context = torch.tensor([kv.lengths[r] for r in index], device=self.device)
+            pool, kept = self.dynamic_tree(roots, logits, context, kv, seq)
+            return [DraftTree(self.net.to_target(ids), parents) for ids, parents in (kept_tree(pool, kept, b) for b in range(len(rows)))]
+        return self.static_rows(contexts, roots, logits, [kv.lengths[r] for r in index], kv, seq)
+
+    def static_rows(self, contexts: list[DraftContext], roots: torch.Tensor, logits: torch.Tensor, bases: list[int],
+                    kv: RowsDraftKV, seq: torch.Tensor) -> list[DraftTree]:
+        """`static_tree` for several rows: level d's expanded nodes of every row still drafting run in one forward."""
+        shape, B = self.shape, len(contexts)
+        depths = [min(shape.depth, ctx.max_tokens) for ctx in contexts]
+        sampling = [ctx.temperature > 0 and self.acceptance is None for ctx in contexts]
+        hidden, own = list(roots.split(1)), [None] * B
+        row_logits = list(logits.split(1))
+        levels: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        probs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        live = list(range(B))
+        for d in range(1, shape.depth + 1):
+            parent_rows, ranks, expand = self.levels[d]
+            for b in live:
+                if sampling[b]:
+                    q = torch.softmax(row_logits[b][0] / contexts[b].temperature, dim=-1)
+                    rows = torch.tensor([sample(q, contexts[b].generator)], device=self.device)
+                    probs[b].append(self.vocab_probs(q))
+                else:
+                    rows = row_logits[b].topk(shape.level_topk[d], dim=-1).indices[parent_rows, ranks]
+                levels[b].append(self.net.to_target(rows))
+            live = [b for b in live if d < depths[b]]
+            if not live or not expand.numel():
+                break
+            parents, n = parent_rows[expand], expand.numel()
+            grown = [None if own[b] is None else [(k[parents], v[parents]) for k, v in own[b]] for b in live]
+            shared_own = None if grown[0] is None else [(torch.cat([g[i][0] for g in grown]), torch.cat([g[i][1] for g in grown]))
+                                                        for i in range(len(grown[0]))]
+            positions = torch.tensor([bases[b] + d - 1 for b in live for _ in range(n)], device=self.device)
+            visible = torch.tensor([bases[b] for b in live for _ in range(n)], device=self.device)
+            out, new_own = self.net.nodes(torch.cat([levels[b][-1][expand] for b in live]), torch.cat([hidden[b][parents] for b in live]),
+                                          positions, kv, visible, shared_own, seq[live].repeat_interleave(n))
+            level_logits = self.net.logits(out)
+            for i, b in enumerate(live):
+                hidden[b], row_logits[b] = out[i * n : (i + 1) * n], level_logits[i * n : (i + 1) * n]
+                own[b] = [(k[i * n : (i + 1) * n], v[i * n : (i + 1) * n]) for k, v in new_own]
+        trees = []
+        for b in range(B):
+            tree = shape.draft_tree(levels[b])
+            trees.append(DraftTree(tree.tokens, tree.parents, torch.stack(probs[b])) if sampling[b] else tree)
+        return trees
+
+    def dynamic_tree(self, root: torch.Tensor, logits: torch.Tensor, context: torch.Tensor, kv: DraftKV | RowsDraftKV,
+                     seq: torch.Tensor | None = None) -> tuple[Pool, torch.Tensor]:
         """EAGLE-2's tree for B problems at once: root outputs [B, H] and their logits, each
-        seeing the first context[b] positions of `kv` (online B = 1; simulate: every step)."""
+        seeing the first context[b] positions of `kv` (online B = 1; simulate: every step), or
+        with `seq` of row seq[b] of a RowsDraftKV (batch > 1: one problem per live row)."""
         K, B = self.options.top_k, root.shape[0]
         visible = context.repeat_interleave(K)
+        rows_of = None if seq is None else seq.repeat_interleave(K)
         state: dict[str, Any] = {}
 
         def expand(round_: int, tokens: torch.Tensor, choice: torch.Tensor | None) -> torch.Tensor:
@@ -262,7 +338,7 @@ class EagleDrafter(Drafter):
                 rows = (torch.arange(B, device=choice.device)[:, None] * K + choice).reshape(-1)
                 hidden, own = state["out"][rows], [(k[rows], v[rows]) for k, v in state["own"]]
             ids = self.net.to_target(tokens.reshape(-1))
-            state["out"], state["own"] = self.net.nodes(ids, hidden, visible + round_, kv, visible, own)
+            state["out"], state["own"] = self.net.nodes(ids, hidden, visible + round_, kv, visible, own, rows_of)
             return torch.log_softmax(self.net.logits(state["out"]), dim=-1).view(B, K, -1)
 
         pool = grow(torch.log_softmax(logits, dim=-1), K, self.options.depth, expand)

@@ -112,12 +112,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 # --- attention over shared context keys and row-private (tree-ancestor) keys ------------------------------
 
 def attention(q: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None, lengths: torch.Tensor | None,
-              own: tuple[torch.Tensor, torch.Tensor] | None, scale: float) -> torch.Tensor:
+              own: tuple[torch.Tensor, torch.Tensor] | None, scale: float, seq: torch.Tensor | None = None) -> torch.Tensor:
     """q [R, nH, d]; shared = (keys, values) [nKV, C, d] of which row r sees the first
     lengths[r]; own = (keys, values) [R, A, nKV, d] that row r alone sees (its tree
-    ancestors and itself). Returns [R, nH, d]. Softmax in at least float32."""
+    ancestors and itself). Returns [R, nH, d]. Softmax in at least float32. With `seq` [R]
+    (batch > 1: several sequences' caches, RowsDraftKV) shared is [S, nKV, C, d] and row r
+    reads sequence seq[r]'s."""
     R, nH, d = q.shape
-    kv_heads = (shared[0].shape[0] if shared is not None else own[0].shape[2])
+    kv_heads = (shared[0].shape[-3] if shared is not None else own[0].shape[2])
     group = nH // kv_heads
     wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     out = q.new_empty(R, nH, d)
@@ -129,11 +131,16 @@ def attention(q: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None,
         scores, values = [], []
         if shared is not None:
             span = int(lengths[r0:r1].max())
-            keys, vals = shared[0][:, :span], shared[1][:, :span]
-            s = torch.einsum("rkgd,kcd->rkgc", qs, keys) * scale
+            if seq is None:
+                keys, vals = shared[0][:, :span], shared[1][:, :span]
+                s = torch.einsum("rkgd,kcd->rkgc", qs, keys) * scale
+                values.append(("rkgc,kcd->rkgd", vals))
+            else:  # each row its own sequence's keys and values
+                keys, vals = shared[0][seq[r0:r1], :, :span], shared[1][seq[r0:r1], :, :span]
+                s = torch.einsum("rkgd,rkcd->rkgc", qs, keys) * scale
+                values.append(("rkgc,rkcd->rkgd", vals))
             hidden = torch.arange(span, device=q.device)[None] >= lengths[r0:r1, None]
             scores.append(s.masked_fill(hidden[:, None, None], float("-inf")))
-            values.append(("rkgc,kcd->rkgd", vals))
         if own is not None:
             scores.append(torch.einsum("rkgd,rakd->rkga", qs, own[0][r0:r1]) * scale)
             values.append(("rkga,rakd->rkgd", own[1][r0:r1]))
@@ -239,6 +246,82 @@ class DraftKV:
 
     def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer, 0, :, :length], self.kv[layer, 1, :, :length]
+
+
+class RowsDraftKV:
+    """Batch > 1: every row's draft cache in one tensor [rows, layers, 2, kv_heads, capacity, d],
+    one length per row, so one draft forward serves every live row (EagleDrafter.propose_rows);
+    `row(b)` is row b's cache with DraftKV's interface. Rows and capacity grow in place."""
+
+    def __init__(self, config: EagleConfig, dtype: torch.dtype, device: torch.device, rows: int, capacity: int = 256) -> None:
+        self.config, self.dtype, self.device = config, dtype, device
+        self.rows, self.capacity = 0, capacity
+        self.kv: torch.Tensor | None = None
+        self.lengths: list[int] = []
+        self.grow(rows)
+
+    def grow(self, rows: int, capacity: int | None = None) -> None:
+        rows, capacity = max(rows, self.rows), max(capacity or 0, self.capacity)
+        if self.kv is not None and rows == self.rows and capacity == self.capacity:
+            return
+        c = self.config
+        grown = torch.zeros(rows, c.num_layers, 2, c.num_kv_heads, capacity, c.head_dim, dtype=self.dtype, device=self.device)
+        if self.kv is not None:
+            grown[: self.rows, ..., : self.capacity, :] = self.kv
+        self.kv, self.rows, self.capacity = grown, rows, capacity
+        self.lengths += [0] * (rows - len(self.lengths))
+
+    def reserve(self, tokens: int) -> None:
+        if tokens > self.capacity:
+            self.grow(self.rows, max(tokens, 2 * self.capacity))
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths, default=0)
+
+    def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's first `length` positions: [rows, kv_heads, length, d] each."""
+        return self.kv[:, layer, 0, :, :length], self.kv[:, layer, 1, :, :length]
+
+    def write_rows(self, layer: int, seq: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [R, kv_heads, d]: query row r's at position slots[r] of row seq[r]."""
+        self.kv[seq, layer, 0, :, slots] = keys
+        self.kv[seq, layer, 1, :, slots] = values
+
+    def row(self, b: int) -> RowKV:
+        return RowKV(self, b)
+
+
+class RowKV:
+    """Row `b` of a RowsDraftKV as a DraftKV (what one row's drafter reads and writes alone)."""
+
+    def __init__(self, rows: RowsDraftKV, b: int) -> None:
+        self.rows, self.b = rows, b
+
+    @property
+    def length(self) -> int:
+        return self.rows.lengths[self.b]
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.rows.lengths[self.b] = value
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def reserve(self, tokens: int) -> None:
+        self.rows.reserve(tokens)
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.rows.kv[self.b, layer, 0, :, start : start + keys.shape[0]] = keys.transpose(0, 1)
+        self.rows.kv[self.b, layer, 1, :, start : start + keys.shape[0]] = values.transpose(0, 1)
+
+    def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows.kv[self.b, layer, 0, :, :length], self.rows.kv[self.b, layer, 1, :, :length]
 
 
 # row-private keys and values per layer: [R, A, kv_heads, d] each (a row's tree ancestors, then itself)
@@ -354,12 +437,35 @@ class EagleNet(nn.Module):
             kv.length = start + q
         return out
 
-    def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: DraftKV,
-              visible: torch.Tensor, own: Own | None) -> tuple[torch.Tensor, Own]:
+    def context_rows(self, tokens: list[torch.Tensor], features: list[torch.Tensor], kv: RowsDraftKV,
+                     rows: list[int]) -> list[torch.Tensor]:
+        """`context` for several rows of a RowsDraftKV in one forward: row rows[i]'s accepted chunk
+        (tokens[i], features[i]) appended at its own length, each position seeing its own row's
+        cache up to itself. Returns each row's outputs [q_i, H]."""
+        sizes = [t.shape[0] for t in tokens]
+        starts = [kv.lengths[r] for r in rows]
+        kv.reserve(max(s + q for s, q in zip(starts, sizes)))
+        device = tokens[0].device
+        seq = torch.tensor([r for r, q in zip(rows, sizes) for _ in range(q)], device=device)
+        positions = torch.cat([torch.arange(s, s + q, device=device) for s, q in zip(starts, sizes)])
+        lengths = positions + 1
+
+        def attend(layer, qs, keys, values):
+            kv.write_rows(layer, seq, positions, keys, values)
+            return attention(qs, kv.layer(layer, int(lengths.max())), lengths, None, self.scale, seq)
+
+        out = self._run(torch.cat(tokens), torch.cat(features), positions, True, attend)
+        for r, s, q in zip(rows, starts, sizes):
+            kv.lengths[r] = s + q
+        return list(out.split(sizes))
+
+    def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: DraftKV | RowsDraftKV,
+              visible: torch.Tensor, own: Own | None, seq: torch.Tensor | None = None) -> tuple[torch.Tensor, Own]:
         """Tree nodes: token, the draft output it continues from, position; row r sees the
         first visible[r] context positions of `kv`, then its ancestors (`own`, per layer
         [R, A, kv_heads, d]) and itself. Returns (outputs [R, H], own with each row's
-        key/value appended), leaving `kv` untouched."""
+        key/value appended), leaving `kv` untouched. With `seq` (a RowsDraftKV) row r's
+        context is that of cache row seq[r]."""
         grown: Own = []
 
         def attend(layer, qs, keys, values):
@@ -368,7 +474,7 @@ class EagleNet(nn.Module):
                 mine = (torch.cat([own[layer][0], mine[0]], dim=1), torch.cat([own[layer][1], mine[1]], dim=1))
             grown.append(mine)
             shared = kv.layer(layer, int(visible.max())) if kv.length else None
-            return attention(qs, shared, visible if shared is not None else None, mine, self.scale)
+            return attention(qs, shared, visible if shared is not None else None, mine, self.scale, seq if shared is not None else None)
 
         out = self._run(tokens, hidden, positions, False, attend)
         return out, grown

@@ -31,6 +31,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from specbench.engine.static_cache import StaticKV
+
 
 @dataclass(frozen=True)
 class EagleConfig:
@@ -209,38 +211,6 @@ class DraftLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DraftKV:
-    """The draft's own KV cache: accepted context only, one [kv_heads, capacity, d] pair
-    per layer, grown by doubling; `length` positions are valid."""
-
-    def __init__(self, config: EagleConfig, dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
-        self.config, self.dtype, self.device = config, dtype, device
-        self.capacity = capacity
-        self.kv: torch.Tensor | None = None  # [layers, 2, kv_heads, capacity, d]
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def reserve(self, tokens: int) -> None:
-        if self.kv is not None and tokens <= self.capacity:
-            return
-        self.capacity = max(self.capacity, tokens, 2 * self.capacity if self.kv is not None else 0)
-        c = self.config
-        grown = torch.zeros(c.num_layers, 2, c.num_kv_heads, self.capacity, c.head_dim, dtype=self.dtype, device=self.device)
-        if self.kv is not None:
-            grown[..., : self.length, :] = self.kv[..., : self.length, :]
-        self.kv = grown
-
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values [q, kv_heads, d] at positions start..start+q-1."""
-        self.kv[layer, 0, :, start : start + keys.shape[0]] = keys.transpose(0, 1)
-        self.kv[layer, 1, :, start : start + keys.shape[0]] = values.transpose(0, 1)
-
-    def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[layer, 0, :, :length], self.kv[layer, 1, :, :length]
-
-
 # row-private keys and values per layer: [R, A, kv_heads, d] each (a row's tree ancestors, then itself)
 Own = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -332,7 +302,7 @@ class EagleNet(nn.Module):
             x = layer(x, emb, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
         return x
 
-    def context(self, tokens: torch.Tensor, features: torch.Tensor, kv: DraftKV | None = None) -> torch.Tensor:
+    def context(self, tokens: torch.Tensor, features: torch.Tensor, kv: StaticKV | None = None) -> torch.Tensor:
         """Accepted context at the next positions of `kv` (a causal chunk, appended to it):
         row j pairs the token x_{j+1} with the target's state f_j. Returns outputs [q, H].
         Without `kv` the chunk is a whole sequence from position 0 and nothing is cached
@@ -346,15 +316,15 @@ class EagleNet(nn.Module):
         def attend(layer, qs, keys, values):
             if kv is None:
                 return attention(qs, (keys.transpose(0, 1), values.transpose(0, 1)), lengths, None, self.scale)
-            kv.write(layer, start, keys, values)
-            return attention(qs, kv.layer(layer, start + q), lengths, None, self.scale)
+            kv.put(layer, start, keys, values)
+            return attention(qs, kv.layer_kv(layer, start + q), lengths, None, self.scale)
 
         out = self._run(tokens, features, positions, True, attend)
         if kv is not None:
             kv.length = start + q
         return out
 
-    def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: DraftKV,
+    def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: StaticKV,
               visible: torch.Tensor, own: Own | None) -> tuple[torch.Tensor, Own]:
         """Tree nodes: token, the draft output it continues from, position; row r sees the
         first visible[r] context positions of `kv`, then its ancestors (`own`, per layer
@@ -367,7 +337,7 @@ class EagleNet(nn.Module):
             if own is not None:
                 mine = (torch.cat([own[layer][0], mine[0]], dim=1), torch.cat([own[layer][1], mine[1]], dim=1))
             grown.append(mine)
-            shared = kv.layer(layer, int(visible.max())) if kv.length else None
+            shared = kv.layer_kv(layer, int(visible.max())) if kv.length else None
             return attention(qs, shared, visible if shared is not None else None, mine, self.scale)
 
         out = self._run(tokens, hidden, positions, False, attend)

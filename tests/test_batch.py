@@ -20,6 +20,7 @@ from specbench.engine.protocol import Drafter, PlainDecoding
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree
 from specbench.targets.batched import RowsHFTarget
+from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -285,6 +286,7 @@ def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
     target.eos_token_ids = set()
     rows = RowsHFTarget(target, 3)
     assert all(isinstance(layer, LeanLayer) for layer in rows.decoder.backbone.layers) and isinstance(rows.decoder.head, PackedLinear)
+    assert rows.engine_stats()["lean_layers"] == 2 == FastHFTarget(model).lean_layers  # one maker of CPU steps (lean_layer.py)
     batch_prompts, budgets = prompts(5), [NEW, NEW - 5, NEW - 10, NEW, NEW - 5]
     setup = {"target": target, "draft": perturbed(model, noise=0.01)}
     plain = [decode(target, PlainDecoding(target), p, n).output_ids for p, n in zip(batch_prompts, budgets)]

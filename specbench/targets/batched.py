@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from specbench.engine.buckets import CAPACITY_STEP, round_up
-from specbench.engine.lean_layer import lean_layers
-from specbench.engine.packed import can_pack, packed_copy
+from specbench.engine.lean_layer import packed_step_modules
+from specbench.engine.packed import can_pack
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -35,9 +35,9 @@ class RowsHFTarget:
         self.base, self.rows = base, rows
         self.device, self.dtype, self.eos_token_ids = base.device, base.dtype, base.eos_token_ids
         backbone, head = base.backbone, base.lm_head
-        if can_pack(base.device, base.dtype):  # as the one-row fast engine runs on a CPU (engine/packed.py, lean_layer.py)
-            backbone, head = packed_copy(backbone), packed_copy(head)
-            lean_layers(backbone, base.backbone, base.dtype)
+        self.packed, self.lean_layers = can_pack(base.device, base.dtype), 0
+        if self.packed:  # as the one-row fast engine runs on a CPU (engine/lean_layer.py `packed_step_modules`)
+            backbone, head, self.lean_layers = packed_step_modules(backbone, head, base.dtype)
         self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype)
         self.cache = self.decoder.cache
 
@@ -67,6 +67,9 @@ class RowsHFTarget:
         if max_positions:
             self.check_fits(max_positions)
             self.decoder.plan(max_positions)
+
+    def engine_stats(self) -> dict:
+        return {"rows": self.rows, "capacity": self.cache.capacity, "packed_linears": self.packed, "lean_layers": self.lean_layers}
 
     def kv_bytes_per_row(self, positions: int) -> int:
         """The KV cache of one row planned for `positions` positions (capacity rounded as RowsKV rounds it)."""
@@ -101,6 +104,3 @@ def free_memory(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
-
-    def engine_stats(self) -> dict:
-        return {"rows": self.rows, "capacity": self.cache.capacity}

@@ -21,9 +21,9 @@ import torch
 
 from specbench.checks import check_fits, check_output_dir, check_temperature, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
-from specbench.engine.divergence import diagnose, rounding_eps
+from specbench.engine.divergence import compare_decodes, rounding_eps
 from specbench.engine.engines import ENGINE_HELP, ENGINES
-from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
+from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up, warm_up_rows
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Target
 from specbench.engine.events import counted
@@ -56,7 +56,6 @@ from specbench.targets.loading import (
 from specbench.targets.parallel import tensor_parallel
 from specbench.workloads import Prompt, Workload, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
-WARMUP_TOKENS = 16
 BATCHES_PER_GROUP = 4  # at --batch-size B, turns are measured (and saved) 4 B prompts at a time
 ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a later turn
 
@@ -192,17 +191,21 @@ class Benchmark:
             ),
         )
 
-    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int | None = None):
-        """One turn decoded; `max_new_tokens` cuts it shorter than the run's (the warm-up)."""
-        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+    def _turn_ids(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int) -> list[int]:
+        """The turn's token ids, checked to fit the window with `max_new_tokens` and the drafter's reach.
+        Later turns hold the model's own answers: known only now, checked before their prefill."""
         ids = encode_turn(self.target.tokenizer, prompt, turn, answers)
-        # later turns hold the model's own answers: known only now, checked before their prefill
-        check_fits(len(ids), max_new, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
+        check_fits(len(ids), max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
                    self.draft_reach if drafter is self.drafter else 0)
+        return ids
+
+    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
+        """One turn decoded."""
+        ids = self._turn_ids(drafter, prompt, turn, answers, self.config.max_new_tokens)
         generator = None
         if self.config.temperature > 0:
             generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
-        result = decode(self.target, drafter, torch.tensor(ids), max_new, self.config.temperature, generator)
+        result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
         return ids, result
 
     def longest_sequence(self) -> int:
@@ -221,20 +224,16 @@ class Benchmark:
         every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
         untimed decode in each mode (first-call costs: allocations, kernel selection).
         What the warm-up captured and compiled goes into `engine`, for run.json."""
-        positions = self.longest_sequence()
-        with counted() as seen:
-            if self.rows_target is not None:
-                self.rows_target.warm_up(positions)
-                for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
-                    new = min(self.config.max_new_tokens, WARMUP_TOKENS)
-                    ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))
-                    decode_rows(self.rows_target, drafter, [Request(ids, new)] * self.config.batch_size, self.config.temperature)
-            else:
-                warm_up_engines(self.target, self.drafter, positions)
-                for drafter in (self.plain, self.drafter):
-                    self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
-        engine.capture_ms, engine.graphs = round(seen.capture_ms, 3), seen.captures
-        engine.compile_ms, engine.compiles = round(seen.compile_ms, 3), seen.compiles
+        c, positions, first = self.config, self.longest_sequence(), self.prompts[0]
+        if self.rows_target is not None:  # every row once: first-call costs at this batch size
+            ids = torch.tensor(encode_turn(self.target.tokenizer, first, 0, []))
+            seen = warm_up_rows(self.rows_target, [self.plain, self.drafter], positions, [ids] * c.batch_size, c.max_new_tokens,
+                                c.temperature)
+        else:
+            ids = self._turn_ids(self.drafter, first, 0, [], c.max_new_tokens)
+            seen = warm_up(self.target, self.drafter, positions, torch.tensor(ids), c.max_new_tokens, baseline=self.plain,
+                           temperature=c.temperature, seed=turn_seed(c.seed, first.id, 0))
+        engine.set_warm_up(seen)
         engine.planned_positions = positions
 
     def engine_record(self) -> EngineFacts:
@@ -293,7 +292,11 @@ class Benchmark:
             record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn].output_ids)
             record.exact_match = record.first_divergence is None
             if not record.exact_match and self.config.temperature <= 0:  # sampled outputs differ by design
-                self._diagnose(record, outputs[BASELINE, turn], result)
+                eps = rounding_eps(self.target.dtype, self.target.hidden_size, self.target.device)
+                found = compare_decodes(outputs[BASELINE, turn], result, eps)
+                record.divergence_kind, record.tie_tolerance = found.kind, found.tolerance
+                record.plain_top2, record.spec_top2 = found.plain_top2, found.spec_top2
+                record.plain_margin, record.spec_margin = found.plain_margin, found.spec_margin
         turns.append(record)
 
     def measure_batch(self, prompts: list[Prompt], batches: list[dict]) -> list[tuple[list[StepRecord], list[TurnRecord]]]:
@@ -324,14 +327,6 @@ class Benchmark:
                 for prompt, ids, result in zip(active, encoded, batch.decoded):
                     self._record(prompt, turn, mode, ids, result, outputs[prompt.id], answers[mode, prompt.id], *records[prompt.id])
         return [records[p.id] for p in prompts]
-
-    def _diagnose(self, record: TurnRecord, plain: Decoded, spec: Decoded) -> None:
-        """Near-tie or divergence at the first differing token (specbench/engine/divergence.py)."""
-        eps = rounding_eps(self.target.dtype, self.target.hidden_size, self.target.device)
-        found = diagnose(record.first_divergence, plain.top2, spec.top2, eps)
-        record.divergence_kind, record.tie_tolerance = found.kind, found.tolerance
-        record.plain_top2, record.spec_top2 = found.plain_top2, found.spec_top2
-        record.plain_margin, record.spec_margin = found.plain_margin, found.spec_margin
 
     def records_per_prompt(self) -> dict[str, int]:
         modes = 2 if self.config.baseline else 1
@@ -368,13 +363,7 @@ class Benchmark:
         for prompt in todo:
             with counted() as seen:
                 steps, turns = self.measure_prompt(prompt)
-            if seen:  # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
-                engine.timed_captures += seen.captures
-                engine.timed_capture_ms = round(engine.timed_capture_ms + seen.capture_ms, 3)
-                engine.timed_compiles += seen.compiles
-                engine.timed_compile_ms = round(engine.timed_compile_ms + seen.compile_ms, 3)
-                engine.timed_regrowths += seen.regrowths
-                engine.timed_capture_prompts.append(prompt.id)
+            engine.add_timed(seen, prompt.id)  # a capture, compilation or regrowth inside a timed prompt
             store.append_prompt(steps, turns)
             advance()
         engine.capacity = self.target.engine_stats().get("capacity")

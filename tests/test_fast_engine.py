@@ -290,6 +290,29 @@ def test_warm_up_captures_every_bucket_so_decoding_captures_none(tiny, drafter):
     assert HFTarget(model).warm_up(64) == 0.0 and FastHFTarget(model, compiled=False).warm_up(64, (), 500) == 0.0
 
 
+def test_warm_up_decodes_each_mode_once_and_counts_its_events(tiny):
+    """engine/loop.py `warm_up`, what `specbench run` and scripts/gpu_check.py do before timing: the
+    buckets captured, one short decode by the baseline then the drafter, the captures it returns;
+    a timed decode after it captures nothing."""
+    from specbench.engine.events import counted
+    from specbench.engine.loop import WARMUP_TOKENS, warm_up
+
+    model, _ = tiny
+    fast = FastHFTarget(model, graphs=FakeGraphs())
+    fast.eos_token_ids = set()
+    plain, drafter = make_drafter("plain", fast), make_drafter("prompt-lookup", fast)
+    prompt = prompts(1, seed=3, length=(20, 30))[0]
+    decoded = []
+    for name, each in (("plain", plain), ("prompt-lookup", drafter)):
+        each.on_verified = lambda outcome, name=name, original=each.on_verified: (decoded.append(name), original(outcome))
+    seen = warm_up(fast, drafter, prompt.numel() + 64 + 1 + drafter.max_draft_tokens, prompt, 64, baseline=plain)
+    assert seen.captures == fast.decoder.captures > 0 and seen.capture_ms > 0
+    assert decoded[0] == "plain" and decoded[-1] == "prompt-lookup" and len(decoded) <= 2 * WARMUP_TOKENS  # short: not 64 tokens each
+    with counted() as timed:
+        decode(fast, drafter, prompt, 64)
+    assert not timed
+
+
 # --- the graph pool ---------------------------------------------------------------
 
 def test_graph_pool_is_dropped_with_its_last_graph():

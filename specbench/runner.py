@@ -25,7 +25,7 @@ from specbench.engine.divergence import compare_decodes, rounding_eps
 from specbench.engine.engines import ENGINE_HELP, ENGINES
 from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up, warm_up_rows
 from specbench.engine.options import CommandConfig, option
-from specbench.engine.protocol import PlainDecoding, Target
+from specbench.engine.protocol import Drafter, PlainDecoding, Target
 from specbench.engine.events import counted
 from specbench.environment import environment
 from specbench.errors import UserError
@@ -199,13 +199,22 @@ class Benchmark:
                    self.draft_reach if drafter is self.drafter else 0)
         return ids
 
+    def _generator(self, prompt: Prompt, turn: int) -> torch.Generator | None:
+        """The turn's sampling generator (None when greedy), seeded by (seed, prompt, turn): both modes, every
+        batch size and a resumed run draw the same numbers for it."""
+        if self.config.temperature <= 0:
+            return None
+        return torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
+
+    def _modes(self) -> list[tuple[str, Drafter]]:
+        """(mode, drafter) in the order a turn runs them: the baseline first when it runs."""
+        return ([(BASELINE, self.plain)] if self.config.baseline else []) + [(SPEC, self.drafter)]
+
     def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
         """One turn decoded."""
         ids = self._turn_ids(drafter, prompt, turn, answers, self.config.max_new_tokens)
-        generator = None
-        if self.config.temperature > 0:
-            generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
-        result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature, generator)
+        result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature,
+                        self._generator(prompt, turn))
         return ids, result
 
     def longest_sequence(self) -> int:
@@ -255,8 +264,7 @@ class Benchmark:
         """Both modes, turn by turn. A later turn's history is plain decoding's answers in both
         modes (when the baseline runs): a near-tie in turn 1 would otherwise hand the two modes
         different contexts for turn 2, and their outputs could not be compared token for token."""
-        modes = [(BASELINE, self.plain)] if self.config.baseline else []
-        modes.append((SPEC, self.drafter))
+        modes = self._modes()
         answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
         history = answers[modes[0][0]]  # the baseline's answers, or the drafter's own without a baseline
         outputs: dict[tuple[str, int], Decoded] = {}
@@ -305,8 +313,7 @@ class Benchmark:
         measure_prompt). Each decode_rows call is appended to `batches` (mode, turn, sequences,
         tokens, wall_ms): the aggregate throughput of each mode at this batch size."""
         c = self.config
-        modes = [(BASELINE, self.plain)] if c.baseline else []
-        modes.append((SPEC, self.drafter))
+        modes = self._modes()
         answers = {(mode, p.id): [] for mode, _ in modes for p in prompts}
         outputs: dict[str, dict] = {p.id: {} for p in prompts}
         records: dict[str, tuple[list[StepRecord], list[TurnRecord]]] = {p.id: ([], []) for p in prompts}
@@ -315,11 +322,8 @@ class Benchmark:
             for mode, drafter in modes:
                 requests, encoded = [], []
                 for prompt in active:
-                    ids = encode_turn(self.target.tokenizer, prompt, turn, answers[modes[0][0], prompt.id][:turn])
-                    check_fits(len(ids), c.max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", c.target,
-                               self.draft_reach if drafter is self.drafter else 0)
-                    generator = torch.Generator().manual_seed(turn_seed(c.seed, prompt.id, turn)) if c.temperature > 0 else None
-                    requests.append(Request(torch.tensor(ids), c.max_new_tokens, generator))
+                    ids = self._turn_ids(drafter, prompt, turn, answers[modes[0][0], prompt.id][:turn], c.max_new_tokens)
+                    requests.append(Request(torch.tensor(ids), c.max_new_tokens, self._generator(prompt, turn)))
                     encoded.append(ids)
                 batch = decode_rows(self.rows_target, drafter, requests, c.temperature, c.refill)
                 batches.append({"mode": mode, "turn": turn, "sequences": len(requests), "tokens": sum(len(d.output_ids) for d in batch.decoded),
@@ -329,7 +333,7 @@ class Benchmark:
         return [records[p.id] for p in prompts]
 
     def records_per_prompt(self) -> dict[str, int]:
-        modes = 2 if self.config.baseline else 1
+        modes = len(self._modes())
         return {p.id: modes * len(p.turns) for p in self.prompts}
 
     def run(self, store: RunStore, progress: Progress = SILENT) -> None:

@@ -249,7 +249,9 @@ def test_a_batch_whose_kv_does_not_fit_is_one_line_naming_the_largest_that_does(
     monkeypatch.setattr(batched, "free_memory", lambda device: 3 * per_row + 1)
     with pytest.raises(UserError, match="--batch-size 8 needs .* the largest batch that fits is 3 "):
         target.warm_up(300)
-    RowsHFTarget(setup["target"], 3).warm_up(300)  # three rows fit
+    three = RowsHFTarget(setup["target"], 3)
+    three.warm_up(300)  # three rows fit
+    assert three.cache.capacity > 300 and per_row == target.kv_bytes_per_row(three.cache.capacity)  # priced as it grew
 
 
 @pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])

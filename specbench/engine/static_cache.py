@@ -54,7 +54,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specbench.engine import buckets
-from specbench.engine.buckets import GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, buckets_up_to, cheapest_bucket, round_up, span_for
+from specbench.engine.buckets import GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, buckets_up_to, cheapest_bucket, span_for
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.cuda_graphs import CudaGraphs, GraphSet
 from specbench.engine.events import EVENTS
@@ -133,7 +133,7 @@ class StaticKV(Cache):
         capacity between sequences so that this never happens while one runs."""
         if tokens <= self.capacity:
             return
-        capacity = round_up(max(tokens, 2 * self.capacity), buckets.CAPACITY_STEP)
+        capacity = buckets.grown_capacity(self.capacity, tokens)
         if self.kv is not None:
             grown = self.kv.new_zeros(*self.kv.shape[:3], capacity, self.kv.shape[-1])
             if self.length:
@@ -507,7 +507,7 @@ class RowsKV(Cache):
         """Room for `tokens` positions in every row, keeping what is there (between sequences: copies)."""
         if tokens <= self.capacity:
             return
-        capacity = round_up(max(tokens, 2 * self.capacity), buckets.CAPACITY_STEP)
+        capacity = buckets.grown_capacity(self.capacity, tokens)
         if self.kv is not None:
             grown = self.kv.new_zeros(*self.kv.shape[:4], capacity, self.kv.shape[-1])
             grown[..., : self.capacity, :] = self.kv

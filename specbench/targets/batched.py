@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from specbench.engine.buckets import CAPACITY_STEP, round_up
+from specbench.engine.buckets import grown_capacity
 from specbench.engine.lean_layer import packed_step_modules
 from specbench.engine.packed import can_pack
 from specbench.engine.protocol import Taps
@@ -79,7 +79,7 @@ class RowsHFTarget:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         capacity = self.cache.capacity
         if positions > capacity:  # as RowsKV.reserve grows it
-            capacity = round_up(max(positions, 2 * capacity), CAPACITY_STEP)
+            capacity = grown_capacity(capacity, positions)
         return config.num_hidden_layers * 2 * kv_heads * capacity * head_dim * torch.finfo(self.dtype).bits // 8
 
     def check_fits(self, positions: int) -> None:

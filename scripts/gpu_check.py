@@ -285,8 +285,9 @@ def run_engine(engine: str, target: Target, setup: Setup, checks: list[DrafterCh
     for cell, check in zip(cells, checks):
         with guarded(cell.outcome, f"{engine}/{cell.label}: build"):
             drafters[cell.label] = check.make(target, setup)
-    longest = max(p.numel() for p in setup.prompts) + setup.new_tokens + 1
-    positions = longest + max((d.max_draft_tokens for d in drafters.values()), default=0)
+    longest_prompt = max(p.numel() for p in setup.prompts)
+    # the engine's caches planned once, for the drafter reaching furthest
+    positions = max((d.furthest_position(longest_prompt, setup.new_tokens) for d in drafters.values()), default=0)
     for cell in cells:
         if cell.label not in drafters:
             continue
@@ -372,8 +373,8 @@ def batch_section(setup: Setup, eager: Target, plain: list[Decoded], sizes: list
         point: dict = {"sequences": len(prompts)}
         for label, make in ((PLAIN, lambda: PlainDecoding(eager)), ("draft-model", lambda: random_draft(eager, setup))):
             drafter, target = make(), RowsHFTarget(eager, b)
-            warm_up_rows(target, [drafter], max(p.numel() for p in prompts) + setup.new_tokens + drafter.max_draft_tokens + 1,
-                         prompts[:b], setup.new_tokens)
+            warm_up_rows(target, [drafter], drafter.furthest_position(max(p.numel() for p in prompts), setup.new_tokens), prompts[:b],
+                         setup.new_tokens)
             batch = decode_rows(target, drafter, [Request(p, setup.new_tokens) for p in prompts])
             tokens = sum(len(d.output_ids) for d in batch.decoded)
             point[label] = {"tokens_per_s": tokens / batch.wall_ms * 1000, "tau": tau([s for d in batch.decoded for s in d.steps]),
@@ -416,7 +417,7 @@ def deepspeed_section(setup: Setup, hf: Target, eps: float, started: float) -> d
         ds = FastHFTarget(module, name="deepspeed", backend="deepspeed", bucketed=True, compiled=False)
         ds.eos_token_ids = set()
         targets = {"hf": hf, "deepspeed": ds}
-        positions = max(p.numel() for p in setup.prompts) + setup.new_tokens + 1
+        positions = PlainDecoding(hf).furthest_position(max(p.numel() for p in setup.prompts), setup.new_tokens)
         for target in targets.values():
             warm_up(target, PlainDecoding(target), positions, setup.prompts[0], setup.new_tokens)
         outputs: dict[str, list[Decoded]] = {name: [] for name in targets}

@@ -226,7 +226,7 @@ class Benchmark:
             for turn in range(len(prompt.turns)):
                 ids = encode_turn(self.target.tokenizer, prompt, turn, [""] * turn)
                 longest = max(longest, len(ids) + turn * (self.config.max_new_tokens + ANSWER_SLACK))
-        return longest + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
+        return self.drafter.furthest_position(longest, self.config.max_new_tokens)
 
     def warm_up(self, engine: EngineFacts) -> None:
         """Before anything is timed: size the static caches for the longest sequence, capture

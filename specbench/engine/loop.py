@@ -192,8 +192,7 @@ def decode_rows(
         request = requests[index]
         start = clock.now()
         prompt_ids = request.prompt_ids.reshape(-1).to(target.device)
-        # the furthest this sequence can reach: a static cache is sized for it before any step
-        max_positions = prompt_ids.numel() + request.max_new_tokens + drafter.max_draft_tokens + 1
+        max_positions = drafter.furthest_position(prompt_ids.numel(), request.max_new_tokens)  # a static cache is sized for it now
         logits, hidden = target.prefill_row(slot, prompt_ids, taps, max_positions)
         first = accept(DraftTree.empty(target.device), logits[-1:], temperature, request.generator, rule).bonus
         output = [first]

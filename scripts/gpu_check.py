@@ -6,10 +6,11 @@
 Engines (eager, fast) × drafters (plain decoding and every drafter in DRAFTERS, built
 with fresh or random weights: timing does not depend on weight values), each decoding
 the same prompts to a forced length (EOS ignored) after the warm-up `specbench run`
-does (caches sized, every bucket captured, one short untimed decode), timed by the
-decode loop's own step records: tokens/s, draft and verify ms per step, τ,
-speculative == plain and fast == eager counts with the near-tie classification of
-the first differing token (specbench/engine/divergence.py). Then the bandwidth
+does (engine/loop.py `warm_up`: caches sized, every bucket captured, one short untimed
+decode), timed by the decode loop's own step records: tokens/s, draft and verify ms per
+step, τ, the engine events inside timed decodes counted as run.json counts them
+(records.py `EngineFacts`), speculative == plain and fast == eager counts with the
+near-tie classification of the first differing token (engine/divergence.py `compare_decodes`). Then the bandwidth
 fraction of plain decoding on the fast engine, the verify latency t(n), the fast
 engine's capture time, and DeepSpeed TP = 1 against hf on the fast engine.
 docs/gpu.md says how to install, what to carry to a machine without internet and
@@ -43,16 +44,15 @@ from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.eagle.layouts import EAGLE1, EAGLE3, write_checkpoint
 from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.drafters.registry import drafter_class
-from specbench.engine.divergence import diagnose, rounding_eps
-from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
+from specbench.engine.divergence import compare_decodes, rounding_eps
+from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up, warm_up_rows
 from specbench.engine.protocol import Drafter, PlainDecoding, Target
 from specbench.engine.speed import copy_bandwidth, verify_profile
 from specbench.engine.events import counted
 from specbench.environment import environment
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.metrics import tau
-from specbench.records import DIVERGENCE, NEAR_TIE, first_divergence
-from specbench.runner import WARMUP_TOKENS
+from specbench.records import DIVERGENCE, NEAR_TIE, EngineFacts
 from specbench.targets.batched import RowsHFTarget
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
@@ -247,11 +247,7 @@ class Cell:
     label: str
     outcome: Outcome = field(default_factory=Outcome)
     outputs: list[Decoded] = field(default_factory=list)
-    warm_up_graphs: int = 0
-    warm_up_capture_ms: float = 0.0
-    timed_captures: int = 0
-    timed_capture_ms: float = 0.0
-    timed_regrowths: int = 0
+    engine_events: EngineFacts = field(default_factory=EngineFacts)  # its warm-up's and timed decodes', as run.json counts them
     spec_vs_plain: dict | None = None
     fast_vs_eager: dict | None = None
 
@@ -271,46 +267,43 @@ class Cell:
         }
 
     def to_json(self) -> dict:
+        events = self.engine_events
         return {
             "engine": self.engine, "drafter": self.label, **self.metrics(), "error": self.outcome.error,
-            "warnings": self.outcome.warnings, "warm_up_graphs": self.warm_up_graphs,
-            "warm_up_capture_ms": round(self.warm_up_capture_ms, 3), "timed_captures": self.timed_captures,
-            "timed_capture_ms": round(self.timed_capture_ms, 3), "timed_regrowths": self.timed_regrowths,
-            "spec_vs_plain": self.spec_vs_plain, "fast_vs_eager": self.fast_vs_eager,
+            "warnings": self.outcome.warnings, "warm_up_graphs": events.graphs, "warm_up_capture_ms": events.capture_ms,
+            "timed_captures": events.timed_captures, "timed_capture_ms": events.timed_capture_ms,
+            "timed_regrowths": events.timed_regrowths, "spec_vs_plain": self.spec_vs_plain, "fast_vs_eager": self.fast_vs_eager,
         }
 
 
 def run_engine(engine: str, target: Target, setup: Setup, checks: list[DrafterCheck], started: float) -> list[Cell]:
-    """Every drafter on one engine: built, warmed up as `specbench run` warms up (caches sized for
-    the longest sequence, every bucket captured, one short untimed decode), then the prompts
-    decoded with the drafters interleaved per prompt, so drifts in machine speed hit all alike."""
+    """Every drafter on one engine: built, warmed up as `specbench run` warms up (engine/loop.py
+    `warm_up`), then the prompts decoded with the drafters interleaved per prompt, so drifts in
+    machine speed hit all alike. A crash stays in its cell (`guarded`)."""
     cells = [Cell(engine, check.label) for check in checks]
     drafters: dict[str, Drafter] = {}
     for cell, check in zip(cells, checks):
         with guarded(cell.outcome, f"{engine}/{cell.label}: build"):
             drafters[cell.label] = check.make(target, setup)
-    longest = max(p.numel() for p in setup.prompts) + setup.new_tokens + 1
-    positions = longest + max((d.max_draft_tokens for d in drafters.values()), default=0)
+    longest_prompt = max(p.numel() for p in setup.prompts)
+    # the engine's caches planned once, for the drafter reaching furthest
+    positions = max((d.furthest_position(longest_prompt, setup.new_tokens) for d in drafters.values()), default=0)
     for cell in cells:
         if cell.label not in drafters:
             continue
         log(f"{engine}/{cell.label}: warm-up", started)
-        with counted() as seen, guarded(cell.outcome, f"{engine}/{cell.label}: warm-up"):
-            warm_up_engines(target, drafters[cell.label], positions)
-            decode(target, drafters[cell.label], setup.prompts[0], min(WARMUP_TOKENS, setup.new_tokens))
-        cell.warm_up_graphs, cell.warm_up_capture_ms = seen.captures, seen.capture_ms
+        with guarded(cell.outcome, f"{engine}/{cell.label}: warm-up"):
+            cell.engine_events.set_warm_up(warm_up(target, drafters[cell.label], positions, setup.prompts[0], setup.new_tokens))
         if cell.outcome.error:
             del drafters[cell.label]
     log(f"{engine}: timing {len(drafters)} drafters on {len(setup.prompts)} prompts", started)
-    for prompt in setup.prompts:
+    for index, prompt in enumerate(setup.prompts):
         for cell in cells:
             if cell.label not in drafters:
                 continue
             with counted() as seen, guarded(cell.outcome, f"{engine}/{cell.label}: decode"):
                 cell.outputs.append(decode(target, drafters[cell.label], prompt, setup.new_tokens))
-            cell.timed_captures += seen.captures
-            cell.timed_capture_ms += seen.capture_ms
-            cell.timed_regrowths += seen.regrowths
+            cell.engine_events.add_timed(seen, f"prompt {index}")
             if cell.outcome.error:
                 cell.outputs.clear()
                 del drafters[cell.label]
@@ -326,11 +319,11 @@ def compare(reference: list[Decoded], other: list[Decoded], eps: float) -> dict 
         return None
     equal, found = 0, []
     for index, (a, b) in enumerate(zip(reference, other)):
-        position = first_divergence(b.output_ids, a.output_ids)
-        if position is None:
+        diagnosis = compare_decodes(a, b, eps)
+        if diagnosis is None:
             equal += 1
-            continue
-        found.append({"prompt": index, **vars(diagnose(position, a.top2, b.top2, eps))})
+        else:
+            found.append({"prompt": index, **vars(diagnosis)})
     return {"equal": equal, "total": len(reference), "near_ties": sum(d["kind"] == NEAR_TIE for d in found),
             "divergences": sum(d["kind"] == DIVERGENCE for d in found), "differing": found}
 
@@ -378,29 +371,37 @@ def batch_section(setup: Setup, eager: Target, plain: list[Decoded], sizes: list
         prompts = [setup.prompts[i % len(setup.prompts)] for i in range(max(b, len(setup.prompts)))]
         reference = [plain[i % len(plain)] for i in range(len(prompts))]
         point: dict = {"sequences": len(prompts)}
-        for label, make in ((PLAIN, lambda: PlainDecoding(eager)), ("draft-model", lambda: random_draft(eager, setup))):
-            drafter, target = make(), RowsHFTarget(eager, b)
-            cuda = eager.device.type == "cuda"
-            if cuda:  # the memory plan's estimate against the measured peak above what was held before the rows' cache
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                held = torch.cuda.memory_allocated()
-            longest = max(p.numel() for p in prompts)
-            positions, verify = longest + setup.new_tokens + drafter.max_draft_tokens + 1, 1 + drafter.max_draft_tokens
-            target.warm_up(positions, verify, longest)  # refused in one line where the KV and activations do not fit
-            kv, activations = target.memory_needed(b, positions, verify, longest)
-            decode_rows(target, drafter, [Request(p, min(WARMUP_TOKENS, setup.new_tokens)) for p in prompts[:b]])  # untimed
-            batch = decode_rows(target, drafter, [Request(p, setup.new_tokens) for p in prompts])
-            tokens = sum(len(d.output_ids) for d in batch.decoded)
-            point[label] = {"tokens_per_s": tokens / batch.wall_ms * 1000, "tau": tau([s for d in batch.decoded for s in d.steps]),
-                            "equal_to_eager_plain": compare(reference, batch.decoded, eps),
-                            "planned_gib": {"kv": kv / 2**30, "activations": activations / 2**30}}
-            if cuda:
-                point[label]["peak_gib_above_before"] = (torch.cuda.max_memory_allocated() - held) / 2**30
+        cuda = eager.device.type == "cuda"
+        variants = [("", False)] + ([(" (graphs)", True)] if cuda else [])  # the batch engine uncaptured, and on CUDA captured
+        for suffix, graphs in variants:
+            for name, make in ((PLAIN, lambda: PlainDecoding(eager)), ("draft-model", lambda: random_draft(eager, setup))):
+                label = name + suffix
+                drafter, target = make(), RowsHFTarget(eager, b, graphs=graphs)
+                if cuda:  # the memory plan's estimate against the measured peak above what was held before the rows' cache
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    held = torch.cuda.memory_allocated()
+                longest = max(p.numel() for p in prompts)
+                positions, verify = drafter.furthest_position(longest, setup.new_tokens), 1 + drafter.max_draft_tokens
+                # refused in one line where the KV and activations do not fit; captures (graphs); one short untimed batch
+                warm_up_rows(target, [drafter], positions, prompts[:b], setup.new_tokens, prompt_tokens=longest)
+                kv, activations = target.memory_needed(b, positions, verify, longest)
+                captured = target.decoder.captures
+                batch = decode_rows(target, drafter, [Request(p, setup.new_tokens) for p in prompts])
+                tokens = sum(len(d.output_ids) for d in batch.decoded)
+                point[label] = {"tokens_per_s": tokens / batch.wall_ms * 1000, "tau": tau([s for d in batch.decoded for s in d.steps]),
+                                "equal_to_eager_plain": compare(reference, batch.decoded, eps),
+                                "planned_gib": {"kv": kv / 2**30, "activations": activations / 2**30},
+                                "graphs": target.engine_stats()["cuda_graphs"], "warm_up_captures": captured,
+                                "timed_captures": target.decoder.captures - captured}
+                if cuda:
+                    point[label]["peak_gib_above_before"] = (torch.cuda.max_memory_allocated() - held) / 2**30
+        if cuda:
+            point["speedup (graphs)"] = point["draft-model (graphs)"]["tokens_per_s"] / point[PLAIN + " (graphs)"]["tokens_per_s"]
         point["speedup"] = point["draft-model"]["tokens_per_s"] / point[PLAIN]["tokens_per_s"]
         out[b] = point
         free_memory()
-    return {"engine": "batch engine: static KV cache per row, uncompiled, no graphs", "sizes": out}
+    return {"engine": "batch engine: static KV cache per row, uncaptured, and on CUDA also captured (graphs)", "sizes": out}
 
 
 def capture_section(cells: list[Cell], fast: Target, expected: bool) -> dict:
@@ -410,10 +411,10 @@ def capture_section(cells: list[Cell], fast: Target, expected: bool) -> dict:
     return {
         "graphs_expected": expected,
         "cuda_graphs": bool(stats.get("cuda_graphs")),
-        "warm_up_graphs": sum(c.warm_up_graphs for c in mine),
-        "warm_up_capture_ms": round(sum(c.warm_up_capture_ms for c in mine), 3),
-        "timed_captures": sum(c.timed_captures for c in mine),
-        "timed_regrowths": sum(c.timed_regrowths for c in mine),
+        "warm_up_graphs": sum(c.engine_events.graphs for c in mine),
+        "warm_up_capture_ms": round(sum(c.engine_events.capture_ms for c in mine), 3),
+        "timed_captures": sum(c.engine_events.timed_captures for c in mine),
+        "timed_regrowths": sum(c.engine_events.timed_regrowths for c in mine),
         "target": stats,  # the target's decoder: graphs alive, captures, capture ms, KV capacity
     }
 
@@ -435,10 +436,9 @@ def deepspeed_section(setup: Setup, hf: Target, eps: float, started: float) -> d
         ds = FastHFTarget(module, name="deepspeed", backend="deepspeed", bucketed=True, compiled=False)
         ds.eos_token_ids = set()
         targets = {"hf": hf, "deepspeed": ds}
-        positions = max(p.numel() for p in setup.prompts) + setup.new_tokens + 1
+        positions = PlainDecoding(hf).furthest_position(max(p.numel() for p in setup.prompts), setup.new_tokens)
         for target in targets.values():
-            warm_up_engines(target, PlainDecoding(target), positions)
-            decode(target, PlainDecoding(target), setup.prompts[0], min(WARMUP_TOKENS, setup.new_tokens))
+            warm_up(target, PlainDecoding(target), positions, setup.prompts[0], setup.new_tokens)
         outputs: dict[str, list[Decoded]] = {name: [] for name in targets}
         log("deepspeed: timing plain decoding, hf and deepspeed interleaved", started)
         with counted() as seen:

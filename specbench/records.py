@@ -145,6 +145,23 @@ class EngineFacts:
     def to_json(self) -> dict[str, Any]:
         return _without_unset(asdict(self), ("planned_positions", "profile_ms"))
 
+    # `seen`: engine/events.py EngineEvents (counts of captures, compilations, regrowths)
+    def set_warm_up(self, seen) -> None:
+        """What the warm-up captured or compiled (a resumed run's own warm-up replaces the first's)."""
+        self.capture_ms, self.graphs = round(seen.capture_ms, 3), seen.captures
+        self.compile_ms, self.compiles = round(seen.compile_ms, 3), seen.compiles
+
+    def add_timed(self, seen, prompt: str) -> None:
+        """What happened while `prompt` was timed: its timings include it."""
+        if not seen:
+            return
+        self.timed_captures += seen.captures
+        self.timed_capture_ms = round(self.timed_capture_ms + seen.capture_ms, 3)
+        self.timed_compiles += seen.compiles
+        self.timed_compile_ms = round(self.timed_compile_ms + seen.compile_ms, 3)
+        self.timed_regrowths += seen.regrowths
+        self.timed_capture_prompts.append(prompt)
+
 
 @dataclass
 class MeasuredExtra(MemoryFacts):

@@ -21,11 +21,11 @@ import torch
 
 from specbench.checks import check_fits, check_output_dir, check_temperature, context_window
 from specbench.drafters.registry import build_drafter, drafter_class, parse_options
-from specbench.engine.divergence import diagnose, rounding_eps
+from specbench.engine.divergence import compare_decodes, rounding_eps
 from specbench.engine.engines import ENGINE_HELP, ENGINES
-from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up_engines
+from specbench.engine.loop import Decoded, Request, decode, decode_rows, warm_up, warm_up_rows
 from specbench.engine.options import CommandConfig, option
-from specbench.engine.protocol import PlainDecoding, Target
+from specbench.engine.protocol import Drafter, PlainDecoding, Target
 from specbench.engine.events import counted
 from specbench.environment import environment
 from specbench.errors import UserError
@@ -56,7 +56,6 @@ from specbench.targets.loading import (
 from specbench.targets.parallel import tensor_parallel
 from specbench.workloads import Prompt, Workload, check_prompts_fit, encode_turn, open_workload, select, workload_hash
 
-WARMUP_TOKENS = 16
 BATCHES_PER_GROUP = 4  # at --batch-size B, turns are measured (and saved) 4 B prompts at a time
 ANSWER_SLACK = 16  # tokens an answer may gain when its text is re-encoded in a later turn
 
@@ -196,17 +195,30 @@ class Benchmark:
             ),
         )
 
-    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int | None = None):
-        """One turn decoded; `max_new_tokens` cuts it shorter than the run's (the warm-up)."""
-        max_new = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+    def _turn_ids(self, drafter, prompt: Prompt, turn: int, answers: list[str], max_new_tokens: int) -> list[int]:
+        """The turn's token ids, checked to fit the window with `max_new_tokens` and the drafter's reach.
+        Later turns hold the model's own answers: known only now, checked before their prefill."""
         ids = encode_turn(self.target.tokenizer, prompt, turn, answers)
-        # later turns hold the model's own answers: known only now, checked before their prefill
-        check_fits(len(ids), max_new, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
+        check_fits(len(ids), max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", self.config.target,
                    self.draft_reach if drafter is self.drafter else 0)
-        generator = None
-        if self.config.temperature > 0:
-            generator = torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
-        result = decode(self.target, drafter, torch.tensor(ids), max_new, self.config.temperature, generator)
+        return ids
+
+    def _generator(self, prompt: Prompt, turn: int) -> torch.Generator | None:
+        """The turn's sampling generator (None when greedy), seeded by (seed, prompt, turn): both modes, every
+        batch size and a resumed run draw the same numbers for it."""
+        if self.config.temperature <= 0:
+            return None
+        return torch.Generator().manual_seed(turn_seed(self.config.seed, prompt.id, turn))
+
+    def _modes(self) -> list[tuple[str, Drafter]]:
+        """(mode, drafter) in the order a turn runs them: the baseline first when it runs."""
+        return ([(BASELINE, self.plain)] if self.config.baseline else []) + [(SPEC, self.drafter)]
+
+    def _decode(self, drafter, prompt: Prompt, turn: int, answers: list[str]):
+        """One turn decoded."""
+        ids = self._turn_ids(drafter, prompt, turn, answers, self.config.max_new_tokens)
+        result = decode(self.target, drafter, torch.tensor(ids), self.config.max_new_tokens, self.config.temperature,
+                        self._generator(prompt, turn))
         return ids, result
 
     def longest_prompt(self) -> int:
@@ -222,29 +234,25 @@ class Benchmark:
     def longest_sequence(self) -> int:
         """An upper bound on the positions any sequence of this run reaches: its prompt + the new
         tokens + the largest verify (the root and the drafter's largest proposal)."""
-        return self.longest_prompt() + self.config.max_new_tokens + 1 + self.drafter.max_draft_tokens
+        return self.drafter.furthest_position(self.longest_prompt(), self.config.max_new_tokens)
 
     def warm_up(self, engine: EngineFacts) -> None:
         """Before anything is timed: size the static caches for the longest sequence, capture
         every bucket plain decoding and the drafter can produce (CUDA graphs), then one short
         untimed decode in each mode (first-call costs: allocations, kernel selection).
         What the warm-up captured and compiled goes into `engine`, for run.json."""
-        positions = self.longest_sequence()
-        with counted() as seen:
-            if self.rows_target is not None:
-                # the rows' KV and the largest forward's activations checked against free memory (docs/batch.md);
-                # with CUDA graphs, plain decoding's and the drafter's buckets captured
-                self.rows_target.warm_up(positions, 1 + self.drafter.max_draft_tokens, self.longest_prompt(), self.drafter.taps)
-                for drafter in (self.plain, self.drafter):  # every row once: first-call costs at this batch size
-                    new = min(self.config.max_new_tokens, WARMUP_TOKENS)
-                    ids = torch.tensor(encode_turn(self.target.tokenizer, self.prompts[0], 0, []))
-                    decode_rows(self.rows_target, drafter, [Request(ids, new)] * self.config.batch_size, self.config.temperature)
-            else:
-                warm_up_engines(self.target, self.drafter, positions)
-                for drafter in (self.plain, self.drafter):
-                    self._decode(drafter, self.prompts[0], 0, [], min(self.config.max_new_tokens, WARMUP_TOKENS))
-        engine.capture_ms, engine.graphs = round(seen.capture_ms, 3), seen.captures
-        engine.compile_ms, engine.compiles = round(seen.compile_ms, 3), seen.compiles
+        c, positions, first = self.config, self.longest_sequence(), self.prompts[0]
+        if self.rows_target is not None:  # every row once: first-call costs at this batch size
+            ids = torch.tensor(encode_turn(self.target.tokenizer, first, 0, []))
+            # the rows' KV and the largest forward's activations checked against free memory, and with
+            # CUDA graphs every bucket captured (docs/batch.md)
+            seen = warm_up_rows(self.rows_target, [self.plain, self.drafter], positions, [ids] * c.batch_size, c.max_new_tokens,
+                                c.temperature, prompt_tokens=self.longest_prompt())
+        else:
+            ids = self._turn_ids(self.drafter, first, 0, [], c.max_new_tokens)
+            seen = warm_up(self.target, self.drafter, positions, torch.tensor(ids), c.max_new_tokens, baseline=self.plain,
+                           temperature=c.temperature, seed=turn_seed(c.seed, first.id, 0))
+        engine.set_warm_up(seen)
         engine.planned_positions = positions
 
     def engine_record(self) -> EngineFacts:
@@ -266,8 +274,7 @@ class Benchmark:
         """Both modes, turn by turn. A later turn's history is plain decoding's answers in both
         modes (when the baseline runs): a near-tie in turn 1 would otherwise hand the two modes
         different contexts for turn 2, and their outputs could not be compared token for token."""
-        modes = [(BASELINE, self.plain)] if self.config.baseline else []
-        modes.append((SPEC, self.drafter))
+        modes = self._modes()
         answers: dict[str, list[str]] = {mode: [] for mode, _ in modes}
         history = answers[modes[0][0]]  # the baseline's answers, or the drafter's own without a baseline
         outputs: dict[tuple[str, int], Decoded] = {}
@@ -303,7 +310,11 @@ class Benchmark:
             record.first_divergence = first_divergence(result.output_ids, outputs[BASELINE, turn].output_ids)
             record.exact_match = record.first_divergence is None
             if not record.exact_match and self.config.temperature <= 0:  # sampled outputs differ by design
-                self._diagnose(record, outputs[BASELINE, turn], result)
+                eps = rounding_eps(self.target.dtype, self.target.hidden_size, self.target.device)
+                found = compare_decodes(outputs[BASELINE, turn], result, eps)
+                record.divergence_kind, record.tie_tolerance = found.kind, found.tolerance
+                record.plain_top2, record.spec_top2 = found.plain_top2, found.spec_top2
+                record.plain_margin, record.spec_margin = found.plain_margin, found.spec_margin
         turns.append(record)
 
     def measure_batch(self, prompts: list[Prompt], batches: list[dict]) -> list[tuple[list[StepRecord], list[TurnRecord]]]:
@@ -312,8 +323,7 @@ class Benchmark:
         measure_prompt). Each decode_rows call is appended to `batches` (mode, turn, sequences,
         tokens, wall_ms): the aggregate throughput of each mode at this batch size."""
         c = self.config
-        modes = [(BASELINE, self.plain)] if c.baseline else []
-        modes.append((SPEC, self.drafter))
+        modes = self._modes()
         answers = {(mode, p.id): [] for mode, _ in modes for p in prompts}
         outputs: dict[str, dict] = {p.id: {} for p in prompts}
         records: dict[str, tuple[list[StepRecord], list[TurnRecord]]] = {p.id: ([], []) for p in prompts}
@@ -322,11 +332,8 @@ class Benchmark:
             for mode, drafter in modes:
                 requests, encoded = [], []
                 for prompt in active:
-                    ids = encode_turn(self.target.tokenizer, prompt, turn, answers[modes[0][0], prompt.id][:turn])
-                    check_fits(len(ids), c.max_new_tokens, self.window, f"prompt {prompt.id} turn {turn + 1}", c.target,
-                               self.draft_reach if drafter is self.drafter else 0)
-                    generator = torch.Generator().manual_seed(turn_seed(c.seed, prompt.id, turn)) if c.temperature > 0 else None
-                    requests.append(Request(torch.tensor(ids), c.max_new_tokens, generator))
+                    ids = self._turn_ids(drafter, prompt, turn, answers[modes[0][0], prompt.id][:turn], c.max_new_tokens)
+                    requests.append(Request(torch.tensor(ids), c.max_new_tokens, self._generator(prompt, turn)))
                     encoded.append(ids)
                 batch = decode_rows(self.rows_target, drafter, requests, c.temperature, c.refill)
                 batches.append({"mode": mode, "turn": turn, "sequences": len(requests), "tokens": sum(len(d.output_ids) for d in batch.decoded),
@@ -335,16 +342,8 @@ class Benchmark:
                     self._record(prompt, turn, mode, ids, result, outputs[prompt.id], answers[mode, prompt.id], *records[prompt.id])
         return [records[p.id] for p in prompts]
 
-    def _diagnose(self, record: TurnRecord, plain: Decoded, spec: Decoded) -> None:
-        """Near-tie or divergence at the first differing token (specbench/engine/divergence.py)."""
-        eps = rounding_eps(self.target.dtype, self.target.hidden_size, self.target.device)
-        found = diagnose(record.first_divergence, plain.top2, spec.top2, eps)
-        record.divergence_kind, record.tie_tolerance = found.kind, found.tolerance
-        record.plain_top2, record.spec_top2 = found.plain_top2, found.spec_top2
-        record.plain_margin, record.spec_margin = found.plain_margin, found.spec_margin
-
     def records_per_prompt(self) -> dict[str, int]:
-        modes = 2 if self.config.baseline else 1
+        modes = len(self._modes())
         return {p.id: modes * len(p.turns) for p in self.prompts}
 
     def run(self, store: RunStore, progress: Progress = SILENT) -> None:
@@ -378,13 +377,7 @@ class Benchmark:
         for prompt in todo:
             with counted() as seen:
                 steps, turns = self.measure_prompt(prompt)
-            if seen:  # a capture, compilation or cache regrowth inside a timed prompt: its timings include it
-                engine.timed_captures += seen.captures
-                engine.timed_capture_ms = round(engine.timed_capture_ms + seen.capture_ms, 3)
-                engine.timed_compiles += seen.compiles
-                engine.timed_compile_ms = round(engine.timed_compile_ms + seen.compile_ms, 3)
-                engine.timed_regrowths += seen.regrowths
-                engine.timed_capture_prompts.append(prompt.id)
+            engine.add_timed(seen, prompt.id)  # a capture, compilation or regrowth inside a timed prompt
             store.append_prompt(steps, turns)
             advance()
         engine.capacity = self.target.engine_stats().get("capacity")

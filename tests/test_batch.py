@@ -22,6 +22,7 @@ from specbench.engine.protocol import Drafter, PlainDecoding
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree
 from specbench.targets.batched import RowsHFTarget
+from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -265,7 +266,10 @@ def test_a_batch_that_does_not_fit_is_one_line_naming_the_largest_that_does(setu
     with pytest.raises(UserError, match=r"--batch-size 8 needs .* GiB of activations in its largest forward\) .*"
                                         r"the largest batch that fits is 3 "):
         target.warm_up(positions, verify, prompt)
-    RowsHFTarget(setup["target"], 3).warm_up(positions, verify, prompt)  # three rows fit
+    three = RowsHFTarget(setup["target"], 3)
+    three.warm_up(positions, verify, prompt)  # three rows fit
+    # priced as the cache really grows
+    assert three.cache.capacity > positions and target.kv_bytes_per_row(positions) == target.kv_bytes_per_row(three.cache.capacity)
     # the largest forward is a long prompt's prefill where it outweighs every row's verify
     assert target.memory_needed(1, 2000, 2, 1900)[1] == target.activation_bytes(1, 1900, 1900) > target.activation_bytes(1, 2, 2000)
 
@@ -318,6 +322,7 @@ def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
     target.eos_token_ids = set()
     rows = RowsHFTarget(target, 3)
     assert all(isinstance(layer, LeanLayer) for layer in rows.decoder.backbone.layers) and isinstance(rows.decoder.head, PackedLinear)
+    assert rows.engine_stats()["lean_layers"] == 2 == FastHFTarget(model).lean_layers  # one maker of CPU steps (lean_layer.py)
     batch_prompts, budgets = prompts(5), [NEW, NEW - 5, NEW - 10, NEW, NEW - 5]
     setup = {"target": target, "draft": perturbed(model, noise=0.01)}
     plain = [decode(target, PlainDecoding(target), p, n).output_ids for p, n in zip(batch_prompts, budgets)]

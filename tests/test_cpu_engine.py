@@ -11,6 +11,8 @@ from specbench.engine.buckets import bucket_size, cheapest_bucket
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
 from specbench.errors import UserError
+from specbench.targets import fast as fast_module
+from specbench.targets.batched import RowsHFTarget
 from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 from specbench.targets.loading import dtype_choice, load_causal_lm, resolve_dtype
@@ -130,9 +132,14 @@ def test_a_layer_the_lean_layer_computes_otherwise_stays_with_a_warning(monkeypa
     from specbench.errors import SpecbenchWarning
 
     monkeypatch.setattr(lean_layer.LeanLayer, "_rotate", staticmethod(lambda x, cos, sin: x))  # a rotary it does not know
-    with pytest.warns(SpecbenchWarning, match=r"layer\(s\) 0, 1 \(LlamaDecoderLayer\) .* differs from transformers' layer on a probe"):
+    message = r"layer\(s\) 0, 1 \(LlamaDecoderLayer\) .* differs from transformers' layer on a probe"
+    with pytest.warns(SpecbenchWarning, match=message) as caught:
         fast = FastHFTarget(tiny_llama(0).float())
-    assert fast.lean_layers == 0
+    assert fast.lean_layers == 0 and fast.engine_stats()["lean_layers"] == 0
+    assert [w.filename for w in caught if "layer(s)" in str(w.message)] == [fast_module.__file__]  # the target that asked for the step
+    with pytest.warns(SpecbenchWarning, match=message):  # batch rows make their step the same way
+        rows = RowsHFTarget(HFTarget(fast.model), 2)
+    assert rows.engine_stats()["packed_linears"] and rows.engine_stats()["lean_layers"] == 0
     eager = HFTarget(fast.model)
     prompt = prompts(1)[0]
     assert decode(fast, PlainDecoding(fast), prompt, 16).output_ids == decode(eager, PlainDecoding(eager), prompt, 16).output_ids

@@ -388,9 +388,10 @@ def test_draft_context_holds_committed_positions_only(setup):
     length = seen[-1][1]
     _, states = target.prefill(sequence, drafter.taps)
     fresh = drafter.net.context_kv(states[:length], torch.arange(length))
-    for i, (keys, values) in enumerate(fresh):
-        torch.testing.assert_close(drafter.context.kv[i, 0, :length], keys)
-        torch.testing.assert_close(drafter.context.kv[i, 1, :length], values)
+    assert drafter.context.length == length
+    for (kept_keys, kept_values), (keys, values) in zip(drafter.context_layers(), fresh, strict=True):
+        torch.testing.assert_close(kept_keys, keys)
+        torch.testing.assert_close(kept_values, values)
 
 
 # --- temperature > 0: the target's distribution ------------------------------------------------------

@@ -10,8 +10,8 @@ from test_report import info, steps_for
 from tiny import save_tiny_model
 
 from specbench.engine import kv
-from specbench.engine.divergence import TIE_FACTOR, classify, diagnose, rounding_eps
-from specbench.engine.loop import Top2, decode
+from specbench.engine.divergence import TIE_FACTOR, classify, compare_decodes, diagnose, rounding_eps
+from specbench.engine.loop import Decoded, Top2, decode
 from specbench.engine.protocol import Drafter, PlainDecoding
 from specbench.engine.tree import DraftTree
 from specbench.records import DIVERGENCE, NEAR_TIE, TurnRecord
@@ -270,3 +270,19 @@ def test_run_and_report_show_the_counts_and_each_divergence(tmp_path, capsys, mo
     summary = json.loads(capsys.readouterr().out)
     assert (summary["near_ties"], summary["divergences"]) == (1, 1)
     assert summary["diverged"][0]["kind"] == NEAR_TIE and summary["diverged"][1]["spec_margin"] == 2.25
+
+
+def test_compare_decodes_diagnoses_the_first_differing_token():
+    """The one comparison of two decodes (runner.py, scripts/gpu_check.py): None when equal, else diagnose()
+    at the first differing token, a shorter output differing where it ends."""
+    def decoded(ids, rows):
+        return Decoded(output_ids=ids, steps=[], wall_ms=1.0, ttft_ms=1.0, top2=rows)
+
+    rows = [top(1, 2, 5.0), top(3, 4, 5.0), top(5, 6, 1e-6)]
+    tied = [rows[0], rows[1], top(6, 5, 1e-6)]  # the other path took the runner-up at a near-tie
+    eps = rounding_eps(torch.float32, 64)
+    assert compare_decodes(decoded([1, 3, 5], rows), decoded([1, 3, 5], rows), eps) is None
+    found = compare_decodes(decoded([1, 3, 5], rows), decoded([1, 3, 6], tied), eps)
+    assert found == diagnose(2, rows, tied, eps) and found.position == 2 and found.kind == NEAR_TIE
+    ended = compare_decodes(decoded([1, 3, 5], rows), decoded([1, 3], rows[:2]), eps)
+    assert ended.position == 2 and ended.kind == DIVERGENCE

@@ -26,11 +26,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specbench.drafters.eagle import layouts
 from specbench.drafters.eagle.drafter import Eagle3Drafter, EagleDrafter, EagleOptions
-from specbench.drafters.eagle.model import DraftKV, EagleConfig, EagleNet
+from specbench.drafters.eagle.model import EagleConfig, EagleNet
 from specbench.drafters.eagle.tree import accepted_lengths, draft_tree, grow, select
 from specbench.engine.acceptance import TreeSampling, accept_tree_sampling
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
+from specbench.engine.static_cache import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.metrics import per_position, tau
@@ -349,7 +350,7 @@ def test_network_equals_the_reference_forward(version):
     state = net.state_dict()
     tokens = torch.randint(0, V, (n,))
     features = torch.randn(n - 1, H if version == 1 else 3 * H, dtype=torch.float64)  # the final state / three taps
-    kv = DraftKV(config, torch.float64, torch.device("cpu"))
+    kv = StaticKV(config.num_layers)
     out = net.context(tokens[:-1], features, kv)
     node, _ = net.nodes(tokens[-1:], out[-1:], torch.tensor([n - 1]), kv, torch.tensor([n - 1]), None)
 
@@ -384,7 +385,7 @@ def test_network_trains_through_the_teacher_forced_forward():
     net.logits(out).logsumexp(-1).sum().backward()
     assert net.fc.weight.grad is not None and net.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        torch.testing.assert_close(out.detach(), net.context(tokens, features, DraftKV(config, torch.float64, torch.device("cpu"))))
+        torch.testing.assert_close(out.detach(), net.context(tokens, features, StaticKV(config.num_layers)))
 
 
 # --- greedy decoding is lossless, on every layout, static and dynamic trees -----------------------
@@ -424,7 +425,7 @@ def test_draft_cache_holds_accepted_context_only(setup):
     assert all(length == tokens.numel() - 1 for tokens, length in seen) and len(seen) == len(result.steps)
     tokens, length = seen[-1]
     _, states = t1.prefill(tokens, (None,))
-    fresh = DraftKV(drafter.net.config, torch.float64, torch.device("cpu"))
+    fresh = StaticKV(drafter.net.config.num_layers)
     drafter.net.context(tokens[1:], states[:-1], fresh)
     torch.testing.assert_close(drafter.kv.kv[..., :length, :], fresh.kv[..., :length, :])
 

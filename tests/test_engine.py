@@ -193,3 +193,20 @@ def test_counted_gives_the_events_inside_its_block_even_when_it_raises():
     with counted() as quiet:
         pass
     assert not quiet
+
+
+def test_engine_facts_keep_the_warm_up_and_add_what_was_timed():
+    """run.json's engine entry (and gpu_check's cells): the warm-up's counts replace the last ones (a resumed
+    run warms up again); a timed prompt with events adds them and is named, one without is not."""
+    from specbench.engine.events import EngineEvents
+    from specbench.records import EngineFacts
+
+    facts = EngineFacts()
+    facts.set_warm_up(EngineEvents(captures=4, capture_ms=10.12345, compiles=1, compile_ms=2.0))
+    facts.set_warm_up(EngineEvents(captures=2, capture_ms=1.0))
+    assert (facts.graphs, facts.capture_ms, facts.compiles, facts.compile_ms) == (2, 1.0, 0, 0.0)
+    facts.add_timed(EngineEvents(), "quiet")
+    facts.add_timed(EngineEvents(captures=1, capture_ms=0.5, regrowths=2), "p1")
+    facts.add_timed(EngineEvents(compiles=3, compile_ms=1.25), "p2")
+    assert (facts.timed_captures, facts.timed_capture_ms, facts.timed_regrowths) == (1, 0.5, 2)
+    assert (facts.timed_compiles, facts.timed_compile_ms, facts.timed_capture_prompts) == (3, 1.25, ["p1", "p2"])

@@ -290,6 +290,29 @@ def test_warm_up_captures_every_bucket_so_decoding_captures_none(tiny, drafter):
     assert HFTarget(model).warm_up(64) == 0.0 and FastHFTarget(model, compiled=False).warm_up(64, (), 500) == 0.0
 
 
+def test_warm_up_decodes_each_mode_once_and_counts_its_events(tiny):
+    """engine/loop.py `warm_up`, what `specbench run` and scripts/gpu_check.py do before timing: the
+    buckets captured, one short decode by the baseline then the drafter, the captures it returns;
+    a timed decode after it captures nothing."""
+    from specbench.engine.events import counted
+    from specbench.engine.loop import WARMUP_TOKENS, warm_up
+
+    model, _ = tiny
+    fast = FastHFTarget(model, graphs=FakeGraphs())
+    fast.eos_token_ids = set()
+    plain, drafter = make_drafter("plain", fast), make_drafter("prompt-lookup", fast)
+    prompt = prompts(1, seed=3, length=(20, 30))[0]
+    decoded = []
+    for name, each in (("plain", plain), ("prompt-lookup", drafter)):
+        each.on_verified = lambda outcome, name=name, original=each.on_verified: (decoded.append(name), original(outcome))
+    seen = warm_up(fast, drafter, prompt.numel() + 64 + 1 + drafter.max_draft_tokens, prompt, 64, baseline=plain)
+    assert seen.captures == fast.decoder.captures > 0 and seen.capture_ms > 0
+    assert decoded[0] == "plain" and decoded[-1] == "prompt-lookup" and len(decoded) <= 2 * WARMUP_TOKENS  # short: not 64 tokens each
+    with counted() as timed:
+        decode(fast, drafter, prompt, 64)
+    assert not timed
+
+
 # --- the graph pool ---------------------------------------------------------------
 
 def test_graph_pool_is_dropped_with_its_last_graph():
@@ -442,13 +465,54 @@ def test_truncate_and_reserve_keep_the_prefix():
     before = cache.kv[..., :6, :].clone()
     regrowths = EVENTS.regrowths
     cache.reserve(100)
-    assert cache.capacity == 256 and cache.generation == 1 and EVENTS.regrowths == regrowths + 1
+    assert cache.capacity == 256 and cache.generation == 1
     assert torch.equal(cache.kv[..., :6, :], before)
     cache.reserve(50)  # fits: nothing moves
     assert cache.generation == 1
     cache.truncate(0)
-    cache.reserve(1000)  # between sequences: reallocated, nothing to copy, not a regrowth
-    assert cache.generation == 2 and EVENTS.regrowths == regrowths + 1
+    cache.reserve(1000)  # between sequences: reallocated, nothing to copy
+    assert cache.generation == 2
+    # the cache counts no event: its StaticDecoder counts the growth it did not plan
+    # (test_unplanned_growth_mid_sequence_drops_graphs_with_their_pool); drafters' own caches grow by design
+    assert EVENTS.regrowths == regrowths
+
+
+def test_drafters_write_by_position_roll_back_and_keep_a_path():
+    """StaticKV as EAGLE's and DFlash's own cache: put() writes rows [q, kv_heads, d] at positions,
+    layer_kv() reads a layer's prefix [kv_heads, length, d]; truncate rolls back (later puts
+    overwrite), compact keeps an accepted path, reserve grows keeping the prefix, per layer apart."""
+    cache = StaticKV(num_layers=2, capacity=4)
+
+    def rows(first: int, q: int, layer: int) -> torch.Tensor:  # [q, 2 kv heads, 1]: head h of position p holds 1000h + 100layer + p
+        positions = torch.arange(first, first + q, dtype=torch.float32)
+        return torch.stack([positions + 100 * layer, positions + 100 * layer + 1000], dim=1)[..., None]
+
+    def stored(layer: int) -> list[list[float]]:
+        keys, values = cache.layer_kv(layer, cache.length)
+        assert torch.equal(values, -keys) and keys.shape == (2, cache.length, 1)
+        return keys[..., 0].tolist()
+
+    def put(first: int, q: int) -> None:
+        cache.reserve(first + q)
+        for layer in range(2):
+            cache.put(layer, first, rows(first, q, layer), -rows(first, q, layer))
+        cache.length = first + q
+
+    regrowths = EVENTS.regrowths
+    put(0, 3)
+    assert cache.kv.dtype == torch.float32 and stored(1) == [[100, 101, 102], [1100, 1101, 1102]]
+    put(3, 5)  # past the first capacity: grown mid-sequence, the prefix kept
+    assert cache.capacity >= 8 and stored(0) == [list(range(8)), [1000 + p for p in range(8)]]
+    assert EVENTS.regrowths == regrowths
+    cache.truncate(5)  # roll back: positions 5.. are stale
+    assert cache.length == 5 and stored(0) == [list(range(5)), [1000 + p for p in range(5)]]
+    cache.put(0, 5, rows(50, 1, 0), -rows(50, 1, 0))  # rewrite position 5 of layer 0 only
+    cache.put(1, 5, rows(5, 1, 1), -rows(5, 1, 1))
+    cache.length = 6
+    assert stored(0)[0] == [0, 1, 2, 3, 4, 50] and stored(1)[0] == [100, 101, 102, 103, 104, 105]
+    cache.compact(base=2, keep=[0, 3])  # keep positions 2 and 5 at 2 and 3
+    assert cache.length == 4 and stored(0) == [[0, 1, 2, 50], [1000, 1001, 1002, 1050]]
+    assert stored(1)[0] == [100, 101, 102, 105]
 
 
 # --- choosing the engine ------------------------------------------------------

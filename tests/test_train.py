@@ -204,7 +204,8 @@ def test_unrolled_draft_steps_are_the_drafters_true_path_nodes():
     computes, for every context position at once, what the drafter computes online: the
     context through the draft's KV cache, then the nodes on the true path, each seeing the
     context and its ancestors. Both versions, a GQA draft, float64."""
-    from specbench.drafters.eagle.model import DraftKV, EagleConfig, EagleNet
+    from specbench.drafters.eagle.model import EagleConfig, EagleNet
+    from specbench.engine.static_cache import StaticKV
 
     torch.manual_seed(0)
     for version in (1, 3):
@@ -220,7 +221,7 @@ def test_unrolled_draft_steps_are_the_drafters_true_path_nodes():
         unrolled = net.unrolled(tokens, stream, steps)
         assert [tuple(o.shape) for o in unrolled] == [(n - 1, 32)] * steps
         for i in range(n - 1 - steps):
-            kv = DraftKV(config, torch.float64, torch.device("cpu"))
+            kv = StaticKV(config.num_layers)
             out = net.context(tokens[1 : i + 2], stream[: i + 1], kv)[-1:]  # context positions 0..i, as the catch-up runs them
             torch.testing.assert_close(unrolled[0][i : i + 1], out)
             own = None

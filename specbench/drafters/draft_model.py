@@ -132,11 +132,6 @@ class DraftModelDrafter(Drafter):
         return self.k
 
 
-    def positions(self, sequence_tokens: int, max_tokens: int) -> int:
-        """The most positions the draft's cache reaches in a sequence that now holds
-        `sequence_tokens` and may emit `max_tokens` more (its last feed ends k tokens ahead)."""
-        return sequence_tokens + max_tokens + self.k + 1
-
     def warm_up(self, max_positions: int | None = None) -> float:
         """Size the draft's static cache and capture its feeds' buckets (1..k+1 tokens)."""
         if self.fast is None:
@@ -178,7 +173,7 @@ class DraftModelDrafter(Drafter):
             del row.cached[common:]
             decoder.cache.lengths[row.row] = common
             if common == 0:  # a new sequence: size the rows before its first feed
-                decoder.plan(self.positions(len(sequence), ctx.max_tokens))
+                decoder.plan(self.furthest_position(len(sequence), ctx.max_tokens))
             feeds.append(sequence[common:])
         ks = [min(self.k, ctx.max_tokens) for ctx in contexts]
         drafted: list[list[int]] = [[] for _ in rows]
@@ -237,7 +232,7 @@ class DraftModelDrafter(Drafter):
         kv.truncate(self.cache, common)
         del self.cached[common:]
         if self.fast and common == 0:  # a new sequence: size the static cache before its first feed
-            self.fast.plan(self.positions(len(sequence), ctx.max_tokens))
+            self.fast.plan(self.furthest_position(len(sequence), ctx.max_tokens))
 
         k = min(self.k, ctx.max_tokens)
         logits = self._logits(sequence[common:])

@@ -22,6 +22,12 @@ def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def grown_capacity(capacity: int, tokens: int) -> int:
+    """The capacity a KV cache of `capacity` positions grows to when it must hold `tokens` more than
+    that: at least doubled, so that growing (a copy) stays rare, in multiples of CAPACITY_STEP."""
+    return round_up(max(tokens, 2 * capacity), CAPACITY_STEP)
+
+
 def bucket_size(q: int) -> int:
     """The padded query length for q tokens: the next power of two up to 128, then multiples of 128."""
     if q > GRAPH_MAX_BUCKET:

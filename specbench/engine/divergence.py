@@ -64,8 +64,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specbench.engine.loop import Top2
-from specbench.records import DIVERGENCE, NEAR_TIE
+from specbench.engine.loop import Decoded, Top2
+from specbench.records import DIVERGENCE, NEAR_TIE, first_divergence
 
 TIE_FACTOR = 16
 TF32_EPS = 2.0**-10  # TF32 keeps 10 mantissa bits, as fp16 does
@@ -127,3 +127,9 @@ def diagnose(position: int, plain: list[Top2], spec: list[Top2], eps: float) -> 
         return Diagnosis(position, DIVERGENCE, ids(a), ids(b), gap(a), gap(b), None)
     plain_margin, spec_margin = pair_margins(a, b) or (gap(a), gap(b))
     return Diagnosis(position, classify(a, b, eps), ids(a), ids(b), plain_margin, spec_margin, tolerance(a, b, eps))
+
+
+def compare_decodes(plain: Decoded, spec: Decoded, eps: float) -> Diagnosis | None:
+    """None when `spec` emitted exactly what `plain` did; else the diagnosis at the first differing token."""
+    position = first_divergence(spec.output_ids, plain.output_ids)
+    return None if position is None else diagnose(position, plain.top2, spec.top2, eps)

@@ -15,17 +15,21 @@ output equals the transformers layer's on a probe, to the dtype's rounding; anyt
 keeps transformers' layer, so an unknown variant (extra norms, other activations) is computed
 right, only not faster. The taps a drafter reads (a layer's input) are unchanged: the model's
 own forward still calls each layer module.
+
+`packed_step_modules` is the one way a CPU step's modules are made (the fast engine's target and
+draft decoders, batch rows): the packed copy, then its lean layers.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specbench.engine.packed import _linear, _linear_add, _pack
+from specbench.engine.packed import _linear, _linear_add, _pack, packed_copy
 from specbench.errors import SpecbenchWarning
 
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
@@ -201,6 +205,24 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
         step_backbone.layers[index] = lean
         swapped += 1
     for why, indices in kept.items():  # one line per reason, not one per layer
+        # stacklevel 3: past packed_step_modules, at the target that asked for the step
         warnings.warn(f"layer(s) {', '.join(map(str, indices))} ({type(layers[indices[0]]).__name__}) run as transformers writes "
-                      f"them on the CPU fast engine ({why})", SpecbenchWarning, stacklevel=2)
+                      f"them on the CPU fast engine ({why})", SpecbenchWarning, stacklevel=3)
     return swapped
+
+
+class StepModules(NamedTuple):
+    backbone: nn.Module
+    head: nn.Module | None
+    lean_layers: int  # decoder layers computed by LeanLayer
+
+
+def packed_step_modules(backbone: nn.Module, head: nn.Module | None, dtype: torch.dtype, lean: bool = True) -> StepModules:
+    """The modules a CPU step runs: copies of `backbone` and `head` sharing their weights, with the
+    linear weights prepacked (engine/packed.py), and with `lean` the Llama-family layers that agree
+    on the probe computed by LeanLayer (a warning names the others). The originals stay as they
+    were, so an eager target over the same model stays eager. The caller decides whether to pack
+    (engine/packed.py `can_pack`)."""
+    step_backbone = packed_copy(backbone)
+    step_head = packed_copy(head) if head is not None else None
+    return StepModules(step_backbone, step_head, lean_layers(step_backbone, backbone, dtype) if lean else 0)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from specbench.engine.acceptance import accept
+from specbench.engine.events import EngineEvents, counted
 from specbench.engine.protocol import DraftContext, Drafter, Target, VerifyOutcome
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.records import StepMeasure
@@ -87,13 +88,6 @@ class Decoded:
     top2: list[Top2] = field(default_factory=list)  # aligned with output_ids
 
 
-def warm_up_engines(target: Target, drafter: Drafter, max_positions: int) -> None:
-    """Before anything is timed: size the static caches for sequences of up to `max_positions`
-    and capture every bucket that plain decoding (the root alone) and `drafter` (the root and
-    its largest proposal, with its taps) verify, and the drafter's own (a draft model's feeds)."""
-    target.warm_up(1, (), max_positions)
-    target.warm_up(1 + drafter.max_draft_tokens, drafter.taps, max_positions)
-    drafter.warm_up(max_positions)
 
 
 class OneRow:
@@ -198,8 +192,7 @@ def decode_rows(
         request = requests[index]
         start = clock.now()
         prompt_ids = request.prompt_ids.reshape(-1).to(target.device)
-        # the furthest this sequence can reach: a static cache is sized for it before any step
-        max_positions = prompt_ids.numel() + request.max_new_tokens + drafter.max_draft_tokens + 1
+        max_positions = drafter.furthest_position(prompt_ids.numel(), request.max_new_tokens)  # a static cache is sized for it now
         logits, hidden = target.prefill_row(slot, prompt_ids, taps, max_positions)
         first = accept(DraftTree.empty(target.device), logits[-1:], temperature, request.generator, rule).bonus
         output = [first]
@@ -258,3 +251,46 @@ def decode_rows(
                 finish(slot)
         fill()
     return Batch(decoded, clock.now() - batch_start, target.rows, refill)
+
+
+# --- before anything is timed -------------------------------------------------------------
+
+WARMUP_TOKENS = 16  # the short untimed decode of a warm-up
+
+
+def warm_up_engines(target: Target, drafter: Drafter, max_positions: int) -> None:
+    """Size the static caches for sequences of up to `max_positions` and capture every bucket
+    that plain decoding (the root alone) and `drafter` (the root and its largest proposal, with
+    its taps) verify, and the drafter's own (a draft model's feeds)."""
+    target.warm_up(1, (), max_positions)
+    target.warm_up(1 + drafter.max_draft_tokens, drafter.taps, max_positions)
+    drafter.warm_up(max_positions)
+
+
+def warm_up(target: Target, drafter: Drafter, max_positions: int, prompt_ids: torch.Tensor, max_new_tokens: int,
+            baseline: Drafter | None = None, temperature: float = 0.0, seed: int = 0) -> EngineEvents:
+    """What `specbench run` does before it times anything (runner.py), and scripts/gpu_check.py per
+    drafter: the engines warmed up for `drafter` (warm_up_engines), then one short untimed decode of
+    `prompt_ids` by `baseline` (if given) and by `drafter`, for the first-call costs (allocations,
+    kernel selection). At temperature > 0 each decode samples from a generator seeded `seed`.
+    Returns the engine events (captures, compilations) the warm-up caused."""
+    with counted() as seen:
+        warm_up_engines(target, drafter, max_positions)
+        for each in ([baseline] if baseline is not None else []) + [drafter]:
+            generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+            decode(target, each, prompt_ids, min(max_new_tokens, WARMUP_TOKENS), temperature, generator)
+    return seen
+
+
+def warm_up_rows(target, drafters: list[Drafter], max_positions: int, prompts: list[torch.Tensor], max_new_tokens: int,
+                 temperature: float = 0.0, prompt_tokens: int = 0) -> EngineEvents:
+    """`warm_up` for a RowsTarget (batch > 1): every row sized for `max_positions` and checked to fit
+    with the largest forward (each drafter's largest verify, or a prefill of `prompt_tokens`), each
+    drafter's verify buckets captured where the target captures (target.warm_up), then one short
+    untimed batch of `prompts` (a prompt per row) by each drafter in turn."""
+    with counted() as seen:
+        for drafter in drafters:
+            target.warm_up(max_positions, 1 + drafter.max_draft_tokens, prompt_tokens, drafter.taps)
+        for drafter in drafters:
+            decode_rows(target, drafter, [Request(p, min(max_new_tokens, WARMUP_TOKENS)) for p in prompts], temperature)
+    return seen

@@ -374,6 +374,12 @@ class Drafter:
         """The most tree nodes one proposal can hold (0: it never drafts)."""
         return 0
 
+    def furthest_position(self, tokens: int, max_new_tokens: int) -> int:
+        """The most positions a sequence of `tokens` that may emit `max_new_tokens` more can reach with
+        this drafter: every new token, then the largest verify past them (the root and a whole
+        proposal). Static KV caches, the target's and a draft's own, are sized for it."""
+        return tokens + max_new_tokens + self.max_draft_tokens + 1
+
     @property
     def max_draft_depth(self) -> int:
         """The deepest node one proposal can hold (a chain's depth is its length)."""

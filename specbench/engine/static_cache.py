@@ -5,7 +5,9 @@
 of a sequence for the most positions the sequence can reach (`StaticDecoder.plan`),
 so it never grows while a sequence runs; it is reused across sequences and grows
 only between them. Rolling back is moving a length pointer; keeping an accepted
-tree path is one in-place gather over all layers at once.
+tree path is one in-place gather over all layers at once. The drafters that run their
+own attention (EAGLE, DFlash) keep their accepted context in a StaticKV too, grown as
+that context grows (there is no decoder to plan it).
 
 `StaticDecoder` runs a transformers decoder stack (the model's `get_decoder()`)
 and an LM head over a StaticKV for one "root + tree" forward: a causal chunk (a
@@ -53,7 +55,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from specbench.engine import buckets
 from specbench.engine.buckets import (GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, bucket_size, buckets_up_to, cheapest_bucket,
-                                      round_up, span_for)
+                                      span_for)
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.cuda_graphs import CudaGraphs, GraphSet
 from specbench.engine.events import EVENTS
@@ -96,7 +98,9 @@ class StaticKV(Cache):
     """A preallocated KV cache for batch 1. `length` counts the valid positions
     (host side); a forward writes its keys/values at the slots in `slots` and
     attention reads the first `span` positions (all `capacity` when None), masked
-    by the caller."""
+    by the caller. It is also the own KV cache of drafters that run their own
+    attention (EAGLE, DFlash): they write by position (`put`) and read a layer's
+    prefix (`layer_kv`), and set `length` themselves once every layer is written."""
 
     def __init__(self, num_layers: int, capacity: int = buckets.CAPACITY_STEP) -> None:
         super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
@@ -108,10 +112,16 @@ class StaticKV(Cache):
         self.span: int | None = None
         self.generation = 0  # bumped when storage is reallocated: graphs captured over it are then stale
 
+    def _allocate(self, heads: int, head_dim: int, like: torch.Tensor) -> None:
+        """The storage, on the first write: its shape, dtype and device are those of the first keys."""
+        self.kv = torch.zeros(self.num_layers, 2, heads, self.capacity, head_dim, dtype=like.dtype, device=like.device)
+
     def write(self, index: int, keys: torch.Tensor, values: torch.Tensor):
+        """transformers' attention: keys/values [1, kv_heads, q, head_dim] at `slots`; returns the
+        layer's first `span` positions [1, kv_heads, span, head_dim]."""
         if self.kv is None:
             _, heads, _, head_dim = keys.shape
-            self.kv = torch.zeros(self.num_layers, 2, heads, self.capacity, head_dim, dtype=keys.dtype, device=keys.device)
+            self._allocate(heads, head_dim, keys)
         layer = self.kv[index]
         layer[0].index_copy_(1, self.slots, keys[0])
         layer[1].index_copy_(1, self.slots, values[0])
@@ -124,15 +134,28 @@ class StaticKV(Cache):
         capacity between sequences so that this never happens while one runs."""
         if tokens <= self.capacity:
             return
-        capacity = round_up(max(tokens, 2 * self.capacity), buckets.CAPACITY_STEP)
+        capacity = buckets.grown_capacity(self.capacity, tokens)
         if self.kv is not None:
             grown = self.kv.new_zeros(*self.kv.shape[:3], capacity, self.kv.shape[-1])
             if self.length:
                 grown[..., : self.length, :] = self.kv[..., : self.length, :]
-                EVENTS.regrowths += 1
             self.kv = grown
             self.generation += 1
         self.capacity = capacity
+
+    def put(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A drafter's write: keys/values [q, kv_heads, head_dim] (a row per position, as its own
+        attention computes them) at positions start..start+q-1, within the reserved capacity.
+        `length` is the caller's to advance."""
+        if self.kv is None:
+            _, heads, head_dim = keys.shape
+            self._allocate(heads, head_dim, keys)
+        self.kv[layer, 0, :, start : start + keys.shape[0]] = keys.transpose(0, 1)
+        self.kv[layer, 1, :, start : start + keys.shape[0]] = values.transpose(0, 1)
+
+    def layer_kv(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A drafter's read: the layer's first `length` positions, (keys, values) [kv_heads, length, head_dim] views."""
+        return self.kv[layer, 0, :, :length], self.kv[layer, 1, :, :length]
 
     def truncate(self, length: int) -> None:
         """Roll back to the first `length` positions (the rest is stale and masked out)."""
@@ -230,8 +253,17 @@ class StaticDecoder:
         """Size the cache for a sequence that reaches `positions` positions (prompt + output +
         the largest verify), bucket padding included. Call between sequences: growing then
         copies nothing and drops the graphs and their pool together."""
-        self.cache.reserve(positions + (MAX_BUCKET_PADDING if self.bucketed else 0))
+        self._reserve(positions + (MAX_BUCKET_PADDING if self.bucketed else 0))
         self._drop_stale()
+
+    def _reserve(self, tokens: int) -> None:
+        """Grow the cache to hold `tokens` positions. Growing while a sequence runs copies its prefix:
+        an engine event a benchmark counts. (The decoder counts it, not StaticKV: drafters' own caches
+        grow with their context by design, and are not planned.)"""
+        cache = self.cache
+        if tokens > cache.capacity and cache.kv is not None and cache.length:
+            EVENTS.regrowths += 1
+        cache.reserve(tokens)
 
     def _drop_stale(self) -> None:
         if self.graph_set.generation != self.cache.generation:
@@ -270,7 +302,7 @@ class StaticDecoder:
         stepped = self.bucketed and start > 0 and q <= GRAPH_MAX_BUCKET
         bucket = self.bucket_for(q) if stepped else q
         if start + bucket > self.cache.capacity:  # unplanned: grows mid-sequence (copies; counted)
-            self.cache.reserve(start + bucket)
+            self._reserve(start + bucket)
         self._drop_stale()
         shape = self.shape(parents, q, bucket)
         if not stepped:
@@ -478,7 +510,7 @@ class RowsKV(Cache):
         """Room for `tokens` positions in every row, keeping what is there (between sequences: copies)."""
         if tokens <= self.capacity:
             return
-        capacity = round_up(max(tokens, 2 * self.capacity), buckets.CAPACITY_STEP)
+        capacity = buckets.grown_capacity(self.capacity, tokens)
         if self.kv is not None:
             grown = self.kv.new_zeros(*self.kv.shape[:4], capacity, self.kv.shape[-1])
             grown[..., : self.capacity, :] = self.kv

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from specbench.metrics import Summary, batch_summary, memory_model, summarise
+from specbench.metrics import Summary, batch_summary, memory_model, summarise, tau
 from specbench.records import BASELINE, SPEC
 from specbench.report.collect import Group, drafter_name, setup_names
 
@@ -138,7 +138,7 @@ def step_times(groups: list[Group]) -> pd.DataFrame:
             verify = sum(s.verify_ms for s in steps) / n
             rows.append({"setup": group.label, "mode": mode, "draft_ms": draft, "verify_ms": verify,
                          "other_ms": sum(s.step_ms for s in steps) / n - draft - verify,
-                         "tokens_per_step": sum(s.accepted + 1 for s in steps) / n})
+                         "tokens_per_step": tau(steps)})
     return pd.DataFrame(rows, columns=["setup", "mode", "draft_ms", "verify_ms", "other_ms", "tokens_per_step"])
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from specbench.checks import check_count, check_fits
-from specbench.engine.loop import decode
+from specbench.engine.loop import WARMUP_TOKENS, decode
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import PlainDecoding, Taps
 from specbench.errors import UserError
@@ -131,7 +131,7 @@ def _record(target, prompts, workload, max_new_tokens, out, topk, hidden, profil
     recorder = Recorder(target, taps)
     want_rows = bool(taps)
     drafter = recorder if want_rows else PlainDecoding(target)
-    decode(target, drafter, torch.tensor(encode_turn(target.tokenizer, prompts[0], 0, [])), min(max_new_tokens, 16))  # warm-up
+    decode(target, drafter, torch.tensor(encode_turn(target.tokenizer, prompts[0], 0, [])), min(max_new_tokens, WARMUP_TOKENS))  # warm-up
     turns, hidden_rows = [], {}
     for prompt in prompts:
         answers: list[str] = []

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from specbench.engine.buckets import CAPACITY_STEP, MAX_BUCKET_PADDING, round_up
-from specbench.engine.lean_layer import lean_layers
-from specbench.engine.packed import can_pack, packed_copy
+from specbench.engine.buckets import MAX_BUCKET_PADDING, grown_capacity
+from specbench.engine.lean_layer import packed_step_modules
+from specbench.engine.packed import can_pack
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -39,9 +39,9 @@ class RowsHFTarget:
         self.base, self.rows = base, rows
         self.device, self.dtype, self.eos_token_ids = base.device, base.dtype, base.eos_token_ids
         backbone, head = base.backbone, base.lm_head
-        if can_pack(base.device, base.dtype):  # as the one-row fast engine runs on a CPU (engine/packed.py, lean_layer.py)
-            backbone, head = packed_copy(backbone), packed_copy(head)
-            lean_layers(backbone, base.backbone, base.dtype)
+        self.packed, self.lean_layers = can_pack(base.device, base.dtype), 0
+        if self.packed:  # as the one-row fast engine runs on a CPU (engine/lean_layer.py `packed_step_modules`)
+            backbone, head, self.lean_layers = packed_step_modules(backbone, head, base.dtype)
         if graphs is None:
             graphs = base.device.type == "cuda" and getattr(base, "engine", "") == "fast"
         self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype, graphs=graphs)
@@ -80,6 +80,10 @@ class RowsHFTarget:
             self.decoder.plan(max_positions)
         return self.decoder.warm_up(1, ()) + self.decoder.warm_up(verify_tokens, taps)
 
+    def engine_stats(self) -> dict:
+        return {"rows": self.rows, "capacity": self.cache.capacity, "packed_linears": self.packed, "lean_layers": self.lean_layers,
+                **self.decoder.stats()}
+
     def kv_bytes_per_row(self, positions: int) -> int:
         """The KV cache of one row planned for `positions` positions (capacity rounded as RowsKV rounds it)."""
         config = self.base.config.get_text_config()
@@ -88,7 +92,7 @@ class RowsHFTarget:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         capacity = self.cache.capacity
         if positions > capacity:  # as RowsKV.reserve grows it
-            capacity = round_up(max(positions, 2 * capacity), CAPACITY_STEP)
+            capacity = grown_capacity(capacity, positions)
         return config.num_hidden_layers * 2 * kv_heads * capacity * head_dim * torch.finfo(self.dtype).bits // 8
 
     def activation_bytes(self, rows: int, tokens: int, span: int) -> int:
@@ -134,9 +138,6 @@ class RowsHFTarget:
                         f"{free / gib:.2f} GiB is free on {self.device}: "
                         + (f"the largest batch that fits is {fits} " if fits else "not even one row fits ")
                         + "(fewer --max-new-tokens, a shorter workload or a smaller tree fit more)")
-
-    def engine_stats(self) -> dict:
-        return {"rows": self.rows, "capacity": self.cache.capacity, **self.decoder.stats()}
 
 
 MEMINFO = "/proc/meminfo"  # where a CPU's free memory is read (MemAvailable)

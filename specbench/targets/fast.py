@@ -18,8 +18,8 @@ from transformers.cache_utils import DynamicLayer
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
-from specbench.engine.lean_layer import lean_layers
-from specbench.engine.packed import can_pack, packed_copy
+from specbench.engine.lean_layer import packed_step_modules
+from specbench.engine.packed import can_pack
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
@@ -55,9 +55,7 @@ class FastHFTarget(HFTarget):
         self.lean_layers = 0
         step_backbone = self.backbone
         if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
-            step_backbone, self._lm_head = packed_copy(self.backbone), packed_copy(self._lm_head)
-            if lean:
-                self.lean_layers = lean_layers(step_backbone, self.backbone, self.dtype)
+            step_backbone, self._lm_head, self.lean_layers = packed_step_modules(self.backbone, self._lm_head, self.dtype, lean)
         self.compiler = CompiledStep(compile_cache_dir()) if compiled and not graphs else None
         # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled
         bucketed = bucketed or self.packed or self.compiler is not None
@@ -109,10 +107,7 @@ class FastHFTarget(HFTarget):
         compiled, or its linears packed) as the target's steps are."""
         compiler = CompiledStep() if self.compiler is not None else None
         if self.packed and can_pack(device, dtype):
-            step_backbone, head = packed_copy(backbone), (packed_copy(head) if head is not None else None)
-            if self.lean_layers:
-                lean_layers(step_backbone, backbone, dtype)
-            backbone = step_backbone
+            backbone, head, _ = packed_step_modules(backbone, head, dtype, lean=self.lean_layers > 0)
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
                              compiler=compiler)
 

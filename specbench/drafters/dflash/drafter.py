@@ -31,6 +31,7 @@ from specbench.drafters.trees import resolve_tree
 from specbench.engine.acceptance import TreeSampling, sample
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, OwnTrees, TeacherForced, TrainRecipe, VerifyOutcome
+from specbench.engine.static_cache import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 
@@ -54,41 +55,6 @@ class DFlashOptions(WeightsOptions):
             if not (self.tree.startswith("chain:") and self.tree == f"chain:{self.k}"):
                 raise UserError(f"--k {self.k} and --tree {self.tree} both set the block: a tree of ranks sets it by its depth; "
                                 "pass one of them")
-
-
-class Context:
-    """The draft's context cache: per layer the keys/values of the committed positions'
-    fused features, [capacity, nKV, d], grown by doubling; `length` positions are valid."""
-
-    def __init__(self, net: DFlashNet, dtype: torch.dtype, device: torch.device) -> None:
-        c = net.config
-        self.net, self.shape = net, (c.num_layers, 2, c.num_kv_heads, c.head_dim)
-        self.dtype, self.device = dtype, device
-        self.kv: torch.Tensor | None = None  # [layers, 2, capacity, nKV, d]
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def append(self, features: torch.Tensor) -> None:
-        start, n = self.length, features.shape[0]
-        if self.kv is None or start + n > self.kv.shape[2]:
-            capacity = max(256, start + n, 2 * (self.kv.shape[2] if self.kv is not None else 0))
-            L, two, nKV, d = self.shape
-            grown = torch.zeros(L, two, capacity, nKV, d, dtype=self.dtype, device=self.device)
-            if self.kv is not None:
-                grown[:, :, :start] = self.kv[:, :, :start]
-            self.kv = grown
-        positions = torch.arange(start, start + n, device=self.device)
-        for i, (keys, values) in enumerate(self.net.context_kv(features.to(self.device, self.dtype), positions)):
-            self.kv[i, 0, start : start + n] = keys
-            self.kv[i, 1, start : start + n] = values
-        self.length = start + n
-
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.kv is None:
-            return []
-        return [(self.kv[i, 0, : self.length], self.kv[i, 1, : self.length]) for i in range(self.shape[0])]
 
 
 def ordered(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +191,7 @@ class DFlashDrafter(Drafter):
                                      "block": k + 1, "tree": tree or f"chain:{k}"}
         if self.dynamic:
             self.info |= {"total_tokens": options.total_tokens, "top_k": options.top_k}
-        self.context = Context(net, self.dtype, self.device)
+        self.context = StaticKV(net.config.num_layers)  # committed positions' keys/values only
         self.pending: torch.Tensor | None = None
 
     @classmethod
@@ -257,13 +223,30 @@ class DFlashDrafter(Drafter):
 
     # --- one sequence ------------------------------------------------------------------
     def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.context.reset()
+        self.context.truncate(0)
         self.pending = prompt_hidden
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
         # the anchor (root) and the accepted nodes, by node index: never the rejected rest, never the bonus
         rows = outcome.kept_hidden
         self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
+
+    def extend_context(self, features: torch.Tensor) -> None:
+        """Append the keys/values of newly committed positions, from the target's features there."""
+        start, n = self.context.length, features.shape[0]
+        self.context.reserve(start + n)
+        positions = torch.arange(start, start + n, device=self.device)
+        for i, (keys, values) in enumerate(self.net.context_kv(features.to(self.device, self.dtype), positions)):
+            self.context.put(i, start, keys, values)
+        self.context.length = start + n
+
+    def context_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer the context's (keys, values) [length, nKV, d], as DFlashNet.block reads them."""
+        if self.context.kv is None:
+            return []
+        length = self.context.length
+        return [(keys.transpose(0, 1), values.transpose(0, 1))
+                for keys, values in (self.context.layer_kv(i, length) for i in range(self.context.num_layers))]
 
     def run_block(self, tokens: torch.Tensor) -> Block:
         """Catch the context up to the anchor (the last token), then one forward over the block."""
@@ -273,12 +256,12 @@ class DFlashDrafter(Drafter):
             raise RuntimeError(f"DFlash draft: the anchor is at position {S} but the target's features cover {have} positions; "
                                "begin/on_verified were not called in order")
         if self.pending is not None and self.pending.shape[0]:
-            self.context.append(self.pending)
+            self.extend_context(self.pending)
         self.pending = None
         ids = torch.full((1, self.k + 1), self.net.config.mask_token_id, dtype=torch.long, device=self.device)
         ids[0, 0] = tokens[-1]
         start = torch.tensor([S], device=self.device)
-        out = self.net.block(ids, start, self.context.layers(), start)[0, 1:]
+        out = self.net.block(ids, start, self.context_layers(), start)[0, 1:]
         return Block(self.net, out, int(tokens[-1]), self.width)
 
     @torch.inference_mode()

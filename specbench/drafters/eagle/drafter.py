@@ -20,7 +20,7 @@ import torch
 
 from specbench.drafters.catalogued import TREE_HELP, TreeOptions, WeightsOptions, catalogued_tree, catalogued_weights
 from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_checkpoint
-from specbench.drafters.eagle.model import DraftKV, EagleNet, RowsDraftKV
+from specbench.drafters.eagle.model import EagleNet, RowsDraftKV
 from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, kept_tree, select
 from specbench.drafters.trees import resolve_tree
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows, to_vocab_probs
@@ -39,6 +39,7 @@ from specbench.engine.protocol import (
 )
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
+from specbench.engine.static_cache import StaticKV
 
 DYNAMIC = "dynamic"
 # EaModel.from_pretrained's defaults (the paper-evaluation scripts use depth 5)
@@ -150,7 +151,7 @@ class EagleDrafter(Drafter):
             raise UserError(f"the draft can propose {head_rows} distinct tokens, fewer than the {needed} per node the tree asks for")
         # chains sample from the draft and use speculative sampling; trees of top-k drafts EAGLE's rule
         self.acceptance = None if (self.shape is not None and len(self.shape) == self.shape.depth) else TreeSampling()
-        self.kv = DraftKV(net.config, self.dtype, self.device)
+        self.kv = StaticKV(net.config.num_layers)  # accepted context only
         self.pending: torch.Tensor | None = None  # target states of accepted positions the draft has not seen
 
     @classmethod
@@ -224,7 +225,7 @@ class EagleDrafter(Drafter):
         return clone
 
     def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.kv.reset()
+        self.kv.truncate(0)
         self.pending = prompt_hidden
 
     def on_verified(self, outcome: VerifyOutcome) -> None:
@@ -321,7 +322,7 @@ class EagleDrafter(Drafter):
             trees.append(DraftTree(tree.tokens, tree.parents, torch.stack(probs[b])) if sampling[b] else tree)
         return trees
 
-    def dynamic_tree(self, root: torch.Tensor, logits: torch.Tensor, context: torch.Tensor, kv: DraftKV | RowsDraftKV,
+    def dynamic_tree(self, root: torch.Tensor, logits: torch.Tensor, context: torch.Tensor, kv: StaticKV | RowsDraftKV,
                      seq: torch.Tensor | None = None) -> tuple[Pool, torch.Tensor]:
         """EAGLE-2's tree for B problems at once: root outputs [B, H] and their logits, each
         seeing the first context[b] positions of `kv` (online B = 1; simulate: every step), or
@@ -391,7 +392,7 @@ class EagleDrafter(Drafter):
         if n >= 2:
             output = output.to(self.device)
             sequence = torch.cat([prompt.reshape(-1).to(self.device), output])
-            kv = DraftKV(self.net.config, self.dtype, self.device)
+            kv = StaticKV(self.net.config.num_layers)
             context = self.net.context(sequence[1 : p + n - 1], states[: p + n - 2].to(self.device, self.dtype), kv)
             steps = torch.arange(1, n, device=self.device)  # step m: m tokens emitted, root out[m-1]
             root = context[p + steps - 2]

@@ -31,6 +31,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from specbench.engine.static_cache import StaticKV
+
 
 @dataclass(frozen=True)
 class EagleConfig:
@@ -216,42 +218,11 @@ class DraftLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DraftKV:
-    """The draft's own KV cache: accepted context only, one [kv_heads, capacity, d] pair
-    per layer, grown by doubling; `length` positions are valid."""
-
-    def __init__(self, config: EagleConfig, dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
-        self.config, self.dtype, self.device = config, dtype, device
-        self.capacity = capacity
-        self.kv: torch.Tensor | None = None  # [layers, 2, kv_heads, capacity, d]
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def reserve(self, tokens: int) -> None:
-        if self.kv is not None and tokens <= self.capacity:
-            return
-        self.capacity = max(self.capacity, tokens, 2 * self.capacity if self.kv is not None else 0)
-        c = self.config
-        grown = torch.zeros(c.num_layers, 2, c.num_kv_heads, self.capacity, c.head_dim, dtype=self.dtype, device=self.device)
-        if self.kv is not None:
-            grown[..., : self.length, :] = self.kv[..., : self.length, :]
-        self.kv = grown
-
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values [q, kv_heads, d] at positions start..start+q-1."""
-        self.kv[layer, 0, :, start : start + keys.shape[0]] = keys.transpose(0, 1)
-        self.kv[layer, 1, :, start : start + keys.shape[0]] = values.transpose(0, 1)
-
-    def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[layer, 0, :, :length], self.kv[layer, 1, :, :length]
-
-
 class RowsDraftKV:
     """Batch > 1: every row's draft cache in one tensor [rows, layers, 2, kv_heads, capacity, d],
     one length per row, so one draft forward serves every live row (EagleDrafter.propose_rows);
-    `row(b)` is row b's cache with DraftKV's interface. Rows and capacity grow in place."""
+    `row(b)` is row b's cache with a drafter's StaticKV interface (engine/static_cache.py: length,
+    reserve, put, layer_kv, truncate). Rows and capacity grow in place."""
 
     def __init__(self, config: EagleConfig, dtype: torch.dtype, device: torch.device, rows: int, capacity: int = 256) -> None:
         self.config, self.dtype, self.device = config, dtype, device
@@ -279,7 +250,7 @@ class RowsDraftKV:
     def length(self) -> int:
         return max(self.lengths, default=0)
 
-    def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_kv(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's first `length` positions: [rows, kv_heads, length, d] each."""
         return self.kv[:, layer, 0, :, :length], self.kv[:, layer, 1, :, :length]
 
@@ -293,7 +264,7 @@ class RowsDraftKV:
 
 
 class RowKV:
-    """Row `b` of a RowsDraftKV as a DraftKV (what one row's drafter reads and writes alone)."""
+    """Row `b` of a RowsDraftKV as a drafter's StaticKV (what one row's drafter reads and writes alone)."""
 
     def __init__(self, rows: RowsDraftKV, b: int) -> None:
         self.rows, self.b = rows, b
@@ -310,17 +281,17 @@ class RowKV:
     def capacity(self) -> int:
         return self.rows.capacity
 
-    def reset(self) -> None:
-        self.length = 0
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
 
     def reserve(self, tokens: int) -> None:
         self.rows.reserve(tokens)
 
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def put(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.rows.kv[self.b, layer, 0, :, start : start + keys.shape[0]] = keys.transpose(0, 1)
         self.rows.kv[self.b, layer, 1, :, start : start + keys.shape[0]] = values.transpose(0, 1)
 
-    def layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_kv(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rows.kv[self.b, layer, 0, :, :length], self.rows.kv[self.b, layer, 1, :, :length]
 
 
@@ -415,7 +386,7 @@ class EagleNet(nn.Module):
             x = layer(x, emb, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
         return x
 
-    def context(self, tokens: torch.Tensor, features: torch.Tensor, kv: DraftKV | None = None) -> torch.Tensor:
+    def context(self, tokens: torch.Tensor, features: torch.Tensor, kv: StaticKV | None = None) -> torch.Tensor:
         """Accepted context at the next positions of `kv` (a causal chunk, appended to it):
         row j pairs the token x_{j+1} with the target's state f_j. Returns outputs [q, H].
         Without `kv` the chunk is a whole sequence from position 0 and nothing is cached
@@ -429,8 +400,8 @@ class EagleNet(nn.Module):
         def attend(layer, qs, keys, values):
             if kv is None:
                 return attention(qs, (keys.transpose(0, 1), values.transpose(0, 1)), lengths, None, self.scale)
-            kv.write(layer, start, keys, values)
-            return attention(qs, kv.layer(layer, start + q), lengths, None, self.scale)
+            kv.put(layer, start, keys, values)
+            return attention(qs, kv.layer_kv(layer, start + q), lengths, None, self.scale)
 
         out = self._run(tokens, features, positions, True, attend)
         if kv is not None:
@@ -452,14 +423,14 @@ class EagleNet(nn.Module):
 
         def attend(layer, qs, keys, values):
             kv.write_rows(layer, seq, positions, keys, values)
-            return attention(qs, kv.layer(layer, int(lengths.max())), lengths, None, self.scale, seq)
+            return attention(qs, kv.layer_kv(layer, int(lengths.max())), lengths, None, self.scale, seq)
 
         out = self._run(torch.cat(tokens), torch.cat(features), positions, True, attend)
         for r, s, q in zip(rows, starts, sizes):
             kv.lengths[r] = s + q
         return list(out.split(sizes))
 
-    def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: DraftKV | RowsDraftKV,
+    def nodes(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: StaticKV | RowsDraftKV,
               visible: torch.Tensor, own: Own | None, seq: torch.Tensor | None = None) -> tuple[torch.Tensor, Own]:
         """Tree nodes: token, the draft output it continues from, position; row r sees the
         first visible[r] context positions of `kv`, then its ancestors (`own`, per layer
@@ -473,7 +444,7 @@ class EagleNet(nn.Module):
             if own is not None:
                 mine = (torch.cat([own[layer][0], mine[0]], dim=1), torch.cat([own[layer][1], mine[1]], dim=1))
             grown.append(mine)
-            shared = kv.layer(layer, int(visible.max())) if kv.length else None
+            shared = kv.layer_kv(layer, int(visible.max())) if kv.length else None
             return attention(qs, shared, visible if shared is not None else None, mine, self.scale, seq if shared is not None else None)
 
         out = self._run(tokens, hidden, positions, False, attend)

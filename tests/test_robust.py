@@ -336,7 +336,8 @@ def test_count_flags_are_refused_as_one_line(env, made, tmp_path, capsys, monkey
         "vocab-trim": ["vocab-trim", "build", "--from", env["good"], *t, *o],
         "train": ["train", "--drafter", "medusa", *t, "--data", tmp_path, *o],
     }[command]
-    refused([*base, flag, 0], capsys, monkeypatch, f"{flag} must be at least 1 (got 0)", untouched=[made["log"]])
+    least = 0 if flag == "--vocab-trim" else 1  # --vocab-trim 0: the whole vocabulary, where the catalogue would trim
+    refused([*base, flag, least - 1], capsys, monkeypatch, f"{flag} must be at least {least} (got {least - 1})", untouched=[made["log"]])
     assert not (tmp_path / "o").exists()
 
 

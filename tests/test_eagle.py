@@ -31,7 +31,7 @@ from specbench.drafters.eagle.tree import accepted_lengths, draft_tree, grow, se
 from specbench.engine.acceptance import TreeSampling, accept_tree_sampling
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
-from specbench.engine.static_cache import StaticKV
+from specbench.engine.kv import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.metrics import per_position, tau

@@ -22,7 +22,8 @@ from specbench.engine.engines import resolve_engine
 from specbench.engine.events import EVENTS
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
-from specbench.engine.static_cache import StaticDecoder, StaticKV, shape_masks
+from specbench.engine.static_cache import StaticDecoder, shape_masks
+from specbench.engine.kv import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import SpecbenchWarning, UserError
 from specbench.targets.fast import FastHFTarget

@@ -205,7 +205,7 @@ def test_unrolled_draft_steps_are_the_drafters_true_path_nodes():
     context through the draft's KV cache, then the nodes on the true path, each seeing the
     context and its ancestors. Both versions, a GQA draft, float64."""
     from specbench.drafters.eagle.model import EagleConfig, EagleNet
-    from specbench.engine.static_cache import StaticKV
+    from specbench.engine.kv import StaticKV
 
     torch.manual_seed(0)
     for version in (1, 3):

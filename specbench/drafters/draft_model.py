@@ -27,7 +27,8 @@ from specbench.engine.protocol import (
     autoregressive_ranks,
     true_ranks,
 )
-from specbench.engine.static_cache import RowsDecoder, StaticDecoder, StaticKV
+from specbench.engine.static_cache import RowsDecoder, StaticDecoder
+from specbench.engine.kv import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.fast import check_full_attention

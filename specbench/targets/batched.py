@@ -1,6 +1,6 @@
 """Batch > 1 (`--batch-size B`): the hf target's model decoding B sequences at once.
 
-`RowsHFTarget` keeps B rows in one preallocated KV cache (engine/static_cache.py `RowsKV`),
+`RowsHFTarget` keeps B rows in one preallocated KV cache (engine/kv.py `RowsKV`),
 each with its own length. A row is prefilled alone when it takes a sequence; one forward
 then verifies every live row's root + tree, padded to the largest tree of the step with
 masked nodes, and each row keeps its own accepted path. No row moves, pads or recomputes

@@ -31,7 +31,7 @@ from specbench.drafters.trees import resolve_tree
 from specbench.engine.acceptance import TreeSampling, sample
 from specbench.engine.options import CommandConfig, option
 from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, OwnTrees, TeacherForced, TrainRecipe, VerifyOutcome
-from specbench.engine.static_cache import StaticKV
+from specbench.engine.kv import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 

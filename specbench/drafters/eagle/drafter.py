@@ -39,7 +39,7 @@ from specbench.engine.protocol import (
 )
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
-from specbench.engine.static_cache import StaticKV
+from specbench.engine.kv import StaticKV
 
 DYNAMIC = "dynamic"
 # EaModel.from_pretrained's defaults (the paper-evaluation scripts use depth 5)

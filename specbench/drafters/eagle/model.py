@@ -31,7 +31,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from specbench.engine.static_cache import StaticKV
+from specbench.engine.kv import StaticKV
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class DraftLayer(nn.Module):
 class RowsDraftKV:
     """Batch > 1: every row's draft cache in one tensor [rows, layers, 2, kv_heads, capacity, d],
     one length per row, so one draft forward serves every live row (EagleDrafter.propose_rows);
-    `row(b)` is row b's cache with a drafter's StaticKV interface (engine/static_cache.py: length,
+    `row(b)` is row b's cache with a drafter's StaticKV interface (engine/kv.py: length,
     reserve, put, layer_kv, truncate). Rows and capacity grow in place."""
 
     def __init__(self, config: EagleConfig, dtype: torch.dtype, device: torch.device, rows: int, capacity: int = 256) -> None:

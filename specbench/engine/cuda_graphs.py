@@ -5,9 +5,13 @@ pool (`GraphSet`). See engine/static_cache.py for what a step is."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
+
+from specbench.engine.events import EVENTS
+from specbench.errors import SpecbenchWarning
 
 # a step is static_cache's Step (its input/output buffers); typed loosely here so that this
 # backend, which static_cache imports, does not import it back
@@ -84,3 +88,23 @@ class GraphSet:
         self.steps.clear()
         self.pool = None
         self.generation = generation
+
+
+def capture_step(graph_set: GraphSet, step: Step, fn, fallback: str) -> float | None:
+    """Capture `step` (its function `fn`) into the set's pool; the ms it took (counted in EVENTS),
+    or None when the capture failed (e.g. a collective that cannot be captured under tensor
+    parallelism): then one warning says the engine runs `fallback` from here on, and every graph
+    of the set and its pool are dropped."""
+    backend = graph_set.backend
+    t0 = backend.now()
+    try:
+        graph_set.capture(step, fn)
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"CUDA graph capture failed ({reason}); {fallback} from here on", SpecbenchWarning, stacklevel=3)
+        graph_set.release_all(graph_set.generation)
+        return None
+    ms = backend.now() - t0
+    EVENTS.captures += 1
+    EVENTS.capture_ms += ms
+    return ms

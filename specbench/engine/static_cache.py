@@ -45,23 +45,20 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from specbench.engine import buckets
 from specbench.engine.buckets import (GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, bucket_size, buckets_up_to, cheapest_bucket,
                                       span_for)
 from specbench.engine.compat import cache_kwargs
-from specbench.engine.cuda_graphs import CudaGraphs, GraphSet
+from specbench.engine.cuda_graphs import CudaGraphs, GraphSet, capture_step
 from specbench.engine.events import EVENTS
 from specbench.engine.kv import RowsKV, StaticKV
 from specbench.engine.protocol import Taps
 from specbench.engine.tapped import tapped_forward, tapped_rows
 from specbench.engine.tree import DraftTree
-from specbench.errors import SpecbenchWarning
 
 SHAPE_CACHE = 512  # tree shapes whose masks are kept; dynamic trees (EAGLE-2) bring a new shape nearly every step
 PROFILE_REPS = 5  # repetitions per bucket when measuring the latency profile
@@ -275,23 +272,13 @@ class StaticDecoder:
     # --- capture ----------------------------------------------------------------
 
     def _capture(self, step: _Step) -> bool:
-        """Capture the step's graph; on failure (e.g. a collective that cannot be captured under
-        tensor parallelism) say so in one line and run the static path uncaptured from then on."""
-        t0 = self.graphs.now()
-        try:
-            self.graph_set.capture(step, lambda: self._compute(step))
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"CUDA graph capture failed ({reason}); the fast engine runs uncaptured (static KV cache, no graphs) "
-                          "from here on", SpecbenchWarning, stacklevel=2)
-            self.graph_set.release_all(self.graph_set.generation)
+        """Capture the step's graph; on failure run the static path uncaptured from then on (one warning)."""
+        ms = capture_step(self.graph_set, step, lambda: self._compute(step), "the fast engine runs uncaptured (static KV cache, no graphs)")
+        if ms is None:
             self.graphs = None
             return False
-        ms = self.graphs.now() - t0
         self.captures += 1
         self.capture_ms += ms
-        EVENTS.captures += 1
-        EVENTS.capture_ms += ms
         return True
 
     @torch.inference_mode()
@@ -506,22 +493,13 @@ class RowsDecoder:
         return logits, hidden
 
     def _capture(self, step: _RowsStep) -> bool:
-        """Capture the step's graph; on failure say so in one line and run uncaptured from then on."""
-        t0 = self.graphs.now()
-        try:
-            self.graph_set.capture(step, lambda: self._compute(step))
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"CUDA graph capture failed ({reason}); the batch engine runs uncaptured from here on", SpecbenchWarning,
-                          stacklevel=2)
-            self.graph_set.release_all(self.graph_set.generation)
+        """Capture the step's graph; on failure run uncaptured from then on (one warning)."""
+        ms = capture_step(self.graph_set, step, lambda: self._compute(step), "the batch engine runs uncaptured")
+        if ms is None:
             self.graphs = None
             return False
-        ms = self.graphs.now() - t0
         self.captures += 1
         self.capture_ms += ms
-        EVENTS.captures += 1
-        EVENTS.capture_ms += ms
         return True
 
     def _stepped(self, rows: list[int], ids: list[torch.Tensor], parents, taps: Taps, starts: list[int]):

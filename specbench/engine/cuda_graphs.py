@@ -108,3 +108,27 @@ def capture_step(graph_set: GraphSet, step: Step, fn, fallback: str) -> float | 
     EVENTS.captures += 1
     EVENTS.capture_ms += ms
     return ms
+
+
+class CapturingDecoder:
+    """What a decoder that captures its steps shares: `graphs` (a backend, or None when uncaptured),
+    `graph_set`, its `_compute(step)`, the counts of captures and their ms, and `_capture`, which
+    on a failed capture leaves the decoder uncaptured (`fallback` says how it then runs)."""
+
+    fallback = "the engine runs uncaptured"
+    graphs: Any
+    graph_set: GraphSet
+    captures: int
+    capture_ms: float
+
+    def _compute(self, step: Step):
+        raise NotImplementedError
+
+    def _capture(self, step: Step) -> bool:
+        ms = capture_step(self.graph_set, step, lambda: self._compute(step), self.fallback)
+        if ms is None:
+            self.graphs = None
+            return False
+        self.captures += 1
+        self.capture_ms += ms
+        return True

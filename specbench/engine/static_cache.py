@@ -53,7 +53,7 @@ import torch
 from specbench.engine.buckets import (GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, bucket_size, buckets_up_to, cheapest_bucket,
                                       span_for)
 from specbench.engine.compat import cache_kwargs
-from specbench.engine.cuda_graphs import CudaGraphs, GraphSet, capture_step
+from specbench.engine.cuda_graphs import CapturingDecoder, CudaGraphs, GraphSet
 from specbench.engine.events import EVENTS
 from specbench.engine.kv import RowsKV, StaticKV
 from specbench.engine.protocol import Taps
@@ -107,7 +107,7 @@ class _Step:
         self.outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
-class StaticDecoder:
+class StaticDecoder(CapturingDecoder):
     """A decoder stack and its LM head over their own StaticKV. `forward(ids, parents, taps)`
     runs root + tree (parents=None: a causal chunk) at the current length and returns
     (logits [q, V] fp32, tapped hidden states [q, H * len(taps)] or None); the caller then
@@ -118,6 +118,8 @@ class StaticDecoder:
     graphs: True for CUDA graphs, or a backend object (tests pass a fake one), or None/False.
     compiler: a CompiledStep (engine/compiled_step.py) that compiles the step function, or None.
     """
+
+    fallback = "the fast engine runs uncaptured (static KV cache, no graphs)"
 
     def __init__(self, backbone, head, device: torch.device, dtype: torch.dtype, bucketed: bool = False, graphs=None,
                  compiler=None) -> None:
@@ -271,16 +273,6 @@ class StaticDecoder:
 
     # --- capture ----------------------------------------------------------------
 
-    def _capture(self, step: _Step) -> bool:
-        """Capture the step's graph; on failure run the static path uncaptured from then on (one warning)."""
-        ms = capture_step(self.graph_set, step, lambda: self._compute(step), "the fast engine runs uncaptured (static KV cache, no graphs)")
-        if ms is None:
-            self.graphs = None
-            return False
-        self.captures += 1
-        self.capture_ms += ms
-        return True
-
     @torch.inference_mode()
     def warm_up(self, max_rows: int, taps: Taps = (), max_positions: int | None = None) -> float:
         """Between sequences: plan the capacity for `max_positions` (if given), then prepare the
@@ -362,7 +354,7 @@ class _RowsStep:
         self.outputs: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
 
-class RowsDecoder:
+class RowsDecoder(CapturingDecoder):
     """A decoder stack and its LM head over a RowsKV: one forward runs several rows, each its own
     root + tree (or causal chunk) at its own length, padded to the forward's largest row with
     masked nodes (a padding node sees only itself). The batch > 1 equivalent of StaticDecoder.
@@ -372,6 +364,8 @@ class RowsDecoder:
     `warm_up` and replayed after (a row not in the step is padding over slots of its own that
     hold nothing live: every live row is in every verify). Prefills run uncaptured at their
     exact size. Without graphs (CPU, eager), forwards run the live rows at their exact width."""
+
+    fallback = "the batch engine runs uncaptured"
 
     def __init__(self, backbone, head, rows: int, device: torch.device, dtype: torch.dtype, graphs=None) -> None:
         if graphs is True:
@@ -491,16 +485,6 @@ class RowsDecoder:
                                    attention_mask=step.mask, use_cache=True, **self._cache_kwargs)
         logits = self.head(last).float() if self.head is not None else None
         return logits, hidden
-
-    def _capture(self, step: _RowsStep) -> bool:
-        """Capture the step's graph; on failure run uncaptured from then on (one warning)."""
-        ms = capture_step(self.graph_set, step, lambda: self._compute(step), "the batch engine runs uncaptured")
-        if ms is None:
-            self.graphs = None
-            return False
-        self.captures += 1
-        self.capture_ms += ms
-        return True
 
     def _stepped(self, rows: list[int], ids: list[torch.Tensor], parents, taps: Taps, starts: list[int]):
         bucket = bucket_size(max(t.numel() for t in ids))

@@ -121,6 +121,16 @@ class CapturingDecoder:
     captures: int
     capture_ms: float
 
+    def _use_graphs(self, graphs, device: torch.device) -> None:
+        """graphs: True for CUDA graphs on `device`, a backend object (tests pass a fake one), or None/False."""
+        if graphs is True:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            graphs = CudaGraphs(device)
+        self.graphs = graphs or None
+        self.graph_set = GraphSet(self.graphs)
+        self.captures, self.capture_ms = 0, 0.0
+
     def _compute(self, step: Step):
         raise NotImplementedError
 

@@ -53,7 +53,7 @@ import torch
 from specbench.engine.buckets import (GRAPH_MAX_BUCKET, MAX_BUCKET_PADDING, all_spans, bucket_size, buckets_up_to, cheapest_bucket,
                                       span_for)
 from specbench.engine.compat import cache_kwargs
-from specbench.engine.cuda_graphs import CapturingDecoder, CudaGraphs, GraphSet
+from specbench.engine.cuda_graphs import CapturingDecoder
 from specbench.engine.events import EVENTS
 from specbench.engine.kv import RowsKV, StaticKV
 from specbench.engine.protocol import Taps
@@ -123,25 +123,18 @@ class StaticDecoder(CapturingDecoder):
 
     def __init__(self, backbone, head, device: torch.device, dtype: torch.dtype, bucketed: bool = False, graphs=None,
                  compiler=None) -> None:
-        if graphs is True:
-            if device.type != "cuda":
-                raise ValueError("CUDA graphs need a CUDA device")
-            graphs = CudaGraphs(device)
+        self._use_graphs(graphs, device)
         self.backbone, self.head = backbone, head
         self.device, self.dtype = device, dtype
         self.cache = StaticKV(backbone.config.num_hidden_layers)
-        self.graphs = graphs or None
         self.compiler = compiler
         self.bucketed = bucketed or self.graphs is not None or compiler is not None
         self.min = torch.finfo(dtype).min
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
         self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()  # least recently used first
-        self.graph_set = GraphSet(self.graphs)
         self._cache_kwargs = cache_kwargs(backbone, self.cache)  # once: a compiled step should not trace the lookup
         self._compute = compiler.wrap(self._compute_step) if compiler is not None else self._compute_step
         self.profile: dict[int, float] | None = None  # measured ms per bucket (measure_profile)
-        self.captures = 0
-        self.capture_ms = 0.0
 
     # --- capacity ---------------------------------------------------------------
 
@@ -368,22 +361,15 @@ class RowsDecoder(CapturingDecoder):
     fallback = "the batch engine runs uncaptured"
 
     def __init__(self, backbone, head, rows: int, device: torch.device, dtype: torch.dtype, graphs=None) -> None:
-        if graphs is True:
-            if device.type != "cuda":
-                raise ValueError("CUDA graphs need a CUDA device")
-            graphs = CudaGraphs(device)
+        self._use_graphs(graphs, device)
         self.backbone, self.head = backbone, head
         self.device, self.dtype = device, dtype
         self.cache = RowsKV(backbone.config.num_hidden_layers, rows)
         self.min = torch.finfo(dtype).min
         self._cache_kwargs = cache_kwargs(backbone, self.cache)
         self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()
-        self.graphs = graphs or None
-        self.graph_set = GraphSet(self.graphs)
         self.every_row = torch.arange(rows, device=device)
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
-        self.captures = 0
-        self.capture_ms = 0.0
 
     def plan(self, positions: int) -> None:
         """Size every row for sequences of up to `positions` (prompt + output + the largest verify),

@@ -25,12 +25,13 @@ from typing import Any, ClassVar
 import torch
 
 from specbench.drafters.catalogued import WeightsOptions, catalogued_weights
+from specbench.drafters.conditioned import StateConditioned
 from specbench.drafters.dflash.layouts import DFlashCheckpoint, build_net, read_checkpoint
 from specbench.drafters.dflash.model import DFlashNet
 from specbench.drafters.trees import resolve_tree
 from specbench.engine.acceptance import TreeSampling, sample
 from specbench.engine.options import CommandConfig, option
-from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, OwnTrees, TeacherForced, TrainRecipe, VerifyOutcome
+from specbench.engine.protocol import RANK_NONE, DraftContext, Drafter, OwnTrees, TeacherForced, TrainRecipe
 from specbench.engine.kv import StaticKV
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
@@ -152,7 +153,7 @@ class DFlashTraining(CommandConfig):
     loss_decay: float = option(7.0, "dflash: block position i's loss weighs exp(-(i - 1) / decay)", gt=0)
 
 
-class DFlashDrafter(Drafter):
+class DFlashDrafter(StateConditioned, Drafter):
     name = "dflash"
     recipe = TrainRecipe("specbench.train.dflash:train_dflash", 1e-3, DFlashTraining)
     summary = ("DFlash: one forward of a block-diffusion draft drafts a whole block ([anchor, mask x k]) from the target's "
@@ -222,14 +223,8 @@ class DFlashDrafter(Drafter):
         return self.info
 
     # --- one sequence ------------------------------------------------------------------
-    def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.context.truncate(0)
-        self.pending = prompt_hidden
-
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        # the anchor (root) and the accepted nodes, by node index: never the rejected rest, never the bonus
-        rows = outcome.kept_hidden
-        self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
+    def draft_cache(self) -> StaticKV:
+        return self.context
 
     def extend_context(self, features: torch.Tensor) -> None:
         """Append the keys/values of newly committed positions, from the target's features there."""

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from specbench.drafters.catalogued import TREE_HELP, TreeOptions, WeightsOptions, catalogued_tree, catalogued_weights
+from specbench.drafters.conditioned import StateConditioned
 from specbench.drafters.eagle.layouts import EagleCheckpoint, build_net, read_checkpoint
 from specbench.drafters.eagle.model import EagleNet, RowsDraftKV
 from specbench.drafters.eagle.tree import Pool, accepted_lengths, draft_tree, grow, kept_tree, select
@@ -34,7 +35,6 @@ from specbench.engine.protocol import (
     OwnTrees,
     TeacherForced,
     TrainRecipe,
-    VerifyOutcome,
     true_ranks,
 )
 from specbench.engine.tree import DraftTree
@@ -111,7 +111,7 @@ class Eagle3Training(CommandConfig):
                                "(the reference trains 7; a depth-3 tree drafts 3 levels)", min=1)
 
 
-class EagleDrafter(Drafter):
+class EagleDrafter(StateConditioned, Drafter):
     name = "eagle"
     recipe = TrainRecipe("specbench.train.eagle:train_eagle", 1e-3, EagleTraining)
     summary = ("EAGLE-1/2: a one-layer draft on the target's final hidden state and the next token; EAGLE-2's dynamic tree "
@@ -224,13 +224,8 @@ class EagleDrafter(Drafter):
         clone.kv = self.rows_kv.row(row)
         return clone
 
-    def begin(self, prompt_tokens, prompt_hidden) -> None:
-        self.kv.truncate(0)
-        self.pending = prompt_hidden
-
-    def on_verified(self, outcome: VerifyOutcome) -> None:
-        rows = outcome.kept_hidden
-        self.pending = rows if self.pending is None else torch.cat([self.pending, rows])
+    def draft_cache(self) -> StaticKV:
+        return self.kv
 
     def catch_up(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run the accepted positions not yet in the draft's cache; the output at the last one [1, H].

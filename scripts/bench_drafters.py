@@ -19,11 +19,13 @@ Timings on a shared machine are noisy: compare drafters measured together, never
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from specbench.errors import UserError
 from specbench.report.build import build, run_summary
 from specbench.report.frames import group_summary
 from specbench.report.tables import exact_match
@@ -69,7 +71,23 @@ def workload_table(folder: Path, title: str) -> Table:
     return table
 
 
-def main() -> None:
+def check_options(args) -> list[str]:
+    """The drafters to run, or one UserError line: an unknown name, or a drafter's option
+    given while that drafter does not run (it would be silently ignored)."""
+    names = [name.strip() for name in args.drafters.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DRAFTERS]
+    if not names or unknown:
+        raise UserError(f"--drafters: unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(DRAFTERS)})")
+    owners = {"dflash_weights": "dflash", "dflash_tree": "dflash", "eagle_heads": "eagle", "eagle3_heads": "eagle3"}
+    for option, owner in owners.items():
+        if getattr(args, option) and owner not in names:
+            raise UserError(f"--{option.replace('_', '-')} is for {owner}, which --drafters ({args.drafters}) does not run")
+    if args.eagle_tree and not {"eagle", "eagle3"} & set(names):
+        raise UserError(f"--eagle-tree is for eagle and eagle3, which --drafters ({args.drafters}) does not run")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--drafters", help="comma-separated (default: all; dflash only with --dflash-weights or a catalogue draft)")
@@ -84,18 +102,26 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=Path("results/bench_drafters"))
-    args = parser.parse_args()
-    if args.drafters is None:
-        from specbench.catalogue import drafter_entry
+    args = parser.parse_args(argv)
+    try:
+        if args.drafters is None:
+            from specbench.catalogue import drafter_entry
 
-        has_dflash = args.dflash_weights or drafter_entry("dflash", args.target).get("heads")
-        args.drafters = ",".join(d for d in DRAFTERS if d != "dflash" or has_dflash)
+            has_dflash = args.dflash_weights or drafter_entry("dflash", args.target).get("heads")
+            args.drafters = ",".join(d for d in DRAFTERS if d != "dflash" or has_dflash)
+        bench(args, check_options(args))
+    except UserError as exc:  # bad input: one line, as the CLI prints it
+        print(f"bench_drafters: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def bench(args, drafters: list[str]) -> None:
     console = Console(width=200)  # the table whole, also when piped into a file
     target = None
     for workload in args.workloads.split(","):
         directories = []
-        for name in args.drafters.split(","):
+        for name in drafters:
             config = RunConfig(target=args.target, drafter=name, drafter_options=drafter_options(name, args), workload=workload,
                                limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
             target = target or load(config)
@@ -110,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

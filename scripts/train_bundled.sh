@@ -63,6 +63,10 @@ OMP_NUM_THREADS=1 specbench train-data --target smollm2-135m --workload pool-tra
 OMP_NUM_THREADS=1 specbench train --drafter dflash --target smollm2-135m --data "$WORK/data-dflash" --block-size 8 --draft-layers 5 \
   --anchors 8 --loss-decay 4 --steps 80 --batch-tokens 512 --lr 1e-3 --warmup-steps 5 --eval-every 80 --eval-fraction 0.02 \
   --out "$WORK/dflash" --overwrite
+#    the second run (2026-12-04, docs/dflash.md): a block of 4, 3 layers, 32 anchors, 700 steps bounded by the clock
+OMP_NUM_THREADS=1 specbench train --drafter dflash --target smollm2-135m --data "$WORK/data-dflash" --block-size 4 --draft-layers 3 \
+  --anchors 32 --loss-decay 4 --steps 700 --max-minutes 36 --batch-tokens 512 --lr 1e-3 --warmup-steps 40 --min-lr-ratio 0.1 \
+  --eval-every 350 --eval-fraction 0.02 --device cpu --out "$WORK/dflash2" --overwrite
 
 # 9. DFlash's held-out τ beside the bundled Hydra's, both simulated on one log of pool-heldout that holds
 #    the final states (Hydra) and DFlash's taps
@@ -72,3 +76,13 @@ OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target
   --drafter hydra --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"
 OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
   --drafter dflash --weights "$WORK/dflash" --k 1,3 --tree mc_sim_7b_63_depth3 --latency-steps 4 --out "$WORK/sim-dflash"
+OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
+  --drafter dflash --weights "$WORK/dflash2" --k 1,2,3 --tree mc_sim_7b_63_depth3,dynamic --latency-steps 4 --out "$WORK/sim-dflash"
+OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
+  --drafter hydra --tree smollm2_hydra_cpu_tuned --latency-steps 4 --out "$WORK/sim-dflash"
+OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
+  --drafter medusa --tree mc_sim_7b_63,smollm2_medusa_cpu_tuned --latency-steps 4 --out "$WORK/sim-dflash"
+OMP_NUM_THREADS=1 specbench simulate --log "$WORK/heldout-dflash.jsonl" --target smollm2-135m --dtype float32 --device cpu \
+  --drafter prompt-lookup --k 3 --latency-steps 4 --out "$WORK/sim-dflash"
+python scripts/bench_drafters.py --drafters dflash,hydra --workloads pool-heldout --limit 8 --max-new-tokens 64 \
+  --dflash-weights "$WORK/dflash2" --out "$WORK/bench-dflash"

@@ -646,3 +646,36 @@ def test_train_dflash_learns_and_writes_the_v1_layout(setup, tmp_path, capsys, m
     assert drafter.describe()["format"] == "dflash" and drafter.k == 4
     for prompt in chat_prompts(1):
         assert decode(target, drafter, prompt, MAX_NEW).output_ids == decode(target, PlainDecoding(target), prompt, MAX_NEW).output_ids
+
+
+# --- scripts/bench_drafters.py ---------------------------------------------------------------------
+
+def test_bench_drafters_runs_dflash_with_its_weights(setup, tmp_path, capsys):
+    """`--dflash-weights` and `--dflash-tree` reach the dflash run (the checkpoint it loads, the
+    block its tree asks for) and its row is in the workload's table; a DFlash option without dflash
+    among --drafters, and a checkpoint that does not load, are each one line and exit 2."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_drafters.py"
+    spec = importlib.util.spec_from_file_location("bench_drafters", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = ["--target", str(setup["root"] / "target"), "--workloads", WORKLOAD, "--limit", "1", "--max-new-tokens", "12",
+              "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path / "bench")]
+    weights = setup["root"] / "dflash"
+    assert bench.main([*common, "--drafters", "dflash", "--dflash-weights", str(weights), "--dflash-tree", "chain:2"]) == 0
+    out = capsys.readouterr().out
+    (run,) = (tmp_path / "bench" / WORKLOAD).iterdir()
+    info = json.loads((run / "run.json").read_text())
+    assert info["drafter"] == "dflash" and info["drafter_options"] == {"weights": str(weights), "tree": "chain:2"}
+    assert info["extra"]["drafter"]["heads"] == str(weights) and info["extra"]["drafter"]["block_size"] == 8
+    assert info["extra"]["drafter"]["block"] == 3  # a chain of 2: the block of 3 it asked for, not the draft's own
+    row = next(line for line in out.splitlines() if "dflash" in line and "│" in line)
+    assert "n/a" not in row.split("│")[2]  # a τ was measured
+    for argv, message in (([*common, "--drafters", "prompt-lookup", "--dflash-weights", str(weights)], "--dflash-weights is for dflash"),
+                          ([*common, "--drafters", "dflash,nope"], "--drafters: unknown nope"),
+                          ([*common, "--drafters", "dflash", "--dflash-weights",
+                            str(plant(weights, tmp_path / "bad", _drop("norm.weight")))], "missing key 'norm.weight'")):
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err

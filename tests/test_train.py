@@ -554,3 +554,55 @@ def test_a_checkpoint_half_written_changed_or_mixed_with_an_earlier_one_is_refus
     code, _, err = run_cli(["train", "--drafter", "hydra-decoder", *args, "--decoder-layers", 99, "--overwrite"], capsys, monkeypatch)
     assert code == 2 and "--decoder-layers" in err, err
     load("hydra")
+
+
+def test_max_minutes_ends_training_early_on_a_cosine_run_by_the_clock(monkeypatch):
+    """--max-minutes: the loop stops after the first step that ends past the budget, evaluates
+    once more and says so in the log; the cosine follows the share of the budget spent (it is
+    ahead of the 100 steps' share here), so the last step runs at the floor. Without a budget
+    every step runs on the steps' cosine."""
+    import math
+    from types import SimpleNamespace
+
+    from specbench.train import common
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(common, "time", SimpleNamespace(monotonic=lambda: clock["t"], time=common.time.time))
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def step_loss(batch):
+        clock["t"] += 15.0  # each step takes a quarter of a one-minute budget
+        return (weight ** 2).sum(), {}
+
+    def run(max_minutes):
+        config = common.TrainConfig(drafter="draft-model", data="d", out="o", steps=100, lr=1.0, warmup_steps=0, min_lr_ratio=0.1,
+                                    eval_every=1000, max_minutes=max_minutes)
+        log = common.TrainLog(config)
+        evals = iter(range(1000))
+        common.train_loop(config, [weight], step_loss, lambda: {"n": next(evals)}, iter(lambda: [0], None), log)
+        return log
+
+    log = run(1.0)
+    cosine = lambda p: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))  # noqa: E731
+    assert [r["step"] for r in log.history] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log.history] == pytest.approx([cosine(0.25), cosine(0.5), cosine(0.75), 0.1])
+    assert [e["step"] for e in log.evals] == [0, 4]
+    assert log.stopped == {"reason": "--max-minutes", "max_minutes": 1.0, "steps": 4, "minutes": 1.0}
+    clock["t"] = 0.0
+    log = run(None)
+    assert len(log.history) == 100 and log.stopped is None and [e["step"] for e in log.evals] == [0, 100]
+    assert log.history[49]["lr"] == pytest.approx(cosine(0.5))
+
+
+def test_max_minutes_writes_the_checkpoint_and_logs_where_it_stopped(setup, data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "draft"
+    args = ["train", "--drafter", "draft-model", "--target", setup["target"], "--data", data, "--out", out, "--steps", 50,
+            "--max-minutes", 1e-6, "--batch-tokens", 48, "--layers", 1, "--dtype", "float64"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    log = json.loads((out / "specbench_train.json").read_text())
+    assert len(log["history"]) == 1 and log["stopped"]["steps"] == 1 and log["config"]["max_minutes"] == 1e-6
+    assert [e["step"] for e in log["evals"]] == [0, 1] and (out / "config.json").exists()
+    bad = ["train", "--drafter", "draft-model", "--target", setup["target"], "--data", data, "--out", tmp_path / "z", "--max-minutes", 0]
+    code, _, err = run_cli(bad, capsys, monkeypatch)
+    assert code == 2 and "--max-minutes" in err and len(err.strip().splitlines()) == 1, err

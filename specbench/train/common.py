@@ -47,14 +47,18 @@ class TrainConfig(CommandConfig):
     seed: int = option(0, "seed for shuffling and initialisation", min=0, max=2**63 - 1)
     train_vocab: str = option("all", "all: losses over the whole vocabulary; seen: only over ids the training data contains "
                                      "(an order of magnitude cheaper on large vocabularies; evaluation stays full)", choices=("all", "seen"))
+    max_minutes: float | None = option(None, "stop after this many minutes of training (the step under way ends, then the last "
+                                             "evaluation and the checkpoint); the cosine then runs on the share of the time spent, "
+                                             "or of --steps when that is further on", gt=0)
     options: dict = field(default_factory=dict)  # the recipe's own options (Drafter.recipe.Options), checked
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, time_share: float = 0.0) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`, or at the end of the
+    time budget when `time_share` (the share of it spent) is further on."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_share))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -147,6 +151,7 @@ class TrainLog:
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    stopped: dict | None = None  # set when --max-minutes ended training before --steps
 
     def save(self, out: Path, extra: dict | None = None) -> None:
         blob = {
@@ -154,6 +159,7 @@ class TrainLog:
             "seconds": round(time.time() - self.started, 1),
             "history": self.history,
             "evals": self.evals,
+            **({"stopped": self.stopped} if self.stopped else {}),
             **(extra or {}),
         }
         atomic_write_text(out / TRAIN_LOG, json.dumps(blob, indent=1) + "\n")
@@ -182,13 +188,18 @@ def train_loop(
     on_step: ProgressFn | None = None,
 ) -> None:
     """Evaluate once before training (step 0), then AdamW over `params`; warmup + cosine to
-    min_lr_ratio; evaluate every eval_every steps and at the end."""
+    min_lr_ratio; evaluate every eval_every steps and at the end. With `max_minutes`, training
+    ends after the first step that finishes past the budget (log.stopped says when) and the
+    cosine follows the share of the budget spent where that is ahead of the steps'."""
     log.evals.append({"step": 0, **evaluate()})
     if on_step:
         on_step(0, {"step": 0, "eval": log.evals[0]})
+    budget = config.max_minutes * 60 if config.max_minutes else None
+    began = time.monotonic()
+    share = lambda: (time.monotonic() - began) / budget if budget else 0.0  # noqa: E731
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio)
+        optimiser, lambda s: lr_factor(s, config.warmup_steps, config.steps, config.min_lr_ratio, share())
     )
     for step in range(config.steps):
         loss, parts = step_loss(next(batch_iter))
@@ -199,9 +210,15 @@ def train_loop(
         schedule.step()
         row = {"step": step + 1, "loss": round(loss.item(), 5), "lr": schedule.get_last_lr()[0], **parts}
         log.history.append(row)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        out_of_time = budget is not None and step + 1 < config.steps and share() >= 1.0
+        if out_of_time:
+            log.stopped = {"reason": "--max-minutes", "max_minutes": config.max_minutes, "steps": step + 1,
+                           "minutes": round((time.monotonic() - began) / 60, 2)}
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps or out_of_time:
             result = {"step": step + 1, **evaluate()}
             log.evals.append(result)
             row = {**row, "eval": result}
         if on_step:
             on_step(step + 1, row)
+        if out_of_time:
+            break

@@ -463,6 +463,23 @@ def test_head_drafters_simulate_equals_online(setup, head_checkpoints, drafter, 
     assert simulation.hidden_source.startswith(expected)
 
 
+def test_a_log_in_another_dtype_feeds_hydras_prefix_layer_in_the_targets(setup, head_checkpoints):
+    """The log's states are fp32 (as recorded); a bf16 target runs the heads and Hydra++'s prefix
+    layer in bf16 (tune's case on a CPU): the teacher-forced pass casts them instead of failing
+    in the prefix layer's products."""
+    import copy
+
+    from specbench.targets.hf import HFTarget
+
+    bf16 = HFTarget(copy.deepcopy(setup["target"].model).to(torch.bfloat16))
+    assert setup["log"].turns and bf16.dtype == torch.bfloat16
+    simulator = Simulator(setup["log"], SimulateConfig("hydra", {"heads": str(head_checkpoints / "hydra-prefix")},
+                                                       [Shape.from_spec("mc_sim_7b_63")], latency_steps=1), bf16)
+    found = simulator.proposals(3)
+    assert found and all(p.ranks.shape[1] == 3 for p in found)
+    assert simulator.hidden_source.startswith("log side file")
+
+
 def test_medusa_from_the_command_line_needs_only_the_log(setup, head_checkpoints, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["simulate", "--log", setup["log_path"], "--drafter", "medusa", "--heads", head_checkpoints / "medusa",
                               "--k", 2, "--tree", "mc_sim_7b_63", "--bandwidth", 100, "--latency-steps", 1, "--device", "cpu",

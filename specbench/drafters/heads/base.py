@@ -174,7 +174,8 @@ class HeadDrafter(Drafter):
         states, source = hidden()
         p, n = prompt.numel(), output.numel()
         ranks = torch.full((n, depth), RANK_NONE, dtype=torch.long)
-        base = self.teacher_base(states.to(self.device))[p - 1 : p + n - 2]  # row j: step m = j + 1
+        # a log's states are in the dtype it was recorded in; the heads (and a prefix layer) run in the target's
+        base = self.teacher_base(states.to(self.device, self.target.dtype))[p - 1 : p + n - 2]  # row j: step m = j + 1
         output = output.to(self.device)
         # trimmed heads rank over the kept ids: the true token's index there, -1 where it cannot be drafted
         true = output if self.head_ids is None else head_rows(output, self.head_ids, self.target.vocab_size)

@@ -310,10 +310,11 @@ def test_simulate_predicts_every_row_s_steps_at_batch_3(sim_setup, drafter):
     assert [tau(t) for t in result.steps] == [tau(t) for t in online] and any(s.accepted for t in online for s in t)
 
 
-@pytest.mark.parametrize("drafter", ["plain", "prompt-lookup", "hydra"])
+@pytest.mark.parametrize("drafter", ["plain", "prompt-lookup", "draft-model", "hydra"])
 def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
     """In fp32 on a CPU the batch engine runs the one-row fast engine's prepacked weights and lean
-    layers (many rows per product, per-row masks and positions): every row still equals its plain decode."""
+    layers (many rows per product, per-row masks and positions), and so does the draft model's own
+    rows decoder: every row still equals its plain decode."""
     from specbench.engine.lean_layer import LeanLayer
     from specbench.engine.packed import PackedLinear
 
@@ -326,8 +327,12 @@ def test_rows_on_a_cpus_packed_lean_layers_equal_plain_decode_fp32(drafter):
     batch_prompts, budgets = prompts(5), [NEW, NEW - 5, NEW - 10, NEW, NEW - 5]
     setup = {"target": target, "draft": perturbed(model, noise=0.01)}
     plain = [decode(target, PlainDecoding(target), p, n).output_ids for p, n in zip(batch_prompts, budgets)]
-    batch = decode_rows(rows, build(drafter, setup), [Request(p, n) for p, n in zip(batch_prompts, budgets)])
+    draft = build(drafter, setup)
+    batch = decode_rows(rows, draft, [Request(p, n) for p, n in zip(batch_prompts, budgets)])
     assert [d.output_ids for d in batch.decoded] == plain
+    if drafter == "draft-model":
+        assert all(isinstance(layer, LeanLayer) for layer in draft.rows_decoder.backbone.layers)
+        assert isinstance(draft.rows_decoder.head, PackedLinear) and not isinstance(draft.head, PackedLinear)
 
 
 @pytest.mark.parametrize("drafter", ["plain", "prompt-lookup", "draft-model", "hydra", "eagle-tree"])

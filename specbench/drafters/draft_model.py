@@ -29,6 +29,8 @@ from specbench.engine.protocol import (
 )
 from specbench.engine.static_cache import RowsDecoder, StaticDecoder
 from specbench.engine.kv import StaticKV
+from specbench.engine.lean_layer import packed_step_modules
+from specbench.engine.packed import can_pack
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.fast import check_full_attention
@@ -113,6 +115,7 @@ class DraftModelDrafter(Drafter):
         self.cache: DynamicCache | StaticKV | None = self.fast.cache if self.fast else None
         self.cached: list[int] = []  # the tokens whose KV is in self.cache (a fork's: in its row of rows_decoder)
         self.rows_decoder: RowsDecoder | None = None  # batch > 1: every fork's KV, one row each
+        self.rows_modules: tuple | None = None  # the backbone and head the rows decoder runs (packed on a CPU)
 
     @classmethod
     def create(cls, target, options: DraftModelOptions) -> DraftModelDrafter:
@@ -147,7 +150,8 @@ class DraftModelDrafter(Drafter):
 
     def fork(self, row: int) -> DraftModelDrafter:
         """A row's draft: its KV is row `row` of this drafter's RowsDecoder (propose_rows). The fast
-        engine's static draft cache holds one sequence, so batches run the draft uncompiled."""
+        engine's static draft cache holds one sequence, so batches run the draft on a RowsDecoder of
+        its own (prepacked on a CPU, as the batch target is)."""
         if self.fast is not None:
             raise UserError("draft-model at --batch-size > 1 runs its draft on the eager engine: use --engine eager")
         clone = super().fork(row)
@@ -157,7 +161,12 @@ class DraftModelDrafter(Drafter):
     def _rows_decoder(self, rows: int) -> RowsDecoder:
         """The draft over a RowsKV of at least `rows` rows, shared by this drafter's forks."""
         if self.rows_decoder is None or self.rows_decoder.cache.rows < rows:
-            self.rows_decoder = RowsDecoder(self.backbone, self.head, rows, self.device, next(self.model.parameters()).dtype)
+            dtype = next(self.model.parameters()).dtype
+            if self.rows_modules is None:
+                self.rows_modules = (self.backbone, self.head)
+                if can_pack(self.device, dtype):  # on a CPU, the kernels the batch target runs (targets/batched.py)
+                    self.rows_modules = packed_step_modules(self.backbone, self.head, dtype)[:2]
+            self.rows_decoder = RowsDecoder(*self.rows_modules, rows, self.device, dtype)
         return self.rows_decoder
 
     @torch.inference_mode()

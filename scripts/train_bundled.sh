@@ -44,6 +44,15 @@ OMP_NUM_THREADS=1 specbench train --drafter eagle --target smollm2-135m --data "
   --steps 120 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 60 --eval-fraction 0.05 --train-vocab seen \
   --out "$WORK/eagle" --overwrite
 
+#    the longer runs of 2026-12-04 (docs/eagle.md), each alone on the machine with 2 threads: EAGLE-1 400 steps
+#    (2.6 min), EAGLE-3 480 steps (7.9 min); measured 0.40x and 0.56x on held-out prompts, so still not bundled
+specbench train --drafter eagle3 --target smollm2-135m --data "$WORK/data" --draft-vocab 4096 --ttt-steps 3 \
+  --steps 480 --max-minutes 10 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 240 --eval-fraction 0.05 \
+  --out "$WORK/eagle3-480" --overwrite
+specbench train --drafter eagle --target smollm2-135m --data "$WORK/data" --feature-noise 0.1 \
+  --steps 400 --max-minutes 14 --batch-tokens 512 --lr 2e-3 --warmup-steps 15 --eval-every 200 --eval-fraction 0.05 --train-vocab seen \
+  --out "$WORK/eagle-400" --overwrite
+
 # 7. held-out τ: the target's log on pool-heldout (final states and EAGLE-3's taps), then simulate
 specbench record --target smollm2-135m --workload pool-heldout --max-new-tokens 96 --hidden --hidden-taps eagle3 \
   --out "$WORK/heldout.jsonl"

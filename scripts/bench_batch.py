@@ -31,7 +31,7 @@ from specbench.report.tables import exact_match
 from specbench.runner import RunConfig, load, start_run
 
 # one drafter of each family with a checkpoint for the embedded default: training-free, draft
-# model (the bundled one), heads (the bundled Hydra++); EAGLE has none for SmolLM2 (--eagle-weights)
+# model (the bundled one), heads (the bundled Hydra++); EAGLE and DFlash have none for SmolLM2 (--eagle-weights, --dflash-weights)
 DRAFTERS = ("prompt-lookup", "draft-model", "hydra")
 
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--drafters", default=",".join(DRAFTERS))
     parser.add_argument("--eagle-weights", help="an EAGLE-1 checkpoint for the target: adds the eagle family")
+    parser.add_argument("--dflash-weights", help="a DFlash checkpoint for the target: adds the dflash family")
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--workload", default="builtin")
     parser.add_argument("--limit", type=int, default=8)
@@ -57,6 +58,9 @@ def main() -> None:
     if args.eagle_weights:
         drafters.append("eagle")
         options["eagle"] = {"weights": args.eagle_weights}
+    if args.dflash_weights:
+        drafters.append("dflash")
+        options["dflash"] = {"weights": args.dflash_weights}
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     base = dict(target=args.target, workload=args.workload, limit=args.limit, max_new_tokens=args.max_new_tokens,
                 dtype=args.dtype, device="cpu", engine=args.engine, refill=not args.no_refill)

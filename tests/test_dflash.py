@@ -394,6 +394,26 @@ def test_draft_context_holds_committed_positions_only(setup):
         torch.testing.assert_close(kept_values, values)
 
 
+@pytest.mark.parametrize("options", [{}, {"tree": "dynamic", "total_tokens": 12, "top_k": 3}])
+def test_rows_equal_their_plain_decode_at_batch_3(setup, options):
+    """At B = 3 (refilled and not; 4 prompts of different lengths), each row's draft keeps a context
+    cache of its own: every row equals its plain decode, in the very steps it takes alone."""
+    from specbench.engine.loop import Request, decode_rows
+    from specbench.targets.batched import RowsHFTarget
+
+    target = setup["target"]
+    prompts = [torch.tensor(encode_turn(char_tokenizer(), p, 0, [])) for p in load_workload(WORKLOAD)[:4]]
+    plain = [decode(target, PlainDecoding(target), p, MAX_NEW).output_ids for p in prompts]
+    alone = [decode(target, build(setup, "dflash2", **options), p, MAX_NEW) for p in prompts]
+    assert [a.output_ids for a in alone] == plain and any(s.accepted for a in alone for s in a.steps)
+    for refill in (True, False):
+        batch = decode_rows(RowsHFTarget(target, 3), build(setup, "dflash2", **options), [Request(p, MAX_NEW) for p in prompts],
+                            refill=refill)
+        assert [d.output_ids for d in batch.decoded] == plain, refill
+        for got, want in zip(batch.decoded, alone):
+            assert [(s.tree_size, s.accepted) for s in got.steps] == [(s.tree_size, s.accepted) for s in want.steps], refill
+
+
 # --- temperature > 0: the target's distribution ------------------------------------------------------
 
 def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:

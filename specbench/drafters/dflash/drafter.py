@@ -223,6 +223,16 @@ class DFlashDrafter(StateConditioned, Drafter):
         return self.info
 
     # --- one sequence ------------------------------------------------------------------
+    # batch > 1: each row's context cache its own (fork); each row's block pass runs alone (the
+    # base propose_rows), the target's verify over every row at once
+    batches = True
+
+    def fork(self, row: int) -> DFlashDrafter:
+        clone = super().fork(row)
+        clone.context = StaticKV(self.net.config.num_layers)
+        clone.pending = None
+        return clone
+
     def draft_cache(self) -> StaticKV:
         return self.context
 

@@ -397,7 +397,8 @@ def test_draft_context_holds_committed_positions_only(setup):
 @pytest.mark.parametrize("options", [{}, {"tree": "dynamic", "total_tokens": 12, "top_k": 3}])
 def test_rows_equal_their_plain_decode_at_batch_3(setup, options):
     """At B = 3 (refilled and not; 4 prompts of different lengths), each row's draft keeps a context
-    cache of its own: every row equals its plain decode, in the very steps it takes alone."""
+    cache of its own and every live row's block runs in one forward (each block seeing only its own
+    row's context): every row equals its plain decode, in the very steps it takes alone."""
     from specbench.engine.loop import Request, decode_rows
     from specbench.targets.batched import RowsHFTarget
 
@@ -407,8 +408,11 @@ def test_rows_equal_their_plain_decode_at_batch_3(setup, options):
     alone = [decode(target, build(setup, "dflash2", **options), p, MAX_NEW) for p in prompts]
     assert [a.output_ids for a in alone] == plain and any(s.accepted for a in alone for s in a.steps)
     for refill in (True, False):
-        batch = decode_rows(RowsHFTarget(target, 3), build(setup, "dflash2", **options), [Request(p, MAX_NEW) for p in prompts],
-                            refill=refill)
+        drafter = build(setup, "dflash2", **options)
+        widths, block = [], drafter.net.block
+        drafter.net.block = lambda ids, *rest: widths.append(ids.shape[0]) or block(ids, *rest)
+        batch = decode_rows(RowsHFTarget(target, 3), drafter, [Request(p, MAX_NEW) for p in prompts], refill=refill)
+        assert max(widths) == 3, widths
         assert [d.output_ids for d in batch.decoded] == plain, refill
         for got, want in zip(batch.decoded, alone):
             assert [(s.tree_size, s.accepted) for s in got.steps] == [(s.tree_size, s.accepted) for s in want.steps], refill

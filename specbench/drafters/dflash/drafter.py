@@ -80,9 +80,9 @@ class Block:
     and for DFlash2 the selector's candidates. `children(d, parent_token)` gives the ranked
     children of a node at depth d - 1 (the anchor at 0): (tokens, log-probs), best first."""
 
-    def __init__(self, net: DFlashNet, out: torch.Tensor, anchor: int, width: int = 1) -> None:
+    def __init__(self, net: DFlashNet, out: torch.Tensor, anchor: int, width: int = 1, logits: torch.Tensor | None = None) -> None:
         self.net, self.anchor, self.width = net, anchor, width  # width: the most children a node needs
-        self.logits = net.logits(out)  # [k, V]
+        self.logits = net.logits(out) if logits is None else logits  # [k, V] (given: several rows' in one product)
         self.dflash2 = net.config.dflash2
         if self.dflash2:
             K = net.config.selector_top_k
@@ -223,8 +223,8 @@ class DFlashDrafter(StateConditioned, Drafter):
         return self.info
 
     # --- one sequence ------------------------------------------------------------------
-    # batch > 1: each row's context cache its own (fork); each row's block pass runs alone (the
-    # base propose_rows), the target's verify over every row at once
+    # batch > 1: each row's context cache its own (fork); one block forward for every live row
+    # (propose_rows), the target's verify over every row at once
     batches = True
 
     def fork(self, row: int) -> DFlashDrafter:
@@ -253,8 +253,8 @@ class DFlashDrafter(StateConditioned, Drafter):
         return [(keys.transpose(0, 1), values.transpose(0, 1))
                 for keys, values in (self.context.layer_kv(i, length) for i in range(self.context.num_layers))]
 
-    def run_block(self, tokens: torch.Tensor) -> Block:
-        """Catch the context up to the anchor (the last token), then one forward over the block."""
+    def catch_up(self, tokens: torch.Tensor) -> int:
+        """Take the pending features into the context, up to the anchor (the last token); its position."""
         S = tokens.numel() - 1
         have = self.context.length + (0 if self.pending is None else self.pending.shape[0])
         if have != S:
@@ -263,15 +263,45 @@ class DFlashDrafter(StateConditioned, Drafter):
         if self.pending is not None and self.pending.shape[0]:
             self.extend_context(self.pending)
         self.pending = None
-        ids = torch.full((1, self.k + 1), self.net.config.mask_token_id, dtype=torch.long, device=self.device)
-        ids[0, 0] = tokens[-1]
-        start = torch.tensor([S], device=self.device)
-        out = self.net.block(ids, start, self.context_layers(), start)[0, 1:]
+        return S
+
+    def block_ids(self, anchors: list[int]) -> torch.Tensor:
+        """[anchor, mask × (b − 1)] per block."""
+        ids = torch.full((len(anchors), self.k + 1), self.net.config.mask_token_id, dtype=torch.long, device=self.device)
+        ids[:, 0] = torch.tensor(anchors, device=self.device)
+        return ids
+
+    def run_block(self, tokens: torch.Tensor) -> Block:
+        """Catch the context up to the anchor (the last token), then one forward over the block."""
+        start = torch.tensor([self.catch_up(tokens)], device=self.device)
+        out = self.net.block(self.block_ids([int(tokens[-1])]), start, self.context_layers(), start)[0, 1:]
         return Block(self.net, out, int(tokens[-1]), self.width)
 
     @torch.inference_mode()
+    def propose_rows(self, rows: list[DFlashDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
+        """Every live row's block in one forward: the rows' contexts side by side, each block seeing
+        only its own row's keys (a mask), at its own anchor position. Each row drafts what it
+        drafts alone."""
+        if any(row.row is None for row in rows) or len(rows) == 1:  # batch 1: the drafter itself
+            return super().propose_rows(rows, contexts)
+        start = torch.tensor([row.catch_up(ctx.tokens) for row, ctx in zip(rows, contexts)], device=self.device)
+        lengths = torch.tensor([row.context.length for row in rows], device=self.device)
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lengths)  # each key's row
+        context_ok = owner[None] == torch.arange(len(rows), device=self.device)[:, None]  # [rows, keys]
+        key_positions = torch.cat([torch.arange(int(n), device=self.device) for n in lengths])
+        per_row = [row.context_layers() for row in rows if row.context.length]  # per row, per layer (keys, values)
+        layers = [tuple(torch.cat(parts) for parts in zip(*(kv[i] for kv in per_row))) for i in range(len(per_row[0]))] if per_row else []
+        anchors = [int(ctx.tokens[-1]) for ctx in contexts]
+        out = self.net.block(self.block_ids(anchors), start, layers, None, context_ok, key_positions)[:, 1:]
+        logits = self.net.logits(out)  # every row's positions through the LM head in one product
+        return [self.tree_from(Block(self.net, out[r], anchors[r], self.width, logits[r]), ctx) for r, ctx in enumerate(contexts)]
+
+    @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
-        block = self.run_block(ctx.tokens)
+        return self.tree_from(self.run_block(ctx.tokens), ctx)
+
+    def tree_from(self, block: Block, ctx: DraftContext) -> DraftTree:
+        """The step's draft from its block: the chain, a tree of ranks or the best-first tree."""
         if self.dynamic:
             tokens, parents = best_first(block, self.k, self.options.total_tokens - 1, self.options.top_k)
         elif self.shape is not None:

@@ -228,10 +228,12 @@ class DFlashNet(nn.Module):
         return x * self.config.input_embedding_scale if self.config.input_embedding_scale != 1.0 else x
 
     def block(self, ids: torch.Tensor, start: torch.Tensor, context: list[tuple[torch.Tensor, torch.Tensor]],
-              visible: torch.Tensor) -> torch.Tensor:
+              visible: torch.Tensor | None, context_ok: torch.Tensor | None = None,
+              key_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks ids [B, b] at positions start[B] + 0..b-1; block r sees the first visible[r]
         positions of `context` (per layer keys/values [C, nKV, d]) and its own block. Returns
-        the final normed outputs [B, b, H]."""
+        the final normed outputs [B, b, H]. Several sequences' contexts side by side (batch > 1):
+        `context_ok` [B, C] says which keys block r sees and `key_positions` [C] each key's position."""
         c = self.config
         B, b = ids.shape
         x = self.embed(ids)
@@ -239,10 +241,10 @@ class DFlashNet(nn.Module):
         cos, sin = self.rotary(positions.reshape(-1), x.dtype)
         cos, sin = cos.view(B, b, -1), sin.view(B, b, -1)
         C = context[0][0].shape[0] if context else 0
-        key_pos = torch.arange(C, device=ids.device)
+        key_pos = torch.arange(C, device=ids.device) if key_positions is None else key_positions
         masks = {}
         for causal, window in set(zip(c.causal, c.sliding_window)):
-            ctx_ok = key_pos[None, None] < visible[:, None, None]  # [B, 1, C]
+            ctx_ok = key_pos[None, None] < visible[:, None, None] if context_ok is None else context_ok[:, None]  # [B, 1, C]
             if window is not None:  # context keys are before every query: only the distance counts
                 ctx_ok = ctx_ok & (positions[:, :, None] - key_pos[None, None] < window)
             ctx_ok = ctx_ok.expand(B, b, C)

@@ -285,10 +285,10 @@ class DFlashDrafter(StateConditioned, Drafter):
         if any(row.row is None for row in rows) or len(rows) == 1:  # batch 1: the drafter itself
             return super().propose_rows(rows, contexts)
         start = torch.tensor([row.catch_up(ctx.tokens) for row, ctx in zip(rows, contexts)], device=self.device)
-        lengths = torch.tensor([row.context.length for row in rows], device=self.device)
-        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lengths)  # each key's row
-        context_ok = owner[None] == torch.arange(len(rows), device=self.device)[:, None]  # [rows, keys]
-        key_positions = torch.cat([torch.arange(int(n), device=self.device) for n in lengths])
+        lengths = [row.context.length for row in rows]  # host-side: no device sync per row
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), torch.tensor(lengths, device=self.device))
+        context_ok = owner[None] == torch.arange(len(rows), device=self.device)[:, None]  # [rows, keys]: each key's own row
+        key_positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         per_row = [row.context_layers() for row in rows if row.context.length]  # per row, per layer (keys, values)
         layers = [tuple(torch.cat(parts) for parts in zip(*(kv[i] for kv in per_row))) for i in range(len(per_row[0]))] if per_row else []
         anchors = [int(ctx.tokens[-1]) for ctx in contexts]

@@ -29,8 +29,7 @@ from specbench.engine.protocol import (
 )
 from specbench.engine.static_cache import RowsDecoder, StaticDecoder
 from specbench.engine.kv import StaticKV
-from specbench.engine.lean_layer import packed_step_modules
-from specbench.engine.packed import can_pack
+from specbench.engine.lean_layer import step_modules
 from specbench.engine.tree import DraftTree
 from specbench.errors import UserError
 from specbench.targets.fast import check_full_attention
@@ -162,10 +161,8 @@ class DraftModelDrafter(Drafter):
         """The draft over a RowsKV of at least `rows` rows, shared by this drafter's forks."""
         if self.rows_decoder is None or self.rows_decoder.cache.rows < rows:
             dtype = next(self.model.parameters()).dtype
-            if self.rows_modules is None:
-                self.rows_modules = (self.backbone, self.head)
-                if can_pack(self.device, dtype):  # on a CPU, the kernels the batch target runs (targets/batched.py)
-                    self.rows_modules = packed_step_modules(self.backbone, self.head, dtype)[:2]
+            if self.rows_modules is None:  # the kernels the batch target runs (targets/batched.py)
+                self.rows_modules = step_modules(self.backbone, self.head, self.device, dtype)[:2]
             self.rows_decoder = RowsDecoder(*self.rows_modules, rows, self.device, dtype)
         return self.rows_decoder
 

@@ -16,8 +16,9 @@ keeps transformers' layer, so an unknown variant (extra norms, other activations
 right, only not faster. The taps a drafter reads (a layer's input) are unchanged: the model's
 own forward still calls each layer module.
 
-`packed_step_modules` is the one way a CPU step's modules are made (the fast engine's target and
-draft decoders, batch rows): the packed copy, then its lean layers.
+`step_modules` is the one way a step's modules are made (the fast engine's target and draft
+decoders, batch rows): on a CPU that packs (engine/packed.py `can_pack`) the packed copy, then its
+lean layers (`packed_step_modules`); elsewhere the modules as they are.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specbench.engine.packed import _linear, _linear_add, _pack, packed_copy
+from specbench.engine.packed import _linear, _linear_add, _pack, can_pack, packed_copy
 from specbench.errors import SpecbenchWarning
 
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
@@ -215,6 +216,7 @@ class StepModules(NamedTuple):
     backbone: nn.Module
     head: nn.Module | None
     lean_layers: int  # decoder layers computed by LeanLayer
+    packed: bool  # the linear weights prepacked for oneDNN
 
 
 def packed_step_modules(backbone: nn.Module, head: nn.Module | None, dtype: torch.dtype, lean: bool = True) -> StepModules:
@@ -225,4 +227,13 @@ def packed_step_modules(backbone: nn.Module, head: nn.Module | None, dtype: torc
     (engine/packed.py `can_pack`)."""
     step_backbone = packed_copy(backbone)
     step_head = packed_copy(head) if head is not None else None
-    return StepModules(step_backbone, step_head, lean_layers(step_backbone, backbone, dtype) if lean else 0)
+    return StepModules(step_backbone, step_head, lean_layers(step_backbone, backbone, dtype) if lean else 0, True)
+
+
+def step_modules(backbone: nn.Module, head: nn.Module | None, device: torch.device, dtype: torch.dtype,
+                 lean: bool = True) -> StepModules:
+    """The modules a step of `backbone` and `head` runs on `device` in `dtype`: packed (and with
+    `lean` made lean) where oneDNN takes them, the originals elsewhere (CUDA, float16)."""
+    if can_pack(device, dtype):
+        return packed_step_modules(backbone, head, dtype, lean)
+    return StepModules(backbone, head, 0, False)

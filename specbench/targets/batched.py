@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from specbench.engine.buckets import MAX_BUCKET_PADDING, grown_capacity
-from specbench.engine.lean_layer import packed_step_modules
-from specbench.engine.packed import can_pack
+from specbench.engine.lean_layer import step_modules
 from specbench.engine.protocol import Taps
 from specbench.engine.static_cache import RowsDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -38,10 +37,8 @@ class RowsHFTarget:
         captured); True/False; or a graph backend object (tests)."""
         self.base, self.rows = base, rows
         self.device, self.dtype, self.eos_token_ids = base.device, base.dtype, base.eos_token_ids
-        backbone, head = base.backbone, base.lm_head
-        self.packed, self.lean_layers = can_pack(base.device, base.dtype), 0
-        if self.packed:  # as the one-row fast engine runs on a CPU (engine/lean_layer.py `packed_step_modules`)
-            backbone, head, self.lean_layers = packed_step_modules(backbone, head, base.dtype)
+        # on a CPU the kernels the one-row fast engine runs (engine/lean_layer.py `step_modules`)
+        backbone, head, self.lean_layers, self.packed = step_modules(base.backbone, base.lm_head, base.device, base.dtype)
         if graphs is None:
             graphs = base.device.type == "cuda" and getattr(base, "engine", "") == "fast"
         self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype, graphs=graphs)

@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
-from specbench.engine.lean_layer import packed_step_modules
+from specbench.engine.lean_layer import packed_step_modules, step_modules
 from specbench.engine.packed import can_pack
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -55,7 +55,7 @@ class FastHFTarget(HFTarget):
         self.lean_layers = 0
         step_backbone = self.backbone
         if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
-            step_backbone, self._lm_head, self.lean_layers = packed_step_modules(self.backbone, self._lm_head, self.dtype, lean)
+            step_backbone, self._lm_head, self.lean_layers, _ = packed_step_modules(self.backbone, self._lm_head, self.dtype, lean)
         self.compiler = CompiledStep(compile_cache_dir()) if compiled and not graphs else None
         # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled
         bucketed = bucketed or self.packed or self.compiler is not None
@@ -106,8 +106,8 @@ class FastHFTarget(HFTarget):
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or
         compiled, or its linears packed) as the target's steps are."""
         compiler = CompiledStep() if self.compiler is not None else None
-        if self.packed and can_pack(device, dtype):
-            backbone, head, _ = packed_step_modules(backbone, head, dtype, lean=self.lean_layers > 0)
+        if self.packed:
+            backbone, head, *_ = step_modules(backbone, head, device, dtype, lean=self.lean_layers > 0)
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
                              compiler=compiler)
 

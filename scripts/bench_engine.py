@@ -16,7 +16,8 @@ Every engine x dtype variant is measured in one process, their repetitions inter
   as a graph; on a CPU (`--cpu-fast`) the linear weights prepacked for oneDNN with
   Llama layers in fewer operations ("lean", what `--engine fast` runs) or with
   transformers' layers ("packed"), or every bucket's step compiled ("compiled"; the time is
-  inductor's, less when its on-disk cache already holds the code), or neither ("static":
+  inductor's, less when its on-disk cache already holds the code), or the whole step compiled
+  with its weights frozen in ("frozen", engine/frozen_step.py), or neither ("static":
   the static cache and buckets alone), and each bucket's latency measured, from which a
   verify picks the cheapest bucket that holds it.
 Timing does not depend on weight values, so the 7B shape needs no checkpoint.
@@ -82,7 +83,8 @@ def main() -> None:
     parser.add_argument("--cpu-fast", default="lean,packed,compiled,static",
                         help="on a CPU, the fast engine's variants: lean (linear weights prepacked for oneDNN and Llama layers in "
                              "fewer operations: what `--engine fast` runs), packed (prepacked weights, transformers' layers), "
-                             "compiled (torch.compile'd step), static (the static cache and buckets from a measured profile, "
+                             "compiled (torch.compile'd step), frozen (the whole step compiled with its weights frozen, "
+                             "engine/frozen_step.py: 65-130 s of compiling per bucket, not in the default list), static (the static cache and buckets from a measured profile, "
                              "torch's default kernels); comma separated")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()
@@ -113,6 +115,8 @@ def main() -> None:
                     target = FastHFTarget(model, tokenizer, bucketed=True, packed=False)
                 elif kind == "compiled":
                     target = FastHFTarget(model, tokenizer, compiled=True)
+                elif kind == "frozen":
+                    target = FastHFTarget(model, tokenizer, compiled="frozen")
                 elif kind == "packed":
                     target = FastHFTarget(model, tokenizer, lean=False)
                 else:
@@ -193,7 +197,7 @@ def show(r: dict) -> None:
         w = v["warm_up"]
         if w:
             what = (f"{w['graphs']} CUDA graphs captured" if w.get("cuda_graphs") else
-                    f"{w.get('compiles', 0)} graphs compiled" if w.get("compiled_step") else f"linear weights prepacked, {w.get('lean_layers', 0)} lean layers" if w.get("packed_linears") else "nothing to prepare")
+                    f"{w.get('compiles', 0)} graphs compiled{' (frozen weights)' if w.get('frozen') else ''}" if w.get("compiled_step") else f"linear weights prepacked, {w.get('lean_layers', 0)} lean layers" if w.get("packed_linears") else "nothing to prepare")
             console.print(f"{name} warm-up (untimed): {what} in {w['ms'] / 1000:.1f} s; KV capacity {w['capacity']}; "
                           f"after warm-up: {w['compiles_after_warm_up']} compilations, {w['captures_after_warm_up']} captures; "
                           f"bucket profile ms {w.get('profile_ms')}")

@@ -248,6 +248,30 @@ def test_compiled_step_taps_the_eager_engines_hidden_states(compiled):
     assert torch.allclose(logits, want_logits, atol=1e-4) and torch.allclose(hidden, want_hidden, atol=1e-4)
 
 
+def test_frozen_step_gives_each_models_eager_tokens_and_compiles_only_in_the_warm_up(compiled):
+    """The whole step compiled with its weights frozen (engine/frozen_step.py), for two models of
+    one shape in one process: each gives its own eager engine's tokens (inductor's graph cache
+    keys frozen weights by shape: a graph reused from the first model would compute with its
+    weights), every bucket compiled in the warm-up and none after; taps refused.
+    (`compiled`: inductor's cache in a directory of the test's.)"""
+    from specbench.engine.tree import DraftTree
+
+    for seed, drafters in ((0, (PlainDecoding, lambda t: PromptLookupDrafter(t, PromptLookupOptions(k=1)))), (1, (PlainDecoding,))):
+        model = tiny_llama(seed).float()
+        eager, fast = HFTarget(model), FastHFTarget(model, compiled="frozen")
+        assert fast.packed and fast.engine_stats()["frozen"]  # prefills run packed, steps compiled
+        fast.warm_up(len(drafters), (), 200)
+        compiles = fast.compiler.compiles
+        assert compiles == len(drafters)  # bucket 1 (plain), and 2 for prompt lookup's root + 1
+        for prompt in prompts(2):
+            for make in drafters:
+                assert decode(fast, make(fast), prompt, 16).output_ids == decode(eager, make(eager), prompt, 16).output_ids
+        assert fast.compiler.compiles == compiles
+    fast.prefill(prompts(1)[0], max_positions=100)
+    with pytest.raises(ValueError, match="taps"):
+        fast.verify(5, DraftTree(torch.tensor([7]), torch.tensor([-1])), taps=(0,))
+
+
 def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled, tmp_path):
     import json
 

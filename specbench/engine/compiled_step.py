@@ -64,6 +64,14 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def raise_recompile_limit() -> None:
+    from torch import _dynamo
+
+    for limit in ("recompile_limit", "cache_size_limit"):  # the name varies by torch version
+        if hasattr(_dynamo.config, limit):
+            setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), RECOMPILE_LIMIT))
+
+
 class CompiledStep:
     """Compiles a StaticDecoder's step function and accounts for the compilations."""
 
@@ -73,12 +81,10 @@ class CompiledStep:
         self.compiles = 0
         self.compile_ms = 0.0
 
-    def wrap(self, fn):
-        from torch import _dynamo
-
-        for limit in ("recompile_limit", "cache_size_limit"):  # the name varies by torch version
-            if hasattr(_dynamo.config, limit):
-                setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), RECOMPILE_LIMIT))
+    def wrap(self, fn, decoder=None):
+        """fn(step) compiled; `decoder` (the StaticDecoder whose step it is) is for compilers that
+        compile the step otherwise (engine/frozen_step.py)."""
+        raise_recompile_limit()
         return torch.compile(fn, dynamic=True)
 
     def run(self, compiled, step):

@@ -8,8 +8,10 @@
   (engine/cuda_graphs.py), on a CPU the linear weights prepacked for oneDNN
   (engine/packed.py) and each verify padded to the bucket measured cheapest,
   all prepared before anything is timed (engine/static_cache.py,
-  targets/fast.py). The compiled CPU step (engine/compiled_step.py) is
-  measured by scripts/bench_engine.py; it does not win there yet.
+  targets/fast.py). The compiled CPU steps (engine/compiled_step.py,
+  engine/frozen_step.py) are measured by scripts/bench_engine.py: the frozen
+  whole step runs plain decoding twice as fast but compiles for minutes per
+  bucket in every process and verifies 8+ tokens slower, so it is not picked.
 - `auto`: the engine AUTO names for the device: what scripts/bench_engine.py
   measured faster there (docs/engine.md has the measurements).
 

@@ -116,7 +116,8 @@ class StaticDecoder(CapturingDecoder):
     head: the LM head (None: logits are not computed, forward returns (None, hidden)).
     bucketed: pad steps to bucket sizes and read spans (needed by graphs and compiled steps).
     graphs: True for CUDA graphs, or a backend object (tests pass a fake one), or None/False.
-    compiler: a CompiledStep (engine/compiled_step.py) that compiles the step function, or None.
+    compiler: a CompiledStep (engine/compiled_step.py) that compiles the step function, or its
+    FrozenCompiler (engine/frozen_step.py) that compiles the whole step with frozen weights, or None.
     """
 
     fallback = "the fast engine runs uncaptured (static KV cache, no graphs)"
@@ -133,7 +134,7 @@ class StaticDecoder(CapturingDecoder):
         self.arange = torch.arange(GRAPH_MAX_BUCKET, device=device)
         self._shapes: OrderedDict[tuple, ShapeMasks] = OrderedDict()  # least recently used first
         self._cache_kwargs = cache_kwargs(backbone, self.cache)  # once: a compiled step should not trace the lookup
-        self._compute = compiler.wrap(self._compute_step) if compiler is not None else self._compute_step
+        self._compute = compiler.wrap(self._compute_step, self) if compiler is not None else self._compute_step
         self.profile: dict[int, float] | None = None  # measured ms per bucket (measure_profile)
 
     # --- capacity ---------------------------------------------------------------

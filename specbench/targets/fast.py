@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
+from specbench.engine.frozen_step import FrozenCompiler
 from specbench.engine.lean_layer import packed_step_modules, step_modules
 from specbench.engine.packed import can_pack
 from specbench.engine.static_cache import StaticDecoder
@@ -40,23 +41,27 @@ class FastHFTarget(HFTarget):
     engine = "fast"
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
-                 compiled: bool = False, packed: bool | None = None, lean: bool = True, profile_buckets: bool = False,
+                 compiled: bool | str = False, packed: bool | None = None, lean: bool = True, profile_buckets: bool = False,
                  **kwargs) -> None:
         """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests).
-        compiled: the step compiled by torch.compile (engine/compiled_step.py), on a CPU without graphs.
+        compiled: the step compiled by torch.compile (engine/compiled_step.py), on a CPU without graphs;
+            "frozen": the whole step compiled with its weights frozen (engine/frozen_step.py, a benchmark variant).
         packed: None = on a CPU, linear weights prepacked for oneDNN (engine/packed.py) unless compiled.
         lean: with packed, Llama-family layers computed in fewer operations (engine/lean_layer.py)."""
         super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
-        packed = can_pack(self.device, self.dtype) and not compiled and not graphs if packed is None else packed
+        frozen = compiled == "frozen"  # its prefills (exact forwards) run packed: they are not compiled
+        packed = can_pack(self.device, self.dtype) and (frozen or not compiled) and not graphs if packed is None else packed
         self.packed = bool(packed)
         self.profile_buckets = profile_buckets
         self.lean_layers = 0
-        step_backbone = self.backbone
+        step_backbone, model_modules = self.backbone, (self.backbone, self._lm_head)
         if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
             step_backbone, self._lm_head, self.lean_layers, _ = packed_step_modules(self.backbone, self._lm_head, self.dtype, lean)
-        self.compiler = CompiledStep(compile_cache_dir()) if compiled and not graphs else None
+        self.compiler = None
+        if compiled and not graphs:
+            self.compiler = FrozenCompiler(compile_cache_dir(), *model_modules) if frozen else CompiledStep(compile_cache_dir())
         # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled
         bucketed = bucketed or self.packed or self.compiler is not None
         self.decoder = StaticDecoder(step_backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
@@ -105,7 +110,7 @@ class FastHFTarget(HFTarget):
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or
         compiled, or its linears packed) as the target's steps are."""
-        compiler = CompiledStep() if self.compiler is not None else None
+        compiler = CompiledStep() if self.compiler is not None and not self.packed else None  # the frozen step's drafts run packed
         if self.packed:
             backbone, head, *_ = step_modules(backbone, head, device, dtype, lean=self.lean_layers > 0)
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,

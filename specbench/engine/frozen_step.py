@@ -37,6 +37,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from specbench.engine.compiled_step import CompiledStep, raise_recompile_limit
 from specbench.engine.lean_layer import _takes
@@ -84,8 +85,7 @@ class FrozenStep(nn.Module):
             q = attn.q_proj(h).view(rows, heads, dim)
             k = attn.k_proj(h).view(rows, kv_heads, dim)
             v = attn.v_proj(h).view(rows, kv_heads, dim)
-            q = q * cos + torch.cat((-q[..., dim // 2:], q[..., : dim // 2]), -1) * sin  # transformers' rotate_half
-            k = k * cos + torch.cat((-k[..., dim // 2:], k[..., : dim // 2]), -1) * sin
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             keys = kv[index, 0].index_copy(1, slots, k.transpose(0, 1)).float()  # [kv heads, span, dim]
             values = kv[index, 1].index_copy(1, slots, v.transpose(0, 1)).float()
             new.append(torch.stack((k, v)))
@@ -107,22 +107,19 @@ class FrozenCompiler(CompiledStep):
     """The compiler of a StaticDecoder whose steps run as a compiled FrozenStep (one graph per
     bucket and capacity), accounted as CompiledStep accounts its compilations."""
 
-    def __init__(self, cache_dir: Path | None = None, backbone: nn.Module | None = None, head: nn.Module | None = None) -> None:
-        """backbone, head: the model's own modules (default: the decoder's), when the decoder runs
-        packed copies of them (engine/packed.py) for its exact forwards (prefills)."""
+    def __init__(self, cache_dir: Path | None, backbone: nn.Module, head: nn.Module) -> None:
+        """backbone, head: the model's own modules (the decoder runs packed copies of them for its
+        exact forwards, the prefills: engine/packed.py)."""
         super().__init__(cache_dir)
-        self.modules = (backbone, head) if backbone is not None else None
+        self.backbone, self.head = backbone, head
         self.decoder = None
         self.compiled = None
         self.shapes: set[tuple] = set()  # (bucket, span, cache shape) already compiled
 
     def wrap(self, fn, decoder=None):
-        backbone, head = self.modules or (decoder.backbone, decoder.head)
-        if head is None:
-            raise ValueError("the frozen step runs a decoder with its LM head")
         raise_recompile_limit()
-        self.decoder = decoder
-        self.compiled = torch.compile(FrozenStep(backbone, head).eval(), dynamic=False)
+        self.decoder = decoder  # whose cache the steps read and write
+        self.compiled = torch.compile(FrozenStep(self.backbone, self.head).eval(), dynamic=False)
         return self._step
 
     def _step(self, step):

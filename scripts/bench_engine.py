@@ -116,7 +116,10 @@ def main() -> None:
                 elif kind == "compiled":
                     target = FastHFTarget(model, tokenizer, compiled=True)
                 elif kind == "frozen":
-                    target = FastHFTarget(model, tokenizer, compiled="frozen")
+                    try:
+                        target = FastHFTarget(model, tokenizer, compiled="frozen")
+                    except ValueError as exc:  # a model the frozen step does not compute: one line, not a traceback
+                        parser.error(f"--cpu-fast frozen: {exc}; leave it out for this model")
                 elif kind == "packed":
                     target = FastHFTarget(model, tokenizer, lean=False)
                 else:

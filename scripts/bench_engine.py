@@ -84,7 +84,7 @@ def main() -> None:
                         help="on a CPU, the fast engine's variants: lean (linear weights prepacked for oneDNN and Llama layers in "
                              "fewer operations: what `--engine fast` runs), packed (prepacked weights, transformers' layers), "
                              "compiled (torch.compile'd step), frozen (the whole step compiled with its weights frozen, "
-                             "engine/frozen_step.py: 65-130 s of compiling per bucket, not in the default list), static (the static cache and buckets from a measured profile, "
+                             "engine/frozen_step.py: 80-230 s of compiling per bucket, not in the default list), static (the static cache and buckets from a measured profile, "
                              "torch's default kernels); comma separated")
     parser.add_argument("--json", dest="as_json", action="store_true")
     args = parser.parse_args()

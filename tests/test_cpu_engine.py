@@ -252,24 +252,72 @@ def test_frozen_step_gives_each_models_eager_tokens_and_compiles_only_in_the_war
     """The whole step compiled with its weights frozen (engine/frozen_step.py), for two models of
     one shape in one process: each gives its own eager engine's tokens (inductor's graph cache
     keys frozen weights by shape: a graph reused from the first model would compute with its
-    weights), every bucket compiled in the warm-up and none after; taps refused.
-    (`compiled`: inductor's cache in a directory of the test's.)"""
+    weights), every bucket compiled in the warm-up and none after; a drafter reading hidden
+    states (Medusa, one node: two rows with the final state tapped) drafts and verifies as on
+    the eager engine. (`compiled`: inductor's cache in a directory of the test's.)"""
+    from specbench.drafters.heads.medusa import MedusaDrafter
     from specbench.engine.tree import DraftTree
 
-    for seed, drafters in ((0, (PlainDecoding, lambda t: PromptLookupDrafter(t, PromptLookupOptions(k=1)))), (1, (PlainDecoding,))):
+    def medusa(target):
+        torch.manual_seed(5)  # fresh heads draw random weights: the same heads on both engines
+        return MedusaDrafter.build(target, heads="fresh", tree="chain:1")
+
+    for seed, drafters in ((1, (PlainDecoding,)), (0, (PlainDecoding, medusa))):
         model = tiny_llama(seed).float()
         eager, fast = HFTarget(model), FastHFTarget(model, compiled="frozen")
         assert fast.packed and fast.engine_stats()["frozen"]  # prefills run packed, steps compiled
-        fast.warm_up(len(drafters), (), 200)
+        fast.warm_up(1, (), 200)  # plain: bucket 1
+        taps = medusa(fast).taps if len(drafters) > 1 else ()
+        if taps:
+            fast.warm_up(2, taps, 200)  # Medusa: buckets 1 and 2 (its root, + 1 node), its taps
         compiles = fast.compiler.compiles
-        assert compiles == len(drafters)  # bucket 1 (plain), and 2 for prompt lookup's root + 1
+        assert compiles == (3 if taps else 1)
         for prompt in prompts(2):
             for make in drafters:
-                assert decode(fast, make(fast), prompt, 16).output_ids == decode(eager, make(eager), prompt, 16).output_ids
+                got, want = decode(fast, make(fast), prompt, 16), decode(eager, make(eager), prompt, 16)
+                assert got.output_ids == want.output_ids
+                assert [s.accepted for s in got.steps] == [s.accepted for s in want.steps]
         assert fast.compiler.compiles == compiles
-    fast.prefill(prompts(1)[0], max_positions=100)
-    with pytest.raises(ValueError, match="taps"):
-        fast.verify(5, DraftTree(torch.tensor([7]), torch.tensor([-1])), taps=(0,))
+    # the tapped states themselves, from the graph the Medusa verifies ran
+    for target in (fast, eager):
+        target.prefill(prompts(1)[0], max_positions=100)
+    (logits, hidden), (eager_logits, eager_hidden) = (target.verify(5, DraftTree(torch.tensor([7]), torch.tensor([-1])), taps=taps)
+                                                      for target in (fast, eager))
+    torch.testing.assert_close(hidden, eager_hidden.to(hidden.dtype), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+    assert fast.compiler.compiles == compiles
+@pytest.mark.parametrize("rows", [1, 3, 6, 12])
+def test_frozen_step_computes_the_models_own_logits_and_keys_for_any_number_of_rows(rows):
+    """FrozenStep's math, run eagerly (the compiled graph is traced from these same branches: one
+    row's attention as fused sums, more rows as batched products, 5-8 rows' products in pieces of
+    4), against the model's own forward over a DynamicCache: logits, hidden-state taps, and the new
+    keys and values."""
+    from transformers import DynamicCache
+
+    from specbench.engine.frozen_step import FrozenStep
+
+    model = tiny_llama(0).float()
+    past, ids = prompts(1)[0][None], torch.arange(10, 10 + rows)[None]
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(past, past_key_values=cache, use_cache=True)
+        start, span = past.shape[1], past.shape[1] + rows
+        # the StaticKV layout [layers, 2, kv heads, positions, head dim]: the prompt's keys and values, room after
+        kv = torch.zeros(len(cache.layers), 2, *cache.layers[0].keys.shape[1:2], span + 5, cache.layers[0].keys.shape[-1])
+        for index, layer in enumerate(cache.layers):
+            kv[index, 0, :, :start], kv[index, 1, :, :start] = layer.keys[0], layer.values[0]
+        positions = torch.arange(start, span)
+        visible = torch.arange(span)[None, :] <= positions[:, None]
+        mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
+        taps = (0, 1, None)  # the embedding, the first layer's output, the final normed state
+        logits, new, hidden = FrozenStep(model.model, model.lm_head)(ids[0], positions, positions, mask, kv[:, :, :, :span], taps)
+        out = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    torch.testing.assert_close(logits, out.logits[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden, torch.cat([out.hidden_states[0], out.hidden_states[1], out.hidden_states[-1]], -1)[0],
+                               rtol=1e-4, atol=1e-4)
+    for index, layer in enumerate(cache.layers):  # the cache now holds the rows' keys and values after the prompt's
+        torch.testing.assert_close(new[index, 0], layer.keys[0, :, start:], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(new[index, 1], layer.values[0, :, start:], rtol=1e-4, atol=1e-4)
 
 
 def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled, tmp_path):

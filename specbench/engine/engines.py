@@ -10,8 +10,8 @@
   all prepared before anything is timed (engine/static_cache.py,
   targets/fast.py). The compiled CPU steps (engine/compiled_step.py,
   engine/frozen_step.py) are measured by scripts/bench_engine.py: the frozen
-  whole step runs plain decoding twice as fast but compiles for minutes per
-  bucket in every process and verifies 8+ tokens slower, so it is not picked.
+  whole step runs plain decoding twice as fast, but compiles for minutes per
+  bucket in every process, so it is not picked.
 - `auto`: the engine AUTO names for the device: what scripts/bench_engine.py
   measured faster there (docs/engine.md has the measurements).
 

@@ -14,15 +14,20 @@ def tapped_forward(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.
     return last, states[0] if states is not None else None
 
 
+def check_taps(taps: Taps, num_layers: int) -> None:
+    """Every tap None or a layer index 0..num_layers (tapped_rows says what each means)."""
+    for j in taps:
+        if j is not None and not 0 <= j <= num_layers:
+            raise ValueError(f"hidden-state tap {j} is outside 0..{num_layers}")
+
+
 def tapped_rows(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a transformers decoder stack; returns (last_hidden_state [B, L, H], the tapped
     states [B, L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
     state; j is the input of decoder layer j (HF's hidden_states[j]; j = number of layers
     is HF's last entry, the final normed state). Several taps are concatenated in order."""
     num_layers = len(backbone.layers)
-    for j in taps:
-        if j is not None and not 0 <= j <= num_layers:
-            raise ValueError(f"hidden-state tap {j} is outside 0..{num_layers}")
+    check_taps(taps, num_layers)
     tapped: dict[int, torch.Tensor] = {}
     hooks = [
         # the hidden state entering layer j is the layer's first positional argument

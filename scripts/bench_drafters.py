@@ -6,6 +6,7 @@ for each drafter on each workload, then one `specbench report` table per workloa
     python scripts/bench_drafters.py --eagle-heads DIR --eagle3-heads DIR   # trained drafters not in the catalogue
     python scripts/bench_drafters.py --drafters hydra,dflash --dflash-weights DIR --dflash-tree dynamic
     python scripts/bench_drafters.py --drafters hydra,eagle3 --workloads pool-heldout --limit 10
+    python scripts/bench_drafters.py --drafters hydra --cpu-fast frozen   # on the frozen whole step (minutes compiling)
 
 Each drafter runs with its catalogue defaults for the target (the bundled draft model,
 Medusa and Hydra heads, and EAGLE drafters where the catalogue has them; the EAGLE
@@ -30,6 +31,7 @@ from specbench.report.build import build, run_summary
 from specbench.report.frames import group_summary
 from specbench.report.tables import exact_match
 from specbench.runner import RunConfig, load, start_run
+from specbench.targets.fast import FastHFTarget
 
 DRAFTERS = ("prompt-lookup", "draft-model", "medusa", "hydra", "eagle", "eagle3", "dflash")
 POSITIONS = 4  # per-position (conditional) acceptance columns shown
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=Path("results/bench_drafters"))
+    parser.add_argument("--cpu-fast", choices=("lean", "frozen"), default="lean",
+                        help="on a CPU, the fast engine's variant the target and its baseline run on: lean (what `--engine "
+                             "auto` runs) or frozen (the whole step compiled with its weights frozen, engine/frozen_step.py: "
+                             "minutes of compiling per bucket and taps, in the warm-up)")
     args = parser.parse_args(argv)
     try:
         if args.drafters is None:
@@ -116,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def load_for_bench(config: RunConfig, cpu_fast: str):
+    """The run's target; with cpu_fast "frozen", the fast engine's frozen-step variant of it."""
+    target = load(config)
+    if cpu_fast == "lean":
+        return target
+    if target.engine != "fast" or target.device.type != "cpu":
+        raise UserError("--cpu-fast frozen is a variant of the fast engine on a CPU: leave it out on this device")
+    try:
+        return FastHFTarget(target.model, target.tokenizer, name=target.name, model_id=target.model_id, compiled="frozen")
+    except ValueError as exc:  # a model the frozen step does not compute
+        raise UserError(f"--cpu-fast frozen: {exc}; leave it out for this target") from None
+
+
 def bench(args, drafters: list[str]) -> None:
     console = Console(width=200)  # the table whole, also when piped into a file
     target = None
@@ -124,7 +143,7 @@ def bench(args, drafters: list[str]) -> None:
         for name in drafters:
             config = RunConfig(target=args.target, drafter=name, drafter_options=drafter_options(name, args), workload=workload,
                                limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
-            target = target or load(config)
+            target = target or load_for_bench(config, args.cpu_fast)
             directory = start_run(config, args.out / workload, command="scripts/bench_drafters.py", target=target)
             directories.append(directory)
             console.print(f"{workload} {name}: {directory}")

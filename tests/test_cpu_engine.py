@@ -320,6 +320,29 @@ def test_frozen_step_computes_the_models_own_logits_and_keys_for_any_number_of_r
         torch.testing.assert_close(new[index, 1], layer.values[0, :, start:], rtol=1e-4, atol=1e-4)
 
 
+def test_bench_drafters_cpu_fast_frozen_gives_the_frozen_variant_of_the_runs_target(tmp_path):
+    """scripts/bench_drafters.py `--cpu-fast frozen`: the run's own target (its dtype, its name)
+    with the frozen whole step; lean (the default) is the target as `--engine auto` loads it."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from specbench.runner import RunConfig
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_drafters.py"
+    spec = importlib.util.spec_from_file_location("bench_drafters", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    save_tiny_model(tmp_path / "target", seed=0)
+    config = RunConfig(target=str(tmp_path / "target"), drafter="prompt-lookup", workload="builtin-completion", dtype="float32",
+                       device="cpu")
+    lean, frozen = bench.load_for_bench(config, "lean"), bench.load_for_bench(config, "frozen")
+    assert lean.compiler is None and not lean.engine_stats().get("frozen")
+    assert frozen.engine_stats()["frozen"] and frozen.dtype == lean.dtype == torch.float32 and frozen.name == lean.name
+    with pytest.raises(UserError, match="variant of the fast engine"):
+        bench.load_for_bench(dataclasses.replace(config, engine="eager"), "frozen")
+
+
 def test_a_run_compiles_in_its_warm_up_and_never_inside_a_timed_prompt(compiled, tmp_path):
     import json
 

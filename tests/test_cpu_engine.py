@@ -286,6 +286,8 @@ def test_frozen_step_gives_each_models_eager_tokens_and_compiles_only_in_the_war
     torch.testing.assert_close(hidden, eager_hidden.to(hidden.dtype), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert fast.compiler.compiles == compiles
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6, 12])
 def test_frozen_step_computes_the_models_own_logits_and_keys_for_any_number_of_rows(rows):
     """FrozenStep's math, run eagerly (the compiled graph is traced from these same branches: one
@@ -324,15 +326,12 @@ def test_bench_drafters_cpu_fast_frozen_gives_the_frozen_variant_of_the_runs_tar
     """scripts/bench_drafters.py `--cpu-fast frozen`: the run's own target (its dtype, its name)
     with the frozen whole step; lean (the default) is the target as `--engine auto` loads it."""
     import dataclasses
-    import importlib.util
-    from pathlib import Path
+
+    from script_modules import load_script
 
     from specbench.runner import RunConfig
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_drafters.py"
-    spec = importlib.util.spec_from_file_location("bench_drafters", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_drafters")
     save_tiny_model(tmp_path / "target", seed=0)
     config = RunConfig(target=str(tmp_path / "target"), drafter="prompt-lookup", workload="builtin-completion", dtype="float32",
                        device="cpu")

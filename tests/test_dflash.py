@@ -678,12 +678,9 @@ def test_bench_drafters_runs_dflash_with_its_weights(setup, tmp_path, capsys):
     """`--dflash-weights` and `--dflash-tree` reach the dflash run (the checkpoint it loads, the
     block its tree asks for) and its row is in the workload's table; a DFlash option without dflash
     among --drafters, and a checkpoint that does not load, are each one line and exit 2."""
-    import importlib.util
+    from script_modules import load_script
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_drafters.py"
-    spec = importlib.util.spec_from_file_location("bench_drafters", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_drafters")
     common = ["--target", str(setup["root"] / "target"), "--workloads", WORKLOAD, "--limit", "1", "--max-new-tokens", "12",
               "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path / "bench")]
     weights = setup["root"] / "dflash"

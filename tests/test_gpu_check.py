@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 from specbench.engine.protocol import Drafter, PlainDecoding
 from specbench.engine.tree import DraftTree
@@ -22,21 +23,13 @@ SMALL = ["--device", "cpu", "--prompts", "2", "--prompt-tokens", "16", "--new-to
          "--threads", "1"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_cpu_smoke_fills_every_cell_exactly(tmp_path):
     out = tmp_path / "check.json"
     done = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads(out.read_text())
-    labels = [check.label for check in load_script().DRAFTERS]
+    labels = [check.label for check in load_script("gpu_check").DRAFTERS]
     assert [(c["engine"], c["drafter"]) for c in report["cells"]] == [(e, d) for e in ("eager", "fast") for d in labels]
     for cell in report["cells"]:
         where = f"{cell['engine']}/{cell['drafter']}"
@@ -94,7 +87,7 @@ def broken_factory(target, setup):
 
 
 def test_a_crash_stays_in_its_cell_and_exits_1(tmp_path, capsys, monkeypatch):
-    script = load_script()
+    script = load_script("gpu_check")
     by_label = {check.label: check for check in script.DRAFTERS}
     monkeypatch.setattr(script, "DRAFTERS", [
         by_label["plain"],
@@ -131,7 +124,7 @@ def test_a_crash_stays_in_its_cell_and_exits_1(tmp_path, capsys, monkeypatch):
 
 def test_a_crash_inside_a_timed_decode_keeps_no_partial_numbers(tmp_path, capsys, monkeypatch):
     """A drafter that fails on a later prompt: its cell shows the crash and no half-measured numbers."""
-    script = load_script()
+    script = load_script("gpu_check")
 
     class FailsOnSecondPrompt(PlainDecoding):
         name = "fails-on-second-prompt"
@@ -165,7 +158,7 @@ def with_fake_graphs(script, monkeypatch, **backend):
 
 
 def test_with_graphs_every_bucket_is_captured_before_timing(tmp_path, capsys, monkeypatch):
-    script = load_script()
+    script = load_script("gpu_check")
     with_fake_graphs(script, monkeypatch)
     code = script.main([*SMALL, "--no-deepspeed", "--out", str(tmp_path / "c.json")])
     printed = capsys.readouterr().out
@@ -194,7 +187,7 @@ def test_with_graphs_every_bucket_is_captured_before_timing(tmp_path, capsys, mo
 
 def test_a_failed_capture_is_a_failure(tmp_path, capsys, monkeypatch):
     """With graphs, a capture that fails leaves the fast engine uncaptured: flagged in its cell, exit 1."""
-    script = load_script()
+    script = load_script("gpu_check")
     with_fake_graphs(script, monkeypatch, fail_on_capture=2)
     monkeypatch.setattr(script, "DRAFTERS", script.DRAFTERS[:2])
     code = script.main([*SMALL, "--no-deepspeed", "--out", str(tmp_path / "c.json")])
@@ -216,7 +209,7 @@ def test_random_dflash_is_written_in_the_v1_layout_and_loads_strictly(tmp_path):
     from specbench.targets.hf import HFTarget
     from specbench.targets.synthetic import random_model
 
-    script = load_script()
+    script = load_script("gpu_check")
     model = random_model("tiny", torch.device("cpu"), torch.float32, seed=0)
     folder = script.write_random_dflash(tmp_path / "dflash", model, torch.float32)
     config = json.loads((folder / "config.json").read_text())

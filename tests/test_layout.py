@@ -1,17 +1,15 @@
 """The layout the design asks for: nothing low imports anything high."""
 
-import importlib.util
 import shutil
 from pathlib import Path
+
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def check_imports_module():
-    spec = importlib.util.spec_from_file_location("check_imports", ROOT / "scripts" / "check_imports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_imports")
 
 
 def test_no_upward_import_in_the_package():

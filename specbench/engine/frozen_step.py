@@ -128,7 +128,7 @@ class FrozenStep(nn.Module):
 
 class FrozenCompiler(CompiledStep):
     """The compiler of a StaticDecoder whose steps run as a compiled FrozenStep (one graph per
-    bucket and capacity), accounted as CompiledStep accounts its compilations."""
+    bucket, capacity and taps), accounted as CompiledStep accounts its compilations."""
 
     def __init__(self, cache_dir: Path | None, backbone: nn.Module, head: nn.Module) -> None:
         """backbone, head: the model's own modules (the decoder runs packed copies of them for its
@@ -137,7 +137,7 @@ class FrozenCompiler(CompiledStep):
         self.backbone, self.head = backbone, head
         self.decoder = None
         self.compiled = None
-        self.shapes: set[tuple] = set()  # (bucket, span, cache shape) already compiled
+        self.shapes: set[tuple] = set()  # (bucket, span, cache shape, taps) already compiled
 
     def wrap(self, fn, decoder=None):
         raise_recompile_limit()
@@ -152,7 +152,7 @@ class FrozenCompiler(CompiledStep):
         # was measured not to apply `freezing` (the products ran as aten::mm on the plain weights)
         with inductor_config.patch(INDUCTOR_OPTIONS) if shape not in self.shapes else contextlib.nullcontext():
             logits, new, hidden = self.compiled(step.ids, step.positions, step.slots, step.mask, cache.kv[:, :, :, : step.span],
-                                                tuple(step.taps))
+                                                step.taps)
         self.shapes.add(shape)
         cache.kv.index_copy_(3, step.slots, new)  # every layer's new keys and values in one copy
         return logits, hidden

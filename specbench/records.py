@@ -131,6 +131,7 @@ class EngineFacts:
     compiled_step: bool = False
     packed_linears: bool = False  # linear weights prepacked for oneDNN (a CPU fast engine)
     lean_layers: int = 0  # decoder layers run in fewer operations (engine/lean_layer.py)
+    kernels: str | None = None  # whose kernels the packed step ran, in words (engine/packed.py kernels_in_use)
     compile_ms: float = 0.0  # the warm-up's step compilations
     compiles: int = 0
     timed_captures: int = 0
@@ -143,7 +144,7 @@ class EngineFacts:
     profile_ms: Any = None  # the measured bucket latencies verifies pick their bucket from (fast engine on a CPU)
 
     def to_json(self) -> dict[str, Any]:
-        return _without_unset(asdict(self), ("planned_positions", "profile_ms"))
+        return _without_unset(asdict(self), ("planned_positions", "profile_ms", "kernels"))
 
     # `seen`: engine/events.py EngineEvents (counts of captures, compilations, regrowths)
     def set_warm_up(self, seen) -> None:

@@ -268,6 +268,7 @@ class Benchmark:
             compiled_step=bool(stats.get("compiled_step")),
             packed_linears=bool(stats.get("packed_linears")),
             lean_layers=stats.get("lean_layers", 0),
+            kernels=stats.get("kernels"),
         )
 
     def measure_prompt(self, prompt: Prompt) -> tuple[list[StepRecord], list[TurnRecord]]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specbench.engine import bf16_kernel
 from specbench.engine.packed import _linear, _linear_add, _pack, can_pack, packed_copy
 from specbench.errors import SpecbenchWarning
 
@@ -53,7 +54,7 @@ class LeanLayer(nn.Module):
     """The decoder layer `layer` (a transformers Llama-family layer), computed over its own
     weights with stacked, prepacked products."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, kernels: str = "auto") -> None:
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.layer_idx = attn.layer_idx
@@ -62,22 +63,26 @@ class LeanLayer(nn.Module):
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        self.qkv = _pack(torch.cat([p.weight for p in projections]))
+        self.qkv = _pack(torch.cat([p.weight for p in projections]), kernels)
         self.qkv_bias = torch.cat([p.bias for p in projections]).detach() if attn.q_proj.bias is not None else None
         self.sizes = [p.out_features for p in projections]
-        self.o, self.o_bias = _pack(attn.o_proj.weight), attn.o_proj.bias
-        self.gate_up = _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.o, self.o_bias = _pack(attn.o_proj.weight, kernels), attn.o_proj.bias
+        self.gate_up = _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), kernels)
         self.gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach() if mlp.gate_proj.bias is not None else None
         self.intermediate = mlp.gate_proj.out_features
-        self.down, self.down_bias = _pack(mlp.down_proj.weight), mlp.down_proj.bias
+        self.down, self.down_bias = _pack(mlp.down_proj.weight, kernels), mlp.down_proj.bias
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.fast_kernels = (kernels == "auto" and self.norm1.dtype == self.norm2.dtype == torch.bfloat16
+                          and self.norm1.numel() % 16 == 0 and bf16_kernel.unavailable() is None)
         self.shared, self.leads = ForwardShared(), True  # lean_layers gives a stack's layers one, led by the first
 
-    @staticmethod
-    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # as transformers' RMSNorm (in fp32, cast back, then scaled): torch's rms_norm computes a
-        # bf16 input in fp32 and rounds once, the same values without two casts of our own
+        # bf16 input in fp32 and rounds once, the same values without two casts of our own; the
+        # bf16 kernel computes the same in one call (torch's took 30-45 us for one row)
+        if self.fast_kernels and x.dtype == torch.bfloat16:
+            return bf16_kernel.rms_norm(x, weight.detach(), eps)
         return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
     @staticmethod
@@ -86,28 +91,29 @@ class LeanLayer(nn.Module):
         # (signed_sin: sin with its first half negated; a negation is exact): 4 operations, not 7
         return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
-    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one query row, computed in fp32 (softmax in fp32 as transformers' eager
-        attention): torch's CPU kernels for a bf16 product this small take about twice as long as
-        converting the span to fp32 first, and its SDPA (even given the row twice, which it runs
-        faster than once) measured 8 % slower per step in the engine (docs/engine.md)."""
-        batch, _, _, dim = q.shape
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of a few query rows over the cache, computed in fp32 (softmax in fp32 as
+        transformers' eager attention), the query heads that share a key/value head stacked as
+        rows of one product: torch's CPU kernels for bf16 products this small take about twice
+        as long as converting the span to fp32 first, and its SDPA measured 8 % slower per step
+        for one row (even given it twice) and 170 us a layer for 16 rows (docs/engine.md)."""
+        batch, _, rows, dim = q.shape
         span, group = k.shape[2], self.heads // self.kv_heads
         # query heads kv * group .. kv * group + group - 1 read key/value head kv (transformers' repeat_kv)
-        queries = q.reshape(batch * self.kv_heads, group, dim).float()
+        queries = q.reshape(batch * self.kv_heads, group * rows, dim).float()
         keys = k.reshape(batch * self.kv_heads, span, dim).float().transpose(1, 2)
         if mask is None:
             scores = torch.bmm(queries, keys).mul_(self.scaling)
         else:  # scaling and the additive mask in the product's own pass, its fp32 operand made once per forward
-            shape = (batch, self.kv_heads, group, span)
+            shape = (batch, self.kv_heads, group, rows, span)
             bias = self.shared.masks.get(shape)
             if bias is None:
-                bias = mask.reshape(mask.shape[0], 1, 1, span).float().expand(shape).reshape(batch * self.kv_heads, group, span)
+                bias = mask.reshape(mask.shape[0], 1, 1, rows, span).float().expand(shape).reshape(batch * self.kv_heads, group * rows, span)
                 self.shared.masks[shape] = bias
             scores = torch.baddbmm(bias, queries, keys, alpha=self.scaling)
         probs = scores.softmax(-1)
         out = torch.bmm(probs, v.reshape(batch * self.kv_heads, span, dim).float())
-        return out.to(q.dtype).reshape(batch, self.heads, 1, dim)  # [batch * kv heads, group, dim] -> heads
+        return out.to(q.dtype).reshape(batch, self.heads, rows, dim)  # [batch * kv heads, group * rows, dim] -> heads
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, past_key_values=None,
@@ -128,15 +134,22 @@ class LeanLayer(nn.Module):
         v = v.view(batch, rows, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if rows == 1:
-            attended = self._attend_one(q, k, v, attention_mask)
+        if (rows == 1 or attention_mask is not None) and self.fast_kernels and bf16_kernel.attends(q, k, v):
+            # [batch, rows, heads, dim] queries as the rotation left them: the kernel reads them in place
+            attended = bf16_kernel.attend(qk[:, :, : self.heads], k, v, attention_mask, self.scaling)
         else:
-            causal = attention_mask is None and cache is None
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
-                                                      enable_gqa=self.heads != self.kv_heads)
-        attended = attended.transpose(1, 2).reshape(batch, rows, self.heads * self.head_dim)
+            if rows == 1 or attention_mask is not None:
+                attended = self._attend(q, k, v, attention_mask)
+            else:  # no mask: a causal chunk without a cache (or all of one)
+                causal = attention_mask is None and cache is None
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
+                                                          enable_gqa=self.heads != self.kv_heads)
+            attended = attended.transpose(1, 2).reshape(batch, rows, self.heads * self.head_dim)
         x = _linear_add(attended, self.o, self.o_bias, hidden_states)
-        gate, up = _linear(self._norm(x, self.norm2, self.eps2), self.gate_up, self.gate_up_bias).split(self.intermediate, dim=-1)
+        gate_up = _linear(self._norm(x, self.norm2, self.eps2), self.gate_up, self.gate_up_bias)
+        if self.fast_kernels and self.intermediate % 16 == 0:
+            return _linear_add(bf16_kernel.silu_mul(gate_up), self.down, self.down_bias, x)
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return _linear_add(F.silu(gate) * up, self.down, self.down_bias, x)
 
 
@@ -180,7 +193,7 @@ def _agrees(layer: nn.Module, lean: LeanLayer, rotary: nn.Module, dtype: torch.d
     return True
 
 
-def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtype) -> int:
+def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtype, kernels: str = "auto") -> int:
     """In `step_backbone` (the fast engine's own copy of `backbone`, engine/packed.py
     `packed_copy`), replace each decoder layer that LeanLayer computes equally by a LeanLayer
     over `backbone`'s layer; returns how many were replaced. A layer that disagrees on the
@@ -193,7 +206,7 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
         if not _takes(layer):
             continue
         try:
-            lean = LeanLayer(layer)
+            lean = LeanLayer(layer, kernels)
             agrees = _agrees(layer, lean, rotary, dtype)
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:  # a variant this layer does not know
             agrees, why = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -219,21 +232,23 @@ class StepModules(NamedTuple):
     packed: bool  # the linear weights prepacked for oneDNN
 
 
-def packed_step_modules(backbone: nn.Module, head: nn.Module | None, dtype: torch.dtype, lean: bool = True) -> StepModules:
+def packed_step_modules(backbone: nn.Module, head: nn.Module | None, dtype: torch.dtype, lean: bool = True,
+                        kernels: str = "auto") -> StepModules:
     """The modules a CPU step runs: copies of `backbone` and `head` sharing their weights, with the
     linear weights prepacked (engine/packed.py), and with `lean` the Llama-family layers that agree
     on the probe computed by LeanLayer (a warning names the others). The originals stay as they
     were, so an eager target over the same model stays eager. The caller decides whether to pack
     (engine/packed.py `can_pack`)."""
-    step_backbone = packed_copy(backbone)
-    step_head = packed_copy(head) if head is not None else None
-    return StepModules(step_backbone, step_head, lean_layers(step_backbone, backbone, dtype) if lean else 0, True)
+    step_backbone = packed_copy(backbone, kernels=kernels)
+    step_head = packed_copy(head, kernels=kernels) if head is not None else None
+    swapped = lean_layers(step_backbone, backbone, dtype, kernels) if lean else 0
+    return StepModules(step_backbone, step_head, swapped, True)
 
 
 def step_modules(backbone: nn.Module, head: nn.Module | None, device: torch.device, dtype: torch.dtype,
-                 lean: bool = True) -> StepModules:
+                 lean: bool = True, kernels: str = "auto") -> StepModules:
     """The modules a step of `backbone` and `head` runs on `device` in `dtype`: packed (and with
     `lean` made lean) where oneDNN takes them, the originals elsewhere (CUDA, float16)."""
     if can_pack(device, dtype):
-        return packed_step_modules(backbone, head, dtype, lean)
+        return packed_step_modules(backbone, head, dtype, lean, kernels)
     return StepModules(backbone, head, 0, False)

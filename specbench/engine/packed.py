@@ -26,9 +26,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from specbench.engine import bf16_kernel
+
 # transformers' names for sibling projections of one input (Llama, Mistral, Qwen, Gemma, ...)
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 PACKABLE = (torch.float32, torch.bfloat16)
+# whose kernels a packed step runs: "auto" = specbench's bf16 kernels (engine/bf16_kernel.py: the
+# products of the bf16 weights they take, the lean layers' RMSNorm) where they run here, oneDNN's
+# products and torch's operations for the rest; "onednn" = oneDNN and torch for all
+KERNELS = ("auto", "onednn")
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -37,19 +43,38 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+def kernels_in_use(dtype: torch.dtype, kernels: str = "auto") -> str:
+    """Which kernels a packed step in `dtype` runs, in words (run.json, the engine line)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if dtype != torch.bfloat16:
+        return "oneDNN"
+    if kernels == "onednn":
+        return "oneDNN (asked for)"
+    why = bf16_kernel.unavailable()
+    return f"oneDNN ({why})" if why else "specbench's bf16 kernels (AVX512_BF16), oneDNN for weights they do not take"
+
+
+def _pack(weight: torch.Tensor, kernels: str = "auto") -> torch.Tensor | bf16_kernel.PackedBf16:
+    if kernels == "auto" and bf16_kernel.fits(weight) and bf16_kernel.unavailable() is None:
+        return bf16_kernel.PackedBf16(weight)
     # the batch-size hint (1) picks the layout for decode steps; any number of rows works
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor | bf16_kernel.PackedBf16, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(packed, bf16_kernel.PackedBf16):
+        return bf16_kernel.linear(x, packed, bias)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-    """residual + x @ W.T (+ bias) in one oneDNN call: the sum is the product's post-op, rounded once."""
+def _linear_add(x: torch.Tensor, packed: torch.Tensor | bf16_kernel.PackedBf16, bias: torch.Tensor | None,
+                residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ W.T (+ bias) in one call: the sum is the product's post-op, rounded once."""
+    if isinstance(packed, bf16_kernel.PackedBf16):
+        return bf16_kernel.linear(x, packed, bias, residual).reshape(residual.shape)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise.binary(rows, residual.reshape(rows.shape[0], -1), packed, bias, "add")
     return out.reshape(residual.shape)
@@ -58,11 +83,11 @@ def _linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
 class PackedLinear(nn.Module):
     """An nn.Linear's product over its prepacked weight; `weight` and `bias` are the original's."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernels: str = "auto") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = _pack(linear.weight)
+        self.packed = _pack(linear.weight, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.packed, self.bias)
@@ -72,8 +97,8 @@ class _Siblings:
     """The stacked product of sibling projections, kept for the input it was computed for
     until every sibling has taken its part."""
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
-        self.packed = _pack(torch.cat([linear.weight for linear in linears]))
+    def __init__(self, linears: list[nn.Linear], kernels: str = "auto") -> None:
+        self.packed = _pack(torch.cat([linear.weight for linear in linears]), kernels)
         self.bias = torch.cat([linear.bias for linear in linears]).detach() if linears[0].bias is not None else None
         self.sizes = [linear.out_features for linear in linears]
         self.input: torch.Tensor | None = None
@@ -113,11 +138,11 @@ def _shallow(module: nn.Module) -> nn.Module:
     return new
 
 
-def packed_copy(module: nn.Module, group_siblings: bool = True) -> nn.Module:
+def packed_copy(module: nn.Module, group_siblings: bool = True, kernels: str = "auto") -> nn.Module:
     """`module` with every nn.Linear (itself included) replaced by a PackedLinear, sharing all
-    parameters and buffers; the original is left as it was."""
+    parameters and buffers; the original is left as it was. `kernels`: see KERNELS."""
     if type(module) is nn.Linear:  # exactly: subclasses (quantized, sharded) compute otherwise
-        return PackedLinear(module)
+        return PackedLinear(module, kernels)
     new = _shallow(module)
     children = dict(module.named_children())
     if group_siblings:
@@ -125,10 +150,10 @@ def packed_copy(module: nn.Module, group_siblings: bool = True) -> nn.Module:
             linears = [children.get(name) for name in names]
             if all(type(linear) is nn.Linear for linear in linears) and len({linear.in_features for linear in linears}) == 1 \
                     and len({linear.bias is None for linear in linears}) == 1:
-                siblings = _Siblings(linears)
+                siblings = _Siblings(linears, kernels)
                 for index, name in enumerate(names):
                     new._modules[name] = SiblingLinear(children.pop(name), siblings, index)
     for name, child in children.items():
         if child is not None:
-            new._modules[name] = packed_copy(child, group_siblings)
+            new._modules[name] = packed_copy(child, group_siblings, kernels)
     return new

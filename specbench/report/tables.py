@@ -233,7 +233,8 @@ def engine_line(e: EngineFacts | None) -> str | None:
                 f"before timing (fewer when inductor's cache had them); static {capacity}")
     elif e.packed_linears:
         lean = f", {e.lean_layers} layers in fewer operations" if e.lean_layers else ""
-        line = f"fast engine{dtype}: linear weights prepacked for oneDNN{lean}, static {capacity}"
+        kernels = "for oneDNN" if e.kernels in (None, "oneDNN") else f"(kernels: {e.kernels})"
+        line = f"fast engine{dtype}: linear weights prepacked {kernels}{lean}, static {capacity}"
     else:
         line = f"fast engine{dtype}: static {capacity}, no CUDA graphs"
     if e.profile_ms and not e.cuda_graphs:

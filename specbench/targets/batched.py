@@ -38,7 +38,8 @@ class RowsHFTarget:
         self.base, self.rows = base, rows
         self.device, self.dtype, self.eos_token_ids = base.device, base.dtype, base.eos_token_ids
         # on a CPU the kernels the one-row fast engine runs (engine/lean_layer.py `step_modules`)
-        backbone, head, self.lean_layers, self.packed = step_modules(base.backbone, base.lm_head, base.device, base.dtype)
+        backbone, head, self.lean_layers, self.packed = step_modules(base.backbone, base.lm_head, base.device, base.dtype,
+                                                                     kernels=getattr(base, "kernels", "auto"))
         if graphs is None:
             graphs = base.device.type == "cuda" and getattr(base, "engine", "") == "fast"
         self.decoder = RowsDecoder(backbone, head, rows, base.device, base.dtype, graphs=graphs)

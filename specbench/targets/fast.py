@@ -20,7 +20,7 @@ from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
 from specbench.engine.frozen_step import FrozenCompiler
 from specbench.engine.lean_layer import packed_step_modules, step_modules
-from specbench.engine.packed import can_pack
+from specbench.engine.packed import can_pack, kernels_in_use
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
@@ -42,23 +42,26 @@ class FastHFTarget(HFTarget):
 
     def __init__(self, model, tokenizer=None, name: str = "", model_id: str = "", graphs=None, bucketed: bool = False,
                  compiled: bool | str = False, packed: bool | None = None, lean: bool = True, profile_buckets: bool = False,
-                 **kwargs) -> None:
+                 kernels: str = "auto", **kwargs) -> None:
         """graphs: None = CUDA graphs on CUDA only; True/False; or a graph backend object (tests).
         compiled: the step compiled by torch.compile (engine/compiled_step.py), on a CPU without graphs;
             "frozen": the whole step compiled with its weights frozen (engine/frozen_step.py, a benchmark variant).
         packed: None = on a CPU, linear weights prepacked for oneDNN (engine/packed.py) unless compiled.
-        lean: with packed, Llama-family layers computed in fewer operations (engine/lean_layer.py)."""
+        lean: with packed, Llama-family layers computed in fewer operations (engine/lean_layer.py).
+        kernels: with packed, whose kernels the step runs (engine/packed.py KERNELS)."""
         super().__init__(model, tokenizer, name=name, model_id=model_id, **kwargs)
         check_full_attention(model, self.name)
         graphs = self.device.type == "cuda" if graphs is None else graphs
         frozen = compiled == "frozen"  # its prefills (exact forwards) run packed: they are not compiled
         packed = can_pack(self.device, self.dtype) and (frozen or not compiled) and not graphs if packed is None else packed
         self.packed = bool(packed)
+        self.kernels = kernels
         self.profile_buckets = profile_buckets
         self.lean_layers = 0
         step_backbone, model_modules = self.backbone, (self.backbone, self._lm_head)
         if self.packed:  # a copy of the modules sharing the weights: the model itself stays as it was
-            step_backbone, self._lm_head, self.lean_layers, _ = packed_step_modules(self.backbone, self._lm_head, self.dtype, lean)
+            step_backbone, self._lm_head, self.lean_layers, _ = packed_step_modules(self.backbone, self._lm_head, self.dtype, lean,
+                                                                                       kernels)
         self.compiler = None
         if compiled and not graphs:
             self.compiler = FrozenCompiler(compile_cache_dir(), *model_modules) if frozen else CompiledStep(compile_cache_dir())
@@ -105,14 +108,15 @@ class FastHFTarget(HFTarget):
 
     def engine_stats(self) -> dict:
         return {"cuda_graphs": self.decoder.graphs is not None, "packed_linears": self.packed, "lean_layers": self.lean_layers,
-                **self.decoder.stats()}
+                "kernels": kernels_in_use(self.dtype, self.kernels) if self.packed else None, **self.decoder.stats()}
 
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or
         compiled, or its linears packed) as the target's steps are."""
         compiler = CompiledStep() if self.compiler is not None and not self.packed else None  # the frozen step's drafts run packed
         if self.packed:
-            backbone, head, *_ = step_modules(backbone, head, device, dtype, lean=self.lean_layers > 0)
+            backbone, head, *_ = step_modules(backbone, head, device, dtype, lean=self.lean_layers > 0,
+                                           kernels=self.kernels)
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
                              compiler=compiler)
 

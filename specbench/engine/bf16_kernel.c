@@ -1,0 +1,254 @@
+/* y[m, n] = x[m, k] @ W[n, k]^T (+ bias) (+ residual): bf16 in and out, fp32 sums, AVX512_BF16.
+ *
+ * Built by engine/bf16_kernel.py when the fast engine runs a bf16 model on a CPU that has
+ * AVX512_BF16 (docs/engine.md has the measurements and why oneDNN is not enough here).
+ *
+ * W is packed once as [n / 16][k / 2][16][2]: each 64-byte vector holds one pair of k for 16
+ * output columns, the operand layout of VDPBF16PS. A kernel keeps MR rows x NV vectors of
+ * 16 columns in registers and streams NV column blocks over the whole of k (NV = 1: one stream
+ * per thread measured fastest at every row count), so every output
+ * is summed over k in the same order whatever the number of rows: a row's result does not
+ * depend on how many rows are computed with it (a verify's rows equal plain decoding's).
+ * Few rows are bound by reading W (no prefetch: the hardware's keeps up); 8 and 16 rows by
+ * the arithmetic, so W is prefetched ahead. Column blocks are split over the
+ * OpenMP threads (torch's own runtime: the library is loaded after torch).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PREFETCH 64 /* vectors ahead, for MR >= 8 (measured: 16 rows 20.0 -> 14.2 ms per SmolLM2 step) */
+
+void pack_weight(const uint16_t *w, uint16_t *packed, int64_t n, int64_t k) {
+    int64_t pairs = k / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < n / 16; block++)
+        for (int64_t p = 0; p < pairs; p++)
+            for (int c = 0; c < 16; c++) {
+                const uint16_t *src = w + (block * 16 + c) * k + 2 * p;
+                uint16_t *dst = packed + ((block * pairs + p) * 16 + c) * 2;
+                dst[0] = src[0];
+                dst[1] = src[1];
+            }
+}
+
+static inline float bf16_to_f32(uint16_t bits) {
+    uint32_t widened = (uint32_t)bits << 16;
+    float out;
+    memcpy(&out, &widened, sizeof out);
+    return out;
+}
+
+static inline __m512 widen(const uint16_t *bf16x16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16x16)), 16));
+}
+
+#define KERNEL(MR, NV)                                                                                                   \
+    static void kernel_##MR##_##NV(const uint16_t *x, int64_t k, const uint16_t *wp, int64_t block0, uint16_t *y,     \
+                                   int64_t n, const uint16_t *bias, const uint16_t *res) {                             \
+        int64_t pairs = k / 2;                                                                                           \
+        __m512 acc[MR][NV];                                                                                              \
+        for (int m = 0; m < MR; m++)                                                                                     \
+            for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_ps();                                                \
+        const uint32_t *x32 = (const uint32_t *)x;                                                                       \
+        const __m512i *w[NV];                                                                                            \
+        for (int v = 0; v < NV; v++) w[v] = (const __m512i *)(wp + (block0 + v) * pairs * 32);                           \
+        for (int64_t p = 0; p < pairs; p++) {                                                                            \
+            __m512bh wv[NV];                                                                                             \
+            for (int v = 0; v < NV; v++) {                                                                               \
+                if (MR >= 8) _mm_prefetch((const char *)(w[v] + p + PREFETCH), _MM_HINT_T0);                             \
+                wv[v] = (__m512bh)_mm512_loadu_si512(w[v] + p);                                                          \
+            }                                                                                                            \
+            for (int m = 0; m < MR; m++) {                                                                               \
+                __m512bh xb = (__m512bh)_mm512_set1_epi32(x32[m * pairs + p]);                                           \
+                for (int v = 0; v < NV; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xb, wv[v]);                         \
+            }                                                                                                            \
+        }                                                                                                                \
+        for (int m = 0; m < MR; m++)                                                                                     \
+            for (int v = 0; v < NV; v++) {                                                                               \
+                int64_t col = (block0 + v) * 16;                                                                         \
+                __m512 out = acc[m][v];                                                                                  \
+                if (bias) out = _mm512_add_ps(out, widen(bias + col));                                                   \
+                if (res) out = _mm512_add_ps(out, widen(res + m * n + col));                                             \
+                _mm256_storeu_si256((__m256i *)(y + m * n + col), (__m256i)_mm512_cvtneps_pbh(out));                     \
+            }                                                                                                            \
+    }
+
+KERNEL(1, 1)
+KERNEL(2, 1)
+KERNEL(4, 1)
+KERNEL(8, 1)
+KERNEL(16, 1)
+
+typedef void (*kernel)(const uint16_t *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, const uint16_t *,
+                       const uint16_t *);
+
+static int rows_at_once(int64_t m) { return m >= 16 ? 16 : m >= 8 ? 8 : m >= 4 ? 4 : m >= 2 ? 2 : 1; }
+
+static kernel for_rows(int mr) {
+    return mr == 16 ? kernel_16_1 : mr == 8 ? kernel_8_1 : mr == 4 ? kernel_4_1 : mr == 2 ? kernel_2_1 : kernel_1_1;
+}
+
+/* x: [m, k] contiguous; y, res: [m, n] contiguous; n % 16 == 0, k % 2 == 0 (the caller checks).
+ * Threads split the column blocks; each takes all rows of its block in turn (16 at a time), so W
+ * is read from memory once and the later row chunks find it in cache. One block per kernel call:
+ * one stream of W per thread read faster than several (measured on 2 threads, SmolLM2's 211
+ * products: 1 row 7.1 ms against 8.3 with 8 blocks at once; 8 rows 8.7 against 9.8 with 2). */
+void linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, uint16_t *y,
+            const uint16_t *bias, const uint16_t *res) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < n / 16; block++)
+        for (int64_t row = 0; row < m;) {
+            int mr = rows_at_once(m - row);
+            for_rows(mr)(x + row * k, k, wp, block, y + row * n, n, bias, res ? res + row * n : 0);
+            row += mr;
+        }
+}
+
+/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), rows of x: transformers' RMSNorm of a bf16
+ * state (computed in fp32, rounded, then scaled by the bf16 weight and rounded again), in one
+ * pass per row; torch's own took 30-45 us for one 576-wide row. dim % 16 == 0. */
+void rms_norm(const uint16_t *x, int64_t rows, int64_t dim, const uint16_t *weight, float eps, uint16_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * dim;
+        uint16_t *yr = out + r * dim;
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 16) {
+            __m512 v = widen(xr + i);
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
+        for (int64_t i = 0; i < dim; i += 16) {
+            __m256i normed = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(xr + i), scale));
+            __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
+            _mm256_storeu_si256((__m256i *)(yr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(weight + i), back)));
+        }
+    }
+}
+
+/* exp of 16 floats: 2^n * p(r) with x = n ln2 + r (Cephes' polynomial), within 2 ulp; exactly 0
+ * below -87.3, where expf underflows too (masked scores must weigh nothing) */
+static inline __m512 exp16(__m512 x) {
+    __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
+}
+
+/* Attention of `rows` query rows per head over the first `span` cached positions, in fp32 as
+ * transformers' eager attention (scores scaled, plus the additive mask, softmax, weighted sum of
+ * the values), the result rounded to bf16 into out [batch, rows, heads, dim]. Query head h reads
+ * key/value head h / (heads / kv_heads). Keys and values: position stride dim; the mask (may be
+ * NULL): [batch, rows, span] with the given strides, contiguous along span. Each (row, head) is
+ * computed alone, its sums over positions in position order, so a row's result does not depend
+ * on the other rows, and masked positions (weight exactly 0) add exact zeros.
+ * The queries that read one key/value head are taken QB at a time (16 accumulators), so that
+ * each key and value row is widened to fp32 once for all of them. dim % 16 == 0, dim <= 256. */
+#define QB_MAX 16
+static void attend_block(const uint16_t *const *queries, const float *const *biases, int nq, const uint16_t *keys,
+                         const uint16_t *values, int64_t span, int64_t dim, float scale, float *scores,
+                         uint16_t *const *outs) {
+    int64_t chunks = dim / 16;
+    __m512 kv[16];
+    float query[QB_MAX][256] __attribute__((aligned(64)));
+    for (int i = 0; i < nq; i++)
+        for (int64_t c = 0; c < chunks; c++) _mm512_store_ps(query[i] + 16 * c, widen(queries[i] + 16 * c));
+    float top[QB_MAX];
+    for (int i = 0; i < nq; i++) top[i] = -INFINITY;
+    for (int64_t j = 0; j < span; j++) {
+        for (int64_t c = 0; c < chunks; c++) kv[c] = widen(keys + j * dim + 16 * c);
+        for (int i = 0; i < nq; i++) {
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) dot = _mm512_fmadd_ps(_mm512_load_ps(query[i] + 16 * c), kv[c], dot);
+            float score = _mm512_reduce_add_ps(dot) * scale + (biases[i] ? biases[i][j] : 0.0f);
+            scores[i * span + j] = score;
+            top[i] = score > top[i] ? score : top[i];
+        }
+    }
+    float inverse[QB_MAX];
+    for (int i = 0; i < nq; i++) {
+        __m512 total = _mm512_setzero_ps();
+        float *row = scores + i * span;
+        for (int64_t j = 0; j < span; j += 16) {
+            __mmask16 valid = span - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (span - j)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top[i]))));
+            _mm512_mask_storeu_ps(row + j, valid, e);
+            total = _mm512_add_ps(total, e);
+        }
+        inverse[i] = 1.0f / _mm512_reduce_add_ps(total);
+    }
+    float acc[QB_MAX][256] __attribute__((aligned(64)));
+    memset(acc, 0, sizeof(float) * (size_t)nq * 256);
+    for (int64_t j = 0; j < span; j++) {
+        for (int64_t c = 0; c < chunks; c++) kv[c] = widen(values + j * dim + 16 * c);
+        for (int i = 0; i < nq; i++) {
+            __m512 weight = _mm512_set1_ps(scores[i * span + j] * inverse[i]);
+            for (int64_t c = 0; c < chunks; c++)
+                _mm512_store_ps(acc[i] + 16 * c, _mm512_fmadd_ps(weight, kv[c], _mm512_load_ps(acc[i] + 16 * c)));
+        }
+    }
+    for (int i = 0; i < nq; i++)
+        for (int64_t c = 0; c < chunks; c++)
+            _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(acc[i] + 16 * c)));
+}
+
+void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, const uint16_t *k, const uint16_t *v,
+            int64_t kv_batch, int64_t kv_head, const uint16_t *mask, int64_t mask_batch, int64_t mask_row, int64_t batch,
+            int64_t heads, int64_t kv_heads, int64_t rows, int64_t span, int64_t dim, float scale, uint16_t *out) {
+    int64_t group = heads / kv_heads, per_head = group * rows;
+    int qb = (int)(QB_MAX / (dim / 16) > 0 ? QB_MAX / (dim / 16) : 1);  /* 16 accumulators' worth of queries */
+    int64_t blocks = (per_head + qb - 1) / qb, units = batch * kv_heads * blocks;
+    /* the mask in fp32 once: [batch, rows, span] */
+    float *bias = 0;
+    int64_t mask_batches = mask ? (mask_batch ? batch : 1) : 0;
+    if (mask) {
+        bias = (float *)malloc(sizeof(float) * (size_t)(mask_batches * rows * span));
+        for (int64_t b = 0; b < mask_batches; b++)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < span; j++) bias[(b * rows + r) * span + j] = bf16_to_f32(mask[b * mask_batch + r * mask_row + j]);
+    }
+    #pragma omp parallel for schedule(static) if (batch * heads * rows * span * dim > 100000)
+    for (int64_t u = 0; u < units; u++) {
+        int64_t b = u / (kv_heads * blocks), kvh = (u / blocks) % kv_heads, first = (u % blocks) * qb;
+        int nq = (int)(per_head - first < qb ? per_head - first : qb);
+        const uint16_t *queries[QB_MAX];
+        const float *biases[QB_MAX];
+        uint16_t *outs[QB_MAX];
+        for (int i = 0; i < nq; i++) {
+            int64_t h = kvh * group + (first + i) / rows, r = (first + i) % rows;
+            queries[i] = q + b * q_batch + r * q_row + h * q_head;
+            biases[i] = bias ? bias + ((mask_batch ? b : 0) * rows + r) * span : 0;
+            outs[i] = out + ((b * rows + r) * heads + h) * dim;
+        }
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(nq * span + 16));
+        attend_block(queries, biases, nq, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head, span, dim,
+                     scale, scores, outs);
+        free(scores);
+    }
+    free(bias);
+}
+
+/* out[r] = bf16(bf16(silu(gate)) * up) for gate_up[r] = [gate | up] (width each): the MLP's
+ * act_fn(gate) * up in transformers' two roundings, in one pass. width % 16 == 0. */
+void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *out) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < width; i += 16) {
+            __m512 g = widen(gate_up + r * 2 * width + i);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(silu);
+            __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+            __m512 product = _mm512_mul_ps(back, widen(gate_up + r * 2 * width + width + i));
+            _mm256_storeu_si256((__m256i *)(out + r * width + i), (__m256i)_mm512_cvtneps_pbh(product));
+        }
+}

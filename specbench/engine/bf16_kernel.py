@@ -1,0 +1,192 @@
+"""bf16 matrix products for few rows on a CPU with AVX512_BF16: the fast engine's linears there.
+
+Why: a bf16 decode step of a small model reads its weights once per step, so a product of 1-16
+rows should cost what reading its weight costs. oneDNN's prepacked product does not get there
+on the development machine (an AMD EPYC with AVX512_BF16, no AMX): SmolLM2-135M's 211 products
+of one step read at 21 GB/s for 1 row and took 17.3 ms for 16 rows, where the memory reads at
+33 GB/s. This kernel (bf16_kernel.c: VDPBF16PS over weights packed once in its operand layout)
+read them at 29-32 GB/s for 1-4 rows and took 14.2 ms for 16 (docs/engine.md). No library we
+can use does that: inductor's own micro-kernel does it only inside a whole compiled step.
+
+How: the C source is compiled once per process with the system's C compiler (about half a
+second) into a temporary directory and loaded with ctypes after torch, so its OpenMP calls run
+on torch's own thread pool. Where anything is missing — the CPU's AVX512_BF16, a compiler that
+knows it, OpenMP — `unavailable()` says what, and the engine keeps oneDNN's products.
+
+Numerics: each output is summed over k in one fixed order whatever the number of rows, in fp32,
+with the bias and a residual added before the one rounding to bf16 (as oneDNN's post-ops).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bf16_kernel.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+BLOCK = 16  # output columns per vector: n must be a multiple
+
+
+HUGE_PAGE = 2 << 20
+CHUNK = 64 << 20  # packed weights are placed in chunks of this many bytes, on huge pages
+MADV_HUGEPAGE = 14
+
+
+class PackedBf16:
+    """A [out_features, in_features] bf16 weight in the kernel's layout (bf16_kernel.c)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.data = _ARENA.take(weight.numel())
+        _library().pack_weight(weight.detach().contiguous().data_ptr(), self.data.data_ptr(), *weight.shape)
+
+
+class _Arena:
+    """Packed weights side by side in chunks backed by 2 MiB pages where the kernel lets a
+    process ask for them (transparent huge pages in `madvise` mode): a 4 KiB page ends the
+    hardware prefetcher's stream and costs a TLB miss every 64 vectors. Measured (SmolLM2-135M's
+    211 products, 2 threads): 1 row 6.83 -> 5.21 ms, 16 rows 14.61 -> 12.81 ms per step.
+    A chunk lives as long as any weight placed in it."""
+
+    def __init__(self) -> None:
+        self.chunk: torch.Tensor | None = None
+        self.used = 0
+
+    def take(self, numel: int) -> torch.Tensor:
+        nbytes = -(-numel * 2 // 64) * 64  # each weight on its own cache lines
+        if self.chunk is None or self.used + nbytes > self.chunk.numel():
+            size = max(CHUNK, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+            raw = torch.empty(size + HUGE_PAGE, dtype=torch.uint8)
+            start = -raw.data_ptr() % HUGE_PAGE
+            _advise_huge_pages(raw.data_ptr() + start, size)  # before the first write, which places the pages
+            self.chunk, self.used = raw[start : start + size], 0
+        out = self.chunk[self.used : self.used + nbytes].view(torch.bfloat16)[:numel]
+        self.used += nbytes
+        return out
+
+
+def _advise_huge_pages(address: int, size: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), MADV_HUGEPAGE)  # a hint: refused, nothing changes
+    except (OSError, AttributeError):
+        pass
+
+
+_ARENA = _Arena()
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """The kernel takes this weight: bf16 on a CPU, rows a multiple of 16, an even number of columns."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[0] % BLOCK == 0 and weight.shape[1] % 2 == 0)
+
+
+def linear(x: torch.Tensor, packed: PackedBf16, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) (+ residual) over the last dimension of x (bf16), rounded once."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the bf16 kernel takes bf16 inputs, not {x.dtype}")
+    rows = x.reshape(-1, packed.in_features).contiguous()
+    out = torch.empty(rows.shape[0], packed.out_features, dtype=torch.bfloat16)
+    if residual is not None:
+        residual = residual.reshape(out.shape).to(torch.bfloat16).contiguous()
+    if bias is not None:
+        bias = bias.to(torch.bfloat16).contiguous()
+    _library().linear(rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
+                      out.data_ptr(), bias.data_ptr() if bias is not None else None,
+                      residual.data_ptr() if residual is not None else None)
+    return out.reshape(*x.shape[:-1], packed.out_features)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm of a bf16 x over its last dimension (a multiple of 16), scaled by `weight`."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(rows)
+    _library().rms_norm(rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out.view(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a bf16 [..., 2 * width] = [gate | up] (width a multiple of 16), as
+    transformers computes it in bf16 (each of the two results rounded)."""
+    width = gate_up.shape[-1] // 2
+    rows = gate_up.reshape(-1, 2 * width).contiguous()
+    out = torch.empty(rows.shape[0], width, dtype=torch.bfloat16)
+    _library().silu_mul(rows.data_ptr(), rows.shape[0], width, out.data_ptr())
+    return out.view(*gate_up.shape[:-1], width)
+
+
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`attend` takes these: bf16, head_dim a multiple of 16 up to 256, each head's positions dense."""
+    dim = q.shape[-1]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and dim % 16 == 0 and dim <= 256 and q.stride(-1) == 1
+            and all(t.stride(-1) == 1 and t.stride(-2) == dim and t.stride(0) == v.stride(0) and t.stride(1) == v.stride(1) for t in (k, v)))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention in fp32 (bf16_kernel.c `attend`): q [batch, rows, heads, dim], k and v [batch,
+    kv_heads, span, dim] (`attends`), mask None or additive [batch or 1, 1, rows, span];
+    returns [batch, rows, heads * dim] bf16."""
+    batch, rows, heads, dim = q.shape
+    kv_heads, span = k.shape[1], k.shape[2]
+    out = torch.empty(batch, rows, heads * dim, dtype=torch.bfloat16)
+    if mask is not None:
+        mask = mask.to(torch.bfloat16)
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+        mask_batch = mask.stride(0) if mask.shape[0] > 1 else 0
+    _library().attend(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                      mask.data_ptr() if mask is not None else None, mask_batch if mask is not None else 0,
+                      mask.stride(2) if mask is not None else 0, batch, heads, kv_heads, rows, span, dim, scale, out.data_ptr())
+    return out
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """None where the kernel runs here, else why not (in words, for run.json and the engine line)."""
+    if sys.platform != "linux":
+        return "the bf16 kernel is built on Linux only"
+    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "the CPU has no AVX512_BF16"
+    try:
+        _library()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the bf16 kernel did not build: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC) on the PATH")
+    directory = Path(tempfile.mkdtemp(prefix="specbench-bf16-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    target = directory / "bf16_kernel.so"
+    done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")
+    library = ctypes.CDLL(str(target))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.pack_weight.argtypes = [pointer, pointer, size, size]
+    library.pack_weight.restype = None
+    library.linear.argtypes = [pointer, size, size, pointer, size, pointer, pointer, pointer]
+    library.linear.restype = None
+    library.rms_norm.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
+    library.rms_norm.restype = None
+    library.attend.argtypes = [pointer, size, size, size, pointer, pointer, size, size, pointer, size, size, size, size, size, size,
+                               size, size, ctypes.c_float, pointer]
+    library.attend.restype = None
+    library.silu_mul.argtypes = [pointer, size, size, pointer]
+    library.silu_mul.restype = None
+    return library

@@ -1,0 +1,151 @@
+"""The bf16 kernel the CPU fast engine computes bf16 products with (engine/bf16_kernel.py):
+sums rounded once, rows independent of their number, used where it runs and nowhere else."""
+
+import pytest
+import torch
+from tiny import prompts, tiny_llama
+
+from specbench.engine import bf16_kernel
+from specbench.engine.loop import decode
+from specbench.engine.packed import _linear, _linear_add, _pack, kernels_in_use
+from specbench.engine.protocol import PlainDecoding
+from specbench.records import EngineFacts
+from specbench.report.tables import engine_line
+from specbench.targets.batched import RowsHFTarget
+from specbench.targets.fast import FastHFTarget
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+runs_here = pytest.mark.skipif(bf16_kernel.unavailable() is not None, reason=f"{bf16_kernel.unavailable()}")
+ROWS = (1, 2, 3, 5, 8, 13, 16, 17, 40)  # every kernel (16, 8, 4, 2, 1 rows at once) and their tails
+
+
+def bf16(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+@runs_here
+@pytest.mark.parametrize("n, k", [(32, 48), (144, 10), (16, 2)])
+def test_a_product_is_the_exact_sum_rounded_once_to_bf16(n, k):
+    weight, bias = bf16(n, k, seed=0), bf16(n, seed=1)
+    packed = _pack(weight)
+    assert isinstance(packed, bf16_kernel.PackedBf16)
+    for rows in ROWS:
+        x, residual = bf16(rows, k, seed=rows), bf16(rows, n, seed=100 + rows)
+        for b, r in ((None, None), (bias, None), (None, residual), (bias, residual)):
+            exact = x.double() @ weight.double().T + (b.double() if b is not None else 0) + (r.double() if r is not None else 0)
+            got = (_linear_add(x, packed, b, r) if r is not None else _linear(x, packed, b)).double()
+            # fp32 sums of at most a few dozen terms, then one rounding to bf16 (8 bits): within 1 bf16 ulp
+            ulp = exact.abs().clamp_min(1e-3) * 2.0 ** -7
+            assert ((got - exact).abs() <= ulp).all(), (rows, b is not None, r is not None)
+
+
+@runs_here
+def test_a_rows_result_does_not_depend_on_how_many_rows_are_computed_with_it():
+    """Every output is summed over k in one order whatever the row count, so a verify's rows
+    equal plain decoding's one-row products bit for bit."""
+    weight = bf16(96, 64, seed=2)
+    packed = _pack(weight)
+    x = bf16(40, 64, seed=3)
+    alone = torch.cat([_linear(x[i : i + 1], packed, None) for i in range(40)])
+    for rows in ROWS:
+        assert torch.equal(_linear(x[:rows], packed, None), alone[:rows]), rows
+    assert torch.equal(_linear(x.view(2, 20, 64), packed, None).view(40, 96), alone)  # leading dims kept
+
+
+@runs_here
+def test_the_kernel_takes_the_bf16_weights_it_fits_and_onednn_the_rest():
+    assert isinstance(_pack(bf16(32, 48, seed=0)), bf16_kernel.PackedBf16)
+    for weight in (bf16(24, 48, seed=0), bf16(32, 7, seed=0), torch.randn(32, 48)):  # 24 rows, odd columns, fp32
+        assert isinstance(_pack(weight), torch.Tensor)
+    assert isinstance(_pack(bf16(32, 48, seed=0), "onednn"), torch.Tensor)
+    assert kernels_in_use(torch.bfloat16).startswith("specbench's bf16 kernel")
+    assert kernels_in_use(torch.bfloat16, "onednn") == "oneDNN (asked for)" and kernels_in_use(torch.float32) == "oneDNN"
+    with pytest.raises(TypeError, match="takes bf16 inputs"):
+        bf16_kernel.linear(torch.randn(1, 48), _pack(bf16(32, 48, seed=0)))
+    with pytest.raises(ValueError, match="kernels must be one of auto, onednn"):
+        kernels_in_use(torch.bfloat16, "mkl")
+
+
+def test_without_a_working_compiler_the_reason_is_given_and_onednn_computes(monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with pytest.raises(OSError, match="exited with 1"):
+        bf16_kernel._library.__wrapped__()
+    monkeypatch.setattr(bf16_kernel, "unavailable", lambda: "the CPU has no AVX512_BF16")
+    assert isinstance(_pack(bf16(32, 48, seed=0)), torch.Tensor)
+    assert kernels_in_use(torch.bfloat16) == "oneDNN (the CPU has no AVX512_BF16)"
+
+
+@runs_here
+def test_the_bf16_fast_engine_runs_its_products_and_norms_on_the_kernels_and_says_so():
+    model = tiny_llama(0).to(torch.bfloat16)  # every product's weight fits: 96 = q + k + v rows, 192, 48, the 96-id head
+    kernel, onednn = FastHFTarget(model), FastHFTarget(model, kernels="onednn")
+    assert kernel.lean_layers == onednn.lean_layers == 2  # the lean layer agrees with transformers' on the kernel too
+    layer = kernel.decoder.backbone.layers[0]
+    assert all(isinstance(p, bf16_kernel.PackedBf16) for p in (layer.qkv, layer.o, layer.gate_up, layer.down, kernel.lm_head.packed))
+    assert layer.fast_kernels and not onednn.decoder.backbone.layers[0].fast_kernels
+    assert not isinstance(onednn.decoder.backbone.layers[0].qkv, bf16_kernel.PackedBf16)
+    stats = kernel.engine_stats()
+    assert stats["kernels"].startswith("specbench's bf16 kernel") and onednn.engine_stats()["kernels"] == "oneDNN (asked for)"
+    assert "(kernels: specbench's bf16 kernels" in engine_line(EngineFacts(engine="fast", packed_linears=True, kernels=stats["kernels"]))
+    assert "prepacked for oneDNN" in engine_line(EngineFacts(engine="fast", packed_linears=True, kernels="oneDNN"))
+    rows = RowsHFTarget(kernel, 2)  # batch rows run the same kernels as their target
+    assert isinstance(rows.decoder.backbone.layers[0].qkv, bf16_kernel.PackedBf16)
+    # the two engines' logits differ by rounding only, and the greedy tokens of a short decode agree
+    ids = torch.tensor([5, 9, 3, 7, 11])
+    want, got = onednn.prefill(ids)[0].float(), kernel.prefill(ids)[0].float()
+    assert ((got - want).abs().max() / want.abs().max()) < 5e-2
+    kernel.eos_token_ids = onednn.eos_token_ids = set()
+    prompt = prompts(1)[0]
+    assert decode(kernel, PlainDecoding(kernel), prompt, 8).output_ids == decode(onednn, PlainDecoding(onednn), prompt, 8).output_ids
+
+
+@runs_here
+def test_the_norm_kernel_is_transformers_rmsnorm_of_a_bf16_state():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(48, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(bf16(48, seed=4))
+    for rows in (1, 3, 16):
+        x = bf16(2, rows, 48, seed=rows) * 3
+        want, got = norm(x), bf16_kernel.rms_norm(x, norm.weight.detach(), 1e-5)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        # the same two roundings; the fp32 sum of squares in another order moves a value by at most one bf16 step
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0 ** -7 + 1e-6).all()
+        assert (got == want).float().mean() > 0.95
+
+
+@runs_here
+def test_the_mlp_kernel_is_silu_of_the_gate_times_the_up_projection_in_bf16():
+    gate_up = bf16(2, 5, 2 * 48, seed=6) * 4
+    gate, up = gate_up.split(48, dim=-1)
+    want, got = torch.nn.functional.silu(gate) * up, bf16_kernel.silu_mul(gate_up)
+    assert got.shape == want.shape == (2, 5, 48)
+    # the same two roundings; exp in another approximation moves a value by at most one bf16 step
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0 ** -7 + 1e-6).all()
+    assert (got == want).float().mean() > 0.95
+
+
+@runs_here
+@pytest.mark.parametrize("dim", [64, 32])
+def test_attention_is_the_fp64_softmax_rounded_and_a_rows_result_is_its_own(dim):
+    """Grouped heads (9 queries over 3 key/value heads), a causal block after a 20-position
+    context with one masked position, keys and values as strided views of one cache buffer."""
+    batch, heads, kv_heads, rows, context, capacity = 2, 9, 3, 6, 20, 40
+    span, low = context + rows, torch.finfo(torch.bfloat16).min
+    qk = bf16(batch, rows, heads + kv_heads, dim, seed=7)
+    cache = bf16(batch, 2, kv_heads, capacity, dim, seed=8)
+    q, k, v = qk[:, :, :heads], cache[:, 0, :, :span], cache[:, 1, :, :span]
+    mask = torch.zeros(1, 1, rows, span, dtype=torch.bfloat16)
+    mask[..., context:] = torch.full((rows, rows), low).triu(1)
+    mask[..., 3] = low
+    assert bf16_kernel.attends(q, k, v)
+    got = bf16_kernel.attend(q, k, v, mask, dim ** -0.5)
+    keys, values = (t.double().repeat_interleave(heads // kv_heads, 1) for t in (k, v))
+    scores = q.double().transpose(1, 2) @ keys.transpose(-1, -2) * dim ** -0.5 + mask.double()
+    exact = (scores.softmax(-1) @ values).transpose(1, 2).reshape(batch, rows, heads * dim)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -7 + 1e-4).all()
+    for row in range(rows):  # alone, over only the positions it sees, without a mask: the same bits
+        alone_mask = mask[..., row : row + 1, : context + row + 1]
+        alone = bf16_kernel.attend(q[:, row : row + 1], k[:, :, : context + row + 1], v[:, :, : context + row + 1], alone_mask, dim ** -0.5)
+        assert torch.equal(alone[:, 0], got[:, row]), row

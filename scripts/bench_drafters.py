@@ -53,9 +53,10 @@ def drafter_options(name: str, args) -> dict:
     return options
 
 
-def workload_table(folder: Path, title: str) -> Table:
-    """What `specbench report FOLDER` computes for the runs under `folder`, one line per setup."""
-    result = build([folder])
+def workload_table(runs: list[Path], title: str) -> Table:
+    """What `specbench report RUN...` computes for these runs, one line per setup: this
+    invocation's runs only, not older ones left in the same folder."""
+    result = build(runs)
     table = Table(title=title, header_style="bold")
     columns = ["drafter", "τ", *(f"acc@{p}" for p in range(1, POSITIONS + 1)), "draft ms", "verify ms", "tok/s", "plain tok/s",
                "speedup", "exact"]
@@ -151,7 +152,7 @@ def bench(args, drafters: list[str]) -> None:
         env = info.environment
         title = (f"{args.target} on {workload} (--limit {args.limit}, {args.max_new_tokens} new tokens; {env.get('device_name')}, "
                  f"{env.get('cpu_threads')} threads, {info.decode.get('dtype')}): acc@p = conditional acceptance at draft position p")
-        console.print(workload_table(args.out / workload, title))
+        console.print(workload_table(directories, title))
 
 
 if __name__ == "__main__":

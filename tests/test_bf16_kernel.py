@@ -53,6 +53,17 @@ def test_a_rows_result_does_not_depend_on_how_many_rows_are_computed_with_it():
 
 
 @runs_here
+def test_every_row_is_summed_in_k_order_whatever_the_row_count():
+    """2^24 + 1 - 2^24 is 0 summed in order in fp32 (the 1 is lost) and 1 in reverse: the sum of
+    each output over k is taken in one order for every row count, so rounding cannot differ."""
+    weight = torch.zeros(16, 16, dtype=torch.bfloat16)
+    weight[:, 0], weight[:, 2], weight[:, 4] = 2.0 ** 24, 1.0, -(2.0 ** 24)  # one per pair of k
+    packed = _pack(weight)
+    for rows in ROWS:
+        assert torch.equal(_linear(torch.ones(rows, 16, dtype=torch.bfloat16), packed, None), torch.zeros(rows, 16, dtype=torch.bfloat16)), rows
+
+
+@runs_here
 def test_the_kernel_takes_the_bf16_weights_it_fits_and_onednn_the_rest():
     assert isinstance(_pack(bf16(32, 48, seed=0)), bf16_kernel.PackedBf16)
     for weight in (bf16(24, 48, seed=0), bf16(32, 7, seed=0), torch.randn(32, 48)):  # 24 rows, odd columns, fp32
@@ -149,3 +160,25 @@ def test_attention_is_the_fp64_softmax_rounded_and_a_rows_result_is_its_own(dim)
         alone_mask = mask[..., row : row + 1, : context + row + 1]
         alone = bf16_kernel.attend(q[:, row : row + 1], k[:, :, : context + row + 1], v[:, :, : context + row + 1], alone_mask, dim ** -0.5)
         assert torch.equal(alone[:, 0], got[:, row]), row
+
+
+@runs_here
+def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit():
+    """Products, norms, attention and the MLP each compute a row alone, so verifying a chain
+    of 3 gives, row by row, the logits of 4 one-token steps: a drafter's output equals plain
+    decoding's with no near-ties to classify (on SmolLM2 with oneDNN's products they differ by
+    up to 0.4, docs/engine.md)."""
+    from specbench.engine.tree import DraftTree
+
+    model = tiny_llama(0).to(torch.bfloat16)
+    prompt, chain = prompts(1)[0], torch.tensor([7, 30, 11])
+    fast = FastHFTarget(model)
+    with torch.inference_mode():
+        fast.prefill(prompt, max_positions=64)
+        together = fast.verify(int(prompt[-1]), DraftTree.chain(chain))[0]
+        fast.prefill(prompt, max_positions=64)
+        alone = []
+        for token in [int(prompt[-1]), *chain.tolist()]:
+            alone.append(fast.verify(token, DraftTree.chain(torch.zeros(0, dtype=torch.long)))[0][0])
+            fast.commit([])  # keep the root: the next step follows it
+    assert torch.equal(together, torch.stack(alone))

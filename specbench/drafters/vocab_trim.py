@@ -157,6 +157,8 @@ class TrimmedHead(nn.Module):
     """An LM head restricted to the rows `head_ids`: forward() gives logits over them, row i
     standing for target id head_ids[i]."""
 
+    packs_as_linear = True  # forward is F.linear over weight and bias: engine/packed.py packs it as one
+
     def __init__(self, head: nn.Linear, head_ids: torch.Tensor) -> None:
         super().__init__()
         head_ids = head_ids.to(head.weight.device)

@@ -81,11 +81,13 @@ def _linear_add(x: torch.Tensor, packed: torch.Tensor | bf16_kernel.PackedBf16, 
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear's product over its prepacked weight; `weight` and `bias` are the original's."""
+    """An nn.Linear's product over its prepacked weight; `weight` and `bias` are the original's.
+    Also made for a module that computes F.linear(x, self.weight, self.bias) and says so with a
+    class attribute `packs_as_linear = True` (a drafter's vocabulary-trimmed LM head)."""
 
-    def __init__(self, linear: nn.Linear, kernels: str = "auto") -> None:
+    def __init__(self, linear: nn.Module, kernels: str = "auto") -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = linear.weight.shape
         self.weight, self.bias = linear.weight, linear.bias
         self.packed = _pack(linear.weight, kernels)
 
@@ -141,7 +143,7 @@ def _shallow(module: nn.Module) -> nn.Module:
 def packed_copy(module: nn.Module, group_siblings: bool = True, kernels: str = "auto") -> nn.Module:
     """`module` with every nn.Linear (itself included) replaced by a PackedLinear, sharing all
     parameters and buffers; the original is left as it was. `kernels`: see KERNELS."""
-    if type(module) is nn.Linear:  # exactly: subclasses (quantized, sharded) compute otherwise
+    if type(module) is nn.Linear or getattr(type(module), "packs_as_linear", False):  # exactly: subclasses (quantized, sharded) compute otherwise
         return PackedLinear(module, kernels)
     new = _shallow(module)
     children = dict(module.named_children())

@@ -20,7 +20,7 @@ from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
 from specbench.engine.frozen_step import FrozenCompiler
 from specbench.engine.lean_layer import packed_step_modules, step_modules
-from specbench.engine.packed import can_pack, kernels_in_use
+from specbench.engine.packed import can_pack, kernels_in_use, packed_copy
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
@@ -109,6 +109,11 @@ class FastHFTarget(HFTarget):
     def engine_stats(self) -> dict:
         return {"cuda_graphs": self.decoder.graphs is not None, "packed_linears": self.packed, "lean_layers": self.lean_layers,
                 "kernels": kernels_in_use(self.dtype, self.kernels) if self.packed else None, **self.decoder.stats()}
+
+    def step_module(self, module):
+        """A drafter's modules as this engine runs them: on a CPU a copy with its linear weights
+        packed (engine/packed.py `packed_copy`, sharing every parameter), else the modules themselves."""
+        return packed_copy(module, kernels=self.kernels) if self.packed else module
 
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or

@@ -87,6 +87,11 @@ class HFTarget:
     def lm_head(self) -> torch.nn.Module:
         return self._lm_head
 
+    def step_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A drafter's modules as this engine runs them (the fast engine packs their linears on a
+        CPU); the eager engine runs them as they are."""
+        return module
+
     @property
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from specbench.catalogue import drafter_entry
 from specbench.drafters.catalogued import TreeOptions, catalogued_tree, catalogued_trim, catalogued_weights
@@ -117,6 +118,17 @@ class HeadDrafter(Drafter):
         # trunk or prefix layer counts as drafting time, as it is drafting work
         self.pending: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None  # [H] the heads' input at the last accepted position
+        self._step_heads: nn.Module | None = None
+
+    @property
+    def step_heads(self) -> nn.Module:
+        """`self.heads` as a drafting step runs them: the target engine's copy (on the CPU fast
+        engine their linears packed as the target's are, sharing every weight), made at the
+        first draft, after VocabTrim has swapped the LM heads."""
+        if self._step_heads is None:
+            make = getattr(self.target, "step_module", None)  # not part of the Target protocol: targets without it run them as they are
+            self._step_heads = make(self.heads) if make is not None else self.heads
+        return self._step_heads
 
     @classmethod
     def settings(cls, target, options: HeadOptions) -> HeadSettings:
@@ -205,6 +217,7 @@ class HeadDrafter(Drafter):
             raise UserError(f"--vocab-trim {len(kept)} keeps fewer tokens than tree '{self.shape.name}' drafts per node ({max(self.shape.level_topk)})")
         for container, index in self.lm_head_slots():
             container[index] = TrimmedHead(container[index], kept)
+        self._step_heads = None
         self.head_ids = kept.to(self.device)
         self.info |= info
         return self

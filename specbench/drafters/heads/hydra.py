@@ -151,7 +151,7 @@ class HydraDrafter(HeadDrafter):
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
-        shape, heads = self.shape, self.heads
+        shape, heads = self.shape, self.step_heads
         self.catch_up()
         if not len(shape):
             return DraftTree.empty(self.device)
@@ -175,7 +175,7 @@ class HydraDrafter(HeadDrafter):
     def propose_rows(self, rows: list[HydraDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
         """Every live row's tree, each level's head once over every row's nodes at that level (the
         rows share the tree shape, so their level features stack into [rows, nodes, width])."""
-        shape, heads = self.shape, self.heads
+        shape, heads = self.shape, self.step_heads
         if any(row.row is None for row in rows) or not len(shape):  # batch 1: row by row
             return super().propose_rows(rows, contexts)
         for row in rows:

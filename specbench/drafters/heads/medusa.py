@@ -96,13 +96,18 @@ class MedusaDrafter(HeadDrafter):
         return [shape.draft_tree(row_levels) for row_levels in levels]
 
     def head_logits(self, d: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Head d's logits (its own LM head, or the target's for heads-only checkpoints)."""
-        head = self.heads.heads[d - 1]
-        out = head(hidden.to(head[0].linear.weight.dtype))
-        return out if self.heads.base_lm_head[0] is None else self.heads.base_lm_head[0](out)
+        """Head d's logits as a drafting step computes them (`step_heads`)."""
+        return logits_of(self.step_heads, d, hidden)
 
     def level_logits(self, d, base, output, m):
-        return self.head_logits(d, base)
+        return logits_of(self.heads, d, base)  # the heads themselves: training may change them after a step copy was made
+
+
+def logits_of(heads: MedusaHeads, d: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Head d's logits (its own LM head, or the target's for heads-only checkpoints)."""
+    head = heads.heads[d - 1]
+    out = head(hidden.to(head[0].linear.weight.dtype))
+    return out if heads.base_lm_head[0] is None else heads.base_lm_head[0](out)
 
 
 def fresh_medusa_heads(target, num_heads: int, seed: int = 0) -> MedusaHeads:

@@ -182,3 +182,26 @@ def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit()
             alone.append(fast.verify(token, DraftTree.chain(torch.zeros(0, dtype=torch.long)))[0][0])
             fast.commit([])  # keep the root: the next step follows it
     assert torch.equal(together, torch.stack(alone))
+
+
+@runs_here
+def test_a_head_drafter_drafts_on_the_engines_packed_copy_of_its_heads_and_prefix_layer():
+    from specbench.drafters.heads.hydra import HydraDrafter
+    from specbench.engine.lean_layer import LeanLayer
+    from specbench.engine.packed import PackedLinear
+    from specbench.targets.hf import HFTarget
+
+    model = tiny_llama(0).to(torch.bfloat16)
+    fast = FastHFTarget(model)
+    fast.eos_token_ids = set()
+    drafter = HydraDrafter.build(fast, heads="fresh", tree="chain:2")  # Hydra++: a prefix layer, heads on the target's LM head
+    prompt = prompts(1)[0]
+    got = decode(fast, drafter, prompt, 16)
+    step = drafter.step_heads
+    assert step is not drafter.heads and isinstance(step.hydra_mlp[0][1].linear, PackedLinear)
+    assert isinstance(step.hydra_mlp[0][1].linear.packed, bf16_kernel.PackedBf16)
+    assert step.hydra_mlp[0][1].linear.weight is drafter.heads.hydra_mlp[0][1].linear.weight  # shared, not copied
+    assert isinstance(drafter._step_prefix.layers[0], LeanLayer) and not isinstance(drafter.prefix.model.layers[0], LeanLayer)
+    assert got.output_ids == decode(fast, PlainDecoding(fast), prompt, 16).output_ids  # a chain: bit for bit, no near-tie
+    eager = HFTarget(model)
+    assert HydraDrafter.build(eager, heads="fresh", tree="chain:2").step_heads.hydra_mlp[0][1].linear.__class__ is torch.nn.Linear

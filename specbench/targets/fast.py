@@ -20,7 +20,7 @@ from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
 from specbench.engine.frozen_step import FrozenCompiler
 from specbench.engine.lean_layer import packed_step_modules, step_modules
-from specbench.engine.packed import can_pack, kernels_in_use, packed_copy
+from specbench.engine.packed import can_pack, kernels_in_use
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
 from specbench.errors import UserError
@@ -111,9 +111,12 @@ class FastHFTarget(HFTarget):
                 "kernels": kernels_in_use(self.dtype, self.kernels) if self.packed else None, **self.decoder.stats()}
 
     def step_module(self, module):
-        """A drafter's modules as this engine runs them: on a CPU a copy with its linear weights
-        packed (engine/packed.py `packed_copy`, sharing every parameter), else the modules themselves."""
-        return packed_copy(module, kernels=self.kernels) if self.packed else module
+        """A drafter's modules as this engine runs them: on a CPU a copy sharing every parameter,
+        its linear weights packed and its Llama-family decoder layers, if it has any (Hydra++'s
+        prefix layer), lean as the target's (engine/lean_layer.py); elsewhere the modules themselves."""
+        if not self.packed:
+            return module
+        return packed_step_modules(module, None, self.dtype, lean=self.lean_layers > 0, kernels=self.kernels).backbone
 
     def static_decoder(self, backbone, head, device, dtype) -> StaticDecoder:
         """A decoder for another model (a draft's) on this engine: bucketed and captured (or

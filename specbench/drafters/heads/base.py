@@ -127,7 +127,11 @@ class HeadDrafter(Drafter):
         first draft, after VocabTrim has swapped the LM heads."""
         if self._step_heads is None:
             make = getattr(self.target, "step_module", None)  # not part of the Target protocol: targets without it run them as they are
-            self._step_heads = make(self.heads) if make is not None else self.heads
+            step = make(self.heads) if make is not None else self.heads
+            shared = getattr(self.heads, "base_lm_head", [None])  # a list, not a child: the copy would keep it as it is
+            if step is not self.heads and shared[0] is not None:
+                step.base_lm_head = [make(shared[0])]  # the target's LM head (packed already) or its trimmed copy
+            self._step_heads = step
         return self._step_heads
 
     @classmethod

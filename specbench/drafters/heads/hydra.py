@@ -71,6 +71,7 @@ class HydraDrafter(HeadDrafter):
         # offset k > 0: the output of target layer L-k (the input of layer L-k+1), before the norm
         if hidden_state_offset:
             self.taps = (target.num_layers - hidden_state_offset,)
+        self._step_prefix: nn.Module | None = None
 
     @classmethod
     def create(cls, target, options: HeadOptions) -> HydraDrafter:
@@ -130,8 +131,14 @@ class HydraDrafter(HeadDrafter):
         super().begin(prompt_tokens, prompt_hidden)
 
     def consume(self, rows: torch.Tensor) -> torch.Tensor:
-        """The heads' base state: the last accepted row, through the prefix layer for Hydra++."""
-        return rows[-1] if self.prefix is None else self.prefix.feed(rows)[-1]
+        """The heads' base state: the last accepted row, through the prefix layer for Hydra++ (its
+        layer as the target's engine runs it, made at the first draft and shared by forked rows)."""
+        if self.prefix is None:
+            return rows[-1]
+        if self._step_prefix is None:
+            make = getattr(self.target, "step_module", None)  # not part of the Target protocol
+            self._step_prefix = make(self.prefix.model) if make is not None else self.prefix.model
+        return self.prefix.feed(rows, self._step_prefix)[-1]
 
     def teacher_base(self, states):
         if self.prefix is None:

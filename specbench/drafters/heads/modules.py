@@ -157,13 +157,15 @@ class OwnDecoder(nn.Module):
         kv.truncate(self.cache, length)
 
     @torch.inference_mode()
-    def feed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run rows [m, H] after what is cached; returns the normed outputs [m, H]."""
+    def feed(self, hidden: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Run rows [m, H] after what is cached; returns the normed outputs [m, H]. `model`: the
+        layers as a drafting step runs them (a target engine's copy of `self.model`), if not these."""
         if self.cache is None:
             self.reset()
         start = self.cached
         positions = torch.arange(start, start + hidden.shape[0], device=hidden.device)
-        out = self.model(inputs_embeds=hidden[None], position_ids=positions[None], use_cache=True, **cache_kwargs(self.model, self.cache))
+        model = model if model is not None else self.model
+        out = model(inputs_embeds=hidden[None], position_ids=positions[None], use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.last_hidden_state[0]
 
     def layer_state_dict(self) -> dict[str, torch.Tensor]:

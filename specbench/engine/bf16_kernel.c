@@ -203,11 +203,82 @@ static void attend_block(const uint16_t *const *queries, const float *const *bia
             _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(acc[i] + 16 * c)));
 }
 
+/* Lane k of the result: the sum of the 16 lanes of v[k], by a fixed tree (the same for every call) */
+static inline __m512 sum_each(__m512 v[16]) {
+    __m512 pairs[8], quads[4], halves[2];
+    for (int i = 0; i < 8; i++) /* within 128-bit lanes: a0+a2, b0+b2, a1+a3, b1+b3 */
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* each 128-bit lane: the partial sums of 4 vectors */
+        __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int i = 0; i < 2; i++)
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* attend_block for dim 64 (SmolLM2, Llama-3.2-1B...): scores 16 keys at a time with VDPBF16PS
+ * on the bf16 rows themselves (each key's products summed by one fixed tree, sum_each), and
+ * the weighted sum of the values in registers, 4 queries at a time. Same results for a row
+ * whatever the others, as attend_block. */
+static void attend_block_64(const uint16_t *const *queries, const float *const *biases, int nq, const uint16_t *keys,
+                            const uint16_t *values, int64_t span, float scale, float *scores, uint16_t *const *outs) {
+    float top[4], inverse[4];
+    for (int i = 0; i < nq; i++) {
+        __m512bh q0 = (__m512bh)_mm512_loadu_si512(queries[i]), q1 = (__m512bh)_mm512_loadu_si512(queries[i] + 32);
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < span; j += 16) {
+            int64_t here = span - j < 16 ? span - j : 16;
+            __m512 dots[16];
+            for (int k = 0; k < 16; k++) {
+                if (k < here) {
+                    const uint16_t *key = keys + (j + k) * 64;
+                    dots[k] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(key)), q1,
+                                               (__m512bh)_mm512_loadu_si512(key + 32));
+                } else
+                    dots[k] = _mm512_setzero_ps();
+            }
+            __mmask16 valid = here == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << here) - 1);
+            __m512 row = _mm512_mul_ps(sum_each(dots), _mm512_set1_ps(scale));
+            if (biases[i]) row = _mm512_add_ps(row, _mm512_maskz_loadu_ps(valid, biases[i] + j));
+            _mm512_mask_storeu_ps(scores + i * span + j, valid, row);
+            best = _mm512_mask_max_ps(best, valid, best, row);
+        }
+        top[i] = _mm512_reduce_max_ps(best);
+        __m512 total = _mm512_setzero_ps();
+        float *weights = scores + i * span;
+        for (int64_t j = 0; j < span; j += 16) {
+            __mmask16 valid = span - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (span - j)) - 1);
+            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, weights + j), _mm512_set1_ps(top[i]))));
+            _mm512_mask_storeu_ps(weights + j, valid, e);
+            total = _mm512_add_ps(total, e);
+        }
+        inverse[i] = 1.0f / _mm512_reduce_add_ps(total);
+    }
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < span; j++) {
+        __m512 value[4];
+        for (int c = 0; c < 4; c++) value[c] = widen(values + j * 64 + 16 * c);
+        for (int i = 0; i < 4; i++)
+            if (i < nq) {
+                __m512 weight = _mm512_set1_ps(scores[i * span + j] * inverse[i]);
+                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_fmadd_ps(weight, value[c], acc[i][c]);
+            }
+    }
+    for (int i = 0; i < 4; i++)
+        if (i < nq)
+            for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[i][c]));
+}
+
 void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, const uint16_t *k, const uint16_t *v,
             int64_t kv_batch, int64_t kv_head, const uint16_t *mask, int64_t mask_batch, int64_t mask_row, int64_t batch,
             int64_t heads, int64_t kv_heads, int64_t rows, int64_t span, int64_t dim, float scale, uint16_t *out) {
     int64_t group = heads / kv_heads, per_head = group * rows;
-    int qb = (int)(QB_MAX / (dim / 16) > 0 ? QB_MAX / (dim / 16) : 1);  /* 16 accumulators' worth of queries */
+    int qb = dim == 64 ? 4 : (int)(QB_MAX / (dim / 16) > 0 ? QB_MAX / (dim / 16) : 1);  /* 16 accumulators' worth of queries */
     int64_t blocks = (per_head + qb - 1) / qb, units = batch * kv_heads * blocks;
     /* the mask in fp32 once: [batch, rows, span] */
     float *bias = 0;
@@ -232,8 +303,12 @@ void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, c
             outs[i] = out + ((b * rows + r) * heads + h) * dim;
         }
         float *scores = (float *)malloc(sizeof(float) * (size_t)(nq * span + 16));
-        attend_block(queries, biases, nq, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head, span, dim,
-                     scale, scores, outs);
+        if (dim == 64)
+            attend_block_64(queries, biases, nq, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head, span, scale,
+                            scores, outs);
+        else
+            attend_block(queries, biases, nq, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head, span, dim,
+                         scale, scores, outs);
         free(scores);
     }
     free(bias);

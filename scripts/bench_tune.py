@@ -32,7 +32,7 @@ from specbench.environment import environment
 from specbench.flags import tune_commands
 from specbench.report.build import run_summary
 from specbench.report.plots import tune_frontiers
-from specbench.runner import RunConfig, start_run
+from specbench.runner import RunConfig, load, start_run
 from specbench.simulate.log import VerifyProfile, read_log, read_profile
 from specbench.simulate.predict import LatencyModel
 from specbench.simulate.profile import measure_profile
@@ -49,7 +49,6 @@ from specbench.simulate.tune import (
     predict,
 )
 from specbench.simulate.walk import Shape
-from specbench.targets.hf import HFTarget
 
 DEFAULTS = {"medusa": {"tree": "mc_sim_7b_63_depth3"}, "hydra": {"tree": "mc_sim_7b_63_depth3"}, "draft-model": {"k": 4},
             "prompt-lookup": {"k": 5}}
@@ -88,7 +87,7 @@ def run_once(work: Path, name: str, drafter: str, options: dict, args, target, w
     if args.reuse and marker.exists() and Path(marker.read_text()).exists():
         return Path(marker.read_text())
     config = RunConfig(drafter=drafter, drafter_options=options, workload=workload, limit=limit or args.heldout_limit,
-                       max_new_tokens=args.max_new_tokens, device="cpu")
+                       max_new_tokens=args.max_new_tokens, device="cpu", engine=args.engine, dtype=args.dtype)
     directory = start_run(config, work / "runs", command=f"bench_tune.py: {name}", target=target)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(directory))
@@ -119,6 +118,8 @@ def main() -> None:
                         help="CPU verify profile: measured now, before tuning (default), or the pool-train log's")
     parser.add_argument("--reuse", action="store_true", help="keep logs and runs already in --work")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a machine shared with other jobs")
+    parser.add_argument("--engine", default="auto", help="the target engine, as `specbench run --engine` (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="the target dtype, as `specbench run --dtype` (default: auto)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,7 +129,10 @@ def main() -> None:
     train_path, heldout_path = record_logs(args, work)
     train, heldout = read_log(train_path), read_log(heldout_path)
     heldout.turns = heldout.turns[: args.heldout_limit]  # the prompts the runs measure (a reused log may hold more)
-    target = HFTarget.load("smollm2-135m", torch.device("cpu"), torch.float32)  # heads tied to its LM head need it
+    # the target `specbench run` loads on this CPU (--engine and --dtype as run takes them: by default the fast
+    # engine in bf16 where the CPU computes it): the profile, the drafts' timing and the runs are all of it
+    target = load(RunConfig(target="smollm2-135m", device="cpu", engine=args.engine, dtype=args.dtype))
+    print(f"target: {target.engine} engine, {str(target.dtype).removeprefix('torch.')}")
     cpu = LatencyModel.build(cpu_profile(args, work, train, target), None, None)
     gpu = LatencyModel.build(read_profile(args.gpu_profile), None, None)
     calibration = run_once(work, "calibrate-overhead", "prompt-lookup", {}, args, target, workload="pool-train", limit=2)

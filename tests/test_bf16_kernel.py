@@ -185,6 +185,31 @@ def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit()
 
 
 @runs_here
+def test_on_the_kernels_a_tree_nodes_logits_are_plain_decodings_of_its_path_bit_for_bit():
+    """A tree's node attends to its ancestors across masked siblings; the sums skip those
+    positions as exact zeros, so each node's logits are those of plain decoding along its path."""
+    from specbench.engine.tree import DraftTree
+
+    model = tiny_llama(1).to(torch.bfloat16)
+    prompt = prompts(1)[0]
+    # root -> a, b; a -> c, d; b -> e; c -> f
+    tokens, parents = torch.tensor([7, 30, 11, 41, 5, 60]), torch.tensor([-1, -1, 0, 0, 1, 2])
+    fast = FastHFTarget(model)
+    with torch.inference_mode():
+        fast.prefill(prompt, max_positions=64)
+        together = fast.verify(int(prompt[-1]), DraftTree(tokens, parents))[0]
+        for node in range(len(tokens)):
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(int(parents[path[-1]]))
+            fast.prefill(prompt, max_positions=64)
+            for token in [int(prompt[-1]), *tokens[path[::-1]].tolist()]:
+                logits = fast.verify(token, DraftTree.chain(torch.zeros(0, dtype=torch.long)))[0][0]
+                fast.commit([])
+            assert torch.equal(together[node + 1], logits), node
+
+
+@runs_here
 def test_a_head_drafter_drafts_on_the_engines_packed_copy_of_its_heads_and_prefix_layer():
     from specbench.drafters.heads.hydra import HydraDrafter
     from specbench.engine.lean_layer import LeanLayer

@@ -152,7 +152,8 @@ static inline __m512 exp16(__m512 x) {
  * key/value head h / (heads / kv_heads). Keys and values: position stride dim; the mask (may be
  * NULL): [batch, rows, span] with the given strides, contiguous along span. Each (row, head) is
  * computed alone, its sums over positions in position order, so a row's result does not depend
- * on the other rows, and masked positions (weight exactly 0) add exact zeros.
+ * on the other rows, and masked positions (weight exactly 0) add exact zeros: a tree node's
+ * result is that of the same tokens at consecutive positions (plain decoding's).
  * The queries that read one key/value head are taken QB at a time (16 accumulators), so that
  * each key and value row is widened to fp32 once for all of them. dim % 16 == 0, dim <= 256. */
 #define QB_MAX 16
@@ -176,31 +177,33 @@ static void attend_block(const uint16_t *const *queries, const float *const *bia
             top[i] = score > top[i] ? score : top[i];
         }
     }
-    float inverse[QB_MAX];
     for (int i = 0; i < nq; i++) {
-        __m512 total = _mm512_setzero_ps();
         float *row = scores + i * span;
         for (int64_t j = 0; j < span; j += 16) {
             __mmask16 valid = span - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (span - j)) - 1);
             __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top[i]))));
             _mm512_mask_storeu_ps(row + j, valid, e);
-            total = _mm512_add_ps(total, e);
         }
-        inverse[i] = 1.0f / _mm512_reduce_add_ps(total);
     }
+    /* as attend_block_64: the sums in position order, then one division */
     float acc[QB_MAX][256] __attribute__((aligned(64)));
+    float total[QB_MAX] = {0.0f};
     memset(acc, 0, sizeof(float) * (size_t)nq * 256);
     for (int64_t j = 0; j < span; j++) {
         for (int64_t c = 0; c < chunks; c++) kv[c] = widen(values + j * dim + 16 * c);
         for (int i = 0; i < nq; i++) {
-            __m512 weight = _mm512_set1_ps(scores[i * span + j] * inverse[i]);
+            float e = scores[i * span + j];
+            total[i] += e;
+            __m512 weight = _mm512_set1_ps(e);
             for (int64_t c = 0; c < chunks; c++)
                 _mm512_store_ps(acc[i] + 16 * c, _mm512_fmadd_ps(weight, kv[c], _mm512_load_ps(acc[i] + 16 * c)));
         }
     }
-    for (int i = 0; i < nq; i++)
+    for (int i = 0; i < nq; i++) {
+        __m512 inverse = _mm512_set1_ps(1.0f / total[i]);
         for (int64_t c = 0; c < chunks; c++)
-            _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(acc[i] + 16 * c)));
+            _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc[i] + 16 * c), inverse)));
+    }
 }
 
 /* Lane k of the result: the sum of the 16 lanes of v[k], by a fixed tree (the same for every call) */
@@ -225,7 +228,7 @@ static inline __m512 sum_each(__m512 v[16]) {
  * whatever the others, as attend_block. */
 static void attend_block_64(const uint16_t *const *queries, const float *const *biases, int nq, const uint16_t *keys,
                             const uint16_t *values, int64_t span, float scale, float *scores, uint16_t *const *outs) {
-    float top[4], inverse[4];
+    float top[4];
     for (int i = 0; i < nq; i++) {
         __m512bh q0 = (__m512bh)_mm512_loadu_si512(queries[i]), q1 = (__m512bh)_mm512_loadu_si512(queries[i] + 32);
         __m512 best = _mm512_set1_ps(-INFINITY);
@@ -247,17 +250,17 @@ static void attend_block_64(const uint16_t *const *queries, const float *const *
             best = _mm512_mask_max_ps(best, valid, best, row);
         }
         top[i] = _mm512_reduce_max_ps(best);
-        __m512 total = _mm512_setzero_ps();
         float *weights = scores + i * span;
         for (int64_t j = 0; j < span; j += 16) {
             __mmask16 valid = span - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (span - j)) - 1);
             __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, weights + j), _mm512_set1_ps(top[i]))));
             _mm512_mask_storeu_ps(weights + j, valid, e);
-            total = _mm512_add_ps(total, e);
         }
-        inverse[i] = 1.0f / _mm512_reduce_add_ps(total);
     }
+    /* sum_j e_j v_j and sum_j e_j in position order, then one division: masked positions add
+       exact zeros, so a tree node's sums are those of the same tokens at consecutive positions */
     __m512 acc[4][4];
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int i = 0; i < 4; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < span; j++) {
@@ -265,13 +268,18 @@ static void attend_block_64(const uint16_t *const *queries, const float *const *
         for (int c = 0; c < 4; c++) value[c] = widen(values + j * 64 + 16 * c);
         for (int i = 0; i < 4; i++)
             if (i < nq) {
-                __m512 weight = _mm512_set1_ps(scores[i * span + j] * inverse[i]);
+                float e = scores[i * span + j];
+                total[i] += e;
+                __m512 weight = _mm512_set1_ps(e);
                 for (int c = 0; c < 4; c++) acc[i][c] = _mm512_fmadd_ps(weight, value[c], acc[i][c]);
             }
     }
     for (int i = 0; i < 4; i++)
-        if (i < nq)
-            for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[i][c]));
+        if (i < nq) {
+            __m512 inverse = _mm512_set1_ps(1.0f / total[i]);
+            for (int c = 0; c < 4; c++)
+                _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][c], inverse)));
+        }
 }
 
 void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, const uint16_t *k, const uint16_t *v,

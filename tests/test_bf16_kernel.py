@@ -170,7 +170,7 @@ def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit()
     up to 0.4, docs/engine.md)."""
     from specbench.engine.tree import DraftTree
 
-    model = tiny_llama(0).to(torch.bfloat16)
+    model = tiny_llama(0, hidden=256).to(torch.bfloat16)  # head_dim 64: the attention kernel's fast path
     prompt, chain = prompts(1)[0], torch.tensor([7, 30, 11])
     fast = FastHFTarget(model)
     with torch.inference_mode():
@@ -190,7 +190,7 @@ def test_on_the_kernels_a_tree_nodes_logits_are_plain_decodings_of_its_path_bit_
     positions as exact zeros, so each node's logits are those of plain decoding along its path."""
     from specbench.engine.tree import DraftTree
 
-    model = tiny_llama(1).to(torch.bfloat16)
+    model = tiny_llama(1, hidden=256).to(torch.bfloat16)  # head_dim 64: the attention kernel's fast path
     prompt = prompts(1)[0]
     # root -> a, b; a -> c, d; b -> e; c -> f
     tokens, parents = torch.tensor([7, 30, 11, 41, 5, 60]), torch.tensor([-1, -1, 0, 0, 1, 2])

@@ -230,3 +230,27 @@ def test_a_head_drafter_drafts_on_the_engines_packed_copy_of_its_heads_and_prefi
     assert got.output_ids == decode(fast, PlainDecoding(fast), prompt, 16).output_ids  # a chain: bit for bit, no near-tie
     eager = HFTarget(model)
     assert HydraDrafter.build(eager, heads="fresh", tree="chain:2").step_heads.hydra_mlp[0][1].linear.__class__ is torch.nn.Linear
+
+
+@runs_here
+@pytest.mark.parametrize("drafter", ["plain", "prompt-lookup"])
+def test_batch_rows_on_the_kernels_equal_each_prompts_own_decode(drafter, monkeypatch):
+    """Rows of different sequences share every product and attention call (per-row masks and
+    positions); each row's output is that prompt's decode alone on the one-row engine."""
+    from specbench.drafters.prompt_lookup import PromptLookupDrafter
+    from specbench.engine.lean_layer import LeanLayer
+    from specbench.engine.loop import Request, decode_rows
+
+    model = tiny_llama(2, hidden=256).to(torch.bfloat16)
+    fast = FastHFTarget(model)
+    fast.eos_token_ids = set()
+    make = (lambda target: PlainDecoding(target)) if drafter == "plain" else (lambda target: PromptLookupDrafter(target))
+    batch_prompts, budgets = prompts(4), [12, 7, 12, 9]
+    alone = [decode(fast, make(fast), p, n).output_ids for p, n in zip(batch_prompts, budgets)]
+    rows = RowsHFTarget(fast, 3)
+    assert isinstance(rows.decoder.backbone.layers[0], LeanLayer) and rows.decoder.backbone.layers[0].fast_kernels
+    batches, attend = [], bf16_kernel.attend
+    monkeypatch.setattr(bf16_kernel, "attend", lambda q, *rest: batches.append(q.shape[0]) or attend(q, *rest))
+    batch = decode_rows(rows, make(rows), [Request(p, n) for p, n in zip(batch_prompts, budgets)])
+    assert [d.output_ids for d in batch.decoded] == alone
+    assert max(batches) == 3  # the rows' attention ran on the kernel, three sequences in one call

@@ -1,6 +1,7 @@
 """Eager vs fast decode engine, per dtype, on whatever device this runs on.
 
-    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (lean, packed, compiled, static)
+    python scripts/bench_engine.py --device cpu         # SmolLM2-135M, fp32 and bf16, eager and fast (lean, packed, compiled, static;
+                                                        # --cpu-fast lean,lean-onednn: the bf16 kernels against oneDNN)
     python scripts/bench_engine.py --device cuda        # random-weight Vicuna-7B shape (fp16), eager and fast (CUDA graphs)
 
 Every engine x dtype variant is measured in one process, their repetitions interleaved
@@ -13,8 +14,10 @@ Every engine x dtype variant is measured in one process, their repetitions inter
   n-1), n = 1..64 by default, and t(n)/t(1);
 - per-step overhead (step wall - draft - verify) for plain decoding and prompt lookup;
 - the fast engine's warm-up, done before anything is timed: on CUDA every bucket captured
-  as a graph; on a CPU (`--cpu-fast`) the linear weights prepacked for oneDNN with
-  Llama layers in fewer operations ("lean", what `--engine fast` runs) or with
+  as a graph; on a CPU (`--cpu-fast`) the linear weights prepacked — in bf16 for
+  specbench's kernels where the CPU has AVX512_BF16 (engine/bf16_kernel.py), else for
+  oneDNN — with Llama layers in fewer operations ("lean", what `--engine fast` runs;
+  "lean-onednn" the same with oneDNN's products and torch's operations) or with
   transformers' layers ("packed"), or every bucket's step compiled ("compiled"; the time is
   inductor's, less when its on-disk cache already holds the code), or the whole step compiled
   with its weights frozen in ("frozen", engine/frozen_step.py), or neither ("static":

@@ -254,3 +254,26 @@ def test_batch_rows_on_the_kernels_equal_each_prompts_own_decode(drafter, monkey
     batch = decode_rows(rows, make(rows), [Request(p, n) for p, n in zip(batch_prompts, budgets)])
     assert [d.output_ids for d in batch.decoded] == alone
     assert max(batches) == 3  # the rows' attention ran on the kernel, three sequences in one call
+
+
+@runs_here
+def test_a_layer_in_one_call_is_the_lean_layers_operations_bit_for_bit(monkeypatch):
+    """On the one-row engine's cache each layer runs as one call of the kernels
+    (bf16_kernel.layer_step): the same logits, prefill and a branching tree's verify, as the
+    lean layer's operations one by one; the first layer of the first forward, before the cache
+    exists, takes the one-by-one path."""
+    from specbench.engine.tree import DraftTree
+
+    model = tiny_llama(3, hidden=256).to(torch.bfloat16)
+    fused, apart = FastHFTarget(model), FastHFTarget(model)
+    for layer in apart.decoder.backbone.layers:
+        layer.fused = False
+    assert all(layer.fused for layer in fused.decoder.backbone.layers)
+    calls, step = [], bf16_kernel.layer_step
+    monkeypatch.setattr(bf16_kernel, "layer_step", lambda *args: calls.append(args[1].shape[1]) or step(*args))
+    prompt, tree = prompts(1)[0], DraftTree(torch.tensor([7, 30, 11, 41, 5]), torch.tensor([-1, -1, 0, 0, 2]))
+    with torch.inference_mode():
+        got = [fused.prefill(prompt, max_positions=64)[0], fused.verify(int(prompt[-1]), tree)[0]]
+        want = [apart.prefill(prompt, max_positions=64)[0], apart.verify(int(prompt[-1]), tree)[0]]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert calls == [len(prompt)] + [8, 8]  # prefill: layer 1 (layer 0 allocated the cache); verify: both layers, bucket 8

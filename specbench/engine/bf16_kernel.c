@@ -335,3 +335,61 @@ void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *ou
             _mm256_storeu_si256((__m256i *)(out + r * width + i), (__m256i)_mm512_cvtneps_pbh(product));
         }
 }
+
+/* q and k of one row rotated in place, as transformers' x * cos + rotate_half(x) * sin in bf16
+ * (each product rounded, then their sum): dim % 32 == 0 */
+static void rotate_row(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t dim) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i += 16) {
+        __m512 lo = widen(x + i), hi = widen(x + half + i);
+        __m512 c_lo = widen(cos + i), c_hi = widen(cos + half + i), s_lo = widen(sin + i), s_hi = widen(sin + half + i);
+        __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lo, c_lo));
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hi, s_lo));  /* rotate_half: -hi, so -(hi * s) */
+        __m256i c = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hi, c_hi));
+        __m256i d = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lo, s_hi));
+#define BACK(v) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
+        __m256i out_lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(BACK(a), BACK(b)));
+        __m256i out_hi = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(BACK(c), BACK(d)));
+#undef BACK
+        _mm256_storeu_si256((__m256i *)(x + i), out_lo);
+        _mm256_storeu_si256((__m256i *)(x + half + i), out_hi);
+    }
+}
+
+/* One Llama decoder layer of batch 1 over a preallocated cache, in one call: the lean layer's
+ * operations (engine/lean_layer.py) on these kernels, in the same order and with the same
+ * roundings, without a Python call between them. The new keys and values go to the cache at
+ * `slots`; attention reads its first `span` positions. out may not alias hidden. */
+void layer_step(const uint16_t *hidden, int64_t rows, int64_t width, uint16_t *out,
+                const uint16_t *norm1, float eps1, const uint16_t *norm2, float eps2,
+                const uint16_t *qkv_w, const uint16_t *qkv_bias, const uint16_t *o_w, const uint16_t *o_bias,
+                const uint16_t *gate_up_w, const uint16_t *gate_up_bias, const uint16_t *down_w, const uint16_t *down_bias,
+                int64_t heads, int64_t kv_heads, int64_t dim, int64_t intermediate,
+                const uint16_t *cos, const uint16_t *sin, uint16_t *keys, uint16_t *values, int64_t capacity,
+                const int64_t *slots, int64_t span, const uint16_t *mask, int64_t mask_row, float scale) {
+    int64_t qkv_width = (heads + 2 * kv_heads) * dim;
+    uint16_t *normed = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width));
+    uint16_t *qkv = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * qkv_width));
+    uint16_t *attended = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * heads * dim));
+    uint16_t *mid = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width));
+    uint16_t *gate_up = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * 2 * intermediate));
+    uint16_t *act = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * intermediate));
+    rms_norm(hidden, rows, width, norm1, eps1, normed);
+    linear(normed, rows, width, qkv_w, qkv_width, qkv, qkv_bias, 0);
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *row = qkv + r * qkv_width;
+        for (int64_t h = 0; h < heads + kv_heads; h++) rotate_row(row + h * dim, cos + r * dim, sin + r * dim, dim);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            memcpy(keys + (h * capacity + slots[r]) * dim, row + (heads + h) * dim, sizeof(uint16_t) * (size_t)dim);
+            memcpy(values + (h * capacity + slots[r]) * dim, row + (heads + kv_heads + h) * dim, sizeof(uint16_t) * (size_t)dim);
+        }
+    }
+    attend(qkv, rows * qkv_width, qkv_width, dim, keys, values, kv_heads * capacity * dim, capacity * dim, mask, 0, mask_row,
+           1, heads, kv_heads, rows, span, dim, scale, attended);
+    linear(attended, rows, heads * dim, o_w, width, mid, o_bias, hidden);
+    rms_norm(mid, rows, width, norm2, eps2, normed);
+    linear(normed, rows, width, gate_up_w, 2 * intermediate, gate_up, gate_up_bias, 0);
+    silu_mul(gate_up, rows, intermediate, act);
+    linear(act, rows, intermediate, down_w, width, out, down_bias, mid);
+    free(normed); free(qkv); free(attended); free(mid); free(gate_up); free(act);
+}

@@ -150,6 +150,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out
 
 
+def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               slots: torch.Tensor, span: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One Llama decoder layer (engine/lean_layer.py LeanLayer `layer`, its weights packed for
+    these kernels) over one sequence's rows `hidden` [1, rows, H]: bf16_kernel.c `layer_step`.
+    keys, values: the layer's cache [kv_heads, capacity, head_dim]; the rows' keys and values go
+    to `slots`, attention reads the first `span` positions under the additive `mask` [.., rows, span]."""
+    rows, width = hidden.shape[1], hidden.shape[2]
+    hidden = hidden.reshape(rows, width).contiguous()
+    out = torch.empty_like(hidden)
+    cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+    slots = slots.contiguous()
+    if mask is not None:
+        mask = mask.to(torch.bfloat16)
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    pointer = (lambda t: t.data_ptr() if t is not None else None)  # noqa: E731
+    _library().layer_step(
+        hidden.data_ptr(), rows, width, out.data_ptr(), layer.norm1.data_ptr(), layer.eps1, layer.norm2.data_ptr(), layer.eps2,
+        layer.qkv.data.data_ptr(), pointer(layer.qkv_bias), layer.o.data.data_ptr(), pointer(layer.o_bias),
+        layer.gate_up.data.data_ptr(), pointer(layer.gate_up_bias), layer.down.data.data_ptr(), pointer(layer.down_bias),
+        layer.heads, layer.kv_heads, layer.head_dim, layer.intermediate, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+        values.data_ptr(), keys.shape[1], slots.data_ptr(), span, pointer(mask), mask.stride(-2) if mask is not None else 0,
+        layer.scaling)
+    return out.view(1, rows, width)
+
+
 @functools.cache
 def unavailable() -> str | None:
     """None where the kernel runs here, else why not (in words, for run.json and the engine line)."""
@@ -189,4 +214,9 @@ def _library() -> ctypes.CDLL:
     library.attend.restype = None
     library.silu_mul.argtypes = [pointer, size, size, pointer]
     library.silu_mul.restype = None
+    library.layer_step.argtypes = [pointer, size, size, pointer, pointer, ctypes.c_float, pointer, ctypes.c_float,
+                                   pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                                   size, size, size, size, pointer, pointer, pointer, pointer, size,
+                                   pointer, size, pointer, size, ctypes.c_float]
+    library.layer_step.restype = None
     return library

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specbench.engine import bf16_kernel
+from specbench.engine.kv import StaticKV
 from specbench.engine.packed import _linear, _linear_add, _pack, can_pack, packed_copy
 from specbench.errors import SpecbenchWarning
 
@@ -78,6 +79,12 @@ class LeanLayer(nn.Module):
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.fast_kernels = (kernels == "auto" and self.norm1.dtype == self.norm2.dtype == torch.bfloat16
                           and self.norm1.numel() % 16 == 0 and bf16_kernel.unavailable() is None)
+        # the whole layer in one call of the kernels (bf16_kernel.layer_step) where every piece fits them
+        biases = (self.qkv_bias, self.o_bias, self.gate_up_bias, self.down_bias)
+        self.fused = (self.fast_kernels and self.head_dim % 32 == 0 and self.head_dim <= 256 and self.intermediate % 16 == 0
+                      and all(isinstance(p, bf16_kernel.PackedBf16) for p in (self.qkv, self.o, self.gate_up, self.down))
+                      and all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases)
+                      and self.norm1.is_contiguous() and self.norm2.is_contiguous())
         self.shared, self.leads = ForwardShared(), True  # lean_layers gives a stack's layers one, led by the first
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,6 +131,14 @@ class LeanLayer(nn.Module):
         cache = cache if cache is not None else past_key_values
         batch, rows, _ = hidden_states.shape
         cos, sin = position_embeddings  # [batch, rows, head_dim], the same for every layer of a forward
+        if self.fused and batch == 1 and hidden_states.dtype == cos.dtype == torch.bfloat16 and isinstance(cache, StaticKV) \
+                and cache.kv is not None and cache.kv.dtype == torch.bfloat16 and cache.slots is not None \
+                and cache.slots.numel() == rows and (attention_mask is not None or rows == 1) \
+                and (attention_mask is None or attention_mask.shape[-1] >= (cache.span or cache.capacity)):
+            # the one-row fast engine's cache: the layer in one call, the same operations as below
+            layer_kv = cache.kv[self.layer_idx]
+            return bf16_kernel.layer_step(self, hidden_states, cos, sin, layer_kv[0], layer_kv[1], cache.slots,
+                                          cache.span or cache.capacity, attention_mask)
         if self.leads or self.shared.sin is not sin:  # a forward that did not start at the leader makes its own
             half = sin.shape[-1] // 2
             self.shared.sin = sin

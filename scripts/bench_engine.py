@@ -147,14 +147,16 @@ def main() -> None:
         if target.engine == "fast":
             ms = target.warm_up(longest_verify, (), positions)
             warm[name] = {"ms": ms, **target.engine_stats()}
-    # the bandwidth drifts on a shared host: read before and after the timed runs, their mean is the limit's
+    # the bandwidth drifts on a shared host (the development VM's moved between ~35 and ~58 GB/s within a
+    # minute): read right before and right after plain decoding's runs, their mean is the limit those runs met
     measure_bandwidth = (lambda: read_bandwidth(device)) if device.type == "cpu" else (lambda: copy_bandwidth(device))
     bandwidth_before = measure_bandwidth()
     with torch.inference_mode():
         plain = decode_runs(targets, PlainDecoding, prompt, args.new_tokens, args.reps)
+    bandwidth_after = measure_bandwidth()
+    with torch.inference_mode():
         lookup = decode_runs(targets, lambda t: PromptLookupDrafter(t), prompt, args.new_tokens, args.reps)
         profile = verify_profile(targets, prompt, sizes, args.reps)
-    bandwidth_after = measure_bandwidth()
     bandwidth = (bandwidth_before + bandwidth_after) / 2
     for name, target in targets.items():
         if target.engine == "fast":
@@ -209,7 +211,7 @@ def show(r: dict) -> None:
         f"{r['model']} on {r['device_name'] or r['device']}, {r['cpu_threads']} CPU threads; prompt {r['prompt_tokens']} tokens, "
         f"{r['new_tokens']} new tokens forced, medians of {r['reps']} interleaved reps; "
         f"bandwidth {r['bandwidth_GB_s']:.1f} GB/s ({r['bandwidth_kind']}; {r['bandwidth_GB_s_before_after'][0]:.1f} before and "
-        f"{r['bandwidth_GB_s_before_after'][1]:.1f} after the timed runs)"
+        f"{r['bandwidth_GB_s_before_after'][1]:.1f} after plain decoding's runs)"
     )
     for name, v in r["variants"].items():
         w = v["warm_up"]

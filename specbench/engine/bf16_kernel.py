@@ -1,12 +1,14 @@
-"""bf16 matrix products for few rows on a CPU with AVX512_BF16: the fast engine's linears there.
+"""The CPU fast engine's bf16 kernels where the CPU has AVX512_BF16: products of few rows,
+RMSNorm, attention, SiLU·up, and a whole Llama layer in one call (bf16_kernel.c).
 
 Why: a bf16 decode step of a small model reads its weights once per step, so a product of 1-16
 rows should cost what reading its weight costs. oneDNN's prepacked product does not get there
 on the development machine (an AMD EPYC with AVX512_BF16, no AMX): SmolLM2-135M's 211 products
-of one step read at 21 GB/s for 1 row and took 17.3 ms for 16 rows, where the memory reads at
-33 GB/s. This kernel (bf16_kernel.c: VDPBF16PS over weights packed once in its operand layout)
-read them at 29-32 GB/s for 1-4 rows and took 14.2 ms for 16 (docs/engine.md). No library we
-can use does that: inductor's own micro-kernel does it only inside a whole compiled step.
+of one step read at 21 GB/s for 1 row, where the memory reads at 33-58 GB/s, and torch's small
+operations around them cost as much again. These kernels (VDPBF16PS over weights packed once in
+its operand layout, on 2 MiB pages) read the weights at the bandwidth for 1-4 rows, and a layer
+per call took a plain SmolLM2 step from 24 to 7 ms (docs/engine.md). No library we can use does
+that: inductor's own micro-kernel does it only inside a whole compiled step.
 
 How: the C source is compiled once per process with the system's C compiler (about half a
 second) into a temporary directory and loaded with ctypes after torch, so its OpenMP calls run
@@ -14,7 +16,8 @@ on torch's own thread pool. Where anything is missing — the CPU's AVX512_BF16,
 knows it, OpenMP — `unavailable()` says what, and the engine keeps oneDNN's products.
 
 Numerics: each output is summed over k in one fixed order whatever the number of rows, in fp32,
-with the bias and a residual added before the one rounding to bf16 (as oneDNN's post-ops).
+with the bias and a residual added before the one rounding to bf16 (as oneDNN's post-ops);
+attention sums in position order. So a verified row's logits are plain decoding's, bit for bit.
 """
 
 from __future__ import annotations

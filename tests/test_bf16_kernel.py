@@ -277,3 +277,21 @@ def test_a_layer_in_one_call_is_the_lean_layers_operations_bit_for_bit(monkeypat
         want = [apart.prefill(prompt, max_positions=64)[0], apart.verify(int(prompt[-1]), tree)[0]]
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert calls == [len(prompt)] + [8, 8]  # prefill: layer 1 (layer 0 allocated the cache); verify: both layers, bucket 8
+
+
+@runs_here
+@pytest.mark.parametrize("dim", [64, 32])  # the head_dim 64 kernel and the general one
+def test_attention_sums_its_weights_in_position_order(dim):
+    """Two keys of weight 1 with 15 of weight e^-17.25 (< half an fp32 step at 1) between them:
+    in position order the small ones are lost and the values' mean is an exact bf16 midpoint,
+    rounded to even (1 + 2^-6); summed lane by lane the small ones add up, the total grows and
+    the mean rounds down (1 + 2^-7). The order makes a tree node's sums plain decoding's."""
+    span = 17
+    q = torch.zeros(1, 1, 1, dim, dtype=torch.bfloat16)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, span, dim, dtype=torch.bfloat16)
+    k[0, 0, 1:16, 0] = -17.25  # scores 0, -17.25 x 15, 0
+    v = torch.zeros(1, 1, span, dim, dtype=torch.bfloat16)
+    v[0, 0, 0, 0], v[0, 0, 16, 0] = 1 + 2.0 ** -7, 1 + 2.0 ** -6
+    out = bf16_kernel.attend(q, k, v, None, 1.0)
+    assert out[0, 0, 0].item() == 1 + 2.0 ** -6 and not out[0, 0, 1:].any()

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from specbench.environment import environment
+from specbench.errors import UserError
 from specbench.flags import tune_commands
 from specbench.report.build import run_summary
 from specbench.report.plots import tune_frontiers
@@ -126,13 +127,17 @@ def main() -> None:
     work = args.work
     (work / "trees").mkdir(parents=True, exist_ok=True)
 
+    # the target `specbench run` loads on this CPU (--engine and --dtype as run takes them: by default the fast
+    # engine in bf16 where the CPU computes it): the profile, the drafts' timing and the runs are all of it.
+    # Loaded first, so that a bad --engine or --dtype is one line before minutes of recording.
+    try:
+        target = load(RunConfig(target="smollm2-135m", device="cpu", engine=args.engine, dtype=args.dtype))
+    except UserError as exc:
+        parser.error(str(exc))
+    print(f"target: {target.engine} engine, {str(target.dtype).removeprefix('torch.')}")
     train_path, heldout_path = record_logs(args, work)
     train, heldout = read_log(train_path), read_log(heldout_path)
     heldout.turns = heldout.turns[: args.heldout_limit]  # the prompts the runs measure (a reused log may hold more)
-    # the target `specbench run` loads on this CPU (--engine and --dtype as run takes them: by default the fast
-    # engine in bf16 where the CPU computes it): the profile, the drafts' timing and the runs are all of it
-    target = load(RunConfig(target="smollm2-135m", device="cpu", engine=args.engine, dtype=args.dtype))
-    print(f"target: {target.engine} engine, {str(target.dtype).removeprefix('torch.')}")
     cpu = LatencyModel.build(cpu_profile(args, work, train, target), None, None)
     gpu = LatencyModel.build(read_profile(args.gpu_profile), None, None)
     calibration = run_once(work, "calibrate-overhead", "prompt-lookup", {}, args, target, workload="pool-train", limit=2)

@@ -41,9 +41,14 @@ static inline float bf16_to_f32(uint16_t bits) {
     return out;
 }
 
-static inline __m512 widen(const uint16_t *bf16x16) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16x16)), 16));
+static inline __m512 widen_vec(__m256i bf16x16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16x16), 16));
 }
+
+static inline __m512 widen(const uint16_t *bf16x16) { return widen_vec(_mm256_loadu_si256((const __m256i *)bf16x16)); }
+
+/* the lanes of a 16-wide chunk that hold one of the `left` elements still to go */
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 #define KERNEL(MR, NV)                                                                                                   \
     static void kernel_##MR##_##NV(const uint16_t *x, int64_t k, const uint16_t *wp, int64_t block0, uint16_t *y,     \
@@ -121,8 +126,7 @@ void rms_norm(const uint16_t *x, int64_t rows, int64_t dim, const uint16_t *weig
         }
         __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
         for (int64_t i = 0; i < dim; i += 16) {
-            __m256i normed = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(xr + i), scale));
-            __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(normed), 16));
+            __m512 back = widen_vec((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(xr + i), scale)));
             _mm256_storeu_si256((__m256i *)(yr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(weight + i), back)));
         }
     }
@@ -180,7 +184,7 @@ static void attend_block(const uint16_t *const *queries, const float *const *bia
     for (int i = 0; i < nq; i++) {
         float *row = scores + i * span;
         for (int64_t j = 0; j < span; j += 16) {
-            __mmask16 valid = span - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (span - j)) - 1);
+            __mmask16 valid = tail_mask(span - j);
             __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top[i]))));
             _mm512_mask_storeu_ps(row + j, valid, e);
         }
@@ -243,7 +247,7 @@ static void attend_block_64(const uint16_t *const *queries, const float *const *
                 } else
                     dots[k] = _mm512_setzero_ps();
             }
-            __mmask16 valid = here == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << here) - 1);
+            __mmask16 valid = tail_mask(here);
             __m512 row = _mm512_mul_ps(sum_each(dots), _mm512_set1_ps(scale));
             if (biases[i]) row = _mm512_add_ps(row, _mm512_maskz_loadu_ps(valid, biases[i] + j));
             _mm512_mask_storeu_ps(scores + i * span + j, valid, row);
@@ -252,7 +256,7 @@ static void attend_block_64(const uint16_t *const *queries, const float *const *
         top[i] = _mm512_reduce_max_ps(best);
         float *weights = scores + i * span;
         for (int64_t j = 0; j < span; j += 16) {
-            __mmask16 valid = span - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (span - j)) - 1);
+            __mmask16 valid = tail_mask(span - j);
             __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, weights + j), _mm512_set1_ps(top[i]))));
             _mm512_mask_storeu_ps(weights + j, valid, e);
         }
@@ -329,8 +333,7 @@ void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *ou
         for (int64_t i = 0; i < width; i += 16) {
             __m512 g = widen(gate_up + r * 2 * width + i);
             __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(silu);
-            __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+            __m512 back = widen_vec((__m256i)_mm512_cvtneps_pbh(silu));
             __m512 product = _mm512_mul_ps(back, widen(gate_up + r * 2 * width + width + i));
             _mm256_storeu_si256((__m256i *)(out + r * width + i), (__m256i)_mm512_cvtneps_pbh(product));
         }
@@ -347,10 +350,8 @@ static void rotate_row(uint16_t *x, const uint16_t *cos, const uint16_t *sin, in
         __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hi, s_lo));  /* rotate_half: -hi, so -(hi * s) */
         __m256i c = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(hi, c_hi));
         __m256i d = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(lo, s_hi));
-#define BACK(v) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16))
-        __m256i out_lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(BACK(a), BACK(b)));
-        __m256i out_hi = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(BACK(c), BACK(d)));
-#undef BACK
+        __m256i out_lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(widen_vec(a), widen_vec(b)));
+        __m256i out_hi = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(widen_vec(c), widen_vec(d)));
         _mm256_storeu_si256((__m256i *)(x + i), out_lo);
         _mm256_storeu_si256((__m256i *)(x + half + i), out_hi);
     }

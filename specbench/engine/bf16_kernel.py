@@ -143,9 +143,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     batch, rows, heads, dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
     out = torch.empty(batch, rows, heads * dim, dtype=torch.bfloat16)
+    mask = _mask_rows(mask)
     if mask is not None:
-        mask = mask.to(torch.bfloat16)
-        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
         mask_batch = mask.stride(0) if mask.shape[0] > 1 else 0
     _library().attend(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
                       mask.data_ptr() if mask is not None else None, mask_batch if mask is not None else 0,
@@ -163,11 +162,8 @@ def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     hidden = hidden.reshape(rows, width).contiguous()
     out = torch.empty_like(hidden)
     cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
-    slots = slots.contiguous()
-    if mask is not None:
-        mask = mask.to(torch.bfloat16)
-        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-    pointer = (lambda t: t.data_ptr() if t is not None else None)  # noqa: E731
+    slots, mask = slots.contiguous(), _mask_rows(mask)
+    pointer = (lambda t: t.data_ptr() if t is not None else None)
     _library().layer_step(
         hidden.data_ptr(), rows, width, out.data_ptr(), layer.norm1.data_ptr(), layer.eps1, layer.norm2.data_ptr(), layer.eps2,
         layer.qkv.data.data_ptr(), pointer(layer.qkv_bias), layer.o.data.data_ptr(), pointer(layer.o_bias),
@@ -176,6 +172,14 @@ def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         values.data_ptr(), keys.shape[1], slots.data_ptr(), span, pointer(mask), mask.stride(-2) if mask is not None else 0,
         layer.scaling)
     return out.view(1, rows, width)
+
+
+def _mask_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An additive mask as the kernels read it: bf16, each row's positions dense."""
+    if mask is None:
+        return None
+    mask = mask.to(torch.bfloat16)
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
 
 
 @functools.cache

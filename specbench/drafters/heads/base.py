@@ -126,13 +126,18 @@ class HeadDrafter(Drafter):
         engine their linears packed as the target's are, sharing every weight), made at the
         first draft, after VocabTrim has swapped the LM heads."""
         if self._step_heads is None:
-            make = getattr(self.target, "step_module", None)  # not part of the Target protocol: targets without it run them as they are
-            step = make(self.heads) if make is not None else self.heads
+            step = self.engine_copy(self.heads)
             shared = getattr(self.heads, "base_lm_head", [None])  # a list, not a child: the copy would keep it as it is
             if step is not self.heads and shared[0] is not None:
-                step.base_lm_head = [make(shared[0])]  # the target's LM head (packed already) or its trimmed copy
+                step.base_lm_head = [self.engine_copy(shared[0])]  # the target's LM head (packed already) or its trimmed copy
             self._step_heads = step
         return self._step_heads
+
+    def engine_copy(self, module: nn.Module) -> nn.Module:
+        """`module` as the target's engine runs a drafter's modules (`step_module`, not part of the
+        Target protocol: a target without it runs them as they are)."""
+        make = getattr(self.target, "step_module", None)
+        return make(module) if make is not None else module
 
     @classmethod
     def settings(cls, target, options: HeadOptions) -> HeadSettings:

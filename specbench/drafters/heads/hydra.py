@@ -136,8 +136,7 @@ class HydraDrafter(HeadDrafter):
         if self.prefix is None:
             return rows[-1]
         if self._step_prefix is None:
-            make = getattr(self.target, "step_module", None)  # not part of the Target protocol
-            self._step_prefix = make(self.prefix.model) if make is not None else self.prefix.model
+            self._step_prefix = self.engine_copy(self.prefix.model)
         return self.prefix.feed(rows, self._step_prefix)[-1]
 
     def teacher_base(self, states):

@@ -295,3 +295,71 @@ def test_attention_sums_its_weights_in_position_order(dim):
     v[0, 0, 0, 0], v[0, 0, 16, 0] = 1 + 2.0 ** -7, 1 + 2.0 ** -6
     out = bf16_kernel.attend(q, k, v, None, 1.0)
     assert out[0, 0, 0].item() == 1 + 2.0 ** -6 and not out[0, 0, 1:].any()
+
+
+@runs_here
+def test_a_prefix_layer_on_the_engines_lean_copy_runs_its_layers_itself_with_the_models_own_results(monkeypatch):
+    """Hydra++'s prefix layer (OwnDecoder) fed through the CPU engine's lean copy runs its layers
+    over a static cache (`stack_forward`, each layer one call of the kernels once the cache exists)
+    and gives the bits the model's own forward over a DynamicCache gives, feed after feed."""
+    from transformers import DynamicCache
+
+    from specbench.drafters.heads.modules import OwnDecoder
+    from specbench.engine.kv import StaticKV
+
+    model = tiny_llama(4, hidden=256).to(torch.bfloat16)
+    fast = FastHFTarget(model)
+    prefix = OwnDecoder(model.config, 1).to(torch.bfloat16)
+    step = fast.step_module(prefix.model)
+    calls, layer_step = [], bf16_kernel.layer_step
+    monkeypatch.setattr(bf16_kernel, "layer_step", lambda *args: calls.append(args[1].shape[1]) or layer_step(*args))
+    through_model = OwnDecoder(model.config, 1).to(torch.bfloat16)
+    through_model.model = prefix.model
+    step.config._attn_implementation = "eager"  # transformers' mask on every forward: the kernels' attention both ways
+    for _ in range(2):  # a second sequence after reset()
+        prefix.reset(), through_model.reset()
+        through_model.cache = DynamicCache(config=through_model.config)
+        for rows in (7, 1, 2, 1, 3):
+            states = bf16(rows, 256, seed=rows)
+            got, want = prefix.feed(states, step), through_model.feed(states, step)
+            assert isinstance(prefix.cache, StaticKV) and torch.equal(got, want), rows
+        assert prefix.cached == through_model.cached == 14
+    assert calls and set(calls) <= {1, 2, 3, 7} and 1 in calls and 3 in calls
+
+
+@runs_here
+def test_a_lean_layer_given_no_mask_for_a_chunk_attends_causally():
+    """transformers leaves the mask out for a chunk that is all the keys (sdpa's causal flag does
+    its work): a lean layer over a DynamicCache then attends causally, as the model's own layer
+    does, not to the positions after each row."""
+    from transformers import DynamicCache
+
+    from specbench.drafters.heads.modules import OwnDecoder
+
+    model = tiny_llama(4, hidden=256).to(torch.bfloat16)
+    prefix = OwnDecoder(model.config, 1).to(torch.bfloat16)
+    assert prefix.model.config._attn_implementation == "sdpa"
+    step = FastHFTarget(model).step_module(prefix.model)
+    states, outs = bf16(7, 256, seed=1), []
+    for module in (step, prefix.model):
+        prefix.cache = DynamicCache(config=prefix.config)
+        outs.append(prefix.feed(states, module).float())
+    assert (outs[0] - outs[1]).abs().max() <= 0.05 * outs[1].abs().max()  # non-causal: 0.33 off where they reach 3
+
+
+@runs_here
+def test_around_lean_layers_the_rotary_comes_from_a_table_of_its_own_values_and_the_final_norm_from_the_kernel():
+    from specbench.engine.lean_layer import LeanNorm, TableRotary
+
+    model = tiny_llama(5, hidden=256).to(torch.bfloat16)
+    backbone = FastHFTarget(model).decoder.backbone
+    assert isinstance(backbone.rotary_emb, TableRotary) and isinstance(backbone.norm, LeanNorm)
+    assert type(model.model.rotary_emb).__name__ == "LlamaRotaryEmbedding" and type(model.model.norm).__name__ == "LlamaRMSNorm"
+    x = torch.zeros(1, 1, 256, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    for rows, start in [(1, 0), (3, 17), (16, 250), (5, 300), (1, 1000)]:  # the table grows past 256 and 512
+        positions = (torch.arange(rows) + start)[None]
+        want, got = model.model.rotary_emb(x, positions), backbone.rotary_emb(x, positions)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (rows, start)
+    states = torch.randn(2, 4, 256, generator=generator).to(torch.bfloat16)
+    assert torch.equal(backbone.norm(states), bf16_kernel.rms_norm(states, model.model.norm.weight.detach(), model.model.norm.variance_epsilon))

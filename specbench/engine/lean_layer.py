@@ -158,9 +158,10 @@ class LeanLayer(nn.Module):
         else:
             if rows == 1 or attention_mask is not None:
                 attended = self._attend(q, k, v, attention_mask)
-            else:  # no mask: a causal chunk without a cache (or all of one)
-                causal = attention_mask is None and cache is None
-                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=self.scaling,
+            else:  # no mask for several rows: a causal chunk that is all the keys (transformers drops the mask only then)
+                if k.shape[2] != rows:
+                    raise ValueError(f"{rows} rows after {k.shape[2] - rows} cached positions need an attention mask")
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
                                                           enable_gqa=self.heads != self.kv_heads)
             attended = attended.transpose(1, 2).reshape(batch, rows, self.heads * self.head_dim)
         x = _linear_add(attended, self.o, self.o_bias, hidden_states)
@@ -169,6 +170,81 @@ class LeanLayer(nn.Module):
             return _linear_add(bf16_kernel.silu_mul(gate_up), self.down, self.down_bias, x)
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return _linear_add(F.silu(gate) * up, self.down, self.down_bias, x)
+
+
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * bf16(x * rsqrt(mean(x^2) + eps)), as the kernel's
+
+
+class LeanNorm(nn.Module):
+    """A stack's final RMSNorm (one of NORMS, bf16, width a multiple of 16) in one call of the
+    bf16 kernel: transformers' norm runs 7 operations, 0.1-0.2 ms per step when the caches are
+    cold from the step's weights (measured in a SmolLM2 decode, docs/engine.md)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bf16_kernel.rms_norm(x, self.weight.detach(), self.eps)
+
+
+class TableRotary(nn.Module):
+    """A rotary embedding's cos and sin read from a table the module itself computed for positions
+    0..n-1 (grown by doubling): each value is a function of one position alone (a product with
+    inv_freq, then cos or sin), so the table holds the module's own results, without its 8
+    operations per forward. Only for RoPE types whose frequencies never change (not dynamic)."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.rotary = rotary
+        self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def takes(rotary: nn.Module | None) -> bool:
+        rope_type = getattr(rotary, "rope_type", None)
+        return isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope" and hasattr(rotary, "inv_freq")
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.tables.get(x.dtype, (None, None))
+        top = int(position_ids.max()) + 1
+        if cos is None or top > cos.shape[0]:
+            size = max(top, 2 * (cos.shape[0] if cos is not None else 256))
+            cos, sin = self.rotary(x, torch.arange(size, device=x.device)[None])
+            cos, sin = cos[0], sin[0]
+            self.tables[x.dtype] = cos, sin
+        return cos[position_ids], sin[position_ids]
+
+
+def runs_lean(model: nn.Module | None) -> bool:
+    """`model` (a transformers decoder stack: layers, rotary_emb, norm) is an engine copy whose
+    every layer LeanLayer computes in one call of the kernels (`fused`): `stack_forward` takes it."""
+    layers = getattr(model, "layers", None)
+    return (layers is not None and len(layers) > 0 and all(isinstance(layer, LeanLayer) and layer.fused for layer in layers)
+            and hasattr(model, "rotary_emb") and hasattr(model, "norm"))
+
+
+@torch.inference_mode()
+def stack_forward(model: nn.Module, hidden: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+    """The normed outputs [m, H] of rows `hidden` [m, H] (bf16) at the positions after `cache.length`
+    through `model` (`runs_lean`), their keys and values added to `cache`: what the model's own forward
+    over a DynamicCache computes (the same layers, rotary and a causal mask), without transformers'
+    wrapper around the layers, which costs more than a one-layer stack's own work (a drafter's prefix
+    layer: 0.43 ms through the model's forward for one row, docs/engine.md)."""
+    rows, start = hidden.shape[0], cache.length
+    cache.reserve(start + rows)  # a drafter's own cache grows with its context (doubling: rarely)
+    positions = torch.arange(start, start + rows, device=hidden.device)
+    cos, sin = model.rotary_emb(hidden[None], positions[None])
+    mask = None  # one row sees every cached position; several see the cache and each other causally
+    if rows > 1:
+        allowed = torch.ones(rows, start + rows, dtype=torch.bool, device=hidden.device).tril(start)
+        mask = torch.zeros(1, 1, rows, start + rows, dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+    cache.slots, cache.span = positions, start + rows
+    states = hidden[None]
+    for layer in model.layers:
+        states = layer(states, attention_mask=mask, position_embeddings=(cos, sin), cache=cache)
+    cache.length = start + rows
+    return model.norm(states)[0]
 
 
 def _takes(layer: nn.Module) -> bool:
@@ -236,11 +312,29 @@ def lean_layers(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtyp
         lean.shared, lean.leads = shared, swapped == 0  # the stack's first lean layer runs first in every forward
         step_backbone.layers[index] = lean
         swapped += 1
+    if swapped and all(isinstance(layer, LeanLayer) and layer.fast_kernels for layer in step_backbone.layers):
+        _lean_edges(step_backbone, backbone, dtype)
     for why, indices in kept.items():  # one line per reason, not one per layer
         # stacklevel 3: past packed_step_modules, at the target that asked for the step
         warnings.warn(f"layer(s) {', '.join(map(str, indices))} ({type(layers[indices[0]]).__name__}) run as transformers writes "
                       f"them on the CPU fast engine ({why})", SpecbenchWarning, stacklevel=3)
     return swapped
+
+
+def _lean_edges(step_backbone: nn.Module, backbone: nn.Module, dtype: torch.dtype) -> None:
+    """Around lean layers on the kernels, the stack's final norm (LeanNorm, where it agrees with the
+    norm on a probe as a layer must) and its rotary embedding (TableRotary) in fewer operations."""
+    norm = getattr(backbone, "norm", None)
+    if type(norm).__name__ in NORMS and getattr(norm, "weight", None) is not None and norm.weight.dtype == torch.bfloat16 \
+            and norm.weight.dim() == 1 and norm.weight.numel() % 16 == 0 and norm.weight.is_contiguous():
+        probe = torch.randn(3, norm.weight.numel(), generator=torch.Generator().manual_seed(0)).to(dtype)
+        lean = LeanNorm(norm)
+        with torch.no_grad():
+            got, want = lean(probe).float(), norm(probe).float()
+        if (got - want).abs().max() / want.abs().max().clamp_min(1e-6) <= TOLERANCE[dtype]:
+            step_backbone.norm = lean
+    if TableRotary.takes(getattr(backbone, "rotary_emb", None)):
+        step_backbone.rotary_emb = TableRotary(backbone.rotary_emb)
 
 
 class StepModules(NamedTuple):

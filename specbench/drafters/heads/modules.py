@@ -26,6 +26,8 @@ from transformers import DynamicCache
 from specbench.drafters.checkpoints import ROTARY_TABLE
 from specbench.engine import kv
 from specbench.engine.compat import cache_kwargs
+from specbench.engine.kv import StaticKV
+from specbench.engine.lean_layer import runs_lean, stack_forward
 
 
 class MedusaResBlock(nn.Module):
@@ -143,7 +145,7 @@ class OwnDecoder(nn.Module):
         config.vocab_size = 1  # its token embedding is never used; keep it from costing V x H
         config.pad_token_id = None  # (a padding id would not fit that one-row table)
         self.model = AutoModel.from_config(config)
-        self.cache: DynamicCache | None = None
+        self.cache: DynamicCache | StaticKV | None = None  # made by the first feed of a sequence, for the model it runs
         self.config = config
 
     @property
@@ -151,7 +153,7 @@ class OwnDecoder(nn.Module):
         return self.cache.get_seq_length() if self.cache is not None else 0
 
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.config)
+        self.cache = None
 
     def truncate(self, length: int) -> None:
         kv.truncate(self.cache, length)
@@ -160,11 +162,14 @@ class OwnDecoder(nn.Module):
     def feed(self, hidden: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """Run rows [m, H] after what is cached; returns the normed outputs [m, H]. `model`: the
         layers as a drafting step runs them (a target engine's copy of `self.model`), if not these."""
-        if self.cache is None:
-            self.reset()
+        model = model if model is not None else self.model
+        if self.cache is None:  # a CPU engine's lean copy runs its layers itself, over a static cache
+            lean = runs_lean(model) and hidden.dtype == torch.bfloat16
+            self.cache = StaticKV(len(model.layers)) if lean else DynamicCache(config=self.config)
+        if isinstance(self.cache, StaticKV):
+            return stack_forward(model, hidden, self.cache)
         start = self.cached
         positions = torch.arange(start, start + hidden.shape[0], device=hidden.device)
-        model = model if model is not None else self.model
         out = model(inputs_embeds=hidden[None], position_ids=positions[None], use_cache=True, **cache_kwargs(self.model, self.cache))
         return out.last_hidden_state[0]
 

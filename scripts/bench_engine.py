@@ -34,6 +34,7 @@ import json
 import torch
 
 from specbench.drafters.prompt_lookup import PromptLookupDrafter
+from specbench.engine import bf16_kernel
 from specbench.engine.loop import decode
 from specbench.engine.protocol import PlainDecoding
 from specbench.engine.speed import copy_bandwidth, median, read_bandwidth, verify_profile
@@ -150,6 +151,8 @@ def main() -> None:
     # the bandwidth drifts on a shared host (the development VM's moved between ~35 and ~58 GB/s within a
     # minute): read right before and right after plain decoding's runs, their mean is the limit those runs met
     measure_bandwidth = (lambda: read_bandwidth(device)) if device.type == "cpu" else (lambda: copy_bandwidth(device))
+    # the CPU's bf16 arithmetic peak (VDPBF16PS on torch's threads), for the floor of a bf16 verify of n rows
+    peak = max(bf16_kernel.dot_peak_flops() for _ in range(3)) if device.type == "cpu" and bf16_kernel.unavailable() is None else None
     bandwidth_before = measure_bandwidth()
     with torch.inference_mode():
         plain = decode_runs(targets, PlainDecoding, prompt, args.new_tokens, args.reps)
@@ -179,6 +182,10 @@ def main() -> None:
             "plain_step_ms": step_ms,
             "step_fraction_of_limit": 1000 / limit / step_ms,  # one decode step against the time its weights take to read
             "verify_ms": profile[name],
+            # no engine does better: the weights read once at the bandwidth, or their products' arithmetic at the peak
+            # (2 FLOP per weight per row; attention's left out), whichever takes longer
+            "floor_ms": {n: 1000 * max(weight_bytes / bandwidth, 2 * n * (weight_bytes / 2) / peak) for n in profile[name]}
+            if peak and target.dtype == torch.bfloat16 else None,
             "step_ms": {mode: {k: median(runs[name][k]) for k in ("step_ms", "draft_ms", "verify_ms", "overhead_ms")}
                         for mode, runs in (("plain", plain), ("prompt-lookup", lookup))},
             "warm_up": warm.get(name),
@@ -191,6 +198,7 @@ def main() -> None:
         "bandwidth_GB_s": bandwidth / 1e9,
         "bandwidth_GB_s_before_after": [bandwidth_before / 1e9, bandwidth_after / 1e9],
         "bandwidth_kind": "read (sum of a 1 GiB tensor)" if device.type == "cpu" else "device-to-device copy",
+        "bf16_peak_GFLOP_s": peak / 1e9 if peak else None,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
@@ -241,16 +249,25 @@ def show(r: dict) -> None:
     console.print(steps)
 
     names = list(r["variants"])
-    prof = Table(title="verify latency t(n) ms, n = tokens in one forward (medians), and t(n)/t(1)")
+    floor = next((v["floor_ms"] for v in r["variants"].values() if v.get("floor_ms")), None)
+    title = "verify latency t(n) ms, n = tokens in one forward (medians), and t(n)/t(1)"
+    if floor:
+        title += (f"; bf16 floor = max(weight bytes / bandwidth, 2 n weights / {r['bf16_peak_GFLOP_s']:.0f} GFLOP/s, "
+                  "the measured VDPBF16PS peak): no engine's t(n) is lower")
+    prof = Table(title=title)
     prof.add_column("n", justify="right")
     for name in names:
         prof.add_column(name, justify="right")
     for name in names:
         prof.add_column(f"{name} /t(1)", justify="right")
+    if floor:
+        prof.add_column("bf16 floor", justify="right")
+        prof.add_column("floor /floor(1)", justify="right")
     first = {name: r["variants"][name]["verify_ms"] for name in names}
     for n in next(iter(first.values())):
+        bound = (f"{floor[n]:.2f}", f"{floor[n] / floor[min(floor)]:.2f}") if floor else ()
         prof.add_row(str(n), *(f"{first[name][n]:.2f}" for name in names),
-                     *(f"{first[name][n] / first[name][min(first[name])]:.2f}" for name in names))
+                     *(f"{first[name][n] / first[name][min(first[name])]:.2f}" for name in names), *bound)
     console.print(prof)
 
 

@@ -259,24 +259,34 @@ def test_batch_rows_on_the_kernels_equal_each_prompts_own_decode(drafter, monkey
 @runs_here
 def test_a_layer_in_one_call_is_the_lean_layers_operations_bit_for_bit(monkeypatch):
     """On the one-row engine's cache each layer runs as one call of the kernels
-    (bf16_kernel.layer_step): the same logits, prefill and a branching tree's verify, as the
-    lean layer's operations one by one; the first layer of the first forward, before the cache
-    exists, takes the one-by-one path."""
+    (bf16_kernel.layer_step), and a step's whole stack as one (stack_step): the same logits,
+    prefill and a branching tree's verify, as the lean layer's operations one by one through
+    transformers' forward; the first forward, before the cache exists, takes the model's forward
+    (its first layer the one-by-one path)."""
     from specbench.engine.tree import DraftTree
 
     model = tiny_llama(3, hidden=256).to(torch.bfloat16)
     fused, apart = FastHFTarget(model), FastHFTarget(model)
     for layer in apart.decoder.backbone.layers:
         layer.fused = False
-    assert all(layer.fused for layer in fused.decoder.backbone.layers)
-    calls, step = [], bf16_kernel.layer_step
+    apart.decoder.lean_stack = None
+    assert all(layer.fused for layer in fused.decoder.backbone.layers) and fused.decoder.lean_stack is not None
+    calls, stacks, step, stack = [], [], bf16_kernel.layer_step, bf16_kernel.stack_step
     monkeypatch.setattr(bf16_kernel, "layer_step", lambda *args: calls.append(args[1].shape[1]) or step(*args))
+    monkeypatch.setattr(bf16_kernel, "stack_step", lambda *args: stacks.append(args[1].shape[1]) or stack(*args))
     prompt, tree = prompts(1)[0], DraftTree(torch.tensor([7, 30, 11, 41, 5]), torch.tensor([-1, -1, 0, 0, 2]))
+    chain = DraftTree.chain(torch.tensor([3, 9]))
     with torch.inference_mode():
         got = [fused.prefill(prompt, max_positions=64)[0], fused.verify(int(prompt[-1]), tree)[0]]
+        fused.commit([0, 2])
+        got.append(fused.verify(17, chain)[0])
         want = [apart.prefill(prompt, max_positions=64)[0], apart.verify(int(prompt[-1]), tree)[0]]
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert calls == [len(prompt)] + [8, 8]  # prefill: layer 1 (layer 0 allocated the cache); verify: both layers, bucket 8
+        apart.commit([0, 2])
+        want.append(apart.verify(17, chain)[0])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # prefill: layer 1 alone (layer 0 allocated the cache); the verifies: the stack in one call, at their own
+    # row counts (6, not padded to 8; then 3)
+    assert calls == [len(prompt)] and stacks == [6, 3] and fused.decoder.exact_rows
 
 
 @runs_here

@@ -15,6 +15,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -393,4 +394,60 @@ void layer_step(const uint16_t *hidden, int64_t rows, int64_t width, uint16_t *o
     silu_mul(gate_up, rows, intermediate, act);
     linear(act, rows, intermediate, down_w, width, out, down_bias, mid);
     free(normed); free(qkv); free(attended); free(mid); free(gate_up); free(act);
+}
+
+/* What VDPBF16PS computes here at most, in FLOP/s (2 per multiply-add): every thread runs
+ * `iterations` rounds of 12 independent dot products on registers (enough chains to hide the
+ * instruction's latency), nothing read from memory. scripts/bench_engine.py sets a verify's
+ * compute floor from it: n rows of a product need 2 * n * weights FLOP, whatever the engine. */
+double dot_peak(int64_t iterations) {
+    double start = omp_get_wtime();
+    float sink = 0.0f;
+    int threads = 1;
+    #pragma omp parallel reduction(+ : sink)
+    {
+        #pragma omp single
+        threads = omp_get_num_threads();
+        __m512 acc[12];
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+        __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3c003c00);
+        for (int64_t it = 0; it < iterations; it++) {
+            for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+            __asm__ volatile("" : "+v"(a)); /* the operands are not loop invariants: the rounds are not folded */
+        }
+        for (int i = 0; i < 12; i++) sink += _mm512_reduce_add_ps(acc[i]);
+    }
+    double seconds = omp_get_wtime() - start;
+    return sink == -1.0f ? 0.0 : (double)threads * (double)iterations * 12.0 * 64.0 / seconds;
+}
+
+/* A decoder layer's weights as layer_step reads them: one per layer of a stack (stack_step). */
+typedef struct {
+    const uint16_t *norm1, *norm2, *qkv_w, *qkv_bias, *o_w, *o_bias, *gate_up_w, *gate_up_bias, *down_w, *down_bias;
+    float eps1, eps2;
+} layer_weights;
+
+/* Every layer of a Llama stack in one call: layer_step layer after layer (its output the next
+ * one's input, through two scratch rows buffers), layer l's keys and values at kv + l * 2 *
+ * kv_heads * capacity * dim (engine/kv.py StaticKV: [layers, 2, kv_heads, capacity, dim]).
+ * Saves the Python call per layer and transformers' forward around them: 1-1.8 ms of a 7-11 ms
+ * SmolLM2 step (docs/engine.md). The layers share their shapes (the caller checks). */
+void stack_step(const layer_weights *layers, int64_t count, const uint16_t *hidden, int64_t rows, int64_t width, uint16_t *out,
+                int64_t heads, int64_t kv_heads, int64_t dim, int64_t intermediate, const uint16_t *cos, const uint16_t *sin,
+                uint16_t *kv, int64_t capacity, const int64_t *slots, int64_t span, const uint16_t *mask, int64_t mask_row,
+                float scale) {
+    uint16_t *scratch[2] = {(uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width)),
+                            (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width))};
+    int64_t plane = kv_heads * capacity * dim;
+    const uint16_t *in = hidden;
+    for (int64_t l = 0; l < count; l++) {
+        const layer_weights *w = layers + l;
+        uint16_t *dst = l == count - 1 ? out : scratch[l % 2]; /* never the buffer `in` is */
+        layer_step(in, rows, width, dst, w->norm1, w->eps1, w->norm2, w->eps2, w->qkv_w, w->qkv_bias, w->o_w, w->o_bias,
+                   w->gate_up_w, w->gate_up_bias, w->down_w, w->down_bias, heads, kv_heads, dim, intermediate, cos, sin,
+                   kv + 2 * l * plane, kv + (2 * l + 1) * plane, capacity, slots, span, mask, mask_row, scale);
+        in = dst;
+    }
+    free(scratch[0]);
+    free(scratch[1]);
 }

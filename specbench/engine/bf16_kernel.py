@@ -174,6 +174,63 @@ def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out.view(1, rows, width)
 
 
+def dot_peak_flops(iterations: int = 50_000_000) -> float:
+    """The most FLOP/s this CPU's VDPBF16PS reaches on torch's threads (bf16_kernel.c `dot_peak`;
+    50M rounds: about 0.2 s on 2 Zen 4 cores), for a verify's compute floor."""
+    return _library().dot_peak(iterations)
+
+
+class _LayerWeights(ctypes.Structure):
+    """bf16_kernel.c `layer_weights`."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("norm1", "norm2", "qkv_w", "qkv_bias", "o_w", "o_bias", "gate_up_w",
+                                                     "gate_up_bias", "down_w", "down_bias")] + [("eps1", ctypes.c_float),
+                                                                                                 ("eps2", ctypes.c_float)]
+
+
+class StackWeights:
+    """The weights of lean layers (engine/lean_layer.py, each `fused`) of one shape, as `stack_step`
+    reads them: their addresses gathered once (the layers hold the tensors, which never move)."""
+
+    SHAPE = ("heads", "kv_heads", "head_dim", "intermediate", "scaling")
+
+    def __init__(self, layers) -> None:
+        self.layers = list(layers)  # held: the addresses below point into them
+        first = self.layers[0]
+        self.shape = tuple(getattr(first, name) for name in self.SHAPE)
+        self.width = first.norm1.numel()
+        pointer = (lambda t: t.data_ptr() if t is not None else None)
+        self.array = (_LayerWeights * len(self.layers))(*(
+            _LayerWeights(pointer(layer.norm1), pointer(layer.norm2), layer.qkv.data.data_ptr(), pointer(layer.qkv_bias),
+                          layer.o.data.data_ptr(), pointer(layer.o_bias), layer.gate_up.data.data_ptr(), pointer(layer.gate_up_bias),
+                          layer.down.data.data_ptr(), pointer(layer.down_bias), layer.eps1, layer.eps2)
+            for layer in self.layers))
+
+    @classmethod
+    def takes(cls, layers) -> bool:
+        layers = list(layers)
+        return bool(layers) and len({tuple(getattr(layer, name) for name in cls.SHAPE) for layer in layers}) == 1 \
+            and len({layer.norm1.numel() for layer in layers}) == 1
+
+
+def stack_step(weights: StackWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+               slots: torch.Tensor, span: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Every layer of `weights` over one sequence's rows `hidden` [1, rows, H] (bf16_kernel.c `stack_step`):
+    what `layer_step` computes layer after layer. kv: the stack's cache [layers, 2, kv_heads, capacity,
+    head_dim] (contiguous, bf16); the rows' keys and values go to `slots`, attention reads the first
+    `span` positions under the additive `mask` [.., rows, span] (None: one row, every position)."""
+    rows, width = hidden.shape[1], hidden.shape[2]
+    hidden = hidden.reshape(rows, width).contiguous()
+    out = torch.empty_like(hidden)
+    cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+    slots, mask = slots.contiguous(), _mask_rows(mask)
+    heads, kv_heads, dim, intermediate, scaling = weights.shape
+    _library().stack_step(weights.array, len(weights.layers), hidden.data_ptr(), rows, width, out.data_ptr(), heads, kv_heads, dim,
+                          intermediate, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(), kv.shape[3], slots.data_ptr(), span,
+                          mask.data_ptr() if mask is not None else None, mask.stride(-2) if mask is not None else 0, scaling)
+    return out.view(1, rows, width)
+
+
 def _mask_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
     """An additive mask as the kernels read it: bf16, each row's positions dense."""
     if mask is None:
@@ -226,4 +283,9 @@ def _library() -> ctypes.CDLL:
                                    size, size, size, size, pointer, pointer, pointer, pointer, size,
                                    pointer, size, pointer, size, ctypes.c_float]
     library.layer_step.restype = None
+    library.stack_step.argtypes = [pointer, size, pointer, size, size, pointer, size, size, size, size, pointer, pointer,
+                                   pointer, size, pointer, size, pointer, size, ctypes.c_float]
+    library.stack_step.restype = None
+    library.dot_peak.argtypes = [size]
+    library.dot_peak.restype = ctypes.c_double
     return library

@@ -247,6 +247,40 @@ def stack_forward(model: nn.Module, hidden: torch.Tensor, cache: StaticKV) -> to
     return model.norm(states)[0]
 
 
+STACKS = ("LlamaModel", "MistralModel", "Qwen2Model")  # forwards that are embed, rotary, the layers, norm: nothing else
+
+
+class LeanStack:
+    """A step of a lean decoder stack (`runs_lean`, one of STACKS) over a StaticKV, as the model's
+    own forward computes it (embedding, rotary, every layer, final norm) with all the layers in one
+    call of the kernels (bf16_kernel.stack_step): no Python per layer and no transformers forward
+    around them, which took 1-1.8 ms of a 7-11 ms SmolLM2 step (docs/engine.md). Taps (a layer's
+    input) and a cache not yet allocated take the model's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.weights = bf16_kernel.StackWeights(model.layers)
+
+    @staticmethod
+    def make(model: nn.Module) -> LeanStack | None:
+        if type(model).__name__ not in STACKS or not runs_lean(model) or not isinstance(getattr(model, "norm", None), LeanNorm):
+            return None
+        return LeanStack(model) if bf16_kernel.StackWeights.takes(model.layers) else None
+
+    def runs(self, cache: StaticKV) -> bool:
+        return cache.kv is not None and cache.kv.dtype == torch.bfloat16 and cache.kv.is_contiguous() and cache.slots is not None
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StaticKV, mask: torch.Tensor | None) -> torch.Tensor:
+        """The normed last hidden states [1, q, H] of tokens `ids` [q] at `positions` [q]; their keys and
+        values go to the cache's `slots`, attention reads its first `span` positions under `mask`."""
+        model = self.model
+        hidden = model.embed_tokens(ids[None])
+        cos, sin = model.rotary_emb(hidden, positions[None])
+        hidden = bf16_kernel.stack_step(self.weights, hidden, cos, sin, cache.kv, cache.slots, cache.span or cache.capacity, mask)
+        return model.norm(hidden)
+
+
 def _takes(layer: nn.Module) -> bool:
     """A Llama-family layer with exactly the modules LeanLayer computes."""
     if type(layer).__name__ not in LAYERS:

@@ -56,6 +56,7 @@ from specbench.engine.compat import cache_kwargs
 from specbench.engine.cuda_graphs import CapturingDecoder
 from specbench.engine.events import EVENTS
 from specbench.engine.kv import RowsKV, StaticKV
+from specbench.engine.lean_layer import LeanStack
 from specbench.engine.protocol import Taps
 from specbench.engine.tapped import tapped_forward, tapped_rows
 from specbench.engine.tree import DraftTree
@@ -115,6 +116,9 @@ class StaticDecoder(CapturingDecoder):
 
     head: the LM head (None: logits are not computed, forward returns (None, hidden)).
     bucketed: pad steps to bucket sizes and read spans (needed by graphs and compiled steps).
+    exact_rows: with bucketed, steps run at their own row count, not padded: where every row is
+    computed alone (the bf16 kernels: a row's result does not depend on the others), padding
+    only adds work (a 5-row verify padded to 8 costs 8 rows' arithmetic).
     graphs: True for CUDA graphs, or a backend object (tests pass a fake one), or None/False.
     compiler: a CompiledStep (engine/compiled_step.py) that compiles the step function, or its
     FrozenCompiler (engine/frozen_step.py) that compiles the whole step with frozen weights, or None.
@@ -123,8 +127,9 @@ class StaticDecoder(CapturingDecoder):
     fallback = "the fast engine runs uncaptured (static KV cache, no graphs)"
 
     def __init__(self, backbone, head, device: torch.device, dtype: torch.dtype, bucketed: bool = False, graphs=None,
-                 compiler=None) -> None:
+                 compiler=None, exact_rows: bool = False) -> None:
         self._use_graphs(graphs, device)
+        self.exact_rows = exact_rows and self.graphs is None and compiler is None  # graphs and compilations are per bucket
         self.backbone, self.head = backbone, head
         self.device, self.dtype = device, dtype
         self.cache = StaticKV(backbone.config.num_hidden_layers)
@@ -136,6 +141,8 @@ class StaticDecoder(CapturingDecoder):
         self._cache_kwargs = cache_kwargs(backbone, self.cache)  # once: a compiled step should not trace the lookup
         self._compute = compiler.wrap(self._compute_step, self) if compiler is not None else self._compute_step
         self.profile: dict[int, float] | None = None  # measured ms per bucket (measure_profile)
+        # a lean stack on the bf16 kernels runs its layers in one call (not captured, not compiled)
+        self.lean_stack = LeanStack.make(backbone) if self.graphs is None and compiler is None else None
 
     # --- capacity ---------------------------------------------------------------
 
@@ -166,7 +173,7 @@ class StaticDecoder(CapturingDecoder):
         return self.cache.capacity if self.compiler is not None else span_for(end, self.cache.capacity)
 
     def bucket_for(self, q: int) -> int:
-        return cheapest_bucket(q, self.profile)
+        return q if self.exact_rows else cheapest_bucket(q, self.profile)
 
     # --- the forward ------------------------------------------------------------
 
@@ -257,10 +264,13 @@ class StaticDecoder(CapturingDecoder):
 
     def _run(self, ids, positions, slots, span, mask, taps: Taps):
         self.cache.slots, self.cache.span = slots, span
-        last, hidden = tapped_forward(
-            self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
-            **self._cache_kwargs,
-        )
+        if not taps and self.lean_stack is not None and self.lean_stack.runs(self.cache):
+            last, hidden = self.lean_stack.forward(ids, positions, self.cache, mask), None
+        else:
+            last, hidden = tapped_forward(
+                self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
+                **self._cache_kwargs,
+            )
         # the head sees [1, L, H], as in the model's own forward
         logits = self.head(last)[0].float() if self.head is not None else None
         return logits, hidden

@@ -19,7 +19,8 @@ from specbench.engine import kv
 from specbench.engine.protocol import Taps
 from specbench.engine.compiled_step import CompiledStep
 from specbench.engine.frozen_step import FrozenCompiler
-from specbench.engine.lean_layer import packed_step_modules, step_modules
+from specbench.engine import bf16_kernel
+from specbench.engine.lean_layer import packed_step_modules, runs_lean, step_modules
 from specbench.engine.packed import can_pack, kernels_in_use
 from specbench.engine.static_cache import StaticDecoder
 from specbench.engine.tree import DraftTree, kept_rows
@@ -65,10 +66,11 @@ class FastHFTarget(HFTarget):
         self.compiler = None
         if compiled and not graphs:
             self.compiler = FrozenCompiler(compile_cache_dir(), *model_modules) if frozen else CompiledStep(compile_cache_dir())
-        # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled
+        # a CPU step runs at a bucket measured cheapest (`warm_up`), so it is bucketed even uncompiled;
+        # on the bf16 kernels at its own row count (`rows_alone`)
         bucketed = bucketed or self.packed or self.compiler is not None
         self.decoder = StaticDecoder(step_backbone, self.lm_head, self.device, self.dtype, bucketed=bucketed, graphs=graphs,
-                                     compiler=self.compiler)
+                                     compiler=self.compiler, exact_rows=rows_alone(step_backbone, self.lm_head))
         self.cache = self.decoder.cache
 
     @torch.inference_mode()
@@ -102,7 +104,7 @@ class FastHFTarget(HFTarget):
         makes greedy outputs depend on timing noise (a resumed run then differs from an
         uninterrupted one at near-ties); the next power of two is the same in every run."""
         ms = self.decoder.warm_up(max_rows, taps, max_positions)
-        if self.profile_buckets and self.decoder.graphs is None and self.decoder.bucketed:
+        if self.profile_buckets and self.decoder.graphs is None and self.decoder.bucketed and not self.decoder.exact_rows:
             self.decoder.measure_profile(max_rows, taps)
         return ms
 
@@ -126,7 +128,13 @@ class FastHFTarget(HFTarget):
             backbone, head, *_ = step_modules(backbone, head, device, dtype, lean=self.lean_layers > 0,
                                            kernels=self.kernels)
         return StaticDecoder(backbone, head, device, dtype, bucketed=self.decoder.bucketed, graphs=self.decoder.graphs,
-                             compiler=compiler)
+                             compiler=compiler, exact_rows=self.packed and rows_alone(backbone, head))
+
+
+def rows_alone(backbone, head) -> bool:
+    """Every row of a step of these (packed) modules is computed alone: each layer one call of the
+    bf16 kernels (engine/lean_layer.py `runs_lean`) and the LM head, if any, their product."""
+    return runs_lean(backbone) and (head is None or isinstance(getattr(head, "packed", None), bf16_kernel.PackedBf16))
 
 
 def compile_cache_dir():

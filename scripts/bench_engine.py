@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--cpu-fast", default="lean,packed,compiled,static",
                         help="on a CPU, the fast engine's variants: lean (linear weights prepacked for oneDNN and Llama layers in "
                              "fewer operations: what `--engine fast` runs; in bf16 its products by engine/bf16_kernel.py where "
-                             "the CPU has AVX512_BF16), lean-onednn (the same with oneDNN's products), packed (prepacked weights, transformers' layers), "
+                             "the CPU has AVX512_BF16, the whole stack in one call), lean-layers (the same, a layer per call under "
+                             "transformers' forward), lean-onednn (the same with oneDNN's products), packed (prepacked weights, transformers' layers), "
                              "compiled (torch.compile'd step), frozen (the whole step compiled with its weights frozen, "
                              "engine/frozen_step.py: 80-230 s of compiling per bucket, not in the default list), static (the static cache and buckets from a measured profile, "
                              "torch's default kernels); comma separated")
@@ -129,6 +130,9 @@ def main() -> None:
                     target = FastHFTarget(model, tokenizer, lean=False)
                 elif kind == "lean-onednn":
                     target = FastHFTarget(model, tokenizer, kernels="onednn")
+                elif kind == "lean-layers":  # the kernels a layer per call, under transformers' forward
+                    target = FastHFTarget(model, tokenizer)
+                    target.decoder.lean_stack = None
                 else:
                     target = FastHFTarget(model, tokenizer)
                 target.eos_token_ids = set()  # a forced fixed length

@@ -4,13 +4,13 @@
  * AVX512_BF16 (docs/engine.md has the measurements and why oneDNN is not enough here).
  *
  * W is packed once as [n / 16][k / 2][16][2]: each 64-byte vector holds one pair of k for 16
- * output columns, the operand layout of VDPBF16PS. A kernel keeps MR rows x NV vectors of
- * 16 columns in registers and streams NV column blocks over the whole of k (NV = 1: one stream
- * per thread measured fastest at every row count), so every output
+ * output columns, the operand layout of VDPBF16PS. A kernel keeps MR rows x one vector of 16
+ * columns in registers and streams that column block over the whole of k (one stream per
+ * thread measured fastest at every row count, against up to 8 blocks at once), so every output
  * is summed over k in the same order whatever the number of rows: a row's result does not
  * depend on how many rows are computed with it (a verify's rows equal plain decoding's).
  * Few rows are bound by reading W (no prefetch: the hardware's keeps up); 8 and 16 rows by
- * the arithmetic, so W is prefetched ahead. Column blocks are split over the
+ * the arithmetic, so W is prefetched ahead, into L2. Column blocks are split over the
  * OpenMP threads (torch's own runtime: the library is loaded after torch).
  */
 #include <immintrin.h>
@@ -53,42 +53,33 @@ static inline __m512 widen(const uint16_t *bf16x16) { return widen_vec(_mm256_lo
 /* the lanes of a 16-wide chunk that hold one of the `left` elements still to go */
 static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
-#define KERNEL(MR, NV)                                                                                                   \
-    static void kernel_##MR##_##NV(const uint16_t *x, int64_t k, const uint16_t *wp, int64_t block0, uint16_t *y,     \
-                                   int64_t n, const uint16_t *bias, const uint16_t *res) {                             \
-        int64_t pairs = k / 2;                                                                                           \
-        __m512 acc[MR][NV];                                                                                              \
-        for (int m = 0; m < MR; m++)                                                                                     \
-            for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_ps();                                                \
+#define KERNEL(MR)                                                                                                       \
+    static void kernel_##MR(const uint16_t *x, int64_t k, const uint16_t *wp, int64_t block, uint16_t *y, int64_t n,    \
+                            const uint16_t *bias, const uint16_t *res) {                                                \
+        int64_t pairs = k / 2, col = block * 16;                                                                         \
+        __m512 acc[MR];                                                                                                  \
+        for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps();                                                       \
         const uint32_t *x32 = (const uint32_t *)x;                                                                       \
-        const __m512i *w[NV];                                                                                            \
-        for (int v = 0; v < NV; v++) w[v] = (const __m512i *)(wp + (block0 + v) * pairs * 32);                           \
+        const __m512i *w = (const __m512i *)(wp + block * pairs * 32);                                                   \
         for (int64_t p = 0; p < pairs; p++) {                                                                            \
-            __m512bh wv[NV];                                                                                             \
-            for (int v = 0; v < NV; v++) {                                                                               \
-                if (MR >= 8) _mm_prefetch((const char *)(w[v] + p + PREFETCH), _MM_HINT_T1);                             \
-                wv[v] = (__m512bh)_mm512_loadu_si512(w[v] + p);                                                          \
-            }                                                                                                            \
-            for (int m = 0; m < MR; m++) {                                                                               \
-                __m512bh xb = (__m512bh)_mm512_set1_epi32(x32[m * pairs + p]);                                           \
-                for (int v = 0; v < NV; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xb, wv[v]);                         \
-            }                                                                                                            \
+            if (MR >= 8) _mm_prefetch((const char *)(w + p + PREFETCH), _MM_HINT_T1);                                    \
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + p);                                                           \
+            for (int m = 0; m < MR; m++)                                                                                 \
+                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(x32[m * pairs + p]), wv);                  \
         }                                                                                                                \
-        for (int m = 0; m < MR; m++)                                                                                     \
-            for (int v = 0; v < NV; v++) {                                                                               \
-                int64_t col = (block0 + v) * 16;                                                                         \
-                __m512 out = acc[m][v];                                                                                  \
-                if (bias) out = _mm512_add_ps(out, widen(bias + col));                                                   \
-                if (res) out = _mm512_add_ps(out, widen(res + m * n + col));                                             \
-                _mm256_storeu_si256((__m256i *)(y + m * n + col), (__m256i)_mm512_cvtneps_pbh(out));                     \
-            }                                                                                                            \
+        for (int m = 0; m < MR; m++) {                                                                                   \
+            __m512 out = acc[m];                                                                                         \
+            if (bias) out = _mm512_add_ps(out, widen(bias + col));                                                       \
+            if (res) out = _mm512_add_ps(out, widen(res + m * n + col));                                                 \
+            _mm256_storeu_si256((__m256i *)(y + m * n + col), (__m256i)_mm512_cvtneps_pbh(out));                         \
+        }                                                                                                                \
     }
 
-KERNEL(1, 1)
-KERNEL(2, 1)
-KERNEL(4, 1)
-KERNEL(8, 1)
-KERNEL(16, 1)
+KERNEL(1)
+KERNEL(2)
+KERNEL(4)
+KERNEL(8)
+KERNEL(16)
 
 typedef void (*kernel)(const uint16_t *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, const uint16_t *,
                        const uint16_t *);
@@ -96,7 +87,7 @@ typedef void (*kernel)(const uint16_t *, int64_t, const uint16_t *, int64_t, uin
 static int rows_at_once(int64_t m) { return m >= 16 ? 16 : m >= 8 ? 8 : m >= 4 ? 4 : m >= 2 ? 2 : 1; }
 
 static kernel for_rows(int mr) {
-    return mr == 16 ? kernel_16_1 : mr == 8 ? kernel_8_1 : mr == 4 ? kernel_4_1 : mr == 2 ? kernel_2_1 : kernel_1_1;
+    return mr == 16 ? kernel_16 : mr == 8 ? kernel_8 : mr == 4 ? kernel_4 : mr == 2 ? kernel_2 : kernel_1;
 }
 
 /* x: [m, k] contiguous; y, res: [m, n] contiguous; n % 16 == 0, k % 2 == 0 (the caller checks).

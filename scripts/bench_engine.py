@@ -156,7 +156,8 @@ def main() -> None:
     # minute): read right before and right after plain decoding's runs, their mean is the limit those runs met
     measure_bandwidth = (lambda: read_bandwidth(device)) if device.type == "cpu" else (lambda: copy_bandwidth(device))
     # the CPU's bf16 arithmetic peak (VDPBF16PS on torch's threads), for the floor of a bf16 verify of n rows
-    peak = max(bf16_kernel.dot_peak_flops() for _ in range(3)) if device.type == "cpu" and bf16_kernel.unavailable() is None else None
+    bf16_cpu = device.type == "cpu" and any(t.dtype == torch.bfloat16 for t in targets.values())
+    peak = max(bf16_kernel.dot_peak_flops() for _ in range(3)) if bf16_cpu and bf16_kernel.unavailable() is None else None
     bandwidth_before = measure_bandwidth()
     with torch.inference_mode():
         plain = decode_runs(targets, PlainDecoding, prompt, args.new_tokens, args.reps)

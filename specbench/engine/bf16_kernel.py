@@ -106,8 +106,7 @@ def linear(x: torch.Tensor, packed: PackedBf16, bias: torch.Tensor | None = None
     if bias is not None:
         bias = bias.to(torch.bfloat16).contiguous()
     _library().linear(rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
-                      out.data_ptr(), bias.data_ptr() if bias is not None else None,
-                      residual.data_ptr() if residual is not None else None)
+                      out.data_ptr(), _address(bias), _address(residual))
     return out.reshape(*x.shape[:-1], packed.out_features)
 
 
@@ -147,7 +146,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask is not None:
         mask_batch = mask.stride(0) if mask.shape[0] > 1 else 0
     _library().attend(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-                      mask.data_ptr() if mask is not None else None, mask_batch if mask is not None else 0,
+                      _address(mask), mask_batch if mask is not None else 0,
                       mask.stride(2) if mask is not None else 0, batch, heads, kv_heads, rows, span, dim, scale, out.data_ptr())
     return out
 
@@ -158,18 +157,13 @@ def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     these kernels) over one sequence's rows `hidden` [1, rows, H]: bf16_kernel.c `layer_step`.
     keys, values: the layer's cache [kv_heads, capacity, head_dim]; the rows' keys and values go
     to `slots`, attention reads the first `span` positions under the additive `mask` [.., rows, span]."""
-    rows, width = hidden.shape[1], hidden.shape[2]
-    hidden = hidden.reshape(rows, width).contiguous()
-    out = torch.empty_like(hidden)
-    cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
-    slots, mask = slots.contiguous(), _mask_rows(mask)
-    pointer = (lambda t: t.data_ptr() if t is not None else None)
+    rows, width, hidden, out, cos, sin, slots, mask = _sequence_rows(hidden, cos, sin, slots, mask)
     _library().layer_step(
         hidden.data_ptr(), rows, width, out.data_ptr(), layer.norm1.data_ptr(), layer.eps1, layer.norm2.data_ptr(), layer.eps2,
-        layer.qkv.data.data_ptr(), pointer(layer.qkv_bias), layer.o.data.data_ptr(), pointer(layer.o_bias),
-        layer.gate_up.data.data_ptr(), pointer(layer.gate_up_bias), layer.down.data.data_ptr(), pointer(layer.down_bias),
+        layer.qkv.data.data_ptr(), _address(layer.qkv_bias), layer.o.data.data_ptr(), _address(layer.o_bias),
+        layer.gate_up.data.data_ptr(), _address(layer.gate_up_bias), layer.down.data.data_ptr(), _address(layer.down_bias),
         layer.heads, layer.kv_heads, layer.head_dim, layer.intermediate, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-        values.data_ptr(), keys.shape[1], slots.data_ptr(), span, pointer(mask), mask.stride(-2) if mask is not None else 0,
+        values.data_ptr(), keys.shape[1], slots.data_ptr(), span, _address(mask), mask.stride(-2) if mask is not None else 0,
         layer.scaling)
     return out.view(1, rows, width)
 
@@ -198,12 +192,10 @@ class StackWeights:
         self.layers = list(layers)  # held: the addresses below point into them
         first = self.layers[0]
         self.shape = tuple(getattr(first, name) for name in self.SHAPE)
-        self.width = first.norm1.numel()
-        pointer = (lambda t: t.data_ptr() if t is not None else None)
         self.array = (_LayerWeights * len(self.layers))(*(
-            _LayerWeights(pointer(layer.norm1), pointer(layer.norm2), layer.qkv.data.data_ptr(), pointer(layer.qkv_bias),
-                          layer.o.data.data_ptr(), pointer(layer.o_bias), layer.gate_up.data.data_ptr(), pointer(layer.gate_up_bias),
-                          layer.down.data.data_ptr(), pointer(layer.down_bias), layer.eps1, layer.eps2)
+            _LayerWeights(layer.norm1.data_ptr(), layer.norm2.data_ptr(), layer.qkv.data.data_ptr(), _address(layer.qkv_bias),
+                          layer.o.data.data_ptr(), _address(layer.o_bias), layer.gate_up.data.data_ptr(),
+                          _address(layer.gate_up_bias), layer.down.data.data_ptr(), _address(layer.down_bias), layer.eps1, layer.eps2)
             for layer in self.layers))
 
     @classmethod
@@ -219,16 +211,26 @@ def stack_step(weights: StackWeights, hidden: torch.Tensor, cos: torch.Tensor, s
     what `layer_step` computes layer after layer. kv: the stack's cache [layers, 2, kv_heads, capacity,
     head_dim] (contiguous, bf16); the rows' keys and values go to `slots`, attention reads the first
     `span` positions under the additive `mask` [.., rows, span] (None: one row, every position)."""
-    rows, width = hidden.shape[1], hidden.shape[2]
-    hidden = hidden.reshape(rows, width).contiguous()
-    out = torch.empty_like(hidden)
-    cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
-    slots, mask = slots.contiguous(), _mask_rows(mask)
+    rows, width, hidden, out, cos, sin, slots, mask = _sequence_rows(hidden, cos, sin, slots, mask)
     heads, kv_heads, dim, intermediate, scaling = weights.shape
     _library().stack_step(weights.array, len(weights.layers), hidden.data_ptr(), rows, width, out.data_ptr(), heads, kv_heads, dim,
                           intermediate, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(), kv.shape[3], slots.data_ptr(), span,
-                          mask.data_ptr() if mask is not None else None, mask.stride(-2) if mask is not None else 0, scaling)
+                          _address(mask), mask.stride(-2) if mask is not None else 0, scaling)
     return out.view(1, rows, width)
+
+
+def _sequence_rows(hidden, cos, sin, slots, mask):
+    """The inputs of layer_step and stack_step as the kernels read them: one sequence's rows [rows,
+    H] dense, its output buffer, cos/sin [rows, head_dim], the slots and the mask (`_mask_rows`)."""
+    rows, width = hidden.shape[1], hidden.shape[2]
+    hidden = hidden.reshape(rows, width).contiguous()
+    cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+    return rows, width, hidden, torch.empty_like(hidden), cos, sin, slots.contiguous(), _mask_rows(mask)
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data address for the kernels, NULL for none (an absent bias or mask)."""
+    return tensor.data_ptr() if tensor is not None else None
 
 
 def _mask_rows(mask: torch.Tensor | None) -> torch.Tensor | None:

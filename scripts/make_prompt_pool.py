@@ -8,10 +8,20 @@ prompts (`--limit N`) mix all categories. Held-out prompts never
 appear in the training pool, and neither file repeats a built-in workload prompt.
 
     python scripts/make_prompt_pool.py
+    python scripts/make_prompt_pool.py --extra   # workloads/pool-train-extra: more training prompts
+
+`--extra` leaves both files as they are and writes `pool-train-extra`: further combinations
+of the same templates and lists, for more self-distillation data. It never takes a
+held-out prompt, nor any prompt on a subject, topic, role or coding task that a held-out
+prompt is about (so held-out prompts stay about subjects no extra prompt covers); the
+templates filled with random names and numbers (reasoning, math, extraction) draw fresh
+fills and keep only texts not already in any pool.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import random
 from pathlib import Path
@@ -19,6 +29,8 @@ from pathlib import Path
 WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
 SEED = 6
 HELDOUT_EVERY = 10  # one prompt in ten, after a seeded shuffle
+EXTRA_SEED = 16
+EXTRA_PER_CATEGORY = 150  # at most, for pool-train-extra
 
 WRITING_FORMS = [
     "a short story", "a four-line poem", "a haiku", "a limerick", "a persuasive paragraph", "a product description",
@@ -287,5 +299,42 @@ def main() -> None:
     print(f"{len(train)} training prompts, {len(heldout)} held out; per category {counts}")
 
 
+def keyed_combinations(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Every (subject key, text) the listed templates make; random fills drawn afresh, keyed by text."""
+    combos = {
+        "writing": [(subject, extra.format(form=form, subject=subject))
+                    for subject, form, extra in itertools.product(WRITING_SUBJECTS, WRITING_FORMS, WRITING_EXTRA)],
+        "roleplay": [(role + task, form.format(role=role, task=task, Task=task[0].upper() + task[1:]))
+                     for role, task in ROLES for form in ROLE_FORMS],
+        "coding": [(task, form.format(lang=lang, task=task)) for task, lang, form in itertools.product(CODING_TASKS, LANGUAGES, CODING_FORMS)],
+        "stem": [(topic, form.format(topic=topic)) for topic in STEM_TOPICS for form in STEM_FORMS],
+        "humanities": [(topic, form.format(topic=topic)) for topic in HUMANITIES_TOPICS for form in HUMANITIES_FORMS],
+    }
+    for name, make in (("reasoning", reasoning), ("math", math), ("extraction", extraction)):
+        texts = [text for _ in range(8) for text in make(rng)]  # 8 fresh fills of every template
+        combos[name] = [(text, text) for text in texts]
+    return combos
+
+
+def extra() -> None:
+    rng = random.Random(EXTRA_SEED)
+    taken = {turn for name in ("builtin", "pool-train", "pool-heldout") for line in (WORKLOADS / name / "prompts.jsonl").read_text().splitlines()
+             if line.strip() for turn in json.loads(line)["turns"]}
+    heldout = {turn for line in (WORKLOADS / "pool-heldout" / "prompts.jsonl").read_text().splitlines() if line.strip()
+               for turn in json.loads(line)["turns"]}
+    rows = []
+    for category, pairs in keyed_combinations(rng).items():
+        held_keys = {key for key, text in pairs if text in heldout}
+        fresh = list(dict.fromkeys(text for key, text in pairs if key not in held_keys and text not in taken))
+        for i, text in enumerate(rng.sample(fresh, min(EXTRA_PER_CATEGORY, len(fresh)))):
+            rows.append({"id": f"extra-{category}-{i + 1}", "category": category, "turns": [text]})
+    rng.shuffle(rows)
+    (WORKLOADS / "pool-train-extra" / "prompts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    counts = {c: sum(r["category"] == c for r in rows) for c in dict.fromkeys(r["category"] for r in rows)}
+    print(f"{len(rows)} extra training prompts; per category {counts}")
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--extra", action="store_true", help="write pool-train-extra instead (pool-train and pool-heldout stay)")
+    extra() if parser.parse_args().extra else main()

@@ -3,6 +3,7 @@ losses going down, the checkpoints loading through the drafters, and bad input."
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,48 @@ def test_prompt_pool_is_varied_and_heldout_is_disjoint():
     assert not {p.turns for p in train} & {p.turns for p in heldout}
     assert not {p.turns[0] for p in train + heldout} & {t for p in load_workload("builtin") for t in p.turns}
     assert len({p.category for p in train[:40]}) == 8  # --limit N takes a mix
+
+
+def test_extra_pool_takes_no_heldout_prompt_nor_a_heldout_subject():
+    heldout = {p.turns[0] for p in load_workload("pool-heldout")}
+    extra = load_workload("pool-train-extra")
+    taken = heldout | {p.turns[0] for p in load_workload("pool-train") + load_workload("builtin")}
+    assert len(extra) >= 800 and not {p.turns[0] for p in extra} & taken
+    # a held-out prompt's topic (the slot its template fills) appears in no extra prompt of its kind
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_prompt_pool", Path(__file__).parent.parent / "scripts" / "make_prompt_pool.py")
+    pool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool)
+    for topics, category in ((pool.STEM_TOPICS, "stem"), (pool.HUMANITIES_TOPICS, "humanities"), (pool.CODING_TASKS, "coding"),
+                             (pool.WRITING_SUBJECTS, "writing")):
+        held = {t for t in topics if any(t in text for text in heldout)}
+        assert not [p for p in extra if p.category == category and any(t in p.turns[0] for t in held)]
+
+
+def test_several_data_directories_train_as_one(setup, data, heldout):
+    from specbench.train.data import load_data_dirs
+
+    model, tokenizer, source = load_causal_lm(str(setup["target"]), torch.device("cpu"), torch.float64)
+    target = HFTarget(model, tokenizer, name=str(setup["target"]), model_id=source.model_id)
+    parts = [load_data(data, with_taps=True), load_data(heldout, with_taps=True)]
+    joined = load_data_dirs(f"{data},{heldout}", target, with_taps=True)
+    assert len(joined) == len(parts[0]) + len(parts[1])
+    assert joined.meta["answer_tokens"] == parts[0].meta["answer_tokens"] + parts[1].meta["answer_tokens"]
+    assert [p["directory"] for p in joined.meta["parts"]] == [str(data), str(heldout)]
+    i = 0
+    for part in parts:  # every sequence, its answer start, hidden states and taps read back as in its own directory
+        for k in range(len(part)):
+            ids, start = joined.sequence(i)
+            want_ids, want_start = part.sequence(k)
+            assert ids.tolist() == want_ids.tolist() and start == want_start
+            assert torch.equal(joined.hidden_of(i), part.hidden_of(k))
+            assert torch.equal(joined.taps_of(i, (0, 2)), part.taps_of(k, (0, 2)))
+            i += 1
+    other_model, other_tok, other_source = load_causal_lm(str(setup["other"]), torch.device("cpu"), torch.float64)
+    other = HFTarget(other_model, other_tok, name=str(setup["other"]), model_id=other_source.model_id)
+    with pytest.raises(UserError, match="regenerate it with `specbench train-data --target"):
+        load_data_dirs(f"{data},{heldout}", other)
 
 
 def test_train_data_writes_chat_answers_tokens_and_hidden(setup, data):

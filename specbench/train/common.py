@@ -16,7 +16,7 @@ import torch
 from specbench.engine.options import CommandConfig, option
 from specbench.errors import UserError
 from specbench.files import atomic_write_text
-from specbench.train.data import TrainData, load_data, prepare_out
+from specbench.train.data import TrainData, load_data, load_data_dirs, prepare_out
 
 # the recipes' shared API, the data directory's three names re-exported with it
 __all__ = ["TRAIN_LOG", "ProgressFn", "TrainConfig", "TrainData", "TrainLog", "TrainVocab", "batches", "chain_scores", "load_data",
@@ -30,7 +30,8 @@ class TrainConfig(CommandConfig):
     """What `specbench train` trains and how; each field's help is what `--help` shows."""
 
     drafter: str = option(MISSING, "what to train: a drafter that declares a training recipe (draft-model, medusa, hydra, hydra-decoder, eagle, eagle3)")
-    data: str = option(MISSING, "a data directory from `specbench train-data` (same target)")
+    data: str = option(MISSING, "a data directory from `specbench train-data` (same target), or several separated by commas, "
+                                "trained on as one")
     out: str = option(MISSING, "the checkpoint directory to write")
     target: str = option("smollm2-135m", "the frozen target the drafter is trained for")
     steps: int = option(200, "optimiser steps", min=1)
@@ -64,11 +65,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, time_share: 
 
 def split_data(config: TrainConfig, target, need_hidden: bool, need_taps: bool = False) -> tuple[TrainData, list[int], TrainData, list[int]]:
     """(train data, its sequence indices, eval data, its sequence indices)."""
-    data = load_data(Path(config.data), with_hidden=need_hidden, with_taps=need_taps)
-    data.check_target(target)
+    data = load_data_dirs(config.data, target, with_hidden=need_hidden, with_taps=need_taps)
     if config.eval_data:
-        evald = load_data(Path(config.eval_data), with_hidden=need_hidden, with_taps=need_taps)
-        evald.check_target(target)
+        evald = load_data_dirs(config.eval_data, target, with_hidden=need_hidden, with_taps=need_taps)
         return data, list(range(len(data))), evald, list(range(len(evald)))
     order = list(range(len(data)))
     random.Random(config.seed).shuffle(order)

@@ -172,6 +172,38 @@ class TrainData:
             )
 
 
+def data_dirs(spec: str) -> list[Path]:
+    """The directories a --data value names: one, or several separated by commas."""
+    return [Path(part.strip()) for part in str(spec).split(",") if part.strip()]
+
+
+def load_data_dirs(spec: str, target, with_hidden: bool = True, with_taps: bool = False) -> TrainData:
+    """Load every directory `spec` names (comma-separated), each checked against `target`, and
+    join them into one: their sequences end to end. A cache that not every part holds (hidden
+    states, the same layer taps) is left out of the join, and whatever needs it refuses by name."""
+    parts = [load_data(d, with_hidden, with_taps) for d in data_dirs(spec)]
+    if not parts:
+        raise UserError(f"--data '{spec}' names no directory")
+    for part in parts:
+        part.check_target(target)
+    if len(parts) == 1:
+        return parts[0]
+    lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    shift = [int(sum(int(q.offsets[-1]) for q in parts[:k])) for k in range(len(parts))]
+    starts = torch.cat([p.starts + s for p, s in zip(parts, shift)])
+    hidden = torch.cat([p.hidden for p in parts]) if all(p.hidden is not None for p in parts) else None
+    same_taps = all(p.taps is not None and p.tap_layers == parts[0].tap_layers for p in parts)
+    taps = torch.cat([p.taps for p in parts]) if same_taps else None
+    meta = dict(parts[0].meta)
+    for key in ("prompts", "sequences", "tokens", "answer_tokens"):
+        meta[key] = sum(int(p.meta.get(key) or 0) for p in parts)
+    meta["taps"] = parts[0].meta.get("taps") if same_taps else None
+    meta["parts"] = [{"directory": str(p.directory), "workload": p.meta.get("workload"), "sequences": len(p),
+                      "answer_tokens": p.meta.get("answer_tokens"), "generation": p.meta.get("generation")} for p in parts]
+    return TrainData(Path(spec), meta, torch.cat([p.ids for p in parts]), offsets, starts, hidden, taps)
+
+
 def load_data(directory: Path, with_hidden: bool = True, with_taps: bool = False) -> TrainData:
     from safetensors.torch import load_file
 

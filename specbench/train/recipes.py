@@ -54,7 +54,7 @@ def train(config: TrainConfig, options: dict[str, Any] | None = None, device: st
     """Train `config.drafter` for the frozen `config.target` with its recipe's `options` (name ->
     value; the rest default); the checkpoint directory."""
     from specbench.checks import check_output_dir
-    from specbench.train.data import check_out
+    from specbench.train.data import check_out, data_dirs
 
     recipe = recipe_for(config.drafter)
     config.options = recipe_options(config.drafter, recipe, options or {})
@@ -63,7 +63,8 @@ def train(config: TrainConfig, options: dict[str, Any] | None = None, device: st
     check_output_dir(Path(config.out), "--out")  # a path that cannot be a directory is refused before a lock file is made beside it
     # one writer per checkpoint directory, the lock first: a directory another train is filling is refused as such, not as "not empty"
     with write_lock(Path(config.out)):
-        check_out(Path(config.out), overwrite, "checkpoint directory", inputs=((config.data, "--data"), (config.eval_data, "--eval-data")))
+        check_out(Path(config.out), overwrite, "checkpoint directory", inputs=(*[(d, "--data") for d in data_dirs(config.data)],
+                                                                                   *[(d, "--eval-data") for d in data_dirs(config.eval_data or "")]))
         return _train(config, recipe, device, dtype, overwrite, progress)
 
 

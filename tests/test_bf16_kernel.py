@@ -1,6 +1,8 @@
 """The bf16 kernel the CPU fast engine computes bf16 products with (engine/bf16_kernel.py):
 sums rounded once, rows independent of their number, used where it runs and nowhere else."""
 
+import tempfile
+
 import pytest
 import torch
 from tiny import prompts, tiny_llama
@@ -77,10 +79,24 @@ def test_the_kernel_takes_the_bf16_weights_it_fits_and_onednn_the_rest():
         kernels_in_use(torch.bfloat16, "mkl")
 
 
-def test_without_a_working_compiler_the_reason_is_given_and_onednn_computes(monkeypatch):
+@runs_here
+def test_the_built_library_leaves_no_file_behind_once_loaded(tmp_path, monkeypatch):
+    """A process killed later (SIGKILL runs no exit handler) must not leave its build behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    library = bf16_kernel._library.__wrapped__()
+    assert not list(tmp_path.iterdir())
+    x, w = bf16(3, 48, seed=1), bf16(32, 48, seed=2)  # the loaded library still computes
+    packed = _pack(w)
+    monkeypatch.setattr(bf16_kernel, "_library", lambda: library)
+    torch.testing.assert_close(bf16_kernel.linear(x, packed).float(), (x.float() @ w.float().T), atol=0.2, rtol=0.02)
+
+
+def test_without_a_working_compiler_the_reason_is_given_and_onednn_computes(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(OSError, match="exited with 1"):
         bf16_kernel._library.__wrapped__()
+    assert not list(tmp_path.iterdir())
     monkeypatch.setattr(bf16_kernel, "unavailable", lambda: "the CPU has no AVX512_BF16")
     assert isinstance(_pack(bf16(32, 48, seed=0)), torch.Tensor)
     assert kernels_in_use(torch.bfloat16) == "oneDNN (the CPU has no AVX512_BF16)"

@@ -22,7 +22,6 @@ attention sums in position order. So a verified row's logits are plain decoding'
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
 import os
@@ -260,14 +259,18 @@ def _library() -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) on the PATH")
+    # the built file is removed as soon as it is loaded (the mapping outlives the name), so no
+    # process leaves it behind however it ends, killed included
     directory = Path(tempfile.mkdtemp(prefix="specbench-bf16-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    target = directory / "bf16_kernel.so"
-    done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
-                          timeout=120)
-    if done.returncode != 0:
-        raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")
-    library = ctypes.CDLL(str(target))
+    try:
+        target = directory / "bf16_kernel.so"
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")
+        library = ctypes.CDLL(str(target))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.pack_weight.argtypes = [pointer, pointer, size, size]
     library.pack_weight.restype = None

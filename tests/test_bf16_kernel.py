@@ -303,6 +303,19 @@ def test_a_layer_in_one_call_is_the_lean_layers_operations_bit_for_bit(monkeypat
     # prefill: layer 1 alone (layer 0 allocated the cache); the verifies: the stack in one call, at their own
     # row counts (6, not padded to 8; then 3)
     assert calls == [len(prompt)] and stacks == [6, 3] and fused.decoder.exact_rows
+    # a verify that taps the final normed state (the heads', EAGLE-1's) runs the stack in one call too, with
+    # transformers' logits and state; one that taps a layer's input takes transformers' forward
+    calls.clear(), stacks.clear()
+    with torch.inference_mode():
+        fused.commit([0, 1])
+        apart.commit([0, 1])
+        for taps in ((None,), (2, None)):  # 2: the layer count of the tiny model, its final state too
+            got, want = fused.verify(4, chain, taps), apart.verify(4, chain, taps)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[1].shape == (3, 256 * len(taps))
+    assert stacks == [3, 3] and calls == []
+    with torch.inference_mode():
+        fused.verify(4, chain, (1,))
+    assert stacks == [3, 3] and calls == [3] * 2  # layers 0 and 1 of the tiny model: transformers' forward, a layer per call
 
 
 @runs_here

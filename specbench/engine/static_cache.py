@@ -264,8 +264,11 @@ class StaticDecoder(CapturingDecoder):
 
     def _run(self, ids, positions, slots, span, mask, taps: Taps):
         self.cache.slots, self.cache.span = slots, span
-        if not taps and self.lean_stack is not None and self.lean_stack.runs(self.cache):
-            last, hidden = self.lean_stack.forward(ids, positions, self.cache, mask), None
+        if self.lean_stack is not None and self.lean_stack.runs(self.cache) and self._final_only(taps):
+            # the stack in one call gives the final normed state, all that taps of None (or of the
+            # layer count) ask for: the heads' and EAGLE-1's verifies run it too
+            last = self.lean_stack.forward(ids, positions, self.cache, mask)
+            hidden = torch.cat([last[0]] * len(taps), dim=-1) if taps else None
         else:
             last, hidden = tapped_forward(
                 self.backbone, taps, input_ids=ids[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
@@ -274,6 +277,10 @@ class StaticDecoder(CapturingDecoder):
         # the head sees [1, L, H], as in the model's own forward
         logits = self.head(last)[0].float() if self.head is not None else None
         return logits, hidden
+
+    def _final_only(self, taps: Taps) -> bool:
+        """Whether every tap is the final normed state (tapped.tapped_rows says what a tap means)."""
+        return all(j is None or j == len(self.backbone.layers) for j in taps)
 
     # --- capture ----------------------------------------------------------------
 

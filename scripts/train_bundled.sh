@@ -14,10 +14,15 @@ mkdir -p "$WORK"
 specbench train-data --target smollm2-135m --workload pool-train --max-new-tokens 128 \
   --batch-size 32 --hidden-taps eagle3 --out "$WORK/data" --overwrite
 
-# 2. Hydra++ heads (prefix-mlp), 3 heads x 1 layer, LM head and embeddings tied to the target's
-specbench train --drafter hydra --target smollm2-135m --data "$WORK/data" --heads 3 --hydra-layers 1 --tie-lm-head \
-  --steps 1000 --batch-tokens 512 --lr 1e-3 --warmup 20 --eval-every 250 --eval-fraction 0.05 --train-vocab seen \
-  --out "$WORK/hydra" --overwrite
+#    and the 833 prompts of pool-train-extra (2026-12-05: the bundled Hydra heads are trained on both)
+specbench train-data --target smollm2-135m --workload pool-train-extra --max-new-tokens 128 --batch-size 32 \
+  --out "$WORK/data-extra" --overwrite
+
+# 2. Hydra++ heads (prefix-mlp), 3 heads x 1 layer, LM head and embeddings tied to the target's, on both
+#    data directories (2026-12-05, docs/train.md; the first bundle: --data "$WORK/data", 1000 steps, 5 % held out)
+specbench train --drafter hydra --target smollm2-135m --data "$WORK/data,$WORK/data-extra" --num-heads 3 --hydra-layers 1 \
+  --tie-lm-head --steps 2000 --max-minutes 30 --batch-tokens 512 --lr 1e-3 --warmup-steps 20 --eval-every 500 \
+  --eval-fraction 0.03 --train-vocab seen --out "$WORK/hydra" --overwrite
 
 # 3. Medusa-1 heads, LM head tied to the target's
 specbench train --drafter medusa --target smollm2-135m --data "$WORK/data" --heads 4 --tie-lm-head \

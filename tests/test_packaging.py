@@ -20,7 +20,7 @@ from specbench.workloads import SHIPPED, open_workload, registry
 print(json.dumps({
     "package": specbench.__file__,
     "names": list(registry()),
-    "prompts": {name: len(open_workload(name).prompts) for name in ("builtin", "builtin-completion", "pool-train", "pool-heldout")},
+    "prompts": {name: len(open_workload(name).prompts) for name in ("builtin", "builtin-completion", "pool-train", "pool-train-extra", "pool-heldout")},
     "source": open_workload("builtin").source,
     "readmes": sorted(f.name for f in files(SHIPPED).iterdir() if f.joinpath("README.md").is_file()),
 }))
@@ -43,8 +43,9 @@ def test_non_editable_install_has_the_shipped_workloads(tmp_path):
     assert loaded.returncode == 0, loaded.stderr
     found = json.loads(loaded.stdout)
     assert Path(found["package"]).is_relative_to(site)
-    assert found["names"] == ["builtin", "builtin-completion", "pool-train", "pool-heldout", "mt-bench", "spec-bench", "hellaswag"]
-    assert found["prompts"] == {"builtin": 16, "builtin-completion": 6, "pool-train": 392, "pool-heldout": 44}
+    assert found["names"] == ["builtin", "builtin-completion", "pool-train", "pool-train-extra", "pool-heldout", "mt-bench", "spec-bench",
+                              "hellaswag"]
+    assert found["prompts"] == {"builtin": 16, "builtin-completion": 6, "pool-train": 392, "pool-train-extra": 833, "pool-heldout": 44}
     assert found["source"] == "workloads/builtin/prompts.jsonl"
     assert found["readmes"] == sorted(found["names"])
 

@@ -115,7 +115,7 @@ def test_selection_categories_limit_shard():
         (lambda: select(open_workload().prompts, RunConfig(categories=[","]).categories), "--categories names no category"),
         (lambda: parse_shard("0/2"), "i must be between 1 and n"),
         (lambda: parse_shard("x"), "--shard expects i/n"),
-        (lambda: open_workload("nope"), "unknown workload 'nope': use one of builtin, builtin-completion, pool-train, pool-heldout, mt-bench"),
+        (lambda: open_workload("nope"), "unknown workload 'nope': use one of builtin, builtin-completion, pool-train, pool-train-extra, pool-heldout, mt-bench"),
     ],
 )
 def test_bad_selection_is_a_user_error(call, message):

@@ -267,6 +267,12 @@ def explained(topics: list[str], forms: list[str], rng: random.Random, per_topic
     return [form.format(topic=topic) for topic in topics for form in rng.sample(forms, per_topic)]
 
 
+def turns_of(workload: str) -> set[str]:
+    """Every turn of a shipped workload's prompts.jsonl."""
+    lines = (WORKLOADS / workload / "prompts.jsonl").read_text().splitlines()
+    return {turn for line in lines if line.strip() for turn in json.loads(line)["turns"]}
+
+
 def main() -> None:
     rng = random.Random(SEED)
     pool = {
@@ -279,9 +285,7 @@ def main() -> None:
         "stem": explained(STEM_TOPICS, STEM_FORMS, rng, 2),
         "humanities": explained(HUMANITIES_TOPICS, HUMANITIES_FORMS, rng, 3),
     }
-    builtin = {
-        turn for line in (WORKLOADS / "builtin" / "prompts.jsonl").read_text().splitlines() if line.strip() for turn in json.loads(line)["turns"]
-    }
+    builtin = turns_of("builtin")
     rows, seen = [], set(builtin)
     for category, texts in pool.items():
         for text in texts:
@@ -318,10 +322,8 @@ def keyed_combinations(rng: random.Random) -> dict[str, list[tuple[str, str]]]:
 
 def extra() -> None:
     rng = random.Random(EXTRA_SEED)
-    taken = {turn for name in ("builtin", "pool-train", "pool-heldout") for line in (WORKLOADS / name / "prompts.jsonl").read_text().splitlines()
-             if line.strip() for turn in json.loads(line)["turns"]}
-    heldout = {turn for line in (WORKLOADS / "pool-heldout" / "prompts.jsonl").read_text().splitlines() if line.strip()
-               for turn in json.loads(line)["turns"]}
+    heldout = turns_of("pool-heldout")
+    taken = turns_of("builtin") | turns_of("pool-train") | heldout
     rows = []
     for category, pairs in keyed_combinations(rng).items():
         held_keys = {key for key, text in pairs if text in heldout}

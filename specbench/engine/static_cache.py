@@ -58,7 +58,7 @@ from specbench.engine.events import EVENTS
 from specbench.engine.kv import RowsKV, StaticKV
 from specbench.engine.lean_layer import LeanStack
 from specbench.engine.protocol import Taps
-from specbench.engine.tapped import tapped_forward, tapped_rows
+from specbench.engine.tapped import is_final, tapped_forward, tapped_rows
 from specbench.engine.tree import DraftTree
 
 SHAPE_CACHE = 512  # tree shapes whose masks are kept; dynamic trees (EAGLE-2) bring a new shape nearly every step
@@ -264,7 +264,7 @@ class StaticDecoder(CapturingDecoder):
 
     def _run(self, ids, positions, slots, span, mask, taps: Taps):
         self.cache.slots, self.cache.span = slots, span
-        if self.lean_stack is not None and self.lean_stack.runs(self.cache) and self._final_only(taps):
+        if self.lean_stack is not None and self.lean_stack.runs(self.cache) and all(is_final(j, len(self.backbone.layers)) for j in taps):
             # the stack in one call gives the final normed state, all that taps of None (or of the
             # layer count) ask for: the heads' and EAGLE-1's verifies run it too
             last = self.lean_stack.forward(ids, positions, self.cache, mask)
@@ -277,10 +277,6 @@ class StaticDecoder(CapturingDecoder):
         # the head sees [1, L, H], as in the model's own forward
         logits = self.head(last)[0].float() if self.head is not None else None
         return logits, hidden
-
-    def _final_only(self, taps: Taps) -> bool:
-        """Whether every tap is the final normed state (tapped.tapped_rows says what a tap means)."""
-        return all(j is None or j == len(self.backbone.layers) for j in taps)
 
     # --- capture ----------------------------------------------------------------
 

@@ -21,6 +21,11 @@ def check_taps(taps: Taps, num_layers: int) -> None:
             raise ValueError(f"hidden-state tap {j} is outside 0..{num_layers}")
 
 
+def is_final(tap: int | None, num_layers: int) -> bool:
+    """Whether a tap asks for the final normed state: None, or the layer count (HF's last entry)."""
+    return tap is None or tap == num_layers
+
+
 def tapped_rows(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a transformers decoder stack; returns (last_hidden_state [B, L, H], the tapped
     states [B, L, H * len(taps)] or None for no taps). A tap None is the final normed hidden
@@ -42,5 +47,5 @@ def tapped_rows(backbone, taps: Taps, **inputs) -> tuple[torch.Tensor, torch.Ten
     if not taps:
         return out.last_hidden_state, None
     final = out.last_hidden_state
-    states = [final if j is None or j == num_layers else tapped[j] for j in taps]
+    states = [final if is_final(j, num_layers) else tapped[j] for j in taps]
     return out.last_hidden_state, states[0] if len(states) == 1 else torch.cat(states, dim=-1)

@@ -37,6 +37,7 @@ turn, each later turn after the model's own earlier answers.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -183,15 +184,14 @@ def load_data_dirs(spec: str, target, with_hidden: bool = True, with_taps: bool 
     states, the same layer taps) is left out of the join, and whatever needs it refuses by name."""
     parts = [load_data(d, with_hidden, with_taps) for d in data_dirs(spec)]
     if not parts:
-        raise UserError(f"--data '{spec}' names no directory")
+        raise UserError(f"'{spec}' names no data directory: give one from `specbench train-data`, or several separated by commas")
     for part in parts:
         part.check_target(target)
     if len(parts) == 1:
         return parts[0]
-    lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    shift = [int(sum(int(q.offsets[-1]) for q in parts[:k])) for k in range(len(parts))]
-    starts = torch.cat([p.starts + s for p, s in zip(parts, shift)])
+    shifts = [0, *itertools.accumulate(int(p.offsets[-1]) for p in parts[:-1])]  # where each part's tokens begin in the join
+    offsets = torch.cat([parts[0].offsets[:1], *[p.offsets[1:] + shift for p, shift in zip(parts, shifts)]])
+    starts = torch.cat([p.starts + shift for p, shift in zip(parts, shifts)])
     hidden = torch.cat([p.hidden for p in parts]) if all(p.hidden is not None for p in parts) else None
     same_taps = all(p.taps is not None and p.tap_layers == parts[0].tap_layers for p in parts)
     taps = torch.cat([p.taps for p in parts]) if same_taps else None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import prompts, tiny_llama
 
-from specbench.engine import bf16_kernel
+from specbench.engine import bf16_kernel, kv
 from specbench.engine.loop import decode
 from specbench.engine.packed import _linear, _linear_add, _pack, kernels_in_use
 from specbench.engine.protocol import PlainDecoding
@@ -18,7 +18,7 @@ from specbench.targets.fast import FastHFTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 runs_here = pytest.mark.skipif(bf16_kernel.unavailable() is not None, reason=f"{bf16_kernel.unavailable()}")
-ROWS = (1, 2, 3, 5, 8, 13, 16, 17, 40)  # every kernel (16, 8, 4, 2, 1 rows at once) and their tails
+ROWS = (1, 2, 3, 5, 8, 13, 16, 17, 40)  # every kernel (8, 4, 2, 1 rows at once), their tails, and several passes of 8
 
 
 def bf16(*shape, seed):
@@ -143,14 +143,16 @@ def test_the_norm_kernel_is_transformers_rmsnorm_of_a_bf16_state():
 
 
 @runs_here
-def test_the_mlp_kernel_is_silu_of_the_gate_times_the_up_projection_in_bf16():
-    gate_up = bf16(2, 5, 2 * 48, seed=6) * 4
-    gate, up = gate_up.split(48, dim=-1)
+@pytest.mark.parametrize("rows, width", [(5, 48), (40, 160)])  # row by row, and on the threads (rows x width >= 6144)
+def test_the_mlp_kernel_is_silu_of_the_gate_times_the_up_projection_in_bf16(rows, width):
+    gate_up = bf16(2, rows, 2 * width, seed=6) * 4
+    gate, up = gate_up.split(width, dim=-1)
     want, got = torch.nn.functional.silu(gate) * up, bf16_kernel.silu_mul(gate_up)
-    assert got.shape == want.shape == (2, 5, 48)
+    assert got.shape == want.shape == (2, rows, width)
     # the same two roundings; exp in another approximation moves a value by at most one bf16 step
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0 ** -7 + 1e-6).all()
     assert (got == want).float().mean() > 0.95
+    assert torch.equal(bf16_kernel.silu_mul(gate_up[:, :1]), got[:, :1])  # a row's result is its own
 
 
 @runs_here
@@ -179,7 +181,8 @@ def test_attention_is_the_fp64_softmax_rounded_and_a_rows_result_is_its_own(dim)
 
 
 @runs_here
-def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit():
+@pytest.mark.parametrize("length", [3, 15])  # 16 rows: the products in two passes of 8, the MLP on the threads
+def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit(length):
     """Products, norms, attention and the MLP each compute a row alone, so verifying a chain
     of 3 gives, row by row, the logits of 4 one-token steps: a drafter's output equals plain
     decoding's with no near-ties to classify (on SmolLM2 with oneDNN's products they differ by
@@ -187,7 +190,7 @@ def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit()
     from specbench.engine.tree import DraftTree
 
     model = tiny_llama(0, hidden=256).to(torch.bfloat16)  # head_dim 64: the attention kernel's fast path
-    prompt, chain = prompts(1)[0], torch.tensor([7, 30, 11])
+    prompt, chain = prompts(1)[0], torch.randint(3, 40, (length,), generator=torch.Generator().manual_seed(length))
     fast = FastHFTarget(model)
     with torch.inference_mode():
         fast.prefill(prompt, max_positions=64)
@@ -223,6 +226,29 @@ def test_on_the_kernels_a_tree_nodes_logits_are_plain_decodings_of_its_path_bit_
                 logits = fast.verify(token, DraftTree.chain(torch.zeros(0, dtype=torch.long)))[0][0]
                 fast.commit([])
             assert torch.equal(together[node + 1], logits), node
+
+
+@runs_here
+def test_attention_reads_the_cache_up_to_the_last_slot_written_with_the_bits_of_the_whole_span(monkeypatch):
+    """A decoder's step reads a span rounded up for its captured steps' sake; the kernels stop
+    at the step's last slot. What lies after it (a rejected verify's keys) is masked, and a
+    masked position adds an exact zero: the logits are those of reading the whole span."""
+    from specbench.engine.tree import DraftTree
+
+    model = tiny_llama(2, hidden=256).to(torch.bfloat16)
+    prompt, chain = prompts(1)[0], DraftTree.chain(torch.tensor([7, 30, 11]))
+    fast = FastHFTarget(model)
+    read = []
+    with torch.inference_mode():
+        fast.prefill(prompt, max_positions=200)
+        fast.cache.kv[:, :, :, prompt.numel():] = bf16(*fast.cache.kv[:, :, :, prompt.numel():].shape, seed=9) * 8  # stale keys
+        to_last_slot = fast.verify(int(prompt[-1]), chain)[0]
+        fast.commit([])
+        monkeypatch.setattr(bf16_kernel, "_read_span", lambda span, slots: read.append((span, int(slots.max()) + 1)) or span)
+        kv.truncate(fast.cache, prompt.numel())
+        whole_span = fast.verify(int(prompt[-1]), chain)[0]
+    assert read and all(span > last for span, last in read)  # the whole span did read further
+    assert torch.equal(to_last_slot, whole_span)
 
 
 @runs_here

@@ -9,8 +9,9 @@
  * thread measured fastest at every row count, against up to 8 blocks at once), so every output
  * is summed over k in the same order whatever the number of rows: a row's result does not
  * depend on how many rows are computed with it (a verify's rows equal plain decoding's).
- * Few rows are bound by reading W (no prefetch: the hardware's keeps up); 8 and 16 rows by
- * the arithmetic, so W is prefetched ahead, into L2. Column blocks are split over the
+ * Few rows are bound by reading W (no prefetch: the hardware's keeps up); 8 rows by the
+ * arithmetic, so W is prefetched ahead, into L2; more rows take 8 at a time over a block while
+ * it is in cache (rows_at_once). Column blocks are split over the
  * OpenMP threads (torch's own runtime: the library is loaded after torch).
  */
 #include <immintrin.h>
@@ -79,19 +80,19 @@ KERNEL(1)
 KERNEL(2)
 KERNEL(4)
 KERNEL(8)
-KERNEL(16)
 
 typedef void (*kernel)(const uint16_t *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, const uint16_t *,
                        const uint16_t *);
 
-static int rows_at_once(int64_t m) { return m >= 16 ? 16 : m >= 8 ? 8 : m >= 4 ? 4 : m >= 2 ? 2 : 1; }
+/* At most 8 rows per pass over a block: 16 rows as two passes of 8 (the second reads the block from
+ * L1/L2) reached 425-445 GFLOP/s of the 470 peak from memory where one 16-row kernel reached 366-396
+ * (SmolLM2's 211 products, 2 threads, 16-64 rows: 16 rows 11.2-11.8 -> 10.1 ms; 8 rows unchanged) */
+static int rows_at_once(int64_t m) { return m >= 8 ? 8 : m >= 4 ? 4 : m >= 2 ? 2 : 1; }
 
-static kernel for_rows(int mr) {
-    return mr == 16 ? kernel_16 : mr == 8 ? kernel_8 : mr == 4 ? kernel_4 : mr == 2 ? kernel_2 : kernel_1;
-}
+static kernel for_rows(int mr) { return mr == 8 ? kernel_8 : mr == 4 ? kernel_4 : mr == 2 ? kernel_2 : kernel_1; }
 
 /* x: [m, k] contiguous; y, res: [m, n] contiguous; n % 16 == 0, k % 2 == 0 (the caller checks).
- * Threads split the column blocks; each takes all rows of its block in turn (16 at a time), so W
+ * Threads split the column blocks; each takes all rows of its block in turn (8 at a time), so W
  * is read from memory once and the later row chunks find it in cache. One block per kernel call:
  * one stream of W per thread read faster than several (measured on 2 threads, SmolLM2's 211
  * products: 1 row 7.1 ms against 8.3 with 8 blocks at once; 8 rows 8.7 against 9.8 with 2). */
@@ -322,15 +323,25 @@ void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, c
 
 /* out[r] = bf16(bf16(silu(gate)) * up) for gate_up[r] = [gate | up] (width each): the MLP's
  * act_fn(gate) * up in transformers' two roundings, in one pass. width % 16 == 0. */
+static void silu_mul_row(const uint16_t *gate_up, int64_t width, uint16_t *out) {
+    for (int64_t i = 0; i < width; i += 16) {
+        __m512 g = widen(gate_up + i);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        __m512 back = widen_vec((__m256i)_mm512_cvtneps_pbh(silu));
+        __m512 product = _mm512_mul_ps(back, widen(gate_up + width + i));
+        _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(product));
+    }
+}
+
+/* On the threads from 4 rows of SmolLM2's 1536 on (16 rows: 0.32 -> 0.18 ms per step); fewer rows
+ * are not worth waking them, nor the cost of an OpenMP region that runs on one (30 of them a step). */
 void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *out) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < width; i += 16) {
-            __m512 g = widen(gate_up + r * 2 * width + i);
-            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            __m512 back = widen_vec((__m256i)_mm512_cvtneps_pbh(silu));
-            __m512 product = _mm512_mul_ps(back, widen(gate_up + r * 2 * width + width + i));
-            _mm256_storeu_si256((__m256i *)(out + r * width + i), (__m256i)_mm512_cvtneps_pbh(product));
-        }
+    if (rows * width < 6144) {
+        for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * width, width, out + r * width);
+        return;
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * width, width, out + r * width);
 }
 
 /* q and k of one row rotated in place, as transformers' x * cos + rotate_half(x) * sin in bf16

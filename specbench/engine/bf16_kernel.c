@@ -9,9 +9,9 @@
  * thread measured fastest at every row count, against up to 8 blocks at once), so every output
  * is summed over k in the same order whatever the number of rows: a row's result does not
  * depend on how many rows are computed with it (a verify's rows equal plain decoding's).
- * Few rows are bound by reading W (no prefetch: the hardware's keeps up); 8 rows by the
- * arithmetic, so W is prefetched ahead, into L2; more rows take 8 at a time over a block while
- * it is in cache (rows_at_once). Column blocks are split over the
+ * Few rows are bound by reading W (no prefetch: the hardware's keeps up; prefetching for 5-7
+ * rows measured slower); 8 rows and more by the arithmetic, so W is prefetched ahead, into L2;
+ * more than 13 rows take several passes over a block while it is in cache (rows_at_once). Column blocks are split over the
  * OpenMP threads (torch's own runtime: the library is loaded after torch).
  */
 #include <immintrin.h>
@@ -78,21 +78,38 @@ static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16
 
 KERNEL(1)
 KERNEL(2)
+KERNEL(3)
 KERNEL(4)
+KERNEL(5)
+KERNEL(6)
+KERNEL(7)
 KERNEL(8)
+KERNEL(9)
+KERNEL(10)
+KERNEL(11)
+KERNEL(12)
+KERNEL(13)
 
 typedef void (*kernel)(const uint16_t *, int64_t, const uint16_t *, int64_t, uint16_t *, int64_t, const uint16_t *,
                        const uint16_t *);
 
-/* At most 8 rows per pass over a block: 16 rows as two passes of 8 (the second reads the block from
- * L1/L2) reached 425-445 GFLOP/s of the 470 peak from memory where one 16-row kernel reached 366-396
- * (SmolLM2's 211 products, 2 threads, 16-64 rows: 16 rows 11.2-11.8 -> 10.1 ms; 8 rows unchanged) */
-static int rows_at_once(int64_t m) { return m >= 8 ? 8 : m >= 4 ? 4 : m >= 2 ? 2 : 1; }
+#define MAX_ROWS 13
+static const kernel KERNELS[MAX_ROWS + 1] = {0,        kernel_1, kernel_2,  kernel_3,  kernel_4,  kernel_5,  kernel_6,
+                                             kernel_7, kernel_8, kernel_9, kernel_10, kernel_11, kernel_12, kernel_13};
 
-static kernel for_rows(int mr) { return mr == 8 ? kernel_8 : mr == 4 ? kernel_4 : mr == 2 ? kernel_2 : kernel_1; }
+/* The rows of the next pass over a block when `left` rows remain. Each row's sum over k is one
+ * chain of VDPBF16PS (the order that makes a row's result its own), so a pass of few rows waits on
+ * the instruction's latency even with the block in cache, and costs about what a full pass costs:
+ * passes of 8, 4, 2 and 1 rows made 3 rows cost 1.3x and 7 rows 1.9x what 4 and 8 cost. So up to
+ * 13 rows run in one pass; more in passes of 8 and a last one of the rest, which measured faster
+ * than one pass of 16 (the 16-row kernel this replaced reached 373-396 GFLOP/s of the 470 peak from
+ * memory, passes of 8 412-442). scripts/bench_products.py --against d6fc321 (SmolLM2's 121
+ * products of a step, 2 threads, 35 GB/s): 3 rows 10.17 -> 7.80 ms, 7 rows 14.62 -> 8.10, 9 rows
+ * 9.43 -> 8.37, 13 rows 12.55 -> 8.77, 16 rows 11.54 -> 10.45; 1, 2, 4 and 8 rows unchanged. */
+static int rows_at_once(int64_t left) { return left <= MAX_ROWS ? (int)left : 8; }
 
 /* x: [m, k] contiguous; y, res: [m, n] contiguous; n % 16 == 0, k % 2 == 0 (the caller checks).
- * Threads split the column blocks; each takes all rows of its block in turn (8 at a time), so W
+ * Threads split the column blocks; each takes all rows of its block in turn (rows_at_once), so W
  * is read from memory once and the later row chunks find it in cache. One block per kernel call:
  * one stream of W per thread read faster than several (measured on 2 threads, SmolLM2's 211
  * products: 1 row 7.1 ms against 8.3 with 8 blocks at once; 8 rows 8.7 against 9.8 with 2). */
@@ -102,7 +119,7 @@ void linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t
     for (int64_t block = 0; block < n / 16; block++)
         for (int64_t row = 0; row < m;) {
             int mr = rows_at_once(m - row);
-            for_rows(mr)(x + row * k, k, wp, block, y + row * n, n, bias, res ? res + row * n : 0);
+            KERNELS[mr](x + row * k, k, wp, block, y + row * n, n, bias, res ? res + row * n : 0);
             row += mr;
         }
 }

@@ -267,6 +267,12 @@ def unavailable() -> str | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL:
+    return build(SOURCE)
+
+
+def build(source: Path) -> ctypes.CDLL:
+    """The kernels of a C source (this module's SOURCE; scripts/bench_products.py builds another
+    revision's beside it), compiled and loaded, their signatures declared."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) on the PATH")
@@ -275,7 +281,7 @@ def _library() -> ctypes.CDLL:
     directory = Path(tempfile.mkdtemp(prefix="specbench-bf16-"))
     try:
         target = directory / "bf16_kernel.so"
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")

@@ -1,0 +1,110 @@
+"""The bf16 product kernel alone (engine/bf16_kernel.c `linear`): every product of one decode
+step of a target — each layer's q/k/v, o, gate/up and down (fused as the lean stack packs them),
+and the LM head: SmolLM2-135M's are 121 — over random weights of its shapes, at n rows each, on
+torch's threads.
+
+    python scripts/bench_products.py                        # this checkout's kernel, n = 1,2,4,8,12,16,32,64
+    python scripts/bench_products.py --against d6fc321      # and that revision's bf16_kernel.c, interleaved
+
+Prints per n the median ms of one step's products, the FLOP/s against the VDPBF16PS peak measured
+in the same process, and the weight bytes read per second. With --against, the other revision's
+source is built beside this one's (each packs its own copy of the weights) and the two builds'
+repetitions are interleaved, so their ratio is measured in one run: the development VM's memory
+bandwidth drifts between 30 and 60 GB/s, and only a ratio taken within one run means anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from specbench.engine import bf16_kernel
+from specbench.engine.speed import median
+from specbench.targets.loading import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def step_shapes(config) -> list[tuple[int, int]]:
+    """(out, in) of every product one decode step computes, in order: as the lean stack packs them."""
+    width, dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * dim
+    layer = [(qkv, width), (width, config.num_attention_heads * dim), (2 * config.intermediate_size, width),
+             (width, config.intermediate_size)]
+    return layer * config.num_hidden_layers + [(config.vocab_size, width)]
+
+
+def packed(library: ctypes.CDLL, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Random bf16 weights packed by `library` (its own layout), in the kernel's huge-page arena."""
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for n, k in shapes:
+        weight = (torch.randn(n, k, generator=generator) * 0.02).to(torch.bfloat16)
+        data = bf16_kernel._ARENA.take(weight.numel())
+        library.pack_weight(weight.data_ptr(), data.data_ptr(), n, k)
+        out.append(data)
+    return out
+
+
+def one_step(library: ctypes.CDLL, weights, shapes, x: torch.Tensor, y: torch.Tensor, rows: int) -> float:
+    start = time.perf_counter()
+    for data, (n, k) in zip(weights, shapes):
+        library.linear(x.data_ptr(), rows, k, data.data_ptr(), n, y.data_ptr(), None, None)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="whose shapes (a target alias/id/path: its config only)")
+    parser.add_argument("--rows", default="1,2,4,8,12,16,32,64")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--against", help="a git revision whose engine/bf16_kernel.c is built and timed beside this checkout's")
+    args = parser.parse_args()
+    if bf16_kernel.unavailable():
+        raise SystemExit(f"the bf16 kernel does not run here: {bf16_kernel.unavailable()}")
+    shapes = step_shapes(load_config(args.model))
+    builds = {"this checkout": bf16_kernel._library()}
+    if args.against:
+        source = subprocess.run(["git", "show", f"{args.against}:specbench/engine/bf16_kernel.c"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "bf16_kernel.c"
+            path.write_text(source)
+            builds[args.against] = bf16_kernel.build(path)
+    weights = {name: packed(library, shapes) for name, library in builds.items()}
+    rows = [int(r) for r in args.rows.split(",")]
+    widest = max(max(n, k) for n, k in shapes)
+    x = (torch.randn(max(rows), widest) * 0.1).to(torch.bfloat16)
+    y = torch.empty(max(rows), widest, dtype=torch.bfloat16)
+    params = sum(n * k for n, k in shapes)
+    peak = bf16_kernel.dot_peak_flops()
+    times = {(name, m): [] for name in builds for m in rows}
+    for rep in range(args.reps + 1):
+        for m in rows:
+            for name, library in builds.items():
+                ms = one_step(library, weights[name], shapes, x, y, m)
+                if rep:  # the first round warms up
+                    times[name, m].append(ms)
+    print(f"{args.model}: {len(shapes)} products, {params / 1e6:.1f} M weights ({2 * params / 1e6:.0f} MB in bf16), "
+          f"{torch.get_num_threads()} threads, VDPBF16PS peak {peak / 1e9:.0f} GFLOP/s, medians of {args.reps}")
+    names = list(builds)
+    header = "rows | " + " | ".join(f"{name}: ms, GFLOP/s (of peak), GB/s" for name in names)
+    print(header + (f" | {names[0]} / {names[1]}" if len(names) == 2 else ""))
+    for m in rows:
+        cells = []
+        for name in names:
+            ms = median(times[name, m])
+            flops = 2 * params * m / (ms / 1e3)
+            cells.append(f"{ms:.2f}, {flops / 1e9:.0f} ({flops / peak:.0%}), {2 * params / (ms / 1e3) / 1e9:.1f}")
+        ratio = f" | {median(times[names[0], m]) / median(times[names[1], m]):.3f}" if len(names) == 2 else ""
+        print(f"{m} | " + " | ".join(cells) + ratio)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,9 @@
  * depend on how many rows are computed with it (a verify's rows equal plain decoding's).
  * Few rows are bound by reading W (no prefetch: the hardware's keeps up; prefetching for 5-7
  * rows measured slower); 8 rows and more by the arithmetic, so W is prefetched ahead, into L2;
- * more than 13 rows take several passes over a block while it is in cache (rows_at_once). Column blocks are split over the
- * OpenMP threads (torch's own runtime: the library is loaded after torch).
+ * more than 13 rows take several passes over a block while it is in cache (rows_at_once).
+ * Column blocks are split over the OpenMP threads (torch's own runtime: the library is loaded
+ * after torch).
  */
 #include <immintrin.h>
 #include <math.h>

@@ -26,6 +26,7 @@ import torch
 
 from specbench.engine import bf16_kernel
 from specbench.engine.speed import median
+from specbench.errors import UserError
 from specbench.targets.loading import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,26 +60,52 @@ def one_step(library: ctypes.CDLL, weights, shapes, x: torch.Tensor, y: torch.Te
     return (time.perf_counter() - start) * 1e3
 
 
+def row_counts(text: str) -> list[int]:
+    """--rows: comma-separated whole numbers >= 1."""
+    try:
+        rows = [int(r) for r in text.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of row counts >= 1 (e.g. 1,2,4,8)")
+    return rows
+
+
+def other_build(revision: str) -> ctypes.CDLL:
+    """The kernels of `revision`'s engine/bf16_kernel.c, built beside this checkout's."""
+    shown = subprocess.run(["git", "show", f"{revision}:specbench/engine/bf16_kernel.c"], check=False, cwd=ROOT,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        why = (shown.stderr.strip() or f"git exited with {shown.returncode}").splitlines()[-1]
+        raise UserError(f"--against {revision}: git has no specbench/engine/bf16_kernel.c there ({why})")
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "bf16_kernel.c"
+        path.write_text(shown.stdout)
+        try:
+            return bf16_kernel.build(path)
+        except OSError as exc:
+            why = (str(exc).strip() or type(exc).__name__).splitlines()[-1]
+            raise UserError(f"--against {revision}: its kernel did not build: {why}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="whose shapes (a target alias/id/path: its config only)")
-    parser.add_argument("--rows", default="1,2,4,8,12,16,32,64")
+    parser.add_argument("--rows", type=row_counts, default=row_counts("1,2,4,8,12,16,32,64"))
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--against", help="a git revision whose engine/bf16_kernel.c is built and timed beside this checkout's")
     args = parser.parse_args()
     if bf16_kernel.unavailable():
-        raise SystemExit(f"the bf16 kernel does not run here: {bf16_kernel.unavailable()}")
-    shapes = step_shapes(load_config(args.model))
-    builds = {"this checkout": bf16_kernel._library()}
-    if args.against:
-        source = subprocess.run(["git", "show", f"{args.against}:specbench/engine/bf16_kernel.c"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / "bf16_kernel.c"
-            path.write_text(source)
-            builds[args.against] = bf16_kernel.build(path)
+        parser.error(f"the bf16 kernel does not run here: {bf16_kernel.unavailable()}")
+    try:  # bad input: one line
+        shapes = step_shapes(load_config(args.model))
+        builds = {"this checkout": bf16_kernel._library()}
+        if args.against:
+            builds[args.against] = other_build(args.against)
+    except UserError as exc:
+        parser.error(str(exc))
     weights = {name: packed(library, shapes) for name, library in builds.items()}
-    rows = [int(r) for r in args.rows.split(",")]
+    rows = args.rows
     widest = max(max(n, k) for n, k in shapes)
     x = (torch.randn(max(rows), widest) * 0.1).to(torch.bfloat16)
     y = torch.empty(max(rows), widest, dtype=torch.bfloat16)

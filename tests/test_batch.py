@@ -30,7 +30,7 @@ models = test_cli.models  # the tiny models on disk the CLI tests use (a fixture
 sim_setup = test_simulate.setup  # a tiny target on disk and its recorded log (a fixture)
 
 NEW = 16
-DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-decoder", "eagle", "eagle-tree"]
+DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-pruned", "hydra-decoder", "eagle", "eagle-tree"]
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_sibling_projections_are_right_in_any_order_and_on_different_inputs():
             assert torch.allclose(getattr(copy, name)(inputs), getattr(block, name)(inputs), atol=1e-6), name
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-decoder"])
+@pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-pruned", "hydra-decoder"])
 def test_packed_fast_engine_gives_the_eager_engines_tokens_with_tree_drafters_fp32(drafter):
     from test_fast_engine import make_drafter
 

@@ -30,7 +30,7 @@ from specbench.targets.fast import FastHFTarget
 from specbench.targets.hf import HFTarget
 
 MAX_NEW = 32
-DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-decoder"]
+DRAFTERS = ["plain", "prompt-lookup", "draft-model", "medusa", "hydra", "hydra-pruned", "hydra-decoder"]
 CONFIGS = {  # the fast engine as CPU runs it, padded to buckets over spans, and with (fake) CUDA graphs
     "exact": lambda model: FastHFTarget(model, compiled=False),
     "bucketed": lambda model: FastHFTarget(model, bucketed=True, compiled=False),
@@ -54,6 +54,8 @@ def make_drafter(name: str, target, draft=None):
         return MedusaDrafter.build(target, heads="fresh", tree="mc_sim_7b_63")
     if name == "hydra":
         return HydraDrafter.build(target, heads="fresh", tree="mc_sim_7b_63")
+    if name == "hydra-pruned":  # trees of 6-10 of the 63 nodes on tests' tiny models
+        return HydraDrafter.build(target, heads="fresh", tree="mc_sim_7b_63", prune_below=0.02)
     return HydraDecoderDrafter.build(target, heads="fresh", decoder_layers=1, tree="mc_sim_7b_63")
 
 

@@ -521,3 +521,60 @@ def test_vocab_trim_keeps_greedy_exact_and_drafts_only_kept_ids(name, target, ch
     assert drafted <= kept and accepted > 0
     with pytest.raises(UserError, match="keeps fewer tokens than tree"):
         cls.build(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", vocab_trim=5, vocab_trim_from=str(ids_file))
+
+
+# --- pruning (prune_below): a node is drafted only where its path probability reaches the floor -
+
+def path_probabilities(drafter, tree, root):
+    """Each node's path probability, node by node: head d-1 over its own branch, the softmax
+    probability of its token, times its parent's."""
+    found = []
+    for i in range(len(tree)):
+        branch = [int(tree.tokens[j]) for j in tree.path_to(i)[:-1]]
+        features = torch.cat([drafter.last_hidden, *[drafter.embed.weight[t] for t in [root, *branch]]])
+        probs = torch.softmax(drafter.heads.head(len(branch), features[None])[0].float(), -1)
+        parent = int(tree.parents[i])
+        found.append(float(probs[int(tree.tokens[i])]) * (found[parent] if parent >= 0 else 1.0))
+    return found
+
+
+def test_pruned_hydra_keeps_exactly_the_nodes_whose_path_probability_reaches_the_floor(target, checkpoints):
+    from specbench.engine.protocol import DraftContext
+
+    prompt = prompts(1, seed=5)[0]
+    _, hidden = target.prefill(prompt, FINAL)
+    tokens = torch.cat([prompt, torch.tensor([7])])
+    context = DraftContext(tokens, prompt.numel(), 50, 0.0, None)
+    whole = build("hydra-prefix", target, checkpoints)
+    whole.begin(prompt, hidden)
+    full = whole.propose(context)
+    probabilities = path_probabilities(whole, full, 7)
+    ordered = sorted(probabilities)
+    floor = (ordered[len(ordered) // 2] + ordered[len(ordered) // 2 + 1]) / 2  # half the nodes above, half below
+    pruned = HydraDrafter.build(target, heads=str(checkpoints["hydra-prefix"][0]), tree="mc_sim_7b_63", prune_below=floor)
+    pruned.begin(prompt, hidden)
+    tree = pruned.propose(context)
+    kept = [i for i, p in enumerate(probabilities) if p >= floor]
+    assert 0 < len(kept) < len(full)
+    assert tree.tokens.tolist() == full.tokens[kept].tolist()
+    assert [kept[p] if p >= 0 else -1 for p in tree.parents.tolist()] == full.parents[kept].tolist()
+    assert pruned.describe()["prune_below"] == floor
+
+
+@pytest.mark.parametrize("name", ["hydra-prefix", "hydra-mlp"])
+def test_pruned_hydra_greedy_equals_plain_and_drafts_fewer_nodes(name, target, checkpoints, plain_outputs):
+    drafter = HydraDrafter.build(target, heads=str(checkpoints[name][0]), tree="mc_sim_7b_63", prune_below=0.1)
+    sizes, accepted = [], 0
+    for prompt, expected in zip(prompts(PROMPTS), plain_outputs):
+        result = decode(target, drafter, prompt, MAX_NEW)
+        assert result.output_ids == expected
+        sizes += [s.tree_size for s in result.steps]
+        accepted += sum(s.accepted for s in result.steps)
+    assert accepted > 0 and max(sizes) < 63 and len(set(sizes)) > 2  # trees of many sizes, none whole
+
+
+def test_pruning_everything_is_plain_decoding(target, checkpoints, plain_outputs):
+    drafter = HydraDrafter.build(target, heads=str(checkpoints["hydra-prefix"][0]), tree="chain:4", prune_below=1.0)
+    for prompt, expected in zip(prompts(3), plain_outputs):
+        result = decode(target, drafter, prompt, MAX_NEW)
+        assert result.output_ids == expected and all(s.tree_size == 0 for s in result.steps)

@@ -506,3 +506,29 @@ def test_vocab_trimmed_drafters_simulate_equals_online(setup, head_checkpoints, 
         tree = "mc_sim_7b_63_depth3" if heads == "hydra-tied" else "mc_sim_7b_63"
         assert_simulate_equals_online(setup, drafter, {"heads": str(head_checkpoints / heads), **trim}, [3],
                                       target=setup["target"], trees=[tree], tree_options=("tree",))
+
+
+@pytest.mark.parametrize("heads", ["hydra-prefix", "hydra-mlp"])
+def test_pruned_hydra_simulate_equals_online(setup, head_checkpoints, heads):
+    """With prune_below each step drafts its own pruned tree: simulate drafts every step's tree from
+    the log (own trees) and cuts it at the tokens still allowed as the loop's drafter does."""
+    options = {"heads": str(head_checkpoints / heads), "prune_below": 0.1}
+    simulation = assert_simulate_equals_online(setup, "hydra", options, [3], target=setup["target"],
+                                               trees=["mc_sim_7b_63"], tree_options=("tree",))
+    for result in simulation.results:
+        paths = Shape.from_spec(result.shape.spec).tree.paths
+        pruned = 0
+        for turn in result.steps:
+            m = 1
+            for step in turn:  # the whole tree, cut at the tokens still allowed, against what was drafted
+                pruned += step.tree_size < sum(len(p) <= MAX_NEW - m for p in paths)
+                m += step.accepted + 1
+        assert pruned > len(result.steps)  # more steps pruned than there are turns
+
+
+def test_tune_refuses_a_pruned_drafter_in_one_line(setup, head_checkpoints):
+    from specbench.simulate.tune import TuneConfig, Tuner
+
+    config = TuneConfig(drafter="hydra", drafter_options={"heads": str(head_checkpoints / "hydra-prefix"), "prune_below": 0.1})
+    with pytest.raises(UserError, match="tune the tree with --prune-below 0"):
+        Tuner(setup["log"], config, setup["target"])

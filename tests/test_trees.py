@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specbench.drafters.trees import named_trees, resolve_tree
-from specbench.engine.tree import TreeShape
+from specbench.engine.tree import DraftTree, TreeShape
 from specbench.errors import UserError
 
 
@@ -87,3 +87,13 @@ def test_catalogue_names_the_published_heads(drafter, heads, size):
         target = SimpleNamespace(name=name, model_id=f"lmsys/vicuna-{size}-v1.3")
         settings = cls.settings(target, cls.Options())
         assert settings.heads == heads.format(size) and settings.tree.name == "mc_sim_7b_63"
+
+
+def test_a_subtree_keeps_node_order_and_renumbers_parents():
+    tree = DraftTree(torch.tensor([10, 11, 12, 13, 14]), torch.tensor([-1, -1, 0, 1, 2]))
+    sub = tree.subtree([True, False, True, False, True])
+    assert sub.tokens.tolist() == [10, 12, 14] and sub.parents.tolist() == [-1, 0, 1]
+    assert tree.subtree([True] * 5) is tree
+    assert len(tree.subtree([False] * 5)) == 0
+    with pytest.raises(ValueError, match="kept without its parent"):
+        tree.subtree([False, True, True, False, False])  # node 2 without its parent 0

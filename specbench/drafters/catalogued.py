@@ -52,6 +52,15 @@ def catalogued_tree(entry: dict, target, given: str | None, default: str) -> str
     return given or entry.get(f"tree_{device}") or entry.get("tree") or default
 
 
+def catalogued_setting(entry: dict, target, name: str, given, default):
+    """A drafter setting: `given`, else the entry's for this device type (`NAME_cpu`), else its
+    `NAME`, else `default`."""
+    if given is not None:
+        return given
+    device = getattr(getattr(target, "device", None), "type", None)
+    return entry.get(f"{name}_{device}", entry.get(name, default))
+
+
 def catalogued_trim(entry: dict, target, options: VocabTrimOptions) -> VocabTrimOptions:
     """The VocabTrim to draft with: the user's (`--vocab-trim N --vocab-trim-from ...`; `--vocab-trim 0`
     for none), else the entry's for this device type (`vocab_trim_cpu`: where drafting over the

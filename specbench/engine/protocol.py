@@ -251,12 +251,15 @@ class OwnTrees:
     """Per step m (rows 0..N-1, row 0 unused, as in `TeacherForced.ranks`), the tree the
     drafter would propose when m tokens have been emitted: its node count, its depth, and
     how many of its nodes the logged continuation accepts (the longest path of true
-    tokens out[m], out[m+1], ... in it; never past the log's end). Such trees are not
-    capped by the tokens still allowed: the drafter always drafts its whole tree."""
+    tokens out[m], out[m+1], ... in it; never past the log's end). Without `sizes_by_depth`
+    such trees are not capped by the tokens still allowed (the drafter always drafts its
+    whole tree); with it, the walk cuts a step's tree at the tokens still allowed, as a
+    drafter that honours ctx.max_tokens does (TeacherForced.capped)."""
 
     sizes: torch.Tensor  # [N] int64
     depths: torch.Tensor  # [N] int64
     accepted: torch.Tensor  # [N] int64
+    sizes_by_depth: torch.Tensor | None = None  # [N, D] int64: the tree's nodes at depth <= d + 1
 
 
 # hidden(): the target's states (the drafter's taps) over prompt + output[:-1] ([P+N-1, H·len(taps)])
@@ -343,6 +346,19 @@ class Drafter:
     def __init__(self, target: Target, options: DrafterOptions | None = None) -> None:
         self.target = target
         self.options = options if options is not None else self.Options()
+
+    @property
+    def shape_dependent(self) -> bool:
+        """Whether this drafter's drafts depend on the shape it drafts (`drafts_depend_on_shape`,
+        or an option that makes them so: `pruned_per_step`): simulate then scores each shape with
+        its own drafter."""
+        return self.drafts_depend_on_shape or bool(self.pruned_per_step)
+
+    @property
+    def pruned_per_step(self) -> str:
+        """What cuts this drafter's tree every step (an option; the fix `tune` names, which scores
+        trees of ranks whole), or '' where nothing does."""
+        return ""
 
     @classmethod
     def create(cls, target: Target, options: DrafterOptions) -> Drafter:

@@ -97,6 +97,24 @@ class DraftTree:
             mask[row, row] = True
         return mask
 
+    def subtree(self, keep: list[bool]) -> DraftTree:
+        """The nodes where `keep` is True, in node order, their parents renumbered. A kept node's
+        parent must be kept (a pruned tree never keeps a node without its ancestors)."""
+        if all(keep):
+            return self
+        parents, index, renumbered, position = self.parents.tolist(), [], [], {}
+        for node, kept in enumerate(keep):
+            if kept:
+                parent = parents[node]
+                if parent >= 0 and parent not in position:
+                    raise ValueError(f"node {node} is kept without its parent {parent}")
+                position[node] = len(index)
+                index.append(node)
+                renumbered.append(position[parent] if parent >= 0 else -1)
+        where = torch.tensor(index, dtype=torch.long, device=self.tokens.device)
+        probs = self.draft_probs[where] if self.draft_probs is not None else None
+        return DraftTree(self.tokens[where], torch.tensor(renumbered, dtype=torch.long, device=self.tokens.device), probs)
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root's child down to `node` (inclusive)."""
         path = []

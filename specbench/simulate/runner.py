@@ -166,7 +166,7 @@ class Simulator:
     def proposer_for(self, shape: Shape):
         """The drafter whose teacher-forced pass scores `shape`: the main one fills any tree of
         ranks; a drafter's own dynamic tree needs the drafter built for it."""
-        return self.drafter_for(shape) if shape.dynamic or self.cls.drafts_depend_on_shape else self.drafter
+        return self.drafter_for(shape) if shape.dynamic or self.drafter.shape_dependent else self.drafter
 
     # --- scoring ----------------------------------------------------------------
     def proposals(self, depth: int, shape: Shape | None = None, providers: list | None = None) -> list[TeacherForced]:
@@ -174,7 +174,7 @@ class Simulator:
         `depth` draft positions at every step (what `walk` scores any shape from). A drafter whose
         drafts depend on the shape is passed the `shape` its pass is for (it then scores the trees
         of ranks of that depth); `providers` (from `providers()`) share the hidden states between passes."""
-        if self.cls.drafts_depend_on_shape and shape is None:
+        if self.drafter.shape_dependent and shape is None:
             raise ValueError(f"drafter '{self.config.drafter}' drafts differently for every shape: name the shape its pass is for")
         drafter = self.drafter if shape is None else self.proposer_for(shape)
         found = []
@@ -355,7 +355,7 @@ def write_runs(
     for result in sim.results:
         shape = result.shape
         # sequential draft passes per step for this shape (a dynamic tree: the drafter's own count)
-        own = shape.dynamic or simulator.cls.drafts_depend_on_shape  # the drafter built for the shape counts its passes
+        own = shape.dynamic or simulator.drafter.shape_dependent  # the drafter built for the shape counts its passes
         gamma = (simulator.drafter_for(shape).memory_model()[1] if own else shape.depth) if passes else 0
         result_draft_ms = model.draft_ms(result.draft_ms, draft_bytes, gamma)  # one row's
         draft_ms = model.step_draft_ms(result_draft_ms)  # what a (batch) step pays

@@ -287,6 +287,9 @@ class Tuner:
         self.config, self.target, self.device = config, target, device
         with progress.status(f"loading {config.drafter}"):
             simulator = self.simulator_for(log)
+        if simulator.drafter.pruned_per_step:  # its candidates are trees of ranks, scored whole
+            raise UserError(f"tune scores whole trees of ranks, and drafter '{config.drafter}' as configured cannot be: "
+                            f"{simulator.drafter.pruned_per_step}")
         if simulator.method != TEACHER_FORCED:
             raise UserError(f"drafter '{config.drafter}' has no teacher-forced hook (`Drafter.teacher_forced`): tune needs it")
         self.simulator = simulator

@@ -71,15 +71,20 @@ DYNAMIC = "dynamic"
 
 def walk(proposals: TeacherForced, n_out: int, max_new_tokens: int, shape: Shape) -> list[StepMeasure]:
     """The steps (tree size, depth, accepted; no timings) the loop takes over one logged sequence."""
-    if shape.dynamic:
-        own = proposals.own_trees
-        if own is None:
-            raise UserError("the drafter does not draft its own tree per step; --tree dynamic is for eagle, eagle3 and dflash")
+    own = proposals.own_trees
+    if shape.dynamic and own is None:
+        raise UserError("the drafter does not draft its own tree per step; --tree dynamic is for eagle, eagle3 and dflash")
+    if own is not None:  # the drafter's own tree every step (dynamic, or pruned per step)
         sizes, depths, accepted = own.sizes.tolist(), own.depths.tolist(), own.accepted.tolist()
+        by_depth = own.sizes_by_depth.tolist() if own.sizes_by_depth is not None and proposals.capped else None
         steps, m = [], 1
         while m < n_out:
-            steps.append(StepMeasure(0.0, 0.0, 0.0, sizes[m], depths[m], accepted[m]))
-            m += accepted[m] + 1
+            size, depth, taken = sizes[m], depths[m], accepted[m]
+            allowed = max_new_tokens - m
+            if by_depth is not None and allowed < depth:  # cut at the tokens still allowed, as the loop's drafter cuts it
+                size, depth, taken = by_depth[m][allowed - 1], allowed, min(taken, allowed)
+            steps.append(StepMeasure(0.0, 0.0, 0.0, size, depth, taken))
+            m += taken + 1
         return steps
     if shape.depth > proposals.depth:
         raise ValueError("proposals were scored for fewer draft positions than the shape needs")

@@ -23,6 +23,7 @@ from specbench.engine.protocol import (
     FINAL,
     RANK_NONE,
     Drafter,
+    OwnTrees,
     TeacherForced,
     VerifyOutcome,
     true_ranks,
@@ -205,7 +206,15 @@ class HeadDrafter(Drafter):
             if not m.numel():
                 break
             ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), true[m + d - 1])
-        return TeacherForced(ranks, capped=True, hidden_source=source)
+        own = None
+        if self.shape_dependent:  # its own (pruned) tree every step
+            own = self.own_trees(base, output) if n >= 2 else OwnTrees(*(torch.zeros(n, dtype=torch.long) for _ in range(3)),
+                                                                      torch.zeros(n, self.shape.depth, dtype=torch.long))
+        return TeacherForced(ranks, capped=True, hidden_source=source, own_trees=own)
+
+    def own_trees(self, base: torch.Tensor, output: torch.Tensor) -> OwnTrees:
+        """The tree of every step, for a drafter whose option prunes it per step (`shape_dependent`)."""
+        raise NotImplementedError
 
     # --- VocabTrim: LM heads over the N most frequent target tokens only ---------
 

@@ -25,11 +25,13 @@ untouched, so the target's outputs (and plain decoding) are unchanged.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from specbench.drafters.catalogued import catalogued_setting
 from specbench.drafters.heads.base import FRESH, HeadDrafter, HeadOptions, HeadTraining, module_bytes
 from specbench.drafters.heads.layouts import (
     check_base_model,
@@ -39,8 +41,16 @@ from specbench.drafters.heads.layouts import (
 )
 from specbench.drafters.heads.modules import HydraHeads, OwnDecoder
 from specbench.engine.options import option
-from specbench.engine.protocol import DraftContext, TrainRecipe
+from specbench.engine.protocol import DraftContext, OwnTrees, TrainRecipe
 from specbench.engine.tree import DraftTree, TreeShape
+
+
+@dataclass
+class HydraOptions(HeadOptions):
+    prune_below: float | None = option(
+        None, "drop every drafted node whose path probability (the product of the heads' probabilities of its tokens "
+              "from the root) is below P, and draft no deeper once a level keeps none (BiLD's fallback rule on a tree; "
+              "docs/heads.md); 0 drafts the whole tree; default from the catalogue (0 where it names none)", min=0, max=1)
 
 
 @dataclass
@@ -51,6 +61,7 @@ class HydraTraining(HeadTraining):
 class HydraDrafter(HeadDrafter):
     name = "hydra"
     recipe = TrainRecipe("specbench.train.heads:train_heads", 5e-4, HydraTraining)  # Hydra++'s rate
+    Options = HydraOptions
     summary = "Hydra / Hydra++ heads: each head sees the tokens drafted before it on the branch; drafted level by level"
 
     def __init__(
@@ -63,6 +74,7 @@ class HydraDrafter(HeadDrafter):
         hidden_state_offset: int = 0,
         options: HeadOptions | None = None,
         info: dict | None = None,
+        prune_below: float = 0.0,
     ) -> None:
         super().__init__(target, tree, heads.num_heads, options, {"arch": heads.arch, **(info or {})})
         self.heads = heads.to(target.device).eval()
@@ -72,13 +84,23 @@ class HydraDrafter(HeadDrafter):
         if hidden_state_offset:
             self.taps = (target.num_layers - hidden_state_offset,)
         self._step_prefix: nn.Module | None = None
+        self.prune_below = prune_below
+        self.info["prune_below"] = prune_below
+
+    @property
+    def pruned_per_step(self) -> str:
+        if self.prune_below > 0:  # which nodes survive depends on the tree drafted
+            return f"it prunes its tree every step (prune_below {self.prune_below:g}); tune the tree with --prune-below 0"
+        return ""
 
     @classmethod
-    def create(cls, target, options: HeadOptions) -> HydraDrafter:
+    def create(cls, target, options: HydraOptions) -> HydraDrafter:
         settings = cls.settings(target, options)
+        # the catalogue's pruning goes with the catalogue's heads (as its VocabTrim does)
+        prune = catalogued_setting(settings.entry if options.heads is None else {}, target, "prune_below", options.prune_below, 0.0)
         if settings.heads == FRESH:
             module, prefix = fresh_hydra_heads(target, options.heads_to_make(settings.entry))
-            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options, {"heads": FRESH})
+            drafter = cls(target, module, settings.tree, target_embedding(target), prefix, 0, options, {"heads": FRESH}, prune)
             return drafter.apply_vocab_trim(options)
         spec = settings.heads
         checkpoint, layout = load_hydra(spec, target)
@@ -101,7 +123,7 @@ class HydraDrafter(HeadDrafter):
             prefix.load_layers(prefix_state, spec)
         info = {**checkpoint.describe(), "hydra_layers": layout.num_layers, "grounded": layout.grounded,
                 "hidden_state_offset": layout.hidden_state_offset, "own_lm_head": not layout.tied_lm_head}
-        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options, info)
+        drafter = cls(target, module, settings.tree, embed, prefix, layout.hidden_state_offset, options, info, prune)
         return drafter.apply_vocab_trim(options)
 
     def lm_head_slots(self) -> list[tuple]:
@@ -155,56 +177,150 @@ class HydraDrafter(HeadDrafter):
         features = torch.cat([base, self.embed(branch).flatten(1)], dim=-1)
         return self.heads.head(d - 1, features)
 
+    def draft_levels(self, heads: HydraHeads, base: torch.Tensor, roots: torch.Tensor, depth: int) -> Levels:
+        """The tree drafted for R rows at once (base states [R, H], roots [R]), level by level as the
+        reference drafts: head d-1 once over every row's level-d inputs (the nodes of depth d - 1 that
+        have children), each node the top-k child of its parent's row. With `prune_below`, a node is
+        kept where its path probability (its parent's times the head's softmax probability of its
+        token) reaches the floor, and drafting stops at the first level where no row keeps a node."""
+        grounded, floor = heads.grounded, self.prune_below
+        base = base[:, None].to(self.embed.weight.dtype)  # [R, 1, H]
+        features = torch.cat([base, self.embed(roots[:, None])], dim=-1) if grounded else base  # [R, rows, (level + 2) * H]
+        path = None  # path probability of each row carried down to the next level (the root's: 1)
+        levels = Levels([], [] if floor > 0 else None)
+        for d in range(1, depth + 1):
+            index = self.level_index[d]
+            inputs = features if grounded else base
+            logits = heads.head(d - 1, inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])  # [R, rows, V]
+            top = logits.topk(self.shape.level_topk[d])
+            tokens = self.to_target_ids(index.node_of(top.indices))  # [R, level nodes]
+            if floor > 0:  # on the host, in Python floats: a few numbers per row, and one call instead of several
+                probs = index.node_of(torch.softmax(logits.float(), dim=-1).gather(-1, top.indices)).tolist()  # [R][level nodes]
+                path = probs if path is None else [[row[p] * q for p, q in zip(index.parent_list, qs)] for row, qs in zip(path, probs)]
+                keep = [[p >= floor for p in row] for row in path]
+                if not any(map(any, keep)):
+                    break
+                levels.keep.append(keep)
+            levels.tokens.append(tokens)
+            if d < depth:
+                if grounded:
+                    features = torch.cat([index.expanded_parents(features), self.embed(index.expanded(tokens))], dim=-1)
+                if path is not None:
+                    path = [[row[i] for i in index.expand_list] for row in path]
+        return levels
+
+    @functools.cached_property
+    def level_index(self) -> list[LevelIndex | None]:
+        """Per level d >= 1 of the shape, its indices on the drafter's device."""
+        shape = self.shape
+        return [None] + [LevelIndex.of(shape, d, self.heads.grounded, self.device) for d in range(1, shape.depth + 1)]
+
+    def row_tree(self, levels: Levels, row: int, depth: int) -> DraftTree:
+        """Row `row`'s tree of `levels`, cut at `depth`, its pruned nodes dropped."""
+        tokens = [level[row] for level in levels.tokens[:depth]]
+        if not tokens:  # no level drafted, or every node of the first pruned
+            return DraftTree.empty(self.device)
+        tree = self.shape.draft_tree(tokens)
+        if levels.keep is None:
+            return tree
+        return tree.subtree([kept for keep in levels.keep[: len(tokens)] for kept in keep[row]])
+
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> DraftTree:
-        shape, heads = self.shape, self.step_heads
         self.catch_up()
-        if not len(shape):
+        if not len(self.shape):
             return DraftTree.empty(self.device)
-        base = self.last_hidden[None].to(self.embed.weight.dtype)
-        root = ctx.tokens[-1:].to(self.device)
-        # level 0: one row, the root; features [rows, (level + 2) * H]
-        features = torch.cat([base, self.embed(root)], dim=-1) if heads.grounded else base
-        levels = []
-        depth = min(shape.depth, ctx.max_tokens)  # deeper nodes could not be emitted
-        for d in range(1, depth + 1):
-            best = self.to_target_ids(heads.head(d - 1, features if heads.grounded else base).topk(shape.level_topk[d]).indices)
-            parent_rows = shape.parent_rows[d].to(self.device) if heads.grounded else torch.zeros_like(shape.parent_rows[d]).to(self.device)
-            tokens = best[parent_rows, shape.level_ranks[d].to(self.device)]
-            levels.append(tokens)
-            expand = shape.expand_positions[d].to(self.device)
-            if heads.grounded and d < depth and expand.numel():
-                features = torch.cat([features[parent_rows[expand]], self.embed(tokens[expand])], dim=-1)
-        return shape.draft_tree(levels)
+        depth = min(self.shape.depth, ctx.max_tokens)  # deeper nodes could not be emitted
+        levels = self.draft_levels(self.step_heads, self.last_hidden[None], ctx.tokens[-1:].to(self.device), depth)
+        return self.row_tree(levels, 0, depth)
 
     @torch.inference_mode()
     def propose_rows(self, rows: list[HydraDrafter], contexts: list[DraftContext]) -> list[DraftTree]:
         """Every live row's tree, each level's head once over every row's nodes at that level (the
         rows share the tree shape, so their level features stack into [rows, nodes, width])."""
-        shape, heads = self.shape, self.step_heads
-        if any(row.row is None for row in rows) or not len(shape):  # batch 1: row by row
+        if any(row.row is None for row in rows) or not len(self.shape):  # batch 1: row by row
             return super().propose_rows(rows, contexts)
         for row in rows:
             row.catch_up()  # Hydra++'s prefix layer: each row's own cache
-        base = torch.stack([row.last_hidden for row in rows])[:, None].to(self.embed.weight.dtype)  # [rows, 1, H]
-        roots = torch.stack([ctx.tokens[-1:].to(self.device) for ctx in contexts])  # [rows, 1]
-        features = torch.cat([base, self.embed(roots)], dim=-1) if heads.grounded else base
-        depths = [min(shape.depth, ctx.max_tokens) for ctx in contexts]  # deeper nodes could not be emitted
-        depth = max(depths)
-        levels: list[list[torch.Tensor]] = [[] for _ in rows]
-        for d in range(1, depth + 1):
-            inputs = features if heads.grounded else base
-            logits = heads.head(d - 1, inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])
-            best = self.to_target_ids(logits.topk(shape.level_topk[d]).indices)  # [rows, nodes, top-k]
-            parent_rows = shape.parent_rows[d].to(self.device) if heads.grounded else torch.zeros_like(shape.parent_rows[d]).to(self.device)
-            tokens = best[:, parent_rows, shape.level_ranks[d].to(self.device)]  # [rows, level nodes]
-            for j in range(len(rows)):
-                if d <= depths[j]:
-                    levels[j].append(tokens[j])
-            expand = shape.expand_positions[d].to(self.device)
-            if heads.grounded and d < depth and expand.numel():
-                features = torch.cat([features[:, parent_rows[expand]], self.embed(tokens[:, expand])], dim=-1)
-        return [shape.draft_tree(row_levels) for row_levels in levels]
+        base = torch.stack([row.last_hidden for row in rows])
+        roots = torch.cat([ctx.tokens[-1:].to(self.device) for ctx in contexts])
+        depths = [min(self.shape.depth, ctx.max_tokens) for ctx in contexts]  # deeper nodes could not be emitted
+        levels = self.draft_levels(self.step_heads, base, roots, max(depths))
+        return [self.row_tree(levels, j, depths[j]) for j in range(len(rows))]
+
+    def own_trees(self, base: torch.Tensor, output: torch.Tensor) -> OwnTrees:
+        """With `prune_below`: the pruned tree of every step (rows 1..N-1; step m's base state is
+        row m - 1 of `base`, its root out[m-1]), drafted for all steps at once as `propose` drafts
+        it, and how far the logged continuation reaches in it."""
+        n, shape = output.numel(), self.shape
+        levels = self.draft_levels(self.heads, base, output[: n - 1], shape.depth)
+        if not levels.tokens:  # no step keeps a node
+            none = torch.zeros(n, dtype=torch.long)
+            return OwnTrees(none, none, none, torch.zeros(n, shape.depth, dtype=torch.long))
+        tokens = torch.cat(levels.tokens, dim=1)  # [N - 1, drafted nodes]
+        keep = torch.cat([torch.tensor(kept, dtype=torch.bool, device=tokens.device) for kept in levels.keep], dim=1)
+        depths = torch.tensor(shape.depths[: tokens.shape[1]], device=tokens.device)
+        index = torch.arange(1, n, device=tokens.device)[:, None] + depths[None] - 1  # node i of step m: out[m + depth_i - 1]
+        future = torch.where(index < n, output[index.clamp(max=n - 1)], torch.full_like(index, -1))
+        on_path = keep & (tokens == future)
+        for i, parent in enumerate(shape.parents[: tokens.shape[1]]):  # parents precede children
+            if parent >= 0:
+                on_path[:, i] &= on_path[:, parent]
+        accepted = torch.where(on_path, depths[None], 0).max(1).values
+        kept_depth = torch.where(keep, depths[None], 0).max(1).values
+        by_depth = torch.stack([(keep & (depths[None] <= d)).sum(1) for d in range(1, shape.depth + 1)], dim=1)
+        rows = [by_depth[:, -1], kept_depth, accepted, by_depth]
+        return OwnTrees(*(torch.cat([torch.zeros_like(x[:1]), x]).long().cpu() for x in rows))  # row 0 is unused
+
+
+@dataclass
+class LevelIndex:
+    """How level d's nodes sit among the rows a level-by-level draft carries ([R, rows, ...]): each
+    node's parent row and rank, the logits row its token comes from (its parent's, or the one row
+    of heads that are not grounded), and the positions of the nodes that have children. An index
+    that changes nothing (a chain's) is None and skipped: each indexing is a call of its own."""
+
+    parent_list: list[int]
+    expand_list: list[int]
+    logits_rows: torch.Tensor | None  # with `ranks`; both None: rank 0 of each row in order
+    ranks: torch.Tensor | None
+    expand: torch.Tensor | None
+    expand_parents: torch.Tensor | None  # parent_rows[expand]
+
+    @staticmethod
+    def of(shape: TreeShape, d: int, grounded: bool, device) -> LevelIndex:
+        parent_rows, ranks, expand = shape.parent_rows[d], shape.level_ranks[d], shape.expand_positions[d]
+        rows = parent_rows if grounded else torch.zeros_like(parent_rows)
+        count = len(shape.expanded[d - 1]) if grounded else 1  # the rows level d's logits have
+
+        def unless_identity(index: torch.Tensor, length: int) -> torch.Tensor | None:
+            return None if index.tolist() == list(range(length)) else index.to(device)
+
+        in_order = rows.tolist() == list(range(count)) and not any(ranks.tolist())
+        return LevelIndex(parent_rows.tolist(), expand.tolist(), None if in_order else rows.to(device),
+                          None if in_order else ranks.to(device), unless_identity(expand, len(parent_rows)),
+                          unless_identity(parent_rows[expand], len(shape.expanded[d - 1])))
+
+    def node_of(self, top: torch.Tensor) -> torch.Tensor:
+        """[R, level nodes] from [R, logits rows, top-k]: each node's entry at its row and rank."""
+        return top[..., 0] if self.ranks is None else top[:, self.logits_rows, self.ranks]
+
+    def expanded(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The nodes that have children, from [R, level nodes, ...]."""
+        return nodes if self.expand is None else nodes[:, self.expand]
+
+    def expanded_parents(self, rows: torch.Tensor) -> torch.Tensor:
+        """Their parents' carried rows, from [R, rows, ...]."""
+        return rows if self.expand_parents is None else rows[:, self.expand_parents]
+
+
+@dataclass
+class Levels:
+    """A tree of ranks drafted for R rows: each level's tokens [R, level nodes] and, when pruning,
+    which of them are kept (per level, per row, per node; None: all)."""
+
+    tokens: list[torch.Tensor]
+    keep: list[list[list[bool]]] | None
 
 
 def target_embedding(target) -> nn.Embedding:

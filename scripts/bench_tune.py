@@ -53,6 +53,9 @@ from specbench.simulate.walk import Shape
 
 DEFAULTS = {"medusa": {"tree": "mc_sim_7b_63_depth3"}, "hydra": {"tree": "mc_sim_7b_63_depth3"}, "draft-model": {"k": 4},
             "prompt-lookup": {"k": 5}}
+# tune scores whole trees: the catalogue's per-step pruning (hydra's prune_below_cpu) is off while tuning and in the
+# runs that check the prediction, so that predicted and measured are of the same trees
+WHOLE_TREES = {"hydra": {"prune_below": 0.0}}
 
 
 def record_logs(args, work: Path) -> tuple[Path, Path]:
@@ -99,7 +102,8 @@ def predicted_default(heldout, drafter: str, options: dict, target, model: Laten
                       plain_overhead: float, latency_steps: int) -> tuple[float, float]:
     """(τ, speedup) that simulate's walk and the same cost model predict for the old default on the held-out log."""
     shape = Shape.chain(options["k"]) if "k" in options else Shape.from_spec(options["tree"])
-    result = Simulator(heldout, SimulateConfig(drafter, {}, [shape], latency_steps=latency_steps), target).score().results[0]
+    whole = WHOLE_TREES.get(drafter, {})
+    result = Simulator(heldout, SimulateConfig(drafter, whole, [shape], latency_steps=latency_steps), target).score().results[0]
     steps = [s for turn in result.steps for s in turn]
     _, tps = predict(steps, result.draft_ms, spec_overhead, model)
     return sum(s.accepted + 1 for s in steps) / len(steps), tps / plain_tokens_per_s(model, plain_overhead)
@@ -147,8 +151,8 @@ def main() -> None:
     rows = []
     for drafter in args.drafters.split(","):
         chain = drafter in ("draft-model", "prompt-lookup")
-        tuner = Tuner(train, TuneConfig(drafter, max_nodes=8 if chain else args.max_nodes, latency_steps=args.latency_steps),
-                      target)
+        tuner = Tuner(train, TuneConfig(drafter, dict(WHOLE_TREES.get(drafter, {})), max_nodes=8 if chain else args.max_nodes,
+                                        latency_steps=args.latency_steps), target)
         verify = tuner.over(heldout)
         costs = costs_for(tuner, calibration)
         frontier = tuner.frontier(cpu, costs, "this CPU: " + ("the pool-train log's profile" if args.profile == "log" else
@@ -169,7 +173,7 @@ def main() -> None:
         print(f"{drafter}: chose {'k = ' if chain else ''}{result.chosen.size}{'' if chain else ' nodes'}; {tune_commands(result.check)[0]}")
         tuned_options = {"k": result.chosen.size} if chain else {"tree": str(out)}
         for label, options in (("tuned", tuned_options), ("default", DEFAULTS[drafter])):
-            directory = run_once(work, f"{drafter}-{label}", drafter, options, args, target)
+            directory = run_once(work, f"{drafter}-{label}", drafter, {**WHOLE_TREES.get(drafter, {}), **options}, args, target)
             _, measured, _ = run_summary(directory)
             if label == "tuned":
                 tau_pred, speedup_pred = result.chosen.verify_tau, result.chosen.verify_speedup

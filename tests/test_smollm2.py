@@ -37,7 +37,7 @@ def test_self_drafting_accepts_every_token(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("drafter", ["medusa", "hydra", "hydra-decoder"])
 def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, capsys, monkeypatch):
     # smollm2-135m has no published heads: the catalogue gives the bundled trained Medusa and Hydra++ heads
-    # (on CPU the trees tuned for it, smollm2_*_cpu_tuned) and fresh, reference-initialised heads for hydra-decoder
+    # (on CPU the trees tuned for it: smollm2_medusa_cpu_tuned, smollm2_hydra_cpu_pruned) and fresh, reference-initialised heads for hydra-decoder
     summary = run_json(["--drafter", drafter, "--workload", "builtin-completion", "--max-new-tokens", 24], tmp_path, capsys, monkeypatch)
     assert summary["exact_match_rate"] == 1.0
     assert summary["steps"] > 0 and summary["draft_ms_per_step"] > 0
@@ -45,8 +45,10 @@ def test_head_drafters_with_catalogue_defaults_are_lossless(drafter, tmp_path, c
         assert summary["tau"] > 1
     (run_dir,) = tmp_path.iterdir()
     recorded = (run_dir / "run.json").read_text()
-    # on a CPU the catalogue trims the bundled Hydra's LM heads (heads.toml vocab_trim_cpu), and only Hydra's
+    # on a CPU the catalogue trims the bundled Hydra's LM heads (heads.toml vocab_trim_cpu), and only Hydra's,
+    # and prunes its tree every step (prune_below_cpu)
     assert ('"vocab_trim": 2048' in recorded) == (drafter == "hydra")
+    assert ('"prune_below": 0.1' in recorded) == (drafter == "hydra")
 
 
 @pytest.mark.heavy

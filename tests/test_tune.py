@@ -284,12 +284,21 @@ def test_embedded_default_runs_the_cpu_tuned_tree_on_cpu(drafter):
     from specbench.drafters.registry import drafter_class
     from specbench.drafters.trees import resolve_tree
 
+    from specbench.drafters.catalogued import catalogued_setting
+    from specbench.drafters.heads.base import HeadDrafter
+
     cls = drafter_class(drafter)
     published = {"medusa": "mc_sim_7b_63", "hydra": "mc_sim_7b_63_depth3"}[drafter]
-    for device, tree in (("cpu", f"smollm2_{drafter}_cpu_tuned"), ("cuda", published)):
+    on_cpu_tree = {"medusa": "smollm2_medusa_cpu_tuned", "hydra": "smollm2_hydra_cpu_pruned"}[drafter]
+    for device, tree, floor in (("cpu", on_cpu_tree, 0.1 if drafter == "hydra" else 0.0), ("cuda", published, 0.0)):
         target = SimpleNamespace(name="smollm2-135m", model_id="smollm2-135m", device=torch.device(device))
-        assert cls.settings(target, cls.Options()).tree.name == tree
+        settings = cls.settings(target, cls.Options())
+        assert settings.tree.name == tree
+        # hydra's catalogue prunes each step's tree on a CPU only (heads.toml prune_below_cpu)
+        assert catalogued_setting(settings.entry, target, "prune_below", None, 0.0) == floor
+        assert catalogued_setting(settings.entry, target, "prune_below", 0.0, 0.0) == 0.0  # the user's 0 stands
+    assert issubclass(cls, HeadDrafter)
     on_cpu = SimpleNamespace(name="smollm2-135m", model_id="smollm2-135m", device=torch.device("cpu"))
     assert cls.settings(on_cpu, cls.Options(tree=published)).tree.name == published
-    tuned = resolve_tree(f"smollm2_{drafter}_cpu_tuned")
+    tuned = resolve_tree(on_cpu_tree)
     assert len(tuned) < len(resolve_tree(published))  # 2 CPU cores pay for every verified token

@@ -189,6 +189,10 @@ DRAFTERS = [
     DrafterCheck("draft-model", random_draft),
     DrafterCheck("medusa", registered("medusa", heads="fresh", tree=TREE, num_heads=5)),
     DrafterCheck("hydra", registered("hydra", heads="fresh", tree=TREE, num_heads=4)),
+    # each step's tree pruned to the nodes above a path probability, so its shape varies step by step: random heads'
+    # probabilities sit near 1 / vocabulary, and a floor just above that keeps a varying few of the first level's nodes
+    DrafterCheck("hydra-pruned", lambda target, setup: drafter_class("hydra").build(
+        target, heads="fresh", tree=TREE, num_heads=4, prune_below=1.2 / target.vocab_size)),
     DrafterCheck("hydra-decoder", registered("hydra-decoder", heads="fresh", tree=TREE, decoder_layers=1)),
     DrafterCheck("eagle", random_eagle(1)),
     DrafterCheck("eagle3", random_eagle(3)),
@@ -263,6 +267,8 @@ class Cell:
             "tokens_per_s": tokens / wall_ms * 1000 if wall_ms else None,
             "draft_ms": mean([s.draft_ms for s in steps]),
             "verify_ms": mean([s.verify_ms for s in steps]),
+            "tree_nodes": mean([s.tree_size for s in steps]),  # drafted per step (a pruned tree's vary)
+            "tree_sizes": len({s.tree_size for s in steps}),  # how many different sizes were verified
             "tau": tau(steps) if steps else None,
         }
 

@@ -45,11 +45,9 @@ def catalogued_weights(drafter: str, target, given: str | None, what: str, missi
     return resolve_bundled(weights), entry
 
 
-def catalogued_tree(entry: dict, target, given: str | None, default: str) -> str:
-    """The tree to draft: `given`, else the entry's for this device type (`tree_cpu`: tuned for
-    CPUs by `specbench tune`), else its `tree`, else `default`."""
-    device = getattr(getattr(target, "device", None), "type", None)
-    return given or entry.get(f"tree_{device}") or entry.get("tree") or default
+def device_type(target) -> str | None:
+    """The target's device type ("cpu", "cuda"), which picks an entry's `NAME_cpu` settings."""
+    return getattr(getattr(target, "device", None), "type", None)
 
 
 def catalogued_setting(entry: dict, target, name: str, given, default):
@@ -57,8 +55,13 @@ def catalogued_setting(entry: dict, target, name: str, given, default):
     `NAME`, else `default`."""
     if given is not None:
         return given
-    device = getattr(getattr(target, "device", None), "type", None)
-    return entry.get(f"{name}_{device}", entry.get(name, default))
+    return entry.get(f"{name}_{device_type(target)}", entry.get(name, default))
+
+
+def catalogued_tree(entry: dict, target, given: str | None, default: str) -> str:
+    """The tree to draft: `given`, else the entry's for this device type (`tree_cpu`: tuned for
+    CPUs by `specbench tune`), else its `tree`, else `default`."""
+    return catalogued_setting(entry, target, "tree", given or None, default)
 
 
 def catalogued_trim(entry: dict, target, options: VocabTrimOptions) -> VocabTrimOptions:
@@ -68,8 +71,7 @@ def catalogued_trim(entry: dict, target, options: VocabTrimOptions) -> VocabTrim
     `vocab_trim_from`, an id list under catalogue/."""
     if options.vocab_trim is not None or options.vocab_trim_from is not None:
         return options
-    device = getattr(getattr(target, "device", None), "type", None)
-    top, source = entry.get(f"vocab_trim_{device}"), entry.get("vocab_trim_from")
+    top, source = entry.get(f"vocab_trim_{device_type(target)}"), entry.get("vocab_trim_from")
     if not top or not source:
         return options
     return replace(options, vocab_trim=int(top), vocab_trim_from=str(files("specbench.catalogue").joinpath(source)))

@@ -206,10 +206,7 @@ class HeadDrafter(Drafter):
             if not m.numel():
                 break
             ranks[m.cpu(), d - 1] = true_ranks(self.level_logits(d, base[m - 1], output, m), true[m + d - 1])
-        own = None
-        if self.shape_dependent:  # its own (pruned) tree every step
-            own = self.own_trees(base, output) if n >= 2 else OwnTrees(*(torch.zeros(n, dtype=torch.long) for _ in range(3)),
-                                                                      torch.zeros(n, self.shape.depth, dtype=torch.long))
+        own = self.own_trees(base, output) if self.shape_dependent else None  # its own (pruned) tree every step
         return TeacherForced(ranks, capped=True, hidden_source=source, own_trees=own)
 
     def own_trees(self, base: torch.Tensor, output: torch.Tensor) -> OwnTrees:

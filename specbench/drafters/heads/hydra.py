@@ -253,8 +253,8 @@ class HydraDrafter(HeadDrafter):
         row m - 1 of `base`, its root out[m-1]), drafted for all steps at once as `propose` drafts
         it, and how far the logged continuation reaches in it."""
         n, shape = output.numel(), self.shape
-        levels = self.draft_levels(self.heads, base, output[: n - 1], shape.depth)
-        if not levels.tokens:  # no step keeps a node
+        levels = self.draft_levels(self.heads, base, output[: n - 1], shape.depth) if n >= 2 else Levels([], [])
+        if not levels.tokens:  # no step, or no step keeps a node
             none = torch.zeros(n, dtype=torch.long)
             return OwnTrees(none, none, none, torch.zeros(n, shape.depth, dtype=torch.long))
         tokens = torch.cat(levels.tokens, dim=1)  # [N - 1, drafted nodes]

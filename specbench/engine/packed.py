@@ -140,13 +140,19 @@ def _shallow(module: nn.Module) -> nn.Module:
     return new
 
 
-def packed_copy(module: nn.Module, group_siblings: bool = True, kernels: str = "auto") -> nn.Module:
+def packed_copy(module: nn.Module, group_siblings: bool = True, kernels: str = "auto", memo: dict | None = None) -> nn.Module:
     """`module` with every nn.Linear (itself included) replaced by a PackedLinear, sharing all
-    parameters and buffers; the original is left as it was. `kernels`: see KERNELS."""
+    parameters and buffers; the original is left as it was. A module found in several places (a
+    head's shared ResBlock, repeated in its Sequential) has one copy in all of them. `kernels`:
+    see KERNELS."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
     if type(module) is nn.Linear or getattr(type(module), "packs_as_linear", False):  # exactly: subclasses (quantized, sharded) compute otherwise
-        return PackedLinear(module, kernels)
-    new = _shallow(module)
-    children = dict(module.named_children())
+        memo[id(module)] = PackedLinear(module, kernels)
+        return memo[id(module)]
+    new = memo[id(module)] = _shallow(module)
+    children = {name: child for name, child in module._modules.items()}  # every slot: named_children() lists a repeated module once
     if group_siblings:
         for names in SIBLINGS:
             linears = [children.get(name) for name in names]
@@ -157,5 +163,5 @@ def packed_copy(module: nn.Module, group_siblings: bool = True, kernels: str = "
                     new._modules[name] = SiblingLinear(children.pop(name), siblings, index)
     for name, child in children.items():
         if child is not None:
-            new._modules[name] = packed_copy(child, group_siblings, kernels)
+            new._modules[name] = packed_copy(child, group_siblings, kernels, memo)
     return new

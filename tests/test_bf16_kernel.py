@@ -258,7 +258,7 @@ def test_a_head_drafter_drafts_on_the_engines_packed_copy_of_its_heads_and_prefi
     from specbench.engine.packed import PackedLinear
     from specbench.targets.hf import HFTarget
 
-    model = tiny_llama(0).to(torch.bfloat16)
+    model = tiny_llama(0, vocab=256).to(torch.bfloat16)  # an LM head the kernels take (rows a multiple of 16)
     fast = FastHFTarget(model)
     fast.eos_token_ids = set()
     drafter = HydraDrafter.build(fast, heads="fresh", tree="chain:2")  # Hydra++: a prefix layer, heads on the target's LM head
@@ -270,8 +270,72 @@ def test_a_head_drafter_drafts_on_the_engines_packed_copy_of_its_heads_and_prefi
     assert step.hydra_mlp[0][1].linear.weight is drafter.heads.hydra_mlp[0][1].linear.weight  # shared, not copied
     assert isinstance(drafter._step_prefix.layers[0], LeanLayer) and not isinstance(drafter.prefix.model.layers[0], LeanLayer)
     assert got.output_ids == decode(fast, PlainDecoding(fast), prompt, 16).output_ids  # a chain: bit for bit, no near-tie
+    blocks = [m for m in step.hydra_mlp[0] if not isinstance(m, torch.nn.Dropout)]  # fresh heads: 4 layers, the last 3 one module
+    assert all(isinstance(b.linear, PackedLinear) for b in blocks) and blocks[1] is blocks[2] is blocks[3]  # repeated, packed once
+    assert all(step.fused_head(h) is not None for h in range(2)) and drafter.heads.fused_head(0) is None  # the head kernel ran
     eager = HFTarget(model)
     assert HydraDrafter.build(eager, heads="fresh", tree="chain:2").step_heads.hydra_mlp[0][1].linear.__class__ is torch.nn.Linear
+
+
+def packed_hydra_heads(num_layers: int, tie: bool, hidden: int = 64, vocab: int = 304):
+    """Grounded Hydra heads with random weights (ResBlocks not at identity) and their CPU fast
+    engine copy (every linear packed for the kernels)."""
+    from specbench.drafters.heads.modules import HydraHeads
+    from specbench.engine.packed import packed_copy
+
+    torch.manual_seed(num_layers)
+    lm_head = torch.nn.Linear(hidden, vocab, bias=False) if tie else None
+    heads = HydraHeads("prefix-mlp", 3, num_layers, hidden, vocab, base_lm_head=lm_head)
+    for parameter in heads.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    if tie:
+        torch.nn.init.normal_(lm_head.weight, std=0.3)
+        lm_head.to(torch.bfloat16)
+    heads.to(torch.bfloat16)
+    step = packed_copy(heads)
+    if tie:
+        step.base_lm_head = [packed_copy(lm_head)]
+    return heads, step
+
+
+@runs_here
+@pytest.mark.parametrize("num_layers,tie", [(1, True), (2, False), (3, True)])
+def test_a_heads_top_tokens_in_one_kernel_call_are_the_modules_top_k_and_softmax(num_layers, tie, monkeypatch):
+    """On the packed copy a Hydra head's top tokens and their probabilities come from one call
+    (bf16_kernel.head_top): the same ResBlocks (grounded first block, shared later ones), LM head
+    (tied or its own, with its bias), top-k and softmax as the modules compute, for any number of rows."""
+    heads, step = packed_hydra_heads(num_layers, tie)
+    calls, head_top = [], bf16_kernel.head_top
+    monkeypatch.setattr(bf16_kernel, "head_top", lambda *args: calls.append(args[1].shape[0]) or head_top(*args))
+    for h, rows in ((0, 1), (1, 3), (2, 16)):
+        features = bf16(rows, 64 * (h + 2), seed=h)
+        ids, probs = step.top_tokens(h, features, 4)
+        logits = step.head(h, features).float()  # the packed modules one call at a time
+        ranked = [sorted(range(logits.shape[1]), key=lambda t: (-row[t], t))[:4] for row in logits.tolist()]
+        assert ids.tolist() == ranked  # by logit, equal logits (bf16 ties often) by id
+        want = torch.softmax(logits, dim=-1).gather(-1, ids)
+        assert torch.allclose(probs, want, rtol=1e-5, atol=1e-9) and probs.dtype == torch.float32
+    assert calls == [1, 3, 16]
+    assert heads.fused_head(0) is None  # the modules themselves: torch's top-k, as simulate drafts
+
+
+@runs_here
+def test_the_head_kernels_top_tokens_rank_equal_logits_by_id():
+    """Tied logits (frequent in bf16) are ranked lowest id first, the same every time, and the
+    probabilities of the whole vocabulary sum to 1."""
+    _, step = packed_hydra_heads(1, tie=True)
+    lm = step.base_lm_head[0]
+    weight = lm.weight.detach().clone()
+    weight[[250, 7, 31]] = weight[100].clone()  # four tokens with one logit, whatever the state
+    lm.weight, lm.packed = torch.nn.Parameter(weight, requires_grad=False), bf16_kernel.PackedBf16(weight)
+    step.__dict__.pop("_fused_heads", None)
+    features = bf16(2, 128, seed=3)
+    ids, probs = step.top_tokens(0, features, 304)
+    logits = step.head(0, features).float()
+    assert ids.tolist() == [sorted(range(304), key=lambda t: (-row[t], t)) for row in logits.tolist()]
+    for row in ids.tolist():
+        assert [t for t in row if t in (7, 31, 100, 250)] == [7, 31, 100, 250]
+    assert torch.allclose(probs.sum(-1), torch.ones(2), atol=1e-5)
 
 
 @runs_here
@@ -364,9 +428,10 @@ def test_attention_sums_its_weights_in_position_order(dim):
 
 @runs_here
 def test_a_prefix_layer_on_the_engines_lean_copy_runs_its_layers_itself_with_the_models_own_results(monkeypatch):
-    """Hydra++'s prefix layer (OwnDecoder) fed through the CPU engine's lean copy runs its layers
-    over a static cache (`stack_forward`, each layer one call of the kernels once the cache exists)
-    and gives the bits the model's own forward over a DynamicCache gives, feed after feed."""
+    """Hydra++'s prefix layers (OwnDecoder) fed through the CPU engine's lean copy run over a static
+    cache (`stack_forward`: a layer per call of the kernels until the cache exists, then the whole
+    stack in one, several rows as a causal chunk without a mask) and give the bits the model's own
+    forward over a DynamicCache gives, feed after feed."""
     from transformers import DynamicCache
 
     from specbench.drafters.heads.modules import OwnDecoder
@@ -374,11 +439,12 @@ def test_a_prefix_layer_on_the_engines_lean_copy_runs_its_layers_itself_with_the
 
     model = tiny_llama(4, hidden=256).to(torch.bfloat16)
     fast = FastHFTarget(model)
-    prefix = OwnDecoder(model.config, 1).to(torch.bfloat16)
+    prefix = OwnDecoder(model.config, 2).to(torch.bfloat16)
     step = fast.step_module(prefix.model)
-    calls, layer_step = [], bf16_kernel.layer_step
+    calls, stacks, layer_step, stack_step = [], [], bf16_kernel.layer_step, bf16_kernel.stack_step
     monkeypatch.setattr(bf16_kernel, "layer_step", lambda *args: calls.append(args[1].shape[1]) or layer_step(*args))
-    through_model = OwnDecoder(model.config, 1).to(torch.bfloat16)
+    monkeypatch.setattr(bf16_kernel, "stack_step", lambda *args: stacks.append((args[1].shape[1], args[-1])) or stack_step(*args))
+    through_model = OwnDecoder(model.config, 2).to(torch.bfloat16)
     through_model.model = prefix.model
     step.config._attn_implementation = "eager"  # transformers' mask on every forward: the kernels' attention both ways
     for _ in range(2):  # a second sequence after reset()
@@ -389,7 +455,8 @@ def test_a_prefix_layer_on_the_engines_lean_copy_runs_its_layers_itself_with_the
             got, want = prefix.feed(states, step), through_model.feed(states, step)
             assert isinstance(prefix.cache, StaticKV) and torch.equal(got, want), rows
         assert prefix.cached == through_model.cached == 14
-    assert calls and set(calls) <= {1, 2, 3, 7} and 1 in calls and 3 in calls
+    assert calls == [7] * 2  # a sequence's first feed: its first layer allocates the cache, the second runs on the kernels
+    assert stacks == [(rows, None) for rows in (1, 2, 1, 3)] * 2  # then the stack, maskless
 
 
 @runs_here

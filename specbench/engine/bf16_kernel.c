@@ -382,10 +382,20 @@ static void rotate_row(uint16_t *x, const uint16_t *cos, const uint16_t *sin, in
     }
 }
 
+/* The additive mask of rows that each see the positions up to their own slot (a causal chunk after
+ * the cache): [rows, span] bf16, 0 or the bf16 minimum, as the mask torch builds for it. */
+static uint16_t *causal_mask(const int64_t *slots, int64_t rows, int64_t span) {
+    uint16_t *mask = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * span));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < span; j++) mask[r * span + j] = j <= slots[r] ? 0 : 0xFF7F;
+    return mask;
+}
+
 /* One Llama decoder layer of batch 1 over a preallocated cache, in one call: the lean layer's
  * operations (engine/lean_layer.py) on these kernels, in the same order and with the same
  * roundings, without a Python call between them. The new keys and values go to the cache at
- * `slots`; attention reads its first `span` positions. out may not alias hidden. */
+ * `slots`; attention reads its first `span` positions, under `mask` [rows, span] (row stride
+ * mask_row), or with none each row up to its own slot. out may not alias hidden. */
 void layer_step(const uint16_t *hidden, int64_t rows, int64_t width, uint16_t *out,
                 const uint16_t *norm1, float eps1, const uint16_t *norm2, float eps2,
                 const uint16_t *qkv_w, const uint16_t *qkv_bias, const uint16_t *o_w, const uint16_t *o_bias,
@@ -400,6 +410,8 @@ void layer_step(const uint16_t *hidden, int64_t rows, int64_t width, uint16_t *o
     uint16_t *mid = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width));
     uint16_t *gate_up = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * 2 * intermediate));
     uint16_t *act = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * intermediate));
+    uint16_t *causal = !mask && rows > 1 ? causal_mask(slots, rows, span) : 0;
+    if (causal) mask = causal, mask_row = span;
     rms_norm(hidden, rows, width, norm1, eps1, normed);
     linear(normed, rows, width, qkv_w, qkv_width, qkv, qkv_bias, 0);
     for (int64_t r = 0; r < rows; r++) {
@@ -417,7 +429,75 @@ void layer_step(const uint16_t *hidden, int64_t rows, int64_t width, uint16_t *o
     linear(normed, rows, width, gate_up_w, 2 * intermediate, gate_up, gate_up_bias, 0);
     silu_mul(gate_up, rows, intermediate, act);
     linear(act, rows, intermediate, down_w, width, out, down_bias, mid);
-    free(normed); free(qkv); free(attended); free(mid); free(gate_up); free(act);
+    free(normed); free(qkv); free(attended); free(mid); free(gate_up); free(act); free(causal);
+}
+
+/* A ResBlock of Hydra's heads as head_top reads it: out = res(x) + silu(linear(x)), the residual
+ * a product where `res_w` is given (a grounded head's first block, wider than H), else x itself. */
+typedef struct {
+    const uint16_t *lin_w, *lin_bias, *res_w, *res_bias;
+    int64_t in_width;
+} res_block;
+
+/* The `top` most likely tokens of each of n rows of features x [n, k] under one Hydra head: its
+ * ResBlocks (bf16, each result rounded as torch rounds res(x) + act(linear(x)): the product, the
+ * SiLU and the sum each once), then the LM head [vocab, H] (+ bias): ids [n, top] by descending
+ * logit (ties: the lower id first) and probs [n, top], their softmax probabilities over the row in
+ * fp32. One call for what took a drafting level a dozen torch calls (docs/heads.md). */
+void head_top(const uint16_t *x, int64_t n, const res_block *blocks, int64_t count, int64_t hidden, const uint16_t *lm_w,
+              const uint16_t *lm_bias, int64_t vocab, int64_t top, int64_t *ids, float *probs) {
+    uint16_t *state[2] = {(uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * hidden)),
+                          (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * hidden))};
+    uint16_t *lin = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * hidden));
+    uint16_t *logits = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * vocab));
+    const uint16_t *in = x;
+    for (int64_t b = 0; b < count; b++) {
+        const res_block *block = blocks + b;
+        uint16_t *out = state[b % 2];
+        linear(in, n, block->in_width, block->lin_w, hidden, lin, block->lin_bias, 0);
+        if (block->res_w) linear(in, n, block->in_width, block->res_w, hidden, out, block->res_bias, 0);
+        else memcpy(out, in, sizeof(uint16_t) * (size_t)(n * hidden));
+        for (int64_t i = 0; i < n * hidden; i += 16) {
+            __m512 g = widen(lin + i);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 sum = _mm512_add_ps(widen(out + i), widen_vec((__m256i)_mm512_cvtneps_pbh(silu)));
+            _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+        in = out;
+    }
+    linear(in, n, hidden, lm_w, vocab, logits, lm_bias, 0);
+    for (int64_t r = 0; r < n; r++) {
+        const uint16_t *row = logits + r * vocab;
+        int64_t *best = ids + r * top;
+        int64_t kept = 0;
+        float bar = -INFINITY; /* the kept's lowest logit once `top` are kept: only a higher one enters */
+        for (int64_t j = 0; j < vocab; j += 16) {
+            __mmask16 valid = tail_mask(vocab - j);
+            __m512 v = widen_vec(_mm256_maskz_loadu_epi16(valid, row + j));
+            __mmask16 over = kept < top ? valid : _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(bar), _CMP_GT_OQ);
+            while (over) {
+                int lane = __builtin_ctz(over);
+                over &= over - 1;
+                float value = bf16_to_f32(row[j + lane]);
+                if (kept == top && !(value > bar)) continue;
+                int64_t at = kept < top ? kept++ : top - 1; /* a full list drops its last */
+                while (at > 0 && value > bf16_to_f32(row[best[at - 1]])) { best[at] = best[at - 1]; at--; } /* ties: the lower id first */
+                best[at] = j + lane;
+                if (kept == top) bar = bf16_to_f32(row[best[top - 1]]);
+            }
+        }
+        float high = bf16_to_f32(row[best[0]]);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < vocab; j += 16) {
+            __mmask16 valid = tail_mask(vocab - j);
+            __m512 v = widen_vec(_mm256_maskz_loadu_epi16(valid, row + j));
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(v, _mm512_set1_ps(high)))));
+        }
+        float sum = _mm512_reduce_add_ps(total);
+        for (int64_t t = 0; t < top; t++)
+            probs[r * top + t] = _mm512_cvtss_f32(exp16(_mm512_set1_ps(bf16_to_f32(row[best[t]]) - high))) / sum;
+    }
+    free(state[0]); free(state[1]); free(lin); free(logits);
 }
 
 /* What VDPBF16PS computes here at most, in FLOP/s (2 per multiply-add): every thread runs
@@ -463,6 +543,8 @@ void stack_step(const layer_weights *layers, int64_t count, const uint16_t *hidd
     uint16_t *scratch[2] = {(uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width)),
                             (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(rows * width))};
     int64_t plane = kv_heads * capacity * dim;
+    uint16_t *causal = !mask && rows > 1 ? causal_mask(slots, rows, span) : 0; /* once for every layer */
+    if (causal) mask = causal, mask_row = span;
     const uint16_t *in = hidden;
     for (int64_t l = 0; l < count; l++) {
         const layer_weights *w = layers + l;
@@ -474,4 +556,5 @@ void stack_step(const layer_weights *layers, int64_t count, const uint16_t *hidd
     }
     free(scratch[0]);
     free(scratch[1]);
+    free(causal);
 }

@@ -205,12 +205,53 @@ class StackWeights:
             and len({layer.norm1.numel() for layer in layers}) == 1
 
 
+class _ResBlock(ctypes.Structure):
+    """bf16_kernel.c `res_block`."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("lin_w", "lin_bias", "res_w", "res_bias")] + [("in_width", ctypes.c_int64)]
+
+
+class HeadWeights:
+    """A draft head as `head_top` reads it: ResBlocks, each (linear, residual or None for the
+    identity) as (PackedBf16, bias) pairs, then an LM head (PackedBf16, bias); the addresses
+    gathered once (the tensors are held, and never move)."""
+
+    def __init__(self, blocks: list[tuple[tuple, tuple | None]], lm_head: tuple) -> None:
+        def bf16(bias):  # as `linear` takes a bias
+            return bias.detach().to(torch.bfloat16).contiguous() if bias is not None else None
+
+        blocks = [((lin, bf16(lin_bias)), (res[0], bf16(res[1])) if res else None) for (lin, lin_bias), res in blocks]
+        self.lm_packed, self.lm_bias = lm_head[0], bf16(lm_head[1])
+        self.held = blocks  # the addresses below point into them
+        (first, _), _ = blocks[0]
+        self.in_features, self.hidden = first.in_features, first.out_features
+        self.vocab = self.lm_packed.out_features
+        self.array = (_ResBlock * len(blocks))(*(
+            _ResBlock(lin.data.data_ptr(), _address(lin_bias), res[0].data.data_ptr() if res else None,
+                      _address(res[1]) if res else None, lin.in_features)
+            for (lin, lin_bias), res in blocks))
+
+
+def head_top(weights: HeadWeights, features: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top` most likely tokens of each row of bf16 `features` [N, in] under the head
+    (bf16_kernel.c `head_top`): ids [N, top] (long, by descending logit) and their softmax
+    probabilities [N, top] (fp32)."""
+    rows = features.contiguous()
+    ids = torch.empty(rows.shape[0], top, dtype=torch.long)
+    probs = torch.empty(rows.shape[0], top, dtype=torch.float32)
+    _library().head_top(rows.data_ptr(), rows.shape[0], weights.array, len(weights.array), weights.hidden,
+                        weights.lm_packed.data.data_ptr(), _address(weights.lm_bias), weights.vocab, top, ids.data_ptr(),
+                        probs.data_ptr())
+    return ids, probs
+
+
 def stack_step(weights: StackWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
                slots: torch.Tensor, span: int, mask: torch.Tensor | None) -> torch.Tensor:
     """Every layer of `weights` over one sequence's rows `hidden` [1, rows, H] (bf16_kernel.c `stack_step`):
     what `layer_step` computes layer after layer. kv: the stack's cache [layers, 2, kv_heads, capacity,
     head_dim] (contiguous, bf16); the rows' keys and values go to `slots`, attention reads the first
-    `span` positions under the additive `mask` [.., rows, span] (None: one row, every position)."""
+    `span` positions under the additive `mask` [.., rows, span] (None: each row the positions up
+    to its own slot, as a causal chunk after the cache; one row: every position)."""
     rows, width, hidden, out, cos, sin, slots, mask = _sequence_rows(hidden, cos, sin, slots, mask)
     span = _read_span(span, slots)
     heads, kv_heads, dim, intermediate, scaling = weights.shape
@@ -308,6 +349,8 @@ def build(source: Path) -> ctypes.CDLL:
     library.stack_step.argtypes = [pointer, size, pointer, size, size, pointer, size, size, size, size, pointer, pointer,
                                    pointer, size, pointer, size, pointer, size, ctypes.c_float]
     library.stack_step.restype = None
+    library.head_top.argtypes = [pointer, size, pointer, size, size, pointer, pointer, size, size, pointer, pointer]
+    library.head_top.restype = None
     library.dot_peak.argtypes = [size]
     library.dot_peak.restype = ctypes.c_double
     return library

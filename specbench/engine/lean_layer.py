@@ -234,17 +234,29 @@ def stack_forward(model: nn.Module, hidden: torch.Tensor, cache: StaticKV) -> to
     cache.reserve(start + rows)  # a drafter's own cache grows with its context (doubling: rarely)
     positions = torch.arange(start, start + rows, device=hidden.device)
     cos, sin = model.rotary_emb(hidden[None], positions[None])
-    mask = None  # one row sees every cached position; several see the cache and each other causally
-    if rows > 1:
-        allowed = torch.ones(rows, start + rows, dtype=torch.bool, device=hidden.device).tril(start)
-        mask = torch.zeros(1, 1, rows, start + rows, dtype=hidden.dtype, device=hidden.device)
-        mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
     cache.slots, cache.span = positions, start + rows
-    states = hidden[None]
-    for layer in model.layers:
-        states = layer(states, attention_mask=mask, position_embeddings=(cos, sin), cache=cache)
+    stack = _lean_stack(model)
+    if stack is not None and stack.runs(cache):  # every layer in one call; no mask: the kernels' causal chunk
+        states = bf16_kernel.stack_step(stack.weights, hidden[None], cos, sin, cache.kv, positions, start + rows, None)
+    else:
+        mask = None  # one row sees every cached position; several see the cache and each other causally
+        if rows > 1:
+            allowed = torch.ones(rows, start + rows, dtype=torch.bool, device=hidden.device).tril(start)
+            mask = torch.zeros(1, 1, rows, start + rows, dtype=hidden.dtype, device=hidden.device)
+            mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+        states = hidden[None]
+        for layer in model.layers:
+            states = layer(states, attention_mask=mask, position_embeddings=(cos, sin), cache=cache)
     cache.length = start + rows
     return model.norm(states)[0]
+
+
+def _lean_stack(model: nn.Module) -> LeanStack | None:
+    """The model's layers as one stack_step call (LeanStack), made once per model; None where
+    they cannot be (then a layer per call)."""
+    if "_lean_stack" not in model.__dict__:
+        model.__dict__["_lean_stack"] = LeanStack.make(model)
+    return model.__dict__["_lean_stack"]
 
 
 STACKS = ("LlamaModel", "MistralModel", "Qwen2Model")  # forwards that are embed, rotary, the layers, norm: nothing else

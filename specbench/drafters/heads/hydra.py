@@ -191,11 +191,10 @@ class HydraDrafter(HeadDrafter):
         for d in range(1, depth + 1):
             index = self.level_index[d]
             inputs = features if grounded else base
-            logits = heads.head(d - 1, inputs.flatten(0, 1)).unflatten(0, inputs.shape[:2])  # [R, rows, V]
-            top = logits.topk(self.shape.level_topk[d])
-            tokens = self.to_target_ids(index.node_of(top.indices))  # [R, level nodes]
+            ids, probs = (t.unflatten(0, inputs.shape[:2]) for t in heads.top_tokens(d - 1, inputs.flatten(0, 1), self.shape.level_topk[d]))
+            tokens = self.to_target_ids(index.node_of(ids))  # [R, level nodes]
             if floor > 0:  # on the host, in Python floats: a few numbers per row, and one call instead of several
-                probs = index.node_of(torch.softmax(logits.float(), dim=-1).gather(-1, top.indices)).tolist()  # [R][level nodes]
+                probs = index.node_of(probs).tolist()  # [R][level nodes]
                 path = probs if path is None else [[row[p] * q for p, q in zip(index.parent_list, qs)] for row, qs in zip(path, probs)]
                 keep = [[p >= floor for p in row] for row in path]
                 if not any(map(any, keep)):

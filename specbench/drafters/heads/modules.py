@@ -24,10 +24,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from specbench.drafters.checkpoints import ROTARY_TABLE
-from specbench.engine import kv
+from specbench.engine import bf16_kernel, kv
 from specbench.engine.compat import cache_kwargs
 from specbench.engine.kv import StaticKV
 from specbench.engine.lean_layer import runs_lean, stack_forward
+from specbench.engine.packed import PackedLinear
 
 
 class MedusaResBlock(nn.Module):
@@ -121,11 +122,50 @@ class HydraHeads(nn.Module):
         out = self.hydra_lm_head[h](self.hydra_mlp[h](features))
         return self.base_lm_head[0](out) if self.tied else out
 
+    def top_tokens(self, h: int, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head h's k most likely tokens for each row of features [N, width], by descending logit
+        ([N, k]), and their softmax probabilities over the vocabulary (fp32 [N, k]). On the CPU fast
+        engine's copy (its linears packed for the bf16 kernels) one kernel call does it all."""
+        fused = self.fused_head(h)
+        if fused is not None and features.dtype == torch.bfloat16:
+            return bf16_kernel.head_top(fused, features, k)
+        logits = self.head(h, features)
+        top = logits.topk(k)
+        return top.indices, torch.softmax(logits.float(), dim=-1).gather(-1, top.indices)
+
+    def fused_head(self, h: int) -> bf16_kernel.HeadWeights | None:
+        """Head h as bf16_kernel.head_top computes it, if its blocks and LM head are all packed for
+        the bf16 kernels (the CPU fast engine's copy); None otherwise. Gathered once per head."""
+        made = self.__dict__.setdefault("_fused_heads", {})  # keyed by this object too: an engine copy starts with a copy of it
+        key = (id(self), h)
+        if key not in made:
+            made[key] = _head_weights([m for m in self.hydra_mlp[h] if not isinstance(m, nn.Dropout)], self.lm_head_weights()[h])
+        return made[key]
+
     def lm_head_weights(self) -> list[nn.Linear]:
         """Head h's LM head (the base one for every head when tied)."""
         if self.tied:
             return [self.base_lm_head[0]] * self.num_heads
         return [lm[-1] if isinstance(lm, nn.Sequential) else lm for lm in self.hydra_lm_head]
+
+
+def _head_weights(blocks: list[nn.Module], lm_head: nn.Module) -> bf16_kernel.HeadWeights | None:
+    """ResBlocks then an LM head as bf16_kernel.head_top reads them, where every product is packed
+    for the bf16 kernels and every activation is SiLU; None where anything is otherwise."""
+    def packed(module):
+        ok = isinstance(module, PackedLinear) and isinstance(module.packed, bf16_kernel.PackedBf16)
+        return (module.packed, module.bias) if ok else None
+
+    pairs = []
+    for block in blocks:
+        if not isinstance(block, HydraResBlock) or type(block.act) is not nn.SiLU or packed(block.linear) is None:
+            return None
+        residual = None if isinstance(block.res_connection, nn.Identity) else packed(block.res_connection)
+        if residual is None and not isinstance(block.res_connection, nn.Identity):
+            return None
+        pairs.append((packed(block.linear), residual))
+    head = packed(lm_head)
+    return bf16_kernel.HeadWeights(pairs, head) if pairs and head is not None else None
 
 
 class OwnDecoder(nn.Module):

@@ -443,7 +443,7 @@ def test_a_prefix_layer_on_the_engines_lean_copy_runs_its_layers_itself_with_the
     step = fast.step_module(prefix.model)
     calls, stacks, layer_step, stack_step = [], [], bf16_kernel.layer_step, bf16_kernel.stack_step
     monkeypatch.setattr(bf16_kernel, "layer_step", lambda *args: calls.append(args[1].shape[1]) or layer_step(*args))
-    monkeypatch.setattr(bf16_kernel, "stack_step", lambda *args: stacks.append((args[1].shape[1], args[-1])) or stack_step(*args))
+    monkeypatch.setattr(bf16_kernel, "stack_step", lambda *args: stacks.append((args[1].shape[1], args[7])) or stack_step(*args))
     through_model = OwnDecoder(model.config, 2).to(torch.bfloat16)
     through_model.model = prefix.model
     step.config._attn_implementation = "eager"  # transformers' mask on every forward: the kernels' attention both ways

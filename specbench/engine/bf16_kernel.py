@@ -246,18 +246,20 @@ def head_top(weights: HeadWeights, features: torch.Tensor, top: int) -> tuple[to
 
 
 def stack_step(weights: StackWeights, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-               slots: torch.Tensor, span: int, mask: torch.Tensor | None) -> torch.Tensor:
+               slots: torch.Tensor, span: int, mask: torch.Tensor | None, norm=None) -> torch.Tensor:
     """Every layer of `weights` over one sequence's rows `hidden` [1, rows, H] (bf16_kernel.c `stack_step`):
     what `layer_step` computes layer after layer. kv: the stack's cache [layers, 2, kv_heads, capacity,
     head_dim] (contiguous, bf16); the rows' keys and values go to `slots`, attention reads the first
     `span` positions under the additive `mask` [.., rows, span] (None: each row the positions up
-    to its own slot, as a causal chunk after the cache; one row: every position)."""
+    to its own slot, as a causal chunk after the cache; one row: every position). `norm`: a final
+    RMSNorm (weight, eps: engine/lean_layer.py LeanNorm) applied to the output in the same call."""
     rows, width, hidden, out, cos, sin, slots, mask = _sequence_rows(hidden, cos, sin, slots, mask)
     span = _read_span(span, slots)
     heads, kv_heads, dim, intermediate, scaling = weights.shape
     _library().stack_step(weights.array, len(weights.layers), hidden.data_ptr(), rows, width, out.data_ptr(), heads, kv_heads, dim,
                           intermediate, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(), kv.shape[3], slots.data_ptr(), span,
-                          _address(mask), mask.stride(-2) if mask is not None else 0, scaling)
+                          _address(mask), mask.stride(-2) if mask is not None else 0, scaling,
+                          norm.weight.data_ptr() if norm is not None else None, norm.eps if norm is not None else 0.0)
     return out.view(1, rows, width)
 
 
@@ -347,7 +349,7 @@ def build(source: Path) -> ctypes.CDLL:
                                    pointer, size, pointer, size, ctypes.c_float]
     library.layer_step.restype = None
     library.stack_step.argtypes = [pointer, size, pointer, size, size, pointer, size, size, size, size, pointer, pointer,
-                                   pointer, size, pointer, size, pointer, size, ctypes.c_float]
+                                   pointer, size, pointer, size, pointer, size, ctypes.c_float, pointer, ctypes.c_float]
     library.stack_step.restype = None
     library.head_top.argtypes = [pointer, size, pointer, size, size, pointer, pointer, size, size, pointer, pointer]
     library.head_top.restype = None

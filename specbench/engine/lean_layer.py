@@ -214,6 +214,14 @@ class TableRotary(nn.Module):
             self.tables[x.dtype] = cos, sin
         return cos[position_ids], sin[position_ids]
 
+    def rows(self, x: torch.Tensor, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [count, head_dim] of positions start..start+count-1: views of the table, no indexing."""
+        cos, _ = self.tables.get(x.dtype, (None, None))
+        if cos is None or start + count > cos.shape[0]:
+            self.forward(x, torch.tensor([start + count - 1], device=x.device))  # grows the table
+        cos, sin = self.tables[x.dtype]
+        return cos[start : start + count], sin[start : start + count]
+
 
 def runs_lean(model: nn.Module | None) -> bool:
     """`model` (a transformers decoder stack: layers, rotary_emb, norm) is an engine copy whose
@@ -232,23 +240,42 @@ def stack_forward(model: nn.Module, hidden: torch.Tensor, cache: StaticKV) -> to
     layer: 0.43 ms through the model's forward for one row, docs/engine.md)."""
     rows, start = hidden.shape[0], cache.length
     cache.reserve(start + rows)  # a drafter's own cache grows with its context (doubling: rarely)
+    stack = _lean_stack(model)
+    if stack is not None and cache.kv is not None and isinstance(model.rotary_emb, TableRotary):
+        # every layer and the final norm in one call, no mask (the kernels' causal chunk), the positions
+        # and rotary rows as views of tables: each torch call here cost tens of microseconds, the
+        # caches cold from the target's step (docs/heads.md)
+        positions = _arange(start + rows, hidden.device)[start:]
+        cos, sin = model.rotary_emb.rows(hidden, start, rows)
+        cache.slots, cache.span = positions, start + rows
+        if stack.runs(cache):
+            cache.length = start + rows
+            return bf16_kernel.stack_step(stack.weights, hidden[None], cos, sin, cache.kv, positions, start + rows, None,
+                                          model.norm)[0]
     positions = torch.arange(start, start + rows, device=hidden.device)
     cos, sin = model.rotary_emb(hidden[None], positions[None])
     cache.slots, cache.span = positions, start + rows
-    stack = _lean_stack(model)
-    if stack is not None and stack.runs(cache):  # every layer in one call; no mask: the kernels' causal chunk
-        states = bf16_kernel.stack_step(stack.weights, hidden[None], cos, sin, cache.kv, positions, start + rows, None)
-    else:
-        mask = None  # one row sees every cached position; several see the cache and each other causally
-        if rows > 1:
-            allowed = torch.ones(rows, start + rows, dtype=torch.bool, device=hidden.device).tril(start)
-            mask = torch.zeros(1, 1, rows, start + rows, dtype=hidden.dtype, device=hidden.device)
-            mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
-        states = hidden[None]
-        for layer in model.layers:
-            states = layer(states, attention_mask=mask, position_embeddings=(cos, sin), cache=cache)
+    mask = None  # one row sees every cached position; several see the cache and each other causally
+    if rows > 1:
+        allowed = torch.ones(rows, start + rows, dtype=torch.bool, device=hidden.device).tril(start)
+        mask = torch.zeros(1, 1, rows, start + rows, dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+    states = hidden[None]
+    for layer in model.layers:  # a layer per call, the first allocating the cache
+        states = layer(states, attention_mask=mask, position_embeddings=(cos, sin), cache=cache)
     cache.length = start + rows
     return model.norm(states)[0]
+
+
+_ARANGES: dict[torch.device, torch.Tensor] = {}
+
+
+def _arange(length: int, device: torch.device) -> torch.Tensor:
+    """0..length-1 (long) as a view of one table per device, grown by doubling."""
+    table = _ARANGES.get(device)
+    if table is None or table.numel() < length:
+        table = _ARANGES[device] = torch.arange(max(length, 2 * (table.numel() if table is not None else 256)), device=device)
+    return table[:length]
 
 
 def _lean_stack(model: nn.Module) -> LeanStack | None:
@@ -289,8 +316,8 @@ class LeanStack:
         model = self.model
         hidden = model.embed_tokens(ids[None])
         cos, sin = model.rotary_emb(hidden, positions[None])
-        hidden = bf16_kernel.stack_step(self.weights, hidden, cos, sin, cache.kv, cache.slots, cache.span or cache.capacity, mask)
-        return model.norm(hidden)
+        return bf16_kernel.stack_step(self.weights, hidden, cos, sin, cache.kv, cache.slots, cache.span or cache.capacity, mask,
+                                      model.norm)
 
 
 def _takes(layer: nn.Module) -> bool:

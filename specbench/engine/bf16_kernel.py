@@ -236,6 +236,8 @@ def head_top(weights: HeadWeights, features: torch.Tensor, top: int) -> tuple[to
     """The `top` most likely tokens of each row of bf16 `features` [N, in] under the head
     (bf16_kernel.c `head_top`): ids [N, top] (long, by descending logit) and their softmax
     probabilities [N, top] (fp32)."""
+    if not 0 < top <= weights.vocab:
+        raise ValueError(f"top must be 1..{weights.vocab} (the head's vocabulary), not {top}")  # as torch.topk refuses
     rows = features.contiguous()
     ids = torch.empty(rows.shape[0], top, dtype=torch.long)
     probs = torch.empty(rows.shape[0], top, dtype=torch.float32)

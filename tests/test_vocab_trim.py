@@ -123,6 +123,9 @@ def test_the_catalogue_trims_where_its_entry_says_for_the_device_and_the_user_ov
     mine = replace(HydraOptions(), vocab_trim=512, vocab_trim_from="builtin")
     assert catalogue_kept(catalogued_trim(entry, cpu, mine)) == (512, "builtin")  # the user's own
     assert catalogued_trim(entry, cpu, replace(HydraOptions(), vocab_trim=0)).vocab_trim == 0  # none, asked
+    medusa = catalogued_trim(drafter_entry("medusa", "smollm2-135m"), cpu, HydraOptions())  # the bundled Medusa's too
+    assert catalogue_kept(medusa) == catalogue_kept(trimmed)
+    assert catalogued_trim(drafter_entry("hydra-decoder", "smollm2-135m"), cpu, HydraOptions()).vocab_trim is None  # fresh heads: none
 
 
 def catalogue_kept(options):

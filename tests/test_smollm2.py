@@ -56,6 +56,8 @@ def test_bundled_draft_model_is_the_default_and_lossless(tmp_path, capsys, monke
     # no --draft-model: the catalogue's bundled, trained 1-layer draft (rebuilt from the target's embeddings)
     summary = run_json(["--drafter", "draft-model", "--workload", "builtin-completion", "--max-new-tokens", 24], tmp_path, capsys, monkeypatch)
     assert summary["exact_match_rate"] == 1.0 and summary["steps"] > 0
+    (run_dir,) = tmp_path.iterdir()
+    assert '"vocab_trim": 2048' in (run_dir / "run.json").read_text()  # on a CPU its catalogue entry trims its LM head
 
 
 @pytest.mark.heavy

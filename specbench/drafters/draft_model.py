@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from specbench.drafters.catalogued import catalogued_trim
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
@@ -124,6 +125,10 @@ class DraftModelDrafter(Drafter):
         from specbench.targets.loading import load_causal_lm
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
+        if options.draft_model is None:  # the catalogue's default draft: its VocabTrim for this device too
+            from specbench.targets.loading import catalogue
+
+            options = catalogued_trim(catalogue("draft_models")[draft_model], target, options)
         trim, trim_info = None, None
         if asked := asked_trim(options, target):
             kept, trim_info = asked

@@ -145,14 +145,15 @@ def test_the_catalogues_default_draft_is_trimmed_where_its_entry_says_and_a_draf
     """`--drafter draft-model` without --draft-model takes the catalogue's default draft and, on this
     device type, its entry's VocabTrim (draft_models.toml `vocab_trim_cpu`); a draft named on the
     command line is drafted over the whole vocabulary unless --vocab-trim says otherwise."""
+    from specbench.drafters import draft_model
     from specbench.drafters.draft_model import DraftModelOptions
     from specbench.targets import loading
 
     ids = tmp_path / "ids.json"
     save_ids(ids, list(range(3, 43)), target.name, target.vocab_size, "a test")
     entry = {"default_for": [target.name], "vocab_trim_cpu": 40, "vocab_trim_from": str(ids)}
-    real_catalogue = loading.catalogue
-    monkeypatch.setattr(loading, "catalogue", lambda name: {"the-default": entry} if name == "draft_models" else real_catalogue(name))
+    real_catalogue = draft_model.catalogue
+    monkeypatch.setattr(draft_model, "catalogue", lambda name: {"the-default": entry} if name == "draft_models" else real_catalogue(name))
     draft = perturbed(target.model, noise=0.01)
     monkeypatch.setattr(loading, "load_causal_lm", lambda name, *args, **kwargs: (draft, target.tokenizer,
                                                                                   type("Source", (), {"model_id": name})()))

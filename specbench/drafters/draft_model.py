@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from specbench.catalogue import catalogue
 from specbench.drafters.catalogued import catalogued_trim
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine import kv
@@ -56,8 +57,6 @@ def check_same_vocabulary(target, draft_model, draft_tokenizer, draft_name: str)
 
 def default_draft_model(target_name: str) -> str | None:
     """The draft alias the catalogue names as the default for this target (`default_for`), if any."""
-    from specbench.targets.loading import catalogue
-
     for alias, entry in catalogue("draft_models").items():
         if target_name in entry.get("default_for", []):
             return alias
@@ -126,8 +125,6 @@ class DraftModelDrafter(Drafter):
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
         if options.draft_model is None:  # the catalogue's default draft: its VocabTrim for this device too
-            from specbench.targets.loading import catalogue
-
             options = catalogued_trim(catalogue("draft_models")[draft_model], target, options)
         trim, trim_info = None, None
         if asked := asked_trim(options, target):

@@ -341,13 +341,16 @@ void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, c
     free(bias);
 }
 
+/* x * sigmoid(x) in fp32, 16 at a time: the MLP's activation and the Hydra ResBlocks' */
+static inline __m512 silu16(__m512 x) {
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
 /* out[r] = bf16(bf16(silu(gate)) * up) for gate_up[r] = [gate | up] (width each): the MLP's
  * act_fn(gate) * up in transformers' two roundings, in one pass. width % 16 == 0. */
 static void silu_mul_row(const uint16_t *gate_up, int64_t width, uint16_t *out) {
     for (int64_t i = 0; i < width; i += 16) {
-        __m512 g = widen(gate_up + i);
-        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        __m512 back = widen_vec((__m256i)_mm512_cvtneps_pbh(silu));
+        __m512 back = widen_vec((__m256i)_mm512_cvtneps_pbh(silu16(widen(gate_up + i))));
         __m512 product = _mm512_mul_ps(back, widen(gate_up + width + i));
         _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(product));
     }
@@ -458,9 +461,7 @@ void head_top(const uint16_t *x, int64_t n, const res_block *blocks, int64_t cou
         if (block->res_w) linear(in, n, block->in_width, block->res_w, hidden, out, block->res_bias, 0);
         else memcpy(out, in, sizeof(uint16_t) * (size_t)(n * hidden));
         for (int64_t i = 0; i < n * hidden; i += 16) {
-            __m512 g = widen(lin + i);
-            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            __m512 sum = _mm512_add_ps(widen(out + i), widen_vec((__m256i)_mm512_cvtneps_pbh(silu)));
+            __m512 sum = _mm512_add_ps(widen(out + i), widen_vec((__m256i)_mm512_cvtneps_pbh(silu16(widen(lin + i)))));
             _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(sum));
         }
         in = out;

@@ -158,12 +158,13 @@ def _head_weights(blocks: list[nn.Module], lm_head: nn.Module) -> bf16_kernel.He
 
     pairs = []
     for block in blocks:
-        if not isinstance(block, HydraResBlock) or type(block.act) is not nn.SiLU or packed(block.linear) is None:
+        if not isinstance(block, HydraResBlock) or type(block.act) is not nn.SiLU:
             return None
-        residual = None if isinstance(block.res_connection, nn.Identity) else packed(block.res_connection)
-        if residual is None and not isinstance(block.res_connection, nn.Identity):
+        linear, identity = packed(block.linear), isinstance(block.res_connection, nn.Identity)
+        residual = None if identity else packed(block.res_connection)
+        if linear is None or (residual is None and not identity):
             return None
-        pairs.append((packed(block.linear), residual))
+        pairs.append((linear, residual))
     head = packed(lm_head)
     return bf16_kernel.HeadWeights(pairs, head) if pairs and head is not None else None
 

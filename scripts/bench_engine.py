@@ -155,7 +155,8 @@ def main() -> None:
     # the bandwidth drifts on a shared host (the development VM's moved between ~35 and ~58 GB/s within a
     # minute): read right before and right after plain decoding's runs, their mean is the limit those runs met
     measure_bandwidth = (lambda: read_bandwidth(device)) if device.type == "cpu" else (lambda: copy_bandwidth(device))
-    # the CPU's bf16 arithmetic peak (VDPBF16PS on torch's threads), for the floor of a bf16 verify of n rows
+    # the CPU's bf16 arithmetic peak (the products' instruction, VDPBF16PS or AMX's TDPBF16PS, on torch's threads), for
+    # the floor of a bf16 verify of n rows
     bf16_cpu = device.type == "cpu" and any(t.dtype == torch.bfloat16 for t in targets.values())
     peak = max(bf16_kernel.dot_peak_flops() for _ in range(3)) if bf16_cpu and bf16_kernel.unavailable() is None else None
     bandwidth_before = measure_bandwidth()
@@ -204,6 +205,7 @@ def main() -> None:
         "bandwidth_GB_s_before_after": [bandwidth_before / 1e9, bandwidth_after / 1e9],
         "bandwidth_kind": "read (sum of a 1 GiB tensor)" if device.type == "cpu" else "device-to-device copy",
         "bf16_peak_GFLOP_s": peak / 1e9 if peak else None,
+        "bf16_products": bf16_kernel.products() if peak else None,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
@@ -258,7 +260,7 @@ def show(r: dict) -> None:
     title = "verify latency t(n) ms, n = tokens in one forward (medians), and t(n)/t(1)"
     if floor:
         title += (f"; bf16 floor = max(weight bytes / bandwidth, 2 n weights / {r['bf16_peak_GFLOP_s']:.0f} GFLOP/s, "
-                  "the measured VDPBF16PS peak): no engine's t(n) is lower")
+                  f"the measured {r['bf16_products']} peak): no engine's t(n) is lower")
     prof = Table(title=title)
     prof.add_column("n", justify="right")
     for name in names:

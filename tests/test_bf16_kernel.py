@@ -21,6 +21,24 @@ runs_here = pytest.mark.skipif(bf16_kernel.unavailable() is not None, reason=f"{
 ROWS = (*range(1, 15), 16, 17, 40)  # every kernel (1 to 13 rows in one pass) and several passes (8 + 6, 8 + 8, 8 + 9, ...)
 
 
+HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@pytest.fixture(params=["VDPBF16PS", "AMX"])
+def products(request):
+    """The kernel's products on each instruction this CPU has, the process's choice restored after."""
+    if request.param == "AMX" and not HAS_AMX:
+        pytest.skip("the CPU has no AMX")
+    library = bf16_kernel._library()
+    before = library.amx_enable(-1)
+    library.amx_enable(int(request.param == "AMX"))
+    try:
+        assert bf16_kernel.products() == request.param
+        yield request.param
+    finally:
+        library.amx_enable(before)
+
+
 def bf16(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
@@ -52,6 +70,30 @@ def test_a_rows_result_does_not_depend_on_how_many_rows_are_computed_with_it():
     for rows in ROWS:
         assert torch.equal(_linear(x[:rows], packed, None), alone[:rows]), rows
     assert torch.equal(_linear(x.view(2, 20, 64), packed, None).view(40, 96), alone)  # leading dims kept
+
+
+@runs_here
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX")
+def test_where_the_cpu_has_amx_the_products_run_on_it():
+    """An AMX build that stopped compiling would fall back to VDPBF16PS unseen: here it is seen."""
+    assert bf16_kernel.products() == "AMX"
+    assert kernels_in_use(torch.bfloat16) == "specbench's bf16 kernels (products by AMX), oneDNN for weights they do not take"
+    assert bf16_kernel.dot_peak_flops(1_000_000) > 0
+
+
+@runs_here
+@pytest.mark.parametrize("k", [64, 96, 48])  # chunks of 32 on AMX; 48 is not, and runs on VDPBF16PS there too
+def test_on_either_instruction_a_rows_product_is_its_own_and_the_sum_rounded_once(products, k):
+    """AMX sums a chunk of 32 k at a time into a tile's row; each row of the tile reads only its own
+    row of x, so its result is the same with 1 row or 16 (and in passes of 16 beyond)."""
+    weight, bias = bf16(48, k, seed=4), bf16(48, seed=5)
+    packed = _pack(weight)
+    x, residual = bf16(40, k, seed=6), bf16(40, 48, seed=7)
+    alone = torch.cat([_linear_add(x[i : i + 1], packed, bias, residual[i : i + 1]) for i in range(40)])
+    exact = x.double() @ weight.double().T + bias.double() + residual.double()
+    assert ((alone.double() - exact).abs() <= exact.abs().clamp_min(1e-3) * 2.0 ** -7).all()
+    for rows in ROWS:
+        assert torch.equal(_linear_add(x[:rows], packed, bias, residual[:rows]), alone[:rows]), rows
 
 
 @runs_here
@@ -182,7 +224,7 @@ def test_attention_is_the_fp64_softmax_rounded_and_a_rows_result_is_its_own(dim)
 
 @runs_here
 @pytest.mark.parametrize("length", [3, 15])  # 16 rows: the products in two passes of 8, the MLP on the threads
-def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit(length):
+def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit(length, products):
     """Products, norms, attention and the MLP each compute a row alone, so verifying a chain
     of 3 gives, row by row, the logits of 4 one-token steps: a drafter's output equals plain
     decoding's with no near-ties to classify (on SmolLM2 with oneDNN's products they differ by
@@ -204,7 +246,7 @@ def test_on_the_kernels_a_chain_verifys_logits_are_plain_decodings_bit_for_bit(l
 
 
 @runs_here
-def test_on_the_kernels_a_tree_nodes_logits_are_plain_decodings_of_its_path_bit_for_bit():
+def test_on_the_kernels_a_tree_nodes_logits_are_plain_decodings_of_its_path_bit_for_bit(products):
     """A tree's node attends to its ancestors across masked siblings; the sums skip those
     positions as exact zeros, so each node's logits are those of plain decoding along its path."""
     from specbench.engine.tree import DraftTree

@@ -114,8 +114,122 @@ static int rows_at_once(int64_t left) { return left <= MAX_ROWS ? (int)left : 8;
  * is read from memory once and the later row chunks find it in cache. One block per kernel call:
  * one stream of W per thread read faster than several (measured on 2 threads, SmolLM2's 211
  * products: 1 row 7.1 ms against 8.3 with 8 blocks at once; 8 rows 8.7 against 9.8 with 2). */
+#ifdef SPECBENCH_AMX
+/* AMX (TDPBF16PS) where the CPU has it and Linux lets the process use it. The packed layout above is
+ * AMX's B operand as it is: the 16 pairs of k of a 32-wide chunk of k for 16 columns are 16 rows of
+ * 64 bytes. Each output is still summed over k in one fixed order, chunk by chunk, and a tile's row
+ * m of C reads only row m of A: a row's result does not depend on the rows computed with it. The
+ * sums are AMX's, not VDPBF16PS's, so one process uses one of the two for every row count. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* LDTILECFG on the whole 64 bytes: GCC 12's _tile_loadconfig tells the compiler it reads 8 of them, so the
+ * stores to the rest may be dropped (seen at -O3: garbage in the unused tiles' widths, and a SIGSEGV) */
+static inline void load_tile_config(const tile_config *config) { __asm__ volatile("ldtilecfg %0" ::"m"(*config)); }
+
+static int amx_on = 0;
+
+/* on = 1: AMX from now in this process where Linux grants the tile state; 0: off; -1: unchanged.
+ * Returns 1 where AMX is on. */
+int amx_enable(int on) {
+    if (on == 1 && !amx_on) amx_on = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    if (on == 0) amx_on = 0;
+    return amx_on;
+}
+
+/* tile 0: C (rows x 16 fp32), 1: A (rows x 32 bf16), 2: B (16 pairs x 16 columns) */
+static void amx_configure(int rows) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    config.rows[0] = config.rows[1] = (uint8_t)rows;
+    config.rows[2] = 16;
+    config.colsb[0] = config.colsb[1] = config.colsb[2] = 64;
+    load_tile_config(&config);
+}
+
+static void amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, uint16_t *y,
+                       const uint16_t *bias, const uint16_t *res) {
+    int64_t pairs = k / 2, chunks = k / 32;
+    #pragma omp parallel
+    {
+        float sums[16][16] __attribute__((aligned(64)));
+        int configured = 0;
+        #pragma omp for schedule(static)
+        for (int64_t block = 0; block < n / 16; block++) {
+            int64_t col = block * 16;
+            const uint16_t *w = wp + block * pairs * 32;
+            for (int64_t row = 0; row < m; row += 16) {
+                int rows = (int)(m - row < 16 ? m - row : 16);
+                if (rows != configured) {
+                    amx_configure(rows);
+                    configured = rows;
+                }
+                _tile_zero(0);
+                for (int64_t c = 0; c < chunks; c++) {
+                    _tile_loadd(1, x + row * k + c * 32, k * 2);
+                    _tile_loadd(2, w + c * 16 * 32, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, sums, 64);
+                for (int r = 0; r < rows; r++) {
+                    __m512 out = _mm512_load_ps(sums[r]);
+                    if (bias) out = _mm512_add_ps(out, widen(bias + col));
+                    if (res) out = _mm512_add_ps(out, widen(res + (row + r) * n + col));
+                    _mm256_storeu_si256((__m256i *)(y + (row + r) * n + col), (__m256i)_mm512_cvtneps_pbh(out));
+                }
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+
+/* As dot_peak for TDPBF16PS: 4 accumulator tiles of 16 x 16, each round 16 x 16 x 32 products */
+double amx_peak(int64_t iterations) {
+    double start = omp_get_wtime();
+    int threads = 1;
+    #pragma omp parallel
+    {
+        #pragma omp single
+        threads = omp_get_num_threads();
+        tile_config config;
+        memset(&config, 0, sizeof config);
+        config.palette = 1;
+        for (int t = 0; t < 6; t++) {
+            config.rows[t] = 16;
+            config.colsb[t] = 64;
+        }
+        load_tile_config(&config);
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5);
+        for (int64_t it = 0; it < iterations; it++) {
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_dpbf16ps(1, 4, 5);
+            _tile_dpbf16ps(2, 4, 5);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_release();
+    }
+    return (double)threads * (double)iterations * 4.0 * 16.0 * 16.0 * 32.0 * 2.0 / (omp_get_wtime() - start);
+}
+#else
+int amx_enable(int on) { (void)on; return 0; }
+double amx_peak(int64_t iterations) { (void)iterations; return 0.0; }
+#endif
+
 void linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, uint16_t *y,
             const uint16_t *bias, const uint16_t *res) {
+#ifdef SPECBENCH_AMX
+    if (amx_on && k % 32 == 0) {
+        amx_linear(x, m, k, wp, n, y, bias, res);
+        return;
+    }
+#endif
     #pragma omp parallel for schedule(static)
     for (int64_t block = 0; block < n / 16; block++)
         for (int64_t row = 0; row < m;) {

@@ -35,6 +35,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("bf16_kernel.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-DSPECBENCH_AMX")
 BLOCK = 16  # output columns per vector: n must be a multiple
 
 
@@ -169,8 +170,12 @@ def layer_step(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 def dot_peak_flops(iterations: int = 50_000_000) -> float:
-    """The most FLOP/s this CPU's VDPBF16PS reaches on torch's threads (bf16_kernel.c `dot_peak`;
-    50M rounds: about 0.2 s on 2 Zen 4 cores), for a verify's compute floor."""
+    """The most FLOP/s the instruction of this process's products (`products()`) reaches on
+    torch's threads, for a verify's compute floor: VDPBF16PS (bf16_kernel.c `dot_peak`; 50M rounds,
+    about 0.2 s on 2 Zen 4 cores) or TDPBF16PS (`amx_peak`, a 64th of the rounds: each is 64 times
+    the products)."""
+    if products() == "AMX":
+        return _library().amx_peak(max(iterations // 64, 1))
     return _library().dot_peak(iterations)
 
 
@@ -312,7 +317,18 @@ def unavailable() -> str | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    return build(SOURCE)
+    library = build(SOURCE)
+    library.amx_enable(1)  # products on AMX where the build and the CPU have it (and Linux grants it)
+    return library
+
+
+def products() -> str:
+    """What computes the kernel's products in this process: 'AMX' or 'VDPBF16PS'."""
+    return "AMX" if _library().amx_enable(-1) else "VDPBF16PS"
+
+
+def _cpu_has_amx() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def build(source: Path) -> ctypes.CDLL:
@@ -326,8 +342,12 @@ def build(source: Path) -> ctypes.CDLL:
     directory = Path(tempfile.mkdtemp(prefix="specbench-bf16-"))
     try:
         target = directory / "bf16_kernel.so"
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
+        flags = FLAGS + AMX_FLAGS if _cpu_has_amx() else FLAGS
+        done = subprocess.run([compiler, *flags, str(source), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
                               timeout=120)
+        if done.returncode != 0 and flags != FLAGS:  # a compiler that does not know AMX: the kernels without it
+            done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(target), "-lm"], check=False, capture_output=True,
+                                  text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")
         library = ctypes.CDLL(str(target))
@@ -355,6 +375,10 @@ def build(source: Path) -> ctypes.CDLL:
     library.stack_step.restype = None
     library.head_top.argtypes = [pointer, size, pointer, size, size, pointer, pointer, size, size, pointer, pointer]
     library.head_top.restype = None
+    library.amx_enable.argtypes = [ctypes.c_int]
+    library.amx_enable.restype = ctypes.c_int
     library.dot_peak.argtypes = [size]
     library.dot_peak.restype = ctypes.c_double
+    library.amx_peak.argtypes = [size]
+    library.amx_peak.restype = ctypes.c_double
     return library

@@ -52,7 +52,9 @@ def kernels_in_use(dtype: torch.dtype, kernels: str = "auto") -> str:
     if kernels == "onednn":
         return "oneDNN (asked for)"
     why = bf16_kernel.unavailable()
-    return f"oneDNN ({why})" if why else "specbench's bf16 kernels (AVX512_BF16), oneDNN for weights they do not take"
+    if why:
+        return f"oneDNN ({why})"
+    return f"specbench's bf16 kernels (products by {bf16_kernel.products()}), oneDNN for weights they do not take"
 
 
 def _pack(weight: torch.Tensor, kernels: str = "auto") -> torch.Tensor | bf16_kernel.PackedBf16:

@@ -5,9 +5,11 @@ torch's threads.
 
     python scripts/bench_products.py                        # this checkout's kernel, n = 1,2,4,8,12,16,32,64
     python scripts/bench_products.py --against d6fc321      # and that revision's bf16_kernel.c, interleaved
+    python scripts/bench_products.py --instructions AMX,VDPBF16PS   # a CPU with AMX: this kernel on each, interleaved
 
-Prints per n the median ms of one step's products, the FLOP/s against the VDPBF16PS peak measured
-in the same process, and the weight bytes read per second. With --against, the other revision's
+Prints per n the median ms of one step's products, the FLOP/s against the peak of the instruction
+the products ran on (VDPBF16PS, or AMX's TDPBF16PS; bf16_kernel.products()) measured in the same
+process, and the weight bytes read per second. With --against, the other revision's
 source is built beside this one's (each packs its own copy of the weights) and the two builds'
 repetitions are interleaved, so their ratio is measured in one run: the development VM's memory
 bandwidth drifts between 30 and 60 GB/s, and only a ratio taken within one run means anything.
@@ -71,6 +73,14 @@ def row_counts(text: str) -> list[int]:
     return rows
 
 
+def uses_amx(library: ctypes.CDLL, on: int | None = None) -> int:
+    """Whether `library`'s products run on AMX, after switching them (on: 1 or 0) where given; 0 for a
+    revision built before the kernel had AMX."""
+    if not hasattr(library, "amx_enable"):
+        return 0
+    return library.amx_enable(-1 if on is None else on)
+
+
 def other_build(revision: str) -> ctypes.CDLL:
     """The kernels of `revision`'s engine/bf16_kernel.c, built beside this checkout's."""
     shown = subprocess.run(["git", "show", f"{revision}:specbench/engine/bf16_kernel.c"], check=False, cwd=ROOT,
@@ -94,6 +104,7 @@ def main() -> None:
     parser.add_argument("--rows", type=row_counts, default=row_counts("1,2,4,8,12,16,32,64"))
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--against", help="a git revision whose engine/bf16_kernel.c is built and timed beside this checkout's")
+    parser.add_argument("--instructions", help="AMX,VDPBF16PS: this checkout's kernel on each instruction in turn (a CPU with AMX)")
     args = parser.parse_args()
     if bf16_kernel.unavailable():
         parser.error(f"the bf16 kernel does not run here: {bf16_kernel.unavailable()}")
@@ -104,22 +115,37 @@ def main() -> None:
             builds[args.against] = other_build(args.against)
     except UserError as exc:
         parser.error(str(exc))
+    # the instruction each build's products run on: the process's choice, or each of --instructions in turn
+    on = {name: uses_amx(library) for name, library in builds.items()}
+    if args.instructions:
+        if args.against or set(args.instructions.split(",")) - {"AMX", "VDPBF16PS"}:
+            parser.error("--instructions takes AMX and/or VDPBF16PS, comma separated, without --against")
+        if "AMX" in args.instructions and bf16_kernel.products() != "AMX":
+            parser.error("--instructions AMX: the products do not run on AMX here (no AMX, or Linux refused the tiles)")
+        library = builds["this checkout"]
+        builds = {name: library for name in args.instructions.split(",")}
+        on = {name: int(name == "AMX") for name in builds}
     weights = {name: packed(library, shapes) for name, library in builds.items()}
     rows = args.rows
     widest = max(max(n, k) for n, k in shapes)
     x = (torch.randn(max(rows), widest) * 0.1).to(torch.bfloat16)
     y = torch.empty(max(rows), widest, dtype=torch.bfloat16)
     params = sum(n * k for n, k in shapes)
-    peak = bf16_kernel.dot_peak_flops()
+    peaks = {}
+    for name, library in builds.items():
+        uses_amx(library, on[name])
+        peaks[name] = bf16_kernel.dot_peak_flops() if library is bf16_kernel._library() else library.dot_peak(50_000_000)
     times = {(name, m): [] for name in builds for m in rows}
     for rep in range(args.reps + 1):
         for m in rows:
             for name, library in builds.items():
+                uses_amx(library, on[name])
                 ms = one_step(library, weights[name], shapes, x, y, m)
                 if rep:  # the first round warms up
                     times[name, m].append(ms)
     print(f"{args.model}: {len(shapes)} products, {params / 1e6:.1f} M weights ({2 * params / 1e6:.0f} MB in bf16), "
-          f"{torch.get_num_threads()} threads, VDPBF16PS peak {peak / 1e9:.0f} GFLOP/s, medians of {args.reps}")
+          f"{torch.get_num_threads()} threads, medians of {args.reps}; peaks: "
+          + ", ".join(f"{name} {'AMX' if on[name] else 'VDPBF16PS'} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
     names = list(builds)
     header = "rows | " + " | ".join(f"{name}: ms, GFLOP/s (of peak), GB/s" for name in names)
     print(header + (f" | {names[0]} / {names[1]}" if len(names) == 2 else ""))
@@ -128,7 +154,7 @@ def main() -> None:
         for name in names:
             ms = median(times[name, m])
             flops = 2 * params * m / (ms / 1e3)
-            cells.append(f"{ms:.2f}, {flops / 1e9:.0f} ({flops / peak:.0%}), {2 * params / (ms / 1e3) / 1e9:.1f}")
+            cells.append(f"{ms:.2f}, {flops / 1e9:.0f} ({flops / peaks[name]:.0%}), {2 * params / (ms / 1e3) / 1e9:.1f}")
         ratio = f" | {median(times[names[0], m]) / median(times[names[1], m]):.3f}" if len(names) == 2 else ""
         print(f"{m} | " + " | ".join(cells) + ratio)
 

@@ -143,50 +143,89 @@ int amx_enable(int on) {
     return amx_on;
 }
 
-/* tile 0: C (rows x 16 fp32), 1: A (rows x 32 bf16), 2: B (16 pairs x 16 columns) */
-static void amx_configure(int rows) {
+/* Tiles 0, 1: the sums of column block b for rows 0-15 and 16-31 of a pass; 2, 3: those of block b + 1;
+ * 4, 5: the two row groups' chunk of x (32 k); 6, 7: the weight tiles of blocks b and b + 1. A pass
+ * takes two blocks and up to 32 rows, so that each weight tile loaded serves both row groups and four
+ * sums are under way at once (a single one waits on its own TDPBF16PS). rows1 = 0: one row group. */
+static void amx_configure(int rows0, int rows1) {
     tile_config config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
-    config.rows[0] = config.rows[1] = (uint8_t)rows;
-    config.rows[2] = 16;
-    config.colsb[0] = config.colsb[1] = config.colsb[2] = 64;
+    for (int t = 0; t < 8; t++) {
+        int rows = t >= 6 ? 16 : (t == 1 || t == 3 || t == 5) ? rows1 : rows0;
+        config.rows[t] = (uint8_t)rows;
+        config.colsb[t] = rows ? 64 : 0;
+    }
     load_tile_config(&config);
+}
+
+static void amx_store(int tile_rows, const float sums[16][16], int64_t row, int64_t col, int64_t n, uint16_t *y,
+                      const uint16_t *bias, const uint16_t *res) {
+    for (int r = 0; r < tile_rows; r++) {
+        __m512 out = _mm512_load_ps(sums[r]);
+        if (bias) out = _mm512_add_ps(out, widen(bias + col));
+        if (res) out = _mm512_add_ps(out, widen(res + (row + r) * n + col));
+        _mm256_storeu_si256((__m256i *)(y + (row + r) * n + col), (__m256i)_mm512_cvtneps_pbh(out));
+    }
 }
 
 static void amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, uint16_t *y,
                        const uint16_t *bias, const uint16_t *res) {
-    int64_t pairs = k / 2, chunks = k / 32;
+    int64_t pairs = k / 2, chunks = k / 32, blocks = n / 16;
     #pragma omp parallel
     {
         float sums[16][16] __attribute__((aligned(64)));
-        int configured = 0;
+        int configured = -1;
         #pragma omp for schedule(static)
-        for (int64_t block = 0; block < n / 16; block++) {
-            int64_t col = block * 16;
-            const uint16_t *w = wp + block * pairs * 32;
-            for (int64_t row = 0; row < m; row += 16) {
-                int rows = (int)(m - row < 16 ? m - row : 16);
-                if (rows != configured) {
-                    amx_configure(rows);
-                    configured = rows;
+        for (int64_t pair = 0; pair < (blocks + 1) / 2; pair++) {
+            int64_t b0 = 2 * pair, col0 = b0 * 16, col1 = col0 + 16;
+            int both = b0 + 1 < blocks;
+            const uint16_t *w0 = wp + b0 * pairs * 32, *w1 = w0 + pairs * 32;
+            for (int64_t row = 0; row < m; row += 32) {
+                int rows0 = (int)(m - row < 16 ? m - row : 16);
+                int rows1 = (int)(m - row - 16 <= 0 ? 0 : m - row - 16 < 16 ? m - row - 16 : 16);
+                if (rows0 * 32 + rows1 != configured) {
+                    amx_configure(rows0, rows1);
+                    configured = rows0 * 32 + rows1;
                 }
+                const uint16_t *x0 = x + row * k, *x1 = x0 + 16 * k;
                 _tile_zero(0);
+                _tile_zero(2);
+                if (rows1) {
+                    _tile_zero(1);
+                    _tile_zero(3);
+                }
                 for (int64_t c = 0; c < chunks; c++) {
-                    _tile_loadd(1, x + row * k + c * 32, k * 2);
-                    _tile_loadd(2, w + c * 16 * 32, 64);
-                    _tile_dpbf16ps(0, 1, 2);
+                    _tile_loadd(4, x0 + c * 32, k * 2);
+                    _tile_loadd(6, w0 + c * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (both) {
+                        _tile_loadd(7, w1 + c * 512, 64);
+                        _tile_dpbf16ps(2, 4, 7);
+                    }
+                    if (rows1) {
+                        _tile_loadd(5, x1 + c * 32, k * 2);
+                        _tile_dpbf16ps(1, 5, 6);
+                        if (both) _tile_dpbf16ps(3, 5, 7);
+                    }
                 }
                 _tile_stored(0, sums, 64);
-                for (int r = 0; r < rows; r++) {
-                    __m512 out = _mm512_load_ps(sums[r]);
-                    if (bias) out = _mm512_add_ps(out, widen(bias + col));
-                    if (res) out = _mm512_add_ps(out, widen(res + (row + r) * n + col));
-                    _mm256_storeu_si256((__m256i *)(y + (row + r) * n + col), (__m256i)_mm512_cvtneps_pbh(out));
+                amx_store(rows0, sums, row, col0, n, y, bias, res);
+                if (both) {
+                    _tile_stored(2, sums, 64);
+                    amx_store(rows0, sums, row, col1, n, y, bias, res);
+                }
+                if (rows1) {
+                    _tile_stored(1, sums, 64);
+                    amx_store(rows1, sums, row + 16, col0, n, y, bias, res);
+                    if (both) {
+                        _tile_stored(3, sums, 64);
+                        amx_store(rows1, sums, row + 16, col1, n, y, bias, res);
+                    }
                 }
             }
         }
-        if (configured) _tile_release();
+        if (configured >= 0) _tile_release();
     }
 }
 

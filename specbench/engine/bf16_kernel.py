@@ -375,10 +375,11 @@ def build(source: Path) -> ctypes.CDLL:
     library.stack_step.restype = None
     library.head_top.argtypes = [pointer, size, pointer, size, size, pointer, pointer, size, size, pointer, pointer]
     library.head_top.restype = None
-    library.amx_enable.argtypes = [ctypes.c_int]
-    library.amx_enable.restype = ctypes.c_int
     library.dot_peak.argtypes = [size]
     library.dot_peak.restype = ctypes.c_double
-    library.amx_peak.argtypes = [size]
-    library.amx_peak.restype = ctypes.c_double
+    if hasattr(library, "amx_enable"):  # a revision from before AMX (scripts/bench_products.py --against) has neither
+        library.amx_enable.argtypes = [ctypes.c_int]
+        library.amx_enable.restype = ctypes.c_int
+        library.amx_peak.argtypes = [size]
+        library.amx_peak.restype = ctypes.c_double
     return library

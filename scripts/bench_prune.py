@@ -1,12 +1,15 @@
 """Hydra's tree and per-step pruning (`--prune-below`) on the embedded default, several settings
-interleaved prompt by prompt in one process, so that the VM's drifts in speed hit them alike.
+interleaved prompt by prompt in one process, so that the VM's drifts in speed hit them alike; or
+any drafter's options (`--drafter medusa --setups "tree=T1;tree=T2"`, `--drafter draft-model
+--setups "k=2;k=4"`).
 
     python scripts/bench_prune.py                                              # the catalogue's CPU default and the chain of 3
     python scripts/bench_prune.py --setups "chain:3@0;smollm2_hydra_cpu_pruned@0;smollm2_hydra_cpu_pruned@0.1" --reps 5
     python scripts/bench_prune.py --workload pool-train                        # the prompts a choice is made on
 
 A setup is TREE@FLOOR: a tree as `--tree` takes it (empty: the catalogue's for this device) and a
-`--prune-below` floor. Every setup and plain decoding decode each prompt in turn (after one untimed
+`--prune-below` floor (Hydra); or NAME=VALUE,... : the drafter's options as `specbench run` takes
+them (`tree`, `k`, `prune_below`, ...; empty: the catalogue's defaults). Every setup and plain decoding decode each prompt in turn (after one untimed
 warm-up of each, as `specbench run` warms up), greedy, outputs checked against plain decoding's. One
 line per repetition: plain decoding's tokens/s, then per setup its speedup over plain decoding in
 that repetition, τ (tokens per step), drafted nodes and draft ms per step.
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specbench.drafters.heads.hydra import HydraDrafter
+from specbench.drafters.registry import build_drafter
 from specbench.engine.loop import warm_up
 from specbench.errors import UserError
 from specbench.runner import Benchmark, RunConfig, check_fits_before_loading, load
@@ -38,18 +41,26 @@ class Totals:
     inexact: list[str] = field(default_factory=list)
 
 
-def parse_setups(text: str) -> list[tuple[str, str | None, float | None]]:
-    """(label, tree or None for the catalogue's, floor or None for the catalogue's) per TREE@FLOOR."""
+def parse_setups(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(label, the drafter's options given) per TREE@FLOOR (Hydra's tree and prune_below; empty: the
+    catalogue's) or NAME=VALUE,... (any drafter's options)."""
     setups = []
     for spec in filter(None, (part.strip() for part in text.split(";"))):
+        if "=" in spec:
+            pairs = [part.partition("=") for part in spec.split(",")]
+            if not all(name.strip() and eq for name, eq, _ in pairs):
+                raise ValueError(f"setup '{spec}' is not NAME=VALUE,... (e.g. k=2 or tree=chain:3)")
+            setups.append((spec, {name.strip(): value.strip() for name, _, value in pairs}))
+            continue
         tree, at, floor = spec.partition("@")
         if not at:
-            raise ValueError(f"setup '{spec}' is not TREE@FLOOR (e.g. chain:3@0.1, or @ for the catalogue's tree and floor)")
+            raise ValueError(f"setup '{spec}' is not TREE@FLOOR (e.g. chain:3@0.1, or @ for the catalogue's tree and floor) "
+                             "nor NAME=VALUE,...")
         try:
             value = float(floor) if floor else None
         except ValueError:
             raise ValueError(f"setup '{spec}': the floor '{floor}' is not a number") from None
-        setups.append((spec, tree or None, value))
+        setups.append((spec, {name: v for name, v in (("tree", tree or None), ("prune_below", value)) if v is not None}))
     if not setups:
         raise ValueError("give at least one setup")
     return setups
@@ -57,6 +68,7 @@ def parse_setups(text: str) -> list[tuple[str, str | None, float | None]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--drafter", default="hydra", help="the drafter whose setups are compared (default hydra)")
     parser.add_argument("--setups", default=DEFAULT_SETUPS, help=f"TREE@FLOOR;... (default {DEFAULT_SETUPS!r})")
     parser.add_argument("--workload", default="pool-heldout")
     parser.add_argument("--limit", type=int, default=8)
@@ -67,12 +79,11 @@ def main() -> None:
         setups = parse_setups(args.setups)
         if args.reps < 1 or args.limit < 1 or args.max_new_tokens < 1:
             raise ValueError("--reps, --limit and --max-new-tokens must be at least 1")
-        config = RunConfig(drafter="hydra", workload=args.workload, limit=args.limit, max_new_tokens=args.max_new_tokens)
+        config = RunConfig(drafter=args.drafter, workload=args.workload, limit=args.limit, max_new_tokens=args.max_new_tokens)
         bench = Benchmark(config, load(config), check_fits_before_loading(config))
         drafters = {}
-        for label, tree, floor in setups:  # the options checked as `specbench run` checks them
-            given = {name: value for name, value in (("tree", tree), ("prune_below", floor)) if value is not None}
-            drafters[label] = HydraDrafter.create(bench.target, HydraDrafter.Options.parse("hydra", given))
+        for label, given in setups:  # the options checked as `specbench run` checks them
+            drafters[label] = build_drafter(args.drafter, bench.target, given)
     except (UserError, ValueError) as exc:
         parser.error(str(exc))
     target, plain = bench.target, bench.plain
@@ -81,7 +92,8 @@ def main() -> None:
         warm_up(target, drafter, bench.longest_sequence(), first, args.max_new_tokens, baseline=plain)
     for label, drafter in drafters.items():
         info = drafter.describe()
-        print(f"{label}: tree {info['tree']} ({info['tree_nodes']} nodes), prune_below {info['prune_below']:g}")
+        shown = [f"{key} {info[key]}" for key in ("tree", "tree_nodes", "prune_below", "k") if key in info]
+        print(f"{label}: {', '.join(shown)}")
     print(f"target: {target.engine} engine, {str(target.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
           f"{args.workload} --limit {args.limit}, {args.max_new_tokens} new tokens")
     for rep in range(1, args.reps + 1):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import perturbed, prompts, tiny_target
 
+from specbench.catalogue import catalogue
 from specbench.drafters.draft_model import DraftModelDrafter
 from specbench.drafters.vocab_trim import TrimmedHead, keep_ids, ranked_ids, save_ids
 from specbench.engine.loop import decode
@@ -162,3 +163,24 @@ def test_the_catalogues_default_draft_is_trimmed_where_its_entry_says_and_a_draf
     named = DraftModelDrafter.create(target, DraftModelOptions(draft_model="the-default"))
     assert named.trim is None
     assert DraftModelDrafter.create(target, DraftModelOptions(vocab_trim=0)).trim is None  # none, asked
+
+
+def test_the_catalogues_default_draft_drafts_its_entrys_k_for_the_device_and_the_user_overrides_it(target, monkeypatch):
+    """draft_models.toml `k_cpu`: the default draft's chain on a CPU; a draft named on the command line,
+    or an entry without it, drafts k = 4; `--k` wins over both."""
+    from specbench.drafters import draft_model
+    from specbench.drafters.draft_model import DraftModelOptions
+    from specbench.targets import loading
+
+    entry = {"default_for": [target.name], "k_cpu": 2}
+    real_catalogue = draft_model.catalogue
+    monkeypatch.setattr(draft_model, "catalogue", lambda name: {"the-default": entry} if name == "draft_models" else real_catalogue(name))
+    draft = perturbed(target.model, noise=0.01)
+    monkeypatch.setattr(loading, "load_causal_lm", lambda name, *args, **kwargs: (draft, target.tokenizer,
+                                                                                  type("Source", (), {"model_id": name})()))
+    assert DraftModelDrafter.create(target, DraftModelOptions()).k == 2
+    assert DraftModelDrafter.create(target, DraftModelOptions(k=3)).k == 3
+    assert DraftModelDrafter.create(target, DraftModelOptions(draft_model="the-default")).k == 4
+    entry.pop("k_cpu")
+    assert DraftModelDrafter.create(target, DraftModelOptions()).k == 4
+    assert catalogue("draft_models")["smollm2-135m-draft"]["k_cpu"] == 2  # the bundled draft's, chosen on pool-train

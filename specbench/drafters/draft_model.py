@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from specbench.catalogue import catalogue
-from specbench.drafters.catalogued import catalogued_trim
+from specbench.drafters.catalogued import catalogued_setting, catalogued_trim
 from specbench.drafters.vocab_trim import TrimmedHead, asked_trim, head_rows
 from specbench.engine import kv
 from specbench.engine.acceptance import sample
@@ -74,9 +74,14 @@ def common_prefix(cached: list[int], sequence: list[int]) -> int:
     return common
 
 
+DEFAULT_K = 4  # the chain DSD and Spec-Bench's SpS draft
+
+
 @dataclass
 class DraftModelOptions(ChainOptions, VocabTrimOptions):
     draft_model: str | None = option(None, "the draft: alias (catalogue/draft_models.toml), hub id or local directory; default from the catalogue")
+    k: int | None = option(None, f"tokens drafted per step (default: the catalogue's for its default draft on this device, else {DEFAULT_K})",
+                           min=1)
 
 
 @dataclass
@@ -124,13 +129,17 @@ class DraftModelDrafter(Drafter):
         from specbench.targets.loading import load_causal_lm
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
-        if options.draft_model is None:  # the catalogue's default draft: its VocabTrim for this device too
-            options = catalogued_trim(catalogue("draft_models")[draft_model], target, options)
+        k = options.k
+        if options.draft_model is None:  # the catalogue's default draft: its VocabTrim and k for this device too
+            entry = catalogue("draft_models")[draft_model]
+            options = catalogued_trim(entry, target, options)
+            k = catalogued_setting(entry, target, "k", k, DEFAULT_K)
+        k = k or DEFAULT_K
         trim, trim_info = None, None
         if asked := asked_trim(options, target):
             kept, trim_info = asked
             trim = TrimmedHead(model.get_output_embeddings(), kept)
-        return cls(target, model, k=options.k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
+        return cls(target, model, k=k, tokenizer=tokenizer, model_name=source.model_id, trim=trim, trim_info=trim_info)
 
     @property
     def max_draft_tokens(self) -> int:

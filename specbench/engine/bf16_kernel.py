@@ -15,6 +15,9 @@ second) into a temporary directory and loaded with ctypes after torch, so its Op
 on torch's own thread pool. Where anything is missing — the CPU's AVX512_BF16, a compiler that
 knows it, OpenMP — `unavailable()` says what, and the engine keeps oneDNN's products.
 
+Where the CPU has AMX (and Linux grants the tile state) the products run on AMX tiles instead, for
+every row count: 16 rows then cost about what one costs (docs/engine.md); `products()` says which.
+
 Numerics: each output is summed over k in one fixed order whatever the number of rows, in fp32,
 with the bias and a residual added before the one rounding to bf16 (as oneDNN's post-ops);
 attention sums in position order. So a verified row's logits are plain decoding's, bit for bit.

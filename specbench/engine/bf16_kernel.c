@@ -13,7 +13,8 @@
  * rows measured slower); 8 rows and more by the arithmetic, so W is prefetched ahead, into L2;
  * more than 13 rows take several passes over a block while it is in cache (rows_at_once).
  * Column blocks are split over the OpenMP threads (torch's own runtime: the library is loaded
- * after torch).
+ * after torch). Where the CPU has AMX, built with SPECBENCH_AMX, the products run on its tiles
+ * instead, for every row count (amx_linear, below).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -109,11 +110,6 @@ static const kernel KERNELS[MAX_ROWS + 1] = {0,        kernel_1, kernel_2,  kern
  * 9.43 -> 8.37, 13 rows 12.55 -> 8.77, 16 rows 11.54 -> 10.45; 1, 2, 4 and 8 rows unchanged. */
 static int rows_at_once(int64_t left) { return left <= MAX_ROWS ? (int)left : 8; }
 
-/* x: [m, k] contiguous; y, res: [m, n] contiguous; n % 16 == 0, k % 2 == 0 (the caller checks).
- * Threads split the column blocks; each takes all rows of its block in turn (rows_at_once), so W
- * is read from memory once and the later row chunks find it in cache. One block per kernel call:
- * one stream of W per thread read faster than several (measured on 2 threads, SmolLM2's 211
- * products: 1 row 7.1 ms against 8.3 with 8 blocks at once; 8 rows 8.7 against 9.8 with 2). */
 #ifdef SPECBENCH_AMX
 /* AMX (TDPBF16PS) where the CPU has it and Linux lets the process use it. The packed layout above is
  * AMX's B operand as it is: the 16 pairs of k of a 32-wide chunk of k for 16 columns are 16 rows of
@@ -261,6 +257,11 @@ int amx_enable(int on) { (void)on; return 0; }
 double amx_peak(int64_t iterations) { (void)iterations; return 0.0; }
 #endif
 
+/* x: [m, k] contiguous; y, res: [m, n] contiguous; n % 16 == 0, k % 2 == 0 (the caller checks).
+ * Threads split the column blocks; each takes all rows of its block in turn (rows_at_once), so W
+ * is read from memory once and the later row chunks find it in cache. One block per kernel call:
+ * one stream of W per thread read faster than several (measured on 2 threads, SmolLM2's 211
+ * products: 1 row 7.1 ms against 8.3 with 8 blocks at once; 8 rows 8.7 against 9.8 with 2). */
 void linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, uint16_t *y,
             const uint16_t *bias, const uint16_t *res) {
 #ifdef SPECBENCH_AMX

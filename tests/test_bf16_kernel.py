@@ -199,7 +199,7 @@ def test_the_mlp_kernel_is_silu_of_the_gate_times_the_up_projection_in_bf16(rows
 
 @runs_here
 @pytest.mark.parametrize("dim", [64, 32])
-def test_attention_is_the_fp64_softmax_rounded_and_a_rows_result_is_its_own(dim):
+def test_attention_is_the_fp64_softmax_rounded_and_a_rows_result_is_its_own(dim, products):
     """Grouped heads (9 queries over 3 key/value heads), a causal block after a 20-position
     context with one masked position, keys and values as strided views of one cache buffer."""
     batch, heads, kv_heads, rows, context, capacity = 2, 9, 3, 6, 20, 40
@@ -271,7 +271,7 @@ def test_on_the_kernels_a_tree_nodes_logits_are_plain_decodings_of_its_path_bit_
 
 
 @runs_here
-def test_attention_reads_the_cache_up_to_the_last_slot_written_with_the_bits_of_the_whole_span(monkeypatch):
+def test_attention_reads_the_cache_up_to_the_last_slot_written_with_the_bits_of_the_whole_span(monkeypatch, products):
     """A decoder's step reads a span rounded up for its captured steps' sake; the kernels stop
     at the step's last slot. What lies after it (a rejected verify's keys) is masked, and a
     masked position adds an exact zero: the logits are those of reading the whole span."""
@@ -452,7 +452,7 @@ def test_a_layer_in_one_call_is_the_lean_layers_operations_bit_for_bit(monkeypat
 
 @runs_here
 @pytest.mark.parametrize("dim", [64, 32])  # the head_dim 64 kernel and the general one
-def test_attention_sums_its_weights_in_position_order(dim):
+def test_attention_sums_its_weights_in_position_order(dim, products):
     """Two keys of weight 1 with 15 of weight e^-17.25 (< half an fp32 step at 1) between them:
     in position order the small ones are lost and the values' mean is an exact bf16 midpoint,
     rounded to even (1 + 2^-6); summed lane by lane the small ones add up, the total grows and

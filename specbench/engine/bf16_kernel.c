@@ -129,6 +129,12 @@ typedef struct {
  * stores to the rest may be dropped (seen at -O3: garbage in the unused tiles' widths, and a SIGSEGV) */
 static inline void load_tile_config(const tile_config *config) { __asm__ volatile("ldtilecfg %0" ::"m"(*config)); }
 
+/* GCC 12's tile loads and stores are asm statements that do not say they read or write memory: the
+ * compiler may drop or move the stores that fill a buffer a tile then loads, and the loads that read
+ * what a tile stored. A barrier between the two orders them (seen at -O3: attention's key layout
+ * never reached the tile) */
+#define TILE_MEMORY() __asm__ volatile("" ::: "memory")
+
 static int amx_on = 0;
 
 /* on = 1: AMX from now in this process where Linux grants the tile state; 0: off; -1: unchanged.
@@ -206,16 +212,23 @@ static void amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *
                     }
                 }
                 _tile_stored(0, sums, 64);
+                TILE_MEMORY();
                 amx_store(rows0, sums, row, col0, n, y, bias, res);
                 if (both) {
+                    TILE_MEMORY();
                     _tile_stored(2, sums, 64);
+                    TILE_MEMORY();
                     amx_store(rows0, sums, row, col1, n, y, bias, res);
                 }
                 if (rows1) {
+                    TILE_MEMORY();
                     _tile_stored(1, sums, 64);
+                    TILE_MEMORY();
                     amx_store(rows1, sums, row + 16, col0, n, y, bias, res);
                     if (both) {
+                        TILE_MEMORY();
                         _tile_stored(3, sums, 64);
+                        TILE_MEMORY();
                         amx_store(rows1, sums, row + 16, col1, n, y, bias, res);
                     }
                 }
@@ -393,6 +406,33 @@ static inline __m512 sum_each(__m512 v[16]) {
                          _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* sum_j e_j v_j and sum_j e_j in position order, then one division, for up to 4 queries (their
+ * weights e in rows of `scores`, `stride` apart): masked positions add exact zeros, so a tree node's
+ * sums are those of the same tokens at consecutive positions */
+static void values_64(const float *scores, int64_t stride, int nq, const uint16_t *values, int64_t span, uint16_t *const *outs) {
+    __m512 acc[4][4];
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < span; j++) {
+        __m512 value[4];
+        for (int c = 0; c < 4; c++) value[c] = widen(values + j * 64 + 16 * c);
+        for (int i = 0; i < 4; i++)
+            if (i < nq) {
+                float e = scores[i * stride + j];
+                total[i] += e;
+                __m512 weight = _mm512_set1_ps(e);
+                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_fmadd_ps(weight, value[c], acc[i][c]);
+            }
+    }
+    for (int i = 0; i < 4; i++)
+        if (i < nq) {
+            __m512 inverse = _mm512_set1_ps(1.0f / total[i]);
+            for (int c = 0; c < 4; c++)
+                _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][c], inverse)));
+        }
+}
+
 /* attend_block for dim 64 (SmolLM2, Llama-3.2-1B...): scores 16 keys at a time with VDPBF16PS
  * on the bf16 rows themselves (each key's products summed by one fixed tree, sum_each), and
  * the weighted sum of the values in registers, 4 queries at a time. Same results for a row
@@ -428,36 +468,108 @@ static void attend_block_64(const uint16_t *const *queries, const float *const *
             _mm512_mask_storeu_ps(weights + j, valid, e);
         }
     }
-    /* sum_j e_j v_j and sum_j e_j in position order, then one division: masked positions add
-       exact zeros, so a tree node's sums are those of the same tokens at consecutive positions */
-    __m512 acc[4][4];
-    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < span; j++) {
-        __m512 value[4];
-        for (int c = 0; c < 4; c++) value[c] = widen(values + j * 64 + 16 * c);
-        for (int i = 0; i < 4; i++)
-            if (i < nq) {
-                float e = scores[i * span + j];
-                total[i] += e;
-                __m512 weight = _mm512_set1_ps(e);
-                for (int c = 0; c < 4; c++) acc[i][c] = _mm512_fmadd_ps(weight, value[c], acc[i][c]);
-            }
-    }
-    for (int i = 0; i < 4; i++)
-        if (i < nq) {
-            __m512 inverse = _mm512_set1_ps(1.0f / total[i]);
-            for (int c = 0; c < 4; c++)
-                _mm256_storeu_si256((__m256i *)(outs[i] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][c], inverse)));
-        }
+    values_64(scores, span, nq, values, span, outs);
 }
+
+#ifdef SPECBENCH_AMX
+/* the 16 x 16 32-bit elements of r transposed in place (row i becomes column i) */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* attend_block_64 with the scores on AMX, for up to 16 queries of one key/value head: C [queries x 16
+ * positions] = Q (two chunks of 32 dims) times 16 keys laid out as AMX's B operand (each key's pairs of
+ * dims a column: the 16 x 16 block of 32-bit pairs transposed). A score reads only its query and its
+ * key, so it is the same whatever the other queries and wherever the key sits in the cache. Then the
+ * scale and mask, softmax and values as attend_block_64, 4 queries at a time. */
+static void attend_amx_64(const uint16_t *const *queries, const float *const *biases, int nq, const uint16_t *keys,
+                          const uint16_t *values, int64_t span, float scale, uint16_t *const *outs) {
+    int64_t stride = (span + 15) & ~(int64_t)15;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(nq * stride));
+    uint16_t query[16][64] __attribute__((aligned(64)));
+    uint32_t layout[16][16] __attribute__((aligned(64)));
+    for (int i = 0; i < nq; i++) memcpy(query[i], queries[i], 128);
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    config.rows[0] = config.rows[1] = config.rows[2] = (uint8_t)nq; /* C, Q's dims 0-31, Q's dims 32-63 */
+    config.rows[3] = 16;                                               /* 16 keys' pairs of 32 dims */
+    config.colsb[0] = config.colsb[1] = config.colsb[2] = config.colsb[3] = 64;
+    load_tile_config(&config);
+    TILE_MEMORY();
+    _tile_loadd(1, query[0], 128);
+    _tile_loadd(2, query[0] + 32, 128);
+    for (int64_t j = 0; j < span; j += 16) {
+        int64_t here = span - j < 16 ? span - j : 16;
+        __m512i pairs[16];
+        _tile_zero(0);
+        for (int half = 0; half < 2; half++) {
+            for (int key = 0; key < 16; key++)
+                pairs[key] = key < here ? _mm512_loadu_si512(keys + (j + key) * 64 + 32 * half) : _mm512_setzero_si512();
+            transpose16(pairs);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(layout[p], pairs[p]);
+            TILE_MEMORY();
+            _tile_loadd(3, layout[0], 64);
+            TILE_MEMORY(); /* the next half's layout is written after this load */
+            if (half == 0)
+                _tile_dpbf16ps(0, 1, 3);
+            else
+                _tile_dpbf16ps(0, 2, 3);
+        }
+        _tile_stored(0, scores + j, stride * 4);
+    }
+    _tile_release();
+    TILE_MEMORY();
+    for (int i = 0; i < nq; i++) {
+        float *row = scores + i * stride;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < span; j += 16) {
+            __mmask16 valid = tail_mask(span - j);
+            __m512 score = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(scale));
+            if (biases[i]) score = _mm512_add_ps(score, _mm512_maskz_loadu_ps(valid, biases[i] + j));
+            _mm512_mask_storeu_ps(row + j, valid, score);
+            best = _mm512_mask_max_ps(best, valid, best, score);
+        }
+        float top = _mm512_reduce_max_ps(best);
+        for (int64_t j = 0; j < span; j += 16) {
+            __mmask16 valid = tail_mask(span - j);
+            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top))));
+            _mm512_mask_storeu_ps(row + j, valid, e);
+        }
+    }
+    for (int i = 0; i < nq; i += 4) values_64(scores + i * stride, stride, nq - i < 4 ? nq - i : 4, values, span, outs + i);
+    free(scores);
+}
+#endif
 
 void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, const uint16_t *k, const uint16_t *v,
             int64_t kv_batch, int64_t kv_head, const uint16_t *mask, int64_t mask_batch, int64_t mask_row, int64_t batch,
             int64_t heads, int64_t kv_heads, int64_t rows, int64_t span, int64_t dim, float scale, uint16_t *out) {
     int64_t group = heads / kv_heads, per_head = group * rows;
-    int qb = dim == 64 ? 4 : (int)(QB_MAX / (dim / 16) > 0 ? QB_MAX / (dim / 16) : 1);  /* 16 accumulators' worth of queries */
+    int amx = 0;
+#ifdef SPECBENCH_AMX
+    amx = amx_on && dim == 64; /* the scores on AMX, 16 queries at a time */
+#endif
+    int qb = amx ? 16 : dim == 64 ? 4 : (int)(QB_MAX / (dim / 16) > 0 ? QB_MAX / (dim / 16) : 1);  /* 16 accumulators' worth of queries */
     int64_t blocks = (per_head + qb - 1) / qb, units = batch * kv_heads * blocks;
     /* the mask in fp32 once: [batch, rows, span] */
     float *bias = 0;
@@ -483,6 +595,12 @@ void attend(const uint16_t *q, int64_t q_batch, int64_t q_row, int64_t q_head, c
             biases[i] = bias ? bias + ((mask_batch ? b : 0) * rows + r) * span : 0;
             outs[i] = out + ((b * rows + r) * heads + h) * dim;
         }
+#ifdef SPECBENCH_AMX
+        if (amx) {
+            attend_amx_64(queries, biases, nq, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head, span, scale, outs);
+            continue;
+        }
+#endif
         float *scores = (float *)malloc(sizeof(float) * (size_t)(nq * span + 16));
         if (dim == 64)
             attend_block_64(queries, biases, nq, k + b * kv_batch + kvh * kv_head, v + b * kv_batch + kvh * kv_head, span, scale,

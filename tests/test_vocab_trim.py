@@ -146,18 +146,12 @@ def test_the_catalogues_default_draft_is_trimmed_where_its_entry_says_and_a_draf
     """`--drafter draft-model` without --draft-model takes the catalogue's default draft and, on this
     device type, its entry's VocabTrim (draft_models.toml `vocab_trim_cpu`); a draft named on the
     command line is drafted over the whole vocabulary unless --vocab-trim says otherwise."""
-    from specbench.drafters import draft_model
     from specbench.drafters.draft_model import DraftModelOptions
-    from specbench.targets import loading
 
     ids = tmp_path / "ids.json"
     save_ids(ids, list(range(3, 43)), target.name, target.vocab_size, "a test")
     entry = {"default_for": [target.name], "vocab_trim_cpu": 40, "vocab_trim_from": str(ids)}
-    real_catalogue = draft_model.catalogue
-    monkeypatch.setattr(draft_model, "catalogue", lambda name: {"the-default": entry} if name == "draft_models" else real_catalogue(name))
-    draft = perturbed(target.model, noise=0.01)
-    monkeypatch.setattr(loading, "load_causal_lm", lambda name, *args, **kwargs: (draft, target.tokenizer,
-                                                                                  type("Source", (), {"model_id": name})()))
+    catalogue_default_draft(monkeypatch, target, entry)
     default = DraftModelDrafter.create(target, DraftModelOptions())
     assert default.trim is not None and default.trim_info["vocab_trim"] == 40
     named = DraftModelDrafter.create(target, DraftModelOptions(draft_model="the-default"))
@@ -168,19 +162,26 @@ def test_the_catalogues_default_draft_is_trimmed_where_its_entry_says_and_a_draf
 def test_the_catalogues_default_draft_drafts_its_entrys_k_for_the_device_and_the_user_overrides_it(target, monkeypatch):
     """draft_models.toml `k_cpu`: the default draft's chain on a CPU; a draft named on the command line,
     or an entry without it, drafts k = 4; `--k` wins over both."""
-    from specbench.drafters import draft_model
     from specbench.drafters.draft_model import DraftModelOptions
-    from specbench.targets import loading
 
     entry = {"default_for": [target.name], "k_cpu": 2}
-    real_catalogue = draft_model.catalogue
-    monkeypatch.setattr(draft_model, "catalogue", lambda name: {"the-default": entry} if name == "draft_models" else real_catalogue(name))
-    draft = perturbed(target.model, noise=0.01)
-    monkeypatch.setattr(loading, "load_causal_lm", lambda name, *args, **kwargs: (draft, target.tokenizer,
-                                                                                  type("Source", (), {"model_id": name})()))
+    catalogue_default_draft(monkeypatch, target, entry)
     assert DraftModelDrafter.create(target, DraftModelOptions()).k == 2
     assert DraftModelDrafter.create(target, DraftModelOptions(k=3)).k == 3
     assert DraftModelDrafter.create(target, DraftModelOptions(draft_model="the-default")).k == 4
     entry.pop("k_cpu")
     assert DraftModelDrafter.create(target, DraftModelOptions()).k == 4
     assert catalogue("draft_models")["smollm2-135m-draft"]["k_cpu"] == 2  # the bundled draft's, chosen on pool-train
+
+
+def catalogue_default_draft(monkeypatch, target, entry: dict) -> None:
+    """The catalogue's draft_models as one entry, 'the-default', for `target`, loading as a perturbed
+    copy of the target (no file read)."""
+    from specbench.drafters import draft_model
+    from specbench.targets import loading
+
+    real_catalogue = draft_model.catalogue
+    monkeypatch.setattr(draft_model, "catalogue", lambda name: {"the-default": entry} if name == "draft_models" else real_catalogue(name))
+    draft = perturbed(target.model, noise=0.01)
+    monkeypatch.setattr(loading, "load_causal_lm", lambda name, *args, **kwargs: (draft, target.tokenizer,
+                                                                                  type("Source", (), {"model_id": name})()))

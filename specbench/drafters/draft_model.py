@@ -129,12 +129,10 @@ class DraftModelDrafter(Drafter):
         from specbench.targets.loading import load_causal_lm
 
         model, tokenizer, source = load_causal_lm(draft_model, target.device, target.dtype, table="draft_models")
-        k = options.k
-        if options.draft_model is None:  # the catalogue's default draft: its VocabTrim and k for this device too
-            entry = catalogue("draft_models")[draft_model]
-            options = catalogued_trim(entry, target, options)
-            k = catalogued_setting(entry, target, "k", k, DEFAULT_K)
-        k = k or DEFAULT_K
+        # the catalogue's default draft drafts with its entry's VocabTrim and k for this device; a draft named is not
+        entry = catalogue("draft_models")[draft_model] if options.draft_model is None else {}
+        options = catalogued_trim(entry, target, options)
+        k = catalogued_setting(entry, target, "k", options.k, DEFAULT_K)
         trim, trim_info = None, None
         if asked := asked_trim(options, target):
             kept, trim_info = asked

@@ -145,20 +145,25 @@ int amx_enable(int on) {
     return amx_on;
 }
 
+/* Tile t of rows[t] rows of 64 bytes (0: unused), for t = 0..7 */
+static void configure_tiles(const int rows[8]) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = (uint8_t)rows[t];
+        config.colsb[t] = rows[t] ? 64 : 0;
+    }
+    load_tile_config(&config);
+}
+
 /* Tiles 0, 1: the sums of column block b for rows 0-15 and 16-31 of a pass; 2, 3: those of block b + 1;
  * 4, 5: the two row groups' chunk of x (32 k); 6, 7: the weight tiles of blocks b and b + 1. A pass
  * takes two blocks and up to 32 rows, so that each weight tile loaded serves both row groups and four
  * sums are under way at once (a single one waits on its own TDPBF16PS). rows1 = 0: one row group. */
 static void amx_configure(int rows0, int rows1) {
-    tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        int rows = t >= 6 ? 16 : (t == 1 || t == 3 || t == 5) ? rows1 : rows0;
-        config.rows[t] = (uint8_t)rows;
-        config.colsb[t] = rows ? 64 : 0;
-    }
-    load_tile_config(&config);
+    const int rows[8] = {rows0, rows1, rows0, rows1, rows0, rows1, 16, 16};
+    configure_tiles(rows);
 }
 
 static void amx_store(int tile_rows, const float sums[16][16], int64_t row, int64_t col, int64_t n, uint16_t *y,
@@ -170,6 +175,15 @@ static void amx_store(int tile_rows, const float sums[16][16], int64_t row, int6
         _mm256_storeu_si256((__m256i *)(y + (row + r) * n + col), (__m256i)_mm512_cvtneps_pbh(out));
     }
 }
+
+/* amx_linear: tile TILE's sums through its `sums` buffer to y (a tile number must be a constant: a macro) */
+#define STORE_SUMS(TILE, tile_rows, first_row, col)                       \
+    do {                                                                   \
+        TILE_MEMORY();                                                     \
+        _tile_stored(TILE, sums, 64);                                      \
+        TILE_MEMORY();                                                     \
+        amx_store(tile_rows, sums, first_row, col, n, y, bias, res);       \
+    } while (0)
 
 static void amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *wp, int64_t n, uint16_t *y,
                        const uint16_t *bias, const uint16_t *res) {
@@ -211,32 +225,16 @@ static void amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *
                         if (both) _tile_dpbf16ps(3, 5, 7);
                     }
                 }
-                _tile_stored(0, sums, 64);
-                TILE_MEMORY();
-                amx_store(rows0, sums, row, col0, n, y, bias, res);
-                if (both) {
-                    TILE_MEMORY();
-                    _tile_stored(2, sums, 64);
-                    TILE_MEMORY();
-                    amx_store(rows0, sums, row, col1, n, y, bias, res);
-                }
-                if (rows1) {
-                    TILE_MEMORY();
-                    _tile_stored(1, sums, 64);
-                    TILE_MEMORY();
-                    amx_store(rows1, sums, row + 16, col0, n, y, bias, res);
-                    if (both) {
-                        TILE_MEMORY();
-                        _tile_stored(3, sums, 64);
-                        TILE_MEMORY();
-                        amx_store(rows1, sums, row + 16, col1, n, y, bias, res);
-                    }
-                }
+                STORE_SUMS(0, rows0, row, col0);
+                if (both) STORE_SUMS(2, rows0, row, col1);
+                if (rows1) STORE_SUMS(1, rows1, row + 16, col0);
+                if (rows1 && both) STORE_SUMS(3, rows1, row + 16, col1);
             }
         }
         if (configured >= 0) _tile_release();
     }
 }
+#undef STORE_SUMS
 
 /* As dot_peak for TDPBF16PS: 4 accumulator tiles of 16 x 16, each round 16 x 16 x 32 products */
 double amx_peak(int64_t iterations) {
@@ -246,14 +244,8 @@ double amx_peak(int64_t iterations) {
     {
         #pragma omp single
         threads = omp_get_num_threads();
-        tile_config config;
-        memset(&config, 0, sizeof config);
-        config.palette = 1;
-        for (int t = 0; t < 6; t++) {
-            config.rows[t] = 16;
-            config.colsb[t] = 64;
-        }
-        load_tile_config(&config);
+        const int rows[8] = {16, 16, 16, 16, 16, 16, 0, 0};
+        configure_tiles(rows);
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5);
         for (int64_t it = 0; it < iterations; it++) {
             _tile_dpbf16ps(0, 4, 5);
@@ -330,6 +322,15 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
 }
 
+/* row[j] = exp(row[j] - top) for j < span, in place: a softmax's numerators */
+static void exp_shifted(float *row, int64_t span, float top) {
+    for (int64_t j = 0; j < span; j += 16) {
+        __mmask16 valid = tail_mask(span - j);
+        __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(row + j, valid, e);
+    }
+}
+
 /* Attention of `rows` query rows per head over the first `span` cached positions, in fp32 as
  * transformers' eager attention (scores scaled, plus the additive mask, softmax, weighted sum of
  * the values), the result rounded to bf16 into out [batch, rows, heads, dim]. Query head h reads
@@ -363,11 +364,7 @@ static void attend_block(const uint16_t *const *queries, const float *const *bia
     }
     for (int i = 0; i < nq; i++) {
         float *row = scores + i * span;
-        for (int64_t j = 0; j < span; j += 16) {
-            __mmask16 valid = tail_mask(span - j);
-            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top[i]))));
-            _mm512_mask_storeu_ps(row + j, valid, e);
-        }
+        exp_shifted(row, span, top[i]);
     }
     /* as attend_block_64: the sums in position order, then one division */
     float acc[QB_MAX][256] __attribute__((aligned(64)));
@@ -461,12 +458,7 @@ static void attend_block_64(const uint16_t *const *queries, const float *const *
             best = _mm512_mask_max_ps(best, valid, best, row);
         }
         top[i] = _mm512_reduce_max_ps(best);
-        float *weights = scores + i * span;
-        for (int64_t j = 0; j < span; j += 16) {
-            __mmask16 valid = tail_mask(span - j);
-            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, weights + j), _mm512_set1_ps(top[i]))));
-            _mm512_mask_storeu_ps(weights + j, valid, e);
-        }
+        exp_shifted(scores + i * span, span, top[i]);
     }
     values_64(scores, span, nq, values, span, outs);
 }
@@ -508,13 +500,8 @@ static void attend_amx_64(const uint16_t *const *queries, const float *const *bi
     uint16_t query[16][64] __attribute__((aligned(64)));
     uint32_t layout[16][16] __attribute__((aligned(64)));
     for (int i = 0; i < nq; i++) memcpy(query[i], queries[i], 128);
-    tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    config.rows[0] = config.rows[1] = config.rows[2] = (uint8_t)nq; /* C, Q's dims 0-31, Q's dims 32-63 */
-    config.rows[3] = 16;                                               /* 16 keys' pairs of 32 dims */
-    config.colsb[0] = config.colsb[1] = config.colsb[2] = config.colsb[3] = 64;
-    load_tile_config(&config);
+    const int rows[8] = {nq, nq, nq, 16, 0, 0, 0, 0}; /* C, Q's dims 0-31, Q's dims 32-63, 16 keys' pairs of 32 dims */
+    configure_tiles(rows);
     TILE_MEMORY();
     _tile_loadd(1, query[0], 128);
     _tile_loadd(2, query[0] + 32, 128);
@@ -549,12 +536,7 @@ static void attend_amx_64(const uint16_t *const *queries, const float *const *bi
             _mm512_mask_storeu_ps(row + j, valid, score);
             best = _mm512_mask_max_ps(best, valid, best, score);
         }
-        float top = _mm512_reduce_max_ps(best);
-        for (int64_t j = 0; j < span; j += 16) {
-            __mmask16 valid = tail_mask(span - j);
-            __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, row + j), _mm512_set1_ps(top))));
-            _mm512_mask_storeu_ps(row + j, valid, e);
-        }
+        exp_shifted(row, span, _mm512_reduce_max_ps(best));
     }
     for (int i = 0; i < nq; i += 4) values_64(scores + i * stride, stride, nq - i < 4 ? nq - i : 4, values, span, outs + i);
     free(scores);

@@ -345,12 +345,14 @@ def build(source: Path) -> ctypes.CDLL:
     directory = Path(tempfile.mkdtemp(prefix="specbench-bf16-"))
     try:
         target = directory / "bf16_kernel.so"
-        flags = FLAGS + AMX_FLAGS if _cpu_has_amx() else FLAGS
-        done = subprocess.run([compiler, *flags, str(source), "-o", str(target), "-lm"], check=False, capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0 and flags != FLAGS:  # a compiler that does not know AMX: the kernels without it
-            done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(target), "-lm"], check=False, capture_output=True,
+        def compile_with(flags):
+            return subprocess.run([compiler, *flags, str(source), "-o", str(target), "-lm"], check=False, capture_output=True,
                                   text=True, timeout=120)
+
+        amx = _cpu_has_amx()
+        done = compile_with(FLAGS + AMX_FLAGS if amx else FLAGS)
+        if done.returncode != 0 and amx:  # a compiler that does not know AMX: the kernels without it
+            done = compile_with(FLAGS)
         if done.returncode != 0:
             raise OSError(done.stderr or f"{compiler} exited with {done.returncode}")
         library = ctypes.CDLL(str(target))

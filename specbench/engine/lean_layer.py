@@ -240,21 +240,20 @@ def stack_forward(model: nn.Module, hidden: torch.Tensor, cache: StaticKV) -> to
     layer: 0.43 ms through the model's forward for one row, docs/engine.md)."""
     rows, start = hidden.shape[0], cache.length
     cache.reserve(start + rows)  # a drafter's own cache grows with its context (doubling: rarely)
+    # the positions as a view of a table: each torch call here cost tens of microseconds, the caches
+    # cold from the target's step (docs/heads.md)
+    positions = _arange(start + rows, hidden.device)[start:]
+    cache.slots, cache.span = positions, start + rows
     stack = _lean_stack(model)
     if stack is not None and cache.kv is not None and isinstance(model.rotary_emb, TableRotary):
-        # every layer and the final norm in one call, no mask (the kernels' causal chunk), the positions
-        # and rotary rows as views of tables: each torch call here cost tens of microseconds, the
-        # caches cold from the target's step (docs/heads.md)
-        positions = _arange(start + rows, hidden.device)[start:]
+        # every layer and the final norm in one call, no mask (the kernels' causal chunk), the rotary
+        # rows as views of their table too
         cos, sin = model.rotary_emb.rows(hidden, start, rows)
-        cache.slots, cache.span = positions, start + rows
         if stack.runs(cache):
             cache.length = start + rows
             return bf16_kernel.stack_step(stack.weights, hidden[None], cos, sin, cache.kv, positions, start + rows, None,
                                           model.norm)[0]
-    positions = torch.arange(start, start + rows, device=hidden.device)
     cos, sin = model.rotary_emb(hidden[None], positions[None])
-    cache.slots, cache.span = positions, start + rows
     mask = None  # one row sees every cached position; several see the cache and each other causally
     if rows > 1:
         allowed = torch.ones(rows, start + rows, dtype=torch.bool, device=hidden.device).tril(start)
